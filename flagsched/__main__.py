@@ -1,0 +1,3 @@
+from flagsched.cli import main
+
+main()

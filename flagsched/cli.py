@@ -1,0 +1,234 @@
+"""The command line: parse, wire, call one function, turn results and errors into exit codes."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+from sqlalchemy.engine import Engine
+
+from flagsched import logs
+from flagsched.errors import FlagschedError
+from flagsched.settings import Settings, load_settings
+
+# Exit codes (SPEC): 0 ok, 1 something failed / refused / behind, 2 usage or configuration,
+# 3 could not run. A tick stopped by SIGTERM or SIGINT exits 128 + signal (143, 130).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_COULD_NOT_RUN = 0, 1, 2, 3
+
+
+class App:
+    """Per-invocation wiring: settings and logging configured once, on first use."""
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from flagsched.db import url_secrets
+
+            settings = load_settings()
+            logs.configure(
+                settings.log_format, settings.log_level, secrets=url_secrets(settings.database_url)
+            )
+            for warning in settings.warnings:
+                logs.get_logger().warning("setting_ignored", message=warning)
+            self._settings = settings
+        return self._settings
+
+    def engine(self, *, statement_timeout: float | None = -1.0) -> Engine:
+        from flagsched.db import make_engine
+
+        settings = self.settings
+        return make_engine(
+            settings.require_database_url(),
+            lock_timeout=settings.lock_timeout,
+            statement_timeout=(
+                settings.statement_timeout if statement_timeout == -1.0 else statement_timeout
+            ),
+        )
+
+
+pass_app = click.make_pass_decorator(App, ensure=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flagsched")
+def cli() -> None:
+    """Apply scheduled feature-flag changes stored in PostgreSQL."""
+
+
+@cli.command()
+@click.option("--sql", is_flag=True, help="Print the SQL of the upgrade instead of running it.")
+@click.option("--check", is_flag=True, help="Exit 0 at the latest revision, 1 behind it.")
+@pass_app
+def migrate(app: App, sql: bool, check: bool) -> int:
+    """Upgrade the database schema to the latest revision (idempotent, safe concurrently)."""
+    from flagsched import migrate as migrations
+
+    if sql and check:
+        raise click.UsageError("--sql and --check exclude each other")
+    if sql:
+        migrations.print_sql(sys.stdout)
+        return EXIT_OK
+    # DDL may legitimately outlast the tick's statement timeout; only the lock wait is bounded.
+    engine = app.engine(statement_timeout=None)
+    log = logs.get_logger()
+    if check:
+        found, latest = migrations.current(engine), migrations.head()
+        if found == latest:
+            click.echo(f"schema is at the latest revision ({latest})")
+            return EXIT_OK
+        click.echo(
+            f"schema is at {found or 'no revision'}, latest is {latest}: run `flagsched migrate`"
+        )
+        return EXIT_FAILED
+    before, after = migrations.upgrade(engine)
+    log.info("migrate_finished", from_revision=before, to_revision=after, changed=before != after)
+    return EXIT_OK
+
+
+@contextmanager
+def _signals_stop(stop: Any) -> Iterator[None]:
+    """SIGTERM/SIGINT ask the tick to stop at its next safe point instead of killing it."""
+
+    def handler(signum: int, _: FrameType | None) -> None:
+        stop.request(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@cli.command()
+@click.option("--batch-size", type=click.IntRange(1, 1000), help="Schedules per batch [100].")
+@click.option(
+    "--max-batches",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run up to N batches (each its own transaction), stopping when nothing is due.",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be applied; change nothing.")
+@pass_app
+def process(app: App, batch_size: int | None, max_batches: int, dry_run: bool) -> int:
+    """Run one tick: apply the schedules that are due."""
+    from flagsched import output, tick
+    from flagsched.model import Outcome
+
+    settings = app.settings
+    options = tick.TickOptions(
+        batch_size=batch_size or settings.batch_size,
+        max_batches=max_batches,
+        retry_max_delay=settings.retry_max_delay,
+        max_retries_override=settings.max_retries_override,
+    )
+    engine = app.engine()
+    if dry_run:
+        plan = tick.preview(engine, options)
+        if not plan:
+            click.echo("nothing is due")
+        else:
+            click.echo(
+                output.table(
+                    ["ID", "FLAG", "SCHEDULED_AT", "WOULD"],
+                    [(s.id, s.flag_key, s.scheduled_at, what) for s, what in plan],
+                )
+            )
+        return EXIT_OK
+    stop = tick.StopFlag()
+    with _signals_stop(stop):
+        report = tick.run(engine, options, rng=random.Random(), stop=stop)
+    if report.interrupted_by is not None:
+        return 128 + report.interrupted_by
+    return EXIT_FAILED if report.count(Outcome.FAILED) else EXIT_OK
+
+
+@cli.command("list-failed")
+@click.option("--permanent", "which", flag_value="permanent", help="Only failed for good.")
+@click.option("--retrying", "which", flag_value="retrying", help="Only waiting for a retry.")
+@click.option("--flag", "flag_key", metavar="KEY", help="Only this flag's schedules.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@pass_app
+def list_failed(app: App, which: str | None, flag_key: str | None, limit: int, fmt: str) -> int:
+    """Failed schedules, most recently failed first."""
+    from flagsched import output, repository
+    from flagsched.db import begin
+
+    with begin(app.engine()) as conn:
+        repository.ensure_schema(conn)
+        rows = repository.list_failed(
+            conn,
+            permanent={"permanent": True, "retrying": False}.get(which or ""),
+            flag_key=flag_key,
+            limit=limit,
+        )
+    if fmt == "json":
+        click.echo(output.to_json(rows))
+    elif not rows:
+        click.echo("no failed schedules")
+    else:
+        click.echo(
+            output.table(
+                ["ID", "FLAG", "SCHEDULED_AT", "ATTEMPTS", "RETRY", "LAST_ERROR"],
+                [
+                    (
+                        r["id"],
+                        r["flag_key"],
+                        r["scheduled_at"],
+                        r["retry_count"],
+                        "permanent"
+                        if r["permanent"]
+                        else f"retrying at {output.iso(r['next_retry_at'])}",
+                        r["last_error"],
+                    )
+                    for r in rows
+                ],
+            )
+        )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: the only place that exits. No traceback reaches an operator."""
+    try:
+        code = cli.main(args=argv, prog_name="flagsched", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Abort:
+        code = 128 + signal.SIGINT
+    except FlagschedError as exc:
+        click.echo(f"flagsched: error: {exc.message}", err=True)
+        code = exc.exit_code
+    except Exception as exc:
+        click.echo(
+            f"flagsched: internal error: {type(exc).__name__}: {_redacted(str(exc))}", err=True
+        )
+        code = EXIT_COULD_NOT_RUN
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _redacted(text: str) -> str:
+    import os
+
+    from flagsched.db import one_line, url_secrets
+
+    secrets = url_secrets(
+        os.environ.get("FLAGSCHED_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    )
+    return one_line(text, secrets)

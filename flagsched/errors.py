@@ -1,0 +1,44 @@
+"""The small error hierarchy. Each class's docstring is its default message; only cli.py exits."""
+
+from __future__ import annotations
+
+
+class FlagschedError(Exception):
+    """flagsched failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(FlagschedError):
+    """The configuration is invalid."""
+
+    exit_code = 2
+
+
+class CouldNotRun(FlagschedError):
+    """flagsched could not run."""
+
+    exit_code = 3
+
+
+class DatabaseUnavailable(CouldNotRun):
+    """The database could not be reached."""
+
+
+class SchemaNotCurrent(CouldNotRun):
+    """The database schema is not at the latest revision: run `flagsched migrate`."""
+
+
+class DatabaseError(CouldNotRun):
+    """A database statement failed."""
+
+
+class ApplyError(FlagschedError):
+    """Applying a schedule to its flag failed (retryable)."""

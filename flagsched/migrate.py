@@ -1,0 +1,79 @@
+"""Schema migrations from code: alembic is imported only here, only by `flagsched migrate`."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, TextIO
+
+from sqlalchemy.engine import Engine
+
+from flagsched import repository
+from flagsched.db import begin
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+
+def _script_location() -> str:
+    # Shipped inside the wheel as flagsched.migrations (top-level migrations/ in the source).
+    spec = importlib.util.find_spec("flagsched.migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("flagsched.migrations is missing from this installation")
+    return str(next(iter(spec.submodule_search_locations)))
+
+
+def config(stdout: TextIO | None = None) -> Config:
+    """An alembic Config pointing at the packaged migrations."""
+    import sys
+
+    from alembic.config import Config
+
+    cfg = Config(stdout=stdout or sys.stdout)
+    cfg.set_main_option("script_location", _script_location())
+    return cfg
+
+
+def head() -> str:
+    """The latest revision of the migration scripts."""
+    from alembic.script import ScriptDirectory
+
+    revision = ScriptDirectory.from_config(config()).get_current_head()
+    assert revision is not None
+    return revision
+
+
+def current(engine: Engine) -> str | None:
+    """The revision the database is at (None: never migrated)."""
+    with begin(engine) as conn:
+        return repository.schema_revision(conn)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+    """Upgrade in one transaction under an advisory lock; returns (before, after)."""
+    return _run(engine, "upgrade", revision)
+
+
+def downgrade(engine: Engine, revision: str) -> tuple[str | None, str | None]:
+    """Downgrade to `revision` ("base" removes everything); returns (before, after)."""
+    return _run(engine, "downgrade", revision)
+
+
+def _run(engine: Engine, direction: str, revision: str) -> tuple[str | None, str | None]:
+    from alembic import command
+
+    cfg = config()
+    with begin(engine) as conn:
+        # Two pods starting together: the second waits here, then finds nothing to do.
+        repository.take_migration_lock(conn)
+        before = repository.schema_revision(conn)
+        cfg.attributes["connection"] = conn
+        getattr(command, direction)(cfg, revision)
+        after = repository.schema_revision(conn)
+    return before, after
+
+
+def print_sql(stdout: TextIO) -> None:
+    """Write the SQL of a full upgrade to `stdout`; touches no database."""
+    from alembic import command
+
+    command.upgrade(config(stdout), "head", sql=True)

@@ -1,0 +1,39 @@
+"""Rendering of command results for stdout: aligned tables and JSON (times in ISO 8601 UTC)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC, or None."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _plain(value: Any) -> Any:
+    return iso(value) if isinstance(value, datetime) else value
+
+
+def to_json(data: Any) -> str:
+    """JSON with datetimes as ISO 8601 UTC strings."""
+    if isinstance(data, list):
+        data = [{k: _plain(v) for k, v in row.items()} for row in data]
+    elif isinstance(data, dict):
+        data = {k: _plain(v) for k, v in data.items()}
+    return json.dumps(data, indent=2, sort_keys=False)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table; the last column is left unpadded."""
+    cells = [[str(h) for h in headers]] + [
+        ["" if c is None else str(_plain(c)) for c in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)] + [row[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)

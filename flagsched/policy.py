@@ -1,0 +1,52 @@
+"""Pure retry policy: backoff and the decision after a failure. Clock and rng are arguments."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+JITTER_SECONDS = 30.0
+BASE_SECONDS = 60.0
+
+
+def backoff(n: int, rng: random.Random, cap_seconds: float) -> timedelta:
+    """Delay after the n-th consecutive failure (n from 0): min(2^(n+1) min, cap) + U[0, 30] s."""
+    exponent = max(n, 0) + 1
+    # 2**64 minutes exceeds any cap a timedelta can hold; stop doubling there (no overflow).
+    base = BASE_SECONDS * 2.0**exponent if exponent < 64 else float("inf")
+    return timedelta(seconds=min(base, cap_seconds) + rng.uniform(0.0, JITTER_SECONDS))
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Try again at `at`."""
+
+    at: datetime
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Failed for good."""
+
+    reason: str
+
+
+def after_failure(
+    *,
+    error: str,
+    permanent: bool,
+    retry_count: int,
+    max_retries: int,
+    now: datetime,
+    rng: random.Random,
+    cap_seconds: float,
+) -> Retry | GiveUp:
+    """One failed attempt: retry while retry_count + 1 <= max_retries, else give up."""
+    if permanent:
+        return GiveUp(error)
+    attempts = retry_count + 1
+    if attempts <= max_retries:
+        return Retry(now + backoff(retry_count, rng, cap_seconds), error)
+    return GiveUp(f"{error} (gave up after {attempts} attempts)")

@@ -1,0 +1,243 @@
+"""Every SQL statement flagsched runs. Callers own the transaction; `now` is always passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from flagsched.db import one_line
+from flagsched.errors import ApplyError
+from flagsched.model import Claimed, Outcome, Result, Updates
+
+# pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
+MIGRATION_LOCK_KEY = 0x666C6167736368
+QUERY_CANCELED = "57014"
+
+
+def schema_revision(conn: Connection) -> str | None:
+    """The alembic revision the database is at, or None when it was never migrated."""
+    if conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar() is None:
+        return None
+    value = conn.execute(sa.text("SELECT version_num FROM alembic_version LIMIT 1")).scalar()
+    return str(value) if value is not None else None
+
+
+def take_migration_lock(conn: Connection) -> None:
+    """Serialise concurrent `flagsched migrate` runs until this transaction ends."""
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+
+
+def db_now(conn: Connection) -> datetime:
+    """The database's clock (the transaction's start), the only clock a tick uses."""
+    value: datetime = conn.execute(sa.text("SELECT now()")).scalar_one()
+    return value
+
+
+# Retries first (by next_retry_at), then new schedules (by scheduled_at, id), together at
+# most :limit rows, skipping rows other ticks hold. A pending schedule behind a retry that is
+# not due yet is not claimed at all, so held-back rows never crowd a batch. `blocked` tells
+# whether an earlier schedule of the same flag outside this claim is still open (pending or
+# waiting for a retry): such a schedule is held back.
+_OPEN = (
+    "(e.status = 'pending' OR (e.status = 'failed' AND e.next_retry_at IS NOT NULL"
+    " AND e.retry_count <= e.max_retries))"
+)
+_COLUMNS = "id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at"
+_CLAIM = sa.text(
+    f"""
+    WITH retries AS (
+        SELECT {_COLUMNS} FROM feature_flag_schedules
+        WHERE status = 'failed' AND next_retry_at <= :now AND retry_count <= max_retries
+        ORDER BY next_retry_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ), pending AS (
+        SELECT {_COLUMNS} FROM feature_flag_schedules s
+        WHERE s.status = 'pending' AND s.scheduled_at <= :now
+          AND NOT EXISTS (
+              SELECT 1 FROM feature_flag_schedules e
+              WHERE e.flag_key = s.flag_key
+                AND e.status = 'failed' AND e.next_retry_at > :now
+                AND e.retry_count <= e.max_retries
+                AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id))
+        ORDER BY s.scheduled_at, s.id
+        LIMIT :limit - (SELECT count(*) FROM retries)
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        SELECT * FROM retries UNION ALL SELECT * FROM pending
+    )
+    SELECT c.*,
+           EXISTS (SELECT 1 FROM feature_flags f WHERE f.key = c.flag_key) AS flag_exists,
+           EXISTS (
+               SELECT 1 FROM feature_flag_schedules e
+               WHERE e.flag_key = c.flag_key
+                 AND e.status IN ('pending', 'failed') AND {_OPEN}
+                 AND (e.scheduled_at, e.id) < (c.scheduled_at, c.id)
+                 AND e.id NOT IN (SELECT id FROM claimed)
+           ) AS blocked
+    FROM claimed c
+    ORDER BY c.flag_key, c.scheduled_at, c.id
+    """
+)
+
+
+def claim(conn: Connection, *, now: datetime, limit: int) -> list[Claimed]:
+    """Lock and return up to `limit` due schedules, ordered by flag then (scheduled_at, id)."""
+    rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).mappings()
+    return [Claimed(**row) for row in rows]
+
+
+def lock_free_flags(conn: Connection, keys: Sequence[str]) -> set[str]:
+    """Lock, in key order, the flags among `keys` that nobody else holds; return their keys."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT key FROM feature_flags WHERE key = ANY(:keys) "
+            "ORDER BY key FOR UPDATE SKIP LOCKED"
+        ),
+        {"keys": list(keys)},
+    )
+    return {row[0] for row in rows}
+
+
+def lock_flag(conn: Connection, key: str) -> bool:
+    """Lock one flag, waiting up to lock_timeout; False when it does not exist."""
+    row = conn.execute(
+        sa.text("SELECT 1 FROM feature_flags WHERE key = :key FOR UPDATE"), {"key": key}
+    ).first()
+    return row is not None
+
+
+def set_flags(conn: Connection, states: Mapping[str, Updates], *, now: datetime) -> None:
+    """One UPDATE for many flags; a None field keeps the flag's current value."""
+    keys = list(states)
+    conn.execute(
+        sa.text(
+            """
+            UPDATE feature_flags AS f
+            SET enabled = coalesce(v.enabled, f.enabled),
+                rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
+                updated_at = :now
+            FROM unnest(CAST(:keys AS text[]), CAST(:enabled AS boolean[]),
+                        CAST(:rollout AS integer[])) AS v(key, enabled, rollout)
+            WHERE f.key = v.key
+            """
+        ),
+        {
+            "keys": keys,
+            "enabled": [states[k].enabled for k in keys],
+            "rollout": [states[k].rollout_percentage for k in keys],
+            "now": now,
+        },
+    )
+
+
+@contextmanager
+def savepoint(conn: Connection) -> Iterator[None]:
+    """A savepoint; a driver error inside rolls back to it and becomes an ApplyError."""
+    try:
+        with conn.begin_nested():
+            yield
+    except sa.exc.DBAPIError as exc:
+        orig = exc.orig
+        raise ApplyError(
+            one_line(str(orig) if orig is not None else str(exc), []),
+        ) from exc
+
+
+def is_cancel(exc: ApplyError) -> bool:
+    """True when the statement was cancelled (a signal asked the tick to stop, or a timeout)."""
+    cause = exc.__cause__
+    orig = getattr(cause, "orig", None)
+    return getattr(orig, "sqlstate", None) == QUERY_CANCELED
+
+
+def cancel_running_statement(conn: Connection) -> None:
+    """Ask the server to cancel what this connection is running (safe from a signal handler)."""
+    driver = conn.connection.driver_connection
+    if driver is not None:
+        driver.cancel()
+
+
+def record(conn: Connection, results: Sequence[Result], *, now: datetime) -> None:
+    """Write every applied / retry / failed outcome of a batch in one UPDATE."""
+    done = [r for r in results if r.outcome is not Outcome.HELD_BACK]
+    if not done:
+        return
+    conn.execute(
+        sa.text(
+            """
+            UPDATE feature_flag_schedules AS s
+            SET status = CASE WHEN v.applied THEN 'applied' ELSE 'failed' END,
+                applied_at = CASE WHEN v.applied THEN CAST(:now AS timestamptz) END,
+                retry_count = s.retry_count + CASE WHEN v.applied THEN 0 ELSE 1 END,
+                max_retries = coalesce(v.max_retries, s.max_retries),
+                next_retry_at = v.next_retry_at,
+                last_error = v.last_error,
+                updated_at = :now
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:applied AS boolean[]),
+                        CAST(:next AS timestamptz[]), CAST(:errors AS text[]),
+                        CAST(:max AS integer[]))
+                 AS v(id, applied, next_retry_at, last_error, max_retries)
+            WHERE s.id = v.id
+            """
+        ),
+        {
+            "ids": [r.schedule.id for r in done],
+            "applied": [r.outcome is Outcome.APPLIED for r in done],
+            "next": [r.next_retry_at for r in done],
+            "errors": [r.error for r in done],
+            "max": [r.max_retries for r in done],
+            "now": now,
+        },
+    )
+
+
+def list_failed(
+    conn: Connection,
+    *,
+    permanent: bool | None,
+    flag_key: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Failed schedules, most recently failed first; `permanent` filters by waiting/for good."""
+    waiting = "(next_retry_at IS NOT NULL AND retry_count <= max_retries)"
+    where = ["status = 'failed'"]
+    if permanent is True:
+        where.append(f"NOT {waiting}")
+    elif permanent is False:
+        where.append(waiting)
+    if flag_key is not None:
+        where.append("flag_key = :flag_key")
+    rows = conn.execute(
+        sa.text(
+            f"""
+            SELECT id, flag_key, scheduled_at, updates, status, retry_count, max_retries,
+                   next_retry_at, last_error, applied_at, created_at, updated_at,
+                   NOT {waiting} AS permanent
+            FROM feature_flag_schedules
+            WHERE {" AND ".join(where)}
+            ORDER BY updated_at DESC, id DESC
+            LIMIT :limit
+            """
+        ),
+        {"flag_key": flag_key, "limit": limit},
+    ).mappings()
+    return [dict(row) for row in rows]
+
+
+def ensure_schema(conn: Connection) -> None:
+    """Refuse to work on a database that is not at the latest revision."""
+    from flagsched.db import SCHEMA_REVISION
+    from flagsched.errors import SchemaNotCurrent
+
+    found = schema_revision(conn)
+    if found != SCHEMA_REVISION:
+        at = f"at revision {found}" if found else "not migrated"
+        raise SchemaNotCurrent(
+            f"the database schema is {at} (latest: {SCHEMA_REVISION}): run `flagsched migrate`"
+        )

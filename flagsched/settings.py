@@ -1,0 +1,99 @@
+"""Settings from the environment (pydantic-settings): the only module that reads it."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flagsched.errors import ConfigError
+
+ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+# Variables whose value may hold a secret: never echoed in an error.
+_SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL"}
+
+
+class Settings(BaseSettings):
+    """Every FLAGSCHED_* setting, with the SPEC's defaults and bounds."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FLAGSCHED_DATABASE_URL", "DATABASE_URL"),
+        repr=False,
+    )
+    # Kept raw: a bad value is a warning and is ignored, never an error (SPEC).
+    max_retries_raw: str | None = Field(default=None, validation_alias="FLAG_SCHEDULE_MAX_RETRIES")
+    batch_size: int = Field(default=100, ge=1, le=1000, validation_alias="FLAGSCHED_BATCH_SIZE")
+    retry_max_delay: float = Field(default=3600, gt=0, validation_alias="FLAGSCHED_RETRY_MAX_DELAY")
+    lock_timeout: float = Field(default=5, gt=0, validation_alias="FLAGSCHED_LOCK_TIMEOUT")
+    statement_timeout: float = Field(
+        default=30, gt=0, validation_alias="FLAGSCHED_STATEMENT_TIMEOUT"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", validation_alias="FLAGSCHED_LOG_FORMAT"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", validation_alias="FLAGSCHED_LOG_LEVEL"
+    )
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = urlsplit(value).scheme.lower()
+        if scheme not in ACCEPTED_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme or '(none)'!r}; use postgresql://user:pass@host/db"
+            )
+        return value
+
+    @property
+    def max_retries_override(self) -> int | None:
+        """FLAG_SCHEDULE_MAX_RETRIES as an int in 0..10, or None when unset or invalid."""
+        return parse_max_retries(self.max_retries_raw)[0]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Problems that do not stop a run (logged once logging is configured)."""
+        warning = parse_max_retries(self.max_retries_raw)[1]
+        return [warning] if warning else []
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError("FLAGSCHED_DATABASE_URL is not set (nor DATABASE_URL)")
+        return self.database_url
+
+
+def parse_max_retries(raw: str | None) -> tuple[int | None, str | None]:
+    """Pure: FLAG_SCHEDULE_MAX_RETRIES -> (value, warning)."""
+    if raw is None or not raw.strip():
+        return None, None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        return None, f"FLAG_SCHEDULE_MAX_RETRIES={raw!r} is not an integer; ignored"
+    if not 0 <= value <= 10:
+        return None, f"FLAG_SCHEDULE_MAX_RETRIES={value} is outside 0..10; ignored"
+    return value, None
+
+
+def load_settings() -> Settings:
+    """Read the environment; a bad value becomes one ConfigError line naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        shown = "" if variable in _SECRET_VARIABLES else f" (got {first.get('input')!r})"
+        raise ConfigError(f"{variable}: {message}{shown}") from None

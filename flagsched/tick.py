@@ -1,0 +1,293 @@
+"""One tick: claim due schedules, apply them per flag in order, record outcomes, report."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import groupby
+from typing import Any
+
+from sqlalchemy.engine import Connection, Engine
+
+from flagsched import policy, repository
+from flagsched.db import connection, transaction
+from flagsched.errors import ApplyError, DatabaseError
+from flagsched.logs import get_logger
+from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
+
+
+@dataclass(frozen=True, slots=True)
+class TickOptions:
+    batch_size: int = 100
+    max_batches: int = 1
+    retry_max_delay: float = 3600.0
+    max_retries_override: int | None = None
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the tick checks it at safe points and cancels a waiting statement."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._hooks: list[Callable[[], None]] = []
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+        for hook in list(self._hooks):
+            # Best effort: the next safe point stops the tick anyway.
+            with suppress(Exception):
+                hook()
+
+    @contextmanager
+    def hooked(self, hook: Callable[[], None]) -> Iterator[None]:
+        self._hooks.append(hook)
+        try:
+            yield
+        finally:
+            self._hooks.remove(hook)
+
+
+Step = tuple[Claimed, Updates]
+
+
+def run(
+    engine: Engine,
+    options: TickOptions,
+    *,
+    rng: random.Random,
+    stop: StopFlag | None = None,
+) -> TickReport:
+    """Run up to `max_batches` batches, each its own transaction; log one event per outcome."""
+    stop = stop or StopFlag()
+    log = get_logger()
+    report = TickReport()
+    started = time.monotonic()
+    with connection(engine) as conn:
+        with transaction(engine, conn):
+            repository.ensure_schema(conn)
+        with stop.hooked(lambda: repository.cancel_running_statement(conn)):
+            for _ in range(options.max_batches):
+                if stop.requested:
+                    break
+                try:
+                    with transaction(engine, conn):
+                        results = _batch(conn, options, rng, stop)
+                except DatabaseError:
+                    if stop.requested:  # our own cancel: the batch rolled back, stays due
+                        break
+                    raise
+                report.add(results)
+                for (
+                    result
+                ) in results:  # after commit: a log line never claims a rolled-back outcome
+                    _log_result(log, result)
+                if not any(r.outcome is not Outcome.HELD_BACK for r in results):
+                    break  # nothing due, or nothing that can move now
+    report.duration_seconds = time.monotonic() - started
+    report.interrupted_by = stop.signum
+    log.info(
+        "tick_finished",
+        applied=report.count(Outcome.APPLIED),
+        retry=report.count(Outcome.RETRY),
+        failed=report.count(Outcome.FAILED),
+        held_back=report.count(Outcome.HELD_BACK),
+        batches=report.batches,
+        duration_seconds=round(report.duration_seconds, 4),
+        interrupted=stop.requested,
+    )
+    return report
+
+
+def preview(engine: Engine, options: TickOptions) -> list[tuple[Claimed, str]]:
+    """--dry-run: what the next batch would do, from a claim that is rolled back."""
+    with connection(engine) as conn:
+        with transaction(engine, conn):
+            repository.ensure_schema(conn)
+        with transaction(engine, conn) as tx:
+            now = repository.db_now(conn)
+            claimed = repository.claim(conn, now=now, limit=options.batch_size)
+            tx.rollback()
+    decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
+    plan = [(r.schedule, _describe(r)) for r in decided]
+    plan += [(c, f"apply {u.as_json()}") for flag_steps in steps.values() for c, u in flag_steps]
+    return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
+
+
+def _describe(result: Result) -> str:
+    if result.outcome is Outcome.HELD_BACK:
+        return "held back (an earlier schedule of this flag is still open)"
+    return f"fail for good: {result.error}"
+
+
+class _Failures:
+    """Turns one failed attempt into a Retry or Failed result, with the tick's clock and rng."""
+
+    def __init__(self, now: datetime, options: TickOptions, rng: random.Random) -> None:
+        self.now, self.options, self.rng = now, options, rng
+
+    def __call__(self, schedule: Claimed, error: str, *, permanent: bool) -> Result:
+        limit = self.options.max_retries_override
+        decision = policy.after_failure(
+            error=error,
+            permanent=permanent,
+            retry_count=schedule.retry_count,
+            max_retries=schedule.max_retries if limit is None else limit,
+            now=self.now,
+            rng=self.rng,
+            cap_seconds=self.options.retry_max_delay,
+        )
+        if isinstance(decision, policy.Retry):
+            return Result(schedule, Outcome.RETRY, decision.error, decision.at, limit)
+        return Result(schedule, Outcome.FAILED, decision.reason, None, limit)
+
+
+def _plan(
+    claimed: Sequence[Claimed], fail: _Failures
+) -> tuple[list[Result], dict[str, list[Step]]]:
+    """Pure: held-back and invalid schedules are decided here; the rest are steps per flag."""
+    decided: list[Result] = []
+    steps: dict[str, list[Step]] = {}
+    for flag_key, group in groupby(claimed, key=lambda c: c.flag_key):
+        for schedule in group:
+            if schedule.blocked:
+                decided.append(Result(schedule, Outcome.HELD_BACK))
+                continue
+            try:
+                updates = Updates.parse(schedule.updates)
+            except InvalidUpdates as exc:
+                decided.append(fail(schedule, str(exc), permanent=True))
+                continue
+            if not schedule.flag_exists:
+                decided.append(fail(schedule, f"flag {flag_key!r} does not exist", permanent=True))
+                continue
+            steps.setdefault(flag_key, []).append((schedule, updates))
+    return decided, steps
+
+
+def _batch(
+    conn: Connection, options: TickOptions, rng: random.Random, stop: StopFlag
+) -> list[Result]:
+    now = repository.db_now(conn)
+    claimed = repository.claim(conn, now=now, limit=options.batch_size)
+    fail = _Failures(now, options, rng)
+    results, steps = _plan(claimed, fail)
+    if steps:
+        results += _apply(conn, steps, now, fail, stop)
+    repository.record(conn, results, now=now)
+    return results
+
+
+def _apply(
+    conn: Connection,
+    steps: dict[str, list[Step]],
+    now: datetime,
+    fail: _Failures,
+    stop: StopFlag,
+) -> list[Result]:
+    """Set-based first: every free flag in one UPDATE inside one savepoint. Only when that
+    fails, and for flags someone else holds, one savepoint per schedule isolates the failure."""
+    free = repository.lock_free_flags(conn, sorted(steps))
+    fast = {key: flag_steps for key, flag_steps in steps.items() if key in free}
+    results: list[Result] = []
+    if fast:
+        try:
+            with repository.savepoint(conn):
+                repository.set_flags(conn, {k: _fold(v) for k, v in fast.items()}, now=now)
+        except ApplyError:
+            if stop.requested:
+                return results
+        else:
+            results = [Result(s, Outcome.APPLIED) for v in fast.values() for s, _ in v]
+            steps = {k: v for k, v in steps.items() if k not in fast}
+    for key in sorted(steps):
+        if stop.requested:
+            break
+        results += _apply_one_by_one(conn, key, steps[key], now, fail, stop, lock=key not in free)
+    return results
+
+
+def _apply_one_by_one(
+    conn: Connection,
+    key: str,
+    steps: list[Step],
+    now: datetime,
+    fail: _Failures,
+    stop: StopFlag,
+    *,
+    lock: bool,
+) -> list[Result]:
+    results: list[Result] = []
+    for index, (schedule, updates) in enumerate(steps):
+        if stop.requested:  # the rest stays as it is, due for the next tick
+            break
+        try:
+            with repository.savepoint(conn):
+                if lock and not repository.lock_flag(conn, key):
+                    results.append(fail(schedule, f"flag {key!r} does not exist", permanent=True))
+                    continue
+                repository.set_flags(conn, {key: updates}, now=now)
+        except ApplyError as exc:
+            if stop.requested:
+                break
+            result = fail(schedule, exc.message, permanent=False)
+            results.append(result)
+            if result.outcome is Outcome.RETRY:  # later changes of this flag wait for it
+                results += [Result(s, Outcome.HELD_BACK) for s, _ in steps[index + 1 :]]
+                break
+        else:
+            results.append(Result(schedule, Outcome.APPLIED))
+    return results
+
+
+def _fold(steps: list[Step]) -> Updates:
+    """Consecutive changes of one flag, written as one update (later values win)."""
+    state = Updates()
+    for _, updates in steps:
+        state = state.then(updates)
+    return state
+
+
+def _log_result(log: Any, result: Result) -> None:
+    schedule = result.schedule
+    fields: dict[str, Any] = {"schedule_id": schedule.id, "flag_key": schedule.flag_key}
+    limit = schedule.max_retries if result.max_retries is None else result.max_retries
+    if result.outcome is Outcome.APPLIED:
+        log.info(
+            "schedule_applied",
+            **fields,
+            retry_count=schedule.retry_count,
+            attempt=schedule.retry_count + 1,
+            first_attempt=schedule.retry_count == 0,
+        )
+    elif result.outcome is Outcome.RETRY:
+        log.warning(
+            "schedule_retry_scheduled",
+            **fields,
+            retry_count=schedule.retry_count + 1,
+            max_retries=limit,
+            next_retry_at=result.next_retry_at,
+            error=result.error,
+        )
+    elif result.outcome is Outcome.FAILED:
+        log.error(
+            "schedule_failed",
+            **fields,
+            retry_count=schedule.retry_count + 1,
+            max_retries=limit,
+            error=result.error,
+        )
+    else:
+        log.info(
+            "schedule_held_back",
+            **fields,
+            retry_count=schedule.retry_count,
+            max_retries=schedule.max_retries,
+        )

@@ -1,0 +1,170 @@
+"""Fixtures: one real PostgreSQL per test session, a migrated template cloned per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from flagsched import migrate
+from flagsched.db import make_engine
+from scripts import pgserver
+
+TEMPLATE = "flagsched_template"
+_numbers = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("FLAGSCHED_", "FLAG_SCHEDULE_")) or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[pgserver.Postgresql]:
+    server = pgserver.start()
+    try:
+        admin = _admin(server)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {TEMPLATE}"))
+        migrate.upgrade(make_engine(server.url(database=TEMPLATE)))
+        yield server
+    finally:
+        server.stop()
+
+
+def _admin(server: pgserver.Postgresql) -> Engine:
+    return make_engine(server.url(database="postgres")).execution_options(
+        isolation_level="AUTOCOMMIT"
+    )
+
+
+def _new_database(server: pgserver.Postgresql, template: str) -> str:
+    name = f"t{os.getpid()}_{next(_numbers)}"
+    with _admin(server).connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {template}"))
+    url: str = server.url(database=name)
+    return url
+
+
+@pytest.fixture
+def database_url(pg: pgserver.Postgresql) -> str:
+    """A fresh database at the latest schema revision."""
+    return _new_database(pg, TEMPLATE)
+
+
+@pytest.fixture
+def empty_database_url(pg: pgserver.Postgresql) -> str:
+    """A fresh database with no flagsched schema."""
+    return _new_database(pg, "template0")
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = make_engine(database_url, lock_timeout=1)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sql(engine: Engine) -> Callable[..., list[Any]]:
+    """Run one statement in its own committed transaction; returns the rows (if any)."""
+
+    def run(statement: str, **params: Any) -> list[Any]:
+        with engine.begin() as conn:
+            result = conn.execute(sa.text(statement), params)
+            return list(result) if result.returns_rows else []
+
+    return run
+
+
+@pytest.fixture
+def add_flag(sql: Callable[..., list[Any]]) -> Callable[..., None]:
+    def add(key: str, *, enabled: bool = False, rollout: int = 0) -> None:
+        sql(
+            "INSERT INTO feature_flags (key, enabled, rollout_percentage) VALUES (:k, :e, :r)",
+            k=key,
+            e=enabled,
+            r=rollout,
+        )
+
+    return add
+
+
+@pytest.fixture
+def add_schedule(sql: Callable[..., list[Any]]) -> Callable[..., int]:
+    """Insert a schedule; `at` is SQL relative to now() (e.g. "now() - interval '1 minute'")."""
+    import json
+
+    def add(
+        flag_key: str,
+        updates: Any,
+        *,
+        at: str = "now() - interval '1 minute'",
+        status: str = "pending",
+        retry_count: int = 0,
+        max_retries: int = 3,
+        next_retry_at: str | None = None,
+    ) -> int:
+        rows = sql(
+            f"""INSERT INTO feature_flag_schedules
+                (flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at)
+                VALUES (:k, {at}, CAST(:u AS jsonb), :s, :rc, :mr, {next_retry_at or "NULL"})
+                RETURNING id""",
+            k=flag_key,
+            u=json.dumps(updates),
+            s=status,
+            rc=retry_count,
+            mr=max_retries,
+        )
+        return int(rows[0][0])
+
+    return add
+
+
+@dataclass
+class Ran:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def flagsched(database_url: str) -> Callable[..., Ran]:
+    """The real command line as a subprocess, against this test's database."""
+
+    def run(
+        *args: str,
+        env: dict[str, str] | None = None,
+        url: str | None = database_url,
+        timeout: float = 60,
+    ) -> Ran:
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FLAGSCHED_", "FLAG_SCHEDULE_")) and k != "DATABASE_URL"
+        }
+        if url is not None:
+            full_env["FLAGSCHED_DATABASE_URL"] = url
+        full_env["FLAGSCHED_LOG_FORMAT"] = "json"
+        full_env.update(env or {})
+        done = subprocess.run(
+            [sys.executable, "-m", "flagsched", *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            check=False,
+        )
+        return Ran(done.returncode, done.stdout, done.stderr)
+
+    return run
