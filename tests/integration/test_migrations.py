@@ -1,0 +1,179 @@
+"""Migrations on a real PostgreSQL: the schema is the SPEC's, both ways, concurrently."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.engine import Engine
+
+from flagsched import migrate, repository
+from flagsched.db import SCHEMA_REVISION, make_engine, metadata
+from flagsched.errors import SchemaNotCurrent
+
+# SPEC "Data", column by column: (name, type, nullable, default contains)
+SPEC_COLUMNS = {
+    "feature_flags": [
+        ("id", "bigint", "NO", None),
+        ("key", "text", "NO", None),
+        ("enabled", "boolean", "NO", "false"),
+        ("rollout_percentage", "integer", "NO", "0"),
+        ("created_at", "timestamp with time zone", "NO", "now()"),
+        ("updated_at", "timestamp with time zone", "NO", "now()"),
+    ],
+    "feature_flag_schedules": [
+        ("id", "bigint", "NO", None),
+        ("flag_key", "text", "NO", None),
+        ("scheduled_at", "timestamp with time zone", "NO", None),
+        ("updates", "jsonb", "NO", None),
+        ("status", "text", "NO", "'pending'"),
+        ("applied_at", "timestamp with time zone", "YES", None),
+        ("created_at", "timestamp with time zone", "NO", "now()"),
+        ("updated_at", "timestamp with time zone", "NO", "now()"),
+        ("retry_count", "integer", "NO", "0"),
+        ("max_retries", "integer", "NO", "3"),
+        ("next_retry_at", "timestamp with time zone", "YES", None),
+        ("last_error", "text", "YES", None),
+    ],
+}
+
+
+def columns(engine: Engine, table: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT column_name, data_type, is_nullable, column_default, is_identity "
+                "FROM information_schema.columns WHERE table_name = :t ORDER BY ordinal_position"
+            ),
+            {"t": table},
+        )
+        return [tuple(r) for r in rows]
+
+
+def test_upgrade_creates_exactly_the_spec_schema(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    assert migrate.upgrade(engine) == (None, SCHEMA_REVISION)
+    for table, expected in SPEC_COLUMNS.items():
+        found = columns(engine, table)
+        assert [c[0] for c in found] == [e[0] for e in expected]
+        for (name, dtype, nullable, default, identity), (_, etype, enull, edefault) in zip(
+            found, expected, strict=True
+        ):
+            assert (dtype, nullable) == (etype, enull), name
+            if edefault is None:
+                assert default is None, name
+            else:
+                assert default is not None and edefault in default, name
+            assert identity == ("YES" if name == "id" else "NO"), name
+    with engine.connect() as conn:
+        indexes = set(
+            conn.execute(
+                sa.text(
+                    "SELECT indexname FROM pg_indexes WHERE tablename = 'feature_flag_schedules'"
+                )
+            ).scalars()
+        )
+        checks = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'c'"
+                )
+            ).all()
+        )
+        unique = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_constraint WHERE contype = 'u' "
+                "AND conrelid = 'feature_flags'::regclass"
+            )
+        ).scalar()
+    assert "idx_schedules_next_retry_at" in indexes
+    assert {"idx_schedules_pending_due", "idx_schedules_flag_open"} <= indexes
+    assert "max_retries >= 0" in checks["max_retries_check"]
+    assert "max_retries <= 10" in checks["max_retries_check"]
+    assert "rollout_percentage >= 0" in checks["rollout_percentage_check"]
+    assert unique == 1
+
+
+def test_table_metadata_equals_the_migrated_schema(engine: Engine) -> None:
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+
+
+def test_head_constant_matches_the_scripts() -> None:
+    assert migrate.head() == SCHEMA_REVISION
+
+
+def test_revision_one_has_no_retry_columns_and_downgrade_upgrade_round_trips(
+    empty_database_url: str,
+) -> None:
+    engine = make_engine(empty_database_url)
+    migrate.upgrade(engine, "0001")
+    names = [c[0] for c in columns(engine, "feature_flag_schedules")]
+    assert "retry_count" not in names and "next_retry_at" not in names
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == SCHEMA_REVISION
+    assert migrate.downgrade(engine, "0001") == (SCHEMA_REVISION, "0001")
+    assert "max_retries" not in [c[0] for c in columns(engine, "feature_flag_schedules")]
+    migrate.downgrade(engine, "base")
+    assert columns(engine, "feature_flags") == []
+    migrate.upgrade(engine)
+    assert len(columns(engine, "feature_flag_schedules")) == 12
+
+
+def test_upgrade_keeps_existing_rows(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    migrate.upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+                "VALUES ('a', now(), '{\"enabled\": true}')"
+            )
+        )
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT retry_count, max_retries, next_retry_at FROM feature_flag_schedules")
+        ).one()
+    assert tuple(row) == (0, 3, None)
+
+
+def test_a_second_upgrade_is_a_no_op(engine: Engine) -> None:
+    assert migrate.upgrade(engine) == (SCHEMA_REVISION, SCHEMA_REVISION)
+
+
+def test_concurrent_upgrades_both_succeed(empty_database_url: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            migrate.upgrade(make_engine(empty_database_url))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert migrate.current(make_engine(empty_database_url)) == SCHEMA_REVISION
+
+
+def test_schema_guard(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    with engine.connect() as conn, pytest.raises(SchemaNotCurrent, match="not migrated"):
+        repository.ensure_schema(conn)
+    migrate.upgrade(engine, "0001")
+    with engine.connect() as conn, pytest.raises(SchemaNotCurrent, match="run `flagsched migrate`"):
+        repository.ensure_schema(conn)
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        repository.ensure_schema(conn)
