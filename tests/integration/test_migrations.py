@@ -77,10 +77,11 @@ def test_upgrade_creates_exactly_the_spec_schema(empty_database_url: str) -> Non
                 )
             ).scalars()
         )
-        checks = dict(
+        checks: dict[str, str] = dict(
             conn.execute(
                 sa.text(
-                    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'c'"
+                    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                    "WHERE contype = 'c'"
                 )
             ).all()
         )
@@ -155,7 +156,7 @@ def test_concurrent_upgrades_both_succeed(empty_database_url: str) -> None:
         try:
             barrier.wait()
             migrate.upgrade(make_engine(empty_database_url))
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(3)]
