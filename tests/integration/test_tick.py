@@ -1,0 +1,441 @@
+"""A tick against a real PostgreSQL: outcomes, retries, order, hold-back, locks, options."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from structlog.testing import capture_logs
+
+from flagsched import tick
+from flagsched.model import Outcome, TickReport
+
+Sql = Callable[..., list[Any]]
+Tick = Callable[..., TickReport]
+
+
+def make_due(sql: Sql, schedule_id: int) -> None:
+    """Move time: the retry is due now."""
+    sql(
+        "UPDATE feature_flag_schedules SET next_retry_at = now() - interval '1 second' "
+        "WHERE id = :i",
+        i=schedule_id,
+    )
+
+
+def test_first_attempt_success(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, schedule: Any, flag: Any
+) -> None:
+    add_flag("checkout")
+    sid = add_schedule("checkout", {"enabled": True, "rollout_percentage": 25})
+    with capture_logs() as logs:
+        report = run_tick()
+    assert report.count(Outcome.APPLIED) == 1
+    assert flag("checkout") == (True, 25)
+    row = schedule(sid)
+    assert row["status"] == "applied" and row["applied_at"] is not None
+    assert row["retry_count"] == 0 and row["next_retry_at"] is None and row["last_error"] is None
+    applied = [e for e in logs if e["event"] == "schedule_applied"]
+    assert applied == [
+        {
+            "event": "schedule_applied",
+            "log_level": "info",
+            "schedule_id": sid,
+            "flag_key": "checkout",
+            "retry_count": 0,
+            "attempt": 1,
+            "first_attempt": True,
+        }
+    ]
+    finished = [e for e in logs if e["event"] == "tick_finished"]
+    assert finished[0]["applied"] == 1 and "duration_seconds" in finished[0]
+
+
+def test_flag_updated_at_moves(run_tick: Tick, add_flag: Any, add_schedule: Any, sql: Sql) -> None:
+    add_flag("a")
+    sql("UPDATE feature_flags SET updated_at = now() - interval '1 day'")
+    add_schedule("a", {"enabled": True})
+    run_tick()
+    assert sql("SELECT updated_at > now() - interval '1 minute' FROM feature_flags")[0][0]
+
+
+def test_transient_failure_then_success_on_retry(
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
+    flag: Any,
+    sql: Sql,
+) -> None:
+    add_flag("f")
+    sid = add_schedule("f", {"enabled": True})
+    failing("f")
+    with capture_logs() as logs:
+        report = run_tick()
+    assert report.count(Outcome.RETRY) == 1
+    row = schedule(sid)
+    assert row["status"] == "failed" and row["retry_count"] == 1
+    assert "injected failure for f" in row["last_error"]
+    assert timedelta(minutes=2) <= row["delay"] <= timedelta(minutes=2, seconds=30)
+    event = next(e for e in logs if e["event"] == "schedule_retry_scheduled")
+    assert event["retry_count"] == 1 and event["max_retries"] == 3
+    assert event["next_retry_at"] == row["next_retry_at"] and "injected" in event["error"]
+    assert flag("f") == (False, 0)
+
+    assert run_tick().count(Outcome.APPLIED) == 0  # not due yet: left alone
+    assert schedule(sid)["retry_count"] == 1
+
+    failing("f", on=False)
+    make_due(sql, sid)
+    with capture_logs() as logs:
+        assert run_tick().count(Outcome.APPLIED) == 1
+    row = schedule(sid)
+    assert row["status"] == "applied" and row["retry_count"] == 1
+    assert row["next_retry_at"] is None and row["last_error"] is None
+    event = next(e for e in logs if e["event"] == "schedule_applied")
+    assert event["first_attempt"] is False and event["attempt"] == 2
+    assert flag("f") == (True, 0)
+
+
+def test_retries_exhausted_fail_for_good(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any, sql: Sql
+) -> None:
+    add_flag("f")
+    sid = add_schedule("f", {"enabled": True}, max_retries=2)
+    failing("f")
+    delays = []
+    for attempt in range(1, 4):
+        report = run_tick()
+        row = schedule(sid)
+        assert row["retry_count"] == attempt
+        if attempt < 3:
+            assert report.count(Outcome.RETRY) == 1
+            delays.append(row["delay"])
+            make_due(sql, sid)
+        else:
+            assert report.count(Outcome.FAILED) == 1
+            assert row["status"] == "failed" and row["next_retry_at"] is None
+            assert "gave up after 3 attempts" in row["last_error"]
+    assert timedelta(minutes=2) <= delays[0] <= timedelta(minutes=2, seconds=30)
+    assert timedelta(minutes=4) <= delays[1] <= timedelta(minutes=4, seconds=30)
+    assert run_tick().count(Outcome.APPLIED) == 0  # failed for good is never claimed
+    assert schedule(sid)["retry_count"] == 3
+
+
+def test_max_retries_zero_fails_for_good_at_once(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any
+) -> None:
+    add_flag("f")
+    sid = add_schedule("f", {"enabled": True}, max_retries=0)
+    failing("f")
+    assert run_tick().count(Outcome.FAILED) == 1
+    assert schedule(sid)["next_retry_at"] is None
+
+
+def test_missing_flag_and_invalid_updates_fail_for_good_at_once(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, schedule: Any, flag: Any
+) -> None:
+    add_flag("real", rollout=10)
+    missing = add_schedule("ghost", {"enabled": True})
+    bad = [
+        add_schedule("real", u)
+        for u in ({"enabled": "yes"}, {"rollout_percentage": 12.5}, {}, {"colour": 1}, [1], "x")
+    ]
+    with capture_logs() as logs:
+        report = run_tick()
+    assert report.count(Outcome.FAILED) == 7
+    assert schedule(missing)["last_error"] == "flag 'ghost' does not exist"
+    for sid in [missing, *bad]:
+        row = schedule(sid)
+        assert (row["status"], row["retry_count"], row["next_retry_at"]) == ("failed", 1, None)
+    assert "enabled must be true or false" in schedule(bad[0])["last_error"]
+    assert "integer 0..100, got 12.5" in schedule(bad[1])["last_error"]
+    assert flag("real") == (False, 10)
+    failed = [e for e in logs if e["event"] == "schedule_failed"]
+    assert {e["schedule_id"] for e in failed} == {missing, *bad}
+
+
+def test_four_overdue_rollout_steps_land_in_one_run_in_order(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, flag: Any, sql: Sql, schedule: Any
+) -> None:
+    add_flag("ramp")
+    ids = [
+        add_schedule("ramp", {"rollout_percentage": pct}, at=f"now() - interval '{50 - i} minutes'")
+        for i, pct in enumerate((10, 25, 50, 100))
+    ]
+    report = run_tick()
+    assert report.count(Outcome.APPLIED) == 4 and report.batches == 1
+    assert flag("ramp") == (False, 100)
+    assert all(schedule(i)["status"] == "applied" for i in ids)
+
+
+def test_order_is_scheduled_at_then_id_not_insertion(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, flag: Any
+) -> None:
+    add_flag("x")
+    add_schedule("x", {"rollout_percentage": 90}, at="now() - interval '1 minute'")
+    add_schedule("x", {"rollout_percentage": 10}, at="now() - interval '2 minutes'")
+    run_tick()
+    assert flag("x") == (False, 90)
+
+
+def test_a_waiting_retry_holds_back_later_schedules_of_its_flag(
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
+    flag: Any,
+    sql: Sql,
+) -> None:
+    add_flag("f")
+    add_flag("other")
+    first = add_schedule("f", {"rollout_percentage": 10}, at="now() - interval '3 minutes'")
+    second = add_schedule("f", {"rollout_percentage": 20}, at="now() - interval '2 minutes'")
+    third = add_schedule("f", {"rollout_percentage": 30}, at="now() - interval '1 minute'")
+    other = add_schedule("other", {"enabled": True})
+    failing("f")
+    with capture_logs() as logs:
+        report = run_tick()
+    assert report.count(Outcome.RETRY) == 1 and report.count(Outcome.HELD_BACK) == 2
+    assert schedule(other)["status"] == "applied"  # another flag is not held back
+    for sid in (second, third):  # held back: left as they were, no retry spent
+        row = schedule(sid)
+        assert (row["status"], row["retry_count"], row["last_error"]) == ("pending", 0, None)
+    held = [e["schedule_id"] for e in logs if e["event"] == "schedule_held_back"]
+    assert sorted(held) == [second, third]
+
+    # Later ticks do not even claim them while the retry waits (a late retry must never
+    # undo newer state), and do not spend their retries.
+    again = run_tick()
+    assert again.count(Outcome.APPLIED) == 0 and again.count(Outcome.HELD_BACK) == 0
+    assert flag("f") == (False, 0)
+
+    failing("f", on=False)
+    make_due(sql, first)
+    assert run_tick().count(Outcome.APPLIED) == 3  # retry first, then the rest in order
+    assert flag("f") == (False, 30)
+
+
+def test_a_schedule_failed_for_good_does_not_hold_back_later_ones(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, flag: Any, schedule: Any
+) -> None:
+    add_flag("f")
+    bad = add_schedule("f", {"rollout_percentage": "ten"}, at="now() - interval '2 minutes'")
+    add_schedule("f", {"rollout_percentage": 20})
+    report = run_tick()
+    assert report.count(Outcome.FAILED) == 1 and report.count(Outcome.APPLIED) == 1
+    assert schedule(bad)["status"] == "failed" and flag("f") == (False, 20)
+
+
+def test_exhausted_retry_lets_later_schedules_apply_in_the_same_tick(
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    flag: Any,
+    schedule: Any,
+    sql: Sql,
+) -> None:
+    add_flag("f")
+    first = add_schedule("f", {"enabled": True}, at="now() - interval '2 minutes'", max_retries=0)
+    failing("f")
+    run_tick()
+    assert schedule(first)["status"] == "failed" and schedule(first)["next_retry_at"] is None
+    failing("f", on=False)
+    add_schedule("f", {"rollout_percentage": 40})
+    assert run_tick().count(Outcome.APPLIED) == 1
+    assert flag("f") == (False, 40)
+
+
+def test_failure_isolation_one_failing_flag_among_many(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any, sql: Sql
+) -> None:
+    for i in range(20):
+        add_flag(f"flag{i}")
+        add_schedule(f"flag{i}", {"rollout_percentage": i})
+    failing("flag7")
+    report = run_tick()
+    assert report.count(Outcome.APPLIED) == 19 and report.count(Outcome.RETRY) == 1
+    rows = sql("SELECT key, rollout_percentage FROM feature_flags ORDER BY key")
+    assert {k: r for k, r in rows} == {f"flag{i}": (0 if i == 7 else i) for i in range(20)}
+    failed = sql(
+        "SELECT retry_count, last_error FROM feature_flag_schedules WHERE flag_key = 'flag7'"
+    )
+    assert failed[0][0] == 1 and "injected failure for flag7" in failed[0][1]
+
+
+def test_retries_are_claimed_before_new_schedules(
+    engine: Engine, add_flag: Any, add_schedule: Any, failing: Any, sql: Sql, schedule: Any
+) -> None:
+    add_flag("r")
+    add_flag("n")
+    retry = add_schedule("r", {"enabled": True}, at="now()")
+    failing("r")
+    tick.run(engine, tick.TickOptions(batch_size=1), rng=random.Random(1))
+    failing("r", on=False)
+    add_schedule("n", {"enabled": True}, at="now() - interval '1 hour'")  # older, but new
+    make_due(sql, retry)
+    report = tick.run(engine, tick.TickOptions(batch_size=1), rng=random.Random(1))
+    assert report.count(Outcome.APPLIED) == 1
+    assert schedule(retry)["status"] == "applied"
+
+
+def test_flag_schedule_max_retries_overrides_and_is_written(
+    engine: Engine, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any, sql: Sql
+) -> None:
+    add_flag("f")
+    sid = add_schedule("f", {"enabled": True}, max_retries=5)
+    failing("f")
+    options = tick.TickOptions(max_retries_override=1)
+    tick.run(engine, options, rng=random.Random(1))
+    assert schedule(sid)["max_retries"] == 1 and schedule(sid)["status"] == "failed"
+    make_due(sql, sid)
+    report = tick.run(engine, options, rng=random.Random(1))
+    assert report.count(Outcome.FAILED) == 1
+    assert schedule(sid)["next_retry_at"] is None
+
+
+def test_backoff_cap_comes_from_options(
+    engine: Engine, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any
+) -> None:
+    add_flag("f")
+    sid = add_schedule(
+        "f",
+        {"enabled": True},
+        retry_count=6,
+        max_retries=10,
+        status="failed",
+        next_retry_at="now() - interval '1 second'",
+    )
+    failing("f")
+    tick.run(engine, tick.TickOptions(retry_max_delay=60), rng=random.Random(1))
+    assert timedelta(seconds=60) <= schedule(sid)["delay"] <= timedelta(seconds=90)
+
+
+def test_a_flag_locked_by_the_application_retries_only_that_schedule(
+    engine: Engine,
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    schedule: Any,
+    flag: Any,
+    database_url: str,
+) -> None:
+    for key in ("locked", "free1", "free2"):
+        add_flag(key)
+    locked = add_schedule("locked", {"enabled": True})
+    later = add_schedule("locked", {"rollout_percentage": 5}, at="now()")
+    free = [add_schedule("free1", {"enabled": True}), add_schedule("free2", {"enabled": True})]
+    holder = engine.connect()
+    tx = holder.begin()
+    holder.execute(sa.text("SELECT * FROM feature_flags WHERE key = 'locked' FOR UPDATE"))
+    try:
+        report = run_tick()  # the engine's lock_timeout is 1 s
+    finally:
+        tx.rollback()
+        holder.close()
+    assert report.count(Outcome.APPLIED) == 2 and report.count(Outcome.RETRY) == 1
+    assert all(schedule(s)["status"] == "applied" for s in free)
+    row = schedule(locked)
+    assert row["status"] == "failed" and "lock" in row["last_error"]
+    assert schedule(later)["status"] == "pending"
+    assert flag("locked") == (False, 0)
+
+
+def test_hot_flag_drains_in_batches_of_the_batch_size(
+    run_tick: Tick, add_flag: Any, sql: Sql, flag: Any
+) -> None:
+    add_flag("hot")
+    sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+           SELECT 'hot', now() - interval '1 hour' + g * interval '1 second',
+                  jsonb_build_object('rollout_percentage', g % 101)
+           FROM generate_series(1, 500) AS g""")
+    report = run_tick(batch_size=100, max_batches=50)
+    assert report.count(Outcome.APPLIED) == 500
+    assert report.batches == 6  # five full batches, then one that finds nothing due
+    assert flag("hot") == (False, 500 % 101)
+
+
+def test_max_batches_one_is_one_batch(run_tick: Tick, add_flag: Any, add_schedule: Any) -> None:
+    add_flag("f")
+    for _ in range(5):
+        add_schedule("f", {"enabled": True})
+    report = run_tick(batch_size=2)
+    assert report.count(Outcome.APPLIED) == 2 and report.batches == 1
+
+
+def test_future_and_other_states_are_not_claimed(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, schedule: Any
+) -> None:
+    add_flag("f")
+    future = add_schedule("f", {"enabled": True}, at="now() + interval '1 hour'")
+    cancelled = add_schedule("f", {"enabled": True}, status="cancelled")
+    applied = add_schedule("f", {"enabled": True}, status="applied")
+    waiting = add_schedule(
+        "f",
+        {"enabled": True},
+        status="failed",
+        retry_count=1,
+        next_retry_at="now() + interval '1 hour'",
+    )
+    report = run_tick()
+    assert report.counts.total() == 0
+    assert [schedule(s)["status"] for s in (future, cancelled, applied, waiting)] == [
+        "pending",
+        "cancelled",
+        "applied",
+        "failed",
+    ]
+
+
+def test_dry_run_changes_nothing(
+    engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
+) -> None:
+    add_flag("a")
+    add_schedule("a", {"enabled": True})
+    add_schedule("ghost", {"enabled": True})
+    add_schedule("a", {"enabled": "nope"})
+    before = sql("SELECT * FROM feature_flag_schedules ORDER BY id") + sql(
+        "SELECT * FROM feature_flags"
+    )
+    plan = tick.preview(engine, tick.TickOptions())
+    after = sql("SELECT * FROM feature_flag_schedules ORDER BY id") + sql(
+        "SELECT * FROM feature_flags"
+    )
+    assert before == after
+    what = sorted(w for _, w in plan)
+    assert what[0] == "apply {'enabled': True}"
+    assert any("does not exist" in w for w in what)
+    assert any("enabled must be true or false" in w for w in what)
+
+
+def test_concurrent_ticks_in_threads_apply_everything_once(
+    engine: Engine, add_flag: Any, sql: Sql
+) -> None:
+    sql("INSERT INTO feature_flags (key) SELECT 'k' || g FROM generate_series(1, 50) g")
+    sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+           SELECT 'k' || (g % 50 + 1), now() - interval '1 hour' + g * interval '1 ms',
+                  jsonb_build_object('rollout_percentage', g / 50)
+           FROM generate_series(0, 999) g""")
+    reports: list[TickReport] = []
+
+    def drain() -> None:
+        reports.append(
+            tick.run(engine, tick.TickOptions(batch_size=20, max_batches=200), rng=random.Random(1))
+        )
+
+    threads = [threading.Thread(target=drain) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.count(Outcome.APPLIED) for r in reports) == 1000
+    assert sql("SELECT count(*) FROM feature_flag_schedules WHERE status = 'applied'")[0][0] == 1000
+    assert sql("SELECT count(*) FROM feature_flags WHERE rollout_percentage = 19")[0][0] == 50
