@@ -143,10 +143,17 @@ def savepoint(conn: Connection) -> Iterator[None]:
         with conn.begin_nested():
             yield
     except sa.exc.DBAPIError as exc:
-        orig = exc.orig
-        raise ApplyError(
-            one_line(str(orig) if orig is not None else str(exc), []),
-        ) from exc
+        raise ApplyError(_reason(exc)) from exc
+
+
+def _reason(exc: sa.exc.DBAPIError) -> str:
+    """The server's primary message and SQLSTATE, one line (no CONTEXT or driver noise)."""
+    orig = exc.orig
+    diag = getattr(orig, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    if primary:
+        return one_line(f"{primary} (SQLSTATE {getattr(orig, 'sqlstate', '?')})", [])
+    return one_line(str(orig) if orig is not None else str(exc), [])
 
 
 def is_cancel(exc: ApplyError) -> bool:

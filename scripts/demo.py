@@ -1,0 +1,127 @@
+"""`make demo`: a throwaway PostgreSQL, the real CLI on realistic schedules, then clean up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import sqlalchemy as sa
+
+from flagsched.db import make_engine
+from scripts import pgserver
+
+SEED = """
+INSERT INTO feature_flags (key, enabled, rollout_percentage) VALUES
+    ('new-checkout', false, 0), ('dark-mode', false, 0), ('search-v2', false, 0);
+
+-- A rollout ramp that is overdue: all four steps land in one tick, in order.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) VALUES
+    ('new-checkout', now() - interval '40 minutes', '{"enabled": true, "rollout_percentage": 10}'),
+    ('new-checkout', now() - interval '30 minutes', '{"rollout_percentage": 25}'),
+    ('new-checkout', now() - interval '20 minutes', '{"rollout_percentage": 50}'),
+    ('new-checkout', now() - interval '10 minutes', '{"rollout_percentage": 100}'),
+    ('dark-mode',    now() - interval '5 minutes',  '{"enabled": true}'),
+    -- due tomorrow: left alone
+    ('dark-mode',    now() + interval '1 day',      '{"enabled": false}'),
+    -- a flag that was deleted: fails for good at once
+    ('legacy-banner', now() - interval '1 minute',  '{"enabled": false}'),
+    -- a typo an application made: fails for good, touches no flag
+    ('dark-mode',    now() - interval '1 minute',   '{"rollout_percentage": "fifty"}'),
+    -- search-v2's database trigger fails for now (an outage): retried with backoff
+    ('search-v2',    now() - interval '2 minutes',  '{"enabled": true, "rollout_percentage": 5}');
+
+-- Simulate a transient failure from the database side for search-v2.
+CREATE TABLE demo_outage (key text PRIMARY KEY);
+INSERT INTO demo_outage VALUES ('search-v2');
+CREATE FUNCTION demo_outage() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM demo_outage WHERE key = NEW.key) THEN
+        RAISE EXCEPTION 'search backend unavailable (simulated outage)';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER demo_outage BEFORE UPDATE ON feature_flags
+    FOR EACH ROW EXECUTE FUNCTION demo_outage();
+"""
+
+
+def banner(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
+
+
+def main() -> int:
+    server = pgserver.start()
+    try:
+        admin = make_engine(server.url(database="postgres")).execution_options(
+            isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text("CREATE DATABASE demo"))
+        url = server.url(database="demo")
+        env = {**os.environ, "FLAGSCHED_DATABASE_URL": url, "FLAGSCHED_LOG_FORMAT": "console"}
+        engine = make_engine(url)
+
+        def flagsched(*args: str) -> None:
+            print(f"$ flagsched {' '.join(args)}", flush=True)
+            code = subprocess.run(
+                [sys.executable, "-m", "flagsched", *args], env=env, check=False
+            ).returncode
+            print(f"(exit {code})", flush=True)
+
+        def sql(statement: str) -> None:
+            with engine.begin() as conn:
+                conn.execute(sa.text(statement))
+
+        def show(query: str) -> None:
+            with engine.connect() as conn:
+                result = conn.execute(sa.text(query))
+                from flagsched.output import table
+
+                print(table(list(result.keys()), [tuple(r) for r in result]), flush=True)
+
+        banner("A throwaway PostgreSQL is up; migrate it")
+        flagsched("migrate")
+        banner("Seed three flags and nine schedules")
+        sql(SEED)
+        show("SELECT id, flag_key, scheduled_at, updates FROM feature_flag_schedules ORDER BY id")
+        banner("Tick 1: the ramp lands in order, bad ones fail for good, search-v2 will retry")
+        flagsched("process")
+        flagsched("list-failed")
+        banner("The outage ends; move time forward so search-v2's retry is due")
+        sql("DELETE FROM demo_outage")
+        sql(
+            "UPDATE feature_flag_schedules SET next_retry_at = now() "
+            "WHERE status = 'failed' AND next_retry_at IS NOT NULL"
+        )
+        banner("Tick 2: search-v2 succeeds on its retry")
+        flagsched("process")
+        flagsched("list-failed", "--format", "json", "--permanent")
+        if (
+            "status"
+            in subprocess.run(
+                [sys.executable, "-m", "flagsched", "--help"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+        ):
+            flagsched("status")
+        banner("The flags now")
+        show("SELECT key, enabled, rollout_percentage, updated_at FROM feature_flags ORDER BY key")
+        banner("The schedules now")
+        show(
+            "SELECT id, flag_key, status, retry_count, applied_at, last_error "
+            "FROM feature_flag_schedules ORDER BY id"
+        )
+        engine.dispose()
+        admin.dispose()
+    finally:
+        server.stop()
+        banner("PostgreSQL stopped and its files removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
