@@ -201,6 +201,155 @@ def list_failed(app: App, which: str | None, flag_key: str | None, limit: int, f
     return EXIT_OK
 
 
+@cli.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@click.option(
+    "--max-lag",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Exit 1 when a due schedule has waited longer than this (a health check).",
+)
+@pass_app
+def status(app: App, fmt: str, max_lag: float | None) -> int:
+    """Counts per state, the oldest due schedule's age, the next due time."""
+    from flagsched import operators, output
+
+    report = operators.status(app.engine())
+    if fmt == "json":
+        click.echo(output.to_json(report))
+    else:
+        age = report["oldest_due_age_seconds"]
+        click.echo(
+            output.table(
+                ["STATE", "COUNT"],
+                [
+                    ("due (incl. retries now due, held back)", report["due"]),
+                    ("scheduled for later", report["scheduled"]),
+                    ("waiting for a retry", report["waiting_retry"]),
+                    ("failed for good", report["failed"]),
+                    ("applied", report["applied"]),
+                    ("cancelled", report["cancelled"]),
+                ],
+            )
+        )
+        click.echo(
+            f"oldest due: {'-' if age is None else f'{age:.0f}s ago'}"
+            f"{'' if age is None else ' (' + str(output.iso(report['oldest_due_at'])) + ')'}"
+        )
+        click.echo(f"next due:   {output.iso(report['next_due_at']) or '-'}")
+    lag = report["oldest_due_age_seconds"]
+    if max_lag is not None and lag is not None and lag > max_lag:
+        click.echo(f"flagsched: a due schedule has waited {lag:.0f}s (> {max_lag:g}s)", err=True)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("flag_key")
+@click.option(
+    "--at",
+    "at_text",
+    required=True,
+    metavar="TIME",
+    help="ISO 8601 with an offset (2026-12-01T09:00:00+01:00), or now.",
+)
+@click.option("--enable/--disable", "enabled", default=None, help="Turn the flag on or off.")
+@click.option("--rollout", type=int, metavar="N", help="Set rollout_percentage (0..100).")
+@click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
+@pass_app
+def schedule(
+    app: App,
+    flag_key: str,
+    at_text: str,
+    enabled: bool | None,
+    rollout: int | None,
+    max_retries: int | None,
+) -> int:
+    """Add a pending schedule; prints its id."""
+    from flagsched import operators
+    from flagsched.model import InvalidUpdates, Updates, parse_when
+
+    try:
+        at = parse_when(at_text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--at") from None
+    change: dict[str, object] = {}
+    if enabled is not None:
+        change["enabled"] = enabled
+    if rollout is not None:
+        change["rollout_percentage"] = rollout
+    if not change:
+        raise click.UsageError("give a change: --enable, --disable and/or --rollout N")
+    try:
+        updates = Updates.parse(change)  # the tick's own validation
+    except InvalidUpdates as exc:
+        raise click.UsageError(str(exc)) from None
+    new_id, exists = operators.add_schedule(
+        app.engine(), flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
+    )
+    if not exists:
+        click.echo(
+            f"flagsched: warning: flag {flag_key!r} does not exist yet; the schedule "
+            "fails for good if it still does not when it is due",
+            err=True,
+        )
+    click.echo(new_id)
+    return EXIT_OK
+
+
+def _report_each(results: list[Any]) -> int:
+    for result in results:
+        click.echo(f"{result.id}: {result.message}")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, required=True, type=int)
+@click.option("--force", is_flag=True, help="Retry even when a later schedule was applied.")
+@pass_app
+def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
+    """Make failed schedules pending again (retry_count back to 0)."""
+    from flagsched import operators
+
+    return _report_each(operators.retry(app.engine(), list(ids), force=force))
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, required=True, type=int)
+@pass_app
+def cancel(app: App, ids: tuple[int, ...]) -> int:
+    """Cancel pending or failed schedules."""
+    from flagsched import operators
+
+    return _report_each(operators.cancel(app.engine(), list(ids)))
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0, min_open=True),
+    required=True,
+    metavar="DAYS",
+    help="Age in days (a positive number).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted.")
+@pass_app
+def prune(app: App, days: float, dry_run: bool) -> int:
+    """Delete applied and cancelled schedules older than DAYS, in small batches."""
+    from flagsched import operators
+
+    counts, _ = operators.prune(app.engine(), older_than_days=days, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} {sum(counts.values())} schedules "
+        f"({counts['applied']} applied, {counts['cancelled']} cancelled)"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: the only place that exits. No traceback reaches an operator."""
     try:

@@ -40,5 +40,5 @@ class DatabaseError(CouldNotRun):
     """A database statement failed."""
 
 
-class ApplyError(FlagschedError):
-    """Applying a schedule to its flag failed (retryable)."""
+class StatementFailed(FlagschedError):
+    """A statement inside a savepoint failed; the savepoint was rolled back."""

@@ -91,6 +91,21 @@ def _show(value: object) -> str:
         return repr(value)
 
 
+def parse_when(text: str) -> datetime | None:
+    """`--at`: ISO 8601 with an offset, or "now" (None: the database's now())."""
+    if text.strip().lower() == "now":
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2026-12-01T09:00:00+01:00)"
+        ) from None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{text!r} has no UTC offset; add one (e.g. +00:00 or Z)")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A schedule claimed by a tick, with what the claim learned about its flag."""

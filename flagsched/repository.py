@@ -11,12 +11,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from flagsched.db import one_line
-from flagsched.errors import ApplyError
+from flagsched.errors import StatementFailed
 from flagsched.model import Claimed, Outcome, Result, Updates
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
 MIGRATION_LOCK_KEY = 0x666C6167736368
-QUERY_CANCELED = "57014"
 
 
 def schema_revision(conn: Connection) -> str | None:
@@ -138,12 +137,12 @@ def set_flags(conn: Connection, states: Mapping[str, Updates], *, now: datetime)
 
 @contextmanager
 def savepoint(conn: Connection) -> Iterator[None]:
-    """A savepoint; a driver error inside rolls back to it and becomes an ApplyError."""
+    """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed."""
     try:
         with conn.begin_nested():
             yield
     except sa.exc.DBAPIError as exc:
-        raise ApplyError(_reason(exc)) from exc
+        raise StatementFailed(_reason(exc)) from exc
 
 
 def _reason(exc: sa.exc.DBAPIError) -> str:
@@ -154,13 +153,6 @@ def _reason(exc: sa.exc.DBAPIError) -> str:
     if primary:
         return one_line(f"{primary} (SQLSTATE {getattr(orig, 'sqlstate', '?')})", [])
     return one_line(str(orig) if orig is not None else str(exc), [])
-
-
-def is_cancel(exc: ApplyError) -> bool:
-    """True when the statement was cancelled (a signal asked the tick to stop, or a timeout)."""
-    cause = exc.__cause__
-    orig = getattr(cause, "orig", None)
-    return getattr(orig, "sqlstate", None) == QUERY_CANCELED
 
 
 def cancel_running_statement(conn: Connection) -> None:
@@ -248,3 +240,180 @@ def ensure_schema(conn: Connection) -> None:
         raise SchemaNotCurrent(
             f"the database schema is {at} (latest: {SCHEMA_REVISION}): run `flagsched migrate`"
         )
+
+
+# --- operators -------------------------------------------------------------------------
+
+_WAITING = "(status = 'failed' AND next_retry_at IS NOT NULL AND retry_count <= max_retries)"
+
+
+def backlog(conn: Connection, *, now: datetime) -> dict[str, Any]:
+    """Due count, oldest due time and next due time; index scans only (runs every tick)."""
+    row = conn.execute(
+        sa.text(
+            f"""
+            WITH pending AS (
+                SELECT count(*) AS n, min(scheduled_at) AS oldest FROM feature_flag_schedules
+                WHERE status = 'pending' AND scheduled_at <= :now
+            ), retries AS (
+                SELECT count(*) AS n, min(next_retry_at) AS oldest FROM feature_flag_schedules
+                WHERE next_retry_at <= :now AND {_WAITING}
+            )
+            SELECT pending.n + retries.n AS due,
+                   LEAST(pending.oldest, retries.oldest) AS oldest_due_at,
+                   LEAST(
+                       (SELECT min(scheduled_at) FROM feature_flag_schedules
+                        WHERE status = 'pending' AND scheduled_at > :now),
+                       (SELECT min(next_retry_at) FROM feature_flag_schedules
+                        WHERE next_retry_at > :now AND {_WAITING})
+                   ) AS next_due_at
+            FROM pending, retries
+            """
+        ),
+        {"now": now},
+    ).one()
+    return dict(row._mapping)
+
+
+def state_counts(conn: Connection, *, now: datetime) -> dict[str, int]:
+    """Schedules per state (one pass over the table: for `status`, not for the tick)."""
+    row = conn.execute(
+        sa.text(
+            f"""
+            SELECT
+              count(*) FILTER (WHERE status = 'pending' AND scheduled_at > :now) AS scheduled,
+              count(*) FILTER (WHERE {_WAITING} AND next_retry_at > :now) AS waiting_retry,
+              count(*) FILTER (WHERE status = 'failed' AND NOT {_WAITING}) AS failed,
+              count(*) FILTER (WHERE status = 'applied') AS applied,
+              count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+            FROM feature_flag_schedules
+            """
+        ),
+        {"now": now},
+    ).one()
+    return {k: int(v) for k, v in row._mapping.items()}
+
+
+def flag_exists(conn: Connection, key: str) -> bool:
+    return (
+        conn.execute(
+            sa.text("SELECT EXISTS (SELECT 1 FROM feature_flags WHERE key = :k)"), {"k": key}
+        ).scalar_one()
+        is True
+    )
+
+
+def insert_schedule(
+    conn: Connection,
+    *,
+    flag_key: str,
+    at: datetime | None,
+    updates: Updates,
+    max_retries: int | None,
+) -> int:
+    """A new pending schedule; `at` None means the database's now()."""
+    import json
+
+    new_id = conn.execute(
+        sa.text(
+            """
+            INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, max_retries)
+            VALUES (:k, coalesce(CAST(:at AS timestamptz), now()), CAST(:u AS jsonb),
+                    coalesce(CAST(:m AS integer), 3))
+            RETURNING id
+            """
+        ),
+        {"k": flag_key, "at": at, "u": json.dumps(updates.as_json()), "m": max_retries},
+    ).scalar_one()
+    return int(new_id)
+
+
+def lock_schedule(conn: Connection, schedule_id: int) -> dict[str, Any] | None:
+    """Lock one schedule (waiting for a tick that holds it to commit) and return it."""
+    row = conn.execute(
+        sa.text(
+            f"""
+            SELECT id, flag_key, scheduled_at, status, retry_count, max_retries, next_retry_at,
+                   {_WAITING} AS waiting
+            FROM feature_flag_schedules WHERE id = :i FOR UPDATE
+            """
+        ),
+        {"i": schedule_id},
+    ).first()
+    return dict(row._mapping) if row else None
+
+
+def newer_applied_exists(conn: Connection, schedule_id: int) -> bool:
+    """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?"""
+    return (
+        conn.execute(
+            sa.text(
+                """
+            SELECT EXISTS (
+                SELECT 1 FROM feature_flag_schedules l JOIN feature_flag_schedules s
+                  ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
+                WHERE s.id = :i AND l.status = 'applied')
+            """
+            ),
+            {"i": schedule_id},
+        ).scalar_one()
+        is True
+    )
+
+
+def reset_for_retry(conn: Connection, schedule_id: int) -> None:
+    """failed -> pending with retry_count 0; last_error stays until it applies."""
+    conn.execute(
+        sa.text(
+            "UPDATE feature_flag_schedules SET status = 'pending', retry_count = 0, "
+            "next_retry_at = NULL, updated_at = now() WHERE id = :i"
+        ),
+        {"i": schedule_id},
+    )
+
+
+def mark_cancelled(conn: Connection, schedule_id: int) -> None:
+    conn.execute(
+        sa.text(
+            "UPDATE feature_flag_schedules SET status = 'cancelled', next_retry_at = NULL, "
+            "updated_at = now() WHERE id = :i"
+        ),
+        {"i": schedule_id},
+    )
+
+
+_PRUNABLE = """
+    (status = 'applied' AND applied_at < now() - make_interval(secs => :seconds))
+    OR (status = 'cancelled' AND updated_at < now() - make_interval(secs => :seconds))
+"""
+
+
+def count_prunable(conn: Connection, *, older_than_seconds: float) -> dict[str, int]:
+    rows = conn.execute(
+        sa.text(
+            f"SELECT status, count(*) FROM feature_flag_schedules WHERE {_PRUNABLE} GROUP BY status"
+        ),
+        {"seconds": older_than_seconds},
+    )
+    return {str(status): int(n) for status, n in rows}
+
+
+def prune_batch(conn: Connection, *, older_than_seconds: float, limit: int) -> dict[str, int]:
+    """Delete up to `limit` old applied/cancelled schedules; rows a tick holds are skipped."""
+    rows = conn.execute(
+        sa.text(
+            f"""
+            WITH doomed AS (
+                SELECT id FROM feature_flag_schedules WHERE {_PRUNABLE}
+                LIMIT :limit FOR UPDATE SKIP LOCKED
+            )
+            DELETE FROM feature_flag_schedules s USING doomed d WHERE s.id = d.id
+            RETURNING s.status
+            """
+        ),
+        {"seconds": older_than_seconds, "limit": limit},
+    )
+    counts: dict[str, int] = {}
+    for (status,) in rows:
+        counts[status] = counts.get(status, 0) + 1
+    return counts

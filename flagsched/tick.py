@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from flagsched import policy, repository
 from flagsched.db import connection, transaction
-from flagsched.errors import ApplyError, DatabaseError
+from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
 
@@ -201,7 +201,7 @@ def _apply(
         try:
             with repository.savepoint(conn):
                 repository.set_flags(conn, {k: _fold(v) for k, v in fast.items()}, now=now)
-        except ApplyError:
+        except StatementFailed:
             if stop.requested:
                 return results
         else:
@@ -234,7 +234,7 @@ def _apply_one_by_one(
                     results.append(fail(schedule, f"flag {key!r} does not exist", permanent=True))
                     continue
                 repository.set_flags(conn, {key: updates}, now=now)
-        except ApplyError as exc:
+        except StatementFailed as exc:
             if stop.requested:
                 break
             result = fail(schedule, exc.message, permanent=False)
