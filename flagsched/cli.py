@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -119,8 +120,21 @@ def _signals_stop(stop: Any) -> Iterator[None]:
     help="Run up to N batches (each its own transaction), stopping when nothing is due.",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be applied; change nothing.")
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write Prometheus metrics here (atomically), for node_exporter.",
+)
+@click.option("--pushgateway", metavar="URL", help="Push-add the metrics to this Pushgateway.")
 @pass_app
-def process(app: App, batch_size: int | None, max_batches: int, dry_run: bool) -> int:
+def process(
+    app: App,
+    batch_size: int | None,
+    max_batches: int,
+    dry_run: bool,
+    metrics_file: Path | None,
+    pushgateway: str | None,
+) -> int:
     """Run one tick: apply the schedules that are due."""
     from flagsched import output, tick
     from flagsched.model import Outcome
@@ -146,11 +160,26 @@ def process(app: App, batch_size: int | None, max_batches: int, dry_run: bool) -
             )
         return EXIT_OK
     stop = tick.StopFlag()
-    with _signals_stop(stop):
-        report = tick.run(engine, options, rng=random.Random(), stop=stop)
+    report = None
+    try:
+        with _signals_stop(stop):
+            report = tick.run(engine, options, rng=random.Random(), stop=stop)
+    finally:
+        if metrics_file or pushgateway:
+            _publish(report, metrics_file, pushgateway)
     if report.interrupted_by is not None:
         return 128 + report.interrupted_by
     return EXIT_FAILED if report.count(Outcome.FAILED) else EXIT_OK
+
+
+def _publish(report: Any, metrics_file: Path | None, pushgateway: str | None) -> None:
+    """Metrics never change the tick's exit code: a failure to publish is a warning."""
+    from flagsched import metrics
+
+    try:
+        metrics.publish(report, metrics_file=metrics_file, pushgateway=pushgateway)
+    except Exception as exc:
+        logs.get_logger().warning("metrics_publish_failed", error=_redacted(str(exc)))
 
 
 @cli.command("list-failed")
@@ -373,11 +402,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def _redacted(text: str) -> str:
-    import os
-
     from flagsched.db import one_line, url_secrets
+    from flagsched.settings import raw_database_url
 
-    secrets = url_secrets(
-        os.environ.get("FLAGSCHED_DATABASE_URL") or os.environ.get("DATABASE_URL")
-    )
-    return one_line(text, secrets)
+    return one_line(text, url_secrets(raw_database_url()))

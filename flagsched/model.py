@@ -152,6 +152,8 @@ class TickReport:
     batches: int = 0
     duration_seconds: float = 0.0
     interrupted_by: int | None = None  # signal number
+    due_backlog: int | None = None  # due schedules left when the tick ended
+    oldest_due_age_seconds: float | None = None
 
     def add(self, results: list[Result]) -> None:
         self.batches += 1

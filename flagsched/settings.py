@@ -87,6 +87,13 @@ def parse_max_retries(raw: str | None) -> tuple[int | None, str | None]:
     return value, None
 
 
+def raw_database_url() -> str | None:
+    """The database URL as set, even when other settings are invalid (for redaction only)."""
+    import os
+
+    return os.environ.get("FLAGSCHED_DATABASE_URL") or os.environ.get("DATABASE_URL")
+
+
 def load_settings() -> Settings:
     """Read the environment; a bad value becomes one ConfigError line naming the variable."""
     try:

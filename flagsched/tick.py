@@ -91,6 +91,8 @@ def run(
                     _log_result(log, result)
                 if not any(r.outcome is not Outcome.HELD_BACK for r in results):
                     break  # nothing due, or nothing that can move now
+            if not stop.requested:
+                _measure_backlog(engine, conn, report)
     report.duration_seconds = time.monotonic() - started
     report.interrupted_by = stop.signum
     log.info(
@@ -102,8 +104,20 @@ def run(
         batches=report.batches,
         duration_seconds=round(report.duration_seconds, 4),
         interrupted=stop.requested,
+        due_backlog=report.due_backlog,
+        oldest_due_age_seconds=report.oldest_due_age_seconds,
     )
     return report
+
+
+def _measure_backlog(engine: Engine, conn: Connection, report: TickReport) -> None:
+    """What is still due after the tick (for the log and the metrics); index scans only."""
+    with transaction(engine, conn):
+        now = repository.db_now(conn)
+        backlog = repository.backlog(conn, now=now)
+    report.due_backlog = int(backlog["due"])
+    oldest = backlog["oldest_due_at"]
+    report.oldest_due_age_seconds = (now - oldest).total_seconds() if oldest else 0.0
 
 
 def preview(engine: Engine, options: TickOptions) -> list[tuple[Claimed, str]]:

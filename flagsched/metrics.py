@@ -1,0 +1,94 @@
+"""Prometheus metrics of a run: a textfile for node_exporter, or a push to a Pushgateway."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.exposition import pushadd_to_gateway, write_to_textfile
+from prometheus_client.parser import text_string_to_metric_families
+
+from flagsched.model import Outcome, TickReport
+
+LAST_SUCCESS = "flagsched_last_success_timestamp_seconds"
+JOB = "flagsched"
+
+
+def registry_for(
+    report: TickReport | None, *, now: float, last_success: float | None
+) -> CollectorRegistry:
+    """The run's metrics. `report` None: the run could not tick, so only the run time moves and
+    the last success is carried over (when known)."""
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        Gauge(name, doc, registry=registry).set(value)
+
+    gauge("flagsched_last_run_timestamp_seconds", "When flagsched process last ran.", now)
+    if report is not None:
+        last_success = now
+    if last_success is not None:
+        gauge(
+            LAST_SUCCESS,
+            "When a tick last ran to completion (could reach its database).",
+            last_success,
+        )
+    if report is None:
+        return registry
+    gauge("flagsched_tick_duration_seconds", "Duration of the last tick.", report.duration_seconds)
+    outcomes = Gauge(
+        "flagsched_tick_schedules",
+        "Schedules per outcome in the last tick.",
+        ["outcome"],
+        registry=registry,
+    )
+    for outcome in Outcome:
+        outcomes.labels(outcome=outcome.value).set(report.count(outcome))
+    if report.due_backlog is not None:
+        gauge(
+            "flagsched_due_backlog",
+            "Schedules due (or held back) when the tick ended.",
+            report.due_backlog,
+        )
+        gauge(
+            "flagsched_oldest_due_age_seconds",
+            "Age of the oldest due schedule at the end.",
+            report.oldest_due_age_seconds or 0.0,
+        )
+    return registry
+
+
+def previous_success(path: Path) -> float | None:
+    """The last success recorded in an existing metrics file, if any."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == LAST_SUCCESS:
+                return float(sample.value)
+    return None
+
+
+def publish(
+    report: TickReport | None,
+    *,
+    metrics_file: Path | None,
+    pushgateway: str | None,
+    now: float | None = None,
+) -> None:
+    """Write the textfile atomically (temp file, then rename) and/or push-add to a gateway;
+    push-add leaves the gateway's last success in place when this run could not tick."""
+    now = time.time() if now is None else now
+    if metrics_file is not None:
+        carried = previous_success(metrics_file)
+        write_to_textfile(str(metrics_file), registry_for(report, now=now, last_success=carried))
+    if pushgateway:
+        pushadd_to_gateway(
+            pushgateway,
+            job=JOB,
+            registry=registry_for(report, now=now, last_success=None),
+            timeout=10,
+        )

@@ -1,0 +1,110 @@
+"""Metrics: the textfile (atomic, last success carried over) and push-add to a gateway."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Ran
+
+
+def samples(text: str) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items()))
+            found[key] = s.value
+    return found
+
+
+def test_metrics_file_after_a_tick_and_after_a_run_that_could_not_tick(
+    flagsched: Callable[..., Ran], add_flag: Any, add_schedule: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "flagsched.prom"
+    add_flag("a")
+    add_schedule("ghost", {"enabled": True}, at="now() - interval '20 minutes'")
+    add_schedule("a", {"rollout_percentage": 5}, at="now() - interval '10 minutes'")
+    add_schedule("a", {"enabled": True})  # left for the next tick: the backlog
+    ran = flagsched("process", "--batch-size", "2", "--metrics-file", str(path))
+    assert ran.code == 1, ran.stderr
+    first = samples(path.read_text())
+    assert first["flagsched_tick_schedules{outcome=applied}"] == 1
+    assert first["flagsched_tick_schedules{outcome=failed}"] == 1
+    assert first["flagsched_tick_schedules{outcome=retry}"] == 0
+    assert first["flagsched_tick_schedules{outcome=held_back}"] == 0
+    assert first["flagsched_due_backlog"] == 1
+    assert 50 <= first["flagsched_oldest_due_age_seconds"] <= 120
+    assert first["flagsched_tick_duration_seconds"] > 0
+    success = first["flagsched_last_success_timestamp_seconds"]
+    assert success == first["flagsched_last_run_timestamp_seconds"]
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+    down = flagsched("process", "--metrics-file", str(path), url="postgresql://u:pw@127.0.0.1:1/x")
+    assert down.code == 3
+    second = samples(path.read_text())
+    assert second["flagsched_last_success_timestamp_seconds"] == success  # carried over
+    assert second["flagsched_last_run_timestamp_seconds"] > success
+    assert "flagsched_tick_duration_seconds" not in second
+
+
+def test_an_unwritable_metrics_file_is_a_warning_not_a_failure(
+    flagsched: Callable[..., Ran], tmp_path: Path
+) -> None:
+    ran = flagsched("process", "--metrics-file", str(tmp_path / "missing-dir" / "x.prom"))
+    assert ran.code == 0
+    assert "metrics_publish_failed" in ran.stderr
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    received: list[tuple[str, str, str]] = []
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        self.received.append((self.command, self.path, body))
+        self.send_response(200)
+        self.end_headers()
+
+    do_POST = do_PUT = _handle
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
+    _Gateway.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", _Gateway.received
+    server.shutdown()
+
+
+def test_pushgateway_gets_push_add(
+    flagsched: Callable[..., Ran],
+    add_flag: Any,
+    add_schedule: Any,
+    gateway: tuple[str, list[tuple[str, str, str]]],
+) -> None:
+    url, received = gateway
+    add_flag("a")
+    add_schedule("a", {"enabled": True})
+    assert flagsched("process", "--pushgateway", url).code == 0
+    method, path, body = received[0]
+    assert (method, path) == ("POST", "/metrics/job/flagsched")  # push-add, not replace
+    pushed = samples(body)
+    assert pushed["flagsched_tick_schedules{outcome=applied}"] == 1
+    assert "flagsched_last_success_timestamp_seconds" in pushed
+
+    assert flagsched("process", "--pushgateway", url, url="postgresql://u@127.0.0.1:1/x").code == 3
+    method, _, body = received[1]
+    assert method == "POST"
+    pushed = samples(body)
+    assert "flagsched_last_run_timestamp_seconds" in pushed
+    assert "flagsched_last_success_timestamp_seconds" not in pushed  # the gateway keeps its own
