@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,7 +62,7 @@ def test_an_unwritable_metrics_file_is_a_warning_not_a_failure(
 
 
 class _Gateway(BaseHTTPRequestHandler):
-    received: list[tuple[str, str, str]] = []
+    received: ClassVar[list[tuple[str, str, str]]] = []
 
     def _handle(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
