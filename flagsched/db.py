@@ -150,6 +150,8 @@ def make_engine(
         # A crashed or stuck tick must never keep its claimed rows locked for long.
         "-c idle_in_transaction_session_timeout=60000",
         "-c timezone=UTC",
+        # JIT compiles the claim (its cost estimate is high) for ~30 ms each time: never worth it.
+        "-c jit=off",
     ]
     return sa.create_engine(
         sqlalchemy_url(raw_url),

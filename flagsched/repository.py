@@ -37,6 +37,9 @@ def db_now(conn: Connection) -> datetime:
     return value
 
 
+# The LATERAL ... LIMIT 1 subqueries are deliberate: they keep each check a per-row index
+# probe (idx_schedules_flag_open, the flags' key index) whatever the planner guesses about
+# the batch size, instead of a hash over every flag or every waiting retry.
 # Retries first (by next_retry_at), then new schedules (by scheduled_at, id), together at
 # most :limit rows, skipping rows other ticks hold. A pending schedule behind a retry that is
 # not due yet is not claimed at all, so held-back rows never crowd a batch. `blocked` tells
@@ -56,30 +59,38 @@ _CLAIM = sa.text(
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     ), pending AS (
-        SELECT {_COLUMNS} FROM feature_flag_schedules s
-        WHERE s.status = 'pending' AND s.scheduled_at <= :now
-          AND NOT EXISTS (
-              SELECT 1 FROM feature_flag_schedules e
-              WHERE e.flag_key = s.flag_key
-                AND e.status = 'failed' AND e.next_retry_at > :now
-                AND e.retry_count <= e.max_retries
-                AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id))
+        SELECT {", ".join("s." + c for c in _COLUMNS.split(", "))}
+        FROM feature_flag_schedules s
+        LEFT JOIN LATERAL (
+            SELECT 1 AS hit FROM feature_flag_schedules e
+            WHERE e.flag_key = s.flag_key
+              AND e.status IN ('pending', 'failed')
+              AND e.status = 'failed' AND e.next_retry_at > :now
+              AND e.retry_count <= e.max_retries
+              AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
+            LIMIT 1
+        ) waiting ON true
+        WHERE s.status = 'pending' AND s.scheduled_at <= :now AND waiting.hit IS NULL
         ORDER BY s.scheduled_at, s.id
         LIMIT :limit - (SELECT count(*) FROM retries)
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF s SKIP LOCKED
     ), claimed AS (
         SELECT * FROM retries UNION ALL SELECT * FROM pending
     )
-    SELECT c.*,
-           EXISTS (SELECT 1 FROM feature_flags f WHERE f.key = c.flag_key) AS flag_exists,
-           EXISTS (
-               SELECT 1 FROM feature_flag_schedules e
-               WHERE e.flag_key = c.flag_key
-                 AND e.status IN ('pending', 'failed') AND {_OPEN}
-                 AND (e.scheduled_at, e.id) < (c.scheduled_at, c.id)
-                 AND e.id NOT IN (SELECT id FROM claimed)
-           ) AS blocked
+    SELECT c.*, f.hit IS NOT NULL AS flag_exists, b.blocked
     FROM claimed c
+    LEFT JOIN LATERAL (
+        SELECT 1 AS hit FROM feature_flags f WHERE f.key = c.flag_key LIMIT 1
+    ) f ON true
+    CROSS JOIN LATERAL (
+        SELECT EXISTS (
+            SELECT 1 FROM feature_flag_schedules e
+            WHERE e.flag_key = c.flag_key
+              AND e.status IN ('pending', 'failed') AND {_OPEN}
+              AND (e.scheduled_at, e.id) < (c.scheduled_at, c.id)
+              AND e.id NOT IN (SELECT id FROM claimed)
+        ) AS blocked
+    ) b
     ORDER BY c.flag_key, c.scheduled_at, c.id
     """
 )
