@@ -1,0 +1,252 @@
+"""The roles of docs/deploy.md: each command works with exactly the grants documented for it,
+and the roles cannot do more. The SQL is read out of docs/deploy.md, so the two never drift."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from flagsched.db import make_engine
+from scripts import pgserver
+from tests.conftest import Ran
+
+Sql = Callable[..., list[Any]]
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
+PASSWORD = "s3cret-pw"  # the test server trusts 127.0.0.1; the URL carries one anyway
+DENIED = "42501"  # insufficient_privilege
+
+
+def docs_sql(name: str) -> str:
+    """The ```sql block right after `<!-- sql:NAME -->` in docs/deploy.md."""
+    match = re.search(
+        rf"<!-- sql:{re.escape(name)} -->\s*```sql\n(.*?)```", DOCS.read_text(), re.DOTALL
+    )
+    assert match, f"docs/deploy.md has no sql:{name} block"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def roles(pg: pgserver.Postgresql) -> None:
+    """The documented roles, created once on the test server (roles are cluster-wide)."""
+    admin = make_engine(pg.url(database="postgres")).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(docs_sql("roles")))
+        # The docs name no reader login; a test needs one.
+        conn.execute(sa.text("CREATE ROLE test_reader LOGIN IN ROLE flagsched_reader"))
+        for login in ("flagsched_worker", "flagsched_oncall", "test_reader"):
+            conn.execute(sa.text(f"ALTER ROLE {login} PASSWORD '{PASSWORD}'"))
+    admin.dispose()
+
+
+def url_for(database_url: str, login: str) -> str:
+    url = sa.make_url(database_url).set(username=login, password=PASSWORD)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def grant(roles: None, sql: Sql) -> Callable[[str], None]:
+    """grant("process") runs that documented block in this test's database."""
+
+    def run(block: str) -> None:
+        text = docs_sql(f"grants-{block}")
+        # Each block grants to its own role only, and never everything.
+        assert set(re.findall(r"\bTO (\w+)", text)) == {f"flagsched_{block}"}
+        assert "ALL" not in text.upper().split()
+        sql(text)
+
+    return run
+
+
+@pytest.fixture
+def as_login(database_url: str) -> Iterator[Callable[[str], Callable[[str], str | None]]]:
+    """as_login("flagsched_worker")(statement): None when it ran, else the SQLSTATE."""
+    engines: list[sa.Engine] = []
+
+    def login(name: str) -> Callable[[str], str | None]:
+        engine = make_engine(url_for(database_url, name), lock_timeout=1)
+        engines.append(engine)
+
+        def attempt(statement: str) -> str | None:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(statement))
+            except sa.exc.DBAPIError as exc:
+                return str(getattr(exc.orig, "sqlstate", None))
+            return None
+
+        return attempt
+
+    yield login
+    for engine in engines:
+        engine.dispose()
+
+
+def state(sql: Sql, schedule_id: int) -> tuple[str, int, bool]:
+    rows = sql(
+        "SELECT status, retry_count, next_retry_at IS NOT NULL FROM feature_flag_schedules "
+        "WHERE id = :i",
+        i=schedule_id,
+    )
+    return (rows[0][0], rows[0][1], rows[0][2])
+
+
+def test_process_applies_due_schedules_with_only_its_grants(
+    flagsched: Callable[..., Ran],
+    database_url: str,
+    grant: Callable[[str], None],
+    sql: Sql,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+) -> None:
+    grant("process")
+    add_flag("checkout")
+    add_flag("ramp")
+    add_flag("broken")
+    enable = add_schedule("checkout", {"enabled": True})
+    ramp = [
+        add_schedule("ramp", {"rollout_percentage": 10}, at="now() - interval '3 minutes'"),
+        add_schedule("ramp", {"rollout_percentage": 50}, at="now() - interval '2 minutes'"),
+    ]
+    ghost = add_schedule("ghost", {"enabled": True})  # no such flag: failed for good
+    broken = add_schedule("broken", {"enabled": True})  # an error: a retry
+    later = add_schedule("checkout", {"enabled": False}, at="now() + interval '1 hour'")
+    failing("broken")
+    # Test scaffolding, not a documented grant: the failure trigger runs as the tick's role.
+    sql("GRANT SELECT ON test_failing_flags TO flagsched_process")
+    worker = url_for(database_url, "flagsched_worker")
+
+    preview = flagsched("process", "--dry-run", url=worker)
+    assert preview.code == 0, preview.stderr
+    ran = flagsched("process", url=worker)
+
+    assert ran.code == 1, ran.stderr  # the ghost failed for good; nothing was refused
+    assert "permission denied" not in ran.stderr
+    assert PASSWORD not in ran.stderr + preview.stderr
+    for applied in (enable, *ramp):
+        assert state(sql, applied)[0] == "applied"
+    assert state(sql, ghost) == ("failed", 1, False)
+    assert state(sql, broken) == ("failed", 1, True)
+    assert state(sql, later) == ("pending", 0, False)
+    flags = sql("SELECT key, enabled, rollout_percentage FROM feature_flags ORDER BY key")
+    assert [tuple(row) for row in flags] == [
+        ("broken", False, 0),
+        ("checkout", True, 0),
+        ("ramp", False, 50),
+    ]
+    # The same login serves the health check.
+    health = flagsched("status", "--max-lag", "3600", url=worker)
+    assert health.code == 0, health.stderr
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TABLE feature_flag_schedules",
+        "DROP TABLE feature_flags",
+        "TRUNCATE feature_flag_schedules",
+        "DELETE FROM feature_flag_schedules",
+        "DELETE FROM feature_flags",
+        "INSERT INTO feature_flags (key) VALUES ('x')",
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+        "VALUES ('x', now(), '{}')",
+        "UPDATE feature_flag_schedules SET updates = '{}'",
+        "UPDATE feature_flag_schedules SET scheduled_at = now()",
+        "UPDATE feature_flags SET key = 'renamed'",
+        "UPDATE alembic_version SET version_num = '0001'",
+        "ALTER TABLE feature_flags ADD COLUMN x int",
+        "CREATE TABLE public.intruder (x int)",
+        "CREATE INDEX ON feature_flags (enabled)",
+    ],
+)
+def test_process_role_can_do_nothing_else(
+    grant: Callable[[str], None], as_login: Any, add_flag: Any, statement: str
+) -> None:
+    grant("process")
+    add_flag("a")
+    assert as_login("flagsched_worker")(statement) == DENIED
+
+
+def test_reader_runs_status_and_list_failed_but_changes_nothing(
+    flagsched: Callable[..., Ran],
+    database_url: str,
+    grant: Callable[[str], None],
+    as_login: Any,
+    sql: Sql,
+    add_flag: Any,
+    add_schedule: Any,
+) -> None:
+    grant("reader")
+    add_flag("a")
+    due = add_schedule("a", {"enabled": True})
+    failed = add_schedule("a", {"enabled": False}, status="failed", retry_count=4)
+    reader = url_for(database_url, "test_reader")
+
+    status = flagsched("status", "--format", "json", url=reader)
+    assert status.code == 0, status.stderr
+    assert json.loads(status.stdout)["due"] == 1
+    listed = flagsched("list-failed", "--format", "json", url=reader)
+    assert listed.code == 0, listed.stderr
+    assert [row["id"] for row in json.loads(listed.stdout)] == [failed]
+
+    tick = flagsched("process", url=reader)
+    assert tick.code == 3  # could not run: the claim needs UPDATE
+    assert "permission denied" in tick.stderr
+    assert state(sql, due)[0] == "pending"
+    attempt = as_login("test_reader")
+    assert attempt("UPDATE feature_flag_schedules SET status = 'cancelled'") == DENIED
+    assert attempt("SELECT count(*) FROM feature_flags") == DENIED
+
+
+def test_operator_runs_operator_commands_but_never_touches_flags(
+    flagsched: Callable[..., Ran],
+    database_url: str,
+    grant: Callable[[str], None],
+    as_login: Any,
+    sql: Sql,
+    add_flag: Any,
+    add_schedule: Any,
+) -> None:
+    grant("operator")
+    add_flag("a")
+    failed = add_schedule("a", {"enabled": True}, status="failed", retry_count=4)
+    doomed = add_schedule("other", {"enabled": True})
+    old = add_schedule("a", {"rollout_percentage": 5}, at="now() - interval '9 days'")
+    sql(
+        "UPDATE feature_flag_schedules SET status = 'applied', "
+        "applied_at = now() - interval '8 days' WHERE id = :i",
+        i=old,
+    )
+    oncall = url_for(database_url, "flagsched_oncall")
+
+    added = flagsched("schedule", "a", "--at", "now", "--rollout", "20", url=oncall)
+    assert added.code == 0, added.stderr
+    new_id = int(added.stdout.strip())
+    assert state(sql, new_id) == ("pending", 0, False)
+    retried = flagsched("retry", str(failed), url=oncall)
+    assert retried.code == 0, retried.stdout + retried.stderr
+    assert state(sql, failed) == ("pending", 0, False)
+    cancelled = flagsched("cancel", str(doomed), url=oncall)
+    assert cancelled.code == 0, cancelled.stdout + cancelled.stderr
+    assert state(sql, doomed)[0] == "cancelled"
+    pruned = flagsched("prune", "--older-than", "7", url=oncall)
+    assert pruned.code == 0, pruned.stderr
+    assert sql("SELECT count(*) FROM feature_flag_schedules WHERE id = :i", i=old)[0][0] == 0
+    for command in (("status",), ("list-failed",)):
+        assert flagsched(*command, url=oncall).code == 0
+
+    attempt = as_login("flagsched_oncall")
+    for statement in (
+        "UPDATE feature_flags SET enabled = true",
+        "INSERT INTO feature_flags (key) VALUES ('x')",
+        "DELETE FROM feature_flags",
+        "UPDATE feature_flag_schedules SET updates = '{}'",
+        "DROP TABLE feature_flag_schedules",
+    ):
+        assert attempt(statement) == DENIED, statement
