@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -40,42 +41,40 @@ def test_cancel_is_refused_while_a_tick_holds_the_schedule(
     assert sql("SELECT status FROM feature_flag_schedules")[0][0] == "pending"
 
 
-def test_cancel_waits_for_the_tick_and_sees_its_outcome(
-    engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
-) -> None:
-    add_flag("a")
-    sid = add_schedule("a", {"enabled": True})
-    conn, tx = hold(engine, sid)
-    results: list[Any] = []
-    worker = threading.Thread(target=lambda: results.extend(operators.cancel(engine, [sid])))
-    worker.start()
-    time.sleep(0.3)
-    conn.execute(
-        sa.text("UPDATE feature_flag_schedules SET status = 'applied' WHERE id = :i"), {"i": sid}
-    )
-    tx.commit()
-    conn.close()
-    worker.join()
-    assert not results[0].ok and "already applied" in results[0].message
-    assert sql("SELECT status FROM feature_flag_schedules")[0][0] == "applied"
-
-
-def test_retry_waits_for_the_tick_and_sees_its_outcome(
-    engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
+@pytest.mark.parametrize(
+    ("command", "status", "refusal"),
+    [
+        (operators.cancel, "pending", "already applied"),
+        (operators.retry, "failed", "applied, not failed"),
+    ],
+)
+def test_a_command_waits_for_the_tick_and_sees_its_outcome(
+    engine: Engine,
+    add_flag: Any,
+    add_schedule: Any,
+    sql: Sql,
+    command: Callable[[Engine, list[int]], list[Any]],
+    status: str,
+    refusal: str,
 ) -> None:
     add_flag("a")
     sid = add_schedule(
-        "a", {"enabled": True}, status="failed", retry_count=1, next_retry_at="now()"
+        "a",
+        {"enabled": True},
+        status=status,
+        retry_count=1,
+        next_retry_at="now()" if status == "failed" else None,
     )
     conn, tx = hold(engine, sid)
     results: list[Any] = []
-    worker = threading.Thread(target=lambda: results.extend(operators.retry(engine, [sid])))
+    worker = threading.Thread(target=lambda: results.extend(command(engine, [sid])))
     worker.start()
-    time.sleep(0.3)
+    time.sleep(0.3)  # the command is now waiting for the tick's row lock
     conn.execute(
         sa.text("UPDATE feature_flag_schedules SET status = 'applied' WHERE id = :i"), {"i": sid}
     )
     tx.commit()
     conn.close()
     worker.join()
-    assert not results[0].ok and "applied, not failed" in results[0].message
+    assert not results[0].ok and refusal in results[0].message
+    assert sql("SELECT status FROM feature_flag_schedules")[0][0] == "applied"
