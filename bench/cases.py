@@ -1,0 +1,708 @@
+"""The six benchmark cases of `make bench`. Each returns its figures and a few lines of detail."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench.cluster import (
+    DRAIN_TEMPLATE,
+    TEMPLATE,
+    Cluster,
+    Process,
+    Ran,
+    environment,
+    flagsched_command,
+    reference_command,
+    run,
+    run_measuring_memory,
+)
+
+DRAIN_FLAGS, DRAIN_SCHEDULES = 10_000, 30_000
+DRAIN_ARGS = ("--batch-size", "100", "--max-batches", "1000")
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One measured figure; one with a target passes or fails."""
+
+    name: str
+    value: str
+    target: str = ""
+    passed: bool | None = None
+
+
+@dataclass(slots=True)
+class Case:
+    title: str
+    figures: list[Figure] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Bench:
+    """What every case shares: the server, a scratch folder, repetitions, earlier results."""
+
+    cluster: Cluster
+    workdir: Path
+    quick: bool = False
+    drain_rate: float | None = None  # flagsched's rows/s in case 1, the yardstick of case 4
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def runs(self, full: int) -> int:
+        return max(1, full // 3) if self.quick else full
+
+    @contextmanager
+    def database(self, template: str = TEMPLATE) -> Iterator[str]:
+        """A fresh database cloned from `template`, dropped afterwards."""
+        name = self.cluster.clone(template)
+        try:
+            yield name
+        finally:
+            self.cluster.drop(name)
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _ratio_figure(
+    name: str, value: float, limit: float, *, at_most: bool = True, shown: str = ""
+) -> Figure:
+    passed = value <= limit if at_most else value >= limit
+    return Figure(
+        name, f"{value:.2f}x", f"{'<=' if at_most else '>='} {shown or f'{limit:g}'}x", passed
+    )
+
+
+def _json_events(ran: Ran, event: str) -> list[dict[str, Any]]:
+    found = []
+    for line in ran.log_lines():
+        if f'"{event}"' in line:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+    return found
+
+
+def _in_process_seconds(ran: Ran) -> float | None:
+    """The work the process itself timed (flagsched's tick_finished, the reference's line)."""
+    for event in ("tick_finished", "reference_finished"):
+        records = _json_events(ran, event)
+        if records:
+            return float(records[-1]["duration_seconds"])
+    return None
+
+
+def prepare_drain_template(b: Bench) -> None:
+    """The 30,000 schedules over 10,000 flags every drain starts from, settled and analysed."""
+    b.cluster.admin(f"CREATE DATABASE {DRAIN_TEMPLATE} TEMPLATE {TEMPLATE}")
+    b.cluster.seed(DRAIN_TEMPLATE, flags=DRAIN_FLAGS, schedules=DRAIN_SCHEDULES)
+    b.cluster.vacuum(DRAIN_TEMPLATE)
+
+
+def _drain_once(b: Bench, kind: str, label: str, setup: str = "") -> tuple[Ran, str]:
+    """Run one drain of a fresh copy of the backlog; returns the process and its database."""
+    db = b.cluster.clone(DRAIN_TEMPLATE)
+    if setup:
+        b.cluster.sql(db, setup)
+    b.cluster.quiesce()
+    url = b.cluster.url_for(db)
+    if kind == "reference":
+        argv = reference_command(url, *DRAIN_ARGS)
+    else:
+        argv = flagsched_command("process", *DRAIN_ARGS)
+    return run(argv, environment(url), b.log(label)), db
+
+
+# -- 1. Drain throughput --------------------------------------------------------------------
+
+
+def drain_throughput(b: Bench) -> Case:
+    case = Case("1. Drain throughput")
+    runs = b.runs(5)
+    times: dict[str, list[float]] = {"reference": [], "flagsched": []}
+    inside: dict[str, list[float]] = {"reference": [], "flagsched": []}
+    cpu: dict[str, list[float]] = {"reference": [], "flagsched": []}
+    problems: list[str] = []
+    for i in range(runs):
+        # ABBA order, so drift of the machine does not favour either side.
+        order = ["reference", "flagsched"] if i % 2 == 0 else ["flagsched", "reference"]
+        for kind in order:
+            ran, db = _drain_once(b, kind, f"drain-{kind}-{i}")
+            statuses = b.cluster.statuses(db)
+            wrong = b.cluster.final_state_errors(db)
+            b.cluster.drop(db)
+            if ran.code != 0 or statuses != {"applied": DRAIN_SCHEDULES} or wrong:
+                problems.append(f"{kind} run {i}: exit {ran.code}, {statuses}, {wrong} wrong flags")
+            times[kind].append(ran.seconds)
+            inside[kind].append(_in_process_seconds(ran) or float("nan"))
+            cpu[kind].append(ran.cpu_seconds)
+            progress(f"drain {kind} run {i + 1}/{runs}: {ran.seconds:.2f} s")
+    ref, fs = _median(times["reference"]), _median(times["flagsched"])
+    b.drain_rate = DRAIN_SCHEDULES / fs
+    case.figures += [
+        Figure("reference drain, median", f"{ref:.2f} s ({DRAIN_SCHEDULES / ref:,.0f} rows/s)"),
+        Figure("flagsched drain, median", f"{fs:.2f} s ({DRAIN_SCHEDULES / fs:,.0f} rows/s)"),
+        _ratio_figure("flagsched time / reference time", fs / ref, 1.5),
+        Figure(
+            "every schedule applied once, flags in their final state",
+            "yes" if not problems else "NO",
+            "yes",
+            not problems,
+        ),
+    ]
+    case.details += [
+        f"{DRAIN_SCHEDULES:,} due schedules over {DRAIN_FLAGS:,} flags, `flagsched process "
+        f"{' '.join(DRAIN_ARGS)}` and `python -m bench.reference URL {' '.join(DRAIN_ARGS)}`, "
+        f"each a whole process on a fresh copy of the backlog, {runs} runs each in ABBA order; "
+        "flagsched logs one JSON line per schedule to a file. *In-process* is the time the "
+        "process itself reports (flagsched's `tick_finished`), the rest is interpreter start, "
+        "imports, connecting and exit. *CPU* is the CPU time of the process itself (user + "
+        "system), PostgreSQL's work not included.",
+        "",
+        "| run | reference s | in-process s | CPU s | flagsched s | in-process s | CPU s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i in range(runs):
+        case.details.append(
+            f"| {i + 1} | {times['reference'][i]:.2f} | {inside['reference'][i]:.2f} "
+            f"| {cpu['reference'][i]:.2f} | {times['flagsched'][i]:.2f} "
+            f"| {inside['flagsched'][i]:.2f} | {cpu['flagsched'][i]:.2f} |"
+        )
+    case.details.append(
+        f"| median | {ref:.2f} | {_median(inside['reference']):.2f} "
+        f"| {_median(cpu['reference']):.2f} | {fs:.2f} | {_median(inside['flagsched']):.2f} "
+        f"| {_median(cpu['flagsched']):.2f} |"
+    )
+    case.details += [""] + [f"- problem: {p}" for p in problems]
+    return case
+
+
+# -- 2. Claim independent of history --------------------------------------------------------
+
+
+def claim_vs_history(b: Bench) -> Case:
+    from flagsched import repository
+    from flagsched.db import make_engine
+    from flagsched.model import Outcome, Result
+
+    case = Case("2. Claim independent of history")
+    batches, limit, rounds = 40, 50, 3
+    levels = [0, 100_000, 1_000_000] if not b.quick else [0, 100_000, 300_000]
+    databases: dict[int, str] = {}
+    for history in levels:
+        db = b.cluster.clone(TEMPLATE)
+        b.cluster.seed(db, flags=DRAIN_FLAGS, history=history, schedules=rounds * batches * limit)
+        b.cluster.vacuum(db)
+        databases[history] = db
+        progress(f"claim: seeded {history:,} applied rows")
+    b.cluster.quiesce()
+    engines = {h: make_engine(b.cluster.url_for(db)) for h, db in databases.items()}
+    timings: dict[int, list[float]] = {h: [] for h in levels}
+    with _connections(engines) as conns:
+        plans = _claim_plans(conns[levels[-1]], limit)
+        for conn in conns.values():  # warm caches and psycopg's prepared statements
+            for _ in range(6):
+                with conn.begin() as tx:
+                    repository.claim(conn, now=repository.db_now(conn), limit=limit)
+                    tx.rollback()
+        for i in range(rounds * batches):
+            # Rotate which database goes first, so noise spreads over all of them.
+            for history in levels[i % len(levels) :] + levels[: i % len(levels)]:
+                conn = conns[history]
+                with conn.begin():
+                    now = repository.db_now(conn)
+                    started = time.perf_counter()
+                    claimed = repository.claim(conn, now=now, limit=limit)
+                    timings[history].append(time.perf_counter() - started)
+                    repository.record(conn, [Result(c, Outcome.APPLIED) for c in claimed], now=now)
+                if len(claimed) != limit:
+                    raise RuntimeError(f"claim at {history} rows returned {len(claimed)} rows")
+    for engine in engines.values():
+        engine.dispose()
+    for db in databases.values():
+        b.cluster.drop(db)
+    means = {h: statistics.fmean(t) * 1000 for h, t in timings.items()}
+    medians = {h: statistics.median(t) * 1000 for h, t in timings.items()}
+    for history in levels:
+        case.figures.append(
+            Figure(
+                f"claim of {limit} beside {history:,} applied rows",
+                f"mean {means[history]:.2f} ms (median {medians[history]:.2f} ms)",
+            )
+        )
+    case.figures.append(
+        _ratio_figure(
+            f"mean claim at {levels[-1]:,} / at 0 applied rows", means[levels[-1]] / means[0], 1.2
+        )
+    )
+    case.details += [
+        f"`flagsched.repository.claim` called in-process, {batches} batches of {limit} per "
+        f"database, {rounds} times over (so {rounds * batches} claims per database), each claim "
+        "in its own transaction that records its batch applied (so the backlog of "
+        f"{rounds * batches * limit:,} due schedules moves on), over {DRAIN_FLAGS:,} flags; the "
+        "three databases take turns claim by claim. Only the claim statement is timed, after "
+        "six rolled-back warm-up claims per database.",
+        "",
+        "| applied rows | mean ms | median ms | min ms | max ms |",
+        "|---|---|---|---|---|",
+    ]
+    for history in levels:
+        t = [x * 1000 for x in timings[history]]
+        case.details.append(
+            f"| {history:,} | {means[history]:.2f} | {medians[history]:.2f} "
+            f"| {min(t):.2f} | {max(t):.2f} |"
+        )
+    case.details += [
+        "",
+        f"`EXPLAIN (ANALYZE, BUFFERS)` of the claim (`repository._CLAIM`, limit {limit}) beside "
+        f"{levels[-1]:,} applied rows, before the timed claims (each rolled back). First as "
+        "a tick's first batch runs it (parameters bound, a custom plan):",
+        "",
+        "```",
+        plans[0],
+        "```",
+        "",
+        "Then the generic plan: psycopg prepares a statement on its fifth execution and "
+        "PostgreSQL may then keep one plan for any parameters, so this is what the claim runs "
+        "as in a drain of many batches (`PREPARE` + `plan_cache_mode = force_generic_plan`):",
+        "",
+        "```",
+        plans[1],
+        "```",
+    ]
+    return case
+
+
+def _claim_plans(conn: sa.engine.Connection, limit: int) -> tuple[str, str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the claim with a custom and with the generic plan."""
+    from flagsched import repository
+
+    statement = repository._CLAIM.text
+    with conn.begin() as tx:
+        now = repository.db_now(conn)
+        rows = conn.execute(
+            sa.text("EXPLAIN (ANALYZE, BUFFERS) " + statement), {"now": now, "limit": limit}
+        )
+        custom = "\n".join(str(r[0]) for r in rows)
+        tx.rollback()
+    positional = re.sub(r"(?<!:):limit\b", "$2", re.sub(r"(?<!:):now\b", "$1", statement))
+    with conn.begin() as tx:
+        conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(f"PREPARE bench_claim (timestamptz, bigint) AS {positional}")
+        rows = conn.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_claim ('{now.isoformat()}', {limit})"
+        )
+        generic = "\n".join(str(r[0]) for r in rows)
+        tx.rollback()
+    with conn.begin():  # a prepared statement outlives the transaction that made it
+        conn.exec_driver_sql("DEALLOCATE bench_claim")
+    return custom, generic
+
+
+@contextmanager
+def _connections(
+    engines: dict[int, sa.engine.Engine],
+) -> Iterator[dict[int, sa.engine.Connection]]:
+    """One open connection per engine, all closed at the end."""
+    conns = {h: engine.connect() for h, engine in engines.items()}
+    try:
+        yield conns
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
+# -- 3. Cold start --------------------------------------------------------------------------
+
+_BARE = (
+    "import os, psycopg\n"
+    "with psycopg.connect(os.environ['FLAGSCHED_DATABASE_URL']) as conn:\n"
+    "    conn.execute('SELECT 1').fetchone()\n"
+)
+# Never needed by a tick: the migration machinery and its template engine.
+FORBIDDEN_IMPORTS = ("alembic", "mako")
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    module: str
+    self_us: int
+    cumulative_us: int
+    depth: int
+
+
+def parse_importtime(lines: list[str]) -> list[Imported]:
+    """`PYTHONPROFILEIMPORTTIME` lines: `import time: self | cumulative | <indent>module`."""
+    found = []
+    for line in lines:
+        if not line.startswith("import time:"):
+            continue
+        parts = line[len("import time:") :].split("|", 2)
+        if len(parts) != 3 or not parts[0].strip().isdigit():
+            continue  # the header line
+        name = parts[2][1:]  # one space follows the bar; two more per level of nesting
+        depth = (len(name) - len(name.lstrip(" "))) // 2
+        found.append(Imported(name.strip(), int(parts[0]), int(parts[1]), depth))
+    return found
+
+
+def cold_start(b: Bench) -> Case:
+    case = Case("3. Cold start")
+    runs = b.runs(9)
+    with b.database() as db:
+        url = b.cluster.url_for(db)
+        commands = {
+            "bare": [sys.executable, "-c", _BARE],
+            "flagsched": flagsched_command("process"),
+        }
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        cpu: dict[str, list[float]] = {k: [] for k in commands}
+        for kind, argv in commands.items():  # warm the page cache once
+            run(argv, environment(url), b.log(f"cold-warm-{kind}"))
+        for i in range(runs):
+            for kind in commands if i % 2 == 0 else reversed(list(commands)):
+                ran = run(commands[kind], environment(url), b.log(f"cold-{kind}-{i}"))
+                if ran.code != 0:
+                    raise RuntimeError(f"{kind} exited {ran.code}: {ran.log_lines()[-3:]}")
+                times[kind].append(ran.seconds)
+                cpu[kind].append(ran.cpu_seconds)
+        rss = {
+            kind: run_measuring_memory(argv, environment(url), b.log(f"cold-rss-{kind}")).max_rss_mb
+            for kind, argv in commands.items()
+        }
+        profiled = {
+            kind: parse_importtime(
+                run(
+                    argv,
+                    environment(url, PYTHONPROFILEIMPORTTIME="1"),
+                    b.log(f"cold-importtime-{kind}"),
+                ).log_lines()
+            )
+            for kind, argv in commands.items()
+        }
+    bare, fs = _median(times["bare"]), _median(times["flagsched"])
+    modules = {m.module for m in profiled["flagsched"]}
+    tops = {m.split(".")[0] for m in modules}
+    bad = sorted(t for t in tops if t in FORBIDDEN_IMPORTS)
+    total_ms = {
+        kind: sum(m.cumulative_us for m in found if m.depth == 0) / 1000
+        for kind, found in profiled.items()
+    }
+    case.figures += [
+        Figure("bare python + psycopg connect + SELECT 1, median", f"{bare * 1000:.0f} ms"),
+        Figure("`flagsched process`, nothing due, median", f"{fs * 1000:.0f} ms"),
+        _ratio_figure("flagsched / bare", fs / bare, 3.0),
+        Figure(
+            f"imports {', '.join(FORBIDDEN_IMPORTS)} during a tick",
+            ", ".join(bad) if bad else "none",
+            "none",
+            not bad,
+        ),
+    ]
+    heaviest = _heaviest_imports(profiled["flagsched"])
+    # Optional imports that failed (structlog probes for rich, colorama, ...) are listed by
+    # PYTHONPROFILEIMPORTTIME too; keep what is installed.
+    third_party = sorted(
+        t
+        for t in tops
+        if t not in sys.stdlib_module_names
+        and not t.startswith("_")
+        and importlib.util.find_spec(t) is not None
+    )
+    case.details += [
+        f"{runs} runs each, alternating, after one warm-up run each; the database is migrated "
+        "and empty. Import time from `PYTHONPROFILEIMPORTTIME=1` (one extra run, not timed): "
+        f"flagsched {total_ms['flagsched']:.0f} ms of imports, bare {total_ms['bare']:.0f} ms. "
+        f"Peak RSS: flagsched {rss['flagsched']:.0f} MB, bare {rss['bare']:.0f} MB. CPU time, "
+        f"median: flagsched {_median(cpu['flagsched']) * 1000:.0f} ms, bare "
+        f"{_median(cpu['bare']) * 1000:.0f} ms "
+        f"({_median(cpu['flagsched']) / _median(cpu['bare']):.2f}x).",
+        "",
+        f"Non-stdlib top-level packages a tick imports ({len(modules)} modules in all): "
+        + ", ".join(f"`{t}`" for t in third_party),
+        "",
+        "Heaviest imports of the tick (cumulative, as `PYTHONPROFILEIMPORTTIME` measures them; "
+        "what each imports first at 5 ms or more):",
+        "",
+        "| import | ms | of which |",
+        "|---|---|---|",
+        *heaviest,
+    ]
+    return case
+
+
+def _heaviest_imports(found: list[Imported], count: int = 6) -> list[str]:
+    """Table rows: the costliest top-level imports and their costliest direct imports."""
+    groups: list[tuple[Imported, list[Imported]]] = []
+    children: list[Imported] = []
+    for module in found:  # a module is listed after everything it imported
+        if module.depth == 1:
+            children.append(module)
+        elif module.depth == 0:
+            groups.append((module, children))
+            children = []
+    groups.sort(key=lambda g: g[0].cumulative_us, reverse=True)
+    rows = []
+    for top, kids in groups[:count]:
+        big = sorted((k for k in kids if k.cumulative_us >= 5000), key=lambda k: k.cumulative_us)[
+            ::-1
+        ]
+        rows.append(
+            f"| `{top.module}` | {top.cumulative_us / 1000:.0f} | "
+            + ", ".join(f"`{k.module}` {k.cumulative_us / 1000:.0f}" for k in big)
+            + " |"
+        )
+    return rows
+
+
+# -- 4. Failure path ------------------------------------------------------------------------
+
+# Transient failures from the database side: every flag whose number ends in 0 (10 %) refuses
+# to be updated, as a trigger raising an error would.
+FAILING_TRIGGER = """
+CREATE FUNCTION bench_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'bench: injected transient failure for %', NEW.key;
+END $$;
+CREATE TRIGGER bench_refuse BEFORE UPDATE ON feature_flags
+    FOR EACH ROW WHEN (right(NEW.key, 1) = '0') EXECUTE FUNCTION bench_refuse();
+"""
+
+
+def failure_path(b: Bench) -> Case:
+    case = Case("4. Failure path")
+    runs = b.runs(3)
+    failing_flags = DRAIN_FLAGS // 10
+    expected = {
+        "applied": DRAIN_SCHEDULES - DRAIN_SCHEDULES // 10,
+        "failed": failing_flags,  # the first of each failing flag, waiting for its retry
+        "pending": DRAIN_SCHEDULES // 10 - failing_flags,  # held back behind it
+    }
+    times: list[float] = []
+    cpus: list[float] = []
+    problems: list[str] = []
+    for i in range(runs):
+        ran, db = _drain_once(b, "flagsched", f"failure-{i}", FAILING_TRIGGER)
+        statuses = b.cluster.statuses(db)
+        waiting = b.cluster.value(
+            db,
+            "SELECT count(*) FROM feature_flag_schedules WHERE status = 'failed' "
+            "AND retry_count = 1 AND next_retry_at > now() AND last_error LIKE '%injected%'",
+        )
+        touched = b.cluster.value(
+            db, "SELECT count(*) FROM feature_flags WHERE right(key, 1) = '0' AND enabled"
+        )
+        b.cluster.drop(db)
+        if ran.code != 0 or statuses != expected or waiting != failing_flags or touched:
+            problems.append(
+                f"run {i}: exit {ran.code}, {statuses}, {waiting} waiting, {touched} touched"
+            )
+        times.append(ran.seconds)
+        cpus.append(ran.cpu_seconds)
+        progress(f"failure path run {i + 1}/{runs}: {ran.seconds:.2f} s")
+    seconds = _median(times)
+    handled = expected["applied"] + expected["failed"]
+    rate = handled / seconds
+    base = b.drain_rate or float("nan")
+    case.figures += [
+        Figure(
+            "drain with 10 % failing, median",
+            f"{seconds:.2f} s ({rate:,.0f} rows/s, {handled:,} schedules decided)",
+        ),
+        Figure("case 1 flagsched rate", f"{base:,.0f} rows/s"),
+        _ratio_figure(
+            "failure-path rate / case 1 rate", rate / base, 1 / 3, at_most=False, shown="1/3"
+        ),
+        Figure(
+            "failures isolated (only failing flags retried, the rest applied)",
+            "yes" if not problems else "NO",
+            "yes",
+            not problems,
+        ),
+    ]
+    case.details += [
+        f"The backlog of case 1 with a `BEFORE UPDATE` trigger on `feature_flags` raising for "
+        f"every flag whose number ends in 0 ({failing_flags:,} flags, "
+        f"{DRAIN_SCHEDULES // 10:,} schedules). Expected end state: {expected}: the first "
+        "schedule of each failing flag waits for its retry, the later ones are held back. "
+        "Rate = schedules decided (applied + retry) / wall time. "
+        "Runs: "
+        + ", ".join(f"{t:.2f} s (CPU {c:.2f} s)" for t, c in zip(times, cpus, strict=True))
+        + ".",
+        *[f"- problem: {p}" for p in problems],
+    ]
+    return case
+
+
+# -- 5. Overlap -----------------------------------------------------------------------------
+
+# Proof of exactly-once from inside the database: every write of status 'applied' to a
+# schedule, and every write to a flag in commit order (a flag row stays locked until commit).
+AUDIT_TRIGGERS = """
+CREATE TABLE bench_applications (schedule_id bigint NOT NULL);
+CREATE TABLE bench_flag_writes (
+    seq bigserial PRIMARY KEY, flag_key text NOT NULL, rollout integer NOT NULL);
+CREATE FUNCTION bench_audit_schedules() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_applications SELECT id FROM new_rows WHERE status = 'applied';
+    RETURN NULL;
+END $$;
+CREATE FUNCTION bench_audit_flags() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_flag_writes (flag_key, rollout)
+        SELECT key, rollout_percentage FROM new_rows ORDER BY key;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_audit_schedules AFTER UPDATE ON feature_flag_schedules
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION bench_audit_schedules();
+CREATE TRIGGER bench_audit_flags AFTER UPDATE ON feature_flags
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_audit_flags();
+"""
+
+
+def overlap(b: Bench) -> Case:
+    case = Case("5. Overlap")
+    case.details += [
+        f"N `flagsched process {' '.join(DRAIN_ARGS)}` started together on one copy of the "
+        f"case 1 backlog ({DRAIN_SCHEDULES:,} schedules), with statement-level audit triggers "
+        "recording every schedule written as applied and every flag write in commit order "
+        "(the rollout of a flag's n-th schedule is n, so an out-of-order write shows as a "
+        "rollout going down). Rows/s of a process = schedules it logged applied / its wall time.",
+        "",
+        "| processes | wall s | total rows/s | rows/s per process | applications | "
+        "duplicates | order violations | wrong final states | exit codes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    all_ok = True
+    for n in (1, 2, 4):
+        db = b.cluster.clone(DRAIN_TEMPLATE)
+        b.cluster.sql(db, AUDIT_TRIGGERS)
+        b.cluster.quiesce()
+        url = b.cluster.url_for(db)
+        procs = [
+            Process(
+                flagsched_command("process", *DRAIN_ARGS), environment(url), b.log(f"ov{n}-{k}")
+            )
+            for k in range(n)
+        ]
+        done = [p.wait() for p in procs]
+        wall = max(r.seconds for r in done)
+        applied_each = [len(_json_events(r, "schedule_applied")) for r in done]
+        logged_ids = [e["schedule_id"] for r in done for e in _json_events(r, "schedule_applied")]
+        applications, distinct = b.cluster.rows(
+            db, "SELECT count(*), count(DISTINCT schedule_id) FROM bench_applications"
+        )[0]
+        violations = b.cluster.value(
+            db,
+            """SELECT count(*) FROM (
+                   SELECT rollout, lag(rollout) OVER (PARTITION BY flag_key ORDER BY seq) AS prev
+                   FROM bench_flag_writes) AS w
+               WHERE prev >= rollout""",
+        )
+        wrong = b.cluster.final_state_errors(db)
+        statuses = b.cluster.statuses(db)
+        b.cluster.drop(db)
+        duplicates = applications - distinct + (len(logged_ids) - len(set(logged_ids)))
+        ok = (
+            duplicates == 0
+            and distinct == DRAIN_SCHEDULES
+            and statuses == {"applied": DRAIN_SCHEDULES}
+            and sum(applied_each) == DRAIN_SCHEDULES
+            and violations == 0
+            and wrong == 0
+            and all(r.code == 0 for r in done)
+        )
+        all_ok = all_ok and ok
+        each = ", ".join(f"{a / r.seconds:,.0f}" for a, r in zip(applied_each, done, strict=True))
+        case.details.append(
+            f"| {n} | {wall:.2f} | {DRAIN_SCHEDULES / wall:,.0f} | {each} | {applications:,} "
+            f"| {duplicates} | {violations} | {wrong} | {sorted({r.code for r in done})} |"
+        )
+        case.figures.append(
+            Figure(
+                f"{n} process{'es' if n > 1 else ''}: total rows/s (per process)",
+                f"{DRAIN_SCHEDULES / wall:,.0f} ({each})",
+            )
+        )
+        progress(f"overlap x{n}: {wall:.2f} s, {duplicates} duplicates")
+    case.figures.append(
+        Figure(
+            "no duplicate application, per-flag order kept, all applied",
+            "yes" if all_ok else "NO",
+            "yes",
+            all_ok,
+        )
+    )
+    return case
+
+
+# -- 6. Memory ------------------------------------------------------------------------------
+
+
+def memory(b: Bench) -> Case:
+    case = Case("6. Memory")
+    runs, batch = 3, 1000
+    peaks: list[float] = []
+    with b.database() as db:
+        b.cluster.seed(db, flags=DRAIN_FLAGS, schedules=runs * batch)
+        b.cluster.vacuum(db)
+        url = b.cluster.url_for(db)
+        for i in range(runs):
+            ran = run_measuring_memory(
+                flagsched_command("process", "--batch-size", str(batch)),
+                environment(url),
+                b.log(f"memory-{i}"),
+            )
+            applied = len(_json_events(ran, "schedule_applied"))
+            if ran.code != 0 or applied != batch:
+                raise RuntimeError(f"memory run {i}: exit {ran.code}, {applied} applied")
+            peaks.append(ran.max_rss_mb)
+    peak = max(peaks)
+    case.figures += [
+        Figure(
+            f"peak RSS of `flagsched process --batch-size {batch}`",
+            f"{peak:.1f} MB",
+            "< 100 MB",
+            peak < 100,
+        )
+    ]
+    case.details += [
+        f"{runs} runs, each applying {batch:,} due schedules in one batch; peak resident set "
+        "size of the process from `wait4` rusage, taken by a small launcher so that the bench's "
+        "own size does not leak into the figure (highest of the runs: "
+        f"{', '.join(f'{p:.1f}' for p in peaks)} MB)."
+    ]
+    return case
+
+
+CASES: list[Callable[[Bench], Case]] = [
+    drain_throughput,
+    claim_vs_history,
+    cold_start,
+    failure_path,
+    overlap,
+    memory,
+]
