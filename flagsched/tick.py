@@ -92,7 +92,11 @@ def run(
                 if not any(r.outcome is not Outcome.HELD_BACK for r in results):
                     break  # nothing due, or nothing that can move now
             if not stop.requested:
-                _measure_backlog(engine, conn, report)
+                try:
+                    _measure_backlog(engine, conn, report)
+                except DatabaseError:
+                    if not stop.requested:  # a signal may cancel it: the tick still ran
+                        raise
     report.duration_seconds = time.monotonic() - started
     report.interrupted_by = stop.signum
     log.info(
