@@ -68,12 +68,6 @@ feature_flag_schedules = sa.Table(
         "id",
         postgresql_where=sa.text("status = 'pending'"),
     ),
-    sa.Index(
-        "idx_schedules_retry_due",
-        "next_retry_at",
-        "id",
-        postgresql_where=sa.text("status = 'failed'"),
-    ),
     # Per-flag order: "is an earlier schedule of this flag still open?" stays an index
     # probe however much history the flag has.
     sa.Index(

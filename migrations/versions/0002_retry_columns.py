@@ -30,12 +30,6 @@ def upgrade() -> None:
         "CREATE INDEX idx_schedules_pending_due ON feature_flag_schedules (scheduled_at, id) "
         "WHERE status = 'pending'"
     )
-    # Claim of retries: only failed rows, in claim order (a generic plan of the claim would
-    # otherwise walk every open schedule).
-    op.execute(
-        "CREATE INDEX idx_schedules_retry_due ON feature_flag_schedules (next_retry_at, id) "
-        "WHERE status = 'failed'"
-    )
     # Per-flag order: finding an earlier open schedule of a flag is one index probe.
     op.execute(
         "CREATE INDEX idx_schedules_flag_open ON feature_flag_schedules "
@@ -45,7 +39,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP INDEX idx_schedules_flag_open")
-    op.execute("DROP INDEX idx_schedules_retry_due")
     op.execute("DROP INDEX idx_schedules_pending_due")
     op.execute("DROP INDEX idx_schedules_next_retry_at")
     op.execute(

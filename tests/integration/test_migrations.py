@@ -94,7 +94,6 @@ def test_upgrade_creates_exactly_the_spec_schema(empty_database_url: str) -> Non
     assert "idx_schedules_next_retry_at" in indexes
     assert {
         "idx_schedules_pending_due",
-        "idx_schedules_retry_due",
         "idx_schedules_flag_open",
     } <= indexes
     assert "max_retries >= 0" in checks["max_retries_check"]
