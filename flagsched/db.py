@@ -168,7 +168,8 @@ def make_engine(
 def translate_errors(engine: Engine) -> Iterator[None]:
     """Turn driver errors into the flagsched hierarchy, with no password in the message."""
     secrets = url_secrets(engine.url.render_as_string(hide_password=False))
-    where = engine.url.render_as_string(hide_password=True)
+    # redact_url also hides a ?password= query parameter, which SQLAlchemy's rendering shows.
+    where = redact_url(engine.url.render_as_string(hide_password=False))
     try:
         yield
     except sa.exc.DBAPIError as exc:

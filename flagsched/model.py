@@ -121,10 +121,6 @@ class Claimed:
     flag_exists: bool
     blocked: bool  # an earlier schedule of the flag, outside this claim, is still open
 
-    @property
-    def is_retry(self) -> bool:
-        return self.status == Status.FAILED
-
 
 class Outcome(StrEnum):
     APPLIED = "applied"
@@ -161,9 +157,3 @@ class TickReport:
 
     def count(self, outcome: Outcome) -> int:
         return self.counts.get(outcome.value, 0)
-
-    @property
-    def progressed(self) -> int:
-        return sum(
-            self.counts.get(o.value, 0) for o in (Outcome.APPLIED, Outcome.RETRY, Outcome.FAILED)
-        )

@@ -80,9 +80,3 @@ def start(fsync: bool = False, **settings: Any) -> Postgresql:
     if fsync:
         args = args.replace(" -F", "")
     return Postgresql(postgres_args=args, **settings)
-
-
-def sqlalchemy_free_url(server: Postgresql, database: str) -> str:
-    """postgresql://postgres@127.0.0.1:PORT/DATABASE for `database` on `server`."""
-    url: str = server.url(database=database)
-    return url

@@ -138,3 +138,9 @@ def test_usage_errors_are_exit_2(flagsched: Callable[..., Ran]) -> None:
 def test_help_needs_no_settings(flagsched: Callable[..., Ran]) -> None:
     ran = flagsched("process", "--help", url=None, env={"FLAGSCHED_BATCH_SIZE": "bad"})
     assert ran.code == 0 and "--batch-size" in ran.stdout
+
+
+def test_a_password_in_the_query_string_is_not_shown(flagsched: Callable[..., Ran]) -> None:
+    ran = flagsched("process", url="postgresql://127.0.0.1:1/app?user=bob&password=qs-secret")
+    assert ran.code == 3
+    assert "qs-secret" not in ran.stderr + ran.stdout
