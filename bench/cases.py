@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import statistics
 import sys
 import time
@@ -13,8 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import sqlalchemy as sa
 
 from bench.cluster import (
     DRAIN_TEMPLATE,
@@ -28,6 +25,7 @@ from bench.cluster import (
     run,
     run_measuring_memory,
 )
+from flagsched.db import Conn, Database
 
 DRAIN_FLAGS, DRAIN_SCHEDULES = 10_000, 30_000
 DRAIN_ARGS = ("--batch-size", "100", "--max-batches", "1000")
@@ -204,7 +202,7 @@ def drain_throughput(b: Bench) -> Case:
 
 def claim_vs_history(b: Bench) -> Case:
     from flagsched import repository
-    from flagsched.db import make_engine
+    from flagsched.db import Database, transaction
     from flagsched.model import Outcome, Result
 
     case = Case("2. Claim independent of history")
@@ -218,20 +216,19 @@ def claim_vs_history(b: Bench) -> Case:
         databases[history] = db
         progress(f"claim: seeded {history:,} applied rows")
     b.cluster.quiesce()
-    engines = {h: make_engine(b.cluster.url_for(db)) for h, db in databases.items()}
+    targets = {h: Database(b.cluster.url_for(db)) for h, db in databases.items()}
     timings: dict[int, list[float]] = {h: [] for h in levels}
-    with _connections(engines) as conns:
+    with _connections(targets) as conns:
         plans = _claim_plans(conns[levels[-1]], limit)
-        for conn in conns.values():  # warm caches and psycopg's prepared statements
+        for history, conn in conns.items():  # warm caches and psycopg's prepared statements
             for _ in range(6):
-                with conn.begin() as tx:
+                with transaction(targets[history], conn, rollback=True):
                     repository.claim(conn, now=repository.db_now(conn), limit=limit)
-                    tx.rollback()
         for i in range(rounds * batches):
             # Rotate which database goes first, so noise spreads over all of them.
             for history in levels[i % len(levels) :] + levels[: i % len(levels)]:
                 conn = conns[history]
-                with conn.begin():
+                with transaction(targets[history], conn):
                     now = repository.db_now(conn)
                     started = time.perf_counter()
                     claimed = repository.claim(conn, now=now, limit=limit)
@@ -239,8 +236,6 @@ def claim_vs_history(b: Bench) -> Case:
                     repository.record(conn, [Result(c, Outcome.APPLIED) for c in claimed], now=now)
                 if len(claimed) != limit:
                     raise RuntimeError(f"claim at {history} rows returned {len(claimed)} rows")
-    for engine in engines.values():
-        engine.dispose()
     for db in databases.values():
         b.cluster.drop(db)
     means = {h: statistics.fmean(t) * 1000 for h, t in timings.items()}
@@ -295,38 +290,33 @@ def claim_vs_history(b: Bench) -> Case:
     return case
 
 
-def _claim_plans(conn: sa.engine.Connection, limit: int) -> tuple[str, str]:
+def _claim_plans(conn: Conn, limit: int) -> tuple[str, str]:
     """EXPLAIN (ANALYZE, BUFFERS) of the claim with a custom and with the generic plan."""
     from flagsched import repository
 
-    statement = repository._CLAIM.text
-    with conn.begin() as tx:
+    statement = repository._CLAIM
+    with conn.transaction(force_rollback=True):
         now = repository.db_now(conn)
         rows = conn.execute(
-            sa.text("EXPLAIN (ANALYZE, BUFFERS) " + statement), {"now": now, "limit": limit}
-        )
+            "EXPLAIN (ANALYZE, BUFFERS) " + statement, {"now": now, "limit": limit}
+        ).fetchall()
         custom = "\n".join(str(r[0]) for r in rows)
-        tx.rollback()
-    positional = re.sub(r"(?<!:):limit\b", "$2", re.sub(r"(?<!:):now\b", "$1", statement))
-    with conn.begin() as tx:
-        conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-        conn.exec_driver_sql(f"PREPARE bench_claim (timestamptz, bigint) AS {positional}")
-        rows = conn.exec_driver_sql(
+    positional = statement.replace("%(now)s", "$1").replace("%(limit)s", "$2")
+    with conn.transaction(force_rollback=True):
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.execute(f"PREPARE bench_claim (timestamptz, bigint) AS {positional}")
+        rows = conn.execute(
             f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_claim ('{now.isoformat()}', {limit})"
-        )
+        ).fetchall()
         generic = "\n".join(str(r[0]) for r in rows)
-        tx.rollback()
-    with conn.begin():  # a prepared statement outlives the transaction that made it
-        conn.exec_driver_sql("DEALLOCATE bench_claim")
+    conn.execute("DEALLOCATE bench_claim")  # a prepared statement outlives its transaction
     return custom, generic
 
 
 @contextmanager
-def _connections(
-    engines: dict[int, sa.engine.Engine],
-) -> Iterator[dict[int, sa.engine.Connection]]:
-    """One open connection per engine, all closed at the end."""
-    conns = {h: engine.connect() for h, engine in engines.items()}
+def _connections(targets: dict[int, Database]) -> Iterator[dict[int, Conn]]:
+    """One open connection per database, all closed at the end."""
+    conns = {h: database.connect() for h, database in targets.items()}
     try:
         yield conns
     finally:
@@ -342,7 +332,7 @@ _BARE = (
     "    conn.execute('SELECT 1').fetchone()\n"
 )
 # Never needed by a tick: the migration machinery and its template engine.
-FORBIDDEN_IMPORTS = ("alembic", "mako")
+FORBIDDEN_IMPORTS = ("alembic", "mako", "sqlalchemy")
 
 
 @dataclass(frozen=True, slots=True)

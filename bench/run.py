@@ -160,7 +160,7 @@ def render(cases: list[Case], machine: list[tuple[str, str]], seconds: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     from flagsched import migrate
-    from flagsched.db import make_engine
+    from flagsched.schema import make_engine
     from scripts import pgserver
 
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)

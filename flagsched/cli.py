@@ -12,9 +12,9 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy.engine import Engine
 
 from flagsched import logs
+from flagsched.db import Database, url_secrets
 from flagsched.errors import FlagschedError
 from flagsched.settings import Settings, load_settings
 
@@ -32,8 +32,6 @@ class App:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from flagsched.db import url_secrets
-
             settings = load_settings()
             logs.configure(
                 settings.log_format, settings.log_level, secrets=url_secrets(settings.database_url)
@@ -43,16 +41,12 @@ class App:
             self._settings = settings
         return self._settings
 
-    def engine(self, *, statement_timeout: float | None = -1.0) -> Engine:
-        from flagsched.db import make_engine
-
+    def database(self) -> Database:
         settings = self.settings
-        return make_engine(
+        return Database(
             settings.require_database_url(),
             lock_timeout=settings.lock_timeout,
-            statement_timeout=(
-                settings.statement_timeout if statement_timeout == -1.0 else statement_timeout
-            ),
+            statement_timeout=settings.statement_timeout,
         )
 
 
@@ -78,8 +72,11 @@ def migrate(app: App, sql: bool, check: bool) -> int:
     if sql:
         migrations.print_sql(sys.stdout)
         return EXIT_OK
+    from flagsched.schema import make_engine
+
     # DDL may legitimately outlast the tick's statement timeout; only the lock wait is bounded.
-    engine = app.engine(statement_timeout=None)
+    database = app.database()
+    engine = make_engine(database.url, lock_timeout=database.lock_timeout, statement_timeout=None)
     log = logs.get_logger()
     if check:
         found, latest = migrations.current(engine), migrations.head()
@@ -146,9 +143,9 @@ def process(
         retry_max_delay=settings.retry_max_delay,
         max_retries_override=settings.max_retries_override,
     )
-    engine = app.engine()
+    database = app.database()
     if dry_run:
-        plan = tick.preview(engine, options)
+        plan = tick.preview(database, options)
         if not plan:
             click.echo("nothing is due")
         else:
@@ -163,7 +160,7 @@ def process(
     report = None
     try:
         with _signals_stop(stop):
-            report = tick.run(engine, options, rng=random.Random(), stop=stop)
+            report = tick.run(database, options, rng=random.Random(), stop=stop)
     finally:
         if metrics_file or pushgateway:
             _publish(report, metrics_file, pushgateway)
@@ -196,7 +193,7 @@ def list_failed(app: App, which: str | None, flag_key: str | None, limit: int, f
     from flagsched import output, repository
     from flagsched.db import begin
 
-    with begin(app.engine()) as conn:
+    with begin(app.database()) as conn:
         repository.ensure_schema(conn)
         rows = repository.list_failed(
             conn,
@@ -245,7 +242,7 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
     """Counts per state, the oldest due schedule's age, the next due time."""
     from flagsched import operators, output
 
-    report = operators.status(app.engine())
+    report = operators.status(app.database())
     if fmt == "json":
         click.echo(output.to_json(report))
     else:
@@ -316,7 +313,7 @@ def schedule(
     except InvalidUpdates as exc:
         raise click.UsageError(str(exc)) from None
     new_id, exists = operators.add_schedule(
-        app.engine(), flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
+        app.database(), flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
     )
     if not exists:
         click.echo(
@@ -342,7 +339,7 @@ def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
     """Make failed schedules pending again (retry_count back to 0)."""
     from flagsched import operators
 
-    return _report_each(operators.retry(app.engine(), list(ids), force=force))
+    return _report_each(operators.retry(app.database(), list(ids), force=force))
 
 
 @cli.command()
@@ -352,7 +349,7 @@ def cancel(app: App, ids: tuple[int, ...]) -> int:
     """Cancel pending or failed schedules."""
     from flagsched import operators
 
-    return _report_each(operators.cancel(app.engine(), list(ids)))
+    return _report_each(operators.cancel(app.database(), list(ids)))
 
 
 @cli.command()
@@ -370,7 +367,7 @@ def prune(app: App, days: float, dry_run: bool) -> int:
     """Delete applied and cancelled schedules older than DAYS, in small batches."""
     from flagsched import operators
 
-    counts, _ = operators.prune(app.engine(), older_than_days=days, dry_run=dry_run)
+    counts, _ = operators.prune(app.database(), older_than_days=days, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     click.echo(
         f"{verb} {sum(counts.values())} schedules "

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from flagsched import repository
-from flagsched.db import begin
+from flagsched.schema import begin
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -42,10 +42,15 @@ def head() -> str:
     return revision
 
 
+def _driver(conn: Connection) -> Any:
+    """The psycopg connection under a SQLAlchemy one (same transaction): repository runs on it."""
+    return conn.connection.driver_connection
+
+
 def current(engine: Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
     with begin(engine) as conn:
-        return repository.schema_revision(conn)
+        return repository.schema_revision(_driver(conn))
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
@@ -64,11 +69,11 @@ def _run(engine: Engine, direction: str, revision: str) -> tuple[str | None, str
     cfg = config()
     with begin(engine) as conn:
         # Two pods starting together: the second waits here, then finds nothing to do.
-        repository.take_migration_lock(conn)
-        before = repository.schema_revision(conn)
+        repository.take_migration_lock(_driver(conn))
+        before = repository.schema_revision(_driver(conn))
         cfg.attributes["connection"] = conn
         getattr(command, direction)(cfg, revision)
-        after = repository.schema_revision(conn)
+        after = repository.schema_revision(_driver(conn))
     return before, after
 
 

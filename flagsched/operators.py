@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.engine import Engine
-
 from flagsched import repository
-from flagsched.db import begin, connection, transaction
+from flagsched.db import Database, begin, connection, transaction
 from flagsched.errors import StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import Status, Updates
@@ -18,9 +16,9 @@ from flagsched.model import Status, Updates
 PRUNE_BATCH = 5000
 
 
-def status(engine: Engine) -> dict[str, Any]:
+def status(database: Database) -> dict[str, Any]:
     """Counts per state, the oldest due schedule's age and the next due time."""
-    with begin(engine) as conn:
+    with begin(database) as conn:
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         due = repository.backlog(conn, now=now)
@@ -37,7 +35,7 @@ def status(engine: Engine) -> dict[str, Any]:
 
 
 def add_schedule(
-    engine: Engine,
+    database: Database,
     *,
     flag_key: str,
     at: datetime | None,
@@ -45,7 +43,7 @@ def add_schedule(
     max_retries: int | None,
 ) -> tuple[int, bool]:
     """Insert a pending schedule; returns (id, whether the flag exists yet)."""
-    with begin(engine) as conn:
+    with begin(database) as conn:
         repository.ensure_schema(conn)
         exists = repository.flag_exists(conn, flag_key)
         new_id = repository.insert_schedule(
@@ -70,15 +68,15 @@ class Handled:
     message: str
 
 
-def _each_locked(engine: Engine, ids: list[int], act: Any) -> list[Handled]:
+def _each_locked(database: Database, ids: list[int], act: Any) -> list[Handled]:
     """Run `act(conn, row)` per id, each in its own savepoint under the row's lock; a row a
     running tick holds is waited for (up to lock_timeout), so the tick's outcome is seen."""
     results: list[Handled] = []
-    with connection(engine) as conn:
-        with transaction(engine, conn):
+    with connection(database) as conn:
+        with transaction(database, conn):
             repository.ensure_schema(conn)
         for schedule_id in dict.fromkeys(ids):
-            with transaction(engine, conn):
+            with transaction(database, conn):
                 try:
                     with repository.savepoint(conn):
                         row = repository.lock_schedule(conn, schedule_id)
@@ -95,7 +93,7 @@ def _each_locked(engine: Engine, ids: list[int], act: Any) -> list[Handled]:
     return results
 
 
-def retry(engine: Engine, ids: list[int], *, force: bool = False) -> list[Handled]:
+def retry(database: Database, ids: list[int], *, force: bool = False) -> list[Handled]:
     """Failed schedules become pending again with retry_count 0."""
     log = get_logger()
 
@@ -123,10 +121,10 @@ def retry(engine: Engine, ids: list[int], *, force: bool = False) -> list[Handle
             row["id"], True, f"pending again (was failed, {row['retry_count']} failed attempt(s))"
         )
 
-    return _each_locked(engine, ids, act)
+    return _each_locked(database, ids, act)
 
 
-def cancel(engine: Engine, ids: list[int]) -> list[Handled]:
+def cancel(database: Database, ids: list[int]) -> list[Handled]:
     """Pending or failed schedules become cancelled."""
     log = get_logger()
 
@@ -143,24 +141,24 @@ def cancel(engine: Engine, ids: list[int]) -> list[Handled]:
         )
         return Handled(row["id"], True, f"cancelled (was {row['status']})")
 
-    return _each_locked(engine, ids, act)
+    return _each_locked(database, ids, act)
 
 
 def prune(
-    engine: Engine, *, older_than_days: float, dry_run: bool, batch: int = PRUNE_BATCH
+    database: Database, *, older_than_days: float, dry_run: bool, batch: int = PRUNE_BATCH
 ) -> tuple[Counter[str], int]:
     """Delete old applied and cancelled schedules in batches, one transaction each;
     returns (deleted or, with dry_run, deletable counts per status, batches run)."""
     seconds = older_than_days * 86400
     total: Counter[str] = Counter()
     batches = 0
-    with connection(engine) as conn:
-        with transaction(engine, conn):
+    with connection(database) as conn:
+        with transaction(database, conn):
             repository.ensure_schema(conn)
             if dry_run:
                 return Counter(repository.count_prunable(conn, older_than_seconds=seconds)), 0
         while True:
-            with transaction(engine, conn):
+            with transaction(database, conn):
                 deleted = repository.prune_batch(conn, older_than_seconds=seconds, limit=batch)
             if not deleted:
                 break

@@ -46,7 +46,11 @@ def after_failure(
     """One failed attempt: retry while retry_count + 1 <= max_retries, else give up."""
     if permanent:
         return GiveUp(error)
-    attempts = retry_count + 1
-    if attempts <= max_retries:
+    if retries_after_failure(retry_count, max_retries):
         return Retry(now + backoff(retry_count, rng, cap_seconds), error)
-    return GiveUp(f"{error} (gave up after {attempts} attempts)")
+    return GiveUp(f"{error} (gave up after {retry_count + 1} attempts)")
+
+
+def retries_after_failure(retry_count: int, max_retries: int) -> bool:
+    """Would a transient failure now be retried (rather than be final)?"""
+    return retry_count + 1 <= max_retries

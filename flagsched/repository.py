@@ -1,39 +1,61 @@
-"""Every SQL statement flagsched runs. Callers own the transaction; `now` is always passed in."""
+"""Every SQL statement flagsched runs, on a psycopg connection. Callers own the transaction;
+the tick passes the database's `now` in."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+import psycopg
+from psycopg.rows import dict_row
 
-from flagsched.db import one_line
-from flagsched.errors import StatementFailed
+from flagsched.db import SCHEMA_REVISION, Conn, one_line
+from flagsched.errors import SchemaNotCurrent, StatementFailed
 from flagsched.model import Claimed, Outcome, Result, Updates
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
 MIGRATION_LOCK_KEY = 0x666C6167736368
 
 
-def schema_revision(conn: Connection) -> str | None:
+def _dicts(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def _scalar(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else row[0]
+
+
+def schema_revision(conn: Conn) -> str | None:
     """The alembic revision the database is at, or None when it was never migrated."""
-    if conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar() is None:
+    if _scalar(conn, "SELECT to_regclass('alembic_version')") is None:
         return None
-    value = conn.execute(sa.text("SELECT version_num FROM alembic_version LIMIT 1")).scalar()
+    value = _scalar(conn, "SELECT version_num FROM alembic_version LIMIT 1")
     return str(value) if value is not None else None
 
 
-def take_migration_lock(conn: Connection) -> None:
+def ensure_schema(conn: Conn) -> None:
+    """Refuse to work on a database that is not at the latest revision."""
+    found = schema_revision(conn)
+    if found != SCHEMA_REVISION:
+        at = f"at revision {found}" if found else "not migrated"
+        raise SchemaNotCurrent(
+            f"the database schema is {at} (latest: {SCHEMA_REVISION}): run `flagsched migrate`"
+        )
+
+
+def take_migration_lock(conn: Conn) -> None:
     """Serialise concurrent `flagsched migrate` runs until this transaction ends."""
-    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    conn.execute("SELECT pg_advisory_xact_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
 
 
-def db_now(conn: Connection) -> datetime:
+def db_now(conn: Conn) -> datetime:
     """The database's clock (the transaction's start), the only clock a tick uses."""
-    value: datetime = conn.execute(sa.text("SELECT now()")).scalar_one()
+    value: datetime = _scalar(conn, "SELECT now()")
     return value
 
 
@@ -50,13 +72,12 @@ _OPEN = (
     " AND e.retry_count <= e.max_retries))"
 )
 _COLUMNS = "id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at"
-_CLAIM = sa.text(
-    f"""
+_CLAIM = f"""
     WITH retries AS (
         SELECT {_COLUMNS} FROM feature_flag_schedules
-        WHERE status = 'failed' AND next_retry_at <= :now AND retry_count <= max_retries
+        WHERE status = 'failed' AND next_retry_at <= %(now)s AND retry_count <= max_retries
         ORDER BY next_retry_at, id
-        LIMIT :limit
+        LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ), pending AS (
         SELECT {", ".join("s." + c for c in _COLUMNS.split(", "))}
@@ -65,14 +86,14 @@ _CLAIM = sa.text(
             SELECT 1 AS hit FROM feature_flag_schedules e
             WHERE e.flag_key = s.flag_key
               AND e.status IN ('pending', 'failed')
-              AND e.status = 'failed' AND e.next_retry_at > :now
+              AND e.status = 'failed' AND e.next_retry_at > %(now)s
               AND e.retry_count <= e.max_retries
               AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
             LIMIT 1
         ) waiting ON true
-        WHERE s.status = 'pending' AND s.scheduled_at <= :now AND waiting.hit IS NULL
+        WHERE s.status = 'pending' AND s.scheduled_at <= %(now)s AND waiting.hit IS NULL
         ORDER BY s.scheduled_at, s.id
-        LIMIT :limit - (SELECT count(*) FROM retries)
+        LIMIT %(limit)s - (SELECT count(*) FROM retries)
         FOR UPDATE OF s SKIP LOCKED
     ), claimed AS (
         SELECT * FROM retries UNION ALL SELECT * FROM pending
@@ -93,50 +114,37 @@ _CLAIM = sa.text(
     ) b
     ORDER BY c.flag_key, c.scheduled_at, c.id
     """
-)
 
 
-def claim(conn: Connection, *, now: datetime, limit: int) -> list[Claimed]:
+def claim(conn: Conn, *, now: datetime, limit: int) -> list[Claimed]:
     """Lock and return up to `limit` due schedules, ordered by flag then (scheduled_at, id)."""
-    rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).mappings()
-    return [Claimed(**row) for row in rows]
+    rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
+    return [Claimed(*row) for row in rows]  # columns in Claimed's field order
 
 
-def lock_free_flags(conn: Connection, keys: Sequence[str]) -> set[str]:
+def lock_free_flags(conn: Conn, keys: Sequence[str]) -> set[str]:
     """Lock, in key order, the flags among `keys` that nobody else holds; return their keys."""
     rows = conn.execute(
-        sa.text(
-            "SELECT key FROM feature_flags WHERE key = ANY(:keys) "
-            "ORDER BY key FOR UPDATE SKIP LOCKED"
-        ),
+        "SELECT key FROM feature_flags WHERE key = ANY(%(keys)s) "
+        "ORDER BY key FOR UPDATE SKIP LOCKED",
         {"keys": list(keys)},
-    )
+    ).fetchall()
     return {row[0] for row in rows}
 
 
-def lock_flag(conn: Connection, key: str) -> bool:
-    """Lock one flag, waiting up to lock_timeout; False when it does not exist."""
-    row = conn.execute(
-        sa.text("SELECT 1 FROM feature_flags WHERE key = :key FOR UPDATE"), {"key": key}
-    ).first()
-    return row is not None
-
-
-def set_flags(conn: Connection, states: Mapping[str, Updates], *, now: datetime) -> None:
+def set_flags(conn: Conn, states: Mapping[str, Updates], *, now: datetime) -> None:
     """One UPDATE for many flags; a None field keeps the flag's current value."""
     keys = list(states)
     conn.execute(
-        sa.text(
-            """
-            UPDATE feature_flags AS f
-            SET enabled = coalesce(v.enabled, f.enabled),
-                rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
-                updated_at = :now
-            FROM unnest(CAST(:keys AS text[]), CAST(:enabled AS boolean[]),
-                        CAST(:rollout AS integer[])) AS v(key, enabled, rollout)
-            WHERE f.key = v.key
-            """
-        ),
+        """
+        UPDATE feature_flags AS f
+        SET enabled = coalesce(v.enabled, f.enabled),
+            rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
+            updated_at = %(now)s
+        FROM unnest(CAST(%(keys)s AS text[]), CAST(%(enabled)s AS boolean[]),
+                    CAST(%(rollout)s AS integer[])) AS v(key, enabled, rollout)
+        WHERE f.key = v.key
+        """,
         {
             "keys": keys,
             "enabled": [states[k].enabled for k in keys],
@@ -146,56 +154,80 @@ def set_flags(conn: Connection, states: Mapping[str, Updates], *, now: datetime)
     )
 
 
+# Per-change isolation done by the server: flagsched_apply_each (migration 0003) applies each
+# change in its own BEGIN ... EXCEPTION block and returns the ones that did not apply. It
+# replaces one savepoint round trip per schedule when a batch holds a failing change.
+APPLY_FAILED, APPLY_MISSING, APPLY_HELD_BACK = "error", "missing", "held_back"
+
+
+def apply_each(
+    conn: Conn,
+    changes: Sequence[tuple[str, Updates, bool]],
+    *,
+    now: datetime,
+) -> dict[int, tuple[str, str | None]]:
+    """Apply (flag_key, updates, stop_on_failure) changes in order, each isolated. Returns
+    {index: (APPLY_FAILED with the error | APPLY_MISSING | APPLY_HELD_BACK, None)} for the
+    changes that did not apply; after a failure with stop_on_failure, the flag's later
+    changes are held back. Locks wait up to lock_timeout each."""
+    rows = conn.execute(
+        "SELECT item, outcome, message FROM flagsched_apply_each("
+        "%(keys)s, %(enabled)s, %(rollout)s, %(stop)s, %(now)s)",
+        {
+            "keys": [key for key, _, _ in changes],
+            "enabled": [u.enabled for _, u, _ in changes],
+            "rollout": [u.rollout_percentage for _, u, _ in changes],
+            "stop": [stop for _, _, stop in changes],
+            "now": now,
+        },
+    ).fetchall()
+    return {int(item) - 1: (str(outcome), message) for item, outcome, message in rows}
+
+
 @contextmanager
-def savepoint(conn: Connection) -> Iterator[None]:
+def savepoint(conn: Conn) -> Iterator[None]:
     """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed."""
     try:
-        with conn.begin_nested():
+        with conn.transaction():
             yield
-    except sa.exc.DBAPIError as exc:
-        raise StatementFailed(_reason(exc)) from exc
+    except psycopg.Error as exc:
+        raise StatementFailed(reason(exc)) from exc
 
 
-def _reason(exc: sa.exc.DBAPIError) -> str:
+def reason(exc: psycopg.Error) -> str:
     """The server's primary message and SQLSTATE, one line (no CONTEXT or driver noise)."""
-    orig = exc.orig
-    diag = getattr(orig, "diag", None)
-    primary = getattr(diag, "message_primary", None)
+    primary = exc.diag.message_primary
     if primary:
-        return one_line(f"{primary} (SQLSTATE {getattr(orig, 'sqlstate', '?')})", [])
-    return one_line(str(orig) if orig is not None else str(exc), [])
+        return one_line(f"{primary} (SQLSTATE {exc.sqlstate or '?'})", [])
+    return one_line(str(exc), [])
 
 
-def cancel_running_statement(conn: Connection) -> None:
+def cancel_running_statement(conn: Conn) -> None:
     """Ask the server to cancel what this connection is running (safe from a signal handler)."""
-    driver = conn.connection.driver_connection
-    if driver is not None:
-        driver.cancel()
+    conn.cancel_safe(timeout=1.0)
 
 
-def record(conn: Connection, results: Sequence[Result], *, now: datetime) -> None:
+def record(conn: Conn, results: Sequence[Result], *, now: datetime) -> None:
     """Write every applied / retry / failed outcome of a batch in one UPDATE."""
     done = [r for r in results if r.outcome is not Outcome.HELD_BACK]
     if not done:
         return
     conn.execute(
-        sa.text(
-            """
-            UPDATE feature_flag_schedules AS s
-            SET status = CASE WHEN v.applied THEN 'applied' ELSE 'failed' END,
-                applied_at = CASE WHEN v.applied THEN CAST(:now AS timestamptz) END,
-                retry_count = s.retry_count + CASE WHEN v.applied THEN 0 ELSE 1 END,
-                max_retries = coalesce(v.max_retries, s.max_retries),
-                next_retry_at = v.next_retry_at,
-                last_error = v.last_error,
-                updated_at = :now
-            FROM unnest(CAST(:ids AS bigint[]), CAST(:applied AS boolean[]),
-                        CAST(:next AS timestamptz[]), CAST(:errors AS text[]),
-                        CAST(:max AS integer[]))
-                 AS v(id, applied, next_retry_at, last_error, max_retries)
-            WHERE s.id = v.id
-            """
-        ),
+        """
+        UPDATE feature_flag_schedules AS s
+        SET status = CASE WHEN v.applied THEN 'applied' ELSE 'failed' END,
+            applied_at = CASE WHEN v.applied THEN CAST(%(now)s AS timestamptz) END,
+            retry_count = s.retry_count + CASE WHEN v.applied THEN 0 ELSE 1 END,
+            max_retries = coalesce(v.max_retries, s.max_retries),
+            next_retry_at = v.next_retry_at,
+            last_error = v.last_error,
+            updated_at = %(now)s
+        FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(applied)s AS boolean[]),
+                    CAST(%(next)s AS timestamptz[]), CAST(%(errors)s AS text[]),
+                    CAST(%(max)s AS integer[]))
+             AS v(id, applied, next_retry_at, last_error, max_retries)
+        WHERE s.id = v.id
+        """,
         {
             "ids": [r.schedule.id for r in done],
             "applied": [r.outcome is Outcome.APPLIED for r in done],
@@ -208,7 +240,7 @@ def record(conn: Connection, results: Sequence[Result], *, now: datetime) -> Non
 
 
 def list_failed(
-    conn: Connection,
+    conn: Conn,
     *,
     permanent: bool | None,
     flag_key: str | None,
@@ -222,35 +254,20 @@ def list_failed(
     elif permanent is False:
         where.append(waiting)
     if flag_key is not None:
-        where.append("flag_key = :flag_key")
-    rows = conn.execute(
-        sa.text(
-            f"""
-            SELECT id, flag_key, scheduled_at, updates, status, retry_count, max_retries,
-                   next_retry_at, last_error, applied_at, created_at, updated_at,
-                   NOT {waiting} AS permanent
-            FROM feature_flag_schedules
-            WHERE {" AND ".join(where)}
-            ORDER BY updated_at DESC, id DESC
-            LIMIT :limit
-            """
-        ),
+        where.append("flag_key = %(flag_key)s")
+    return _dicts(
+        conn,
+        f"""
+        SELECT id, flag_key, scheduled_at, updates, status, retry_count, max_retries,
+               next_retry_at, last_error, applied_at, created_at, updated_at,
+               NOT {waiting} AS permanent
+        FROM feature_flag_schedules
+        WHERE {" AND ".join(where)}
+        ORDER BY updated_at DESC, id DESC
+        LIMIT %(limit)s
+        """,
         {"flag_key": flag_key, "limit": limit},
-    ).mappings()
-    return [dict(row) for row in rows]
-
-
-def ensure_schema(conn: Connection) -> None:
-    """Refuse to work on a database that is not at the latest revision."""
-    from flagsched.db import SCHEMA_REVISION
-    from flagsched.errors import SchemaNotCurrent
-
-    found = schema_revision(conn)
-    if found != SCHEMA_REVISION:
-        at = f"at revision {found}" if found else "not migrated"
-        raise SchemaNotCurrent(
-            f"the database schema is {at} (latest: {SCHEMA_REVISION}): run `flagsched migrate`"
-        )
+    )
 
 
 # --- operators -------------------------------------------------------------------------
@@ -258,64 +275,59 @@ def ensure_schema(conn: Connection) -> None:
 _WAITING = "(status = 'failed' AND next_retry_at IS NOT NULL AND retry_count <= max_retries)"
 
 
-def backlog(conn: Connection, *, now: datetime) -> dict[str, Any]:
+def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
     """Due count, oldest due time and next due time; index scans only (runs every tick)."""
-    row = conn.execute(
-        sa.text(
-            f"""
-            WITH pending AS (
-                SELECT count(*) AS n, min(scheduled_at) AS oldest FROM feature_flag_schedules
-                WHERE status = 'pending' AND scheduled_at <= :now
-            ), retries AS (
-                SELECT count(*) AS n, min(next_retry_at) AS oldest FROM feature_flag_schedules
-                WHERE next_retry_at <= :now AND {_WAITING}
-            )
-            SELECT pending.n + retries.n AS due,
-                   LEAST(pending.oldest, retries.oldest) AS oldest_due_at,
-                   LEAST(
-                       (SELECT min(scheduled_at) FROM feature_flag_schedules
-                        WHERE status = 'pending' AND scheduled_at > :now),
-                       (SELECT min(next_retry_at) FROM feature_flag_schedules
-                        WHERE next_retry_at > :now AND {_WAITING})
-                   ) AS next_due_at
-            FROM pending, retries
-            """
-        ),
+    return _dicts(
+        conn,
+        f"""
+        WITH pending AS (
+            SELECT count(*) AS n, min(scheduled_at) AS oldest FROM feature_flag_schedules
+            WHERE status = 'pending' AND scheduled_at <= %(now)s
+        ), retries AS (
+            SELECT count(*) AS n, min(next_retry_at) AS oldest FROM feature_flag_schedules
+            WHERE next_retry_at <= %(now)s AND {_WAITING}
+        )
+        SELECT pending.n + retries.n AS due,
+               LEAST(pending.oldest, retries.oldest) AS oldest_due_at,
+               LEAST(
+                   (SELECT min(scheduled_at) FROM feature_flag_schedules
+                    WHERE status = 'pending' AND scheduled_at > %(now)s),
+                   (SELECT min(next_retry_at) FROM feature_flag_schedules
+                    WHERE next_retry_at > %(now)s AND {_WAITING})
+               ) AS next_due_at
+        FROM pending, retries
+        """,
         {"now": now},
-    ).one()
-    return dict(row._mapping)
+    )[0]
 
 
-def state_counts(conn: Connection, *, now: datetime) -> dict[str, int]:
+def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
     """Schedules per state (one pass over the table: for `status`, not for the tick)."""
-    row = conn.execute(
-        sa.text(
-            f"""
-            SELECT
-              count(*) FILTER (WHERE status = 'pending' AND scheduled_at > :now) AS scheduled,
-              count(*) FILTER (WHERE {_WAITING} AND next_retry_at > :now) AS waiting_retry,
-              count(*) FILTER (WHERE status = 'failed' AND NOT {_WAITING}) AS failed,
-              count(*) FILTER (WHERE status = 'applied') AS applied,
-              count(*) FILTER (WHERE status = 'cancelled') AS cancelled
-            FROM feature_flag_schedules
-            """
-        ),
+    row = _dicts(
+        conn,
+        f"""
+        SELECT
+          count(*) FILTER (WHERE status = 'pending' AND scheduled_at > %(now)s) AS scheduled,
+          count(*) FILTER (WHERE {_WAITING} AND next_retry_at > %(now)s) AS waiting_retry,
+          count(*) FILTER (WHERE status = 'failed' AND NOT {_WAITING}) AS failed,
+          count(*) FILTER (WHERE status = 'applied') AS applied,
+          count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+        FROM feature_flag_schedules
+        """,
         {"now": now},
-    ).one()
-    return {k: int(v) for k, v in row._mapping.items()}
+    )[0]
+    return {k: int(v) for k, v in row.items()}
 
 
-def flag_exists(conn: Connection, key: str) -> bool:
-    return (
-        conn.execute(
-            sa.text("SELECT EXISTS (SELECT 1 FROM feature_flags WHERE key = :k)"), {"k": key}
-        ).scalar_one()
-        is True
+def flag_exists(conn: Conn, key: str) -> bool:
+    found = _scalar(
+        conn, "SELECT EXISTS (SELECT 1 FROM feature_flags WHERE key = %(k)s)", {"k": key}
     )
+    return found is True
 
 
 def insert_schedule(
-    conn: Connection,
+    conn: Conn,
     *,
     flag_key: str,
     at: datetime | None,
@@ -323,107 +335,92 @@ def insert_schedule(
     max_retries: int | None,
 ) -> int:
     """A new pending schedule; `at` None means the database's now()."""
-    import json
-
-    new_id = conn.execute(
-        sa.text(
-            """
-            INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, max_retries)
-            VALUES (:k, coalesce(CAST(:at AS timestamptz), now()), CAST(:u AS jsonb),
-                    coalesce(CAST(:m AS integer), 3))
-            RETURNING id
-            """
-        ),
+    new_id = _scalar(
+        conn,
+        """
+        INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, max_retries)
+        VALUES (%(k)s, coalesce(CAST(%(at)s AS timestamptz), now()), CAST(%(u)s AS jsonb),
+                coalesce(CAST(%(m)s AS integer), 3))
+        RETURNING id
+        """,
         {"k": flag_key, "at": at, "u": json.dumps(updates.as_json()), "m": max_retries},
-    ).scalar_one()
+    )
     return int(new_id)
 
 
-def lock_schedule(conn: Connection, schedule_id: int) -> dict[str, Any] | None:
+def lock_schedule(conn: Conn, schedule_id: int) -> dict[str, Any] | None:
     """Lock one schedule (waiting for a tick that holds it to commit) and return it."""
-    row = conn.execute(
-        sa.text(
-            f"""
-            SELECT id, flag_key, scheduled_at, status, retry_count, max_retries, next_retry_at,
-                   {_WAITING} AS waiting
-            FROM feature_flag_schedules WHERE id = :i FOR UPDATE
-            """
-        ),
+    rows = _dicts(
+        conn,
+        f"""
+        SELECT id, flag_key, scheduled_at, status, retry_count, max_retries, next_retry_at,
+               {_WAITING} AS waiting
+        FROM feature_flag_schedules WHERE id = %(i)s FOR UPDATE
+        """,
         {"i": schedule_id},
-    ).first()
-    return dict(row._mapping) if row else None
-
-
-def newer_applied_exists(conn: Connection, schedule_id: int) -> bool:
-    """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?"""
-    return (
-        conn.execute(
-            sa.text(
-                """
-            SELECT EXISTS (
-                SELECT 1 FROM feature_flag_schedules l JOIN feature_flag_schedules s
-                  ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
-                WHERE s.id = :i AND l.status = 'applied')
-            """
-            ),
-            {"i": schedule_id},
-        ).scalar_one()
-        is True
     )
+    return rows[0] if rows else None
 
 
-def reset_for_retry(conn: Connection, schedule_id: int) -> None:
+def newer_applied_exists(conn: Conn, schedule_id: int) -> bool:
+    """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?"""
+    found = _scalar(
+        conn,
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM feature_flag_schedules l JOIN feature_flag_schedules s
+              ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
+            WHERE s.id = %(i)s AND l.status = 'applied')
+        """,
+        {"i": schedule_id},
+    )
+    return found is True
+
+
+def reset_for_retry(conn: Conn, schedule_id: int) -> None:
     """failed -> pending with retry_count 0; last_error stays until it applies."""
     conn.execute(
-        sa.text(
-            "UPDATE feature_flag_schedules SET status = 'pending', retry_count = 0, "
-            "next_retry_at = NULL, updated_at = now() WHERE id = :i"
-        ),
+        "UPDATE feature_flag_schedules SET status = 'pending', retry_count = 0, "
+        "next_retry_at = NULL, updated_at = now() WHERE id = %(i)s",
         {"i": schedule_id},
     )
 
 
-def mark_cancelled(conn: Connection, schedule_id: int) -> None:
+def mark_cancelled(conn: Conn, schedule_id: int) -> None:
     conn.execute(
-        sa.text(
-            "UPDATE feature_flag_schedules SET status = 'cancelled', next_retry_at = NULL, "
-            "updated_at = now() WHERE id = :i"
-        ),
+        "UPDATE feature_flag_schedules SET status = 'cancelled', next_retry_at = NULL, "
+        "updated_at = now() WHERE id = %(i)s",
         {"i": schedule_id},
     )
 
 
 _PRUNABLE = """
-    (status = 'applied' AND applied_at < now() - make_interval(secs => :seconds))
-    OR (status = 'cancelled' AND updated_at < now() - make_interval(secs => :seconds))
+    (status = 'applied' AND applied_at < now() - make_interval(secs => %(seconds)s))
+    OR (status = 'cancelled' AND updated_at < now() - make_interval(secs => %(seconds)s))
 """
 
 
-def count_prunable(conn: Connection, *, older_than_seconds: float) -> dict[str, int]:
+def count_prunable(conn: Conn, *, older_than_seconds: float) -> dict[str, int]:
     rows = conn.execute(
-        sa.text(
-            f"SELECT status, count(*) FROM feature_flag_schedules WHERE {_PRUNABLE} GROUP BY status"
-        ),
+        f"SELECT status, count(*) FROM feature_flag_schedules WHERE {_PRUNABLE} GROUP BY status",
         {"seconds": older_than_seconds},
-    )
+    ).fetchall()
     return {str(status): int(n) for status, n in rows}
 
 
-def prune_batch(conn: Connection, *, older_than_seconds: float, limit: int) -> dict[str, int]:
+def prune_batch(conn: Conn, *, older_than_seconds: float, limit: int) -> dict[str, int]:
     """Delete up to `limit` old applied/cancelled schedules; rows a tick holds are skipped."""
     rows = conn.execute(
-        sa.text(
-            f"""
-            WITH doomed AS (
-                SELECT id FROM feature_flag_schedules WHERE {_PRUNABLE}
-                LIMIT :limit FOR UPDATE SKIP LOCKED
-            )
-            DELETE FROM feature_flag_schedules s USING doomed d WHERE s.id = d.id
-            RETURNING s.status
-            """
-        ),
+        f"""
+        WITH doomed AS (
+            SELECT id FROM feature_flag_schedules WHERE {_PRUNABLE}
+            LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM feature_flag_schedules s USING doomed d WHERE s.id = d.id
+        RETURNING s.status
+        """,
         {"seconds": older_than_seconds, "limit": limit},
-    )
+    ).fetchall()
     counts: dict[str, int] = {}
     for (status,) in rows:
         counts[status] = counts.get(status, 0) + 1

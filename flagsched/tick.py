@@ -11,10 +11,8 @@ from datetime import datetime
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy.engine import Connection, Engine
-
 from flagsched import policy, repository
-from flagsched.db import connection, transaction
+from flagsched.db import Conn, Database, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
@@ -59,7 +57,7 @@ Step = tuple[Claimed, Updates]
 
 
 def run(
-    engine: Engine,
+    database: Database,
     options: TickOptions,
     *,
     rng: random.Random,
@@ -70,15 +68,15 @@ def run(
     log = get_logger()
     report = TickReport()
     started = time.monotonic()
-    with connection(engine) as conn:
-        with transaction(engine, conn):
+    with connection(database) as conn:
+        with transaction(database, conn):
             repository.ensure_schema(conn)
         with stop.hooked(lambda: repository.cancel_running_statement(conn)):
             for _ in range(options.max_batches):
                 if stop.requested:
                     break
                 try:
-                    with transaction(engine, conn):
+                    with transaction(database, conn):
                         results = _batch(conn, options, rng, stop)
                 except DatabaseError:
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
@@ -93,7 +91,7 @@ def run(
                     break  # nothing due, or nothing that can move now
             if not stop.requested:
                 try:
-                    _measure_backlog(engine, conn, report)
+                    _measure_backlog(database, conn, report)
                 except DatabaseError:
                     if not stop.requested:  # a signal may cancel it: the tick still ran
                         raise
@@ -114,9 +112,9 @@ def run(
     return report
 
 
-def _measure_backlog(engine: Engine, conn: Connection, report: TickReport) -> None:
+def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None:
     """What is still due after the tick (for the log and the metrics); index scans only."""
-    with transaction(engine, conn):
+    with transaction(database, conn):
         now = repository.db_now(conn)
         backlog = repository.backlog(conn, now=now)
     report.due_backlog = int(backlog["due"])
@@ -124,15 +122,14 @@ def _measure_backlog(engine: Engine, conn: Connection, report: TickReport) -> No
     report.oldest_due_age_seconds = (now - oldest).total_seconds() if oldest else 0.0
 
 
-def preview(engine: Engine, options: TickOptions) -> list[tuple[Claimed, str]]:
+def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
     """--dry-run: what the next batch would do, from a claim that is rolled back."""
-    with connection(engine) as conn:
-        with transaction(engine, conn):
+    with connection(database) as conn:
+        with transaction(database, conn):
             repository.ensure_schema(conn)
-        with transaction(engine, conn) as tx:
+        with transaction(database, conn, rollback=True):  # nothing claimed is kept
             now = repository.db_now(conn)
             claimed = repository.claim(conn, now=now, limit=options.batch_size)
-            tx.rollback()
     decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
     plan = [(r.schedule, _describe(r)) for r in decided]
     plan += [(c, f"apply {u.as_json()}") for flag_steps in steps.values() for c, u in flag_steps]
@@ -150,6 +147,13 @@ class _Failures:
 
     def __init__(self, now: datetime, options: TickOptions, rng: random.Random) -> None:
         self.now, self.options, self.rng = now, options, rng
+
+    def limit(self, schedule: Claimed) -> int:
+        override = self.options.max_retries_override
+        return schedule.max_retries if override is None else override
+
+    def would_retry(self, schedule: Claimed) -> bool:
+        return policy.retries_after_failure(schedule.retry_count, self.limit(schedule))
 
     def __call__(self, schedule: Claimed, error: str, *, permanent: bool) -> Result:
         limit = self.options.max_retries_override
@@ -190,9 +194,7 @@ def _plan(
     return decided, steps
 
 
-def _batch(
-    conn: Connection, options: TickOptions, rng: random.Random, stop: StopFlag
-) -> list[Result]:
+def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
     now = repository.db_now(conn)
     claimed = repository.claim(conn, now=now, limit=options.batch_size)
     fail = _Failures(now, options, rng)
@@ -204,14 +206,14 @@ def _batch(
 
 
 def _apply(
-    conn: Connection,
+    conn: Conn,
     steps: dict[str, list[Step]],
     now: datetime,
     fail: _Failures,
     stop: StopFlag,
 ) -> list[Result]:
     """Set-based first: every free flag in one UPDATE inside one savepoint. Only when that
-    fails, and for flags someone else holds, one savepoint per schedule isolates the failure."""
+    fails, and for flags someone else holds, each change is isolated (flagsched_apply_each)."""
     free = repository.lock_free_flags(conn, sorted(steps))
     fast = {key: flag_steps for key, flag_steps in steps.items() if key in free}
     results: list[Result] = []
@@ -225,43 +227,50 @@ def _apply(
         else:
             results = [Result(s, Outcome.APPLIED) for v in fast.values() for s, _ in v]
             steps = {k: v for k, v in steps.items() if k not in fast}
-    for key in sorted(steps):
-        if stop.requested:
-            break
-        results += _apply_one_by_one(conn, key, steps[key], now, fail, stop, lock=key not in free)
+    if steps and not stop.requested:
+        results += _apply_each(
+            conn, [step for key in sorted(steps) for step in steps[key]], now, fail, stop
+        )
     return results
 
 
-def _apply_one_by_one(
-    conn: Connection,
-    key: str,
-    steps: list[Step],
-    now: datetime,
-    fail: _Failures,
-    stop: StopFlag,
-    *,
-    lock: bool,
+def _apply_each(
+    conn: Conn, steps: list[Step], now: datetime, fail: _Failures, stop: StopFlag
 ) -> list[Result]:
+    """Each change on its own, in order; a flag whose change will be retried holds its later
+    changes back. Flags other ticks hold are waited for (up to lock_timeout each)."""
+    changes = [(s.flag_key, u, fail.would_retry(s)) for s, u in steps]
+    try:
+        with repository.savepoint(conn):
+            missed = repository.apply_each(conn, changes, now=now)
+    except StatementFailed as exc:
+        if stop.requested:  # our own cancel: the rest stays as it is, due for the next tick
+            return []
+        # The statement as a whole failed (e.g. statement_timeout): every change in it is
+        # undone, so each counts as failed, with the same per-flag holding back.
+        stopped: set[str] = set()
+        missed = {}
+        for index, (key, _, would_retry) in enumerate(changes):
+            missed[index] = (
+                (repository.APPLY_HELD_BACK, None)
+                if key in stopped
+                else (repository.APPLY_FAILED, exc.message)
+            )
+            if would_retry:
+                stopped.add(key)
     results: list[Result] = []
-    for index, (schedule, updates) in enumerate(steps):
-        if stop.requested:  # the rest stays as it is, due for the next tick
-            break
-        try:
-            with repository.savepoint(conn):
-                if lock and not repository.lock_flag(conn, key):
-                    results.append(fail(schedule, f"flag {key!r} does not exist", permanent=True))
-                    continue
-                repository.set_flags(conn, {key: updates}, now=now)
-        except StatementFailed as exc:
-            if stop.requested:
-                break
-            result = fail(schedule, exc.message, permanent=False)
-            results.append(result)
-            if result.outcome is Outcome.RETRY:  # later changes of this flag wait for it
-                results += [Result(s, Outcome.HELD_BACK) for s, _ in steps[index + 1 :]]
-                break
-        else:
+    for index, (schedule, _) in enumerate(steps):
+        outcome, message = missed.get(index, (None, None))
+        if outcome is None:
             results.append(Result(schedule, Outcome.APPLIED))
+        elif outcome == repository.APPLY_HELD_BACK:
+            results.append(Result(schedule, Outcome.HELD_BACK))
+        elif outcome == repository.APPLY_MISSING:
+            results.append(
+                fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
+            )
+        else:
+            results.append(fail(schedule, message or "unknown error", permanent=False))
     return results
 
 

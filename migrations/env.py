@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from flagsched.db import metadata
+from flagsched.schema import metadata
 
 config = context.config
 

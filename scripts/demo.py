@@ -8,7 +8,7 @@ import sys
 
 import sqlalchemy as sa
 
-from flagsched.db import make_engine
+from flagsched.schema import make_engine
 from scripts import pgserver
 
 SEED = """

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from flagsched import migrate
-from flagsched.db import make_engine
+from flagsched.db import Database
+from flagsched.schema import make_engine
 from scripts import pgserver
 
 TEMPLATE = "flagsched_template"
@@ -73,6 +74,12 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng = make_engine(database_url, lock_timeout=1)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def database(database_url: str) -> Database:
+    """What flagsched connects with (lock_timeout 1 s, to keep lock tests short)."""
+    return Database(database_url, lock_timeout=1)
 
 
 @pytest.fixture

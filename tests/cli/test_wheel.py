@@ -9,7 +9,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from flagsched.db import make_engine
+from flagsched.db import SCHEMA_REVISION
+from flagsched.schema import make_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,5 +79,5 @@ def test_installed_wheel_migrates_from_any_directory(
                 sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
             ).scalars()
         )
-    assert version == "0002"
+    assert version == SCHEMA_REVISION
     assert tables == {"alembic_version", "feature_flags", "feature_flag_schedules"}

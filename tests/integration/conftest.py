@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import Engine
 
 from flagsched import tick
+from flagsched.db import Database
 from flagsched.model import TickReport
 
 FAILURE_TRIGGER = """
@@ -30,9 +30,9 @@ CREATE TRIGGER test_fail_flag BEFORE UPDATE ON feature_flags
 
 
 @pytest.fixture
-def run_tick(engine: Engine) -> Callable[..., TickReport]:
+def run_tick(database: Database) -> Callable[..., TickReport]:
     def run(**options: Any) -> TickReport:
-        return tick.run(engine, tick.TickOptions(**options), rng=random.Random(1))
+        return tick.run(database, tick.TickOptions(**options), rng=random.Random(1))
 
     return run
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from flagsched.db import make_engine
+from flagsched.schema import make_engine
 from scripts import pgserver
 from tests.conftest import Ran
 

@@ -12,8 +12,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
 from flagsched import migrate, repository
-from flagsched.db import SCHEMA_REVISION, make_engine, metadata
+from flagsched.db import SCHEMA_REVISION, Database, connection
 from flagsched.errors import SchemaNotCurrent
+from flagsched.schema import make_engine, metadata
 
 # SPEC "Data", column by column: (name, type, nullable, default contains)
 SPEC_COLUMNS = {
@@ -173,11 +174,15 @@ def test_concurrent_upgrades_both_succeed(empty_database_url: str) -> None:
 
 def test_schema_guard(empty_database_url: str) -> None:
     engine = make_engine(empty_database_url)
-    with engine.connect() as conn, pytest.raises(SchemaNotCurrent, match="not migrated"):
+    database = Database(empty_database_url)
+    with connection(database) as conn, pytest.raises(SchemaNotCurrent, match="not migrated"):
         repository.ensure_schema(conn)
     migrate.upgrade(engine, "0001")
-    with engine.connect() as conn, pytest.raises(SchemaNotCurrent, match="run `flagsched migrate`"):
+    with (
+        connection(database) as conn,
+        pytest.raises(SchemaNotCurrent, match="run `flagsched migrate`"),
+    ):
         repository.ensure_schema(conn)
     migrate.upgrade(engine)
-    with engine.connect() as conn:
+    with connection(database) as conn:
         repository.ensure_schema(conn)

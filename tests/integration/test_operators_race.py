@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from flagsched import operators
+from flagsched.db import Database
 
 Sql = Callable[..., list[Any]]
 
@@ -27,13 +28,13 @@ def hold(engine: Engine, schedule_id: int) -> tuple[Any, Any]:
 
 
 def test_cancel_is_refused_while_a_tick_holds_the_schedule(
-    engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
+    database: Database, engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
 ) -> None:
     add_flag("a")
     sid = add_schedule("a", {"enabled": True})
     conn, tx = hold(engine, sid)
     try:
-        result = operators.cancel(engine, [sid])  # lock_timeout is 1 s here
+        result = operators.cancel(database, [sid])  # lock_timeout is 1 s here
     finally:
         tx.rollback()
         conn.close()
@@ -49,11 +50,12 @@ def test_cancel_is_refused_while_a_tick_holds_the_schedule(
     ],
 )
 def test_a_command_waits_for_the_tick_and_sees_its_outcome(
+    database: Database,
     engine: Engine,
     add_flag: Any,
     add_schedule: Any,
     sql: Sql,
-    command: Callable[[Engine, list[int]], list[Any]],
+    command: Callable[[Database, list[int]], list[Any]],
     status: str,
     refusal: str,
 ) -> None:
@@ -67,7 +69,7 @@ def test_a_command_waits_for_the_tick_and_sees_its_outcome(
     )
     conn, tx = hold(engine, sid)
     results: list[Any] = []
-    worker = threading.Thread(target=lambda: results.extend(command(engine, [sid])))
+    worker = threading.Thread(target=lambda: results.extend(command(database, [sid])))
     worker.start()
     time.sleep(0.3)  # the command is now waiting for the tick's row lock
     conn.execute(

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
 from flagsched import tick
+from flagsched.db import Database
 from flagsched.model import Outcome, TickReport
 
 Sql = Callable[..., list[Any]]
@@ -272,38 +273,55 @@ def test_failure_isolation_one_failing_flag_among_many(
 
 
 def test_retries_are_claimed_before_new_schedules(
-    engine: Engine, add_flag: Any, add_schedule: Any, failing: Any, sql: Sql, schedule: Any
+    database: Database,
+    engine: Engine,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    sql: Sql,
+    schedule: Any,
 ) -> None:
     add_flag("r")
     add_flag("n")
     retry = add_schedule("r", {"enabled": True}, at="now()")
     failing("r")
-    tick.run(engine, tick.TickOptions(batch_size=1), rng=random.Random(1))
+    tick.run(database, tick.TickOptions(batch_size=1), rng=random.Random(1))
     failing("r", on=False)
     add_schedule("n", {"enabled": True}, at="now() - interval '1 hour'")  # older, but new
     make_due(sql, retry)
-    report = tick.run(engine, tick.TickOptions(batch_size=1), rng=random.Random(1))
+    report = tick.run(database, tick.TickOptions(batch_size=1), rng=random.Random(1))
     assert report.count(Outcome.APPLIED) == 1
     assert schedule(retry)["status"] == "applied"
 
 
 def test_flag_schedule_max_retries_overrides_and_is_written(
-    engine: Engine, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any, sql: Sql
+    database: Database,
+    engine: Engine,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
+    sql: Sql,
 ) -> None:
     add_flag("f")
     sid = add_schedule("f", {"enabled": True}, max_retries=5)
     failing("f")
     options = tick.TickOptions(max_retries_override=1)
-    tick.run(engine, options, rng=random.Random(1))
+    tick.run(database, options, rng=random.Random(1))
     assert schedule(sid)["max_retries"] == 1 and schedule(sid)["status"] == "failed"
     make_due(sql, sid)
-    report = tick.run(engine, options, rng=random.Random(1))
+    report = tick.run(database, options, rng=random.Random(1))
     assert report.count(Outcome.FAILED) == 1
     assert schedule(sid)["next_retry_at"] is None
 
 
 def test_backoff_cap_comes_from_options(
-    engine: Engine, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any
+    database: Database,
+    engine: Engine,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
 ) -> None:
     add_flag("f")
     sid = add_schedule(
@@ -315,7 +333,7 @@ def test_backoff_cap_comes_from_options(
         next_retry_at="now() - interval '1 second'",
     )
     failing("f")
-    tick.run(engine, tick.TickOptions(retry_max_delay=60), rng=random.Random(1))
+    tick.run(database, tick.TickOptions(retry_max_delay=60), rng=random.Random(1))
     assert timedelta(seconds=60) <= schedule(sid)["delay"] <= timedelta(seconds=90)
 
 
@@ -396,7 +414,7 @@ def test_future_and_other_states_are_not_claimed(
 
 
 def test_dry_run_changes_nothing(
-    engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
+    database: Database, engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
 ) -> None:
     add_flag("a")
     add_schedule("a", {"enabled": True})
@@ -405,7 +423,7 @@ def test_dry_run_changes_nothing(
     before = sql("SELECT * FROM feature_flag_schedules ORDER BY id") + sql(
         "SELECT * FROM feature_flags"
     )
-    plan = tick.preview(engine, tick.TickOptions())
+    plan = tick.preview(database, tick.TickOptions())
     after = sql("SELECT * FROM feature_flag_schedules ORDER BY id") + sql(
         "SELECT * FROM feature_flags"
     )
@@ -417,7 +435,7 @@ def test_dry_run_changes_nothing(
 
 
 def test_concurrent_ticks_in_threads_apply_everything_once(
-    engine: Engine, add_flag: Any, sql: Sql
+    database: Database, engine: Engine, add_flag: Any, sql: Sql
 ) -> None:
     sql("INSERT INTO feature_flags (key) SELECT 'k' || g FROM generate_series(1, 50) g")
     sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
@@ -428,7 +446,9 @@ def test_concurrent_ticks_in_threads_apply_everything_once(
 
     def drain() -> None:
         reports.append(
-            tick.run(engine, tick.TickOptions(batch_size=20, max_batches=200), rng=random.Random(1))
+            tick.run(
+                database, tick.TickOptions(batch_size=20, max_batches=200), rng=random.Random(1)
+            )
         )
 
     threads = [threading.Thread(target=drain) for _ in range(4)]

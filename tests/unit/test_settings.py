@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flagsched.db import one_line, redact_url, sqlalchemy_url, url_secrets
+from flagsched.db import libpq_url, one_line, redact_url, url_secrets
 from flagsched.errors import ConfigError
 from flagsched.settings import load_settings, parse_max_retries
 
@@ -124,16 +124,18 @@ def test_a_bad_max_retries_is_a_warning_not_an_error(monkeypatch: pytest.MonkeyP
     "raw",
     ["postgresql://u:p@h:5432/d", "postgres://u:p@h:5432/d", "postgresql+psycopg://u:p@h:5432/d"],
 )
-def test_all_accepted_schemes_use_psycopg3(raw: str) -> None:
-    url = sqlalchemy_url(raw)
-    assert url.drivername == "postgresql+psycopg"
-    assert (url.username, url.password, url.host, url.port, url.database) == (
-        "u",
-        "p",
-        "h",
-        5432,
-        "d",
-    )
+def test_all_accepted_schemes_reach_libpq_as_postgresql(raw: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = libpq_url(raw)
+    assert url == "postgresql://u:p@h:5432/d"
+    assert conninfo_to_dict(url) == {
+        "user": "u",
+        "password": "p",
+        "host": "h",
+        "port": "5432",
+        "dbname": "d",
+    }
 
 
 def test_redaction() -> None:

@@ -1,0 +1,103 @@
+"""The schema at the latest revision as SQLAlchemy Core tables (for alembic and the test that
+compares it with the migrated database), and the SQLAlchemy engine alembic runs on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from flagsched.db import Database
+
+metadata = sa.MetaData()
+
+feature_flags = sa.Table(
+    "feature_flags",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("key", sa.Text, nullable=False, unique=True),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("rollout_percentage", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint(
+        "rollout_percentage >= 0 AND rollout_percentage <= 100", name="rollout_percentage_check"
+    ),
+)
+
+feature_flag_schedules = sa.Table(
+    "feature_flag_schedules",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("flag_key", sa.Text, nullable=False),
+    sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updates", JSONB, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default=sa.text("'pending'")),
+    sa.Column("retry_count", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("max_retries", sa.Integer, nullable=False, server_default=sa.text("3")),
+    sa.Column("next_retry_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint("max_retries >= 0 AND max_retries <= 10", name="max_retries_check"),
+    sa.Index("idx_schedules_next_retry_at", "next_retry_at"),
+    # The claim of new schedules: an index scan in (scheduled_at, id) order that never
+    # walks applied history.
+    sa.Index(
+        "idx_schedules_pending_due",
+        "scheduled_at",
+        "id",
+        postgresql_where=sa.text("status = 'pending'"),
+    ),
+    # Per-flag order: "is an earlier schedule of this flag still open?" stays an index
+    # probe however much history the flag has.
+    sa.Index(
+        "idx_schedules_flag_open",
+        "flag_key",
+        "scheduled_at",
+        "id",
+        postgresql_where=sa.text("status IN ('pending', 'failed')"),
+    ),
+)
+
+
+def make_engine(
+    raw_url: str, *, lock_timeout: float = 5, statement_timeout: float | None = 30
+) -> Engine:
+    """A SQLAlchemy engine over `Database.connect` (same settings, same error messages)."""
+    database = Database(raw_url, lock_timeout, statement_timeout)
+    return sa.create_engine(
+        "postgresql+psycopg://",
+        poolclass=NullPool,
+        creator=lambda: database.connect(autocommit=False),
+        # The URL is only in `database`; keep it for error messages.
+    ).execution_options(flagsched_database=database)
+
+
+def database_of(engine: Engine) -> Database:
+    database: Database = engine.get_execution_options()["flagsched_database"]
+    return database
+
+
+@contextmanager
+def begin(engine: Engine) -> Iterator[Connection]:
+    """A connection inside one transaction, committed on success, errors translated."""
+    database = database_of(engine)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except sa.exc.DBAPIError as exc:
+        raise database.error(exc.orig if exc.orig is not None else exc) from None
