@@ -223,19 +223,18 @@ def claim_vs_history(b: Bench) -> Case:
         for history, conn in conns.items():  # warm caches and psycopg's prepared statements
             for _ in range(6):
                 with transaction(targets[history], conn, rollback=True):
-                    repository.claim(conn, now=repository.db_now(conn), limit=limit)
+                    repository.claim(conn, limit=limit)
         for i in range(rounds * batches):
             # Rotate which database goes first, so noise spreads over all of them.
             for history in levels[i % len(levels) :] + levels[: i % len(levels)]:
                 conn = conns[history]
                 with transaction(targets[history], conn):
-                    now = repository.db_now(conn)
                     started = time.perf_counter()
-                    claimed = repository.claim(conn, now=now, limit=limit)
+                    now, claimed = repository.claim(conn, limit=limit)
                     timings[history].append(time.perf_counter() - started)
+                    if now is None or len(claimed) != limit:
+                        raise RuntimeError(f"claim at {history} rows returned {len(claimed)} rows")
                     repository.record(conn, [Result(c, Outcome.APPLIED) for c in claimed], now=now)
-                if len(claimed) != limit:
-                    raise RuntimeError(f"claim at {history} rows returned {len(claimed)} rows")
     for db in databases.values():
         b.cluster.drop(db)
     means = {h: statistics.fmean(t) * 1000 for h, t in timings.items()}
@@ -296,18 +295,13 @@ def _claim_plans(conn: Conn, limit: int) -> tuple[str, str]:
 
     statement = repository._CLAIM
     with conn.transaction(force_rollback=True):
-        now = repository.db_now(conn)
-        rows = conn.execute(
-            "EXPLAIN (ANALYZE, BUFFERS) " + statement, {"now": now, "limit": limit}
-        ).fetchall()
+        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, {"limit": limit}).fetchall()
         custom = "\n".join(str(r[0]) for r in rows)
-    positional = statement.replace("%(now)s", "$1").replace("%(limit)s", "$2")
+    positional = statement.replace("%(limit)s", "$1")
     with conn.transaction(force_rollback=True):
         conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        conn.execute(f"PREPARE bench_claim (timestamptz, bigint) AS {positional}")
-        rows = conn.execute(
-            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_claim ('{now.isoformat()}', {limit})"
-        ).fetchall()
+        conn.execute(f"PREPARE bench_claim (bigint) AS {positional}")
+        rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_claim ({limit})").fetchall()
         generic = "\n".join(str(r[0]) for r in rows)
     conn.execute("DEALLOCATE bench_claim")  # a prepared statement outlives its transaction
     return custom, generic

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -43,6 +44,47 @@ def _isoformat(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class _Output:
+    """Where rendered lines go: each written and flushed at once, or, inside `together()`,
+    held and written in one write at its end (a batch's lines: one write, not a hundred)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.held: list[str] | None = None
+
+    def msg(self, message: str) -> None:
+        if self.held is not None:
+            self.held.append(message)
+        else:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+
+    debug = info = warning = error = critical = exception = log = msg
+
+    def write_held(self) -> None:
+        lines, self.held = self.held, None
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+
+
+_output: _Output | None = None
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """Lines logged inside are written together when it ends (also when it raises)."""
+    output = _output
+    if output is None or output.held is not None:
+        yield
+        return
+    output.held = []
+    try:
+        yield
+    finally:
+        output.write_held()
+
+
 def configure(
     fmt: str = "auto",
     level: str = "info",
@@ -50,7 +92,9 @@ def configure(
     secrets: Iterable[str] = (),
 ) -> None:
     """Configure structlog once for this process; `secrets` never reach the output."""
+    global _output
     stream = stream or sys.stderr
+    _output = _Output(stream)
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer: Processor = (
@@ -67,7 +111,7 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_: _output,
         cache_logger_on_first_use=False,
     )
 

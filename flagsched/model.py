@@ -118,7 +118,6 @@ class Claimed:
     retry_count: int
     max_retries: int
     next_retry_at: datetime | None
-    flag_exists: bool
     blocked: bool  # an earlier schedule of the flag, outside this claim, is still open
 
 

@@ -59,8 +59,8 @@ def db_now(conn: Conn) -> datetime:
     return value
 
 
-# The LATERAL ... LIMIT 1 subqueries are deliberate: they keep each check a per-row index
-# probe (idx_schedules_flag_open, the flags' key index) whatever the planner guesses about
+# The LATERAL ... LIMIT 1 subquery is deliberate: it keeps each check a per-row index
+# probe (idx_schedules_flag_open) whatever the planner guesses about
 # the batch size, instead of a hash over every flag or every waiting retry.
 # Retries first (by next_retry_at), then new schedules (by scheduled_at, id), together at
 # most :limit rows, skipping rows other ticks hold. A pending schedule behind a retry that is
@@ -75,7 +75,7 @@ _COLUMNS = "id, flag_key, scheduled_at, updates, status, retry_count, max_retrie
 _CLAIM = f"""
     WITH retries AS (
         SELECT {_COLUMNS} FROM feature_flag_schedules
-        WHERE status = 'failed' AND next_retry_at <= %(now)s AND retry_count <= max_retries
+        WHERE status = 'failed' AND next_retry_at <= now() AND retry_count <= max_retries
         ORDER BY next_retry_at, id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
@@ -86,23 +86,20 @@ _CLAIM = f"""
             SELECT 1 AS hit FROM feature_flag_schedules e
             WHERE e.flag_key = s.flag_key
               AND e.status IN ('pending', 'failed')
-              AND e.status = 'failed' AND e.next_retry_at > %(now)s
+              AND e.status = 'failed' AND e.next_retry_at > now()
               AND e.retry_count <= e.max_retries
               AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
             LIMIT 1
         ) waiting ON true
-        WHERE s.status = 'pending' AND s.scheduled_at <= %(now)s AND waiting.hit IS NULL
+        WHERE s.status = 'pending' AND s.scheduled_at <= now() AND waiting.hit IS NULL
         ORDER BY s.scheduled_at, s.id
         LIMIT %(limit)s - (SELECT count(*) FROM retries)
         FOR UPDATE OF s SKIP LOCKED
     ), claimed AS (
         SELECT * FROM retries UNION ALL SELECT * FROM pending
     )
-    SELECT c.*, f.hit IS NOT NULL AS flag_exists, b.blocked
+    SELECT now(), c.*, b.blocked
     FROM claimed c
-    LEFT JOIN LATERAL (
-        SELECT 1 AS hit FROM feature_flags f WHERE f.key = c.flag_key LIMIT 1
-    ) f ON true
     CROSS JOIN LATERAL (
         SELECT EXISTS (
             SELECT 1 FROM feature_flag_schedules e
@@ -116,69 +113,46 @@ _CLAIM = f"""
     """
 
 
-def claim(conn: Conn, *, now: datetime, limit: int) -> list[Claimed]:
-    """Lock and return up to `limit` due schedules, ordered by flag then (scheduled_at, id)."""
-    rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
-    return [Claimed(*row) for row in rows]  # columns in Claimed's field order
+def claim(conn: Conn, *, limit: int) -> tuple[datetime | None, list[Claimed]]:
+    """Lock and return up to `limit` schedules due at the database's now(), ordered by flag
+    then (scheduled_at, id), with that now() (None when nothing was claimed)."""
+    rows = conn.execute(_CLAIM, {"limit": limit}).fetchall()
+    now = rows[0][0] if rows else None
+    return now, [Claimed(*row[1:]) for row in rows]  # columns in Claimed's field order
 
 
-def lock_free_flags(conn: Conn, keys: Sequence[str]) -> set[str]:
-    """Lock, in key order, the flags among `keys` that nobody else holds; return their keys."""
-    rows = conn.execute(
-        "SELECT key FROM feature_flags WHERE key = ANY(%(keys)s) "
-        "ORDER BY key FOR UPDATE SKIP LOCKED",
-        {"keys": list(keys)},
-    ).fetchall()
-    return {row[0] for row in rows}
-
-
-def set_flags(conn: Conn, states: Mapping[str, Updates], *, now: datetime) -> None:
-    """One UPDATE for many flags; a None field keeps the flag's current value."""
-    keys = list(states)
-    conn.execute(
-        """
-        UPDATE feature_flags AS f
-        SET enabled = coalesce(v.enabled, f.enabled),
-            rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
-            updated_at = %(now)s
-        FROM unnest(CAST(%(keys)s AS text[]), CAST(%(enabled)s AS boolean[]),
-                    CAST(%(rollout)s AS integer[])) AS v(key, enabled, rollout)
-        WHERE f.key = v.key
-        """,
-        {
-            "keys": keys,
-            "enabled": [states[k].enabled for k in keys],
-            "rollout": [states[k].rollout_percentage for k in keys],
-            "now": now,
-        },
-    )
-
-
-# Per-change isolation done by the server: flagsched_apply_each (migration 0003) applies each
-# change in its own BEGIN ... EXCEPTION block and returns the ones that did not apply. It
-# replaces one savepoint round trip per schedule when a batch holds a failing change.
+# flagsched_apply (migration 0003) does a batch's flag writes in one statement: the free
+# flags set-based, all or nothing, then every other change on its own, each isolated.
 APPLY_FAILED, APPLY_MISSING, APPLY_HELD_BACK = "error", "missing", "held_back"
 
 
-def apply_each(
+def apply(
     conn: Conn,
+    flags: Mapping[str, Updates],
     changes: Sequence[tuple[str, Updates, bool]],
-    *,
-    now: datetime,
 ) -> dict[int, tuple[str, str | None]]:
-    """Apply (flag_key, updates, stop_on_failure) changes in order, each isolated. Returns
-    {index: (APPLY_FAILED with the error | APPLY_MISSING | APPLY_HELD_BACK, None)} for the
-    changes that did not apply; after a failure with stop_on_failure, the flag's later
-    changes are held back. Locks wait up to lock_timeout each."""
+    """Write `flags` (each flag's changes folded into one) set-based where nobody holds them,
+    and otherwise each of `changes` ((flag_key, updates, stop_on_failure), in order) on its
+    own. Returns {index in changes: (outcome, error)} for the changes that did not apply:
+    APPLY_FAILED (a failure with stop_on_failure holds that flag's later changes back:
+    APPLY_HELD_BACK) or APPLY_MISSING (no such flag)."""
+    keys = list(flags)
     rows = conn.execute(
-        "SELECT item, outcome, message FROM flagsched_apply_each("
-        "%(keys)s, %(enabled)s, %(rollout)s, %(stop)s, %(now)s)",
+        """
+        SELECT item, outcome, message FROM flagsched_apply(
+            CAST(%(flag_keys)b AS text[]), CAST(%(flag_enabled)b AS boolean[]),
+            CAST(%(flag_rollout)b AS integer[]), CAST(%(keys)b AS text[]),
+            CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
+            CAST(%(stop)b AS boolean[]))
+        """,
         {
+            "flag_keys": keys,
+            "flag_enabled": [flags[k].enabled for k in keys],
+            "flag_rollout": [flags[k].rollout_percentage for k in keys],
             "keys": [key for key, _, _ in changes],
             "enabled": [u.enabled for _, u, _ in changes],
             "rollout": [u.rollout_percentage for _, u, _ in changes],
             "stop": [stop for _, _, stop in changes],
-            "now": now,
         },
     ).fetchall()
     return {int(item) - 1: (str(outcome), message) for item, outcome, message in rows}
@@ -208,9 +182,11 @@ def cancel_running_statement(conn: Conn) -> None:
 
 
 def record(conn: Conn, results: Sequence[Result], *, now: datetime) -> None:
-    """Write every applied / retry / failed outcome of a batch in one UPDATE."""
-    done = [r for r in results if r.outcome is not Outcome.HELD_BACK]
-    if not done:
+    """Write every applied / retry / failed outcome of a batch in one UPDATE (applied ones
+    travel as one array of ids: the common case carries little)."""
+    applied = [r.schedule.id for r in results if r.outcome is Outcome.APPLIED]
+    failed = [r for r in results if r.outcome in (Outcome.RETRY, Outcome.FAILED)]
+    if not applied and not failed:
         return
     conn.execute(
         """
@@ -222,18 +198,24 @@ def record(conn: Conn, results: Sequence[Result], *, now: datetime) -> None:
             next_retry_at = v.next_retry_at,
             last_error = v.last_error,
             updated_at = %(now)s
-        FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(applied)s AS boolean[]),
-                    CAST(%(next)s AS timestamptz[]), CAST(%(errors)s AS text[]),
-                    CAST(%(max)s AS integer[]))
-             AS v(id, applied, next_retry_at, last_error, max_retries)
+        FROM (
+            SELECT id, true AS applied, NULL::timestamptz AS next_retry_at,
+                   NULL::text AS last_error, NULL::integer AS max_retries
+            FROM unnest(CAST(%(applied)b AS bigint[])) AS id
+            UNION ALL
+            SELECT f.id, false, f.next_retry_at, f.last_error, f.max_retries
+            FROM unnest(CAST(%(failed)b AS bigint[]), CAST(%(next)b AS timestamptz[]),
+                        CAST(%(errors)b AS text[]), CAST(%(max)b AS integer[]))
+                 AS f(id, next_retry_at, last_error, max_retries)
+        ) AS v
         WHERE s.id = v.id
         """,
         {
-            "ids": [r.schedule.id for r in done],
-            "applied": [r.outcome is Outcome.APPLIED for r in done],
-            "next": [r.next_retry_at for r in done],
-            "errors": [r.error for r in done],
-            "max": [r.max_retries for r in done],
+            "applied": applied,
+            "failed": [r.schedule.id for r in failed],
+            "next": [r.next_retry_at for r in failed],
+            "errors": [r.error for r in failed],
+            "max": [r.max_retries for r in failed],
             "now": now,
         },
     )
@@ -317,6 +299,13 @@ def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
         {"now": now},
     )[0]
     return {k: int(v) for k, v in row.items()}
+
+
+def existing_flags(conn: Conn, keys: Sequence[str]) -> set[str]:
+    rows = conn.execute(
+        "SELECT key FROM feature_flags WHERE key = ANY(%(keys)s)", {"keys": list(keys)}
+    ).fetchall()
+    return {row[0] for row in rows}
 
 
 def flag_exists(conn: Conn, key: str) -> bool:

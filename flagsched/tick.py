@@ -13,8 +13,8 @@ from typing import Any
 
 from flagsched import policy, repository
 from flagsched.db import Conn, Database, connection, transaction
-from flagsched.errors import DatabaseError, StatementFailed
-from flagsched.logs import get_logger
+from flagsched.errors import DatabaseError
+from flagsched.logs import get_logger, together
 from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
 
 
@@ -77,16 +77,15 @@ def run(
                     break
                 try:
                     with transaction(database, conn):
-                        results = _batch(conn, options, rng, stop)
+                        results = _batch(conn, options, rng)
                 except DatabaseError:
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
                         break
                     raise
                 report.add(results)
-                for (
-                    result
-                ) in results:  # after commit: a log line never claims a rolled-back outcome
-                    _log_result(log, result)
+                with together():  # after commit: no line claims a rolled-back outcome
+                    for result in results:
+                        _log_result(log, result)
                 if not any(r.outcome is not Outcome.HELD_BACK for r in results):
                     break  # nothing due, or nothing that can move now
             if not stop.requested:
@@ -128,11 +127,22 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
         with transaction(database, conn):
             repository.ensure_schema(conn)
         with transaction(database, conn, rollback=True):  # nothing claimed is kept
-            now = repository.db_now(conn)
-            claimed = repository.claim(conn, now=now, limit=options.batch_size)
+            now, claimed = repository.claim(conn, limit=options.batch_size)
+            existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
+    if now is None:
+        return []
     decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
     plan = [(r.schedule, _describe(r)) for r in decided]
-    plan += [(c, f"apply {u.as_json()}") for flag_steps in steps.values() for c, u in flag_steps]
+    plan += [
+        (
+            c,
+            f"apply {u.as_json()}"
+            if key in existing
+            else f"fail for good: flag {key!r} does not exist",
+        )
+        for key, flag_steps in steps.items()
+        for c, u in flag_steps
+    ]
     return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
 
 
@@ -187,90 +197,44 @@ def _plan(
             except InvalidUpdates as exc:
                 decided.append(fail(schedule, str(exc), permanent=True))
                 continue
-            if not schedule.flag_exists:
-                decided.append(fail(schedule, f"flag {flag_key!r} does not exist", permanent=True))
-                continue
             steps.setdefault(flag_key, []).append((schedule, updates))
     return decided, steps
 
 
-def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
-    now = repository.db_now(conn)
-    claimed = repository.claim(conn, now=now, limit=options.batch_size)
+def _batch(conn: Conn, options: TickOptions, rng: random.Random) -> list[Result]:
+    now, claimed = repository.claim(conn, limit=options.batch_size)
+    if now is None:
+        return []
     fail = _Failures(now, options, rng)
     results, steps = _plan(claimed, fail)
     if steps:
-        results += _apply(conn, steps, now, fail, stop)
+        results += _apply(conn, steps, fail)
     repository.record(conn, results, now=now)
     return results
 
 
-def _apply(
-    conn: Conn,
-    steps: dict[str, list[Step]],
-    now: datetime,
-    fail: _Failures,
-    stop: StopFlag,
-) -> list[Result]:
-    """Set-based first: every free flag in one UPDATE inside one savepoint. Only when that
-    fails, and for flags someone else holds, each change is isolated (flagsched_apply_each)."""
-    free = repository.lock_free_flags(conn, sorted(steps))
-    fast = {key: flag_steps for key, flag_steps in steps.items() if key in free}
+def _apply(conn: Conn, steps: dict[str, list[Step]], fail: _Failures) -> list[Result]:
+    """One statement: free flags set-based, the rest change by change, each failure isolated.
+    If the statement fails as a whole (a cancel, statement_timeout) the batch rolls back."""
+    keys = sorted(steps)
+    ordered = [step for key in keys for step in steps[key]]
+    missed = repository.apply(
+        conn,
+        {key: _fold(steps[key]) for key in keys},
+        [(s.flag_key, u, fail.would_retry(s)) for s, u in ordered],
+    )
     results: list[Result] = []
-    if fast:
-        try:
-            with repository.savepoint(conn):
-                repository.set_flags(conn, {k: _fold(v) for k, v in fast.items()}, now=now)
-        except StatementFailed:
-            if stop.requested:
-                return results
-        else:
-            results = [Result(s, Outcome.APPLIED) for v in fast.values() for s, _ in v]
-            steps = {k: v for k, v in steps.items() if k not in fast}
-    if steps and not stop.requested:
-        results += _apply_each(
-            conn, [step for key in sorted(steps) for step in steps[key]], now, fail, stop
-        )
-    return results
-
-
-def _apply_each(
-    conn: Conn, steps: list[Step], now: datetime, fail: _Failures, stop: StopFlag
-) -> list[Result]:
-    """Each change on its own, in order; a flag whose change will be retried holds its later
-    changes back. Flags other ticks hold are waited for (up to lock_timeout each)."""
-    changes = [(s.flag_key, u, fail.would_retry(s)) for s, u in steps]
-    try:
-        with repository.savepoint(conn):
-            missed = repository.apply_each(conn, changes, now=now)
-    except StatementFailed as exc:
-        if stop.requested:  # our own cancel: the rest stays as it is, due for the next tick
-            return []
-        # The statement as a whole failed (e.g. statement_timeout): every change in it is
-        # undone, so each counts as failed, with the same per-flag holding back.
-        stopped: set[str] = set()
-        missed = {}
-        for index, (key, _, would_retry) in enumerate(changes):
-            missed[index] = (
-                (repository.APPLY_HELD_BACK, None)
-                if key in stopped
-                else (repository.APPLY_FAILED, exc.message)
-            )
-            if would_retry:
-                stopped.add(key)
-    results: list[Result] = []
-    for index, (schedule, _) in enumerate(steps):
-        outcome, message = missed.get(index, (None, None))
+    for index, (schedule, _) in enumerate(ordered):
+        outcome, error = missed.get(index, (None, None))
         if outcome is None:
             results.append(Result(schedule, Outcome.APPLIED))
         elif outcome == repository.APPLY_HELD_BACK:
             results.append(Result(schedule, Outcome.HELD_BACK))
         elif outcome == repository.APPLY_MISSING:
-            results.append(
-                fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
-            )
+            gone = f"flag {schedule.flag_key!r} does not exist"
+            results.append(fail(schedule, gone, permanent=True))
         else:
-            results.append(fail(schedule, message or "unknown error", permanent=False))
+            results.append(fail(schedule, error or "unknown error", permanent=False))
     return results
 
 
