@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -20,12 +20,8 @@ _LEVELS = {
 }
 
 
-def _redactor(secrets: Iterable[str]) -> Processor:
-    secrets = [s for s in secrets if s]
-
+def _redactor(secrets: list[str]) -> Processor:
     def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
-        if not secrets:
-            return event
         for key, value in event.items():
             if isinstance(value, str):
                 for secret in secrets:
@@ -41,6 +37,18 @@ def _isoformat(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     for key, value in event.items():
         if isinstance(value, datetime):
             event[key] = value.isoformat()
+    return event
+
+
+def _json_default(value: object) -> str:
+    """JSON for what json cannot write itself: times as ISO 8601, anything else as repr."""
+    return value.isoformat() if isinstance(value, datetime) else repr(value)
+
+
+def _stamp(_: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Level and UTC time in one step (a tick writes a line per schedule: it adds up)."""
+    event["level"] = method
+    event["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return event
 
 
@@ -97,19 +105,16 @@ def configure(
     _output = _Output(stream)
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
-    renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
-    )
+    processors: list[Processor] = [_stamp]
+    if fmt == "console":
+        processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+    else:
+        processors += [structlog.processors.JSONRenderer(default=_json_default)]
+    secrets = [s for s in secrets if s]
+    if secrets:  # before the renderer
+        processors.insert(-1, _redactor(secrets))
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _isoformat,
-            _redactor(secrets),
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *_: _output,
         cache_logger_on_first_use=False,

@@ -59,9 +59,8 @@ def db_now(conn: Conn) -> datetime:
     return value
 
 
-# The LATERAL ... LIMIT 1 subquery is deliberate: it keeps each check a per-row index
-# probe (idx_schedules_flag_open) whatever the planner guesses about
-# the batch size, instead of a hash over every flag or every waiting retry.
+# Each "earlier schedule of this flag" check is an index probe on idx_schedules_flag_open
+# (open rows only), so the claim's cost follows the batch and the open backlog, not history.
 # Retries first (by next_retry_at), then new schedules (by scheduled_at, id), together at
 # most :limit rows, skipping rows other ticks hold. A pending schedule behind a retry that is
 # not due yet is not claimed at all, so held-back rows never crowd a batch. `blocked` tells
@@ -82,16 +81,14 @@ _CLAIM = f"""
     ), pending AS (
         SELECT {", ".join("s." + c for c in _COLUMNS.split(", "))}
         FROM feature_flag_schedules s
-        LEFT JOIN LATERAL (
-            SELECT 1 AS hit FROM feature_flag_schedules e
+        WHERE s.status = 'pending' AND s.scheduled_at <= now()
+          AND NOT EXISTS (
+            SELECT 1 FROM feature_flag_schedules e
             WHERE e.flag_key = s.flag_key
               AND e.status IN ('pending', 'failed')
               AND e.status = 'failed' AND e.next_retry_at > now()
               AND e.retry_count <= e.max_retries
-              AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
-            LIMIT 1
-        ) waiting ON true
-        WHERE s.status = 'pending' AND s.scheduled_at <= now() AND waiting.hit IS NULL
+              AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id))
         ORDER BY s.scheduled_at, s.id
         LIMIT %(limit)s - (SELECT count(*) FROM retries)
         FOR UPDATE OF s SKIP LOCKED

@@ -62,6 +62,9 @@ def upgrade() -> None:
             EXCEPTION WHEN OTHERS THEN
                 done := '{}';  -- undone as a whole; every change is tried on its own below
             END;
+            IF cardinality(done) = cardinality(p_flag_keys) THEN
+                RETURN;  -- the common case: every flag written
+            END IF;
             FOR n IN 1 .. coalesce(array_length(p_keys, 1), 0) LOOP
                 CONTINUE WHEN p_keys[n] = ANY (done);
                 item := n;
