@@ -88,7 +88,8 @@ _CLAIM = f"""
               AND e.status IN ('pending', 'failed')
               AND e.status = 'failed' AND e.next_retry_at > now()
               AND e.retry_count <= e.max_retries
-              AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id))
+              AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
+            OFFSET 0)  -- keeps it a per-row index probe, never an anti join over all retries
         ORDER BY s.scheduled_at, s.id
         LIMIT %(limit)s - (SELECT count(*) FROM retries)
         FOR UPDATE OF s SKIP LOCKED
