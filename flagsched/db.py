@@ -7,6 +7,7 @@ Core describes the schema and drives alembic (flagsched.schema, flagsched.migrat
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import orjson
 import psycopg
+from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
 
@@ -60,7 +63,7 @@ class Database:
     def connect(self, *, autocommit: bool = True) -> Conn:
         """A new connection; transactions are explicit (`transaction`) unless autocommit=False."""
         try:
-            return psycopg.connect(
+            conn = psycopg.connect(
                 libpq_url(self.url),
                 autocommit=autocommit,
                 application_name=self.application_name,
@@ -69,6 +72,8 @@ class Database:
             )
         except (psycopg.Error, ValueError) as exc:
             raise self.error(exc, connecting=True) from None
+        set_json_loads(_json_loads, conn)  # every claimed schedule's `updates`
+        return conn
 
     def error(self, exc: BaseException, *, connecting: bool = False) -> FlagschedError:
         """A driver error as a flagsched error: one line, no password."""
@@ -84,6 +89,14 @@ class Database:
             yield
         except psycopg.Error as exc:
             raise self.error(exc) from None
+
+
+def _json_loads(data: bytes | str) -> Any:
+    """orjson, or the standard library for what orjson refuses and jsonb holds (1e400)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _is_connection_lost(exc: BaseException) -> bool:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -43,6 +44,10 @@ def _isoformat(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 def _json_default(value: object) -> str:
     """JSON for what json cannot write itself: times as ISO 8601, anything else as repr."""
     return value.isoformat() if isinstance(value, datetime) else repr(value)
+
+
+def _dumps(event: Any, **_: Any) -> str:
+    return orjson.dumps(event, default=_json_default).decode()
 
 
 def _stamp(_: WrappedLogger, method: str, event: EventDict) -> EventDict:
@@ -109,7 +114,7 @@ def configure(
     if fmt == "console":
         processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     else:
-        processors += [structlog.processors.JSONRenderer(default=_json_default)]
+        processors += [structlog.processors.JSONRenderer(serializer=_dumps)]
     secrets = [s for s in secrets if s]
     if secrets:  # before the renderer
         processors.insert(-1, _redactor(secrets))

@@ -162,6 +162,27 @@ def test_missing_flag_and_invalid_updates_fail_for_good_at_once(
     assert {e["schedule_id"] for e in failed} == {missing, *bad}
 
 
+def test_numbers_json_parsers_refuse_are_validated_not_fatal(
+    run_tick: Tick, add_flag: Any, sql: Sql, schedule: Any, flag: Any
+) -> None:
+    """jsonb holds numbers a fast JSON parser refuses (1e400): the tick still runs."""
+    add_flag("real", rollout=10)
+    ids = [
+        sql(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+            "VALUES ('real', now() - interval '1 minute', CAST(:u AS jsonb)) RETURNING id",
+            u=text,
+        )[0][0]
+        for text in ('{"rollout_percentage": 1e400}', '{"rollout_percentage": 1' + "0" * 30 + "}")
+    ]
+    assert run_tick().count(Outcome.FAILED) == 2
+    for sid in ids:
+        row = schedule(sid)
+        assert row["status"] == "failed" and row["next_retry_at"] is None
+        assert "rollout_percentage must be an integer 0..100" in row["last_error"]
+    assert flag("real") == (False, 10)
+
+
 def test_four_overdue_rollout_steps_land_in_one_run_in_order(
     run_tick: Tick, add_flag: Any, add_schedule: Any, flag: Any, sql: Sql, schedule: Any
 ) -> None:
@@ -365,6 +386,52 @@ def test_a_flag_locked_by_the_application_retries_only_that_schedule(
     assert row["status"] == "failed" and "lock" in row["last_error"]
     assert schedule(later)["status"] == "pending"
     assert flag("locked") == (False, 0)
+
+
+def test_waiting_for_held_flags_stops_before_the_statement_timeout(
+    engine: Engine,
+    database_url: str,
+    add_flag: Any,
+    add_schedule: Any,
+    schedule: Any,
+    flag: Any,
+) -> None:
+    """After half the statement timeout, held flags are no longer waited for: their
+    schedules fail (a retry), the rest of the batch still commits."""
+    for key in ("a", "b", "free"):
+        add_flag(key)
+    held = [add_schedule("a", {"enabled": True}), add_schedule("b", {"enabled": True})]
+    free = add_schedule("free", {"enabled": True})
+    holder = engine.connect()
+    tx = holder.begin()
+    holder.execute(sa.text("SELECT * FROM feature_flags WHERE key IN ('a', 'b') FOR UPDATE"))
+    database = Database(database_url, lock_timeout=1.2, statement_timeout=2)
+    try:
+        report = tick.run(database, tick.TickOptions(), rng=random.Random(1))
+    finally:
+        tx.rollback()
+        holder.close()
+    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 2
+    assert schedule(free)["status"] == "applied" and flag("free") == (True, 0)
+    first, second = (schedule(s) for s in held)
+    assert first["status"] == "failed" and "lock timeout" in first["last_error"]
+    assert second["status"] == "failed" and "not attempted" in second["last_error"]
+
+
+def test_a_flag_deleted_after_the_claim_fails_for_good(database: Database, add_flag: Any) -> None:
+    from flagsched import repository
+    from flagsched.db import connection, transaction
+    from flagsched.model import Updates
+
+    add_flag("real")
+    change = Updates(enabled=True)
+    with connection(database) as conn, transaction(database, conn, rollback=True):
+        missed = repository.apply(
+            conn,
+            {"ghost": change, "real": change},
+            [("ghost", change, True), ("real", change, True)],
+        )
+    assert missed == {0: (repository.APPLY_MISSING, None)}
 
 
 def test_hot_flag_drains_in_batches_of_the_batch_size(
