@@ -107,5 +107,6 @@ def test_the_build_stage_sources_make_a_wheel_with_the_migrations(tmp_path: Path
         "flagsched/migrations/env.py",
         "flagsched/migrations/versions/0001_create_tables.py",
         "flagsched/migrations/versions/0002_retry_columns.py",
+        "flagsched/migrations/versions/0003_apply_function.py",
     } <= names
     assert "Description-Content-Type: text/markdown" in metadata  # README.md was there

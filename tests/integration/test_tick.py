@@ -295,7 +295,6 @@ def test_failure_isolation_one_failing_flag_among_many(
 
 def test_retries_are_claimed_before_new_schedules(
     database: Database,
-    engine: Engine,
     add_flag: Any,
     add_schedule: Any,
     failing: Any,
@@ -317,7 +316,6 @@ def test_retries_are_claimed_before_new_schedules(
 
 def test_flag_schedule_max_retries_overrides_and_is_written(
     database: Database,
-    engine: Engine,
     add_flag: Any,
     add_schedule: Any,
     failing: Any,
@@ -338,7 +336,6 @@ def test_flag_schedule_max_retries_overrides_and_is_written(
 
 def test_backoff_cap_comes_from_options(
     database: Database,
-    engine: Engine,
     add_flag: Any,
     add_schedule: Any,
     failing: Any,
@@ -481,7 +478,7 @@ def test_future_and_other_states_are_not_claimed(
 
 
 def test_dry_run_changes_nothing(
-    database: Database, engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
+    database: Database, add_flag: Any, add_schedule: Any, sql: Sql
 ) -> None:
     add_flag("a")
     add_schedule("a", {"enabled": True})
@@ -502,7 +499,7 @@ def test_dry_run_changes_nothing(
 
 
 def test_concurrent_ticks_in_threads_apply_everything_once(
-    database: Database, engine: Engine, add_flag: Any, sql: Sql
+    database: Database, add_flag: Any, sql: Sql
 ) -> None:
     sql("INSERT INTO feature_flags (key) SELECT 'k' || g FROM generate_series(1, 50) g")
     sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
