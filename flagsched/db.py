@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -20,6 +20,7 @@ import psycopg
 from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
+from flagsched.model import Unreadable
 
 # The alembic head. The tick checks it without importing alembic (cold start);
 # a test keeps it equal to the migration scripts' head.
@@ -42,7 +43,7 @@ def libpq_url(raw: str) -> str:
 class Database:
     """Where and how to connect. Every connection gets the same session settings."""
 
-    url: str
+    url: str = field(repr=False)  # it may hold a password
     lock_timeout: float = 5
     statement_timeout: float | None = 30
     application_name: str = APPLICATION_NAME
@@ -92,11 +93,18 @@ class Database:
 
 
 def _json_loads(data: bytes | str) -> Any:
-    """orjson, or the standard library for what orjson refuses and jsonb holds (1e400)."""
+    """orjson; the standard library for what orjson refuses and jsonb holds (1e400); and for
+    what neither reads (nested too deep), an Unreadable that fails its row, not the tick."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
+        pass
+    try:
         return json.loads(data)
+    except RecursionError:
+        return Unreadable("nested too deeply")
+    except ValueError as exc:
+        return Unreadable(one_line(str(exc), []))
 
 
 def _is_connection_lost(exc: BaseException) -> bool:

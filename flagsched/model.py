@@ -24,6 +24,17 @@ ALLOWED_KEYS = ("enabled", "rollout_percentage")
 
 
 @dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stored JSON value the client could not read (e.g. nested thousands of levels deep):
+    it stands in for the value, so one such row fails for good instead of stopping a tick."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"(unreadable JSON: {self.reason})"
+
+
+@dataclass(frozen=True, slots=True)
 class Updates:
     """A validated change: None means "leave as it is"."""
 
@@ -33,6 +44,8 @@ class Updates:
     @classmethod
     def parse(cls, value: object) -> Updates:
         """Strict validation of a schedule's `updates`; no lax coercion ("yes", 12.5, "50")."""
+        if isinstance(value, Unreadable):
+            raise InvalidUpdates(f"updates could not be read: {value.reason}")
         if not isinstance(value, dict):
             raise InvalidUpdates(f"updates must be a JSON object, got {_json_type(value)}")
         unknown = sorted(str(k) for k in value if k not in ALLOWED_KEYS)

@@ -14,7 +14,11 @@ def iso(value: datetime | None) -> str | None:
 
 
 def _plain(value: Any) -> Any:
-    return iso(value) if isinstance(value, datetime) else value
+    if isinstance(value, datetime):
+        return iso(value)
+    return (
+        value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
+    )
 
 
 def to_json(data: Any) -> str:

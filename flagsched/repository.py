@@ -121,19 +121,23 @@ def claim(conn: Conn, *, limit: int) -> tuple[datetime | None, list[Claimed]]:
 
 # flagsched_apply (migration 0003) does a batch's flag writes in one statement: the free
 # flags set-based, all or nothing, then every other change on its own, each isolated.
-APPLY_FAILED, APPLY_MISSING, APPLY_HELD_BACK = "error", "missing", "held_back"
+APPLY_FAILED, APPLY_MISSING, APPLY_HELD_BACK, APPLY_BUSY = "error", "missing", "held_back", "busy"
 
 
 def apply(
     conn: Conn,
     flags: Mapping[str, Updates],
     changes: Sequence[tuple[str, Updates, bool]],
+    *,
+    wait: bool,
 ) -> dict[int, tuple[str, str | None]]:
     """Write `flags` (each flag's changes folded into one) set-based where nobody holds them,
     and otherwise each of `changes` ((flag_key, updates, stop_on_failure), in order) on its
     own. Returns {index in changes: (outcome, error)} for the changes that did not apply:
     APPLY_FAILED (a failure with stop_on_failure holds that flag's later changes back:
-    APPLY_HELD_BACK) or APPLY_MISSING (no such flag)."""
+    APPLY_HELD_BACK), APPLY_MISSING (no such flag) or APPLY_BUSY (not attempted: the flag is
+    held by another session; with `wait`, waited for up to lock_timeout and, all together,
+    half of statement_timeout)."""
     keys = list(flags)
     rows = conn.execute(
         """
@@ -141,7 +145,7 @@ def apply(
             CAST(%(flag_keys)b AS text[]), CAST(%(flag_enabled)b AS boolean[]),
             CAST(%(flag_rollout)b AS integer[]), CAST(%(keys)b AS text[]),
             CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
-            CAST(%(stop)b AS boolean[]))
+            CAST(%(stop)b AS boolean[]), %(wait)s)
         """,
         {
             "flag_keys": keys,
@@ -151,6 +155,7 @@ def apply(
             "enabled": [u.enabled for _, u, _ in changes],
             "rollout": [u.rollout_percentage for _, u, _ in changes],
             "stop": [stop for _, _, stop in changes],
+            "wait": wait,
         },
     ).fetchall()
     return {int(item) - 1: (str(outcome), message) for item, outcome, message in rows}

@@ -13,7 +13,7 @@ from typing import Any
 
 from flagsched import policy, repository
 from flagsched.db import Conn, Database, connection, transaction
-from flagsched.errors import DatabaseError
+from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
 from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
 
@@ -77,7 +77,7 @@ def run(
                     break
                 try:
                     with transaction(database, conn):
-                        results = _batch(conn, options, rng)
+                        results = _batch(conn, options, rng, stop)
                 except DatabaseError:
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
                         break
@@ -201,41 +201,80 @@ def _plan(
     return decided, steps
 
 
-def _batch(conn: Conn, options: TickOptions, rng: random.Random) -> list[Result]:
+def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
     now, claimed = repository.claim(conn, limit=options.batch_size)
     if now is None:
         return []
     fail = _Failures(now, options, rng)
     results, steps = _plan(claimed, fail)
     if steps:
-        results += _apply(conn, steps, fail)
+        results += _apply(conn, steps, fail, stop)
     repository.record(conn, results, now=now)
     return results
 
 
-def _apply(conn: Conn, steps: dict[str, list[Step]], fail: _Failures) -> list[Result]:
-    """One statement: free flags set-based, the rest change by change, each failure isolated.
-    If the statement fails as a whole (a cancel, statement_timeout) the batch rolls back."""
+def _apply(
+    conn: Conn, steps: dict[str, list[Step]], fail: _Failures, stop: StopFlag
+) -> list[Result]:
+    """One statement writes the batch: free flags set-based, then what is left change by
+    change, each failure isolated. Flags other sessions hold get a second statement that
+    waits for them, in a savepoint: a signal cancelling that wait undoes only the wait."""
     keys = sorted(steps)
     ordered = [step for key in keys for step in steps[key]]
-    missed = repository.apply(
-        conn,
-        {key: _fold(steps[key]) for key in keys},
-        [(s.flag_key, u, fail.would_retry(s)) for s, u in ordered],
-    )
-    results: list[Result] = []
+    changes = [(s.flag_key, u, fail.would_retry(s)) for s, u in ordered]
+    missed = repository.apply(conn, {k: _fold(steps[k]) for k in keys}, changes, wait=False)
+    busy = [i for i, (outcome, _) in missed.items() if outcome == repository.APPLY_BUSY]
+    if busy and not stop.requested:
+        try:
+            with repository.savepoint(conn):
+                waited = repository.apply(conn, {}, [changes[i] for i in busy], wait=True)
+        except StatementFailed as exc:
+            if stop.requested:  # a signal's cancel: the held flags' changes stay as they are
+                waited = {
+                    j: (repository.APPLY_BUSY, "the tick was stopped") for j in range(len(busy))
+                }
+            else:  # e.g. a trigger outlasting statement_timeout: each of them failed
+                waited = _all_failed([changes[i] for i in busy], exc)
+        for j, i in enumerate(busy):
+            if j in waited:
+                missed[i] = waited[j]
+            else:
+                del missed[i]  # applied
+    results = []
     for index, (schedule, _) in enumerate(ordered):
         outcome, error = missed.get(index, (None, None))
-        if outcome is None:
-            results.append(Result(schedule, Outcome.APPLIED))
-        elif outcome == repository.APPLY_HELD_BACK:
-            results.append(Result(schedule, Outcome.HELD_BACK))
-        elif outcome == repository.APPLY_MISSING:
-            gone = f"flag {schedule.flag_key!r} does not exist"
-            results.append(fail(schedule, gone, permanent=True))
-        else:
-            results.append(fail(schedule, error or "unknown error", permanent=False))
+        results.append(_result(schedule, outcome, error, fail))
     return results
+
+
+def _all_failed(
+    changes: list[tuple[str, Updates, bool]], exc: StatementFailed
+) -> dict[int, tuple[str, str | None]]:
+    """Outcomes when a statement applying `changes` failed as a whole: the first change of
+    each flag failed, the rest are held back behind it if it will be retried."""
+    outcomes: dict[int, tuple[str, str | None]] = {}
+    stopped: set[str] = set()
+    for index, (key, _, would_retry) in enumerate(changes):
+        held = key in stopped
+        outcomes[index] = (
+            (repository.APPLY_HELD_BACK, None) if held else (repository.APPLY_FAILED, exc.message)
+        )
+        if would_retry:
+            stopped.add(key)
+    return outcomes
+
+
+def _result(schedule: Claimed, outcome: str | None, error: str | None, fail: _Failures) -> Result:
+    if outcome is None:
+        return Result(schedule, Outcome.APPLIED)
+    if outcome == repository.APPLY_HELD_BACK:
+        return Result(schedule, Outcome.HELD_BACK)
+    if outcome == repository.APPLY_BUSY:  # not attempted: left as it is, no retry spent
+        reason = error or "its flag is held by another session"
+        return Result(schedule, Outcome.HELD_BACK, error=reason)
+    if outcome == repository.APPLY_MISSING:
+        return fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
+    return fail(schedule, error or "unknown error", permanent=False)
 
 
 def _fold(steps: list[Step]) -> Updates:
@@ -281,4 +320,5 @@ def _log_result(log: Any, result: Result) -> None:
             **fields,
             retry_count=schedule.retry_count,
             max_retries=schedule.max_retries,
+            reason=result.error or "an earlier schedule of this flag is still open",
         )

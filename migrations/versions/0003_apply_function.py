@@ -3,10 +3,14 @@
 One call per batch does what used to take a round trip per step: lock the flags nobody else
 holds (key order, SKIP LOCKED) and write them set-based, all or nothing, inside one
 BEGIN ... EXCEPTION block (a subtransaction, as a savepoint would be); then apply every
-change that is left (flags others hold, or all of them when the set-based write failed)
-one by one, each in its own block, waiting for a held flag up to lock_timeout. SECURITY
-INVOKER: it runs with the privileges of the tick's role (EXECUTE is granted to PUBLIC by
-default).
+change that is left (all of them when the set-based write failed) one by one, each in its
+own block. Flags another session holds are not waited for unless p_wait: the tick makes a
+second call for those, in a savepoint, so that a signal cancelling the wait cannot undo the
+rest of the batch. Waits are bounded by lock_timeout and, together, by half of
+statement_timeout, so the statement never times out as a whole because of them.
+
+SECURITY INVOKER: it runs with the privileges of the tick's role (EXECUTE is granted to
+PUBLIC by default; docs/deploy.md grants it explicitly).
 
 Revision ID: 0003
 Revises: 0002
@@ -19,7 +23,10 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-SIGNATURE = "flagsched_apply(text[], boolean[], integer[], text[], boolean[], integer[], boolean[])"
+SIGNATURE = (
+    "flagsched_apply(text[], boolean[], integer[], text[], boolean[], integer[], boolean[],"
+    " boolean)"
+)
 
 
 def upgrade() -> None:
@@ -28,42 +35,51 @@ def upgrade() -> None:
         CREATE FUNCTION flagsched_apply(
             p_flag_keys text[], p_flag_enabled boolean[], p_flag_rollout integer[],
             p_keys text[], p_enabled boolean[], p_rollout integer[],
-            p_stop_on_failure boolean[])
+            p_stop_on_failure boolean[], p_wait boolean)
         RETURNS TABLE (item integer, outcome text, message text)
         LANGUAGE plpgsql SECURITY INVOKER AS $$
-        -- p_flag_*: each flag's changes folded into one (for the set-based write);
-        -- p_*: the changes one by one, in order (flag, then scheduled_at, id).
-        -- Returns a row for each change that did not apply: 'error' (message says why; after
-        -- it, a change with p_stop_on_failure holds its flag's later changes back),
-        -- 'held_back' or 'missing' (the flag does not exist).
+        -- p_flag_*: each flag's changes folded into one, for the set-based write (may be
+        -- empty); p_*: the same changes one by one, in order (flag, then scheduled_at, id).
+        -- Returns a row for each change that did not apply:
+        --   'error'     it failed (message says why); with p_stop_on_failure it holds the
+        --               flag's later changes back,
+        --   'held_back' behind such a failure,
+        --   'missing'   the flag does not exist,
+        --   'busy'      not attempted: the flag is held by another session and was not
+        --               waited for (no p_wait, or the waiting budget is spent).
         DECLARE
             done text[] := '{}';     -- flags written by the set-based UPDATE
             stopped text[] := '{}';  -- flags whose change failed and will be retried
-            -- Stop waiting for held flags well before statement_timeout ends the whole call.
+            busy text[] := '{}';     -- flags not waited for
+            lock_setting text := current_setting('lock_timeout');
+            lock_limit interval := current_setting('lock_timeout')::interval;
             budget interval := current_setting('statement_timeout')::interval / 2;
+            time_left interval;
         BEGIN
-            BEGIN
-                WITH free AS MATERIALIZED (
-                    SELECT f.key FROM feature_flags f
-                    WHERE f.key = ANY (p_flag_keys)
-                    ORDER BY f.key
-                    FOR UPDATE SKIP LOCKED
-                ), written AS (
-                    UPDATE feature_flags AS f
-                    SET enabled = coalesce(v.enabled, f.enabled),
-                        rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
-                        updated_at = now()
-                    FROM unnest(p_flag_keys, p_flag_enabled, p_flag_rollout)
-                         AS v(key, enabled, rollout)
-                    WHERE f.key = v.key AND f.key IN (SELECT key FROM free)
-                    RETURNING f.key
-                )
-                SELECT coalesce(array_agg(key), '{}') INTO done FROM written;
-            EXCEPTION WHEN OTHERS THEN
-                done := '{}';  -- undone as a whole; every change is tried on its own below
-            END;
-            IF cardinality(done) = cardinality(p_flag_keys) THEN
-                RETURN;  -- the common case: every flag written
+            IF cardinality(p_flag_keys) > 0 THEN
+                BEGIN
+                    WITH free AS MATERIALIZED (
+                        SELECT f.key FROM feature_flags f
+                        WHERE f.key = ANY (p_flag_keys)
+                        ORDER BY f.key
+                        FOR UPDATE SKIP LOCKED
+                    ), written AS (
+                        UPDATE feature_flags AS f
+                        SET enabled = coalesce(v.enabled, f.enabled),
+                            rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
+                            updated_at = now()
+                        FROM unnest(p_flag_keys, p_flag_enabled, p_flag_rollout)
+                             AS v(key, enabled, rollout)
+                        WHERE f.key = v.key AND f.key IN (SELECT key FROM free)
+                        RETURNING f.key
+                    )
+                    SELECT coalesce(array_agg(key), '{}') INTO done FROM written;
+                EXCEPTION WHEN OTHERS THEN
+                    done := '{}';  -- undone as a whole; every change is tried on its own
+                END;
+                IF cardinality(done) = cardinality(p_flag_keys) THEN
+                    RETURN;  -- the common case: every flag written
+                END IF;
             END IF;
             FOR n IN 1 .. coalesce(array_length(p_keys, 1), 0) LOOP
                 CONTINUE WHEN p_keys[n] = ANY (done);
@@ -74,30 +90,58 @@ def upgrade() -> None:
                     RETURN NEXT;
                     CONTINUE;
                 END IF;
-                IF budget > interval '0' AND clock_timestamp() - statement_timestamp() > budget
-                THEN
-                    outcome := 'error';
-                    message := 'not attempted: the batch ran out of time waiting for flags';
-                ELSE
-                    BEGIN
-                        UPDATE feature_flags AS f
-                        SET enabled = coalesce(p_enabled[n], f.enabled),
-                            rollout_percentage = coalesce(p_rollout[n], f.rollout_percentage),
-                            updated_at = now()
-                        WHERE f.key = p_keys[n];
-                        CONTINUE WHEN FOUND;
-                        outcome := 'missing';
-                    EXCEPTION WHEN OTHERS THEN
-                        -- (query_canceled is not caught by OTHERS: a cancel ends the call)
+                IF p_keys[n] = ANY (busy) THEN
+                    outcome := 'busy';
+                    RETURN NEXT;
+                    CONTINUE;
+                END IF;
+                IF p_wait AND budget > interval '0' THEN
+                    time_left := statement_timestamp() + budget - clock_timestamp();
+                    IF time_left <= interval '0' THEN
+                        busy := busy || p_keys[n];
+                        outcome := 'busy';
+                        message := 'the batch spent its time waiting for other flags';
+                        RETURN NEXT;
+                        CONTINUE;
+                    END IF;
+                    -- Never wait past the budget: lock_timeout shrinks to the time left.
+                    PERFORM set_config('lock_timeout', CASE
+                        WHEN lock_limit > interval '0' AND lock_limit <= time_left
+                        THEN lock_setting
+                        ELSE ceil(extract(epoch FROM time_left) * 1000)::bigint::text
+                    END, true);
+                END IF;
+                BEGIN
+                    IF NOT p_wait THEN
+                        PERFORM 1 FROM feature_flags WHERE key = p_keys[n] FOR UPDATE NOWAIT;
+                    END IF;
+                    UPDATE feature_flags AS f
+                    SET enabled = coalesce(p_enabled[n], f.enabled),
+                        rollout_percentage = coalesce(p_rollout[n], f.rollout_percentage),
+                        updated_at = now()
+                    WHERE f.key = p_keys[n];
+                    CONTINUE WHEN FOUND;
+                    outcome := 'missing';
+                EXCEPTION
+                    -- (query_canceled is not caught by OTHERS: a cancel ends the call)
+                    WHEN lock_not_available THEN
+                        IF p_wait THEN  -- waited lock_timeout: an attempt that failed
+                            outcome := 'error';
+                            message := SQLERRM || ' (SQLSTATE ' || SQLSTATE || ')';
+                        ELSE            -- held: not attempted, nor its later changes
+                            busy := busy || p_keys[n];
+                            outcome := 'busy';
+                        END IF;
+                    WHEN OTHERS THEN
                         outcome := 'error';
                         message := SQLERRM || ' (SQLSTATE ' || SQLSTATE || ')';
-                    END;
-                END IF;
+                END;
                 RETURN NEXT;
                 IF outcome = 'error' AND p_stop_on_failure[n] THEN
                     stopped := stopped || p_keys[n];
                 END IF;
             END LOOP;
+            PERFORM set_config('lock_timeout', lock_setting, true);
         END
         $$
         """

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from tests.conftest import Ran
 from tests.integration.conftest import FAILURE_TRIGGER
@@ -35,9 +37,9 @@ CREATE TRIGGER test_log_applied AFTER UPDATE ON feature_flag_schedules
 """
 
 
-def spawn(url: str, *args: str) -> subprocess.Popen[str]:
+def spawn(url: str, *args: str, **settings: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSCHED_")}
-    env.update(FLAGSCHED_DATABASE_URL=url, FLAGSCHED_LOG_FORMAT="json")
+    env.update(FLAGSCHED_DATABASE_URL=url, FLAGSCHED_LOG_FORMAT="json", **settings)
     return subprocess.Popen(
         [sys.executable, "-m", "flagsched", "process", *args],
         env=env,
@@ -179,6 +181,42 @@ def test_signal_stops_at_a_safe_point_and_commits_what_finished(
     assert statuses[slow] == "pending"  # untouched, no retry spent: due for the next tick
     assert sql("SELECT retry_count FROM feature_flag_schedules WHERE id = :i", i=slow)[0][0] == 0
     assert events(err)[-1]["event"] == "tick_finished" and events(err)[-1]["interrupted"] is True
+
+
+def test_signal_while_waiting_for_a_held_flag_keeps_the_rest_of_its_batch(
+    database_url: str, engine: Engine, sql: Sql, add_flag: Any, add_schedule: Any
+) -> None:
+    for key in ("held", "free1", "free2"):
+        add_flag(key)
+    held = add_schedule("held", {"enabled": True})
+    free = [add_schedule(k, {"enabled": True}) for k in ("free1", "free2")]
+    holder = engine.connect()
+    tx = holder.begin()
+    holder.execute(sa.text("SELECT * FROM feature_flags WHERE key = 'held' FOR UPDATE"))
+    try:
+        proc = spawn(database_url, FLAGSCHED_LOCK_TIMEOUT="30", FLAGSCHED_STATEMENT_TIMEOUT="120")
+        waiting = (
+            "FROM pg_stat_activity "
+            "WHERE application_name = 'flagsched' AND wait_event_type = 'Lock'"
+        )
+        for _ in range(200):
+            if sql(f"SELECT count(*) {waiting}")[0][0]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the tick never waited for the held flag")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        tx.rollback()
+        holder.close()
+    assert proc.returncode == 143, err
+    statuses = dict(sql("SELECT id, status FROM feature_flag_schedules"))
+    assert [statuses[i] for i in free] == ["applied", "applied"]
+    assert statuses[held] == "pending"  # not attempted: no retry spent
+    assert sql("SELECT retry_count FROM feature_flag_schedules WHERE id = :i", i=held)[0][0] == 0
+    finished = events(err)[-1]
+    assert finished["event"] == "tick_finished" and finished["applied"] == 2
 
 
 def test_sigkill_mid_tick_loses_nothing_and_applies_nothing_twice(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
@@ -181,6 +182,29 @@ def test_numbers_json_parsers_refuse_are_validated_not_fatal(
         assert row["status"] == "failed" and row["next_retry_at"] is None
         assert "rollout_percentage must be an integer 0..100" in row["last_error"]
     assert flag("real") == (False, 10)
+
+
+def test_json_nested_too_deep_to_read_fails_its_row_not_the_tick(
+    run_tick: Tick, database: Database, add_flag: Any, add_schedule: Any, sql: Sql, schedule: Any
+) -> None:
+    from flagsched import output, repository
+    from flagsched.db import begin
+
+    add_flag("real")
+    deep = "[" * 3000 + "]" * 3000
+    sid = sql(
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+        "VALUES ('real', now() - interval '2 minutes', CAST(:u AS jsonb)) RETURNING id",
+        u='{"enabled": ' + deep + "}",
+    )[0][0]
+    fine = add_schedule("real", {"rollout_percentage": 40})
+    report = run_tick()
+    assert report.count(Outcome.FAILED) == 1 and report.count(Outcome.APPLIED) == 1
+    assert schedule(fine)["status"] == "applied"
+    assert "could not be read: nested too deeply" in schedule(sid)["last_error"]
+    with begin(database) as conn:  # list-failed still shows it
+        rows = repository.list_failed(conn, permanent=True, flag_key=None, limit=10)
+    assert '"updates": "(unreadable JSON: nested too deeply)"' in output.to_json(rows)
 
 
 def test_four_overdue_rollout_steps_land_in_one_run_in_order(
@@ -385,16 +409,19 @@ def test_a_flag_locked_by_the_application_retries_only_that_schedule(
     assert flag("locked") == (False, 0)
 
 
-def test_waiting_for_held_flags_stops_before_the_statement_timeout(
+@pytest.mark.parametrize("lock_timeout", [1.2, 5])
+def test_waiting_for_held_flags_never_times_the_batch_out(
     engine: Engine,
     database_url: str,
     add_flag: Any,
     add_schedule: Any,
     schedule: Any,
     flag: Any,
+    lock_timeout: float,
 ) -> None:
-    """After half the statement timeout, held flags are no longer waited for: their
-    schedules fail (a retry), the rest of the batch still commits."""
+    """Held flags are waited for only up to half the statement timeout in all (even when
+    lock_timeout is longer): the first one's change fails (a retry), the next is not
+    attempted (left as it is), and the rest of the batch commits."""
     for key in ("a", "b", "free"):
         add_flag(key)
     held = [add_schedule("a", {"enabled": True}), add_schedule("b", {"enabled": True})]
@@ -402,17 +429,21 @@ def test_waiting_for_held_flags_stops_before_the_statement_timeout(
     holder = engine.connect()
     tx = holder.begin()
     holder.execute(sa.text("SELECT * FROM feature_flags WHERE key IN ('a', 'b') FOR UPDATE"))
-    database = Database(database_url, lock_timeout=1.2, statement_timeout=2)
+    database = Database(database_url, lock_timeout=lock_timeout, statement_timeout=2)
     try:
-        report = tick.run(database, tick.TickOptions(), rng=random.Random(1))
+        with capture_logs() as logs:
+            report = tick.run(database, tick.TickOptions(), rng=random.Random(1))
     finally:
         tx.rollback()
         holder.close()
-    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 2
+    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 1
+    assert report.count(Outcome.HELD_BACK) == 1
     assert schedule(free)["status"] == "applied" and flag("free") == (True, 0)
     first, second = (schedule(s) for s in held)
     assert first["status"] == "failed" and "lock timeout" in first["last_error"]
-    assert second["status"] == "failed" and "not attempted" in second["last_error"]
+    assert (second["status"], second["retry_count"]) == ("pending", 0)
+    (event,) = [e for e in logs if e["event"] == "schedule_held_back"]
+    assert event["schedule_id"] == held[1] and "waiting for other flags" in event["reason"]
 
 
 def test_a_flag_deleted_after_the_claim_fails_for_good(database: Database, add_flag: Any) -> None:
@@ -427,6 +458,7 @@ def test_a_flag_deleted_after_the_claim_fails_for_good(database: Database, add_f
             conn,
             {"ghost": change, "real": change},
             [("ghost", change, True), ("real", change, True)],
+            wait=False,
         )
     assert missed == {0: (repository.APPLY_MISSING, None)}
 

@@ -148,3 +148,10 @@ def test_redaction() -> None:
     assert one_line("failed for bob\n\tpassword s3cr@t wrong", secrets) == (
         "failed for bob password *** wrong"
     )
+
+
+def test_database_repr_hides_the_url() -> None:
+    from flagsched.db import Database
+
+    shown = repr(Database("postgresql://bob:s3cret@db/app"))
+    assert "s3cret" not in shown and "lock_timeout" in shown
