@@ -446,6 +446,44 @@ def test_waiting_for_held_flags_never_times_the_batch_out(
     assert event["schedule_id"] == held[1] and "waiting for other flags" in event["reason"]
 
 
+def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
+    engine: Engine,
+    database_url: str,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
+    flag: Any,
+) -> None:
+    """The waiting statement fails as a whole (its trigger sleeps past statement_timeout):
+    its changes fail, later ones of the flag are held back, the rest of the batch commits."""
+    import threading
+
+    add_flag("slow")
+    add_flag("free")
+    first = add_schedule("slow", {"enabled": True}, at="now() - interval '2 minutes'")
+    later = add_schedule("slow", {"rollout_percentage": 5})
+    free = add_schedule("free", {"enabled": True})
+    failing("slow", sleep=5)
+    holder = engine.connect()
+    tx = holder.begin()
+    holder.execute(sa.text("SELECT * FROM feature_flags WHERE key = 'slow' FOR UPDATE"))
+    threading.Timer(0.3, tx.rollback).start()  # held at first, then free to write (slowly)
+    try:
+        report = tick.run(
+            Database(database_url, lock_timeout=1, statement_timeout=2),
+            tick.TickOptions(),
+            rng=random.Random(1),
+        )
+    finally:
+        holder.close()
+    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 1
+    assert schedule(free)["status"] == "applied" and flag("free") == (True, 0)
+    row = schedule(first)
+    assert row["status"] == "failed" and "statement timeout" in row["last_error"]
+    assert schedule(later)["status"] == "pending" and flag("slow") == (False, 0)
+
+
 def test_a_flag_deleted_after_the_claim_fails_for_good(database: Database, add_flag: Any) -> None:
     from flagsched import repository
     from flagsched.db import connection, transaction
