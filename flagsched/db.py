@@ -8,6 +8,7 @@ Core describes the schema and drives alembic (flagsched.schema, flagsched.migrat
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,8 +52,9 @@ class Database:
     def options(self) -> str:
         return " ".join(
             [
-                f"-c lock_timeout={int(self.lock_timeout * 1000)}",
-                f"-c statement_timeout={int((self.statement_timeout or 0) * 1000)}",
+                # Whole milliseconds, rounded up: a tiny timeout must not become 0 (none).
+                f"-c lock_timeout={math.ceil(self.lock_timeout * 1000)}",
+                f"-c statement_timeout={math.ceil((self.statement_timeout or 0) * 1000)}",
                 # A crashed or stuck tick must never keep its claimed rows locked for long.
                 "-c idle_in_transaction_session_timeout=60000",
                 "-c timezone=UTC",

@@ -42,3 +42,7 @@ class DatabaseError(CouldNotRun):
 
 class StatementFailed(FlagschedError):
     """A statement inside a savepoint failed; the savepoint was rolled back."""
+
+
+class BatchAborted(FlagschedError):
+    """A statement outside any savepoint failed: its transaction can only be rolled back."""

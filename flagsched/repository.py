@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from flagsched.db import SCHEMA_REVISION, Conn, one_line
-from flagsched.errors import SchemaNotCurrent, StatementFailed
+from flagsched.errors import BatchAborted, SchemaNotCurrent, StatementFailed
 from flagsched.model import Claimed, Outcome, Result, Updates
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
@@ -136,8 +136,7 @@ def apply(
     own. Returns {index in changes: (outcome, error)} for the changes that did not apply:
     APPLY_FAILED (a failure with stop_on_failure holds that flag's later changes back:
     APPLY_HELD_BACK), APPLY_MISSING (no such flag) or APPLY_BUSY (not attempted: the flag is
-    held by another session; with `wait`, waited for up to lock_timeout and, all together,
-    half of statement_timeout)."""
+    held by another session, or, with `wait`, already waited for in this call)."""
     keys = list(flags)
     rows = conn.execute(
         """
@@ -169,6 +168,16 @@ def savepoint(conn: Conn) -> Iterator[None]:
             yield
     except psycopg.Error as exc:
         raise StatementFailed(reason(exc)) from exc
+
+
+@contextmanager
+def unprotected() -> Iterator[None]:
+    """A statement with no savepoint around it (a round trip saved): if it fails, the
+    transaction is lost, and BatchAborted tells the caller to roll it back."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise BatchAborted(reason(exc)) from exc
 
 
 def reason(exc: psycopg.Error) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from flagsched import policy, repository
 from flagsched.db import Conn, Database, connection, transaction
-from flagsched.errors import DatabaseError, StatementFailed
+from flagsched.errors import BatchAborted, DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
 from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
 
@@ -76,8 +76,17 @@ def run(
                 if stop.requested:
                     break
                 try:
-                    with transaction(database, conn):
-                        results = _batch(conn, options, rng, stop)
+                    try:
+                        with transaction(database, conn):
+                            results = _batch(conn, options, rng, stop, careful=False)
+                    except BatchAborted:
+                        if stop.requested:  # our own cancel: the batch rolled back
+                            break
+                        # The one-statement write failed as a whole (a trigger outlasting
+                        # statement_timeout): do the batch again, flag by flag, so that only
+                        # the slow flag's schedules fail.
+                        with transaction(database, conn):
+                            results = _batch(conn, options, rng, stop, careful=True)
                 except DatabaseError:
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
                         break
@@ -201,45 +210,50 @@ def _plan(
     return decided, steps
 
 
-def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
+def _batch(
+    conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag, *, careful: bool
+) -> list[Result]:
     now, claimed = repository.claim(conn, limit=options.batch_size)
     if now is None:
         return []
     fail = _Failures(now, options, rng)
     results, steps = _plan(claimed, fail)
     if steps:
-        results += _apply(conn, steps, fail, stop)
+        results += _apply(conn, steps, fail, stop, careful=careful)
     repository.record(conn, results, now=now)
     return results
 
 
+Missed = dict[int, tuple[str, str | None]]  # change index -> (outcome, error); absent: applied
+Change = tuple[str, Updates, bool]  # flag key, updates, whether a failure holds later ones back
+
+
 def _apply(
-    conn: Conn, steps: dict[str, list[Step]], fail: _Failures, stop: StopFlag
+    conn: Conn, steps: dict[str, list[Step]], fail: _Failures, stop: StopFlag, *, careful: bool
 ) -> list[Result]:
     """One statement writes the batch: free flags set-based, then what is left change by
-    change, each failure isolated. Flags other sessions hold get a second statement that
-    waits for them, in a savepoint: a signal cancelling that wait undoes only the wait."""
+    change, each failure isolated. It has no savepoint (a round trip saved): if it fails as
+    a whole, the caller redoes the batch `careful`ly. Flags other sessions hold, and every
+    flag when `careful`, then get a statement each, in a savepoint, that waits for them."""
     keys = sorted(steps)
     ordered = [step for key in keys for step in steps[key]]
-    changes = [(s.flag_key, u, fail.would_retry(s)) for s, u in ordered]
-    missed = repository.apply(conn, {k: _fold(steps[k]) for k in keys}, changes, wait=False)
+    changes: list[Change] = [(s.flag_key, u, fail.would_retry(s)) for s, u in ordered]
+    missed: Missed
+    if careful:
+        missed = {i: (repository.APPLY_BUSY, None) for i in range(len(changes))}
+    else:
+        folded = {key: _fold(steps[key]) for key in keys}
+        with repository.unprotected():
+            missed = repository.apply(conn, folded, changes, wait=False)
     busy = [i for i, (outcome, _) in missed.items() if outcome == repository.APPLY_BUSY]
-    if busy and not stop.requested:
-        try:
-            with repository.savepoint(conn):
-                waited = repository.apply(conn, {}, [changes[i] for i in busy], wait=True)
-        except StatementFailed as exc:
-            if stop.requested:  # a signal's cancel: the held flags' changes stay as they are
-                waited = {
-                    j: (repository.APPLY_BUSY, "the tick was stopped") for j in range(len(busy))
-                }
-            else:  # e.g. a trigger outlasting statement_timeout: each of them failed
-                waited = _all_failed([changes[i] for i in busy], exc)
-        for j, i in enumerate(busy):
+    for _, group in groupby(busy, key=lambda i: changes[i][0]):
+        indexes = list(group)
+        waited = _wait_for_flag(conn, [changes[i] for i in indexes], stop)
+        for j, i in enumerate(indexes):
             if j in waited:
                 missed[i] = waited[j]
             else:
-                del missed[i]  # applied
+                del missed[i]
     results = []
     for index, (schedule, _) in enumerate(ordered):
         outcome, error = missed.get(index, (None, None))
@@ -247,12 +261,25 @@ def _apply(
     return results
 
 
-def _all_failed(
-    changes: list[tuple[str, Updates, bool]], exc: StatementFailed
-) -> dict[int, tuple[str, str | None]]:
+def _wait_for_flag(conn: Conn, changes: list[Change], stop: StopFlag) -> Missed:
+    """One flag's changes, waiting for its lock, in a savepoint: a signal cancelling the
+    wait, or a statement timeout, undoes only these changes."""
+    stopped: Missed = {
+        j: (repository.APPLY_BUSY, "the tick was stopped") for j in range(len(changes))
+    }
+    if stop.requested:  # they stay as they are, due for the next tick
+        return stopped
+    try:
+        with repository.savepoint(conn):
+            return repository.apply(conn, {}, changes, wait=True)
+    except StatementFailed as exc:
+        return stopped if stop.requested else _all_failed(changes, exc)
+
+
+def _all_failed(changes: list[Change], exc: StatementFailed) -> Missed:
     """Outcomes when a statement applying `changes` failed as a whole: the first change of
     each flag failed, the rest are held back behind it if it will be retried."""
-    outcomes: dict[int, tuple[str, str | None]] = {}
+    outcomes: Missed = {}
     stopped: set[str] = set()
     for index, (key, _, would_retry) in enumerate(changes):
         held = key in stopped

@@ -4,10 +4,9 @@ One call per batch does what used to take a round trip per step: lock the flags 
 holds (key order, SKIP LOCKED) and write them set-based, all or nothing, inside one
 BEGIN ... EXCEPTION block (a subtransaction, as a savepoint would be); then apply every
 change that is left (all of them when the set-based write failed) one by one, each in its
-own block. Flags another session holds are not waited for unless p_wait: the tick makes a
-second call for those, in a savepoint, so that a signal cancelling the wait cannot undo the
-rest of the batch. Waits are bounded by lock_timeout and, together, by half of
-statement_timeout, so the statement never times out as a whole because of them.
+own block. Flags another session holds are not waited for unless p_wait: the tick makes
+one more call per such flag, each in a savepoint, so that a signal cancelling a wait (or a
+statement_timeout) undoes only that flag's changes. A call waits for a flag at most once.
 
 SECURITY INVOKER: it runs with the privileges of the tick's role (EXECUTE is granted to
 PUBLIC by default; docs/deploy.md grants it explicitly).
@@ -45,16 +44,12 @@ def upgrade() -> None:
         --               flag's later changes back,
         --   'held_back' behind such a failure,
         --   'missing'   the flag does not exist,
-        --   'busy'      not attempted: the flag is held by another session and was not
-        --               waited for (no p_wait, or the waiting budget is spent).
+        --   'busy'      not attempted: the flag is held by another session (without
+        --               p_wait), or it was already waited for in this call.
         DECLARE
             done text[] := '{}';     -- flags written by the set-based UPDATE
             stopped text[] := '{}';  -- flags whose change failed and will be retried
-            busy text[] := '{}';     -- flags not waited for
-            lock_setting text := current_setting('lock_timeout');
-            lock_limit interval := current_setting('lock_timeout')::interval;
-            budget interval := current_setting('statement_timeout')::interval / 2;
-            time_left interval;
+            busy text[] := '{}';     -- flags held by another session
         BEGIN
             IF cardinality(p_flag_keys) > 0 THEN
                 BEGIN
@@ -95,22 +90,6 @@ def upgrade() -> None:
                     RETURN NEXT;
                     CONTINUE;
                 END IF;
-                IF p_wait AND budget > interval '0' THEN
-                    time_left := statement_timestamp() + budget - clock_timestamp();
-                    IF time_left <= interval '0' THEN
-                        busy := busy || p_keys[n];
-                        outcome := 'busy';
-                        message := 'the batch spent its time waiting for other flags';
-                        RETURN NEXT;
-                        CONTINUE;
-                    END IF;
-                    -- Never wait past the budget: lock_timeout shrinks to the time left.
-                    PERFORM set_config('lock_timeout', CASE
-                        WHEN lock_limit > interval '0' AND lock_limit <= time_left
-                        THEN lock_setting
-                        ELSE ceil(extract(epoch FROM time_left) * 1000)::bigint::text
-                    END, true);
-                END IF;
                 BEGIN
                     IF NOT p_wait THEN
                         PERFORM 1 FROM feature_flags WHERE key = p_keys[n] FOR UPDATE NOWAIT;
@@ -125,11 +104,11 @@ def upgrade() -> None:
                 EXCEPTION
                     -- (query_canceled is not caught by OTHERS: a cancel ends the call)
                     WHEN lock_not_available THEN
+                        busy := busy || p_keys[n];  -- its later changes: not attempted
                         IF p_wait THEN  -- waited lock_timeout: an attempt that failed
                             outcome := 'error';
                             message := SQLERRM || ' (SQLSTATE ' || SQLSTATE || ')';
-                        ELSE            -- held: not attempted, nor its later changes
-                            busy := busy || p_keys[n];
+                        ELSE            -- held: not attempted
                             outcome := 'busy';
                         END IF;
                     WHEN OTHERS THEN
@@ -141,7 +120,6 @@ def upgrade() -> None:
                     stopped := stopped || p_keys[n];
                 END IF;
             END LOOP;
-            PERFORM set_config('lock_timeout', lock_setting, true);
         END
         $$
         """

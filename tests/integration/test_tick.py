@@ -410,7 +410,7 @@ def test_a_flag_locked_by_the_application_retries_only_that_schedule(
 
 
 @pytest.mark.parametrize("lock_timeout", [1.2, 5])
-def test_waiting_for_held_flags_never_times_the_batch_out(
+def test_each_held_flag_is_waited_for_in_its_own_statement(
     engine: Engine,
     database_url: str,
     add_flag: Any,
@@ -419,9 +419,8 @@ def test_waiting_for_held_flags_never_times_the_batch_out(
     flag: Any,
     lock_timeout: float,
 ) -> None:
-    """Held flags are waited for only up to half the statement timeout in all (even when
-    lock_timeout is longer): the first one's change fails (a retry), the next is not
-    attempted (left as it is), and the rest of the batch commits."""
+    """A lock timeout, or a statement timeout while waiting (lock_timeout 5 s, statement
+    timeout 2 s), fails only that flag's schedule (a retry); the rest of the batch commits."""
     for key in ("a", "b", "free"):
         add_flag(key)
     held = [add_schedule("a", {"enabled": True}), add_schedule("b", {"enabled": True})]
@@ -431,19 +430,43 @@ def test_waiting_for_held_flags_never_times_the_batch_out(
     holder.execute(sa.text("SELECT * FROM feature_flags WHERE key IN ('a', 'b') FOR UPDATE"))
     database = Database(database_url, lock_timeout=lock_timeout, statement_timeout=2)
     try:
-        with capture_logs() as logs:
-            report = tick.run(database, tick.TickOptions(), rng=random.Random(1))
+        report = tick.run(database, tick.TickOptions(), rng=random.Random(1))
     finally:
         tx.rollback()
         holder.close()
-    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 1
-    assert report.count(Outcome.HELD_BACK) == 1
+    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 2
     assert schedule(free)["status"] == "applied" and flag("free") == (True, 0)
-    first, second = (schedule(s) for s in held)
-    assert first["status"] == "failed" and "lock timeout" in first["last_error"]
-    assert (second["status"], second["retry_count"]) == ("pending", 0)
-    (event,) = [e for e in logs if e["event"] == "schedule_held_back"]
-    assert event["schedule_id"] == held[1] and "waiting for other flags" in event["reason"]
+    which = "lock timeout" if lock_timeout < 2 else "statement timeout"
+    for row in (schedule(s) for s in held):
+        assert row["status"] == "failed" and row["retry_count"] == 1
+        assert which in row["last_error"]
+
+
+def test_a_free_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
+    database_url: str,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
+    flag: Any,
+    sql: Sql,
+) -> None:
+    """The batch's one statement fails as a whole: the tick redoes the batch flag by flag,
+    and only the slow flag's schedule fails; the next tick is not stuck on it either."""
+    add_flag("slow")
+    add_flag("fine")
+    slow = add_schedule("slow", {"enabled": True})
+    fine = add_schedule("fine", {"enabled": True})
+    failing("slow", sleep=5)
+    database = Database(database_url, statement_timeout=1)
+    report = tick.run(database, tick.TickOptions(), rng=random.Random(1))
+    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 1
+    assert schedule(fine)["status"] == "applied" and flag("fine") == (True, 0)
+    row = schedule(slow)
+    assert row["status"] == "failed" and "statement timeout" in row["last_error"]
+    make_due(sql, slow)
+    assert tick.run(database, tick.TickOptions(), rng=random.Random(1)).count(Outcome.RETRY) == 1
+    assert schedule(slow)["retry_count"] == 2
 
 
 def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
@@ -455,19 +478,20 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
     schedule: Any,
     flag: Any,
 ) -> None:
-    """The waiting statement fails as a whole (its trigger sleeps past statement_timeout):
-    its changes fail, later ones of the flag are held back, the rest of the batch commits."""
+    """A held flag's statement fails as a whole (its trigger sleeps past statement_timeout):
+    its first change fails, its later one is held back, the other held flags (waited for
+    in statements of their own) and the rest of the batch commit."""
     import threading
 
-    add_flag("slow")
-    add_flag("free")
+    for key in ("a", "slow", "z", "free"):
+        add_flag(key)
     first = add_schedule("slow", {"enabled": True}, at="now() - interval '2 minutes'")
     later = add_schedule("slow", {"rollout_percentage": 5})
-    free = add_schedule("free", {"enabled": True})
+    others = [add_schedule(k, {"enabled": True}) for k in ("a", "z", "free")]
     failing("slow", sleep=5)
     holder = engine.connect()
     tx = holder.begin()
-    holder.execute(sa.text("SELECT * FROM feature_flags WHERE key = 'slow' FOR UPDATE"))
+    holder.execute(sa.text("SELECT * FROM feature_flags WHERE key <> 'free' FOR UPDATE"))
     threading.Timer(0.3, tx.rollback).start()  # held at first, then free to write (slowly)
     try:
         report = tick.run(
@@ -477,8 +501,8 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
         )
     finally:
         holder.close()
-    assert report.count(Outcome.APPLIED) == 1 and report.count(Outcome.RETRY) == 1
-    assert schedule(free)["status"] == "applied" and flag("free") == (True, 0)
+    assert report.count(Outcome.APPLIED) == 3 and report.count(Outcome.RETRY) == 1
+    assert all(schedule(s)["status"] == "applied" for s in others)  # held, then written
     row = schedule(first)
     assert row["status"] == "failed" and "statement timeout" in row["last_error"]
     assert schedule(later)["status"] == "pending" and flag("slow") == (False, 0)
