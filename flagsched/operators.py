@@ -45,7 +45,7 @@ def add_schedule(
     """Insert a pending schedule; returns (id, whether the flag exists yet)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
-        exists = repository.flag_exists(conn, flag_key)
+        exists = flag_key in repository.existing_flags(conn, [flag_key])
         new_id = repository.insert_schedule(
             conn, flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
         )

@@ -314,17 +314,11 @@ def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
 
 
 def existing_flags(conn: Conn, keys: Sequence[str]) -> set[str]:
+    """Which of `keys` name a flag that exists."""
     rows = conn.execute(
         "SELECT key FROM feature_flags WHERE key = ANY(%(keys)s)", {"keys": list(keys)}
     ).fetchall()
     return {row[0] for row in rows}
-
-
-def flag_exists(conn: Conn, key: str) -> bool:
-    found = _scalar(
-        conn, "SELECT EXISTS (SELECT 1 FROM feature_flags WHERE key = %(k)s)", {"k": key}
-    )
-    return found is True
 
 
 def insert_schedule(

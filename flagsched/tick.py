@@ -175,19 +175,19 @@ class _Failures:
         return policy.retries_after_failure(schedule.retry_count, self.limit(schedule))
 
     def __call__(self, schedule: Claimed, error: str, *, permanent: bool) -> Result:
-        limit = self.options.max_retries_override
+        override = self.options.max_retries_override  # recorded only when set
         decision = policy.after_failure(
             error=error,
             permanent=permanent,
             retry_count=schedule.retry_count,
-            max_retries=schedule.max_retries if limit is None else limit,
+            max_retries=self.limit(schedule),
             now=self.now,
             rng=self.rng,
             cap_seconds=self.options.retry_max_delay,
         )
         if isinstance(decision, policy.Retry):
-            return Result(schedule, Outcome.RETRY, decision.error, decision.at, limit)
-        return Result(schedule, Outcome.FAILED, decision.reason, None, limit)
+            return Result(schedule, Outcome.RETRY, decision.error, decision.at, override)
+        return Result(schedule, Outcome.FAILED, decision.reason, None, override)
 
 
 def _plan(
