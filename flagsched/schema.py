@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
@@ -52,7 +52,15 @@ feature_flag_schedules = sa.Table(
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
+    sa.Column("on_conflict", sa.Text, nullable=False, server_default=sa.text("'fail'")),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("group_id", sa.BigInteger, nullable=True),
+    # The last `flagsched retry`: conflict and lateness windows restart there.
+    sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=True),
+    # Every attempt a tick made: [{"attempt", "at", "outcome", "error"}], oldest first.
+    sa.Column("attempts", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     sa.CheckConstraint("max_retries >= 0 AND max_retries <= 10", name="max_retries_check"),
+    sa.CheckConstraint("on_conflict IN ('fail', 'apply')", name="on_conflict_check"),
     sa.Index("idx_schedules_next_retry_at", "next_retry_at"),
     # The claim of new schedules: an index scan in (scheduled_at, id) order that never
     # walks applied history.
@@ -70,6 +78,40 @@ feature_flag_schedules = sa.Table(
         "scheduled_at",
         "id",
         postgresql_where=sa.text("status IN ('pending', 'failed')"),
+    ),
+    sa.Index("idx_schedules_group", "group_id", postgresql_where=sa.text("group_id IS NOT NULL")),
+)
+
+group_seq = sa.Sequence("feature_flag_schedule_group_seq", metadata=metadata)
+
+# Append-only: one row per change of a flag's enabled / rollout_percentage, by any writer
+# (statement-level triggers on feature_flags, migration 0004).
+feature_flag_changes = sa.Table(
+    "feature_flag_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("flag_key", sa.Text, nullable=False),
+    sa.Column(
+        "changed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("old_enabled", sa.Boolean, nullable=True),
+    sa.Column("old_rollout_percentage", sa.Integer, nullable=True),
+    sa.Column("new_enabled", sa.Boolean, nullable=True),
+    sa.Column("new_rollout_percentage", sa.Integer, nullable=True),
+    sa.Column(
+        "schedule_ids",
+        ARRAY(sa.BigInteger),
+        nullable=False,
+        server_default=sa.text("'{}'::bigint[]"),
+    ),
+    sa.Index("idx_changes_flag", "flag_key", "changed_at", "id"),
+    sa.Index("idx_changes_changed_at", "changed_at", "id"),
+    sa.Index(
+        "idx_changes_foreign",
+        "flag_key",
+        "changed_at",
+        postgresql_where=sa.text("schedule_ids = '{}'::bigint[]"),
     ),
 )
 

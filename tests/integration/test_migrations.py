@@ -39,6 +39,22 @@ SPEC_COLUMNS = {
         ("max_retries", "integer", "NO", "3"),
         ("next_retry_at", "timestamp with time zone", "YES", None),
         ("last_error", "text", "YES", None),
+        ("on_conflict", "text", "NO", "'fail'"),
+        ("expires_at", "timestamp with time zone", "YES", None),
+        ("group_id", "bigint", "YES", None),
+        ("reviewed_at", "timestamp with time zone", "YES", None),
+        ("attempts", "jsonb", "NO", "'[]'"),
+    ],
+    "feature_flag_changes": [
+        ("id", "bigint", "NO", None),
+        ("flag_key", "text", "NO", None),
+        ("changed_at", "timestamp with time zone", "NO", "now()"),
+        ("actor", "text", "NO", None),
+        ("old_enabled", "boolean", "YES", None),
+        ("old_rollout_percentage", "integer", "YES", None),
+        ("new_enabled", "boolean", "YES", None),
+        ("new_rollout_percentage", "integer", "YES", None),
+        ("schedule_ids", "ARRAY", "NO", "'{}'"),
     ],
 }
 
@@ -127,7 +143,7 @@ def test_revision_one_has_no_retry_columns_and_downgrade_upgrade_round_trips(
     migrate.downgrade(engine, "base")
     assert columns(engine, "feature_flags") == []
     migrate.upgrade(engine)
-    assert len(columns(engine, "feature_flag_schedules")) == 12
+    assert len(columns(engine, "feature_flag_schedules")) == len(SPEC_COLUMNS["feature_flag_schedules"])
 
 
 def test_upgrade_keeps_existing_rows(empty_database_url: str) -> None:
