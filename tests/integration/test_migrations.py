@@ -143,7 +143,8 @@ def test_revision_one_has_no_retry_columns_and_downgrade_upgrade_round_trips(
     migrate.downgrade(engine, "base")
     assert columns(engine, "feature_flags") == []
     migrate.upgrade(engine)
-    assert len(columns(engine, "feature_flag_schedules")) == len(SPEC_COLUMNS["feature_flag_schedules"])
+    expected = SPEC_COLUMNS["feature_flag_schedules"]
+    assert len(columns(engine, "feature_flag_schedules")) == len(expected)
 
 
 def test_upgrade_keeps_existing_rows(empty_database_url: str) -> None:
