@@ -142,6 +142,7 @@ def process(
         max_batches=max_batches,
         retry_max_delay=settings.retry_max_delay,
         max_retries_override=settings.max_retries_override,
+        max_lateness=settings.max_lateness,
     )
     database = app.database()
     if dry_run:

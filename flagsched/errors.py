@@ -44,5 +44,3 @@ class StatementFailed(FlagschedError):
     """A statement inside a savepoint failed; the savepoint was rolled back."""
 
 
-class BatchAborted(FlagschedError):
-    """A statement outside any savepoint failed: its transaction can only be rolled back."""

@@ -141,6 +141,44 @@ class Outcome(StrEnum):
     HELD_BACK = "held_back"
 
 
+class Verdict(StrEnum):
+    """Why one change of a batch's write did not apply (flagsched_apply_v2's outcomes)."""
+
+    MISSING = "missing"  # the flag does not exist: failed for good
+    BUSY = "busy"  # another session holds the flag: waited for in a statement of its own
+    EXPIRED = "expired"  # too late: failed for good, flag untouched
+    CONFLICT = "conflict"  # someone else changed the flag since: failed for good
+    ERROR = "error"  # the write failed: a retry, or failed for good when none is left
+    HELD_BACK = "held_back"  # behind an earlier change of its flag that will be retried
+    NOT_ATTEMPTED = "not_attempted"  # the tick stopped, or its flag's statement failed first
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One claimed schedule's validated change, as the write receives it."""
+
+    schedule: Claimed
+    updates: Updates
+    stop_on_failure: bool  # a failure will be retried: it holds the flag's later changes
+
+
+NOTIFY_CHANNEL = "flagsched_flag_changes"
+NOTIFY_LIMIT = 8000  # bytes; PostgreSQL refuses payloads of 8000 bytes or more
+
+
+def change_notice(flag_keys: list[str]) -> str | None:
+    """The NOTIFY payload for a batch that changed these flags; {"flags": null} when the
+    keys would not fit (listeners then reload everything). None: nothing changed."""
+    import json
+
+    if not flag_keys:
+        return None
+    payload = json.dumps({"flags": sorted(set(flag_keys))}, ensure_ascii=False)
+    if len(payload.encode()) >= NOTIFY_LIMIT:
+        return '{"flags": null}'
+    return payload
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     """What happened to one claimed schedule in this tick."""

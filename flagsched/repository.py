@@ -13,8 +13,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from flagsched.db import SCHEMA_REVISION, Conn, one_line
-from flagsched.errors import BatchAborted, SchemaNotCurrent, StatementFailed
-from flagsched.model import Claimed, Outcome, Result, Updates
+from flagsched.errors import SchemaNotCurrent, StatementFailed
+from flagsched.model import NOTIFY_CHANNEL, Change, Claimed, Outcome, Result, Updates, Verdict
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
 MIGRATION_LOCK_KEY = 0x666C6167736368
@@ -119,45 +119,51 @@ def claim(conn: Conn, *, limit: int) -> tuple[datetime | None, list[Claimed]]:
     return now, [Claimed(*row[1:]) for row in rows]  # columns in Claimed's field order
 
 
-# flagsched_apply (migration 0003) does a batch's flag writes in one statement: the free
-# flags set-based, all or nothing, then every other change on its own, each isolated.
-APPLY_FAILED, APPLY_MISSING, APPLY_HELD_BACK, APPLY_BUSY = "error", "missing", "held_back", "busy"
-
-
 def apply(
     conn: Conn,
-    flags: Mapping[str, Updates],
-    changes: Sequence[tuple[str, Updates, bool]],
+    changes: Sequence[Change],
     *,
     wait: bool,
-) -> dict[int, tuple[str, str | None]]:
-    """Write `flags` (each flag's changes folded into one) set-based where nobody holds them,
-    and otherwise each of `changes` ((flag_key, updates, stop_on_failure), in order) on its
-    own. Returns {index in changes: (outcome, error)} for the changes that did not apply:
-    APPLY_FAILED (a failure with stop_on_failure holds that flag's later changes back:
-    APPLY_HELD_BACK), APPLY_MISSING (no such flag) or APPLY_BUSY (not attempted: the flag is
-    held by another session, or, with `wait`, already waited for in this call)."""
-    keys = list(flags)
+    max_lateness_seconds: float | None,
+) -> dict[int, tuple[Verdict, str | None]]:
+    """Write `changes` (in order: flag, then scheduled_at, id) with flagsched_apply_v2
+    (migration 0004): under the flags' row locks (SKIP LOCKED, or waited for with `wait`)
+    each change is decided (missing, busy, expired, conflict) and the rest written
+    set-based, change by change only when that fails. Returns {index: (verdict, error)} for
+    the changes that did not apply."""
     rows = conn.execute(
         """
-        SELECT item, outcome, message FROM flagsched_apply(
-            CAST(%(flag_keys)b AS text[]), CAST(%(flag_enabled)b AS boolean[]),
-            CAST(%(flag_rollout)b AS integer[]), CAST(%(keys)b AS text[]),
+        SELECT item, outcome, message FROM flagsched_apply_v2(
+            CAST(%(ids)b AS bigint[]), CAST(%(keys)b AS text[]),
             CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
-            CAST(%(stop)b AS boolean[]), %(wait)s)
+            CAST(%(stop)b AS boolean[]), make_interval(secs => %(lateness)s), %(wait)s)
         """,
         {
-            "flag_keys": keys,
-            "flag_enabled": [flags[k].enabled for k in keys],
-            "flag_rollout": [flags[k].rollout_percentage for k in keys],
-            "keys": [key for key, _, _ in changes],
-            "enabled": [u.enabled for _, u, _ in changes],
-            "rollout": [u.rollout_percentage for _, u, _ in changes],
-            "stop": [stop for _, _, stop in changes],
+            "ids": [c.schedule.id for c in changes],
+            "keys": [c.schedule.flag_key for c in changes],
+            "enabled": [c.updates.enabled for c in changes],
+            "rollout": [c.updates.rollout_percentage for c in changes],
+            "stop": [c.stop_on_failure for c in changes],
+            "lateness": max_lateness_seconds,
             "wait": wait,
         },
     ).fetchall()
-    return {int(item) - 1: (str(outcome), message) for item, outcome, message in rows}
+    return {int(item) - 1: (Verdict(outcome), message) for item, outcome, message in rows}
+
+
+def safety_checks(
+    conn: Conn, ids: Sequence[int], *, max_lateness_seconds: float | None
+) -> dict[int, tuple[Verdict, str]]:
+    """The expired / conflict verdicts the write would reach now (for --dry-run; no lock)."""
+    rows = conn.execute(
+        """
+        SELECT i.id, k.outcome, k.message
+        FROM unnest(CAST(%(ids)b AS bigint[])) AS i(id)
+        CROSS JOIN LATERAL flagsched_check_v1(i.id, make_interval(secs => %(lateness)s)) k
+        """,
+        {"ids": list(ids), "lateness": max_lateness_seconds},
+    ).fetchall()
+    return {int(i): (Verdict(outcome), str(message)) for i, outcome, message in rows}
 
 
 @contextmanager
@@ -168,16 +174,6 @@ def savepoint(conn: Conn) -> Iterator[None]:
             yield
     except psycopg.Error as exc:
         raise StatementFailed(reason(exc)) from exc
-
-
-@contextmanager
-def unprotected() -> Iterator[None]:
-    """A statement with no savepoint around it (a round trip saved): if it fails, the
-    transaction is lost, and BatchAborted tells the caller to roll it back."""
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise BatchAborted(reason(exc)) from exc
 
 
 def reason(exc: psycopg.Error) -> str:
@@ -193,42 +189,58 @@ def cancel_running_statement(conn: Conn) -> None:
     conn.cancel_safe(timeout=1.0)
 
 
-def record(conn: Conn, results: Sequence[Result], *, now: datetime) -> None:
-    """Write every applied / retry / failed outcome of a batch in one UPDATE (applied ones
-    travel as one array of ids: the common case carries little)."""
+_KEPT = "(CASE WHEN jsonb_typeof(s.attempts) = 'array' THEN s.attempts ELSE '[]' END)"
+
+
+def record(
+    conn: Conn, results: Sequence[Result], *, now: datetime, notice: str | None = None
+) -> None:
+    """Write every applied / retry / failed outcome of a batch, and its attempt, in one
+    UPDATE (applied ids travel as one array: the common case carries little); `notice`,
+    when given, is NOTIFYed in the same statement (delivered at commit)."""
     applied = [r.schedule.id for r in results if r.outcome is Outcome.APPLIED]
     failed = [r for r in results if r.outcome in (Outcome.RETRY, Outcome.FAILED)]
     if not applied and not failed:
         return
     conn.execute(
-        """
-        UPDATE feature_flag_schedules AS s
-        SET status = CASE WHEN v.applied THEN 'applied' ELSE 'failed' END,
-            applied_at = CASE WHEN v.applied THEN CAST(%(now)s AS timestamptz) END,
-            retry_count = s.retry_count + CASE WHEN v.applied THEN 0 ELSE 1 END,
-            max_retries = coalesce(v.max_retries, s.max_retries),
-            next_retry_at = v.next_retry_at,
-            last_error = v.last_error,
-            updated_at = %(now)s
-        FROM (
-            SELECT id, true AS applied, NULL::timestamptz AS next_retry_at,
-                   NULL::text AS last_error, NULL::integer AS max_retries
-            FROM unnest(CAST(%(applied)b AS bigint[])) AS id
-            UNION ALL
-            SELECT f.id, false, f.next_retry_at, f.last_error, f.max_retries
-            FROM unnest(CAST(%(failed)b AS bigint[]), CAST(%(next)b AS timestamptz[]),
-                        CAST(%(errors)b AS text[]), CAST(%(max)b AS integer[]))
-                 AS f(id, next_retry_at, last_error, max_retries)
-        ) AS v
-        WHERE s.id = v.id
+        f"""
+        WITH recorded AS (
+            UPDATE feature_flag_schedules AS s
+            SET status = CASE WHEN v.outcome = 'applied' THEN 'applied' ELSE 'failed' END,
+                applied_at = CASE WHEN v.outcome = 'applied' THEN %(now)s::timestamptz END,
+                retry_count = s.retry_count + CASE WHEN v.outcome = 'applied' THEN 0 ELSE 1 END,
+                max_retries = coalesce(v.max_retries, s.max_retries),
+                next_retry_at = v.next_retry_at,
+                last_error = CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END,
+                updated_at = %(now)s,
+                -- attempts is ours, but an application may have written anything there
+                attempts = {_KEPT} || jsonb_build_array(jsonb_build_object(
+                    'attempt', jsonb_array_length({_KEPT}) + 1, 'at', %(now)s::timestamptz,
+                    'outcome', v.outcome, 'error', v.last_error))
+            FROM (
+                SELECT id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
+                       NULL::text AS last_error, NULL::integer AS max_retries
+                FROM unnest(CAST(%(applied)b AS bigint[])) AS id
+                UNION ALL
+                SELECT f.id, f.outcome, f.next_retry_at, f.last_error, f.max_retries
+                FROM unnest(CAST(%(failed)b AS bigint[]), CAST(%(outcomes)b AS text[]),
+                            CAST(%(next)b AS timestamptz[]), CAST(%(errors)b AS text[]),
+                            CAST(%(max)b AS integer[]))
+                     AS f(id, outcome, next_retry_at, last_error, max_retries)
+            ) AS v
+            WHERE s.id = v.id
+        )
+        SELECT pg_notify('{NOTIFY_CHANNEL}', %(notice)s::text) WHERE %(notice)s::text IS NOT NULL
         """,
         {
             "applied": applied,
             "failed": [r.schedule.id for r in failed],
+            "outcomes": [r.outcome.value for r in failed],
             "next": [r.next_retry_at for r in failed],
             "errors": [r.error for r in failed],
             "max": [r.max_retries for r in failed],
             "now": now,
+            "notice": notice,
         },
     )
 

@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from flagsched.errors import ConfigError
 
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+# Longest duration a seconds setting may hold (100 years): beyond it is a typo, and
+# PostgreSQL's interval arithmetic stays far from its limits.
+MAX_SECONDS = 100 * 365 * 86400
 # Variables whose value may hold a secret: never echoed in an error.
 _SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL"}
 
@@ -32,6 +35,13 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(default=5, gt=0, validation_alias="FLAGSCHED_LOCK_TIMEOUT")
     statement_timeout: float = Field(
         default=30, gt=0, validation_alias="FLAGSCHED_STATEMENT_TIMEOUT"
+    )
+    max_lateness: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        validation_alias="FLAGSCHED_MAX_LATENESS",
     )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", validation_alias="FLAGSCHED_LOG_FORMAT"

@@ -13,9 +13,19 @@ from typing import Any
 
 from flagsched import policy, repository
 from flagsched.db import Conn, Database, connection, transaction
-from flagsched.errors import BatchAborted, DatabaseError, StatementFailed
+from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
-from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
+from flagsched.model import (
+    Change,
+    Claimed,
+    InvalidUpdates,
+    Outcome,
+    Result,
+    TickReport,
+    Updates,
+    Verdict,
+    change_notice,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +34,7 @@ class TickOptions:
     max_batches: int = 1
     retry_max_delay: float = 3600.0
     max_retries_override: int | None = None
+    max_lateness: float | None = None  # seconds (FLAGSCHED_MAX_LATENESS)
 
 
 class StopFlag:
@@ -76,17 +87,8 @@ def run(
                 if stop.requested:
                     break
                 try:
-                    try:
-                        with transaction(database, conn):
-                            results = _batch(conn, options, rng, stop, careful=False)
-                    except BatchAborted:
-                        if stop.requested:  # our own cancel: the batch rolled back
-                            break
-                        # The one-statement write failed as a whole (a trigger outlasting
-                        # statement_timeout): do the batch again, flag by flag, so that only
-                        # the slow flag's schedules fail.
-                        with transaction(database, conn):
-                            results = _batch(conn, options, rng, stop, careful=True)
+                    with transaction(database, conn):
+                        results = _batch(conn, options, rng, stop)
                 except DatabaseError:
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
                         break
@@ -138,20 +140,21 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
         with transaction(database, conn, rollback=True):  # nothing claimed is kept
             now, claimed = repository.claim(conn, limit=options.batch_size)
             existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
+            checks = repository.safety_checks(
+                conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
+            )
     if now is None:
         return []
     decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
     plan = [(r.schedule, _describe(r)) for r in decided]
-    plan += [
-        (
-            c,
-            f"apply {u.as_json()}"
-            if key in existing
-            else f"fail for good: flag {key!r} does not exist",
-        )
-        for key, flag_steps in steps.items()
-        for c, u in flag_steps
-    ]
+    for key, flag_steps in steps.items():
+        for c, u in flag_steps:
+            if key not in existing:
+                plan.append((c, f"fail for good: flag {key!r} does not exist"))
+            elif c.id in checks:
+                plan.append((c, f"fail for good: {checks[c.id][1]}"))
+            else:
+                plan.append((c, f"apply {u.as_json()}"))
     return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
 
 
@@ -210,98 +213,104 @@ def _plan(
     return decided, steps
 
 
-def _batch(
-    conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag, *, careful: bool
-) -> list[Result]:
+def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
+    """Claim, decide, write, record: one batch, in the caller's transaction."""
     now, claimed = repository.claim(conn, limit=options.batch_size)
     if now is None:
         return []
     fail = _Failures(now, options, rng)
     results, steps = _plan(claimed, fail)
-    if steps:
-        results += _apply(conn, steps, fail, stop, careful=careful)
-    repository.record(conn, results, now=now)
+    changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
+    if changes:
+        verdicts = _write(conn, changes, stop, options.max_lateness)
+        for index, change in enumerate(changes):
+            verdict, error = verdicts.get(index, (None, None))
+            results.append(_result(change.schedule, verdict, error, fail))
+    applied = [r.schedule.flag_key for r in results if r.outcome is Outcome.APPLIED]
+    repository.record(conn, results, now=now, notice=change_notice(applied))
     return results
 
 
-Missed = dict[int, tuple[str, str | None]]  # change index -> (outcome, error); absent: applied
-Change = tuple[str, Updates, bool]  # flag key, updates, whether a failure holds later ones back
+Verdicts = dict[int, tuple[Verdict, str | None]]  # change index -> why it did not apply
 
 
-def _apply(
-    conn: Conn, steps: dict[str, list[Step]], fail: _Failures, stop: StopFlag, *, careful: bool
-) -> list[Result]:
-    """One statement writes the batch: free flags set-based, then what is left change by
-    change, each failure isolated. It has no savepoint (a round trip saved): if it fails as
-    a whole, the caller redoes the batch `careful`ly. Flags other sessions hold, and every
-    flag when `careful`, then get a statement each, in a savepoint, that waits for them."""
-    keys = sorted(steps)
-    ordered = [step for key in keys for step in steps[key]]
-    changes: list[Change] = [(s.flag_key, u, fail.would_retry(s)) for s, u in ordered]
-    missed: Missed
-    if careful:
-        missed = {i: (repository.APPLY_BUSY, None) for i in range(len(changes))}
-    else:
-        folded = {key: _fold(steps[key]) for key in keys}
-        with repository.unprotected():
-            missed = repository.apply(conn, folded, changes, wait=False)
-    busy = [i for i, (outcome, _) in missed.items() if outcome == repository.APPLY_BUSY]
-    for _, group in groupby(busy, key=lambda i: changes[i][0]):
-        indexes = list(group)
-        waited = _wait_for_flag(conn, [changes[i] for i in indexes], stop)
-        for j, i in enumerate(indexes):
-            if j in waited:
-                missed[i] = waited[j]
-            else:
-                del missed[i]
-    results = []
-    for index, (schedule, _) in enumerate(ordered):
-        outcome, error = missed.get(index, (None, None))
-        results.append(_result(schedule, outcome, error, fail))
-    return results
-
-
-def _wait_for_flag(conn: Conn, changes: list[Change], stop: StopFlag) -> Missed:
-    """One flag's changes, waiting for its lock, in a savepoint: a signal cancelling the
-    wait, or a statement timeout, undoes only these changes."""
-    stopped: Missed = {
-        j: (repository.APPLY_BUSY, "the tick was stopped") for j in range(len(changes))
-    }
-    if stop.requested:  # they stay as they are, due for the next tick
-        return stopped
+def _write(
+    conn: Conn, changes: list[Change], stop: StopFlag, max_lateness: float | None
+) -> Verdicts:
+    """One statement writes the batch, in a savepoint. Flags other sessions hold, or every
+    flag when that statement failed as a whole (a trigger outlasting statement_timeout),
+    then get a statement each, in a savepoint of its own, that waits for the flag: a lock
+    or statement timeout, or a signal cancelling the wait, undoes only that flag."""
     try:
         with repository.savepoint(conn):
-            return repository.apply(conn, {}, changes, wait=True)
+            verdicts = repository.apply(
+                conn, changes, wait=False, max_lateness_seconds=max_lateness
+            )
+        later = {
+            changes[i].schedule.flag_key for i, (v, _) in verdicts.items() if v is Verdict.BUSY
+        }
+    except StatementFailed:
+        verdicts, later = {}, {c.schedule.flag_key for c in changes}
+    for key in sorted(later):
+        indexes = [i for i, c in enumerate(changes) if c.schedule.flag_key == key]
+        for i in indexes:
+            verdicts.pop(i, None)  # decided again, now that the flag is waited for
+        verdicts.update(_write_one_flag(conn, changes, indexes, stop, max_lateness))
+    return verdicts
+
+
+def _write_one_flag(
+    conn: Conn,
+    changes: list[Change],
+    indexes: list[int],
+    stop: StopFlag,
+    max_lateness: float | None,
+) -> Verdicts:
+    """One flag's changes, waiting for its lock. If the statement fails as a whole, its
+    first change failed and the others were not attempted."""
+    not_attempted: Verdicts = {i: (Verdict.NOT_ATTEMPTED, "the tick was stopped") for i in indexes}
+    if stop.requested:  # they stay as they are, due for the next tick
+        return not_attempted
+    try:
+        with repository.savepoint(conn):
+            found = repository.apply(
+                conn,
+                [changes[i] for i in indexes],
+                wait=True,
+                max_lateness_seconds=max_lateness,
+            )
     except StatementFailed as exc:
-        return stopped if stop.requested else _all_failed(changes, exc)
+        if stop.requested:
+            return not_attempted
+        first, *rest = indexes
+        failed: Verdicts = {first: (Verdict.ERROR, exc.message)}
+        return failed | {
+            i: (
+                Verdict.NOT_ATTEMPTED,
+                f"not attempted: schedule {changes[first].schedule.id} of this flag failed first",
+            )
+            for i in rest
+        }
+    return {indexes[j]: verdict for j, verdict in found.items()}
 
 
-def _all_failed(changes: list[Change], exc: StatementFailed) -> Missed:
-    """Outcomes when a statement applying `changes` failed as a whole: the first change of
-    each flag failed, the rest are held back behind it if it will be retried."""
-    outcomes: Missed = {}
-    stopped: set[str] = set()
-    for index, (key, _, would_retry) in enumerate(changes):
-        held = key in stopped
-        outcomes[index] = (
-            (repository.APPLY_HELD_BACK, None) if held else (repository.APPLY_FAILED, exc.message)
-        )
-        if would_retry:
-            stopped.add(key)
-    return outcomes
-
-
-def _result(schedule: Claimed, outcome: str | None, error: str | None, fail: _Failures) -> Result:
-    if outcome is None:
-        return Result(schedule, Outcome.APPLIED)
-    if outcome == repository.APPLY_HELD_BACK:
-        return Result(schedule, Outcome.HELD_BACK)
-    if outcome == repository.APPLY_BUSY:  # not attempted: left as it is, no retry spent
-        reason = error or "its flag is held by another session"
-        return Result(schedule, Outcome.HELD_BACK, error=reason)
-    if outcome == repository.APPLY_MISSING:
-        return fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
-    return fail(schedule, error or "unknown error", permanent=False)
+def _result(
+    schedule: Claimed, verdict: Verdict | None, error: str | None, fail: _Failures
+) -> Result:
+    """A change's verdict as the schedule's outcome: the one place each verdict is mapped."""
+    match verdict:
+        case None:
+            return Result(schedule, Outcome.APPLIED)
+        case Verdict.HELD_BACK:
+            return Result(schedule, Outcome.HELD_BACK)
+        case Verdict.BUSY | Verdict.NOT_ATTEMPTED:  # left as it is, no retry spent
+            return Result(schedule, Outcome.HELD_BACK, error=error or "its flag is held")
+        case Verdict.MISSING:
+            return fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
+        case Verdict.EXPIRED | Verdict.CONFLICT:
+            return fail(schedule, error or verdict.value, permanent=True)
+        case Verdict.ERROR:
+            return fail(schedule, error or "unknown error", permanent=False)
 
 
 def _fold(steps: list[Step]) -> Updates:

@@ -11,6 +11,14 @@
   `flagsched retry`: conflict and lateness windows restart there) and attempts (a JSON
   array of {attempt, at, outcome, error}, kept with the schedule, so pruning a schedule
   prunes its attempts).
+- flagsched_check_v1(id, max_lateness): the safety verdict of one due schedule (expired or
+  in conflict, with the line for last_error), shared by the tick's write and --dry-run.
+- flagsched_apply_v2: a batch's writes in one statement (flagsched_apply of 0003 stays for
+  pods of the previous version during a rollout). Under the flags' row locks it decides,
+  per change, missing / busy / expired / conflict, writes the rest set-based (each flag's
+  changes folded, later values win) and, only if that fails, change by change, each in
+  its own subtransaction; a failure that will be retried holds the flag's later changes
+  back. Returns a row per change that did not apply.
 
 Revision ID: 0004
 Revises: 0003
@@ -24,6 +32,17 @@ branch_labels = None
 depends_on = None
 
 TRIGGER_FUNCTION = "flagsched_record_change_v1"
+CHECK_NAME = "flagsched_check_v1"
+CHECK_FUNCTION = f"{CHECK_NAME}(bigint, interval)"
+APPLY_FUNCTION = (
+    "flagsched_apply_v2(bigint[], text[], boolean[], integer[], boolean[], interval, boolean)"
+)
+
+# A time in last_error: ISO 8601 UTC; infinite ones as PostgreSQL spells them.
+_ISO = """CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC',
+    'YYYY-MM-DD"T"HH24:MI:SS"Z"') ELSE {0}::text END"""
+_LATE = """CASE WHEN isfinite({0})
+    THEN justify_interval(date_trunc('second', now() - {0}))::text ELSE 'forever' END"""
 
 
 def upgrade() -> None:
@@ -71,11 +90,178 @@ def upgrade() -> None:
     )
     op.execute(
         f"""
-        CREATE FUNCTION {TRIGGER_FUNCTION}() RETURNS trigger
+        CREATE FUNCTION {CHECK_NAME}(p_id bigint, p_max_lateness interval)
+        RETURNS TABLE (outcome text, message text)
+        LANGUAGE sql STABLE SECURITY INVOKER AS $$
+            -- expired: its expires_at has passed, or, without one and with a maximum
+            -- lateness, it is due longer than that since scheduled_at (or the last retry).
+            -- conflict (on_conflict 'fail'): someone other than flagsched changed the flag
+            -- since the schedule was created (or last retried); creating the flag does not
+            -- count. Expired wins over conflict; no row: neither.
+            SELECT v.outcome, v.message
+            FROM feature_flag_schedules s
+            CROSS JOIN LATERAL (
+                SELECT 1 AS rank, 'expired'::text AS outcome,
+                       'expired: ' || {_LATE.format("s.expires_at")} || ' past its expires_at '
+                       || {_ISO.format("s.expires_at")} AS message
+                WHERE s.expires_at < now()
+                UNION ALL
+                SELECT 2, 'expired',
+                       'expired: ' || {_LATE.format("greatest(s.scheduled_at, s.reviewed_at)")}
+                       || ' late, more than the maximum lateness of '
+                       || extract(epoch FROM p_max_lateness)::text || ' s (due since '
+                       || {_ISO.format("greatest(s.scheduled_at, s.reviewed_at)")} || ')'
+                WHERE s.expires_at IS NULL
+                  AND greatest(s.scheduled_at, s.reviewed_at) < now() - p_max_lateness
+                UNION ALL
+                SELECT 3, 'conflict',
+                       'conflict: flag ' || quote_literal(s.flag_key) || ' was changed by '
+                       || c.actor || ' at ' || {_ISO.format("c.changed_at")}
+                       || ', after this schedule was '
+                       || CASE WHEN s.reviewed_at > s.created_at THEN 'retried' ELSE 'created' END
+                       || '; `flagsched retry` it to apply it anyway'
+                FROM (
+                    SELECT c.actor, c.changed_at FROM feature_flag_changes c
+                    WHERE c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
+                      AND c.old_enabled IS NOT NULL AND c.new_enabled IS NOT NULL
+                      AND c.changed_at > greatest(s.created_at, s.reviewed_at)
+                    ORDER BY c.changed_at DESC
+                    LIMIT 1
+                ) c
+                WHERE s.on_conflict = 'fail'
+                ORDER BY rank
+                LIMIT 1
+            ) v
+            WHERE s.id = p_id
+        $$
+        """
+    )
+    op.execute(
+        f"""
+        CREATE FUNCTION flagsched_apply_v2(
+            p_ids bigint[], p_keys text[], p_enabled boolean[], p_rollout integer[],
+            p_stop_on_failure boolean[], p_max_lateness interval, p_wait boolean)
+        RETURNS TABLE (item integer, outcome text, message text)
         LANGUAGE plpgsql SECURITY INVOKER AS $$
+        -- p_*: a batch's changes (schedule id, flag, updates, whether a failure will be
+        -- retried), in order: flag, then scheduled_at, id. A row per change that did not
+        -- apply (item: its position, from 1):
+        --   missing    the flag does not exist
+        --   busy       not attempted: another session holds the flag (without p_wait;
+        --              with p_wait its lock is waited for, up to lock_timeout)
+        --   expired, conflict   failed for good, the flag untouched ({CHECK_NAME})
+        --   error      the write failed (message); with p_stop_on_failure it holds the
+        --              flag's later changes back:
+        --   held_back  behind such an error
+        DECLARE
+            locked text[];
+            decided_n integer[];
+            decided_outcome text[];
+            decided_message text[];
+            todo integer[];       -- positions to write, in order
+            stopped text[] := '{{}}';
+            written boolean := false;
+            i integer;
+        BEGIN
+            IF p_wait THEN
+                locked := ARRAY(SELECT f.key FROM feature_flags f WHERE f.key = ANY (p_keys)
+                                ORDER BY f.key FOR UPDATE);
+            ELSE
+                locked := ARRAY(SELECT f.key FROM feature_flags f WHERE f.key = ANY (p_keys)
+                                ORDER BY f.key FOR UPDATE SKIP LOCKED);
+            END IF;
+            -- Decided under the locks: a change another session committed before we got a
+            -- flag's lock is visible to this statement's snapshot.
+            SELECT coalesce(array_agg(c.n::integer ORDER BY c.n)
+                                FILTER (WHERE d.outcome IS NOT NULL), '{{}}'),
+                   coalesce(array_agg(d.outcome ORDER BY c.n)
+                                FILTER (WHERE d.outcome IS NOT NULL), '{{}}'),
+                   coalesce(array_agg(d.message ORDER BY c.n)
+                                FILTER (WHERE d.outcome IS NOT NULL), '{{}}'),
+                   coalesce(array_agg(c.n::integer ORDER BY c.n)
+                                FILTER (WHERE d.outcome IS NULL), '{{}}')
+              INTO decided_n, decided_outcome, decided_message, todo
+            FROM unnest(p_ids, p_keys) WITH ORDINALITY AS c(id, key, n)
+            CROSS JOIN LATERAL (
+                SELECT CASE WHEN c.key = ANY (locked) THEN NULL
+                            WHEN EXISTS (SELECT 1 FROM feature_flags f WHERE f.key = c.key)
+                            THEN 'busy' ELSE 'missing' END AS outcome
+            ) l
+            LEFT JOIN LATERAL {CHECK_NAME}(c.id, p_max_lateness) k ON l.outcome IS NULL
+            CROSS JOIN LATERAL (SELECT coalesce(l.outcome, k.outcome) AS outcome,
+                                       k.message) d;
+            RETURN QUERY SELECT * FROM unnest(decided_n, decided_outcome, decided_message);
+            IF cardinality(todo) = 0 THEN
+                RETURN;
+            END IF;
+            BEGIN  -- the common case: every flag's changes folded into one write
+                PERFORM set_config('flagsched.applying', (
+                    SELECT jsonb_object_agg(key, ids)::text FROM (
+                        SELECT p_keys[t] AS key, jsonb_agg(p_ids[t] ORDER BY t) AS ids
+                        FROM unnest(todo) AS t GROUP BY 1) x), true);
+                UPDATE feature_flags AS f
+                SET enabled = coalesce(v.enabled, f.enabled),
+                    rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
+                    updated_at = now()
+                FROM (
+                    SELECT p_keys[t] AS key,
+                           (array_agg(p_enabled[t] ORDER BY t DESC)
+                                FILTER (WHERE p_enabled[t] IS NOT NULL))[1] AS enabled,
+                           (array_agg(p_rollout[t] ORDER BY t DESC)
+                                FILTER (WHERE p_rollout[t] IS NOT NULL))[1] AS rollout
+                    FROM unnest(todo) AS t GROUP BY 1
+                ) AS v
+                WHERE f.key = v.key;
+                written := true;
+            EXCEPTION WHEN OTHERS THEN
+                NULL;  -- undone as a whole: every change is tried on its own below
+            END;
+            IF written THEN
+                RETURN;
+            END IF;
+            FOREACH i IN ARRAY todo LOOP
+                item := i;
+                message := NULL;
+                IF p_keys[i] = ANY (stopped) THEN
+                    outcome := 'held_back';
+                    RETURN NEXT;
+                    CONTINUE;
+                END IF;
+                BEGIN
+                    PERFORM set_config('flagsched.applying',
+                        jsonb_build_object(p_keys[i], jsonb_build_array(p_ids[i]))::text, true);
+                    UPDATE feature_flags AS f
+                    SET enabled = coalesce(p_enabled[i], f.enabled),
+                        rollout_percentage = coalesce(p_rollout[i], f.rollout_percentage),
+                        updated_at = now()
+                    WHERE f.key = p_keys[i];
+                    CONTINUE;
+                EXCEPTION
+                    -- (query_canceled is not caught by OTHERS: a cancel ends the call)
+                    WHEN OTHERS THEN
+                        outcome := 'error';
+                        message := SQLERRM || ' (SQLSTATE ' || SQLSTATE || ')';
+                END;
+                RETURN NEXT;
+                IF p_stop_on_failure[i] THEN
+                    stopped := stopped || p_keys[i];
+                END IF;
+            END LOOP;
+        END
+        $$
+        """
+    )
+    op.execute(
+        f"""
+        CREATE FUNCTION {TRIGGER_FUNCTION}() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+        -- SECURITY DEFINER: roles that write flags need no grant on the history (an
+        -- upgrade must not break an application's writes). Inside it current_user is the
+        -- owner, so the writer is the session's role as SET ROLE left it, else its login.
         DECLARE
             applying jsonb := nullif(current_setting('flagsched.applying', true), '')::jsonb;
-            writer text := current_user::text || coalesce(
+            writer text := coalesce(nullif(current_setting('role'), 'none'), session_user)
+                || coalesce(
                 ' (' || nullif(current_setting('application_name', true), '') || ')', '');
         BEGIN
             IF TG_OP = 'INSERT' THEN
@@ -123,6 +309,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute(f"DROP FUNCTION {APPLY_FUNCTION}")
+    op.execute(f"DROP FUNCTION {CHECK_FUNCTION}")
     for event in ("insert", "update", "delete"):
         op.execute(f"DROP TRIGGER flagsched_record_{event} ON feature_flags")
     op.execute(f"DROP FUNCTION {TRIGGER_FUNCTION}()")

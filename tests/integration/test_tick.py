@@ -508,21 +508,24 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
     assert schedule(later)["status"] == "pending" and flag("slow") == (False, 0)
 
 
-def test_a_flag_deleted_after_the_claim_fails_for_good(database: Database, add_flag: Any) -> None:
+def test_a_flag_deleted_after_the_claim_fails_for_good(
+    database: Database, add_flag: Any, add_schedule: Any, sql: Sql
+) -> None:
+    """The claim does not look at flags: one deleted between claim and write is missing."""
     from flagsched import repository
     from flagsched.db import connection, transaction
-    from flagsched.model import Updates
+    from flagsched.model import Change, Updates, Verdict
 
+    add_flag("ghost")
     add_flag("real")
-    change = Updates(enabled=True)
+    ids = [add_schedule("ghost", {"enabled": True}), add_schedule("real", {"enabled": True})]
     with connection(database) as conn, transaction(database, conn, rollback=True):
-        missed = repository.apply(
-            conn,
-            {"ghost": change, "real": change},
-            [("ghost", change, True), ("real", change, True)],
-            wait=False,
-        )
-    assert missed == {0: (repository.APPLY_MISSING, None)}
+        _, claimed = repository.claim(conn, limit=10)
+        assert [c.id for c in claimed] == ids
+        sql("DELETE FROM feature_flags WHERE key = 'ghost'")  # another session, committed
+        changes = [Change(c, Updates(enabled=True), True) for c in claimed]
+        missed = repository.apply(conn, changes, wait=False, max_lateness_seconds=None)
+    assert missed == {0: (Verdict.MISSING, None)}
 
 
 def test_hot_flag_drains_in_batches_of_the_batch_size(
