@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -363,17 +364,125 @@ def cancel(app: App, ids: tuple[int, ...]) -> int:
     help="Age in days (a positive number).",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted.")
+@click.option("--history", is_flag=True, help="Also delete flag history older than DAYS.")
 @pass_app
-def prune(app: App, days: float, dry_run: bool) -> int:
+def prune(app: App, days: float, dry_run: bool, history: bool) -> int:
     """Delete applied and cancelled schedules older than DAYS, in small batches."""
     from flagsched import operators
 
-    counts, _ = operators.prune(app.database(), older_than_days=days, dry_run=dry_run)
+    counts, _ = operators.prune(
+        app.database(), older_than_days=days, dry_run=dry_run, history=history
+    )
     verb = "would delete" if dry_run else "deleted"
-    click.echo(
-        f"{verb} {sum(counts.values())} schedules "
+    line = (
+        f"{verb} {counts['applied'] + counts['cancelled']} schedules "
         f"({counts['applied']} applied, {counts['cancelled']} cancelled)"
     )
+    if history:
+        line += f" and {counts['history']} history entries"
+    click.echo(line)
+    return EXIT_OK
+
+
+_FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+
+
+def _values(state: dict[str, Any] | None) -> str:
+    if state is None:
+        return "-"
+    enabled = "on" if state["enabled"] else "off"
+    return f"{enabled} {state['rollout_percentage']}%"
+
+
+def _history_table(rows: list[dict[str, Any]]) -> str:
+    from flagsched import output
+
+    return output.table(
+        ["ID", "CHANGED_AT", "FLAG", "ACTOR", "OLD", "NEW", "SCHEDULES"],
+        [
+            (
+                r["id"],
+                r["changed_at"],
+                r["flag_key"],
+                r["actor"],
+                _values(r["old"]),
+                _values(r["new"]),
+                ",".join(str(i) for i in r["schedule_ids"]) or "-",
+            )
+            for r in rows
+        ],
+    )
+
+
+@cli.command()
+@click.argument("flag_key", required=False)
+@click.option("--since", "since_text", metavar="TIME", help="Only changes at or after TIME.")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
+@_FORMAT
+@pass_app
+def history(app: App, flag_key: str | None, since_text: str | None, limit: int, fmt: str) -> int:
+    """Changes of flags (by anyone), newest first."""
+    from flagsched import operators, output
+    from flagsched.model import parse_when
+
+    since: datetime | None = None
+    if since_text is not None:
+        try:
+            since = parse_when(since_text)  # None: "now", the database's now()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--since") from None
+    rows = operators.history(
+        app.database(),
+        flag_key=flag_key,
+        since=since,
+        since_now=since_text is not None and since is None,
+        limit=limit,
+    )
+    if fmt == "json":
+        click.echo(output.to_json(rows))
+    elif not rows:
+        click.echo("no changes recorded")
+    else:
+        click.echo(_history_table(rows))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("schedule_id", metavar="ID", type=click.IntRange(1, 2**63 - 1))
+@_FORMAT
+@pass_app
+def show(app: App, schedule_id: int, fmt: str) -> int:
+    """One schedule: its state, every attempt, and the changes it made."""
+    from flagsched import operators, output
+
+    row = operators.show(app.database(), schedule_id)
+    if row is None:
+        click.echo(f"flagsched: no schedule {schedule_id}", err=True)
+        return EXIT_FAILED
+    if fmt == "json":
+        click.echo(output.to_json(row))
+        return EXIT_OK
+    fields = [k for k in row if k not in ("attempts", "changes")]
+    click.echo(output.table(["FIELD", "VALUE"], [(k, row[k]) for k in fields]))
+    click.echo("")
+    attempts = row["attempts"]
+    if attempts:
+        click.echo(
+            output.table(
+                ["ATTEMPT", "AT", "OUTCOME", "ERROR"],
+                [
+                    (a.get("attempt"), a.get("at"), a.get("outcome"), a.get("error"))
+                    for a in attempts
+                    if isinstance(a, dict)
+                ],
+            )
+        )
+    else:
+        click.echo("no attempts yet")
+    click.echo("")
+    click.echo(_history_table(row["changes"]) if row["changes"] else "no changes made")
     return EXIT_OK
 
 

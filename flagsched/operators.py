@@ -1,4 +1,5 @@
-"""Operator use cases: status, schedule, retry, cancel, prune. Each owns its transactions."""
+"""Operator use cases: status, schedule, retry, cancel, prune, show, history. Each owns its
+transactions."""
 
 from __future__ import annotations
 
@@ -145,10 +146,16 @@ def cancel(database: Database, ids: list[int]) -> list[Handled]:
 
 
 def prune(
-    database: Database, *, older_than_days: float, dry_run: bool, batch: int = PRUNE_BATCH
+    database: Database,
+    *,
+    older_than_days: float,
+    dry_run: bool,
+    history: bool = False,
+    batch: int = PRUNE_BATCH,
 ) -> tuple[Counter[str], int]:
-    """Delete old applied and cancelled schedules in batches, one transaction each;
-    returns (deleted or, with dry_run, deletable counts per status, batches run)."""
+    """Delete old applied and cancelled schedules (with their attempts) and, with `history`,
+    old feature_flag_changes rows, in batches, one transaction each; returns (deleted or,
+    with dry_run, deletable counts per status and "history", batches run)."""
     seconds = older_than_days * 86400
     total: Counter[str] = Counter()
     batches = 0
@@ -156,7 +163,12 @@ def prune(
         with transaction(database, conn):
             repository.ensure_schema(conn)
             if dry_run:
-                return Counter(repository.count_prunable(conn, older_than_seconds=seconds)), 0
+                counts = Counter(repository.count_prunable(conn, older_than_seconds=seconds))
+                if history:
+                    counts["history"] = repository.count_prunable_history(
+                        conn, older_than_seconds=seconds
+                    )
+                return counts, 0
         while True:
             with transaction(database, conn):
                 deleted = repository.prune_batch(conn, older_than_seconds=seconds, limit=batch)
@@ -164,12 +176,47 @@ def prune(
                 break
             batches += 1
             total.update(deleted)
+        while history:
+            with transaction(database, conn):
+                n = repository.prune_history_batch(conn, older_than_seconds=seconds, limit=batch)
+            if not n:
+                break
+            batches += 1
+            total["history"] += n
     get_logger().info(
         "prune_finished",
-        deleted=sum(total.values()),
+        deleted=total["applied"] + total["cancelled"],
         applied=total["applied"],
         cancelled=total["cancelled"],
+        history=total["history"],
         batches=batches,
         older_than_days=older_than_days,
     )
     return total, batches
+
+
+def show(database: Database, schedule_id: int) -> dict[str, Any] | None:
+    """One schedule, its attempts and the history entries that applied it (None: unknown)."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        row = repository.show_schedule(conn, schedule_id)
+        if row is None:
+            return None
+        row["changes"] = repository.changes_of(conn, schedule_id, row["flag_key"])
+    return row
+
+
+def history(
+    database: Database,
+    *,
+    flag_key: str | None,
+    since: datetime | None,
+    limit: int,
+    since_now: bool = False,
+) -> list[dict[str, Any]]:
+    """Changes of flags, newest first; `since_now`: from the database's now()."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        return repository.history(
+            conn, flag_key=flag_key, since=since, since_now=since_now, limit=limit
+        )

@@ -21,13 +21,13 @@ def _plain(value: Any) -> Any:
     )
 
 
+def _json_default(value: Any) -> Any:
+    return iso(value) if isinstance(value, datetime) else str(value)
+
+
 def to_json(data: Any) -> str:
-    """JSON with datetimes as ISO 8601 UTC strings."""
-    if isinstance(data, list):
-        data = [{k: _plain(v) for k, v in row.items()} for row in data]
-    elif isinstance(data, dict):
-        data = {k: _plain(v) for k, v in data.items()}
-    return json.dumps(data, indent=2, sort_keys=False)
+    """JSON with datetimes (at any depth) as ISO 8601 UTC strings."""
+    return json.dumps(data, indent=2, sort_keys=False, default=_json_default)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -278,7 +278,8 @@ def list_failed(
 
 # --- operators -------------------------------------------------------------------------
 
-_WAITING = "(status = 'failed' AND next_retry_at IS NOT NULL AND retry_count <= max_retries)"
+_WAITING_ROW = "(next_retry_at IS NOT NULL AND retry_count <= max_retries)"
+_WAITING = f"(status = 'failed' AND {_WAITING_ROW})"
 
 
 def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
@@ -385,10 +386,21 @@ def newer_applied_exists(conn: Conn, schedule_id: int) -> bool:
 
 
 def reset_for_retry(conn: Conn, schedule_id: int) -> None:
-    """failed -> pending with retry_count 0; last_error stays until it applies."""
+    """failed -> pending with retry_count 0; last_error stays until it applies. A retry is a
+    review: conflicts count from now on, and lateness (and an expires_at, shifted by as much
+    as the schedule was late) restarts here."""
     conn.execute(
-        "UPDATE feature_flag_schedules SET status = 'pending', retry_count = 0, "
-        "next_retry_at = NULL, updated_at = now() WHERE id = %(i)s",
+        """
+        UPDATE feature_flag_schedules
+        SET status = 'pending', retry_count = 0, next_retry_at = NULL, updated_at = now(),
+            reviewed_at = now(),
+            expires_at = CASE
+                WHEN isfinite(expires_at) AND isfinite(scheduled_at)
+                     AND now() > greatest(scheduled_at, reviewed_at)
+                THEN expires_at + (now() - greatest(scheduled_at, reviewed_at))
+                ELSE expires_at END
+        WHERE id = %(i)s
+        """,
         {"i": schedule_id},
     )
 
@@ -398,6 +410,102 @@ def mark_cancelled(conn: Conn, schedule_id: int) -> None:
         "UPDATE feature_flag_schedules SET status = 'cancelled', next_retry_at = NULL, "
         "updated_at = now() WHERE id = %(i)s",
         {"i": schedule_id},
+    )
+
+
+# --- the record ------------------------------------------------------------------------
+
+_CHANGE_COLUMNS = """
+    id, flag_key, changed_at, actor,
+    CASE WHEN old_enabled IS NULL THEN NULL ELSE jsonb_build_object(
+        'enabled', old_enabled, 'rollout_percentage', old_rollout_percentage) END AS old,
+    CASE WHEN new_enabled IS NULL THEN NULL ELSE jsonb_build_object(
+        'enabled', new_enabled, 'rollout_percentage', new_rollout_percentage) END AS new,
+    schedule_ids
+"""
+
+
+def history(
+    conn: Conn,
+    *,
+    flag_key: str | None,
+    since: datetime | None,
+    limit: int,
+    since_now: bool = False,
+) -> list[dict[str, Any]]:
+    """Changes of flags, newest first (index scans on idx_changes_flag / _changed_at);
+    `since_now`: changes from the database's now() on."""
+    where = ["true"]
+    if flag_key is not None:
+        where.append("flag_key = %(flag_key)s")
+    if since is not None or since_now:
+        where.append("changed_at >= coalesce(%(since)s::timestamptz, now())")
+    order = "changed_at DESC, id DESC"
+    return _dicts(
+        conn,
+        f"""
+        SELECT {_CHANGE_COLUMNS} FROM feature_flag_changes
+        WHERE {" AND ".join(where)} ORDER BY {order} LIMIT %(limit)s
+        """,
+        {"flag_key": flag_key, "since": since, "limit": limit},
+    )
+
+
+def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[dict[str, Any]]:
+    """The history entries that applied this schedule, oldest first."""
+    return _dicts(
+        conn,
+        f"""
+        SELECT {_CHANGE_COLUMNS} FROM feature_flag_changes
+        WHERE flag_key = %(k)s AND schedule_ids @> ARRAY[%(i)s::bigint]
+        ORDER BY changed_at, id
+        """,
+        {"k": flag_key, "i": schedule_id},
+    )
+
+
+def show_schedule(conn: Conn, schedule_id: int) -> dict[str, Any] | None:
+    """One schedule with everything `show` prints but its changes."""
+    rows = _dicts(
+        conn,
+        f"""
+        SELECT id, flag_key, scheduled_at, updates, status, retry_count, max_retries,
+               next_retry_at, last_error, applied_at, created_at, updated_at,
+               NOT {_WAITING_ROW} AND status = 'failed' AS permanent,
+               group_id, expires_at, on_conflict, reviewed_at,
+               CASE WHEN jsonb_typeof(attempts) = 'array' THEN attempts ELSE '[]' END
+                   AS attempts
+        FROM feature_flag_schedules WHERE id = %(i)s
+        """,
+        {"i": schedule_id},
+    )
+    return rows[0] if rows else None
+
+
+def prune_history_batch(conn: Conn, *, older_than_seconds: float, limit: int) -> int:
+    """Delete up to `limit` history rows older than that; returns how many."""
+    rows = conn.execute(
+        """
+        WITH doomed AS (
+            SELECT id FROM feature_flag_changes
+            WHERE changed_at < now() - make_interval(secs => %(seconds)s)
+            ORDER BY changed_at LIMIT %(limit)s
+        )
+        DELETE FROM feature_flag_changes c USING doomed d WHERE c.id = d.id RETURNING 1
+        """,
+        {"seconds": older_than_seconds, "limit": limit},
+    ).fetchall()
+    return len(rows)
+
+
+def count_prunable_history(conn: Conn, *, older_than_seconds: float) -> int:
+    return int(
+        _scalar(
+            conn,
+            "SELECT count(*) FROM feature_flag_changes "
+            "WHERE changed_at < now() - make_interval(secs => %(seconds)s)",
+            {"seconds": older_than_seconds},
+        )
     )
 
 

@@ -109,7 +109,7 @@ def upgrade() -> None:
                 SELECT 2, 'expired',
                        'expired: ' || {_LATE.format("greatest(s.scheduled_at, s.reviewed_at)")}
                        || ' late, more than the maximum lateness of '
-                       || extract(epoch FROM p_max_lateness)::text || ' s (due since '
+                       || justify_interval(p_max_lateness)::text || ' (due since '
                        || {_ISO.format("greatest(s.scheduled_at, s.reviewed_at)")} || ')'
                 WHERE s.expires_at IS NULL
                   AND greatest(s.scheduled_at, s.reviewed_at) < now() - p_max_lateness

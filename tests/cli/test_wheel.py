@@ -10,7 +10,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from flagsched.db import SCHEMA_REVISION
-from flagsched.schema import make_engine
+from flagsched.schema import make_engine, metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,4 +80,4 @@ def test_installed_wheel_migrates_from_any_directory(
             ).scalars()
         )
     assert version == SCHEMA_REVISION
-    assert tables == {"alembic_version", "feature_flags", "feature_flag_schedules"}
+    assert tables == {"alembic_version", *metadata.tables}
