@@ -29,6 +29,11 @@ from flagsched.db import Conn, Database
 
 DRAIN_FLAGS, DRAIN_SCHEDULES = 10_000, 30_000
 DRAIN_ARGS = ("--batch-size", "100", "--max-batches", "1000")
+# The same drain with the record's triggers off (what feature_flag_changes costs).
+RECORD_OFF = ";".join(
+    f"ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_{event}"
+    for event in ("insert", "update", "delete")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,8 @@ def _drain_once(b: Bench, kind: str, label: str, setup: str = "") -> tuple[Ran, 
         b.cluster.sql(db, setup)
     b.cluster.quiesce()
     url = b.cluster.url_for(db)
+    if kind == "record-off":
+        b.cluster.sql(db, RECORD_OFF)
     if kind == "reference":
         argv = reference_command(url, *DRAIN_ARGS)
     else:
@@ -139,13 +146,14 @@ def _drain_once(b: Bench, kind: str, label: str, setup: str = "") -> tuple[Ran, 
 def drain_throughput(b: Bench) -> Case:
     case = Case("1. Drain throughput")
     runs = b.runs(5)
-    times: dict[str, list[float]] = {"reference": [], "flagsched": []}
-    inside: dict[str, list[float]] = {"reference": [], "flagsched": []}
-    cpu: dict[str, list[float]] = {"reference": [], "flagsched": []}
+    kinds = ["reference", "flagsched", "record-off"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    inside: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     problems: list[str] = []
     for i in range(runs):
-        # ABBA order, so drift of the machine does not favour either side.
-        order = ["reference", "flagsched"] if i % 2 == 0 else ["flagsched", "reference"]
+        # ABC then CBA order, so drift of the machine does not favour any side.
+        order = kinds if i % 2 == 0 else kinds[::-1]
         for kind in order:
             ran, db = _drain_once(b, kind, f"drain-{kind}-{i}")
             statuses = b.cluster.statuses(db)
@@ -158,11 +166,17 @@ def drain_throughput(b: Bench) -> Case:
             cpu[kind].append(ran.cpu_seconds)
             progress(f"drain {kind} run {i + 1}/{runs}: {ran.seconds:.2f} s")
     ref, fs = _median(times["reference"]), _median(times["flagsched"])
+    off = _median(times["record-off"])
     b.drain_rate = DRAIN_SCHEDULES / fs
     case.figures += [
         Figure("reference drain, median", f"{ref:.2f} s ({DRAIN_SCHEDULES / ref:,.0f} rows/s)"),
         Figure("flagsched drain, median", f"{fs:.2f} s ({DRAIN_SCHEDULES / fs:,.0f} rows/s)"),
+        Figure(
+            "flagsched drain without the record's triggers, median",
+            f"{off:.2f} s ({DRAIN_SCHEDULES / off:,.0f} rows/s)",
+        ),
         _ratio_figure("flagsched time / reference time", fs / ref, 1.5),
+        _ratio_figure("flagsched time / the same without the record", fs / off, 1.15),
         Figure(
             "every schedule applied once, flags in their final state",
             "yes" if not problems else "NO",
@@ -173,26 +187,24 @@ def drain_throughput(b: Bench) -> Case:
     case.details += [
         f"{DRAIN_SCHEDULES:,} due schedules over {DRAIN_FLAGS:,} flags, `flagsched process "
         f"{' '.join(DRAIN_ARGS)}` and `python -m bench.reference URL {' '.join(DRAIN_ARGS)}`, "
-        f"each a whole process on a fresh copy of the backlog, {runs} runs each in ABBA order; "
-        "flagsched logs one JSON line per schedule to a file. *In-process* is the time the "
-        "process itself reports (flagsched's `tick_finished`), the rest is interpreter start, "
-        "imports, connecting and exit. *CPU* is the CPU time of the process itself (user + "
-        "system), PostgreSQL's work not included.",
+        f"each a whole process on a fresh copy of the backlog, {runs} runs each, in ABC / CBA "
+        "order; *record off* is flagsched again with the history triggers on `feature_flags` "
+        "disabled (the reference's writes fire them too; attempts and notices are still "
+        "written). flagsched logs one JSON line per schedule to a file. *In-process* is the "
+        "time the process itself reports (flagsched's `tick_finished`), the rest is "
+        "interpreter start, imports, connecting and exit. *CPU* is the CPU time of the "
+        "process itself (user + system), PostgreSQL's work not included.",
         "",
-        "| run | reference s | in-process s | CPU s | flagsched s | in-process s | CPU s |",
-        "|---|---|---|---|---|---|---|",
+        "| run | " + " | ".join(f"{k} s | in-process s | CPU s" for k in kinds) + " |",
+        "|---|" + "---|---|---|" * len(kinds),
     ]
     for i in range(runs):
-        case.details.append(
-            f"| {i + 1} | {times['reference'][i]:.2f} | {inside['reference'][i]:.2f} "
-            f"| {cpu['reference'][i]:.2f} | {times['flagsched'][i]:.2f} "
-            f"| {inside['flagsched'][i]:.2f} | {cpu['flagsched'][i]:.2f} |"
-        )
-    case.details.append(
-        f"| median | {ref:.2f} | {_median(inside['reference']):.2f} "
-        f"| {_median(cpu['reference']):.2f} | {fs:.2f} | {_median(inside['flagsched']):.2f} "
-        f"| {_median(cpu['flagsched']):.2f} |"
-    )
+        cells = [f"{times[k][i]:.2f} | {inside[k][i]:.2f} | {cpu[k][i]:.2f}" for k in kinds]
+        case.details.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    medians = [
+        f"{_median(times[k]):.2f} | {_median(inside[k]):.2f} | {_median(cpu[k]):.2f}" for k in kinds
+    ]
+    case.details.append("| median | " + " | ".join(medians) + " |")
     case.details += [""] + [f"- problem: {p}" for p in problems]
     return case
 
@@ -212,9 +224,10 @@ def claim_vs_history(b: Bench) -> Case:
     for history in levels:
         db = b.cluster.clone(TEMPLATE)
         b.cluster.seed(db, flags=DRAIN_FLAGS, history=history, schedules=rounds * batches * limit)
+        b.cluster.seed_changes(db, history)
         b.cluster.vacuum(db)
         databases[history] = db
-        progress(f"claim: seeded {history:,} applied rows")
+        progress(f"claim: seeded {history:,} applied rows and {history:,} history rows")
     b.cluster.quiesce()
     targets = {h: Database(b.cluster.url_for(db)) for h, db in databases.items()}
     timings: dict[int, list[float]] = {h: [] for h in levels}
@@ -242,19 +255,24 @@ def claim_vs_history(b: Bench) -> Case:
     for history in levels:
         case.figures.append(
             Figure(
-                f"claim of {limit} beside {history:,} applied rows",
+                f"claim of {limit} beside {history:,} applied rows and history rows",
                 f"mean {means[history]:.2f} ms (median {medians[history]:.2f} ms)",
             )
         )
     case.figures.append(
         _ratio_figure(
-            f"mean claim at {levels[-1]:,} / at 0 applied rows", means[levels[-1]] / means[0], 1.2
+            f"mean claim at {levels[-1]:,} / at 0 applied and history rows",
+            means[levels[-1]] / means[0],
+            1.2,
         )
     )
     case.details += [
         f"`flagsched.repository.claim` called in-process, {batches} batches of {limit} per "
         f"database, {rounds} times over (so {rounds * batches} claims per database), each claim "
         "in its own transaction that records its batch applied (so the backlog of "
+        "due schedules moves on; each database also holds as many `feature_flag_changes` "
+        "rows as applied ones, written by other actors, which the conflict check probes; "
+        "the backlog of "
         f"{rounds * batches * limit:,} due schedules moves on), over {DRAIN_FLAGS:,} flags; the "
         "three databases take turns claim by claim. Only the claim statement is timed, after "
         "six rolled-back warm-up claims per database.",

@@ -121,6 +121,21 @@ class Cluster:
                     },
                 )
 
+    def seed_changes(self, database: str, count: int, flag_span: int = 10_000) -> None:
+        """`count` rows of flag history by another actor, all in the past (year 2000 on)."""
+        if count:
+            self.sql(
+                database,
+                """
+                INSERT INTO feature_flag_changes (flag_key, changed_at, actor, old_enabled,
+                    old_rollout_percentage, new_enabled, new_rollout_percentage)
+                SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'), timestamptz '2000-01-01'
+                       + make_interval(secs => g), 'app_rw (seed)', false, 0, true, g %% 101
+                FROM generate_series(1, %(count)s) g
+                """,
+                {"flags": flag_span, "count": count},
+            )
+
     def final_state_errors(self, database: str) -> int:
         """Flags whose state is not the one their last applied schedule set."""
         return int(
