@@ -440,7 +440,9 @@ def history(
         where.append("flag_key = %(flag_key)s")
     if since is not None or since_now:
         where.append("changed_at >= coalesce(%(since)s::timestamptz, now())")
-    order = "changed_at DESC, id DESC"
+    # Newest first: by flag, the (flag_key, changed_at, id) index; otherwise by id, which
+    # follows commit order closely enough and is the primary key.
+    order = "changed_at DESC, id DESC" if flag_key is not None else "id DESC"
     return _dicts(
         conn,
         f"""

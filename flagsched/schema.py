@@ -106,7 +106,7 @@ feature_flag_changes = sa.Table(
         server_default=sa.text("'{}'::bigint[]"),
     ),
     sa.Index("idx_changes_flag", "flag_key", "changed_at", "id"),
-    sa.Index("idx_changes_changed_at", "changed_at", "id"),
+    sa.Index("idx_changes_changed_at", "changed_at", postgresql_using="brin"),
     sa.Index(
         "idx_changes_foreign",
         "flag_key",
