@@ -215,7 +215,9 @@ def record(
                 updated_at = %(now)s,
                 -- attempts is ours, but an application may have written anything there
                 attempts = {_KEPT} || jsonb_build_array(jsonb_build_object(
-                    'attempt', jsonb_array_length({_KEPT}) + 1, 'at', %(now)s::timestamptz,
+                    'attempt', jsonb_array_length({_KEPT}) + 1,
+                    'at', to_char(%(now)s::timestamptz AT TIME ZONE 'UTC',
+                                  'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
                     'outcome', v.outcome, 'error', v.last_error))
             FROM (
                 SELECT id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,

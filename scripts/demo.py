@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import psycopg
 import sqlalchemy as sa
 
 from flagsched.schema import make_engine
@@ -44,6 +45,11 @@ END $$;
 CREATE TRIGGER demo_outage BEFORE UPDATE ON feature_flags
     FOR EACH ROW EXECUTE FUNCTION demo_outage();
 """
+
+
+def _scalar(engine: sa.Engine, query: str) -> object:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(query)).scalar()
 
 
 def banner(text: str) -> None:
@@ -108,6 +114,29 @@ def main() -> int:
             ).stdout
         ):
             flagsched("status")
+        banner("The record: every change of new-checkout, and the ramp's first step")
+        flagsched("history", "new-checkout")
+        flagsched("show", "1")
+        banner("An incident: someone turns search-v2 off in psql after a change was scheduled")
+        flagsched("schedule", "search-v2", "--at", "now", "--rollout", "50")
+        with psycopg.connect(url, autocommit=True, application_name="psql") as conn:
+            conn.execute("UPDATE feature_flags SET enabled = false WHERE key = 'search-v2'")
+        banner("A change that comes too late: it expired an hour ago")
+        sql(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, expires_at) "
+            "VALUES ('dark-mode', now() - interval '2 hours', '{\"rollout_percentage\": 50}', "
+            "now() - interval '1 hour')"
+        )
+        banner("Tick 3: the scheduled change is in conflict, the late one expired; both fail")
+        flagsched("process")
+        flagsched("list-failed", "--permanent")
+        flagsched("history", "search-v2")
+        banner("The on-call engineer reviews the conflict and says: apply it anyway")
+        conflicted = _scalar(
+            engine, "SELECT id FROM feature_flag_schedules WHERE last_error LIKE 'conflict:%'"
+        )
+        flagsched("retry", str(conflicted))
+        flagsched("process")
         banner("The flags now")
         show("SELECT key, enabled, rollout_percentage, updated_at FROM feature_flags ORDER BY key")
         banner("The schedules now")
