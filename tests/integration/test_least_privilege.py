@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -142,9 +143,38 @@ def test_process_applies_due_schedules_with_only_its_grants(
         ("checkout", True, 0),
         ("ramp", False, 50),
     ]
+    # Its writes are in the history (the trigger needs no grant of the tick's role); the
+    # broken flag's failure made the batch write change by change, one entry each.
+    recorded = sql(
+        "SELECT flag_key, actor, schedule_ids FROM feature_flag_changes "
+        "WHERE cardinality(schedule_ids) > 0 ORDER BY flag_key, id"
+    )
+    assert [tuple(r) for r in recorded] == [
+        ("checkout", "flagsched", [enable]),
+        ("ramp", "flagsched", [ramp[0]]),
+        ("ramp", "flagsched", [ramp[1]]),
+    ]
     # The same login serves the health check.
     health = flagsched("status", "--max-lag", "3600", url=worker)
     assert health.code == 0, health.stderr
+
+
+def test_an_application_role_with_no_grant_on_the_history_still_writes_flags(
+    roles: None, database_url: str, sql: Sql, add_flag: Any
+) -> None:
+    """The history trigger runs with its owner's rights: an upgrade of flagsched must never
+    break an application's writes; the change is still recorded under the writer's name."""
+    add_flag("a")
+    sql("DROP ROLE IF EXISTS test_app")
+    sql(f"CREATE ROLE test_app LOGIN PASSWORD '{PASSWORD}'")
+    sql("GRANT SELECT, UPDATE ON feature_flags TO test_app")
+    app = url_for(database_url, "test_app")
+    with psycopg.connect(app, application_name="api", autocommit=True) as conn:
+        conn.execute("UPDATE feature_flags SET enabled = true WHERE key = 'a'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM feature_flag_changes")
+    rows = sql("SELECT actor FROM feature_flag_changes WHERE old_enabled IS NOT NULL")
+    assert [r[0] for r in rows] == ["test_app (api)"]
 
 
 @pytest.mark.parametrize(
@@ -162,6 +192,9 @@ def test_process_applies_due_schedules_with_only_its_grants(
         "UPDATE feature_flag_schedules SET scheduled_at = now()",
         "UPDATE feature_flags SET key = 'renamed'",
         "UPDATE alembic_version SET version_num = '0001'",
+        "DELETE FROM feature_flag_changes",
+        "UPDATE feature_flag_changes SET actor = 'someone'",
+        "INSERT INTO feature_flag_changes (flag_key, actor) VALUES ('a', 'forged')",
         "ALTER TABLE feature_flags ADD COLUMN x int",
         "CREATE TABLE public.intruder (x int)",
         "CREATE INDEX ON feature_flags (enabled)",
@@ -196,6 +229,14 @@ def test_reader_runs_status_and_list_failed_but_changes_nothing(
     listed = flagsched("list-failed", "--format", "json", url=reader)
     assert listed.code == 0, listed.stderr
     assert [row["id"] for row in json.loads(listed.stdout)] == [failed]
+    history = flagsched("history", "a", "--format", "json", url=reader)
+    assert history.code == 0, history.stderr
+    assert [e["new"] for e in json.loads(history.stdout)] == [
+        {"enabled": False, "rollout_percentage": 0}
+    ]
+    shown = flagsched("show", str(failed), "--format", "json", url=reader)
+    assert shown.code == 0, shown.stderr
+    assert json.loads(shown.stdout)["id"] == failed
 
     tick = flagsched("process", url=reader)
     assert tick.code == 3  # could not run: the claim needs UPDATE
@@ -237,10 +278,12 @@ def test_operator_runs_operator_commands_but_never_touches_flags(
     cancelled = flagsched("cancel", str(doomed), url=oncall)
     assert cancelled.code == 0, cancelled.stdout + cancelled.stderr
     assert state(sql, doomed)[0] == "cancelled"
-    pruned = flagsched("prune", "--older-than", "7", url=oncall)
+    sql("UPDATE feature_flag_changes SET changed_at = now() - interval '8 days'")
+    pruned = flagsched("prune", "--older-than", "7", "--history", url=oncall)
     assert pruned.code == 0, pruned.stderr
     assert sql("SELECT count(*) FROM feature_flag_schedules WHERE id = :i", i=old)[0][0] == 0
-    for command in (("status",), ("list-failed",)):
+    assert sql("SELECT count(*) FROM feature_flag_changes")[0][0] == 0
+    for command in (("status",), ("list-failed",), ("history",), ("show", str(new_id))):
         assert flagsched(*command, url=oncall).code == 0
 
     attempt = as_login("flagsched_oncall")
