@@ -358,7 +358,19 @@ def lock_schedule(conn: Conn, schedule_id: int) -> dict[str, Any] | None:
 
 
 def newer_applied_exists(conn: Conn, schedule_id: int) -> bool:
-    """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?"""
+    """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?
+    Later schedules a tick has claimed but not committed count: their row locks are waited
+    for first (up to lock_timeout; past it the statement fails and the caller says busy),
+    and the check then reads what the tick committed (a new statement, a new snapshot)."""
+    conn.execute(
+        """
+        SELECT l.id FROM feature_flag_schedules l JOIN feature_flag_schedules s
+          ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
+        WHERE s.id = %(i)s AND l.status IN ('pending', 'failed')
+        FOR UPDATE OF l
+        """,
+        {"i": schedule_id},
+    )
     found = _scalar(
         conn,
         """
