@@ -180,24 +180,29 @@ def _publish(report: Any, metrics_file: Path | None, pushgateway: str | None) ->
 
 
 @cli.command("list-failed")
-@click.option("--permanent", "which", flag_value="permanent", help="Only failed for good.")
-@click.option("--retrying", "which", flag_value="retrying", help="Only waiting for a retry.")
+@click.option("--permanent", is_flag=True, help="Only failed for good.")
+@click.option("--retrying", is_flag=True, help="Only waiting for a retry.")
 @click.option("--flag", "flag_key", metavar="KEY", help="Only this flag's schedules.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
 @pass_app
-def list_failed(app: App, which: str | None, flag_key: str | None, limit: int, fmt: str) -> int:
+def list_failed(
+    app: App, permanent: bool, retrying: bool, flag_key: str | None, limit: int, fmt: str
+) -> int:
     """Failed schedules, most recently failed first."""
     from flagsched import output, repository
     from flagsched.db import begin
+
+    if permanent and retrying:
+        raise click.UsageError("--permanent and --retrying exclude each other")
 
     with begin(app.database()) as conn:
         repository.ensure_schema(conn)
         rows = repository.list_failed(
             conn,
-            permanent={"permanent": True, "retrying": False}.get(which or ""),
+            permanent=True if permanent else False if retrying else None,
             flag_key=flag_key,
             limit=limit,
         )
@@ -377,7 +382,12 @@ def prune(app: App, days: float, dry_run: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Entry point: the only place that exits. No traceback reaches an operator."""
+    """Entry point: the only place that exits."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """One invocation, as its exit code. No traceback reaches an operator."""
     try:
         code = cli.main(args=argv, prog_name="flagsched", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -395,7 +405,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             f"flagsched: internal error: {type(exc).__name__}: {_redacted(str(exc))}", err=True
         )
         code = EXIT_COULD_NOT_RUN
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def _redacted(text: str) -> str:

@@ -93,9 +93,11 @@ def test_no_database_url_is_exit_2_naming_the_variable(flagsched: Callable[..., 
         assert "Traceback" not in ran.stderr
 
 
-def test_unreachable_database_is_exit_3_one_line_no_password(flagsched: Callable[..., Ran]) -> None:
-    for command in (["process"], ["migrate"], ["list-failed"]):
-        ran = flagsched(*command, url="postgres://bob:hunter2@127.0.0.1:1/app")
+def test_unreachable_database_is_exit_3_one_line_no_password(
+    flagsched_process: Callable[..., Ran],
+) -> None:
+    for command in (["process"], ["migrate"], ["list-failed"]):  # real processes: exit codes
+        ran = flagsched_process(*command, url="postgres://bob:hunter2@127.0.0.1:1/app")
         assert ran.code == 3, ran.stderr
         assert ran.stderr.strip().count("\n") == 0, ran.stderr
         assert "hunter2" not in ran.stderr + ran.stdout
