@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from flagsched import logs
-from flagsched.db import Database, url_secrets
+from flagsched.db import Database
 from flagsched.errors import FlagschedError
 from flagsched.settings import Settings, load_settings
 
@@ -33,9 +33,7 @@ class App:
     def settings(self) -> Settings:
         if self._settings is None:
             settings = load_settings()
-            logs.configure(
-                settings.log_format, settings.log_level, secrets=url_secrets(settings.database_url)
-            )
+            logs.configure(settings.log_format, settings.log_level)
             for warning in settings.warnings:
                 logs.get_logger().warning("setting_ignored", message=warning)
             self._settings = settings
@@ -172,11 +170,14 @@ def process(
 def _publish(report: Any, metrics_file: Path | None, pushgateway: str | None) -> None:
     """Metrics never change the tick's exit code: a failure to publish is a warning."""
     from flagsched import metrics
+    from flagsched.urls import describe_url, endpoint_error
 
     try:
         metrics.publish(report, metrics_file=metrics_file, pushgateway=pushgateway)
     except Exception as exc:
-        logs.get_logger().warning("metrics_publish_failed", error=_redacted(str(exc)))
+        where = {"pushgateway": describe_url(pushgateway)} if pushgateway else {}
+        error = endpoint_error(exc, pushgateway) if pushgateway else str(exc)
+        logs.get_logger().warning("metrics_publish_failed", **where, error=_redacted(error))
 
 
 @cli.command("list-failed")
@@ -409,7 +410,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _redacted(text: str) -> str:
-    from flagsched.db import one_line, url_secrets
+    """One line; withheld whole if it quotes the database password."""
     from flagsched.settings import raw_database_url
+    from flagsched.urls import one_line, url_secrets
 
     return one_line(text, url_secrets(raw_database_url()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -19,19 +19,6 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-
-
-def _redactor(secrets: list[str]) -> Processor:
-    def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
-        for key, value in event.items():
-            if isinstance(value, str):
-                for secret in secrets:
-                    if secret in value:
-                        value = value.replace(secret, "***")
-                event[key] = value
-        return event
-
-    return redact
 
 
 def _isoformat(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
@@ -102,9 +89,9 @@ def configure(
     fmt: str = "auto",
     level: str = "info",
     stream: TextIO | None = None,
-    secrets: Iterable[str] = (),
 ) -> None:
-    """Configure structlog once for this process; `secrets` never reach the output."""
+    """Configure structlog once for this invocation. No field is masked: messages name a
+    database by host, port and name, never by its URL (flagsched.urls)."""
     global _output
     stream = stream or sys.stderr
     _output = _Output(stream)
@@ -115,9 +102,6 @@ def configure(
         processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     else:
         processors += [structlog.processors.JSONRenderer(serializer=_dumps)]
-    secrets = [s for s in secrets if s]
-    if secrets:  # before the renderer
-        processors.insert(-1, _redactor(secrets))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flagsched.errors import ConfigError
+from flagsched.urls import database_url_problem
 
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 # Variables whose value may hold a secret: never echoed in an error.
@@ -55,6 +56,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported scheme {scheme or '(none)'!r}; use postgresql://user:pass@host/db"
             )
+        problem = database_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @property

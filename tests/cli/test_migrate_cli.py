@@ -101,7 +101,7 @@ def test_unreachable_database_is_exit_3_one_line_no_password(
         assert ran.code == 3, ran.stderr
         assert ran.stderr.strip().count("\n") == 0, ran.stderr
         assert "hunter2" not in ran.stderr + ran.stdout
-        assert "bob:***@127.0.0.1" in ran.stderr
+        assert "database app at 127.0.0.1:1 as bob" in ran.stderr
         assert "Traceback" not in ran.stderr
 
 
