@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -16,7 +17,7 @@ import click
 from flagsched import logs
 from flagsched.db import Database
 from flagsched.errors import FlagschedError
-from flagsched.settings import Settings, load_settings
+from flagsched.settings import PG_INT_MAX, Settings, load_settings
 
 # Exit codes (SPEC): 0 ok, 1 something failed / refused / behind, 2 usage or configuration,
 # 3 could not run. A tick stopped by SIGTERM or SIGINT exits 128 + signal (143, 130).
@@ -49,6 +50,26 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)
+
+BIGINT_MAX = 2**63 - 1  # schedule ids are bigint
+MAX_LAG_SECONDS = 10 * 365 * 86400
+MAX_PRUNE_DAYS = 36500
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (FloatRange lets nan through every bound)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+COUNT = click.IntRange(1, PG_INT_MAX)  # limits and counts: what PostgreSQL's integers hold
+SCHEDULE_ID = click.IntRange(1, BIGINT_MAX)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,7 +130,7 @@ def _signals_stop(stop: Any) -> Iterator[None]:
 @click.option("--batch-size", type=click.IntRange(1, 1000), help="Schedules per batch [100].")
 @click.option(
     "--max-batches",
-    type=click.IntRange(min=1),
+    type=COUNT,
     default=1,
     show_default=True,
     help="Run up to N batches (each its own transaction), stopping when nothing is due.",
@@ -184,7 +205,7 @@ def _publish(report: Any, metrics_file: Path | None, pushgateway: str | None) ->
 @click.option("--permanent", is_flag=True, help="Only failed for good.")
 @click.option("--retrying", is_flag=True, help="Only waiting for a retry.")
 @click.option("--flag", "flag_key", metavar="KEY", help="Only this flag's schedules.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=COUNT, default=100, show_default=True)
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
@@ -239,7 +260,7 @@ def list_failed(
 )
 @click.option(
     "--max-lag",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0, max=MAX_LAG_SECONDS),
     metavar="SECONDS",
     help="Exit 1 when a due schedule has waited longer than this (a health check).",
 )
@@ -273,7 +294,7 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
         click.echo(f"next due:   {output.iso(report['next_due_at']) or '-'}")
     lag = report["oldest_due_age_seconds"]
     if max_lag is not None and lag is not None and lag > max_lag:
-        click.echo(f"flagsched: a due schedule has waited {lag:.0f}s (> {max_lag:g}s)", err=True)
+        _say(f"flagsched: a due schedule has waited {lag:.0f}s (> {max_lag:g}s)")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -288,7 +309,9 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
     help="ISO 8601 with an offset (2026-12-01T09:00:00+01:00), or now.",
 )
 @click.option("--enable/--disable", "enabled", default=None, help="Turn the flag on or off.")
-@click.option("--rollout", type=int, metavar="N", help="Set rollout_percentage (0..100).")
+@click.option(
+    "--rollout", type=click.IntRange(0, 100), metavar="N", help="Set rollout_percentage (0..100)."
+)
 @click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
 @pass_app
 def schedule(
@@ -302,6 +325,9 @@ def schedule(
     """Add a pending schedule; prints its id."""
     from flagsched import operators
     from flagsched.model import InvalidUpdates, Updates, parse_when
+
+    if not flag_key.strip():
+        raise click.BadParameter("a flag key cannot be empty or only spaces", param_hint="FLAG_KEY")
 
     try:
         at = parse_when(at_text)
@@ -322,10 +348,9 @@ def schedule(
         app.database(), flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
     )
     if not exists:
-        click.echo(
+        _say(
             f"flagsched: warning: flag {flag_key!r} does not exist yet; the schedule "
-            "fails for good if it still does not when it is due",
-            err=True,
+            "fails for good if it still does not when it is due"
         )
     click.echo(new_id)
     return EXIT_OK
@@ -338,7 +363,7 @@ def _report_each(results: list[Any]) -> int:
 
 
 @cli.command()
-@click.argument("ids", nargs=-1, required=True, type=int)
+@click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
 @click.option("--force", is_flag=True, help="Retry even when a later schedule was applied.")
 @pass_app
 def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
@@ -349,7 +374,7 @@ def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
 
 
 @cli.command()
-@click.argument("ids", nargs=-1, required=True, type=int)
+@click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
 @pass_app
 def cancel(app: App, ids: tuple[int, ...]) -> int:
     """Cancel pending or failed schedules."""
@@ -362,10 +387,10 @@ def cancel(app: App, ids: tuple[int, ...]) -> int:
 @click.option(
     "--older-than",
     "days",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True, max=MAX_PRUNE_DAYS),
     required=True,
     metavar="DAYS",
-    help="Age in days (a positive number).",
+    help=f"Age in days (a positive number, at most {MAX_PRUNE_DAYS}).",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted.")
 @pass_app
@@ -394,19 +419,33 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        _say(f"flagsched: error: {_usage_line(exc)}")
         code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
     except click.exceptions.Abort:
         code = 128 + signal.SIGINT
     except FlagschedError as exc:
-        click.echo(f"flagsched: error: {exc.message}", err=True)
+        _say(f"flagsched: error: {exc.message}")
         code = exc.exit_code
     except Exception as exc:
-        click.echo(
-            f"flagsched: internal error: {type(exc).__name__}: {_redacted(str(exc))}", err=True
-        )
+        _say(f"flagsched: internal error: {type(exc).__name__}: {_redacted(str(exc))}")
         code = EXIT_COULD_NOT_RUN
     return code if isinstance(code, int) else EXIT_OK
+
+
+def _say(line: str) -> None:
+    """One line for the operator on stderr. A stderr that is full or closed loses the line,
+    never the command's outcome or exit code."""
+    with suppress(OSError, ValueError):  # ENOSPC, EPIPE, EBADF; ValueError: stream closed
+        click.echo(line, err=True)
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    """click's message as one line, with where to read more (click's own rendering takes four)."""
+    from flagsched.urls import one_line
+
+    message = one_line(exc.format_message())
+    ctx = exc.ctx if isinstance(exc, click.UsageError) else None
+    return f"{message} (see `{ctx.command_path} --help`)" if ctx is not None else message
 
 
 def _redacted(text: str) -> str:

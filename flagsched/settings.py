@@ -12,6 +12,11 @@ from flagsched.errors import ConfigError
 from flagsched.urls import database_url_problem
 
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+# Bounds of what PostgreSQL and the code accept, so that a bad value is a setting error
+# (exit 2), not a failure later. PostgreSQL's timeouts are integers of milliseconds.
+PG_INT_MAX = 2**31 - 1
+MAX_TIMEOUT_SECONDS = PG_INT_MAX / 1000  # about 24.8 days
+MAX_RETRY_DELAY_SECONDS = 10 * 365 * 86400  # a backoff cap beyond ten years is a typo
 # Variables whose value may hold a secret: never echoed in an error.
 _SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL"}
 
@@ -29,10 +34,26 @@ class Settings(BaseSettings):
     # Kept raw: a bad value is a warning and is ignored, never an error (SPEC).
     max_retries_raw: str | None = Field(default=None, validation_alias="FLAG_SCHEDULE_MAX_RETRIES")
     batch_size: int = Field(default=100, ge=1, le=1000, validation_alias="FLAGSCHED_BATCH_SIZE")
-    retry_max_delay: float = Field(default=3600, gt=0, validation_alias="FLAGSCHED_RETRY_MAX_DELAY")
-    lock_timeout: float = Field(default=5, gt=0, validation_alias="FLAGSCHED_LOCK_TIMEOUT")
+    retry_max_delay: float = Field(
+        default=3600,
+        gt=0,
+        le=MAX_RETRY_DELAY_SECONDS,
+        allow_inf_nan=False,
+        validation_alias="FLAGSCHED_RETRY_MAX_DELAY",
+    )
+    lock_timeout: float = Field(
+        default=5,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        validation_alias="FLAGSCHED_LOCK_TIMEOUT",
+    )
     statement_timeout: float = Field(
-        default=30, gt=0, validation_alias="FLAGSCHED_STATEMENT_TIMEOUT"
+        default=30,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        validation_alias="FLAGSCHED_STATEMENT_TIMEOUT",
     )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", validation_alias="FLAGSCHED_LOG_FORMAT"
