@@ -46,9 +46,11 @@ def _stamp(_: WrappedLogger, method: str, event: EventDict) -> EventDict:
 
 class _Output:
     """Where rendered lines go: each written and flushed at once, or, inside `together()`,
-    held and written in one write at its end (a batch's lines: one write, not a hundred)."""
+    held and written in one write at its end (a batch's lines: one write, not a hundred).
+    Logging never decides what a command does: a stream that is full, closed or missing
+    (stderr closed: None) loses the lines, and nothing else happens."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None) -> None:
         self.stream = stream
         self.held: list[str] | None = None
 
@@ -56,16 +58,23 @@ class _Output:
         if self.held is not None:
             self.held.append(message)
         else:
-            self.stream.write(message + "\n")
-            self.stream.flush()
+            self._write(message + "\n")
 
     debug = info = warning = error = critical = exception = log = msg
 
     def write_held(self) -> None:
         lines, self.held = self.held, None
         if lines:
-            self.stream.write("\n".join(lines) + "\n")
+            self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except (OSError, ValueError):  # ENOSPC (2>/dev/full), EPIPE, EBADF; closed: ValueError
+            self.stream = None  # what is lost is lost; later lines would fail the same way
 
 
 _output: _Output | None = None
@@ -93,13 +102,14 @@ def configure(
     """Configure structlog once for this invocation. No field is masked: messages name a
     database by host, port and name, never by its URL (flagsched.urls)."""
     global _output
-    stream = stream or sys.stderr
+    stream = stream or sys.stderr  # None when the process was started with stderr closed
     _output = _Output(stream)
+    tty = _isatty(stream)
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if tty else "json"
     processors: list[Processor] = [_stamp]
     if fmt == "console":
-        processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=tty)]
     else:
         processors += [structlog.processors.JSONRenderer(serializer=_dumps)]
     structlog.configure(
@@ -108,6 +118,13 @@ def configure(
         logger_factory=lambda *_: _output,
         cache_logger_on_first_use=False,
     )
+
+
+def _isatty(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):
+        return False
 
 
 def get_logger(**context: Any) -> structlog.typing.FilteringBoundLogger:

@@ -193,6 +193,7 @@ def flagsched_process(database_url: str) -> Callable[..., Ran]:
         url: str | None = database_url,
         timeout: float = 60,
         stderr: Any = subprocess.PIPE,
+        close_stderr: bool = False,
     ) -> Ran:
         full_env = {
             k: v
@@ -208,6 +209,8 @@ def flagsched_process(database_url: str) -> Callable[..., Ran]:
             env=full_env,
             timeout=timeout,
             check=False,
+            # Started with file descriptor 2 closed, as `2>&-` in a shell does.
+            preexec_fn=(lambda: os.close(2)) if close_stderr else None,
         )
         return Ran(done.returncode, done.stdout, done.stderr or "")
 
