@@ -116,6 +116,10 @@ def _signals_stop(stop: Any) -> Iterator[None]:
     """SIGTERM/SIGINT ask the tick to stop at its next safe point instead of killing it."""
 
     def handler(signum: int, _: FrameType | None) -> None:
+        # A second signal ends the process at once (the server rolls the transaction back
+        # when the connection drops), as it would without us: a stuck tick stays stoppable.
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
         stop.request(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -427,6 +431,7 @@ def run(argv: list[str] | None = None) -> int:
         _say(f"flagsched: error: {exc.message}")
         code = exc.exit_code
     except Exception as exc:
+        logs.debug_exception("internal_error", exc)  # FLAGSCHED_LOG_LEVEL=debug: the traceback
         _say(f"flagsched: internal error: {type(exc).__name__}: {_redacted(str(exc))}")
         code = EXIT_COULD_NOT_RUN
     return code if isinstance(code, int) else EXIT_OK

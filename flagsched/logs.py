@@ -110,14 +110,31 @@ def configure(
     processors: list[Processor] = [_stamp]
     if fmt == "console":
         processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=tty)]
-    else:
-        processors += [structlog.processors.JSONRenderer(serializer=_dumps)]
+    else:  # a traceback (debug only) as one field of the one line
+        processors += [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_dumps),
+        ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *_: _output,
         cache_logger_on_first_use=False,
     )
+
+
+def reset() -> None:
+    """Forget this invocation's configuration (for running several in one process)."""
+    global _output
+    _output = None
+    structlog.reset_defaults()
+
+
+def debug_exception(event: str, exc: BaseException) -> None:
+    """At debug level, log `exc` with its traceback; nothing before logging is configured
+    (structlog's default would print to stdout, which is for data)."""
+    if _output is not None:
+        get_logger().debug(event, exc_info=exc)
 
 
 def _isatty(stream: TextIO | None) -> bool:

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
-from flagsched import cli, migrate
+from flagsched import cli, logs, migrate
 from flagsched.db import Database
 from flagsched.schema import make_engine
 from scripts import pgserver
@@ -168,7 +167,7 @@ def invoke(*args: str, env: dict[str, str] | None = None, url: str | None = None
             sys.stderr.flush()
             out, err = streams[0].getvalue(), streams[1].getvalue()
     finally:
-        structlog.reset_defaults()
+        logs.reset()
     return Ran(code, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
