@@ -95,6 +95,7 @@ def migrate(app: App, sql: bool, check: bool) -> int:
 
     # DDL may legitimately outlast the tick's statement timeout; only the lock wait is bounded.
     database = app.database()
+    migrations.preflight(database)
     engine = make_engine(database.url, lock_timeout=database.lock_timeout, statement_timeout=None)
     log = logs.get_logger()
     if check:
@@ -361,8 +362,10 @@ def schedule(
 
 
 def _report_each(results: list[Any]) -> int:
+    from flagsched.output import visible
+
     for result in results:
-        click.echo(f"{result.id}: {result.message}")
+        click.echo(f"{result.id}: {visible(result.message)}")
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
@@ -440,8 +443,10 @@ def run(argv: list[str] | None = None) -> int:
 def _say(line: str) -> None:
     """One line for the operator on stderr. A stderr that is full or closed loses the line,
     never the command's outcome or exit code."""
+    from flagsched.output import visible
+
     with suppress(OSError, ValueError):  # ENOSPC, EPIPE, EBADF; ValueError: stream closed
-        click.echo(line, err=True)
+        click.echo(visible(line), err=True)
 
 
 def _usage_line(exc: click.ClickException) -> str:

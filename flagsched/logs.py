@@ -13,6 +13,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from flagsched.output import visible
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -25,6 +27,15 @@ def _isoformat(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     for key, value in event.items():
         if isinstance(value, datetime):
             event[key] = value.isoformat()
+    return event
+
+
+def _visible(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """On a terminal, stored text (a flag key with ESC in it) is shown escaped, never obeyed
+    (JSON escapes control characters itself)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = visible(value)
     return event
 
 
@@ -109,7 +120,7 @@ def configure(
         fmt = "console" if tty else "json"
     processors: list[Processor] = [_stamp]
     if fmt == "console":
-        processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=tty)]
+        processors += [_isoformat, _visible, structlog.dev.ConsoleRenderer(colors=tty)]
     else:  # a traceback (debug only) as one field of the one line
         processors += [
             structlog.processors.format_exc_info,

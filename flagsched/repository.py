@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from flagsched.db import SCHEMA_REVISION, Conn, one_line
-from flagsched.errors import BatchAborted, SchemaNotCurrent, StatementFailed
+from flagsched.errors import BatchAborted, SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import Claimed, Outcome, Result, Updates
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
@@ -31,8 +31,20 @@ def _scalar(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> An
 
 
 def schema_revision(conn: Conn) -> str | None:
-    """The alembic revision the database is at, or None when it was never migrated."""
-    if _scalar(conn, "SELECT to_regclass('alembic_version')") is None:
+    """The alembic revision the database is at, or None when it was never migrated. A
+    SQL_ASCII database is refused: its text has no encoding, so neither can ours."""
+    row = conn.execute(
+        "SELECT current_setting('server_encoding'), to_regclass('alembic_version') IS NOT NULL"
+    ).fetchone()
+    encoding, migrated = row if row is not None else ("", False)
+    if isinstance(encoding, bytes):  # psycopg returns text undecoded from SQL_ASCII
+        encoding = encoding.decode("ascii", "replace")
+    if encoding == "SQL_ASCII":
+        raise UnsupportedDatabase(
+            "the database's encoding is SQL_ASCII (text without an encoding); flagsched "
+            "needs UTF8: create the database with ENCODING 'UTF8'"
+        )
+    if not migrated:
         return None
     value = _scalar(conn, "SELECT version_num FROM alembic_version LIMIT 1")
     return str(value) if value is not None else None
