@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -15,9 +16,9 @@ from typing import Any, NoReturn
 import click
 
 from flagsched import logs
-from flagsched.db import Database, url_secrets
+from flagsched.db import Database
 from flagsched.errors import FlagschedError
-from flagsched.settings import Settings, load_settings
+from flagsched.settings import PG_INT_MAX, Settings, load_settings
 
 # Exit codes (SPEC): 0 ok, 1 something failed / refused / behind, 2 usage or configuration,
 # 3 could not run. A tick stopped by SIGTERM or SIGINT exits 128 + signal (143, 130).
@@ -34,9 +35,7 @@ class App:
     def settings(self) -> Settings:
         if self._settings is None:
             settings = load_settings()
-            logs.configure(
-                settings.log_format, settings.log_level, secrets=url_secrets(settings.database_url)
-            )
+            logs.configure(settings.log_format, settings.log_level)
             for warning in settings.warnings:
                 logs.get_logger().warning("setting_ignored", message=warning)
             self._settings = settings
@@ -52,6 +51,26 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)
+
+BIGINT_MAX = 2**63 - 1  # schedule ids are bigint
+MAX_LAG_SECONDS = 10 * 365 * 86400
+MAX_PRUNE_DAYS = 36500
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (FloatRange lets nan through every bound)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+COUNT = click.IntRange(1, PG_INT_MAX)  # limits and counts: what PostgreSQL's integers hold
+SCHEDULE_ID = click.IntRange(1, BIGINT_MAX)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,6 +96,7 @@ def migrate(app: App, sql: bool, check: bool) -> int:
 
     # DDL may legitimately outlast the tick's statement timeout; only the lock wait is bounded.
     database = app.database()
+    migrations.preflight(database)
     engine = make_engine(database.url, lock_timeout=database.lock_timeout, statement_timeout=None)
     log = logs.get_logger()
     if check:
@@ -98,6 +118,10 @@ def _signals_stop(stop: Any) -> Iterator[None]:
     """SIGTERM/SIGINT ask the tick to stop at its next safe point instead of killing it."""
 
     def handler(signum: int, _: FrameType | None) -> None:
+        # A second signal ends the process at once (the server rolls the transaction back
+        # when the connection drops), as it would without us: a stuck tick stays stoppable.
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
         stop.request(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -112,7 +136,7 @@ def _signals_stop(stop: Any) -> Iterator[None]:
 @click.option("--batch-size", type=click.IntRange(1, 1000), help="Schedules per batch [100].")
 @click.option(
     "--max-batches",
-    type=click.IntRange(min=1),
+    type=COUNT,
     default=1,
     show_default=True,
     help="Run up to N batches (each its own transaction), stopping when nothing is due.",
@@ -174,32 +198,40 @@ def process(
 def _publish(report: Any, metrics_file: Path | None, pushgateway: str | None) -> None:
     """Metrics never change the tick's exit code: a failure to publish is a warning."""
     from flagsched import metrics
+    from flagsched.urls import describe_url, endpoint_error
 
     try:
         metrics.publish(report, metrics_file=metrics_file, pushgateway=pushgateway)
     except Exception as exc:
-        logs.get_logger().warning("metrics_publish_failed", error=_redacted(str(exc)))
+        where = {"pushgateway": describe_url(pushgateway)} if pushgateway else {}
+        error = endpoint_error(exc, pushgateway) if pushgateway else str(exc)
+        logs.get_logger().warning("metrics_publish_failed", **where, error=_redacted(error))
 
 
 @cli.command("list-failed")
-@click.option("--permanent", "which", flag_value="permanent", help="Only failed for good.")
-@click.option("--retrying", "which", flag_value="retrying", help="Only waiting for a retry.")
+@click.option("--permanent", is_flag=True, help="Only failed for good.")
+@click.option("--retrying", is_flag=True, help="Only waiting for a retry.")
 @click.option("--flag", "flag_key", metavar="KEY", help="Only this flag's schedules.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=COUNT, default=100, show_default=True)
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
 @pass_app
-def list_failed(app: App, which: str | None, flag_key: str | None, limit: int, fmt: str) -> int:
+def list_failed(
+    app: App, permanent: bool, retrying: bool, flag_key: str | None, limit: int, fmt: str
+) -> int:
     """Failed schedules, most recently failed first."""
     from flagsched import output, repository
     from flagsched.db import begin
+
+    if permanent and retrying:
+        raise click.UsageError("--permanent and --retrying exclude each other")
 
     with begin(app.database()) as conn:
         repository.ensure_schema(conn)
         rows = repository.list_failed(
             conn,
-            permanent={"permanent": True, "retrying": False}.get(which or ""),
+            permanent=True if permanent else False if retrying else None,
             flag_key=flag_key,
             limit=limit,
         )
@@ -235,7 +267,7 @@ def list_failed(app: App, which: str | None, flag_key: str | None, limit: int, f
 )
 @click.option(
     "--max-lag",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0, max=MAX_LAG_SECONDS),
     metavar="SECONDS",
     help="Exit 1 when a due schedule has waited longer than this (a health check).",
 )
@@ -269,7 +301,7 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
         click.echo(f"next due:   {output.iso(report['next_due_at']) or '-'}")
     lag = report["oldest_due_age_seconds"]
     if max_lag is not None and lag is not None and lag > max_lag:
-        click.echo(f"flagsched: a due schedule has waited {lag:.0f}s (> {max_lag:g}s)", err=True)
+        _say(f"flagsched: a due schedule has waited {lag:.0f}s (> {max_lag:g}s)")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -284,7 +316,9 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
     help="ISO 8601 with an offset (2026-12-01T09:00:00+01:00), or now.",
 )
 @click.option("--enable/--disable", "enabled", default=None, help="Turn the flag on or off.")
-@click.option("--rollout", type=int, metavar="N", help="Set rollout_percentage (0..100).")
+@click.option(
+    "--rollout", type=click.IntRange(0, 100), metavar="N", help="Set rollout_percentage (0..100)."
+)
 @click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
 @pass_app
 def schedule(
@@ -298,6 +332,9 @@ def schedule(
     """Add a pending schedule; prints its id."""
     from flagsched import operators
     from flagsched.model import InvalidUpdates, Updates, parse_when
+
+    if not flag_key.strip():
+        raise click.BadParameter("a flag key cannot be empty or only spaces", param_hint="FLAG_KEY")
 
     try:
         at = parse_when(at_text)
@@ -318,23 +355,24 @@ def schedule(
         app.database(), flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
     )
     if not exists:
-        click.echo(
+        _say(
             f"flagsched: warning: flag {flag_key!r} does not exist yet; the schedule "
-            "fails for good if it still does not when it is due",
-            err=True,
+            "fails for good if it still does not when it is due"
         )
     click.echo(new_id)
     return EXIT_OK
 
 
 def _report_each(results: list[Any]) -> int:
+    from flagsched.output import visible
+
     for result in results:
-        click.echo(f"{result.id}: {result.message}")
+        click.echo(f"{result.id}: {visible(result.message)}")
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
 @cli.command()
-@click.argument("ids", nargs=-1, required=True, type=int)
+@click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
 @click.option("--force", is_flag=True, help="Retry even when a later schedule was applied.")
 @pass_app
 def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
@@ -345,7 +383,7 @@ def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
 
 
 @cli.command()
-@click.argument("ids", nargs=-1, required=True, type=int)
+@click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
 @pass_app
 def cancel(app: App, ids: tuple[int, ...]) -> int:
     """Cancel pending or failed schedules."""
@@ -358,10 +396,10 @@ def cancel(app: App, ids: tuple[int, ...]) -> int:
 @click.option(
     "--older-than",
     "days",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True, max=MAX_PRUNE_DAYS),
     required=True,
     metavar="DAYS",
-    help="Age in days (a positive number).",
+    help=f"Age in days (a positive number, at most {MAX_PRUNE_DAYS}).",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted.")
 @click.option("--history", is_flag=True, help="Also delete flag history older than DAYS.")
@@ -487,29 +525,52 @@ def show(app: App, schedule_id: int, fmt: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Entry point: the only place that exits. No traceback reaches an operator."""
+    """Entry point: the only place that exits."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """One invocation, as its exit code. No traceback reaches an operator."""
     try:
         code = cli.main(args=argv, prog_name="flagsched", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        _say(f"flagsched: error: {_usage_line(exc)}")
         code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
     except click.exceptions.Abort:
         code = 128 + signal.SIGINT
     except FlagschedError as exc:
-        click.echo(f"flagsched: error: {exc.message}", err=True)
+        _say(f"flagsched: error: {exc.message}")
         code = exc.exit_code
     except Exception as exc:
-        click.echo(
-            f"flagsched: internal error: {type(exc).__name__}: {_redacted(str(exc))}", err=True
-        )
+        logs.debug_exception("internal_error", exc)  # FLAGSCHED_LOG_LEVEL=debug: the traceback
+        _say(f"flagsched: internal error: {type(exc).__name__}: {_redacted(str(exc))}")
         code = EXIT_COULD_NOT_RUN
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def _say(line: str) -> None:
+    """One line for the operator on stderr. A stderr that is full or closed loses the line,
+    never the command's outcome or exit code."""
+    from flagsched.output import visible
+
+    with suppress(OSError, ValueError):  # ENOSPC, EPIPE, EBADF; ValueError: stream closed
+        click.echo(visible(line), err=True)
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    """click's message as one line, with where to read more (click's own rendering takes four)."""
+    from flagsched.urls import one_line
+
+    message = one_line(exc.format_message())
+    ctx = exc.ctx if isinstance(exc, click.UsageError) else None
+    return f"{message} (see `{ctx.command_path} --help`)" if ctx is not None else message
 
 
 def _redacted(text: str) -> str:
-    from flagsched.db import one_line, url_secrets
+    """One line; withheld whole if it quotes the database password."""
     from flagsched.settings import raw_database_url
+    from flagsched.urls import one_line, url_secrets
 
     return one_line(text, url_secrets(raw_database_url()))

@@ -1,5 +1,6 @@
 """Connections: psycopg 3 directly, one connection per command, with our session settings.
-Transactions and savepoints, driver errors turned into flagsched errors, URLs redacted.
+Transactions and savepoints, driver errors turned into flagsched errors naming the database
+by host, port and name, never by its URL.
 
 The tick runs on psycopg without SQLAlchemy: importing SQLAlchemy alone costs a cron run
 ~150 ms, and its result handling was most of a batch's CPU (docs/benchmarks.md). SQLAlchemy
@@ -9,12 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
 import psycopg
@@ -22,6 +21,8 @@ from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
 from flagsched.model import Unreadable
+from flagsched.urls import describe_database, url_secrets
+from flagsched.urls import one_line as one_line  # where the repository finds it
 
 # The alembic head. The tick checks it without importing alembic (cold start);
 # a test keeps it equal to the migration scripts' head.
@@ -78,20 +79,25 @@ class Database:
         set_json_loads(_json_loads, conn)  # every claimed schedule's `updates`
         return conn
 
-    def error(self, exc: BaseException, *, connecting: bool = False) -> FlagschedError:
-        """A driver error as a flagsched error: one line, no password."""
+    def error(
+        self, exc: BaseException, *, connecting: bool = False, conn: Conn | None = None
+    ) -> FlagschedError:
+        """A driver error as a flagsched error: one line, naming the database by host, port
+        and name (never the URL), withheld whole if the driver's text quotes the password."""
         reason = one_line(str(exc), url_secrets(self.url))
-        if connecting or _is_connection_lost(exc):
-            return DatabaseUnavailable(f"could not connect to {redact_url(self.url)}: {reason}")
+        if connecting or connection_lost(exc, conn):
+            return DatabaseUnavailable(
+                f"could not connect to {describe_database(self.url)}: {reason}"
+            )
         return DatabaseError(f"database error: {reason}")
 
     @contextmanager
-    def errors(self) -> Iterator[None]:
+    def errors(self, conn: Conn | None = None) -> Iterator[None]:
         """Translate driver errors raised inside into flagsched errors."""
         try:
             yield
         except psycopg.Error as exc:
-            raise self.error(exc) from None
+            raise self.error(exc, conn=conn) from None
 
 
 def _json_loads(data: bytes | str) -> Any:
@@ -106,13 +112,24 @@ def _json_loads(data: bytes | str) -> Any:
     except RecursionError:
         return Unreadable("nested too deeply")
     except ValueError as exc:
-        return Unreadable(one_line(str(exc), []))
+        return Unreadable(one_line(str(exc)))
 
 
-def _is_connection_lost(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.OperationalError) and (
-        "connection" in str(exc).lower() or getattr(exc, "sqlstate", None) is None
-    )
+# Connection exceptions (class 08), and the server going away (admin or crash shutdown,
+# starting up or shutting down): the database is unavailable, not a statement wrong.
+_UNAVAILABLE_SQLSTATES = ("57P01", "57P02", "57P03")
+
+
+def connection_lost(exc: BaseException, conn: Conn | None = None) -> bool:
+    """Did `exc` lose the connection? Decided by SQLSTATE and the connection's state, never
+    by the message's wording (which changes with the server's language and version)."""
+    if conn is not None and conn.broken:
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    sqlstate = exc.sqlstate
+    # No SQLSTATE: the client library itself failed (the socket closed, the server vanished).
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES
 
 
 @contextmanager
@@ -120,7 +137,7 @@ def connection(database: Database) -> Iterator[Conn]:
     """One connection for a whole command (batches reuse it), errors translated."""
     conn = database.connect()
     try:
-        with database.errors():
+        with database.errors(conn):
             yield conn
     finally:
         conn.close()
@@ -132,7 +149,7 @@ def transaction(
 ) -> Iterator[psycopg.Transaction]:
     """One transaction on `conn`: committed on success (unless `rollback`), rolled back on
     error, errors translated."""
-    with database.errors(), conn.transaction(force_rollback=rollback) as tx:
+    with database.errors(conn), conn.transaction(force_rollback=rollback) as tx:
         yield tx
 
 
@@ -141,46 +158,3 @@ def begin(database: Database) -> Iterator[Conn]:
     """A connection inside one transaction, committed on success, errors translated."""
     with connection(database) as conn, transaction(database, conn):
         yield conn
-
-
-def redact_url(raw: str) -> str:
-    """The URL with any password (userinfo or ?password=) replaced by ***."""
-    try:
-        parts = urlsplit(raw)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                userinfo = userinfo.split(":", 1)[0] + ":***"
-            netloc = f"{userinfo}@{host}"
-        query = urlencode(
-            [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
-        )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "(unparseable URL)"
-
-
-def url_secrets(raw: str | None) -> list[str]:
-    """Strings that must never be shown: the URL's password, in every spelling it may take."""
-    if not raw:
-        return []
-    secrets: list[str] = []
-    userinfo = re.search(r"://[^:/@]*:([^@]*)@", raw)
-    if userinfo:
-        secrets += [userinfo.group(1), unquote(userinfo.group(1))]
-    try:
-        query = urlsplit(raw).query
-        secrets += [v for k, v in parse_qsl(query) if k.lower() == "password"]
-        secrets += re.findall(r"(?i)password=([^&]*)", query)  # as written, still encoded
-    except ValueError:
-        pass
-    return [s for s in dict.fromkeys(secrets) if s]
-
-
-def one_line(text: str, secrets: list[str]) -> str:
-    """A driver message as one readable line, with every secret replaced by ***."""
-    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    for secret in secrets:
-        line = line.replace(secret, "***")
-    return line

@@ -36,6 +36,11 @@ class SchemaNotCurrent(CouldNotRun):
     """The database schema is not at the latest revision: run `flagsched migrate`."""
 
 
+class UnsupportedDatabase(CouldNotRun):
+    """flagsched cannot work with this database as it is (its encoding, or a schema revision
+    this version does not know); nothing was changed."""
+
+
 class DatabaseError(CouldNotRun):
     """A database statement failed."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -12,6 +12,8 @@ from typing import Any, TextIO
 import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from flagsched.output import visible
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -21,23 +23,19 @@ _LEVELS = {
 }
 
 
-def _redactor(secrets: list[str]) -> Processor:
-    def redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
-        for key, value in event.items():
-            if isinstance(value, str):
-                for secret in secrets:
-                    if secret in value:
-                        value = value.replace(secret, "***")
-                event[key] = value
-        return event
-
-    return redact
-
-
 def _isoformat(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     for key, value in event.items():
         if isinstance(value, datetime):
             event[key] = value.isoformat()
+    return event
+
+
+def _visible(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """On a terminal, stored text (a flag key with ESC in it) is shown escaped, never obeyed
+    (JSON escapes control characters itself)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = visible(value)
     return event
 
 
@@ -59,9 +57,11 @@ def _stamp(_: WrappedLogger, method: str, event: EventDict) -> EventDict:
 
 class _Output:
     """Where rendered lines go: each written and flushed at once, or, inside `together()`,
-    held and written in one write at its end (a batch's lines: one write, not a hundred)."""
+    held and written in one write at its end (a batch's lines: one write, not a hundred).
+    Logging never decides what a command does: a stream that is full, closed or missing
+    (stderr closed: None) loses the lines, and nothing else happens."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None) -> None:
         self.stream = stream
         self.held: list[str] | None = None
 
@@ -69,16 +69,23 @@ class _Output:
         if self.held is not None:
             self.held.append(message)
         else:
-            self.stream.write(message + "\n")
-            self.stream.flush()
+            self._write(message + "\n")
 
     debug = info = warning = error = critical = exception = log = msg
 
     def write_held(self) -> None:
         lines, self.held = self.held, None
         if lines:
-            self.stream.write("\n".join(lines) + "\n")
+            self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except (OSError, ValueError):  # ENOSPC (2>/dev/full), EPIPE, EBADF; closed: ValueError
+            self.stream = None  # what is lost is lost; later lines would fail the same way
 
 
 _output: _Output | None = None
@@ -102,28 +109,50 @@ def configure(
     fmt: str = "auto",
     level: str = "info",
     stream: TextIO | None = None,
-    secrets: Iterable[str] = (),
 ) -> None:
-    """Configure structlog once for this process; `secrets` never reach the output."""
+    """Configure structlog once for this invocation. No field is masked: messages name a
+    database by host, port and name, never by its URL (flagsched.urls)."""
     global _output
-    stream = stream or sys.stderr
+    stream = stream or sys.stderr  # None when the process was started with stderr closed
     _output = _Output(stream)
+    tty = _isatty(stream)
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if tty else "json"
     processors: list[Processor] = [_stamp]
     if fmt == "console":
-        processors += [_isoformat, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
-    else:
-        processors += [structlog.processors.JSONRenderer(serializer=_dumps)]
-    secrets = [s for s in secrets if s]
-    if secrets:  # before the renderer
-        processors.insert(-1, _redactor(secrets))
+        processors += [_isoformat, _visible, structlog.dev.ConsoleRenderer(colors=tty)]
+    else:  # a traceback (debug only) as one field of the one line
+        processors += [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_dumps),
+        ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *_: _output,
         cache_logger_on_first_use=False,
     )
+
+
+def reset() -> None:
+    """Forget this invocation's configuration (for running several in one process)."""
+    global _output
+    _output = None
+    structlog.reset_defaults()
+
+
+def debug_exception(event: str, exc: BaseException) -> None:
+    """At debug level, log `exc` with its traceback; nothing before logging is configured
+    (structlog's default would print to stdout, which is for data)."""
+    if _output is not None:
+        get_logger().debug(event, exc_info=exc)
+
+
+def _isatty(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):
+        return False
 
 
 def get_logger(**context: Any) -> structlog.typing.FilteringBoundLogger:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import pushadd_to_gateway, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from flagsched.logs import get_logger
 from flagsched.model import Outcome, TickReport
+from flagsched.urls import one_line
 
 LAST_SUCCESS = "flagsched_last_success_timestamp_seconds"
 JOB = "flagsched"
@@ -59,17 +62,27 @@ def registry_for(
     return registry
 
 
-def previous_success(path: Path) -> float | None:
-    """The last success recorded in an existing metrics file, if any."""
+def previous_success(path: Path) -> tuple[float | None, str | None]:
+    """(the last success recorded in an existing metrics file, why the file could not be
+    read): a missing file is (None, None); an unreadable or corrupt one is (None, reason),
+    and the run replaces it with a fresh one."""
     try:
         text = path.read_text()
-    except OSError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == LAST_SUCCESS:
-                return float(sample.value)
-    return None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        return None, f"{type(exc).__name__}: {exc}"
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == LAST_SUCCESS:
+                    value = float(sample.value)
+                    if not math.isfinite(value):
+                        return None, f"{LAST_SUCCESS} is {value}"
+                    return value, None
+    except ValueError as exc:
+        return None, f"not Prometheus text format ({exc})"
+    return None, None
 
 
 def publish(
@@ -83,7 +96,11 @@ def publish(
     push-add leaves the gateway's last success in place when this run could not tick."""
     now = time.time() if now is None else now
     if metrics_file is not None:
-        carried = previous_success(metrics_file)
+        carried, problem = previous_success(metrics_file)
+        if problem is not None:  # once: the fresh file written now reads back next run
+            get_logger().warning(
+                "metrics_file_replaced", path=str(metrics_file), reason=one_line(problem)
+            )
         write_to_textfile(str(metrics_file), registry_for(report, now=now, last_success=carried))
     if pushgateway:
         pushadd_to_gateway(

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 from sqlalchemy.engine import Connection, Engine
 
 from flagsched import repository
+from flagsched.db import Database
+from flagsched.db import begin as db_begin
+from flagsched.errors import UnsupportedDatabase
 from flagsched.schema import begin
 
 if TYPE_CHECKING:
@@ -47,10 +50,33 @@ def _driver(conn: Connection) -> Any:
     return conn.connection.driver_connection
 
 
+def _known(found: str | None) -> str | None:
+    """`found` if these migration scripts know it; else the database was migrated by another
+    (newer?) flagsched, and nothing here can tell what upgrading it would mean."""
+    from alembic.script import ScriptDirectory
+
+    if found is not None and found not in {
+        script.revision for script in ScriptDirectory.from_config(config()).walk_revisions()
+    }:
+        raise UnsupportedDatabase(
+            f"the database is at revision {found!r}, which this flagsched does not know "
+            f"(latest here: {head()}; migrated by a newer version?); nothing was changed"
+        )
+    return found
+
+
+def preflight(database: Database) -> None:
+    """Refuse a database flagsched cannot work with (SQL_ASCII, an unknown revision) in one
+    line, on a plain connection: SQLAlchemy's first connect would fail on SQL_ASCII with a
+    TypeError of its own."""
+    with db_begin(database) as conn:
+        _known(repository.schema_revision(conn))
+
+
 def current(engine: Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
     with begin(engine) as conn:
-        return repository.schema_revision(_driver(conn))
+        return _known(repository.schema_revision(_driver(conn)))
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
@@ -70,7 +96,7 @@ def _run(engine: Engine, direction: str, revision: str) -> tuple[str | None, str
     with begin(engine) as conn:
         # Two pods starting together: the second waits here, then finds nothing to do.
         repository.take_migration_lock(_driver(conn))
-        before = repository.schema_revision(_driver(conn))
+        before = _known(repository.schema_revision(_driver(conn)))
         cfg.attributes["connection"] = conn
         getattr(command, direction)(cfg, revision)
         after = repository.schema_revision(_driver(conn))

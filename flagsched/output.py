@@ -8,6 +8,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 
+def visible(text: str) -> str:
+    """`text` safe for a terminal: every character that is not printable (ESC and other
+    control characters, newlines, invisible format characters) shown as Python writes it
+    escaped (\\x1b, \\n, \\u200b); printable text is left exactly as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def iso(value: datetime | None) -> str | None:
     """ISO 8601 in UTC, or None."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
@@ -31,9 +40,10 @@ def to_json(data: Any) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain aligned text table; the last column is left unpadded."""
-    cells = [[str(h) for h in headers]] + [
-        ["" if c is None else str(_plain(c)) for c in row] for row in rows
+    """A plain aligned text table; the last column is left unpadded. Stored text (flag keys,
+    errors) is shown `visible`: a row cannot write to the terminal."""
+    cells = [[visible(str(h)) for h in headers]] + [
+        ["" if c is None else visible(str(_plain(c))) for c in row] for row in rows
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []

@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from flagsched.db import SCHEMA_REVISION, Conn, one_line
-from flagsched.errors import SchemaNotCurrent, StatementFailed
+from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import NOTIFY_CHANNEL, Change, Claimed, Outcome, Result, Updates, Verdict
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
@@ -31,8 +31,20 @@ def _scalar(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> An
 
 
 def schema_revision(conn: Conn) -> str | None:
-    """The alembic revision the database is at, or None when it was never migrated."""
-    if _scalar(conn, "SELECT to_regclass('alembic_version')") is None:
+    """The alembic revision the database is at, or None when it was never migrated. A
+    SQL_ASCII database is refused: its text has no encoding, so neither can ours."""
+    row = conn.execute(
+        "SELECT current_setting('server_encoding'), to_regclass('alembic_version') IS NOT NULL"
+    ).fetchone()
+    encoding, migrated = row if row is not None else ("", False)
+    if isinstance(encoding, bytes):  # psycopg returns text undecoded from SQL_ASCII
+        encoding = encoding.decode("ascii", "replace")
+    if encoding == "SQL_ASCII":
+        raise UnsupportedDatabase(
+            "the database's encoding is SQL_ASCII (text without an encoding); flagsched "
+            "needs UTF8: create the database with ENCODING 'UTF8'"
+        )
+    if not migrated:
         return None
     value = _scalar(conn, "SELECT version_num FROM alembic_version LIMIT 1")
     return str(value) if value is not None else None
@@ -373,7 +385,19 @@ def lock_schedule(conn: Conn, schedule_id: int) -> dict[str, Any] | None:
 
 
 def newer_applied_exists(conn: Conn, schedule_id: int) -> bool:
-    """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?"""
+    """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?
+    Later schedules a tick has claimed but not committed count: their row locks are waited
+    for first (up to lock_timeout; past it the statement fails and the caller says busy),
+    and the check then reads what the tick committed (a new statement, a new snapshot)."""
+    conn.execute(
+        """
+        SELECT l.id FROM feature_flag_schedules l JOIN feature_flag_schedules s
+          ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
+        WHERE s.id = %(i)s AND l.status IN ('pending', 'failed')
+        FOR UPDATE OF l
+        """,
+        {"i": schedule_id},
+    )
     found = _scalar(
         conn,
         """

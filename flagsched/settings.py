@@ -9,11 +9,15 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flagsched.errors import ConfigError
+from flagsched.urls import database_url_problem
 
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
-# Longest duration a seconds setting may hold (100 years): beyond it is a typo, and
-# PostgreSQL's interval arithmetic stays far from its limits.
-MAX_SECONDS = 100 * 365 * 86400
+# Bounds of what PostgreSQL and the code accept, so that a bad value is a setting error
+# (exit 2), not a failure later. PostgreSQL's timeouts are integers of milliseconds.
+PG_INT_MAX = 2**31 - 1
+MAX_TIMEOUT_SECONDS = PG_INT_MAX / 1000  # about 24.8 days
+MAX_RETRY_DELAY_SECONDS = 10 * 365 * 86400  # a backoff cap beyond ten years is a typo
+MAX_LATENESS_SECONDS = 100 * 365 * 86400  # beyond a century is a typo
 # Variables whose value may hold a secret: never echoed in an error.
 _SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL"}
 
@@ -31,15 +35,31 @@ class Settings(BaseSettings):
     # Kept raw: a bad value is a warning and is ignored, never an error (SPEC).
     max_retries_raw: str | None = Field(default=None, validation_alias="FLAG_SCHEDULE_MAX_RETRIES")
     batch_size: int = Field(default=100, ge=1, le=1000, validation_alias="FLAGSCHED_BATCH_SIZE")
-    retry_max_delay: float = Field(default=3600, gt=0, validation_alias="FLAGSCHED_RETRY_MAX_DELAY")
-    lock_timeout: float = Field(default=5, gt=0, validation_alias="FLAGSCHED_LOCK_TIMEOUT")
+    retry_max_delay: float = Field(
+        default=3600,
+        gt=0,
+        le=MAX_RETRY_DELAY_SECONDS,
+        allow_inf_nan=False,
+        validation_alias="FLAGSCHED_RETRY_MAX_DELAY",
+    )
+    lock_timeout: float = Field(
+        default=5,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        validation_alias="FLAGSCHED_LOCK_TIMEOUT",
+    )
     statement_timeout: float = Field(
-        default=30, gt=0, validation_alias="FLAGSCHED_STATEMENT_TIMEOUT"
+        default=30,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        validation_alias="FLAGSCHED_STATEMENT_TIMEOUT",
     )
     max_lateness: float | None = Field(
         default=None,
         gt=0,
-        le=MAX_SECONDS,
+        le=MAX_LATENESS_SECONDS,
         allow_inf_nan=False,
         validation_alias="FLAGSCHED_MAX_LATENESS",
     )
@@ -65,6 +85,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported scheme {scheme or '(none)'!r}; use postgresql://user:pass@host/db"
             )
+        problem = database_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @property

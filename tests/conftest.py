@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
-from flagsched import migrate
+from flagsched import cli, logs, migrate
 from flagsched.db import Database
 from flagsched.schema import make_engine
 from scripts import pgserver
@@ -145,33 +146,71 @@ class Ran:
     stderr: str
 
 
+def _command_env(url: str | None, env: dict[str, str] | None) -> dict[str, str]:
+    """What a command sees of the environment: our variables only as the test sets them."""
+    full = {"FLAGSCHED_LOG_FORMAT": "json"}
+    if url is not None:
+        full["FLAGSCHED_DATABASE_URL"] = url
+    full.update(env or {})
+    return full
+
+
+def invoke(*args: str, env: dict[str, str] | None = None, url: str | None = None) -> Ran:
+    """The command line in this process (click's CliRunner isolation): the same entry point
+    as `flagsched`, its exit code and its captured stdout and stderr, without a new
+    interpreter per call. Logging is configured by each invocation and reset after it."""
+    runner = CliRunner()
+    try:  # color: what a terminal would get, click strips nothing
+        with runner.isolation(env=_command_env(url, env), color=True) as streams:
+            code = cli.run(list(args))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            out, err = streams[0].getvalue(), streams[1].getvalue()
+    finally:
+        logs.reset()
+    return Ran(code, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
 @pytest.fixture
 def flagsched(database_url: str) -> Callable[..., Ran]:
-    """The real command line as a subprocess, against this test's database."""
+    """The command line, in-process, against this test's database."""
+
+    def run(*args: str, env: dict[str, str] | None = None, url: str | None = database_url) -> Ran:
+        return invoke(*args, env=env, url=url)
+
+    return run
+
+
+@pytest.fixture
+def flagsched_process(database_url: str) -> Callable[..., Ran]:
+    """The real command line as a subprocess (for what needs a process of its own: exit at
+    interpreter level, closed or full stderr, signals)."""
 
     def run(
         *args: str,
         env: dict[str, str] | None = None,
         url: str | None = database_url,
         timeout: float = 60,
+        stderr: Any = subprocess.PIPE,
+        close_stderr: bool = False,
     ) -> Ran:
         full_env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("FLAGSCHED_", "FLAG_SCHEDULE_")) and k != "DATABASE_URL"
         }
-        if url is not None:
-            full_env["FLAGSCHED_DATABASE_URL"] = url
-        full_env["FLAGSCHED_LOG_FORMAT"] = "json"
-        full_env.update(env or {})
+        full_env.update(_command_env(url, env))
         done = subprocess.run(
             [sys.executable, "-m", "flagsched", *args],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             env=full_env,
             timeout=timeout,
             check=False,
+            # Started with file descriptor 2 closed, as `2>&-` in a shell does.
+            preexec_fn=(lambda: os.close(2)) if close_stderr else None,
         )
-        return Ran(done.returncode, done.stdout, done.stderr)
+        return Ran(done.returncode, done.stdout, done.stderr or "")
 
     return run

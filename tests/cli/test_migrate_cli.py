@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 from flagsched.db import SCHEMA_REVISION
@@ -89,13 +90,15 @@ def test_no_database_url_is_exit_2_naming_the_variable(flagsched: Callable[..., 
         assert "Traceback" not in ran.stderr
 
 
-def test_unreachable_database_is_exit_3_one_line_no_password(flagsched: Callable[..., Ran]) -> None:
-    for command in (["process"], ["migrate"], ["list-failed"]):
-        ran = flagsched(*command, url="postgres://bob:hunter2@127.0.0.1:1/app")
+def test_unreachable_database_is_exit_3_one_line_no_password(
+    flagsched_process: Callable[..., Ran],
+) -> None:
+    for command in (["process"], ["migrate"], ["list-failed"]):  # real processes: exit codes
+        ran = flagsched_process(*command, url="postgres://bob:hunter2@127.0.0.1:1/app")
         assert ran.code == 3, ran.stderr
         assert ran.stderr.strip().count("\n") == 0, ran.stderr
         assert "hunter2" not in ran.stderr + ran.stdout
-        assert "bob:***@127.0.0.1" in ran.stderr
+        assert "database app at 127.0.0.1:1 as bob" in ran.stderr
         assert "Traceback" not in ran.stderr
 
 
@@ -142,3 +145,40 @@ def test_a_password_in_the_query_string_is_not_shown(flagsched: Callable[..., Ra
     ran = flagsched("process", url="postgresql://127.0.0.1:1/app?user=bob&password=qs-secret")
     assert ran.code == 3
     assert "qs-secret" not in ran.stderr + ran.stdout
+
+
+def test_a_database_at_an_unknown_revision_is_one_line_exit_3(
+    flagsched: Callable[..., Ran], database_url: str, sql: Any
+) -> None:
+    sql("UPDATE alembic_version SET version_num = 'f00d\x1b[2J'")  # written by a newer flagsched?
+    for command in (["migrate"], ["migrate", "--check"], ["process"]):
+        ran = flagsched(*command)
+        assert ran.code == 3, (command, ran.stderr)
+        assert ran.stderr.count("\n") == 1 and "internal error" not in ran.stderr
+        assert "f00d\\x1b[2J" in ran.stderr and "\x1b" not in ran.stderr + ran.stdout
+    assert sql("SELECT version_num FROM alembic_version")[0][0] == "f00d\x1b[2J"
+
+
+def test_a_sql_ascii_database_is_refused_in_one_line_exit_3(
+    flagsched: Callable[..., Ran], pg: Any, empty_database_url: str
+) -> None:
+    from tests.conftest import _admin
+
+    name = empty_database_url.rsplit("/", 1)[1] + "_ascii"
+    with _admin(pg).connect() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'SQL_ASCII' "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
+        )
+    url = empty_database_url.rsplit("/", 1)[0] + "/" + name
+    for command in (["migrate"], ["migrate", "--check"], ["process"]):
+        ran = flagsched(*command, url=url)
+        assert ran.code == 3, (command, ran.stderr)
+        assert ran.stderr.count("\n") == 1 and "internal error" not in ran.stderr
+        assert "SQL_ASCII" in ran.stderr and "UTF8" in ran.stderr
+    with psycopg.connect(url) as conn:  # SQLAlchemy itself cannot read a SQL_ASCII server
+        assert conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone() == (0,)

@@ -237,3 +237,33 @@ def test_prune_deletes_old_history_in_batches_and_keeps_failed(
     assert left == {"failed": 6000, "applied": 1, "cancelled": 1}
     for bad in ("0", "-3", "soon"):
         assert flagsched("prune", "--older-than", bad).code == 2
+
+
+def test_stored_control_characters_are_shown_escaped_never_raw(
+    flagsched: Callable[..., Ran], add_schedule: Any, sql: Sql
+) -> None:
+    key = "evil\x1b]0;pwned\x07\x1b[2J\nkey\u200b"
+    shown = "evil\\x1b]0;pwned\\x07\\x1b[2J\\nkey\\u200b"
+    failed = add_schedule(key, {"enabled": True}, status="failed", retry_count=1)
+    sql(
+        "UPDATE feature_flag_schedules SET last_error = :e WHERE id = :i",
+        e="boom\r\n\x1b[31mred",
+        i=failed,
+    )
+    add_schedule(key, {"enabled": True}, at="now() - interval '1 hour'")
+    sql(
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status) "
+        "VALUES ('k', now(), '{}', E'odd\\x1b[5m')"
+    )
+    outputs = [
+        flagsched("list-failed"),
+        flagsched("process", "--dry-run"),
+        flagsched("retry", str(failed + 2)),
+    ]
+    for ran in outputs:
+        assert "\x1b" not in ran.stdout + ran.stderr and "\x07" not in ran.stdout
+    assert shown in outputs[0].stdout and "boom\\r\\n\\x1b[31mred" in outputs[0].stdout
+    assert len(outputs[0].stdout.splitlines()) == 2  # the header and one row: no raw newline
+    assert shown in outputs[1].stdout
+    assert "odd\\x1b[5m" in outputs[2].stdout
+    assert json.loads(flagsched("list-failed", "--format", "json").stdout)[0]["flag_key"] == key

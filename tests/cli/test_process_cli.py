@@ -306,4 +306,5 @@ def test_list_failed_table_json_and_filters(
     assert ids("--retrying") == [waiting]
     assert ids("--flag", "a") == [waiting]
     assert ids("--limit", "1") == [waiting]
-    assert flagsched("list-failed", "--permanent", "--retrying").code in (0, 2)
+    both = flagsched("list-failed", "--permanent", "--retrying")
+    assert both.code == 2 and "exclude each other" in both.stderr

@@ -108,3 +108,22 @@ def test_pushgateway_gets_push_add(
     pushed = samples(body)
     assert "flagsched_last_run_timestamp_seconds" in pushed
     assert "flagsched_last_success_timestamp_seconds" not in pushed  # the gateway keeps its own
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [b"garbage here\n", b"\xff\xfe not utf-8", b"flagsched_last_success_timestamp_seconds NaN\n"],
+)
+def test_a_corrupt_metrics_file_is_replaced_with_one_warning(
+    flagsched: Callable[..., Ran], tmp_path: Path, corrupt: bytes
+) -> None:
+    path = tmp_path / "flagsched.prom"
+    path.write_bytes(corrupt)
+    ran = flagsched("process", "--metrics-file", str(path))
+    assert ran.code == 0, ran.stderr
+    assert ran.stderr.count("metrics_file_replaced") == 1
+    assert "metrics_publish_failed" not in ran.stderr
+    fresh = samples(path.read_text())
+    assert fresh["flagsched_last_success_timestamp_seconds"] > 0
+    again = flagsched("process", "--metrics-file", str(path))
+    assert "metrics_file_replaced" not in again.stderr  # warned once: the file reads back now

@@ -80,3 +80,68 @@ def test_a_command_waits_for_the_tick_and_sees_its_outcome(
     worker.join()
     assert not results[0].ok and refusal in results[0].message
     assert sql("SELECT status FROM feature_flag_schedules")[0][0] == "applied"
+
+
+def _retry_during_a_slow_tick(
+    database: Database,
+    add_flag: Any,
+    add_schedule: Any,
+    sql: Sql,
+    failing: Callable[..., None],
+    run_tick: Callable[..., Any],
+    *,
+    lock_timeout: float,
+) -> tuple[int, Any]:
+    """s1 failed for good (rollout 10), s2 later and due (rollout 20); the tick is slow to
+    write the flag, and `flagsched retry s1` runs while it holds s2 claimed."""
+    add_flag("x")
+    s1 = add_schedule(
+        "x", {"rollout_percentage": 10}, status="failed", retry_count=4, at="now() - interval '2 h'"
+    )
+    add_schedule("x", {"rollout_percentage": 20}, at="now() - interval '1 hour'")
+    failing("x", sleep=2)
+    ticking = threading.Thread(target=run_tick)
+    ticking.start()
+    for _ in range(200):
+        if sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")[0][0]:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the tick never reached the slow flag")
+    waiting = Database(database.url, lock_timeout=lock_timeout)
+    result = operators.retry(waiting, [s1])[0]
+    ticking.join()
+    return s1, result
+
+
+def test_retry_waits_for_a_tick_applying_a_later_schedule_and_then_refuses(
+    database: Database,
+    add_flag: Any,
+    add_schedule: Any,
+    sql: Sql,
+    failing: Callable[..., None],
+    run_tick: Callable[..., Any],
+) -> None:
+    s1, result = _retry_during_a_slow_tick(
+        database, add_flag, add_schedule, sql, failing, run_tick, lock_timeout=10
+    )
+    assert not result.ok and "would undo newer state" in result.message
+    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=s1)[0][0] == "failed"
+    run_tick()
+    assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 20
+
+
+def test_retry_is_refused_as_busy_when_the_tick_outlasts_lock_timeout(
+    database: Database,
+    add_flag: Any,
+    add_schedule: Any,
+    sql: Sql,
+    failing: Callable[..., None],
+    run_tick: Callable[..., Any],
+) -> None:
+    s1, result = _retry_during_a_slow_tick(
+        database, add_flag, add_schedule, sql, failing, run_tick, lock_timeout=0.2
+    )
+    assert not result.ok and "busy" in result.message
+    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=s1)[0][0] == "failed"
+    assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 20

@@ -1,10 +1,10 @@
-"""Settings: defaults, validation, URL handling and redaction."""
+"""Settings: defaults, validation and URL handling."""
 
 from __future__ import annotations
 
 import pytest
 
-from flagsched.db import libpq_url, one_line, redact_url, url_secrets
+from flagsched.db import libpq_url
 from flagsched.errors import ConfigError
 from flagsched.settings import load_settings, parse_max_retries
 
@@ -136,18 +136,6 @@ def test_all_accepted_schemes_reach_libpq_as_postgresql(raw: str) -> None:
         "port": "5432",
         "dbname": "d",
     }
-
-
-def test_redaction() -> None:
-    assert redact_url("postgresql://bob:s3cr%40t@db:5432/app") == "postgresql://bob:***@db:5432/app"
-    assert redact_url("postgresql://db/app?user=bob&password=s3cret") == (
-        "postgresql://db/app?user=bob&password=%2A%2A%2A"
-    )
-    secrets = url_secrets("postgresql://bob:s3cr%40t@db/app")
-    assert "s3cr@t" in secrets and "s3cr%40t" in secrets
-    assert one_line("failed for bob\n\tpassword s3cr@t wrong", secrets) == (
-        "failed for bob password *** wrong"
-    )
 
 
 def test_database_repr_hides_the_url() -> None:
