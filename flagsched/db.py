@@ -13,15 +13,17 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
 import psycopg
+from psycopg.types.datetime import TimestamptzLoader
 from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
-from flagsched.model import Unreadable
+from flagsched.model import Unreadable, UnreadableTime
 
 # The alembic head. The tick checks it without importing alembic (cold start);
 # a test keeps it equal to the migration scripts' head.
@@ -96,17 +98,33 @@ class Database:
 
 def _json_loads(data: bytes | str) -> Any:
     """orjson; the standard library for what orjson refuses and jsonb holds (1e400); and for
-    what neither reads (nested too deep), an Unreadable that fails its row, not the tick."""
+    what neither reads (nested too deep), an Unreadable that fails its row, not the tick.
+    An object holding a non-integral number is read again with the number exact (Decimal):
+    jsonb's numbers are exact, a float is not (50.000000000000001 is not 50)."""
     try:
-        return orjson.loads(data)
+        value = orjson.loads(data)
     except orjson.JSONDecodeError:
         pass
+    else:
+        if not (isinstance(value, dict) and any(type(v) is float for v in value.values())):
+            return value
     try:
-        return json.loads(data)
+        return json.loads(data, parse_float=Decimal)
     except RecursionError:
         return Unreadable("nested too deeply")
     except ValueError as exc:
         return Unreadable(one_line(str(exc), []))
+
+
+class TolerantTimestamptzLoader(TimestamptzLoader):
+    """timestamptz as a datetime, or, for what Python cannot hold (BC, after year 9999,
+    +-infinity), an UnreadableTime with PostgreSQL's text: for statements that show rows."""
+
+    def load(self, data: Any) -> Any:
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return UnreadableTime(bytes(data).decode(errors="replace"))
 
 
 def _is_connection_lost(exc: BaseException) -> bool:

@@ -5,20 +5,48 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+# Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
+# no encoder recursion, no page-long line.
+MAX_DEPTH = 32
 
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC, or None."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+def iso(value: object) -> str | None:
+    """ISO 8601 in UTC, or None; a time Python cannot hold as PostgreSQL wrote it."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if value is None else str(value)
+
+
+def depth(value: object) -> int:
+    """How deeply `value` nests lists and dicts (iteratively: any depth is safe)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, list | dict):
+            deepest = max(deepest, level)
+            stack.extend(
+                (v, level + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return iso(value)
-    return (
-        value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
-    )
+    if isinstance(value, list | dict):
+        levels = depth(value)
+        return value if levels <= MAX_DEPTH else f"(nested {levels} levels deep: not shown)"
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def _number(value: object) -> object:
+    """JSON for what json cannot write itself: exact numbers (Decimal) as numbers."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral() else float(value)
+    return str(value)
 
 
 def to_json(data: Any) -> str:
@@ -27,7 +55,7 @@ def to_json(data: Any) -> str:
         data = [{k: _plain(v) for k, v in row.items()} for row in data]
     elif isinstance(data, dict):
         data = {k: _plain(v) for k, v in data.items()}
-    return json.dumps(data, indent=2, sort_keys=False)
+    return json.dumps(data, indent=2, sort_keys=False, default=_number)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -15,7 +15,15 @@ from flagsched import policy, repository
 from flagsched.db import Conn, Database, connection, transaction
 from flagsched.errors import BatchAborted, DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
-from flagsched.model import Claimed, InvalidUpdates, Outcome, Result, TickReport, Updates
+from flagsched.model import (
+    Claimed,
+    InvalidUpdates,
+    Outcome,
+    Result,
+    TickReport,
+    Updates,
+    clip,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +99,9 @@ def run(
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
                         break
                     raise
-                report.add(results)
+                new = report.add(results)  # a schedule held back again is not new
                 with together():  # after commit: no line claims a rolled-back outcome
-                    for result in results:
+                    for result in new:
                         _log_result(log, result)
                 if not any(r.outcome is not Outcome.HELD_BACK for r in results):
                     break  # nothing due, or nothing that can move now
@@ -126,8 +134,8 @@ def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None
         now = repository.db_now(conn)
         backlog = repository.backlog(conn, now=now)
     report.due_backlog = int(backlog["due"])
-    oldest = backlog["oldest_due_at"]
-    report.oldest_due_age_seconds = (now - oldest).total_seconds() if oldest else 0.0
+    age = backlog["oldest_due_age_seconds"]
+    report.oldest_due_age_seconds = float(age) if age is not None else 0.0
 
 
 def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
@@ -136,7 +144,7 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
         with transaction(database, conn):
             repository.ensure_schema(conn)
         with transaction(database, conn, rollback=True):  # nothing claimed is kept
-            now, claimed = repository.claim(conn, limit=options.batch_size)
+            now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
             existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
     if now is None:
         return []
@@ -186,8 +194,8 @@ class _Failures:
             cap_seconds=self.options.retry_max_delay,
         )
         if isinstance(decision, policy.Retry):
-            return Result(schedule, Outcome.RETRY, decision.error, decision.at, override)
-        return Result(schedule, Outcome.FAILED, decision.reason, None, override)
+            return Result(schedule, Outcome.RETRY, clip(decision.error), decision.at, override)
+        return Result(schedule, Outcome.FAILED, clip(decision.reason), None, override)
 
 
 def _plan(
@@ -198,6 +206,9 @@ def _plan(
     steps: dict[str, list[Step]] = {}
     for flag_key, group in groupby(claimed, key=lambda c: c.flag_key):
         for schedule in group:
+            if schedule.defect is not None:  # never attempted, even when held back
+                decided.append(fail(schedule, schedule.defect, permanent=True))
+                continue
             if schedule.blocked:
                 decided.append(Result(schedule, Outcome.HELD_BACK))
                 continue
@@ -314,7 +325,7 @@ def _fold(steps: list[Step]) -> Updates:
 
 def _log_result(log: Any, result: Result) -> None:
     schedule = result.schedule
-    fields: dict[str, Any] = {"schedule_id": schedule.id, "flag_key": schedule.flag_key}
+    fields: dict[str, Any] = {"schedule_id": schedule.id, "flag_key": clip(schedule.flag_key)}
     limit = schedule.max_retries if result.max_retries is None else result.max_retries
     if result.outcome is Outcome.APPLIED:
         log.info(
