@@ -76,9 +76,9 @@ json_values = st.recursive(
 @given(value=st.dictionaries(st.sampled_from(["enabled", "rollout_percentage", "x"]), json_values))
 def test_accepts_exactly_the_strict_shape(value: dict[str, Any]) -> None:
     enabled_ok = "enabled" not in value or isinstance(value["enabled"], bool)
-    rollout = value.get("rollout_percentage")
+    rollout: Any = value.get("rollout_percentage")
     rollout_ok = "rollout_percentage" not in value or (
-        type(rollout) in (int, float) and rollout == int(rollout) and 0 <= rollout <= 100
+        type(rollout) in (int, float) and 0 <= rollout <= 100 and rollout == int(rollout)
     )
     valid = bool(value) and "x" not in value and enabled_ok and rollout_ok
     try:
