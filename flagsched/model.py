@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -176,6 +176,10 @@ def parse_when(text: str) -> datetime | None:
         ) from None
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{text!r} has no UTC offset; add one (e.g. +00:00 or Z)")
+    try:  # in UTC it must still be a time flagsched can read back (years 1..9999)
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1..9999 in UTC") from None
     return value
 
 

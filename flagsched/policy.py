@@ -54,6 +54,12 @@ def after_failure(
     return GiveUp(f"{error} (gave up after {retry_count + 1} attempts)")
 
 
+def counted(retry_count: int) -> int:
+    """retry_count after one more failed attempt: saturates at the column's limit (the
+    record's SQL does the same)."""
+    return retry_count + 1 if retry_count < RETRY_COUNT_MAX else retry_count
+
+
 def countable(retry_count: int) -> bool:
     """Can one more failed attempt be counted? A negative count, or one at the column's
     limit, cannot: a retry that cannot be counted is final."""

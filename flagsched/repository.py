@@ -80,6 +80,8 @@ _COLUMNS = "id, flag_key, scheduled_at, updates, status, retry_count, max_retrie
 # into range and `updates` larger than UPDATES_MAX_BYTES is not shipped at all (a valid one
 # is a few dozen bytes; this bounds a batch's memory whatever rows hold); `defect` says
 # why such a row cannot be read, and the tick fails it for good without attempting it.
+# A retry timed after year 9999 (infinity) is claimed too, though not due: a retry that
+# cannot be timed is final, and it would otherwise hold its flag back for ever.
 UPDATES_MAX_BYTES = 8192
 _TIME_MIN, _TIME_MAX = "'0001-01-01 00:00:00+00'", "'9999-12-31 23:59:59.999999+00'"
 
@@ -113,11 +115,18 @@ def _claim_sql(*, lock: bool) -> str:
     """The claim; without `lock` a read-only preview of it that locks nothing (--dry-run)."""
     skip_locked = "FOR UPDATE SKIP LOCKED" if lock else ""
     return f"""
-    WITH retries AS (
+    WITH untimed AS (  -- waiting for a retry after year 9999: it can never be timed
+        SELECT {_COLUMNS} FROM feature_flag_schedules
+        WHERE status = 'failed' AND next_retry_at > TIMESTAMPTZ {_TIME_MAX}
+          AND retry_count <= max_retries
+        ORDER BY next_retry_at, id
+        LIMIT %(limit)s
+        {skip_locked}
+    ), retries AS (
         SELECT {_COLUMNS} FROM feature_flag_schedules
         WHERE status = 'failed' AND next_retry_at <= now() AND retry_count <= max_retries
         ORDER BY next_retry_at, id
-        LIMIT %(limit)s
+        LIMIT %(limit)s - (SELECT count(*) FROM untimed)
         {skip_locked}
     ), pending AS (
         SELECT {", ".join("s." + c for c in _COLUMNS.split(", "))}
@@ -132,10 +141,10 @@ def _claim_sql(*, lock: bool) -> str:
               AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
             OFFSET 0)  -- keeps it a per-row index probe, never an anti join over all retries
         ORDER BY s.scheduled_at, s.id
-        LIMIT %(limit)s - (SELECT count(*) FROM retries)
+        LIMIT %(limit)s - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
         {skip_locked.replace("UPDATE", "UPDATE OF s")}
     ), claimed AS (
-        SELECT * FROM retries UNION ALL SELECT * FROM pending
+        SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM pending
     )
     SELECT now(), c.id, c.flag_key, {_clamped_time("c.scheduled_at")},
            CASE WHEN z.size <= {UPDATES_MAX_BYTES} THEN c.updates END,

@@ -339,7 +339,7 @@ def _log_result(log: Any, result: Result) -> None:
         log.warning(
             "schedule_retry_scheduled",
             **fields,
-            retry_count=schedule.retry_count + 1,
+            retry_count=policy.counted(schedule.retry_count),
             max_retries=limit,
             next_retry_at=result.next_retry_at,
             error=result.error,
@@ -348,7 +348,7 @@ def _log_result(log: Any, result: Result) -> None:
         log.error(
             "schedule_failed",
             **fields,
-            retry_count=schedule.retry_count + 1,
+            retry_count=policy.counted(schedule.retry_count),
             max_retries=limit,
             error=result.error,
         )
