@@ -21,6 +21,26 @@ Sql = Callable[..., list[Any]]
 Tick = Callable[..., TickReport]
 
 
+def wait_for_lock_wait(engine: Engine, timeout: float = 30) -> None:
+    """Until a flagsched session waits for a lock (instead of guessing how long that takes)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'flagsched' AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+            conn.rollback()  # a fresh snapshot of pg_stat_activity next time
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError("no flagsched session waited for a lock")
+
+
 def make_due(sql: Sql, schedule_id: int) -> None:
     """Move time: the retry is due now."""
     sql(
@@ -492,7 +512,14 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
     holder = engine.connect()
     tx = holder.begin()
     holder.execute(sa.text("SELECT * FROM feature_flags WHERE key <> 'free' FOR UPDATE"))
-    threading.Timer(0.3, tx.rollback).start()  # held at first, then free to write (slowly)
+
+    # Held at first, then free to write (slowly): released once the tick waits for it.
+    def release() -> None:
+        wait_for_lock_wait(engine)
+        tx.rollback()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
     try:
         report = tick.run(
             Database(database_url, lock_timeout=1, statement_timeout=2),
@@ -500,6 +527,7 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
             rng=random.Random(1),
         )
     finally:
+        releaser.join()
         holder.close()
     assert report.count(Outcome.APPLIED) == 3 and report.count(Outcome.RETRY) == 1
     assert all(schedule(s)["status"] == "applied" for s in others)  # held, then written
@@ -508,21 +536,38 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
     assert schedule(later)["status"] == "pending" and flag("slow") == (False, 0)
 
 
-def test_a_flag_deleted_after_the_claim_fails_for_good(database: Database, add_flag: Any) -> None:
+def test_a_flag_deleted_after_the_claim_fails_for_good(
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    schedule: Any,
+    flag: Any,
+    sql: Sql,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flag exists when its schedule is claimed and is deleted (by another session,
+    committed) before the tick writes: that schedule fails for good, the rest applies."""
     from flagsched import repository
-    from flagsched.db import connection, transaction
-    from flagsched.model import Updates
 
+    add_flag("gone")
     add_flag("real")
-    change = Updates(enabled=True)
-    with connection(database) as conn, transaction(database, conn, rollback=True):
-        missed = repository.apply(
-            conn,
-            {"ghost": change, "real": change},
-            [("ghost", change, True), ("real", change, True)],
-            wait=False,
-        )
-    assert missed == {0: (repository.APPLY_MISSING, None)}
+    doomed = add_schedule("gone", {"enabled": True})
+    fine = add_schedule("real", {"enabled": True})
+    real_claim = repository.claim
+
+    def claim_then_delete(conn: Any, **options: Any) -> Any:
+        claimed = real_claim(conn, **options)
+        assert [c.flag_key for c in claimed[1]] == ["gone", "real"]
+        sql("DELETE FROM feature_flags WHERE key = 'gone'")
+        return claimed
+
+    monkeypatch.setattr(repository, "claim", claim_then_delete)
+    report = run_tick()
+    assert report.count(Outcome.FAILED) == 1 and report.count(Outcome.APPLIED) == 1
+    row = schedule(doomed)
+    assert row["status"] == "failed" and row["next_retry_at"] is None
+    assert row["last_error"] == "flag 'gone' does not exist"
+    assert schedule(fine)["status"] == "applied" and flag("real") == (True, 0)
 
 
 def test_hot_flag_drains_in_batches_of_the_batch_size(
