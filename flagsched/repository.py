@@ -340,12 +340,9 @@ def list_failed(
 _WAITING = "(status = 'failed' AND next_retry_at IS NOT NULL AND retry_count <= max_retries)"
 
 
-def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
-    """Due count, oldest due time (and its age in seconds, a time before year 1 counted from
-    year 1), next due time; index scans only (runs every tick and for `status --max-lag`)."""
-    return _dicts(
-        conn,
-        f"""
+# Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at the
+# end of every tick and for `status --max-lag`, every minute, on tables of millions of rows.
+BACKLOG = f"""
         WITH pending AS (
             SELECT count(*) AS n, min(scheduled_at) AS oldest FROM feature_flag_schedules
             WHERE status = 'pending' AND scheduled_at <= %(now)s
@@ -365,9 +362,13 @@ def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
                     WHERE next_retry_at > %(now)s AND {_WAITING})
                ) AS next_due_at
         FROM pending, retries
-        """,
-        {"now": now},
-    )[0]
+"""
+
+
+def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
+    """Due count, oldest due time (and its age in seconds, a time before year 1 counted from
+    year 1), next due time; index scans only (runs every tick and for `status --max-lag`)."""
+    return _dicts(conn, BACKLOG, {"now": now})[0]
 
 
 def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:

@@ -662,3 +662,68 @@ def test_concurrent_ticks_in_threads_apply_everything_once(
     assert sum(r.count(Outcome.APPLIED) for r in reports) == 1000
     assert sql("SELECT count(*) FROM feature_flag_schedules WHERE status = 'applied'")[0][0] == 1000
     assert sql("SELECT count(*) FROM feature_flags WHERE rollout_percentage = 19")[0][0] == 50
+
+
+def test_a_schedule_held_back_in_several_batches_is_counted_and_logged_once(
+    run_tick: Tick, engine: Engine, add_flag: Any, add_schedule: Any, schedule: Any
+) -> None:
+    """s1 is held by another session (as by a tick running at the same time), so its later
+    s2 is held back in every batch of this tick, beside b's schedules that apply."""
+    add_flag("a")
+    add_flag("b")
+    s1 = add_schedule("a", {"enabled": True}, at="now() - interval '3 hours'")
+    s2 = add_schedule("a", {"rollout_percentage": 5}, at="now() - interval '2 hours'")
+    for _ in range(4):
+        add_schedule("b", {"enabled": True})
+    with engine.connect() as holder:
+        holder.execute(
+            sa.text("SELECT 1 FROM feature_flag_schedules WHERE id = :i FOR UPDATE"), {"i": s1}
+        )
+        with capture_logs() as logs:
+            report = run_tick(batch_size=2, max_batches=10)
+        holder.rollback()
+    assert report.batches >= 4 and report.count(Outcome.APPLIED) == 4
+    assert report.count(Outcome.HELD_BACK) == 1
+    held = [e for e in logs if e["event"] == "schedule_held_back"]
+    assert [e["schedule_id"] for e in held] == [s2]
+    finished = [e for e in logs if e["event"] == "tick_finished"]
+    assert finished[0]["held_back"] == 1
+    assert schedule(s2)["status"] == "pending"
+
+
+def test_dry_run_locks_nothing_a_running_tick_would_skip(
+    database_url: str, engine: Engine, add_flag: Any, add_schedule: Any
+) -> None:
+    """While a --dry-run is in the middle of its preview, a tick's claim (FOR UPDATE SKIP
+    LOCKED) still sees every due schedule, and the preview holds no row-locking lock."""
+    add_flag("a")
+    due = sorted(add_schedule("a", {"rollout_percentage": n}) for n in (1, 2, 3))
+    database = Database(database_url, lock_timeout=30)
+    holder = engine.connect()
+    holder.execute(sa.text("LOCK TABLE feature_flags IN ACCESS EXCLUSIVE MODE"))
+    plans: list[Any] = []
+    previewing = threading.Thread(
+        target=lambda: plans.append(tick.preview(database, tick.TickOptions()))
+    )
+    previewing.start()  # it claims, then waits on feature_flags (it reads which flags exist)
+    try:
+        wait_for_lock_wait(engine)
+        with engine.connect() as other:
+            locks = other.execute(
+                sa.text(
+                    "SELECT l.mode FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE a.application_name = 'flagsched' AND l.granted "
+                    "AND l.relation = 'feature_flag_schedules'::regclass"
+                )
+            ).scalars()
+            assert set(locks) <= {"AccessShareLock"}
+            seen = other.execute(
+                sa.text("SELECT id FROM feature_flag_schedules ORDER BY id FOR UPDATE SKIP LOCKED")
+            ).scalars()
+            assert list(seen) == due
+            other.rollback()
+    finally:
+        holder.rollback()
+        holder.close()
+        previewing.join()
+    assert [s.id for s, _ in plans[0]] == due
