@@ -100,10 +100,10 @@ def _clamped_time(column: str) -> str:
     )
 
 
-def _time_defect(column: str, prefix: str = "c.") -> str:
+def _time_defect(column: str, *, when: str = "true") -> str:
     return (
-        f"WHEN NOT {_readable_time(prefix + column)} THEN '{column} ' || "
-        f"CAST({prefix}{column} AS text) || ' is outside the years 1..9999 flagsched can read'"
+        f"WHEN {when} AND NOT {_readable_time('c.' + column)} THEN '{column} ' || "
+        f"CAST(c.{column} AS text) || ' is outside the years 1..9999 flagsched can read'"
     )
 
 
@@ -150,7 +150,9 @@ def _claim_sql(*, lock: bool) -> str:
            CASE WHEN z.size <= {UPDATES_MAX_BYTES} THEN c.updates END,
            c.status, c.retry_count, c.max_retries, {_clamped_time("c.next_retry_at")},
            b.blocked,
-           CASE {_time_defect("scheduled_at")} {_time_defect("next_retry_at")}
+           -- a pending row's next_retry_at means nothing (applying it clears it)
+           CASE {_time_defect("scheduled_at")}
+                {_time_defect("next_retry_at", when="c.status = 'failed'")}
                 WHEN z.size > {UPDATES_MAX_BYTES} THEN 'updates is ' || z.size
                      || ' bytes, more than the {UPDATES_MAX_BYTES} flagsched reads'
            END
