@@ -13,14 +13,16 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeAlias
 
 import orjson
 import psycopg
+from psycopg.types.datetime import TimestamptzLoader
 from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
-from flagsched.model import Unreadable
+from flagsched.model import Unreadable, UnreadableTime
 from flagsched.urls import describe_database, url_secrets
 from flagsched.urls import one_line as one_line  # where the repository finds it
 
@@ -102,13 +104,18 @@ class Database:
 
 def _json_loads(data: bytes | str) -> Any:
     """orjson; the standard library for what orjson refuses and jsonb holds (1e400); and for
-    what neither reads (nested too deep), an Unreadable that fails its row, not the tick."""
+    what neither reads (nested too deep), an Unreadable that fails its row, not the tick.
+    An object holding a non-integral number is read again with the number exact (Decimal):
+    jsonb's numbers are exact, a float is not (50.000000000000001 is not 50)."""
     try:
-        return orjson.loads(data)
+        value = orjson.loads(data)
     except orjson.JSONDecodeError:
         pass
+    else:
+        if not (isinstance(value, dict) and any(type(v) is float for v in value.values())):
+            return value
     try:
-        return json.loads(data)
+        return json.loads(data, parse_float=Decimal)
     except RecursionError:
         return Unreadable("nested too deeply")
     except ValueError as exc:
@@ -130,6 +137,17 @@ def connection_lost(exc: BaseException, conn: Conn | None = None) -> bool:
     sqlstate = exc.sqlstate
     # No SQLSTATE: the client library itself failed (the socket closed, the server vanished).
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES
+
+
+class TolerantTimestamptzLoader(TimestamptzLoader):
+    """timestamptz as a datetime, or, for what Python cannot hold (BC, after year 9999,
+    +-infinity), an UnreadableTime with PostgreSQL's text: for statements that show rows."""
+
+    def load(self, data: Any) -> Any:
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return UnreadableTime(bytes(data).decode(errors="replace"))
 
 
 @contextmanager

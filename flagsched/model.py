@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
+
+# last_error, and every log field or message quoting a stored value, holds at most this.
+MAX_TEXT = 1000
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """`text` cut to at most `limit` characters, saying how long it was when cut."""
+    if len(text) <= limit:
+        return text
+    tail = f"... ({len(text)} characters)"
+    if len(tail) >= limit:
+        return text[: max(limit, 0)]
+    return text[: limit - len(tail)] + tail
 
 
 class Status(StrEnum):
@@ -34,6 +48,19 @@ class Unreadable:
         return f"(unreadable JSON: {self.reason})"
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class UnreadableTime:
+    """A stored timestamp Python cannot hold (BC, after year 9999, +-infinity), kept as
+    PostgreSQL wrote it, so that listing such a row shows it instead of failing."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
 @dataclass(frozen=True, slots=True)
 class Updates:
     """A validated change: None means "leave as it is"."""
@@ -48,24 +75,26 @@ class Updates:
             raise InvalidUpdates(f"updates could not be read: {value.reason}")
         if not isinstance(value, dict):
             raise InvalidUpdates(f"updates must be a JSON object, got {_json_type(value)}")
-        unknown = sorted(str(k) for k in value if k not in ALLOWED_KEYS)
+        unknown = [k for k in value if k not in ALLOWED_KEYS]
         if unknown:
+            shown = ", ".join(clip(str(k), 40) for k in sorted(unknown[:1000])[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise InvalidUpdates(
-                f"updates has unknown key(s) {', '.join(unknown)}; "
-                "allowed: enabled, rollout_percentage"
+                f"updates has unknown key(s) {shown}{more}; allowed: enabled, rollout_percentage"
             )
         if not value:
             raise InvalidUpdates("updates is empty; give enabled and/or rollout_percentage")
         enabled = value.get("enabled")
         if "enabled" in value and not isinstance(enabled, bool):
             raise InvalidUpdates(f"enabled must be true or false, got {_show(enabled)}")
-        rollout = value.get("rollout_percentage")
-        if "rollout_percentage" in value and (
-            isinstance(rollout, bool) or not isinstance(rollout, int) or not 0 <= rollout <= 100
-        ):
-            raise InvalidUpdates(
-                f"rollout_percentage must be an integer 0..100, got {_show(rollout)}"
-            )
+        rollout = None
+        if "rollout_percentage" in value:
+            rollout = percentage(value["rollout_percentage"])
+            if rollout is None:
+                raise InvalidUpdates(
+                    "rollout_percentage must be an integer 0..100, "
+                    f"got {_show(value['rollout_percentage'])}"
+                )
         return cls(enabled=enabled, rollout_percentage=rollout)
 
     def then(self, later: Updates) -> Updates:
@@ -83,6 +112,20 @@ class Updates:
         return {k: v for k in ALLOWED_KEYS if (v := getattr(self, k)) is not None}
 
 
+def percentage(value: object) -> int | None:
+    """The one rule for rollout_percentage: a JSON number whose value is an integer 0..100,
+    however it is spelled (50, 50.0 and 5e1 all mean 50); None for anything else (12.5,
+    "50", true). Non-integral numbers arrive as Decimal (read exactly), so 50.000000000000001
+    is not mistaken for 50."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    if isinstance(value, Decimal) and (not value.is_finite() or value != value.to_integral()):
+        return None
+    return int(value) if 0 <= value <= 100 else None
+
+
 def _json_type(value: object) -> str:
     names = {
         list: "an array",
@@ -90,18 +133,35 @@ def _json_type(value: object) -> str:
         bool: "a boolean",
         int: "a number",
         float: "a number",
+        Decimal: "a number",
+        dict: "an object",
         type(None): "null",
     }
     return names.get(type(value), type(value).__name__)
 
 
 def _show(value: object) -> str:
+    """A short, bounded quote of a JSON value: scalars as JSON, containers by their size
+    (never walked: no depth or size of theirs can make the message long or recursive)."""
     import json
 
+    if isinstance(value, list):
+        return f"an array of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return f"an object with {len(value)} key(s)"
+    if isinstance(value, str):
+        return json.dumps(clip(value, 80))
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
     try:
-        return json.dumps(value)
+        return clip(
+            json.dumps(value)
+            if value is None or isinstance(value, bool | int | float)
+            else str(value),
+            80,
+        )
     except (TypeError, ValueError):
-        return repr(value)
+        return type(value).__name__
 
 
 def parse_when(text: str) -> datetime | None:
@@ -116,6 +176,10 @@ def parse_when(text: str) -> datetime | None:
         ) from None
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{text!r} has no UTC offset; add one (e.g. +00:00 or Z)")
+    try:  # in UTC it must still be a time flagsched can read back (years 1..9999)
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1..9999 in UTC") from None
     return value
 
 
@@ -132,6 +196,9 @@ class Claimed:
     max_retries: int
     next_retry_at: datetime | None
     blocked: bool  # an earlier schedule of the flag, outside this claim, is still open
+    # Why the row cannot be read as it is stored (a time Python cannot hold, `updates` too
+    # large to ship), decided by the claim's SQL; such a row fails for good, unattempted.
+    defect: str | None = None
 
 
 class Outcome(StrEnum):
@@ -195,15 +262,24 @@ class TickReport:
     """Counts per outcome over every batch of one `flagsched process` run."""
 
     counts: Counter[str] = field(default_factory=Counter)
+    held_back_ids: set[int] = field(default_factory=set)
     batches: int = 0
     duration_seconds: float = 0.0
     interrupted_by: int | None = None  # signal number
     due_backlog: int | None = None  # due schedules left when the tick ended
     oldest_due_age_seconds: float | None = None
 
-    def add(self, results: list[Result]) -> None:
+    def add(self, results: list[Result]) -> list[Result]:
+        """Count one batch; returns the results to log. A schedule held back again in a
+        later batch of the same tick is counted (and logged) once."""
         self.batches += 1
-        self.counts.update(r.outcome.value for r in results)
+        held = Outcome.HELD_BACK
+        new = [
+            r for r in results if r.outcome is not held or r.schedule.id not in self.held_back_ids
+        ]
+        self.held_back_ids.update(r.schedule.id for r in new if r.outcome is held)
+        self.counts.update(r.outcome.value for r in new)
+        return new
 
     def count(self, outcome: Outcome) -> int:
         return self.counts.get(outcome.value, 0)

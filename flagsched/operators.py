@@ -17,19 +17,20 @@ from flagsched.model import Status, Updates
 PRUNE_BATCH = 5000
 
 
-def status(database: Database) -> dict[str, Any]:
-    """Counts per state, the oldest due schedule's age and the next due time."""
+def status(database: Database, *, counts: bool = True) -> dict[str, Any]:
+    """The due count, the oldest due schedule's age and the next due time (index scans
+    only); with `counts`, also the schedules per state (a pass over the whole table)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         due = repository.backlog(conn, now=now)
-        counts = repository.state_counts(conn, now=now)
-    oldest = due["oldest_due_at"]
+        per_state = repository.state_counts(conn, now=now) if counts else {}
+    age = due["oldest_due_age_seconds"]
     return {
         "due": int(due["due"]),
-        **counts,
-        "oldest_due_at": oldest,
-        "oldest_due_age_seconds": (now - oldest).total_seconds() if oldest else None,
+        **per_state,
+        "oldest_due_at": due["oldest_due_at"],
+        "oldest_due_age_seconds": float(age) if age is not None else None,
         "next_due_at": due["next_due_at"],
         "now": now,
     }

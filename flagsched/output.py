@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+# Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
+# no encoder recursion, no page-long line.
+MAX_DEPTH = 32
 
 def visible(text: str) -> str:
     """`text` safe for a terminal: every character that is not printable (ESC and other
@@ -17,25 +21,52 @@ def visible(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC, or None."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+def iso(value: object) -> str | None:
+    """ISO 8601 in UTC, or None; a time Python cannot hold as PostgreSQL wrote it."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if value is None else str(value)
+
+
+def depth(value: object) -> int:
+    """How deeply `value` nests lists and dicts (iteratively: any depth is safe)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, list | dict):
+            deepest = max(deepest, level)
+            stack.extend(
+                (v, level + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return iso(value)
-    return (
-        value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
-    )
+    if isinstance(value, list | dict):
+        levels = depth(value)
+        return value if levels <= MAX_DEPTH else f"(nested {levels} levels deep: not shown)"
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
-def _json_default(value: Any) -> Any:
-    return iso(value) if isinstance(value, datetime) else str(value)
+def _json_default(value: object) -> object:
+    """JSON for what json cannot write itself: times as ISO 8601 UTC, exact numbers
+    (Decimal) as numbers, anything else as its text."""
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral() else float(value)
+    return str(value)
 
 
 def to_json(data: Any) -> str:
-    """JSON with datetimes (at any depth) as ISO 8601 UTC strings."""
+    """JSON with datetimes (at any depth) as ISO 8601 UTC strings, exact numbers as numbers;
+    a row's values nested too deeply are shown as a note."""
+    if isinstance(data, list):
+        data = [{k: _plain(v) for k, v in row.items()} for row in data]
+    elif isinstance(data, dict):
+        data = {k: _plain(v) for k, v in data.items()}
     return json.dumps(data, indent=2, sort_keys=False, default=_json_default)
 
 

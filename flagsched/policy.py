@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 JITTER_SECONDS = 30.0
 BASE_SECONDS = 60.0
+RETRY_COUNT_MAX = 2**31 - 1  # retry_count is an integer column
 
 
 def backoff(n: int, rng: random.Random, cap_seconds: float) -> timedelta:
@@ -46,11 +47,25 @@ def after_failure(
     """One failed attempt: retry while retry_count + 1 <= max_retries, else give up."""
     if permanent:
         return GiveUp(error)
+    if not countable(retry_count):
+        return GiveUp(f"{error} (retry_count {retry_count} cannot be counted on: no retry)")
     if retries_after_failure(retry_count, max_retries):
         return Retry(now + backoff(retry_count, rng, cap_seconds), error)
     return GiveUp(f"{error} (gave up after {retry_count + 1} attempts)")
 
 
+def counted(retry_count: int) -> int:
+    """retry_count after one more failed attempt: saturates at the column's limit (the
+    record's SQL does the same)."""
+    return retry_count + 1 if retry_count < RETRY_COUNT_MAX else retry_count
+
+
+def countable(retry_count: int) -> bool:
+    """Can one more failed attempt be counted? A negative count, or one at the column's
+    limit, cannot: a retry that cannot be counted is final."""
+    return 0 <= retry_count < RETRY_COUNT_MAX
+
+
 def retries_after_failure(retry_count: int, max_retries: int) -> bool:
     """Would a transient failure now be retried (rather than be final)?"""
-    return retry_count + 1 <= max_retries
+    return countable(retry_count) and retry_count + 1 <= max_retries

@@ -12,16 +12,28 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from flagsched.db import SCHEMA_REVISION, Conn, one_line
+from flagsched.db import SCHEMA_REVISION, Conn, TolerantTimestamptzLoader, one_line
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
-from flagsched.model import NOTIFY_CHANNEL, Change, Claimed, Outcome, Result, Updates, Verdict
+from flagsched.model import (
+    MAX_TEXT,
+    NOTIFY_CHANNEL,
+    Change,
+    Claimed,
+    Outcome,
+    Result,
+    Updates,
+    Verdict,
+)
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
 MIGRATION_LOCK_KEY = 0x666C6167736368
 
 
 def _dicts(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows as dicts; a stored time Python cannot hold comes back as an UnreadableTime, so
+    the statements that show rows (status, list-failed, operators) read any row."""
     with conn.cursor(row_factory=dict_row) as cur:
+        cur.adapters.register_loader("timestamptz", TolerantTimestamptzLoader)
         return cur.execute(sql, params).fetchall()
 
 
@@ -83,13 +95,60 @@ _OPEN = (
     " AND e.retry_count <= e.max_retries))"
 )
 _COLUMNS = "id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at"
-_CLAIM = f"""
-    WITH retries AS (
+
+# No row may stop the queue: whatever a column holds, the claim ships Python only values it
+# can hold. Times outside Python's years 1..9999 (BC, year 20000, +-infinity) are clamped
+# into range and `updates` larger than UPDATES_MAX_BYTES is not shipped at all (a valid one
+# is a few dozen bytes; this bounds a batch's memory whatever rows hold); `defect` says
+# why such a row cannot be read, and the tick fails it for good without attempting it.
+# A retry timed after year 9999 (infinity) is claimed too, though not due: a retry that
+# cannot be timed is final, and it would otherwise hold its flag back for ever.
+UPDATES_MAX_BYTES = 8192
+_TIME_MIN, _TIME_MAX = "'0001-01-01 00:00:00+00'", "'9999-12-31 23:59:59.999999+00'"
+
+
+def _readable_time(column: str) -> str:
+    """SQL: is `column` a time Python can hold? (NULL for NULL)"""
+    return f"({column} BETWEEN TIMESTAMPTZ {_TIME_MIN} AND TIMESTAMPTZ {_TIME_MAX})"
+
+
+def _clamped_time(column: str) -> str:
+    """SQL: `column` moved into the range Python can hold (NULL stays NULL)."""
+    return (
+        f"CASE WHEN {column} < TIMESTAMPTZ {_TIME_MIN} THEN TIMESTAMPTZ {_TIME_MIN}"
+        f" WHEN {column} > TIMESTAMPTZ {_TIME_MAX} THEN TIMESTAMPTZ {_TIME_MAX}"
+        f" ELSE {column} END"
+    )
+
+
+def _time_defect(column: str, *, when: str = "true") -> str:
+    return (
+        f"WHEN {when} AND NOT {_readable_time('c.' + column)} THEN '{column} ' || "
+        f"CAST(c.{column} AS text) || ' is outside the years 1..9999 flagsched can read'"
+    )
+
+
+def _updates_size(column: str) -> str:
+    return f"octet_length(CAST({column} AS text))"
+
+
+def _claim_sql(*, lock: bool) -> str:
+    """The claim; without `lock` a read-only preview of it that locks nothing (--dry-run)."""
+    skip_locked = "FOR UPDATE SKIP LOCKED" if lock else ""
+    return f"""
+    WITH untimed AS (  -- waiting for a retry after year 9999: it can never be timed
+        SELECT {_COLUMNS} FROM feature_flag_schedules
+        WHERE status = 'failed' AND next_retry_at > TIMESTAMPTZ {_TIME_MAX}
+          AND retry_count <= max_retries
+        ORDER BY next_retry_at, id
+        LIMIT %(limit)s
+        {skip_locked}
+    ), retries AS (
         SELECT {_COLUMNS} FROM feature_flag_schedules
         WHERE status = 'failed' AND next_retry_at <= now() AND retry_count <= max_retries
         ORDER BY next_retry_at, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
+        LIMIT %(limit)s - (SELECT count(*) FROM untimed)
+        {skip_locked}
     ), pending AS (
         SELECT {", ".join("s." + c for c in _COLUMNS.split(", "))}
         FROM feature_flag_schedules s
@@ -103,13 +162,23 @@ _CLAIM = f"""
               AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
             OFFSET 0)  -- keeps it a per-row index probe, never an anti join over all retries
         ORDER BY s.scheduled_at, s.id
-        LIMIT %(limit)s - (SELECT count(*) FROM retries)
-        FOR UPDATE OF s SKIP LOCKED
+        LIMIT %(limit)s - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
+        {skip_locked.replace("UPDATE", "UPDATE OF s")}
     ), claimed AS (
-        SELECT * FROM retries UNION ALL SELECT * FROM pending
+        SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM pending
     )
-    SELECT now(), c.*, b.blocked
+    SELECT now(), c.id, c.flag_key, {_clamped_time("c.scheduled_at")},
+           CASE WHEN z.size <= {UPDATES_MAX_BYTES} THEN c.updates END,
+           c.status, c.retry_count, c.max_retries, {_clamped_time("c.next_retry_at")},
+           b.blocked,
+           -- a pending row's next_retry_at means nothing (applying it clears it)
+           CASE {_time_defect("scheduled_at")}
+                {_time_defect("next_retry_at", when="c.status = 'failed'")}
+                WHEN z.size > {UPDATES_MAX_BYTES} THEN 'updates is ' || z.size
+                     || ' bytes, more than the {UPDATES_MAX_BYTES} flagsched reads'
+           END
     FROM claimed c
+    CROSS JOIN LATERAL (SELECT {_updates_size("c.updates")} AS size) z
     CROSS JOIN LATERAL (
         SELECT EXISTS (
             SELECT 1 FROM feature_flag_schedules e
@@ -123,10 +192,17 @@ _CLAIM = f"""
     """
 
 
-def claim(conn: Conn, *, limit: int) -> tuple[datetime | None, list[Claimed]]:
+_CLAIM = _claim_sql(lock=True)
+_PREVIEW = _claim_sql(lock=False)
+
+
+def claim(conn: Conn, *, limit: int, lock: bool = True) -> tuple[datetime | None, list[Claimed]]:
     """Lock and return up to `limit` schedules due at the database's now(), ordered by flag
-    then (scheduled_at, id), with that now() (None when nothing was claimed)."""
-    rows = conn.execute(_CLAIM, {"limit": limit}).fetchall()
+    then (scheduled_at, id), with that now() (None when nothing was claimed). Without
+    `lock`, the same rows read in a read-only transaction, locking none (a preview)."""
+    if not lock:
+        conn.execute("SET TRANSACTION READ ONLY")
+    rows = conn.execute(_CLAIM if lock else _PREVIEW, {"limit": limit}).fetchall()
     now = rows[0][0] if rows else None
     return now, [Claimed(*row[1:]) for row in rows]  # columns in Claimed's field order
 
@@ -220,7 +296,9 @@ def record(
             UPDATE feature_flag_schedules AS s
             SET status = CASE WHEN v.outcome = 'applied' THEN 'applied' ELSE 'failed' END,
                 applied_at = CASE WHEN v.outcome = 'applied' THEN %(now)s::timestamptz END,
-                retry_count = s.retry_count + CASE WHEN v.outcome = 'applied' THEN 0 ELSE 1 END,
+                -- saturates: a retry_count at the integer limit stays there (no overflow)
+                retry_count = s.retry_count + CASE
+                    WHEN v.outcome = 'applied' OR s.retry_count = 2147483647 THEN 0 ELSE 1 END,
                 max_retries = coalesce(v.max_retries, s.max_retries),
                 next_retry_at = v.next_retry_at,
                 last_error = CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END,
@@ -278,9 +356,13 @@ def list_failed(
     return _dicts(
         conn,
         f"""
-        SELECT id, flag_key, scheduled_at, updates, status, retry_count, max_retries,
-               next_retry_at, last_error, applied_at, created_at, updated_at,
-               NOT {waiting} AS permanent
+        SELECT id, flag_key, scheduled_at,
+               CASE WHEN {_updates_size("updates")} <= {UPDATES_MAX_BYTES} THEN updates
+                    ELSE to_jsonb('(' || {_updates_size("updates")} || ' bytes: not shown)')
+               END AS updates,
+               status, retry_count, max_retries,
+               next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
+               updated_at, NOT {waiting} AS permanent
         FROM feature_flag_schedules
         WHERE {" AND ".join(where)}
         ORDER BY updated_at DESC, id DESC
@@ -296,11 +378,9 @@ _WAITING_ROW = "(next_retry_at IS NOT NULL AND retry_count <= max_retries)"
 _WAITING = f"(status = 'failed' AND {_WAITING_ROW})"
 
 
-def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
-    """Due count, oldest due time and next due time; index scans only (runs every tick)."""
-    return _dicts(
-        conn,
-        f"""
+# Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at the
+# end of every tick and for `status --max-lag`, every minute, on tables of millions of rows.
+BACKLOG = f"""
         WITH pending AS (
             SELECT count(*) AS n, min(scheduled_at) AS oldest FROM feature_flag_schedules
             WHERE status = 'pending' AND scheduled_at <= %(now)s
@@ -310,6 +390,9 @@ def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
         )
         SELECT pending.n + retries.n AS due,
                LEAST(pending.oldest, retries.oldest) AS oldest_due_at,
+               EXTRACT(EPOCH FROM CAST(%(now)s AS timestamptz)
+                   - {_clamped_time("LEAST(pending.oldest, retries.oldest)")}
+               ) AS oldest_due_age_seconds,
                LEAST(
                    (SELECT min(scheduled_at) FROM feature_flag_schedules
                     WHERE status = 'pending' AND scheduled_at > %(now)s),
@@ -317,9 +400,13 @@ def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
                     WHERE next_retry_at > %(now)s AND {_WAITING})
                ) AS next_due_at
         FROM pending, retries
-        """,
-        {"now": now},
-    )[0]
+"""
+
+
+def backlog(conn: Conn, *, now: datetime) -> dict[str, Any]:
+    """Due count, oldest due time (and its age in seconds, a time before year 1 counted from
+    year 1), next due time; index scans only (runs every tick and for `status --max-lag`)."""
+    return _dicts(conn, BACKLOG, {"now": now})[0]
 
 
 def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
@@ -332,7 +419,9 @@ def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
           count(*) FILTER (WHERE {_WAITING} AND next_retry_at > %(now)s) AS waiting_retry,
           count(*) FILTER (WHERE status = 'failed' AND NOT {_WAITING}) AS failed,
           count(*) FILTER (WHERE status = 'applied') AS applied,
-          count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+          count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+          count(*) FILTER (WHERE status NOT IN ('pending', 'failed', 'applied', 'cancelled'))
+            AS unknown
         FROM feature_flag_schedules
         """,
         {"now": now},

@@ -25,6 +25,7 @@ from flagsched.model import (
     Updates,
     Verdict,
     change_notice,
+    clip,
 )
 
 
@@ -93,9 +94,9 @@ def run(
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
                         break
                     raise
-                report.add(results)
+                new = report.add(results)  # a schedule held back again is not new
                 with together():  # after commit: no line claims a rolled-back outcome
-                    for result in results:
+                    for result in new:
                         _log_result(log, result)
                 if not any(r.outcome is not Outcome.HELD_BACK for r in results):
                     break  # nothing due, or nothing that can move now
@@ -128,8 +129,8 @@ def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None
         now = repository.db_now(conn)
         backlog = repository.backlog(conn, now=now)
     report.due_backlog = int(backlog["due"])
-    oldest = backlog["oldest_due_at"]
-    report.oldest_due_age_seconds = (now - oldest).total_seconds() if oldest else 0.0
+    age = backlog["oldest_due_age_seconds"]
+    report.oldest_due_age_seconds = float(age) if age is not None else 0.0
 
 
 def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
@@ -138,7 +139,7 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
         with transaction(database, conn):
             repository.ensure_schema(conn)
         with transaction(database, conn, rollback=True):  # nothing claimed is kept
-            now, claimed = repository.claim(conn, limit=options.batch_size)
+            now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
             existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
             checks = repository.safety_checks(
                 conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
@@ -189,8 +190,8 @@ class _Failures:
             cap_seconds=self.options.retry_max_delay,
         )
         if isinstance(decision, policy.Retry):
-            return Result(schedule, Outcome.RETRY, decision.error, decision.at, override)
-        return Result(schedule, Outcome.FAILED, decision.reason, None, override)
+            return Result(schedule, Outcome.RETRY, clip(decision.error), decision.at, override)
+        return Result(schedule, Outcome.FAILED, clip(decision.reason), None, override)
 
 
 def _plan(
@@ -201,6 +202,9 @@ def _plan(
     steps: dict[str, list[Step]] = {}
     for flag_key, group in groupby(claimed, key=lambda c: c.flag_key):
         for schedule in group:
+            if schedule.defect is not None:  # never attempted, even when held back
+                decided.append(fail(schedule, schedule.defect, permanent=True))
+                continue
             if schedule.blocked:
                 decided.append(Result(schedule, Outcome.HELD_BACK))
                 continue
@@ -323,7 +327,7 @@ def _fold(steps: list[Step]) -> Updates:
 
 def _log_result(log: Any, result: Result) -> None:
     schedule = result.schedule
-    fields: dict[str, Any] = {"schedule_id": schedule.id, "flag_key": schedule.flag_key}
+    fields: dict[str, Any] = {"schedule_id": schedule.id, "flag_key": clip(schedule.flag_key)}
     limit = schedule.max_retries if result.max_retries is None else result.max_retries
     if result.outcome is Outcome.APPLIED:
         log.info(
@@ -337,7 +341,7 @@ def _log_result(log: Any, result: Result) -> None:
         log.warning(
             "schedule_retry_scheduled",
             **fields,
-            retry_count=schedule.retry_count + 1,
+            retry_count=policy.counted(schedule.retry_count),
             max_retries=limit,
             next_retry_at=result.next_retry_at,
             error=result.error,
@@ -346,7 +350,7 @@ def _log_result(log: Any, result: Result) -> None:
         log.error(
             "schedule_failed",
             **fields,
-            retry_count=schedule.retry_count + 1,
+            retry_count=policy.counted(schedule.retry_count),
             max_retries=limit,
             error=result.error,
         )

@@ -21,6 +21,26 @@ Sql = Callable[..., list[Any]]
 Tick = Callable[..., TickReport]
 
 
+def wait_for_lock_wait(engine: Engine, timeout: float = 30) -> None:
+    """Until a flagsched session waits for a lock (instead of guessing how long that takes)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'flagsched' AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+            conn.rollback()  # a fresh snapshot of pg_stat_activity next time
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError("no flagsched session waited for a lock")
+
+
 def make_due(sql: Sql, schedule_id: int) -> None:
     """Move time: the retry is due now."""
     sql(
@@ -492,7 +512,14 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
     holder = engine.connect()
     tx = holder.begin()
     holder.execute(sa.text("SELECT * FROM feature_flags WHERE key <> 'free' FOR UPDATE"))
-    threading.Timer(0.3, tx.rollback).start()  # held at first, then free to write (slowly)
+
+    # Held at first, then free to write (slowly): released once the tick waits for it.
+    def release() -> None:
+        wait_for_lock_wait(engine)
+        tx.rollback()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
     try:
         report = tick.run(
             Database(database_url, lock_timeout=1, statement_timeout=2),
@@ -500,6 +527,7 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
             rng=random.Random(1),
         )
     finally:
+        releaser.join()
         holder.close()
     assert report.count(Outcome.APPLIED) == 3 and report.count(Outcome.RETRY) == 1
     assert all(schedule(s)["status"] == "applied" for s in others)  # held, then written
@@ -509,23 +537,37 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
 
 
 def test_a_flag_deleted_after_the_claim_fails_for_good(
-    database: Database, add_flag: Any, add_schedule: Any, sql: Sql
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    schedule: Any,
+    flag: Any,
+    sql: Sql,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The claim does not look at flags: one deleted between claim and write is missing."""
+    """The flag exists when its schedule is claimed and is deleted (by another session,
+    committed) before the tick writes: that schedule fails for good, the rest applies."""
     from flagsched import repository
-    from flagsched.db import connection, transaction
-    from flagsched.model import Change, Updates, Verdict
 
-    add_flag("ghost")
+    add_flag("gone")
     add_flag("real")
-    ids = [add_schedule("ghost", {"enabled": True}), add_schedule("real", {"enabled": True})]
-    with connection(database) as conn, transaction(database, conn, rollback=True):
-        _, claimed = repository.claim(conn, limit=10)
-        assert [c.id for c in claimed] == ids
-        sql("DELETE FROM feature_flags WHERE key = 'ghost'")  # another session, committed
-        changes = [Change(c, Updates(enabled=True), True) for c in claimed]
-        missed = repository.apply(conn, changes, wait=False, max_lateness_seconds=None)
-    assert missed == {0: (Verdict.MISSING, None)}
+    doomed = add_schedule("gone", {"enabled": True})
+    fine = add_schedule("real", {"enabled": True})
+    real_claim = repository.claim
+
+    def claim_then_delete(conn: Any, **options: Any) -> Any:
+        claimed = real_claim(conn, **options)
+        assert [c.flag_key for c in claimed[1]] == ["gone", "real"]
+        sql("DELETE FROM feature_flags WHERE key = 'gone'")
+        return claimed
+
+    monkeypatch.setattr(repository, "claim", claim_then_delete)
+    report = run_tick()
+    assert report.count(Outcome.FAILED) == 1 and report.count(Outcome.APPLIED) == 1
+    row = schedule(doomed)
+    assert row["status"] == "failed" and row["next_retry_at"] is None
+    assert row["last_error"] == "flag 'gone' does not exist"
+    assert schedule(fine)["status"] == "applied" and flag("real") == (True, 0)
 
 
 def test_hot_flag_drains_in_batches_of_the_batch_size(
@@ -620,3 +662,68 @@ def test_concurrent_ticks_in_threads_apply_everything_once(
     assert sum(r.count(Outcome.APPLIED) for r in reports) == 1000
     assert sql("SELECT count(*) FROM feature_flag_schedules WHERE status = 'applied'")[0][0] == 1000
     assert sql("SELECT count(*) FROM feature_flags WHERE rollout_percentage = 19")[0][0] == 50
+
+
+def test_a_schedule_held_back_in_several_batches_is_counted_and_logged_once(
+    run_tick: Tick, engine: Engine, add_flag: Any, add_schedule: Any, schedule: Any
+) -> None:
+    """s1 is held by another session (as by a tick running at the same time), so its later
+    s2 is held back in every batch of this tick, beside b's schedules that apply."""
+    add_flag("a")
+    add_flag("b")
+    s1 = add_schedule("a", {"enabled": True}, at="now() - interval '3 hours'")
+    s2 = add_schedule("a", {"rollout_percentage": 5}, at="now() - interval '2 hours'")
+    for _ in range(4):
+        add_schedule("b", {"enabled": True})
+    with engine.connect() as holder:
+        holder.execute(
+            sa.text("SELECT 1 FROM feature_flag_schedules WHERE id = :i FOR UPDATE"), {"i": s1}
+        )
+        with capture_logs() as logs:
+            report = run_tick(batch_size=2, max_batches=10)
+        holder.rollback()
+    assert report.batches >= 4 and report.count(Outcome.APPLIED) == 4
+    assert report.count(Outcome.HELD_BACK) == 1
+    held = [e for e in logs if e["event"] == "schedule_held_back"]
+    assert [e["schedule_id"] for e in held] == [s2]
+    finished = [e for e in logs if e["event"] == "tick_finished"]
+    assert finished[0]["held_back"] == 1
+    assert schedule(s2)["status"] == "pending"
+
+
+def test_dry_run_locks_nothing_a_running_tick_would_skip(
+    database_url: str, engine: Engine, add_flag: Any, add_schedule: Any
+) -> None:
+    """While a --dry-run is in the middle of its preview, a tick's claim (FOR UPDATE SKIP
+    LOCKED) still sees every due schedule, and the preview holds no row-locking lock."""
+    add_flag("a")
+    due = sorted(add_schedule("a", {"rollout_percentage": n}) for n in (1, 2, 3))
+    database = Database(database_url, lock_timeout=30)
+    holder = engine.connect()
+    holder.execute(sa.text("LOCK TABLE feature_flags IN ACCESS EXCLUSIVE MODE"))
+    plans: list[Any] = []
+    previewing = threading.Thread(
+        target=lambda: plans.append(tick.preview(database, tick.TickOptions()))
+    )
+    previewing.start()  # it claims, then waits on feature_flags (it reads which flags exist)
+    try:
+        wait_for_lock_wait(engine)
+        with engine.connect() as other:
+            locks = other.execute(
+                sa.text(
+                    "SELECT l.mode FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE a.application_name = 'flagsched' AND l.granted "
+                    "AND l.relation = 'feature_flag_schedules'::regclass"
+                )
+            ).scalars()
+            assert set(locks) <= {"AccessShareLock"}
+            seen = other.execute(
+                sa.text("SELECT id FROM feature_flag_schedules ORDER BY id FOR UPDATE SKIP LOCKED")
+            ).scalars()
+            assert list(seen) == due
+            other.rollback()
+    finally:
+        holder.rollback()
+        holder.close()
+        previewing.join()
+    assert [s.id for s, _ in plans[0]] == due

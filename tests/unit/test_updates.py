@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flagsched.model import InvalidUpdates, Updates
+from flagsched.model import MAX_TEXT, InvalidUpdates, Updates, clip
 
 
 @pytest.mark.parametrize(
@@ -19,6 +20,11 @@ from flagsched.model import InvalidUpdates, Updates
         ({"rollout_percentage": 0}, Updates(rollout_percentage=0)),
         ({"rollout_percentage": 100}, Updates(rollout_percentage=100)),
         ({"enabled": True, "rollout_percentage": 50}, Updates(True, 50)),
+        # One rule for numbers: an integral value 0..100, however it is spelled.
+        ({"rollout_percentage": 50.0}, Updates(rollout_percentage=50)),
+        ({"rollout_percentage": Decimal("50.000")}, Updates(rollout_percentage=50)),
+        ({"rollout_percentage": Decimal("5E+1")}, Updates(rollout_percentage=50)),
+        ({"rollout_percentage": 1e2}, Updates(rollout_percentage=100)),
     ],
 )
 def test_valid_updates(value: Any, expected: Updates) -> None:
@@ -32,7 +38,12 @@ def test_valid_updates(value: Any, expected: Updates) -> None:
         ({"enabled": 1}, "enabled must be true or false, got 1"),
         ({"enabled": None}, "enabled must be true or false, got null"),
         ({"rollout_percentage": 12.5}, "rollout_percentage must be an integer 0..100, got 12.5"),
-        ({"rollout_percentage": 50.0}, "rollout_percentage must be an integer 0..100, got 50.0"),
+        ({"rollout_percentage": Decimal("50.00000000000000000001")}, "got 50.00000000000000000001"),
+        ({"rollout_percentage": 100.5}, "rollout_percentage must be an integer 0..100, got 100.5"),
+        ({"rollout_percentage": Decimal("1E+400")}, "rollout_percentage must be an integer"),
+        ({"rollout_percentage": 10**400}, "got a number of about 401 digits"),
+        ({"enabled": [1, [2]]}, "enabled must be true or false, got an array of 2 item(s)"),
+        ({"enabled": {"a": 1}}, "enabled must be true or false, got an object with 1 key(s)"),
         ({"rollout_percentage": "50"}, 'rollout_percentage must be an integer 0..100, got "50"'),
         ({"rollout_percentage": True}, "rollout_percentage must be an integer 0..100, got true"),
         ({"rollout_percentage": 101}, "rollout_percentage must be an integer 0..100, got 101"),
@@ -65,8 +76,10 @@ json_values = st.recursive(
 @given(value=st.dictionaries(st.sampled_from(["enabled", "rollout_percentage", "x"]), json_values))
 def test_accepts_exactly_the_strict_shape(value: dict[str, Any]) -> None:
     enabled_ok = "enabled" not in value or isinstance(value["enabled"], bool)
-    rollout = value.get("rollout_percentage")
-    rollout_ok = "rollout_percentage" not in value or (type(rollout) is int and 0 <= rollout <= 100)
+    rollout: Any = value.get("rollout_percentage")
+    rollout_ok = "rollout_percentage" not in value or (
+        type(rollout) in (int, float) and 0 <= rollout <= 100 and rollout == int(rollout)
+    )
     valid = bool(value) and "x" not in value and enabled_ok and rollout_ok
     try:
         parsed = Updates.parse(value)
@@ -74,7 +87,7 @@ def test_accepts_exactly_the_strict_shape(value: dict[str, Any]) -> None:
         assert not valid
     else:
         assert valid
-        assert parsed.as_json() == value
+        assert parsed.as_json() == value  # 50.0 == 50
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -90,3 +103,32 @@ def test_later_changes_win_and_unset_fields_keep_earlier_ones() -> None:
     merged = Updates(enabled=True, rollout_percentage=10).then(Updates(rollout_percentage=50))
     assert merged == Updates(enabled=True, rollout_percentage=50)
     assert Updates().then(Updates(enabled=False)) == Updates(enabled=False)
+
+
+def test_a_value_too_deep_for_json_encoders_is_quoted_by_its_size() -> None:
+    """Nesting in the band 990-1023 (orjson reads it, json.dumps recurses) never raises."""
+    value: Any = True
+    for _ in range(1000):
+        value = [value]
+    with pytest.raises(InvalidUpdates, match="got an array of 1 item"):
+        Updates.parse({"enabled": value})
+
+
+def test_huge_values_and_many_unknown_keys_give_a_short_reason() -> None:
+    with pytest.raises(InvalidUpdates) as caught:
+        Updates.parse({"enabled": "x" * 2_000_000})
+    assert len(str(caught.value)) < 200
+    many = {f"key{i}": i for i in range(100_000)}
+    with pytest.raises(InvalidUpdates) as caught:
+        Updates.parse(many)
+    assert "and 99995 more" in str(caught.value) and len(str(caught.value)) < 300
+
+
+@given(st.text(max_size=3000), st.integers(min_value=0, max_value=2000))
+def test_clip_bounds_any_text(text: str, limit: int) -> None:
+    clipped = clip(text, limit)
+    if len(text) <= limit:
+        assert clipped == text
+    else:
+        assert len(clipped) <= limit and clipped[:10] == text[: min(10, len(clipped))]
+    assert len(clip(text)) <= MAX_TEXT

@@ -1,0 +1,561 @@
+"""No row stops the queue: whatever PostgreSQL lets an application store in a schedule,
+every command still runs, every valid schedule still applies, and a bad row fails for good
+on its own (or is left alone and reported), with a short last_error."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flagsched.cli import main
+from flagsched.model import MAX_TEXT, Outcome, TickReport
+from tests.conftest import Ran
+
+Sql = Callable[..., list[Any]]
+Tick = Callable[..., TickReport]
+
+# Times PostgreSQL stores and Python cannot hold, and the edges of what it can.
+ODD_TIMES = [
+    "-infinity",
+    "infinity",
+    "4714-11-24 00:00:00+00 BC",  # PostgreSQL's first
+    "0044-03-15 12:00:00+00 BC",
+    "0001-12-31 23:00:00+00 BC",  # what `--at 0001-01-01T00:00:00+01:00` used to store
+    "0001-01-01 00:00:00+00",
+    "9999-12-31 23:59:59.999999+00",
+    "10000-01-01 00:00:00+00",
+    "20260-06-01 09:00:00+00",
+    "294276-12-31 23:59:59.999999+00",  # PostgreSQL's last
+]
+INT_EDGES = [-(2**31), -1, 0, 1, 3, 10, 11, 2**31 - 2, 2**31 - 1]
+STATUSES = ["pending", "failed", "applied", "cancelled", "PENDING", "", "done", "pending "]
+
+
+@dataclass
+class Command:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@contextmanager
+def _environment(url: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("FLAGSCHED_DATABASE_URL", "FLAGSCHED_LOG_FORMAT")}
+    os.environ.update(FLAGSCHED_DATABASE_URL=url, FLAGSCHED_LOG_FORMAT="json")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def command(url: str, *args: str) -> Command:
+    """The real entry point, in-process (a subprocess per command would cost seconds)."""
+    out, err = io.StringIO(), io.StringIO()
+    with _environment(url), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        else:  # pragma: no cover - main always exits
+            code = -1
+    return Command(code, out.getvalue(), err.getvalue())
+
+
+def insert(url: str, rows: list[dict[str, Any]]) -> list[int]:
+    """Rows as an application might write them: times as PostgreSQL text or an offset from
+    now() in seconds, `updates` as JSON text."""
+    ids = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for row in rows:
+            ids.append(
+                conn.execute(
+                    """
+                    INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status,
+                        retry_count, max_retries, next_retry_at)
+                    VALUES (%(flag_key)s, {scheduled_at}, CAST(%(updates)s AS jsonb),
+                        %(status)s, %(retry_count)s, %(max_retries)s, {next_retry_at})
+                    RETURNING id
+                    """.format(
+                        scheduled_at=_time_sql("scheduled_at", row["scheduled_at"]),
+                        next_retry_at=_time_sql("next_retry_at", row["next_retry_at"]),
+                    ),
+                    row,
+                ).fetchone()[0]  # type: ignore[index]
+            )
+    return ids
+
+
+def _time_sql(name: str, value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return f"CAST(%({name})s AS timestamptz)"
+    return f"now() + make_interval(secs => %({name})s)"
+
+
+def snapshot(url: str) -> dict[int, str]:
+    """Every schedule as text (no Python type can fail to hold it)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id, CAST(to_jsonb(s) AS text) FROM feature_flag_schedules s"
+        ).fetchall()
+    return {int(i): str(text) for i, text in rows}
+
+
+def check_lines_are_short(stderr: str) -> None:
+    """Every log field quoting a value is at most MAX_TEXT characters."""
+    for line in stderr.splitlines():
+        if not line.startswith("{"):
+            continue
+        for key, value in json.loads(line).items():
+            assert len(str(value)) <= MAX_TEXT, (key, len(str(value)))
+
+
+# --- the cases found, one by one --------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["-infinity", "0044-03-15 BC", "20260-01-01", "infinity"])
+def test_a_time_python_cannot_hold_stops_nothing(
+    database_url: str, add_flag: Any, add_schedule: Any, sql: Sql, flag: Any, when: str
+) -> None:
+    add_flag("a")
+    add_flag("other")
+    (odd,) = insert(
+        database_url,
+        [
+            dict(
+                flag_key="a",
+                scheduled_at=when,
+                updates='{"enabled": true}',
+                status="pending",
+                retry_count=0,
+                max_retries=3,
+                next_retry_at=None,
+            )
+        ],
+    )
+    waiting = add_schedule(
+        "a", {"enabled": True}, status="failed", retry_count=1, next_retry_at=f"'{when}'"
+    )
+    fine = add_schedule("other", {"rollout_percentage": 30})
+    for args in (["process", "--dry-run"], ["status"], ["list-failed"]):
+        ran = command(database_url, *args)
+        assert ran.code == 0, ran.stderr
+    ran = command(database_url, "process")
+    assert ran.code == 1, ran.stderr  # the unreadable row failed for good
+    assert flag("other") == (False, 30)
+    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=fine)[0][0] == "applied"
+    rows = {
+        r[0]: r[1:]
+        for r in sql(
+            "SELECT id, status, next_retry_at IS NULL, last_error FROM feature_flag_schedules"
+        )
+    }
+    if when.startswith("-") or "BC" in when:  # due: fails for good, unattempted
+        assert rows[odd][:2] == ("failed", True)
+        assert "outside the years 1..9999" in rows[odd][2] and when.split()[0] in rows[odd][2]
+    else:  # never due: left alone, reported as scheduled for later
+        assert rows[odd] == ("pending", True, None)
+    assert rows[waiting][:2] == ("failed", True)  # a retry that cannot be timed is final
+    assert "next_retry_at" in rows[waiting][2]
+    for fmt in ("table", "json"):
+        for name in ("status", "list-failed"):
+            ran = command(database_url, name, "--format", fmt)
+            assert ran.code == 0, ran.stderr
+    listed = json.loads(command(database_url, "list-failed", "--format", "json").stdout)
+    assert {r["id"] for r in listed} >= {waiting}
+    assert command(database_url, "cancel", str(odd)).code in (0, 1)  # not "busy", not 3
+
+
+def test_the_cli_refuses_a_time_it_could_not_read_back(flagsched: Callable[..., Ran]) -> None:
+    """`schedule --at 0001-01-01T00:00:00+01:00` would store a BC time: exit 2, one line."""
+    ran = flagsched("schedule", "a", "--at", "0001-01-01T00:00:00+01:00", "--enable")
+    assert ran.code == 2, ran
+    assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize("levels", [990, 1000, 1010, 1023, 1030, 3000])
+def test_deep_nesting_fails_its_row_not_the_tick(
+    database_url: str, add_flag: Any, add_schedule: Any, schedule: Any, levels: int
+) -> None:
+    add_flag("a")
+    deep = "[" * levels + "true" + "]" * levels
+    (sid,) = insert(
+        database_url,
+        [
+            dict(
+                flag_key="a",
+                scheduled_at=-120,
+                updates='{"enabled": ' + deep + "}",
+                status="pending",
+                retry_count=0,
+                max_retries=3,
+                next_retry_at=None,
+            )
+        ],
+    )
+    fine = add_schedule("a", {"rollout_percentage": 40})
+    assert command(database_url, "process", "--dry-run").code == 0
+    ran = command(database_url, "process")
+    assert ran.code == 1, ran.stderr
+    assert schedule(fine)["status"] == "applied"
+    row = schedule(sid)
+    assert row["status"] == "failed" and row["next_retry_at"] is None
+    assert "enabled must be true or false" in row["last_error"] or "read" in row["last_error"]
+    listed = command(database_url, "list-failed", "--format", "json")
+    assert listed.code == 0 and json.loads(listed.stdout)[0]["id"] == sid
+
+
+@pytest.mark.parametrize("retry_count", [2**31 - 1, 2**31 - 2, -(2**31), -1])
+def test_retry_count_at_the_integer_limits_is_final_not_fatal(
+    database_url: str,
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
+    retry_count: int,
+) -> None:
+    add_flag("broken")
+    add_flag("fine")
+    failing("broken")
+    sid = add_schedule("broken", {"enabled": True}, retry_count=retry_count, max_retries=10)
+    ghost = add_schedule("ghost", {"enabled": True}, retry_count=retry_count)
+    fine = add_schedule("fine", {"enabled": True})
+    report = run_tick()
+    assert report.count(Outcome.APPLIED) == 1 and schedule(fine)["status"] == "applied"
+    for row in (schedule(sid), schedule(ghost)):
+        assert row["status"] == "failed" and row["next_retry_at"] is None  # final
+        assert row["retry_count"] == min(retry_count + 1, 2**31 - 1)
+    if not 0 <= retry_count < 2**31 - 1:
+        assert "cannot be counted" in schedule(sid)["last_error"]
+    assert command(database_url, "list-failed").code == 0
+
+
+def test_error_text_and_memory_are_bounded(
+    database_url: str, run_tick: Tick, add_flag: Any, schedule: Any, sql: Sql
+) -> None:
+    add_flag("a")
+    add_flag("k" * 1500)
+    sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+           SELECT 'a', now() - interval '1 minute',
+                  jsonb_build_object('enabled', repeat('x', 512 * 1024))
+           FROM generate_series(1, 3)""")
+    sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+           SELECT 'a', now() - interval '1 minute', jsonb_object_agg('key' || g, g)
+           FROM generate_series(1, 100000) g""")
+    sql(
+        """INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+           VALUES ('a', now() - interval '1 minute', '{"enabled": "%s"}'),
+                  (repeat('k', 1500), now() - interval '1 minute', '{"color": 1}'),
+                  (repeat('g', 5000), now() - interval '1 minute', '{"enabled": true}')""".replace(
+            "%s", "y" * 6000
+        )
+    )
+    ran = command(database_url, "process")
+    assert ran.code == 1, ran.stderr[-500:]
+    check_lines_are_short(ran.stderr)
+    errors = sql("SELECT last_error FROM feature_flag_schedules")
+    assert all(e[0] and len(e[0]) <= MAX_TEXT for e in errors), [len(e[0] or "") for e in errors]
+    assert any("bytes, more than the 8192 flagsched reads" in e[0] for e in errors)
+    listed = command(database_url, "list-failed", "--format", "json")
+    assert listed.code == 0 and len(listed.stdout) < 100_000
+
+
+def test_a_last_error_stored_long_ago_is_shown_bounded(
+    database_url: str, add_schedule: Any, sql: Sql
+) -> None:
+    sid = add_schedule("a", {"enabled": True}, status="failed")
+    sql("UPDATE feature_flag_schedules SET last_error = repeat('e', 200000) WHERE id = :i", i=sid)
+    listed = json.loads(command(database_url, "list-failed", "--format", "json").stdout)
+    assert len(listed[0]["last_error"]) == MAX_TEXT
+
+
+def test_status_counts_unknown_statuses(database_url: str, add_schedule: Any) -> None:
+    for odd in ("PENDING", "done", ""):
+        add_schedule("a", {"enabled": True}, status=odd)
+    add_schedule("a", {"enabled": True}, status="applied")
+    report = json.loads(command(database_url, "status", "--format", "json").stdout)
+    assert report["unknown"] == 3 and report["applied"] == 1 and report["due"] == 0
+    table = command(database_url, "status").stdout
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith("unknown")] == ["3"]
+
+
+@pytest.mark.parametrize(
+    ("spelling", "applies"),
+    [
+        ("50", True),
+        ("5e1", True),
+        ("50.0", True),
+        ("5.0E+1", True),
+        ("50.000000000000000000001", False),  # a float would round it to 50
+        ("50.5", False),
+        ("1e400", False),
+        ("-0", True),
+    ],
+)
+def test_one_rule_for_numbers_however_they_are_spelled(
+    database_url: str,
+    run_tick: Tick,
+    add_flag: Any,
+    flag: Any,
+    spelling: str,
+    applies: bool,
+    schedule: Any,
+) -> None:
+    add_flag("a", rollout=7)
+    (sid,) = insert(
+        database_url,
+        [
+            dict(
+                flag_key="a",
+                scheduled_at=-60,
+                updates='{"rollout_percentage": ' + spelling + "}",
+                status="pending",
+                retry_count=0,
+                max_retries=3,
+                next_retry_at=None,
+            )
+        ],
+    )
+    run_tick()
+    if applies:
+        assert schedule(sid)["status"] == "applied"
+        assert flag("a") == (False, round(float(spelling)))
+    else:
+        assert schedule(sid)["status"] == "failed" and flag("a") == (False, 7)
+        assert "rollout_percentage must be an integer 0..100" in schedule(sid)["last_error"]
+
+
+# --- the class: rows from the whole range PostgreSQL accepts -----------------------------
+
+# jsonb refuses \u0000 and lone surrogates; everything else a JSON text can hold is fair.
+_chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(_chars, max_size=20)
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(_chars, max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_number_spellings = st.sampled_from(
+    ["0", "100", "50", "5e1", "50.0", "-0", "101", "-1", "12.5", "1e400", "1e-400", "99.999"]
+)
+
+
+@st.composite
+def _updates_text(draw: st.DrawFn) -> str:
+    kind = draw(st.sampled_from(["json", "shaped", "deep", "big", "wide"]))
+    if kind == "json":
+        return json.dumps(draw(_json_values))
+    if kind == "deep":
+        levels = draw(st.sampled_from([100, 990, 1000, 1023, 1030, 2500]))
+        return '{"enabled": ' + "[" * levels + "]" * levels + "}"
+    if kind == "big":
+        size = draw(st.sampled_from([8000, 9000, 200_000]))
+        return json.dumps({"enabled": "x" * size})
+    if kind == "wide":
+        return json.dumps({f"k{i}": i for i in range(draw(st.sampled_from([10, 3000])))})
+    parts = []
+    if draw(st.booleans()):
+        parts.append('"enabled": ' + json.dumps(draw(_json_scalars | st.booleans())))
+    if draw(st.booleans()):
+        parts.append('"rollout_percentage": ' + draw(_number_spellings))
+    return "{" + ", ".join(parts) + "}"
+
+
+_times = st.sampled_from(ODD_TIMES) | st.integers(min_value=-86400 * 400, max_value=86400 * 400)
+_hostile_rows = st.fixed_dictionaries(
+    {
+        "flag_key": st.sampled_from(["h1", "h2", "missing", "", "k" * 1500, "new\nline"]),
+        "scheduled_at": _times,
+        "updates": _updates_text(),
+        "status": st.sampled_from(STATUSES),
+        "retry_count": st.sampled_from(INT_EDGES) | st.integers(-(2**31), 2**31 - 1),
+        "max_retries": st.integers(min_value=0, max_value=10),  # max_retries_check
+        "next_retry_at": st.none() | _times,
+    }
+)
+VALID_FLAGS = ["v1", "v2", "v3"]
+
+# Rows the SPEC calls due, that nothing holds back: after the ticks there must be none.
+_STUCK = """
+    SELECT s.id FROM feature_flag_schedules s
+    WHERE ((s.status = 'pending' AND s.scheduled_at <= now())
+           OR (s.status = 'failed' AND s.next_retry_at <= now()
+               AND s.retry_count <= s.max_retries))
+      AND NOT EXISTS (
+        SELECT 1 FROM feature_flag_schedules e
+        WHERE e.flag_key = s.flag_key AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
+          AND (e.status = 'pending' OR (e.status = 'failed' AND e.next_retry_at IS NOT NULL
+                                        AND e.retry_count <= e.max_retries)))
+"""
+_FOR_GOOD = "status = 'failed' AND NOT (next_retry_at IS NOT NULL AND retry_count <= max_retries)"
+
+
+@pytest.fixture
+def hostile_database(database_url: str) -> str:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO feature_flags (key) VALUES ('h1'), ('h2'), ('v1'), ('v2'), ('v3'), "
+            "(repeat('k', 1500)), ('new' || chr(10) || 'line')"
+        )
+    return database_url
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    rows=st.lists(_hostile_rows, min_size=1, max_size=8),
+    batch_size=st.sampled_from(["1", "3", "100"]),
+)
+def test_no_row_stops_the_queue(
+    hostile_database: str, rows: list[dict[str, Any]], batch_size: str
+) -> None:
+    url = hostile_database
+    with psycopg.connect(url, autocommit=True) as conn:  # a cleaned database per example
+        conn.execute("TRUNCATE feature_flag_schedules")
+        conn.execute("UPDATE feature_flags SET rollout_percentage = 0")
+    hostile = insert(url, rows)
+    valid = insert(
+        url,
+        [
+            dict(
+                flag_key=key,
+                scheduled_at=-30,
+                updates=json.dumps({"rollout_percentage": 10 + n}),
+                status="pending",
+                retry_count=0,
+                max_retries=3,
+                next_retry_at=None,
+            )
+            for n, key in enumerate(VALID_FLAGS)
+        ],
+    )
+    before = snapshot(url)
+    for args in (
+        ["process", "--dry-run", "--batch-size", batch_size],
+        ["status", "--format", "json"],
+        ["list-failed", "--format", "json"],
+        ["process", "--batch-size", batch_size, "--max-batches", "30"],
+        ["process", "--batch-size", batch_size, "--max-batches", "30"],
+        ["process", "--dry-run"],
+        ["status"],
+        ["status", "--max-lag", "60"],
+        ["list-failed"],
+        ["list-failed", "--format", "json"],
+    ):
+        ran = command(url, *args)
+        assert ran.code in (0, 1), (args, ran.stdout[-300:], ran.stderr[-600:])
+        assert "Traceback" not in ran.stderr and "internal error" not in ran.stderr
+        check_lines_are_short(ran.stderr)
+    after = snapshot(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        flags: dict[str, int] = dict(
+            conn.execute("SELECT key, rollout_percentage FROM feature_flags").fetchall()
+        )
+        states: dict[int, str] = dict(
+            conn.execute("SELECT id, status FROM feature_flag_schedules").fetchall()
+        )
+        for_good = {
+            r[0] for r in conn.execute(f"SELECT id FROM feature_flag_schedules WHERE {_FOR_GOOD}")
+        }
+        stuck = [r[0] for r in conn.execute(_STUCK)]
+        longest = conn.execute(
+            "SELECT coalesce(max(length(last_error)), 0) FROM feature_flag_schedules"
+        ).fetchone()
+    assert [states[i] for i in valid] == ["applied"] * len(valid)
+    assert [flags[k] for k in VALID_FLAGS] == [10, 11, 12]
+    for sid in hostile:
+        assert after[sid] == before[sid] or states[sid] == "applied" or sid in for_good, after[sid]
+    assert stuck == [], [after[i] for i in stuck]
+    assert longest is not None and longest[0] <= MAX_TEXT
+    report = json.loads(command(url, "status", "--format", "json").stdout)
+    counted = sum(
+        report[k]
+        for k in ("due", "scheduled", "waiting_retry", "failed", "applied", "cancelled", "unknown")
+    )
+    assert counted == len(hostile) + len(valid)  # every row is reported somewhere
+
+
+def test_a_real_process_survives_hostile_rows(
+    flagsched: Callable[..., Ran], database_url: str, add_flag: Any, flag: Any
+) -> None:
+    """The same, once through a real subprocess (entry point, logging, exit code)."""
+    add_flag("a")
+    add_flag("fine")
+    insert(
+        database_url,
+        [
+            dict(
+                flag_key="a",
+                scheduled_at=when,
+                updates=updates,
+                status="pending",
+                retry_count=count,
+                max_retries=3,
+                next_retry_at=None,
+            )
+            for when, updates, count in [
+                ("-infinity", '{"enabled": true}', 0),
+                ("0001-12-31 23:00:00+00 BC", '{"enabled": true}', 0),
+                (-60, '{"enabled": ' + "[" * 1000 + "]" * 1000 + "}", 0),
+                (-60, json.dumps({"enabled": "x" * 2_000_000}), 0),
+                (-60, '{"rollout_percentage": 50.0}', 2**31 - 1),
+                ("infinity", '{"enabled": true}', 0),
+            ]
+        ]
+        + [
+            dict(
+                flag_key="fine",
+                scheduled_at=-60,
+                updates='{"rollout_percentage": 5e1}',
+                status="pending",
+                retry_count=0,
+                max_retries=3,
+                next_retry_at=None,
+            )
+        ],
+    )
+    for args in (("process", "--dry-run"), ("status",), ("list-failed", "--format", "json")):
+        assert flagsched(*args).code == 0
+    ran = flagsched("process")
+    assert ran.code == 1, ran.stderr[-500:]
+    check_lines_are_short(ran.stderr)
+    assert flag("fine") == (False, 50) and flag("a") == (False, 50)
+    assert flagsched("status", "--max-lag", "600").code == 0
+
+
+def test_a_pending_rows_meaningless_next_retry_at_does_not_fail_it(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, schedule: Any, flag: Any
+) -> None:
+    add_flag("a")
+    sid = add_schedule("a", {"rollout_percentage": 20}, next_retry_at="'-infinity'")
+    assert run_tick().count(Outcome.APPLIED) == 1
+    row = schedule(sid)
+    assert row["status"] == "applied" and row["next_retry_at"] is None and flag("a") == (False, 20)

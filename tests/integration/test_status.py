@@ -1,0 +1,71 @@
+"""`status`: the health check (--max-lag) reads index scans only; unknown statuses count."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from flagsched import operators, repository
+from flagsched.db import Database
+
+Sql = Callable[..., list[Any]]
+
+
+def _nodes(plan: dict[str, Any]) -> list[str]:
+    found = [str(plan["Node Type"])]
+    for child in plan.get("Plans", []):
+        found += _nodes(child)
+    return found
+
+
+def test_the_backlog_query_is_index_scans_only(database_url: str, sql: Sql) -> None:
+    """With sequential scans priced out, the planner still finds an index path for every
+    table access: the query has one (it does not need a pass over the table)."""
+    sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status,
+                                               retry_count, next_retry_at)
+           SELECT 'k' || g % 10, now() - g * interval '1 minute', '{"enabled": true}',
+                  (ARRAY['pending', 'failed', 'applied', 'cancelled'])[g % 4 + 1], g % 5,
+                  CASE WHEN g % 4 = 1 THEN now() + (g - 500) * interval '1 minute' END
+           FROM generate_series(1, 2000) g""")
+    sql("ANALYZE feature_flag_schedules")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        (plan,) = conn.execute(
+            "EXPLAIN (FORMAT JSON) " + repository.BACKLOG, {"now": datetime.now(UTC)}
+        ).fetchone()  # type: ignore[misc]
+    nodes = _nodes(plan[0]["Plan"])
+    assert "Seq Scan" not in nodes, nodes
+    assert any("Index" in n for n in nodes), nodes
+
+
+def test_max_lag_computes_only_what_the_health_check_needs(
+    database: Database, add_schedule: Any
+) -> None:
+    add_schedule("a", {"enabled": True}, at="now() - interval '10 minutes'")
+    add_schedule("a", {"enabled": True}, status="applied")
+    full = operators.status(database)
+    assert full["applied"] == 1 and full["unknown"] == 0 and full["due"] == 1
+    check = operators.status(database, counts=False)
+    assert set(check) == {"due", "oldest_due_at", "oldest_due_age_seconds", "next_due_at", "now"}
+    assert check["due"] == 1 and 590 < check["oldest_due_age_seconds"] < 700
+
+
+def test_status_json_keys_with_and_without_max_lag(
+    database_url: str, add_schedule: Any, monkeypatch: Any
+) -> None:
+    from click.testing import CliRunner
+
+    from flagsched.cli import cli
+
+    add_schedule("a", {"enabled": True}, status="weird")
+    monkeypatch.setenv("FLAGSCHED_DATABASE_URL", database_url)
+    monkeypatch.setenv("FLAGSCHED_LOG_FORMAT", "json")
+    runner = CliRunner()
+    full = runner.invoke(cli, ["status", "--format", "json"], standalone_mode=False)
+    assert json.loads(full.output)["unknown"] == 1
+    lag = runner.invoke(cli, ["status", "--format", "json", "--max-lag", "60"])
+    assert lag.exit_code == 0 and "unknown" not in json.loads(lag.output)
