@@ -85,18 +85,21 @@ def insert(url: str, rows: list[dict[str, Any]]) -> list[int]:
                 conn.execute(
                     """
                     INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status,
-                        retry_count, max_retries, next_retry_at)
+                        retry_count, max_retries, next_retry_at, created_at, expires_at,
+                        reviewed_at, attempts, on_conflict)
                     VALUES (%(flag_key)s, {scheduled_at}, CAST(%(updates)s AS jsonb),
-                        %(status)s, %(retry_count)s, %(max_retries)s, {next_retry_at})
+                        %(status)s, %(retry_count)s, %(max_retries)s, {next_retry_at},
+                        coalesce({created_at}, now()), {expires_at}, {reviewed_at},
+                        CAST(%(attempts)s AS jsonb), %(on_conflict)s)
                     RETURNING id
-                    """.format(
-                        scheduled_at=_time_sql("scheduled_at", row["scheduled_at"]),
-                        next_retry_at=_time_sql("next_retry_at", row["next_retry_at"]),
-                    ),
-                    row,
+                    """.format(**{name: _time_sql(name, row.get(name)) for name in TIME_COLUMNS}),
+                    {"attempts": "[]", "on_conflict": "fail", **row},
                 ).fetchone()[0]  # type: ignore[index]
             )
     return ids
+
+
+TIME_COLUMNS = ("scheduled_at", "next_retry_at", "created_at", "expires_at", "reviewed_at")
 
 
 def _time_sql(name: str, value: object) -> str:
@@ -396,6 +399,14 @@ _hostile_rows = st.fixed_dictionaries(
         "retry_count": st.sampled_from(INT_EDGES) | st.integers(-(2**31), 2**31 - 1),
         "max_retries": st.integers(min_value=0, max_value=10),  # max_retries_check
         "next_retry_at": st.none() | _times,
+        # The record's and the safety checks' columns (migration 0004).
+        "created_at": st.none() | _times,
+        "expires_at": st.none() | _times,
+        "reviewed_at": st.none() | _times,
+        "attempts": st.sampled_from(
+            ["[]", "null", '{"attempt": 1}', '"x"', '[1, "two", {"attempt": []}]', "7"]
+        ),
+        "on_conflict": st.sampled_from(["fail", "apply"]),  # on_conflict_check
     }
 )
 VALID_FLAGS = ["v1", "v2", "v3"]
@@ -442,6 +453,8 @@ def test_no_row_stops_the_queue(
         conn.execute("TRUNCATE feature_flag_schedules")
         conn.execute("UPDATE feature_flags SET rollout_percentage = 0")
     hostile = insert(url, rows)
+    with psycopg.connect(url, autocommit=True) as conn:  # another writer: conflicts are possible
+        conn.execute("UPDATE feature_flags SET enabled = NOT enabled WHERE key = 'h2'")
     valid = insert(
         url,
         [
@@ -469,6 +482,9 @@ def test_no_row_stops_the_queue(
         ["status", "--max-lag", "60"],
         ["list-failed"],
         ["list-failed", "--format", "json"],
+        ["history", "--format", "json"],
+        ["history"],
+        *(["show", str(i), *f] for i in hostile[:3] for f in ([], ["--format", "json"])),
     ):
         ran = command(url, *args)
         assert ran.code in (0, 1), (args, ran.stdout[-300:], ran.stderr[-600:])
