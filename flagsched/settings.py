@@ -12,7 +12,7 @@ from flagsched.errors import ConfigError
 
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 # Variables whose value may hold a secret: never echoed in an error.
-_SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL"}
+_SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL", "FLAGSCHED_PING_URL"}
 
 
 class Settings(BaseSettings):
@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     statement_timeout: float = Field(
         default=30, gt=0, validation_alias="FLAGSCHED_STATEMENT_TIMEOUT"
     )
+    # A cron monitor's URL: pinged at the start and end of each tick (flagsched.ping).
+    ping_url: str | None = Field(default=None, validation_alias="FLAGSCHED_PING_URL", repr=False)
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", validation_alias="FLAGSCHED_LOG_FORMAT"
     )
@@ -56,6 +58,13 @@ class Settings(BaseSettings):
                 f"unsupported scheme {scheme or '(none)'!r}; use postgresql://user:pass@host/db"
             )
         return value
+
+    @field_validator("ping_url")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        from flagsched.ping import check_url
+
+        return None if value is None else check_url(value)
 
     @property
     def max_retries_override(self) -> int | None:
