@@ -143,7 +143,12 @@ def connection(database: Database) -> Iterator[Conn]:
 def transaction(database: Database, conn: Conn, *, rollback: bool = False) -> Iterator[None]:
     """One transaction on `conn` (autocommit), started with the session settings in the same
     round trip: committed on success (unless `rollback`), rolled back on error, errors
-    translated. Savepoints inside are psycopg's `conn.transaction()`."""
+    translated. Savepoints inside are psycopg's `conn.transaction()`; so is this, when `conn`
+    is already in a transaction."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        with database.errors(), conn.transaction(force_rollback=rollback):
+            yield
+        return
     with database.errors():
         conn.execute(database.begin_sql())
         try:

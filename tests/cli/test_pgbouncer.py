@@ -46,6 +46,18 @@ def test_settings_hold_for_each_transaction_and_no_longer(database_url: str) -> 
         assert _shown(conn)["statement_timeout"] == "0"
 
 
+def test_a_transaction_inside_a_transaction_is_a_savepoint(database_url: str) -> None:
+    database = Database(database_url)
+    with connection(database) as conn:
+        with transaction(database, conn):
+            conn.execute("CREATE TABLE t (n int)")
+            with transaction(database, conn, rollback=True):
+                conn.execute("INSERT INTO t VALUES (1)")
+            conn.execute("INSERT INTO t VALUES (2)")
+        with transaction(database, conn):
+            assert conn.execute("SELECT array_agg(n) FROM t").fetchone() == ([2],)
+
+
 def test_alembic_engine_transactions_get_the_settings_too(database_url: str) -> None:
     engine = make_engine(database_url, lock_timeout=2, statement_timeout=None)
     with engine.begin() as conn:

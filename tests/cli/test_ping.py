@@ -20,6 +20,13 @@ from tests.conftest import Ran
 SECRET, TOKEN = "s3cr3t-pass", "0f1e2d3c-token"
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_for_the_test_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib honours http_proxy; the servers here are local (and so are the subprocesses')."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+
 @dataclass
 class Monitor:
     """A healthchecks-like server: records each request's path and Authorization header."""
