@@ -148,6 +148,12 @@ def _signals_stop(stop: Any) -> Iterator[None]:
     help="Write Prometheus metrics here (atomically), for node_exporter.",
 )
 @click.option("--pushgateway", metavar="URL", help="Push-add the metrics to this Pushgateway.")
+@click.option(
+    "--ping-url",
+    metavar="URL",
+    callback=lambda _ctx, _param, value: _ping_url(value),
+    help="GET URL/start and URL/<exit code> (a cron monitor) [FLAGSCHED_PING_URL].",
+)
 @pass_app
 def process(
     app: App,
@@ -156,8 +162,48 @@ def process(
     dry_run: bool,
     metrics_file: Path | None,
     pushgateway: str | None,
+    ping_url: str | None,
 ) -> int:
     """Run one tick: apply the schedules that are due."""
+    settings = app.settings
+    ping_url = ping_url or settings.ping_url
+    if dry_run or ping_url is None:  # a dry run is not a tick: no ping
+        return _process(app, batch_size, max_batches, dry_run, metrics_file, pushgateway)
+    from flagsched.ping import Pinger
+
+    pinger = Pinger(ping_url)
+    pinger.start()
+    code = EXIT_COULD_NOT_RUN
+    try:
+        code = _process(app, batch_size, max_batches, dry_run, metrics_file, pushgateway)
+    except FlagschedError as exc:
+        code = exc.exit_code
+        raise
+    finally:
+        for failed in pinger.finish(code):  # a warning; never changes the exit code
+            logs.get_logger().warning(
+                "ping_failed", ping=failed.ping, host=failed.host, error=failed.reason
+            )
+    return code
+
+
+def _ping_url(value: str | None) -> str | None:
+    from flagsched.ping import check_url
+
+    try:
+        return None if value is None else check_url(value)
+    except ValueError as exc:  # the message never quotes the URL: it may hold a token
+        raise click.BadParameter(str(exc), param_hint="--ping-url") from None
+
+
+def _process(
+    app: App,
+    batch_size: int | None,
+    max_batches: int,
+    dry_run: bool,
+    metrics_file: Path | None,
+    pushgateway: str | None,
+) -> int:
     from flagsched import output, tick
     from flagsched.model import Outcome
 

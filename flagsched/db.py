@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -52,28 +52,41 @@ class Database:
     statement_timeout: float | None = 30
     application_name: str = APPLICATION_NAME
 
-    def options(self) -> str:
-        return " ".join(
-            [
-                # Whole milliseconds, rounded up: a tiny timeout must not become 0 (none).
-                f"-c lock_timeout={math.ceil(self.lock_timeout * 1000)}",
-                f"-c statement_timeout={math.ceil((self.statement_timeout or 0) * 1000)}",
-                # A crashed or stuck tick must never keep its claimed rows locked for long.
-                "-c idle_in_transaction_session_timeout=60000",
-                "-c timezone=UTC",
-                # JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
-                "-c jit=off",
-            ]
-        )
+    def settings(self) -> list[tuple[str, str]]:
+        """Every session setting a flagsched transaction runs with, as (name, SQL value)."""
+        return [
+            # Whole milliseconds, rounded up: a tiny timeout must not become 0 (none).
+            ("lock_timeout", str(math.ceil(self.lock_timeout * 1000))),
+            ("statement_timeout", str(math.ceil((self.statement_timeout or 0) * 1000))),
+            # A crashed or stuck tick must never keep its claimed rows locked for long.
+            ("idle_in_transaction_session_timeout", "60000"),
+            ("timezone", "'UTC'"),
+            # JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
+            ("jit", "off"),
+        ]
+
+    def settings_sql(self) -> str:
+        """The settings as SET LOCAL statements. Per transaction, not per session: behind a
+        transaction-mode pooler each transaction may run on another server connection, and a
+        startup parameter (`options`) is refused or dropped there."""
+        return "; ".join(f"SET LOCAL {name} = {value}" for name, value in self.settings())
+
+    def begin_sql(self) -> str:
+        """BEGIN and the settings as one simple-protocol query: one round trip."""
+        return f"BEGIN; {self.settings_sql()}"
 
     def connect(self, *, autocommit: bool = True) -> Conn:
-        """A new connection; transactions are explicit (`transaction`) unless autocommit=False."""
+        """A new connection; transactions are explicit (`transaction`) unless autocommit=False
+        (then the caller sends `settings_sql()` at the start of each transaction)."""
         try:
             conn = psycopg.connect(
                 libpq_url(self.url),
                 autocommit=autocommit,
+                # The only startup parameter: poolers pass it on, and refuse most others.
                 application_name=self.application_name,
-                options=self.options(),
+                # Never prepare server-side: a pooler may run the next transaction on a server
+                # connection that has not seen the statement (or has one of the same name).
+                prepare_threshold=None,
                 connect_timeout=10,
             )
         except (psycopg.Error, ValueError) as exc:
@@ -162,13 +175,35 @@ def connection(database: Database) -> Iterator[Conn]:
 
 
 @contextmanager
-def transaction(
-    database: Database, conn: Conn, *, rollback: bool = False
-) -> Iterator[psycopg.Transaction]:
-    """One transaction on `conn`: committed on success (unless `rollback`), rolled back on
-    error, errors translated."""
-    with database.errors(conn), conn.transaction(force_rollback=rollback) as tx:
-        yield tx
+def transaction(database: Database, conn: Conn, *, rollback: bool = False) -> Iterator[None]:
+    """One transaction on `conn` (autocommit), started with the session settings in the same
+    round trip: committed on success (unless `rollback`), rolled back on error, errors
+    translated. Savepoints inside are psycopg's `conn.transaction()`; so is this, when `conn`
+    is already in a transaction."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        with database.errors(conn), conn.transaction(force_rollback=rollback):
+            yield
+        return
+    with database.errors(conn):
+        conn.execute(database.begin_sql())
+        try:
+            yield
+        except BaseException:
+            _rollback_quietly(conn)
+            raise
+        if rollback:
+            conn.rollback()
+        else:
+            conn.commit()
+
+
+def _rollback_quietly(conn: Conn) -> None:
+    """Roll back after an error; a connection that is gone has nothing to roll back, and the
+    error that got us here is the one to report."""
+    if conn.closed or conn.broken:
+        return
+    with suppress(psycopg.Error):
+        conn.rollback()
 
 
 @contextmanager

@@ -119,14 +119,24 @@ feature_flag_changes = sa.Table(
 def make_engine(
     raw_url: str, *, lock_timeout: float = 5, statement_timeout: float | None = 30
 ) -> Engine:
-    """A SQLAlchemy engine over `Database.connect` (same settings, same error messages)."""
+    """A SQLAlchemy engine over `Database.connect` (same settings, same error messages):
+    every transaction starts with the settings as SET LOCAL, as the tick's do, so alembic
+    too runs unchanged behind a transaction-mode pooler."""
     database = Database(raw_url, lock_timeout, statement_timeout)
-    return sa.create_engine(
+    engine = sa.create_engine(
         "postgresql+psycopg://",
         poolclass=NullPool,
         creator=lambda: database.connect(autocommit=False),
         # The URL is only in `database`; keep it for error messages.
     ).execution_options(flagsched_database=database)
+
+    @sa.event.listens_for(engine, "begin")
+    def _settings(conn: Connection) -> None:
+        driver = conn.connection.driver_connection
+        if driver is not None and not driver.autocommit:  # AUTOCOMMIT has no transaction
+            driver.execute(database.settings_sql())  # psycopg opens the transaction first
+
+    return engine
 
 
 def database_of(engine: Engine) -> Database:

@@ -19,7 +19,7 @@ MAX_TIMEOUT_SECONDS = PG_INT_MAX / 1000  # about 24.8 days
 MAX_RETRY_DELAY_SECONDS = 10 * 365 * 86400  # a backoff cap beyond ten years is a typo
 MAX_LATENESS_SECONDS = 100 * 365 * 86400  # beyond a century is a typo
 # Variables whose value may hold a secret: never echoed in an error.
-_SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL"}
+_SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL", "FLAGSCHED_PING_URL"}
 
 
 class Settings(BaseSettings):
@@ -63,6 +63,8 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         validation_alias="FLAGSCHED_MAX_LATENESS",
     )
+    # A cron monitor's URL: pinged at the start and end of each tick (flagsched.ping).
+    ping_url: str | None = Field(default=None, validation_alias="FLAGSCHED_PING_URL", repr=False)
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", validation_alias="FLAGSCHED_LOG_FORMAT"
     )
@@ -89,6 +91,13 @@ class Settings(BaseSettings):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("ping_url")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        from flagsched.ping import check_url
+
+        return None if value is None else check_url(value)
 
     @property
     def max_retries_override(self) -> int | None:

@@ -30,7 +30,8 @@ def _unprivileged() -> tuple[int, int] | None:
     return user.pw_uid, user.pw_gid
 
 
-def _prefix() -> list[str]:
+def unprivileged_prefix() -> list[str]:
+    """setpriv to the unprivileged user when running as root, else nothing."""
     ids = _unprivileged()
     if ids is None:
         return []
@@ -38,7 +39,8 @@ def _prefix() -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
 
 
-def _chown_tree(path: str) -> None:
+def chown_tree(path: str) -> None:
+    """Give `path` to the unprivileged user when running as root."""
     ids = _unprivileged()
     if ids is None:
         return
@@ -52,12 +54,12 @@ class Postgresql(testing.postgresql.Postgresql):  # type: ignore[misc]
     """testing.postgresql's server, with initdb and postgres run unprivileged under root."""
 
     def initialize_database(self) -> None:
-        _chown_tree(self.base_dir)
+        chown_tree(self.base_dir)
         data = os.path.join(self.base_dir, "data")
         if os.path.exists(os.path.join(data, "PG_VERSION")):
             return
         args = [
-            *_prefix(),
+            *unprivileged_prefix(),
             self.initdb,
             "-D",
             data,
@@ -69,9 +71,9 @@ class Postgresql(testing.postgresql.Postgresql):  # type: ignore[misc]
             raise RuntimeError(f"initdb failed: {done.stderr.decode(errors='replace')}")
 
     def get_server_commandline(self) -> list[str]:
-        _chown_tree(self.base_dir)
+        chown_tree(self.base_dir)
         command: list[str] = super().get_server_commandline()
-        return [*_prefix(), *command]
+        return [*unprivileged_prefix(), *command]
 
 
 def start(fsync: bool = False, **settings: Any) -> Postgresql:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from flagsched import cli, logs, migrate
 from flagsched.db import Database
 from flagsched.schema import make_engine
+from scripts import pgbouncer as pgbouncer_script
 from scripts import pgserver
 
 TEMPLATE = "flagsched_template"
@@ -56,6 +57,43 @@ def _new_database(server: pgserver.Postgresql, template: str) -> str:
         conn.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {template}"))
     url: str = server.url(database=name)
     return url
+
+
+def require(name: str, path: str | None) -> str:
+    """A binary the tests need. Missing: under CI (CI=true) the test fails; elsewhere it is
+    skipped with the reason, shown in pytest's summary. Never a silent pass."""
+    if path:
+        return path
+    message = f"{name} is not installed (apt-get install {name}; .ci/run installs it)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg: pgserver.Postgresql) -> Iterator[pgbouncer_script.PgBouncer]:
+    """PgBouncer in transaction mode in front of the session's server: a pool of 2 server
+    connections per database, default ignore_startup_parameters."""
+    require("pgbouncer", pgbouncer_script.binary())
+    port = sa.engine.make_url(pg.url()).port
+    assert port is not None
+    bouncer = pgbouncer_script.start(port)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+@pytest.fixture
+def pooled_url(database_url: str, pgbouncer: pgbouncer_script.PgBouncer) -> str:
+    """This test's database (migrated), through PgBouncer."""
+    return pgbouncer.url(database_url)
+
+
+@pytest.fixture
+def pooled_empty_url(empty_database_url: str, pgbouncer: pgbouncer_script.PgBouncer) -> str:
+    """A database with no flagsched schema, through PgBouncer."""
+    return pgbouncer.url(empty_database_url)
 
 
 @pytest.fixture

@@ -157,3 +157,13 @@ def test_a_missing_env_file_stops_the_run_and_is_logged(
     _, log, metrics = run_job(None)
     assert "No such file" in log, log  # from sh, before any tick
     assert not metrics.exists()
+
+
+def test_the_ping_option_shown_in_the_comments_parses() -> None:
+    """The crontab documents --ping-url / FLAGSCHED_PING_URL; the option is a real one."""
+    text = CRONTAB.read_text()
+    assert "FLAGSCHED_PING_URL=" in text and "--ping-url URL" in text
+    _, job = the_job()
+    match = re.search(rf"{re.escape(FLAGSCHED)} ([^;|]*);", job.command)
+    assert match
+    parse_flagsched_args([*shlex.split(match.group(1)), "--ping-url", "https://hc-ping.com/x"])

@@ -120,3 +120,11 @@ def test_the_args_are_a_valid_flagsched_command_line(name: str, command: str) ->
     args = container["args"]
     assert args[0] == command
     parse_flagsched_args(args)
+
+
+def test_the_tick_may_ping_a_monitor_whose_url_stays_in_an_optional_secret() -> None:
+    (container,) = pod_spec(load("cronjob.yaml"))["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["FLAGSCHED_PING_URL"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"], ref["optional"]) == ("flagsched-ping", "url", True)
+    assert "value" not in env["FLAGSCHED_PING_URL"]
