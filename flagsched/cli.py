@@ -315,7 +315,11 @@ def _check_reach(at: Any, span: Any, hint: str) -> None:
     from flagsched.times import LATEST, MAX_DURATION
 
     span = span or timedelta(0)
-    if (at is None and span > MAX_DURATION) or (at is not None and at + span > LATEST):
+    try:
+        beyond = span > MAX_DURATION if at is None else at + span > LATEST
+    except OverflowError:
+        beyond = True
+    if beyond:
         raise click.BadParameter("reaches past the year 9999", param_hint=hint)
 
 
