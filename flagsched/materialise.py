@@ -6,6 +6,7 @@ Nothing here may stop the tick: a recurrence that cannot be read stops on its ow
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from flagsched import repository
@@ -37,7 +38,8 @@ def _batch(conn: Conn, now: Any, due: list[dict[str, Any]]) -> int:
     fired: list[tuple[int, Any]] = []
     advanced: list[tuple[int, Any]] = []
     for row in due:
-        occurrence = recurring.due(row["cron"], row["timezone"], row["next_at"], now)
+        since = row["next_at"] if isinstance(row["next_at"], datetime) else None
+        occurrence = recurring.due(row["cron"], row["timezone"], since, now)
         if occurrence.fire_at is not None:
             fired.append((row["id"], occurrence.fire_at))
         advanced.append((row["id"], occurrence.next_at))

@@ -10,7 +10,7 @@ instant (every 15 minutes inside a gap) are one occurrence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from flagsched.times import InvalidTime, instant
@@ -93,9 +93,10 @@ class Occurrence:
     error: str | None = None
 
 
-def due(expr: str, zone_name: str, next_at: datetime, now: datetime) -> Occurrence:
-    """The materialisation of one due recurrence (its `next_at <= now`): missed occurrences
-    collapse into the latest one not after now; next_at moves to the first after now."""
+def due(expr: str, zone_name: str, next_at: datetime | None, now: datetime) -> Occurrence:
+    """The materialisation of one due recurrence (its `next_at <= now`; None: earlier than
+    any time Python holds): missed occurrences collapse into the latest one not after now;
+    next_at moves to the first after now."""
     from flagsched.times import parse_zone
 
     try:
@@ -107,5 +108,5 @@ def due(expr: str, zone_name: str, next_at: datetime, now: datetime) -> Occurren
         return Occurrence(None, None, str(exc))
     except (ValueError, OverflowError) as exc:  # croniter's own errors, years past 9999
         return Occurrence(None, None, f"{expr!r} in {zone_name}: {exc}")
-    fire = latest if latest is not None and latest >= next_at.astimezone(UTC) else None
+    fire = latest if latest is not None and (next_at is None or latest >= next_at) else None
     return Occurrence(fire, following)

@@ -10,7 +10,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg.abc import Buffer
 from psycopg.rows import dict_row
+from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
 from flagsched.db import SCHEMA_REVISION, Conn, one_line
 from flagsched.errors import BatchAborted, SchemaNotCurrent, StatementFailed
@@ -454,6 +456,34 @@ _OPEN_SCHEDULE = f"status IN ('pending', 'failed') AND (status = 'pending' OR {_
 DB_NOW = "now"
 
 
+class _LenientTimestamptz(TimestamptzLoader):
+    """A timestamptz Python cannot hold (infinity, BC, past 9999) as PostgreSQL's text,
+    so one such row never stops a read command."""
+
+    def load(self, data: Buffer) -> datetime | str:  # type: ignore[override]
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
+class _LenientInterval(IntervalLoader):
+    def load(self, data: Buffer) -> timedelta | str:  # type: ignore[override]
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
+def _lenient_dicts(
+    conn: Conn, sql: str, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.adapters.register_loader("timestamptz", _LenientTimestamptz)
+        cur.adapters.register_loader("interval", _LenientInterval)
+        return cur.execute(sql, params).fetchall()
+
+
 def list_schedules(
     conn: Conn,
     *,
@@ -472,7 +502,7 @@ def list_schedules(
         where.append("scheduled_at >= CAST(%(start)s AS timestamptz)")
     if end is not None:
         where.append("scheduled_at < CAST(%(end)s AS timestamptz)")
-    return _dicts(
+    return _lenient_dicts(
         conn,
         f"""
         SELECT {SCHEDULE_FIELDS} FROM feature_flag_schedules
@@ -582,7 +612,7 @@ _RECURRENCE_FIELDS = (
 def list_recurrences(conn: Conn, *, include_cancelled: bool = False) -> list[dict[str, Any]]:
     """Recurrences, next occurrence first (stopped ones, next_at NULL, last)."""
     where = "" if include_cancelled else "WHERE cancelled_at IS NULL"
-    return _dicts(
+    return _lenient_dicts(
         conn,
         f"SELECT {_RECURRENCE_FIELDS} FROM feature_flag_recurrences {where} "
         "ORDER BY next_at NULLS LAST, id",
@@ -621,7 +651,7 @@ def cancel_recurrence(conn: Conn, recurrence_id: int) -> list[int]:
 def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[dict[str, Any]]]:
     """Lock up to `limit` active recurrences whose next_at <= now() (skipping those another
     tick holds) with that now(). An index probe: nothing due costs one short statement."""
-    rows = _dicts(
+    rows = _lenient_dicts(  # next_at may be -infinity or BC: a text, never a crash
         conn,
         """
         SELECT now() AS now, id, flag_key, cron, timezone, next_at

@@ -143,10 +143,11 @@ def iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def format_time(value: datetime | None, zone: tzinfo | None = None) -> str | None:
-    """A time for a table: ISO 8601 in UTC, or in `zone` with its offset."""
-    if value is None:
-        return None
+def format_time(value: datetime | str | None, zone: tzinfo | None = None) -> str | None:
+    """A time for a table: ISO 8601 in UTC, or in `zone` with its offset (a value Python
+    cannot hold, such as infinity, comes as PostgreSQL's text and stays so)."""
+    if value is None or isinstance(value, str):
+        return value
     if zone is None:
         return iso(value)
     try:
@@ -155,10 +156,10 @@ def format_time(value: datetime | None, zone: tzinfo | None = None) -> str | Non
         return iso(value)
 
 
-def format_duration(value: timedelta | None) -> str | None:
-    """A stored interval back in DURATION form (1d2h, 90s)."""
-    if value is None:
-        return None
+def format_duration(value: timedelta | str | None) -> str | None:
+    """A stored interval back in DURATION form (1d2h, 90s); text it cannot read stays."""
+    if value is None or isinstance(value, str):
+        return value
     seconds = int(value.total_seconds())
     parts = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):

@@ -283,3 +283,37 @@ def test_a_recurrence_on_a_missing_flag_makes_schedules_that_fail_for_good(
     assert flagsched("process").code == 1  # failed for good in this tick
     row = sql("SELECT status, next_retry_at, last_error FROM feature_flag_schedules")[0]
     assert row[0] == "failed" and row[1] is None and "ghost" in row[2]
+
+
+def test_values_python_cannot_hold_never_stop_list_or_recurrences(
+    flagsched: Callable[..., Ran], add_schedule: Any, sql: Sql
+) -> None:
+    far = add_schedule("a", {"enabled": True}, at="'infinity'")
+    sql("UPDATE feature_flag_schedules SET expires_at = '20000-01-01T00:00Z' WHERE id = :i", i=far)
+    sql(
+        "INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at, "
+        "expires_after) VALUES ('a', '0 2 * * *', 'UTC', '{}', '-infinity', "
+        "interval '100000000 years')"
+    )
+    rows = listed(flagsched)
+    assert [(r["id"], r["scheduled_at"]) for r in rows] == [(far, "infinity")]
+    assert rows[0]["expires_at"].startswith("20000-01-01")
+    table = flagsched("list", "--tz", "Europe/Berlin")
+    assert table.code == 0 and "infinity" in table.stdout
+    shown = flagsched("recurrences", "--format", "json")
+    assert shown.code == 0, shown.stderr
+    assert json.loads(shown.stdout)[0]["next_at"] == "-infinity"
+    assert flagsched("recurrences").code == 0
+
+
+def test_a_recurrence_due_since_minus_infinity_fires_once(
+    flagsched: Callable[..., Ran], add_flag: Any, sql: Sql
+) -> None:
+    add_flag("a")
+    sql(
+        "INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at) "
+        "VALUES ('a', '0 2 * * *', 'UTC', '{\"enabled\": true}', '-infinity')"
+    )
+    assert flagsched("process").code == 0
+    assert sql("SELECT next_at > now() FROM feature_flag_recurrences")[0][0] is True
+    assert sql("SELECT status FROM feature_flag_schedules") == [("applied",)]
