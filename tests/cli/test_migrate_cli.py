@@ -36,6 +36,8 @@ def test_migrate_then_check_then_again(
         "alembic_version",
         "feature_flags",
         "feature_flag_schedules",
+        "feature_flag_changes",
+        "feature_flag_recurrences",
     }
     again = flagsched("migrate", url=empty_database_url)
     assert again.code == 0 and json.loads(again.stderr)["changed"] is False

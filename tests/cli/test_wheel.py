@@ -80,4 +80,10 @@ def test_installed_wheel_migrates_from_any_directory(
             ).scalars()
         )
     assert version == SCHEMA_REVISION
-    assert tables == {"alembic_version", "feature_flags", "feature_flag_schedules"}
+    assert tables == {
+        "alembic_version",
+        "feature_flags",
+        "feature_flag_schedules",
+        "feature_flag_changes",
+        "feature_flag_recurrences",
+    }
