@@ -405,6 +405,7 @@ def schedule(
     expires = _duration_option(expires_after, "--expires-after")
     if cron_text is not None:
         from flagsched.recurring import InvalidCron, validate
+        from flagsched.times import zone_name
 
         if max_retries is not None:
             raise click.UsageError("--max-retries applies to --at schedules, not to --cron")
@@ -417,7 +418,7 @@ def schedule(
             app.database(),
             flag_key=flag_key,
             cron=cron,
-            zone=tz_name or "UTC",
+            zone="UTC" if zone is None else zone_name(zone),
             updates=updates,
             expires_after=expires,
             on_conflict=OnConflict(on_conflict),

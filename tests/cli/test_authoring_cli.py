@@ -13,6 +13,25 @@ from tests.conftest import Ran
 Sql = Callable[..., list[Any]]
 
 
+@pytest.fixture
+def in_process(
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Ran]:
+    """The real entry point (main) in-process: for refusals, which never reach a tick."""
+    from flagsched.cli import main
+
+    monkeypatch.setenv("FLAGSCHED_DATABASE_URL", database_url)
+    monkeypatch.setenv("FLAGSCHED_LOG_FORMAT", "json")
+
+    def run(*args: str) -> Ran:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        out = capsys.readouterr()
+        return Ran(int(exited.value.code or 0), out.out, out.err)
+
+    return run
+
+
 def ids(ran: Ran) -> list[int]:
     assert ran.code == 0, ran.stderr
     return [int(line) for line in ran.stdout.split()]
@@ -58,21 +77,21 @@ def test_schedule_in_a_zone_with_expiry_and_conflict_policy(
     ],
 )
 def test_dst_gap_and_fold_are_refused_with_exit_2(
-    flagsched: Callable[..., Ran], sql: Sql, at: str, shown: list[str]
+    in_process: Callable[..., Ran], sql: Sql, at: str, shown: list[str]
 ) -> None:
     for command in (
         ["schedule", "a", "--at", at, "--enable"],
         ["ramp", "a", "--steps", "10,50", "--every", "1h", "--start", at],
         ["list", "--from", at],
     ):
-        ran = flagsched(*command, "--tz", "Europe/Berlin")
+        ran = in_process(*command, "--tz", "Europe/Berlin")
         assert ran.code == 2, command
         assert "Europe/Berlin" in ran.stderr and all(s in ran.stderr for s in shown)
         assert "Traceback" not in ran.stderr
     assert sql("SELECT count(*) FROM feature_flag_schedules")[0][0] == 0
 
 
-def test_authoring_refuses_bad_input_with_exit_2(flagsched: Callable[..., Ran], sql: Sql) -> None:
+def test_authoring_refuses_bad_input_with_exit_2(in_process: Callable[..., Ran], sql: Sql) -> None:
     for args in (
         ["schedule", "a", "--enable"],  # neither --at nor --cron
         ["schedule", "a", "--at", "now", "--cron", "0 2 * * *", "--enable"],
@@ -95,7 +114,7 @@ def test_authoring_refuses_bad_input_with_exit_2(flagsched: Callable[..., Ran], 
         ["list", "--to", "yesterday"],
         ["cancel"],
     ):
-        ran = flagsched(*args)
+        ran = in_process(*args)
         assert ran.code == 2, args
         assert "Traceback" not in ran.stderr and ran.stderr.strip().count("\n") <= 4, args
     assert sql("SELECT count(*) FROM feature_flag_schedules")[0][0] == 0
