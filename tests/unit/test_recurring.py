@@ -99,3 +99,32 @@ def test_latest_and_next_bracket_now(naive: datetime, name: str, expr: str) -> N
     latest, following = latest_not_after(expr, zone, now), next_after(expr, zone, now)
     assert latest is not None and latest <= now < following
     assert next_after(expr, zone, latest) >= following  # nothing between them
+
+
+@given(
+    st.datetimes(min_value=datetime(2001, 1, 1), max_value=datetime(2080, 1, 1)),
+    st.lists(st.integers(min_value=1, max_value=3 * 24 * 60), min_size=1, max_size=25),
+    st.sampled_from(["Europe/Berlin", "America/Santiago", "Asia/Kolkata", "UTC"]),
+    st.sampled_from(["0 2 * * *", "*/20 * * * *", "30 2 * * 0", "0 0,12 * * 1-5"]),
+)
+def test_ticks_fire_the_latest_occurrence_since_the_last_tick_once(
+    start: datetime, gaps: list[int], name: str, expr: str
+) -> None:
+    """Whatever the gaps between ticks: a tick fires iff an occurrence fell since the
+    previous one, at the latest such occurrence; nothing fires twice."""
+    now = start.replace(tzinfo=UTC)
+    next_at = next_after(expr, ZoneInfo(name), now)
+    fired: list[datetime] = []
+    for gap in gaps:
+        previous, now = now, now + timedelta(minutes=gap)
+        if next_at > now:
+            continue
+        occurrence = due(expr, name, next_at, now)
+        assert occurrence.error is None and occurrence.next_at is not None
+        assert occurrence.fire_at is not None and previous < occurrence.fire_at <= now
+        # Nothing between the fired occurrence and now: it is the latest one.
+        assert next_after(expr, ZoneInfo(name), occurrence.fire_at) > now
+        assert occurrence.next_at == next_after(expr, ZoneInfo(name), now)
+        fired.append(occurrence.fire_at)
+        next_at = occurrence.next_at
+    assert fired == sorted(set(fired))
