@@ -4,13 +4,14 @@ transactions."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from flagsched import repository
-from flagsched.db import Database, begin, connection, transaction
+from flagsched.db import Conn, Database, begin, connection, transaction
 from flagsched.errors import StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import OnConflict, Status, Updates
@@ -36,6 +37,14 @@ def status(database: Database) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _adding(database: Database, flag_key: str) -> Iterator[tuple[Conn, bool]]:
+    """One transaction that adds something for `flag_key`, and whether that flag exists."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        yield conn, flag_key in repository.existing_flags(conn, [flag_key])
+
+
 def add_schedule(
     database: Database,
     *,
@@ -47,9 +56,7 @@ def add_schedule(
     on_conflict: OnConflict = OnConflict.FAIL,
 ) -> tuple[int, bool]:
     """Insert a pending schedule; returns (id, whether the flag exists yet)."""
-    with begin(database) as conn:
-        repository.ensure_schema(conn)
-        exists = flag_key in repository.existing_flags(conn, [flag_key])
+    with _adding(database, flag_key) as (conn, exists):
         new_id = repository.insert_schedule(
             conn,
             flag_key=flag_key,
@@ -217,9 +224,7 @@ def add_ramp(
 ) -> tuple[int, list[tuple[int, datetime]], bool]:
     """All steps of a ramp in one transaction with one new group_id; returns (group_id,
     [(schedule id, scheduled_at)] in order, whether the flag exists yet)."""
-    with begin(database) as conn:
-        repository.ensure_schema(conn)
-        exists = flag_key in repository.existing_flags(conn, [flag_key])
+    with _adding(database, flag_key) as (conn, exists):
         group_id, made = repository.insert_ramp(
             conn,
             flag_key=flag_key,
@@ -254,9 +259,7 @@ def add_recurrence(
     from flagsched import recurring
     from flagsched.times import parse_zone
 
-    with begin(database) as conn:
-        repository.ensure_schema(conn)
-        exists = flag_key in repository.existing_flags(conn, [flag_key])
+    with _adding(database, flag_key) as (conn, exists):
         next_at = recurring.next_after(cron, parse_zone(zone), repository.db_now(conn))
         new_id = repository.insert_recurrence(
             conn,
