@@ -494,7 +494,8 @@ def ramp(
     interval = _duration_option(every, "--every")
     start = _time_option(start_text, _zone_option(tz_name), "--start")
     expires = _duration_option(expires_after, "--expires-after")
-    _check_reach(start, interval * (len(values) - 1) + (expires or interval * 0), "--every")
+    last_step = interval * (len(values) - 1)
+    _check_reach(start, last_step if expires is None else last_step + expires, "--every")
     group_id, made, exists = operators.add_ramp(
         app.database(),
         flag_key=flag_key,
