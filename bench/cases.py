@@ -1,4 +1,4 @@
-"""The seven benchmark cases of `make bench`. Each returns its figures and a few lines of detail."""
+"""The benchmark cases of `make bench`. Each returns its figures and a few lines of detail."""
 
 from __future__ import annotations
 
@@ -754,6 +754,129 @@ def hostile_memory(b: Bench) -> Case:
     return case
 
 
+# -- 8. `flagsched list` beside applied history --------------------------------------------
+
+_OPEN_SQL = """
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status, retry_count,
+                                    next_retry_at)
+SELECT 'flag-' || lpad((g %% 10000)::text, 5, '0'),
+       now() + g * interval '1 second',
+       '{"rollout_percentage": 50}',
+       CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'pending' END,
+       CASE WHEN g %% 10 = 0 THEN 1 ELSE 0 END,
+       CASE WHEN g %% 10 = 0 THEN now() + interval '5 minutes' END
+FROM generate_series(1, %(count)s) AS g
+"""
+
+
+def list_vs_history(b: Bench) -> Case:
+    from flagsched import repository
+    from flagsched.db import Database, transaction
+    from flagsched.model import Status
+
+    case = Case("8. `flagsched list` independent of history")
+    history = 1_000_000 if not b.quick else 200_000
+    open_rows, rounds = 5_000, b.runs(60)
+    queries: dict[str, dict[str, Any]] = {
+        "open (default)": {},
+        "open, --flag": {"flag_key": "flag-00042"},
+        "--status pending": {"status": Status.PENDING},
+        "open, --from now --to 2100": {"start": "now", "end": "2100-01-01T00:00:00Z"},
+    }
+    # Reads of history itself: shown, not held to the target (they walk what they read).
+    history_queries: dict[str, dict[str, Any]] = {
+        "--status applied --flag": {"status": Status.APPLIED, "flag_key": "flag-00042"},
+        "--status applied": {"status": Status.APPLIED},
+    }
+    databases: dict[int, str] = {}
+    for level in (0, history):
+        db = b.cluster.clone(TEMPLATE)
+        b.cluster.seed(db, flags=DRAIN_FLAGS, history=level)
+        b.cluster.sql(db, _OPEN_SQL, {"count": open_rows})
+        b.cluster.vacuum(db)
+        databases[level] = db
+        progress(f"list: seeded {level:,} applied rows")
+    b.cluster.quiesce()
+    targets = {h: Database(b.cluster.url_for(db)) for h, db in databases.items()}
+    timings: dict[tuple[int, str], list[float]] = {}
+    plans: dict[str, str] = {}
+    with _connections(targets) as conns:
+        for level, conn in conns.items():
+            for name, filters in {**queries, **history_queries}.items():
+                if level == 0 and name in history_queries:
+                    continue
+                for i in range(rounds + 3):
+                    with transaction(targets[level], conn, rollback=True):
+                        started = time.perf_counter()
+                        rows = repository.list_schedules(conn, limit=100, **filters)
+                        elapsed = time.perf_counter() - started
+                    if not rows and name in queries:
+                        raise RuntimeError(f"list {name} at {level} returned nothing")
+                    if i >= 3:  # after warm-up
+                        timings.setdefault((level, name), []).append(elapsed)
+        conn = conns[history]
+        for name, filters in {**queries, **history_queries}.items():
+            plans[name] = _list_plan(conn, filters)
+    for db in databases.values():
+        b.cluster.drop(db)
+    means = {k: statistics.fmean(t) * 1000 for k, t in timings.items()}
+    for name in queries:
+        case.figures.append(
+            Figure(
+                f"list {name}, limit 100, beside {history:,} applied rows",
+                f"mean {means[(history, name)]:.2f} ms (vs {means[(0, name)]:.2f} ms beside none)",
+            )
+        )
+    worst = max(means[(history, n)] / means[(0, n)] for n in queries)
+    case.figures.append(_ratio_figure(f"worst list at {history:,} / at 0 applied rows", worst, 1.5))
+    case.details += [
+        f"`flagsched.repository.list_schedules` in-process, limit 100, {rounds} times per "
+        f"query and database after three warm-up calls, each in its own rolled-back "
+        f"transaction; {open_rows:,} open schedules (one in ten failed and waiting for a "
+        f"retry) over {DRAIN_FLAGS:,} flags, beside 0 and beside {history:,} applied ones.",
+        "",
+        "| query | mean ms beside 0 | mean ms beside history | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    for name in queries:
+        t = [x * 1000 for x in timings[(history, name)]]
+        case.details.append(
+            f"| {name} | {means[(0, name)]:.2f} | {means[(history, name)]:.2f} "
+            f"| {min(t):.2f} | {max(t):.2f} |"
+        )
+    for name in history_queries:
+        t = [x * 1000 for x in timings[(history, name)]]
+        case.details.append(
+            f"| {name} (history, no target) | - | {statistics.fmean(t):.2f} "
+            f"| {min(t):.2f} | {max(t):.2f} |"
+        )
+    case.details += ["", f"Plans beside {history:,} applied rows (`EXPLAIN (ANALYZE)`):", ""]
+    for name, plan in plans.items():
+        case.details += [f"{name}:", "", "```", plan, "```", ""]
+    return case
+
+
+def _list_plan(conn: Conn, filters: dict[str, Any]) -> str:
+    """EXPLAIN ANALYZE of the list statement with these filters (via the repository's SQL)."""
+    from flagsched import repository
+
+    captured: list[str] = []
+    real = repository._lenient_dicts
+
+    def explain(c: Conn, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        rows = c.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql, params).fetchall()
+        captured.append("\n".join(str(r[0]) for r in rows))
+        return []
+
+    repository._lenient_dicts = explain  # type: ignore[assignment]
+    try:
+        with conn.transaction(force_rollback=True):
+            repository.list_schedules(conn, limit=100, **filters)
+    finally:
+        repository._lenient_dicts = real
+    return captured[0]
+
+
 CASES: list[Callable[[Bench], Case]] = [
     drain_throughput,
     claim_vs_history,
@@ -762,4 +885,5 @@ CASES: list[Callable[[Bench], Case]] = [
     overlap,
     memory,
     hostile_memory,
+    list_vs_history,
 ]

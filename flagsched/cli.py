@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import signal
@@ -356,40 +357,59 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
     return EXIT_OK
 
 
-@cli.command()
-@click.argument("flag_key")
-@click.option(
-    "--at",
-    "at_text",
-    required=True,
-    metavar="TIME",
-    help="ISO 8601 with an offset (2026-12-01T09:00:00+01:00), or now.",
-)
-@click.option("--enable/--disable", "enabled", default=None, help="Turn the flag on or off.")
-@click.option(
-    "--rollout", type=click.IntRange(0, 100), metavar="N", help="Set rollout_percentage (0..100)."
-)
-@click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
-@pass_app
-def schedule(
-    app: App,
-    flag_key: str,
-    at_text: str,
-    enabled: bool | None,
-    rollout: int | None,
-    max_retries: int | None,
-) -> int:
-    """Add a pending schedule; prints its id."""
-    from flagsched import operators
-    from flagsched.model import InvalidUpdates, Updates, parse_when
+def _zone_option(name: str | None) -> Any:
+    """--tz ZONE as a tzinfo (None: not given)."""
+    from flagsched.times import InvalidTime, parse_zone
 
-    if not flag_key.strip():
-        raise click.BadParameter("a flag key cannot be empty or only spaces", param_hint="FLAG_KEY")
-
+    if name is None:
+        return None
     try:
-        at = parse_when(at_text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--at") from None
+        return parse_zone(name)
+    except InvalidTime as exc:
+        raise click.BadParameter(str(exc), param_hint="--tz") from None
+
+
+def _time_option(text: str | None, zone: Any, hint: str) -> Any:
+    """A TIME option: a datetime, None for `now` (the database's clock)."""
+    from flagsched.times import InvalidTime, parse_time
+
+    if text is None:
+        return None
+    try:
+        return parse_time(text, zone)
+    except InvalidTime as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _duration_option(text: str | None, hint: str) -> Any:
+    from flagsched.times import InvalidTime, parse_duration
+
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except InvalidTime as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _check_reach(at: Any, span: Any, hint: str) -> None:
+    """The latest time a command would store must stay readable (years up to 9999)."""
+    from datetime import timedelta
+
+    from flagsched.times import LATEST, MAX_DURATION
+
+    span = span or timedelta(0)
+    try:
+        beyond = span > MAX_DURATION if at is None else at + span > LATEST
+    except OverflowError:
+        beyond = True
+    if beyond:
+        raise click.BadParameter("reaches past the year 9999", param_hint=hint)
+
+
+def _updates(enabled: bool | None, rollout: int | None) -> Any:
+    from flagsched.model import InvalidUpdates, Updates
+
     change: dict[str, object] = {}
     if enabled is not None:
         change["enabled"] = enabled
@@ -398,18 +418,324 @@ def schedule(
     if not change:
         raise click.UsageError("give a change: --enable, --disable and/or --rollout N")
     try:
-        updates = Updates.parse(change)  # the tick's own validation
+        return Updates.parse(change)  # the tick's own validation
     except InvalidUpdates as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _warn_missing_flag(flag_key: str, what: str = "the schedule fails") -> None:
+    _say(
+        f"flagsched: warning: flag {flag_key!r} does not exist yet; {what} "
+        "for good if it still does not when it is due"
+    )
+
+
+def _flag_key(flag_key: str) -> str:
+    if not flag_key.strip():
+        raise click.BadParameter("a flag key cannot be empty or only spaces", param_hint="FLAG_KEY")
+    return flag_key
+
+
+_TZ_HELP = "IANA time zone for TIME values without an offset, and for the table [UTC]."
+_ON_CONFLICT = click.option(
+    "--on-conflict",
+    type=click.Choice(["fail", "apply"]),
+    default="fail",
+    show_default=True,
+    help="When someone else changed the flag since: fail it, or apply anyway.",
+)
+_EXPIRES = click.option(
+    "--expires-after",
+    metavar="DURATION",
+    help="Fail for good instead of applying when this late (90s, 30m, 2h, 1d).",
+)
+
+
+@cli.command()
+@click.argument("flag_key")
+@click.option(
+    "--at",
+    "at_text",
+    metavar="TIME",
+    help="ISO 8601 with an offset (2026-12-01T09:00:00+01:00), a local time with --tz, or now.",
+)
+@click.option(
+    "--cron",
+    "cron_text",
+    metavar="EXPR",
+    help="Instead of --at: recur on this 5-field cron expression, in --tz.",
+)
+@click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
+@click.option("--enable/--disable", "enabled", default=None, help="Turn the flag on or off.")
+@click.option(
+    "--rollout", type=click.IntRange(0, 100), metavar="N", help="Set rollout_percentage (0..100)."
+)
+@click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
+@_EXPIRES
+@_ON_CONFLICT
+@pass_app
+def schedule(
+    app: App,
+    flag_key: str,
+    at_text: str | None,
+    cron_text: str | None,
+    tz_name: str | None,
+    enabled: bool | None,
+    rollout: int | None,
+    max_retries: int | None,
+    expires_after: str | None,
+    on_conflict: str,
+) -> int:
+    """Add a pending schedule (prints its id), or with --cron a recurrence (prints its id)."""
+    from flagsched import operators
+    from flagsched.model import OnConflict
+
+    flag_key = _flag_key(flag_key)
+    if (at_text is None) == (cron_text is None):
+        raise click.UsageError("give exactly one of --at TIME and --cron EXPR")
+    zone = _zone_option(tz_name)
+    expires = _duration_option(expires_after, "--expires-after")
+    if cron_text is not None:
+        from flagsched.recurring import InvalidCron, validate
+        from flagsched.times import zone_name
+
+        if max_retries is not None:
+            raise click.UsageError("--max-retries applies to --at schedules, not to --cron")
+        try:
+            cron = validate(cron_text)
+        except InvalidCron as exc:
+            raise click.BadParameter(str(exc), param_hint="--cron") from None
+        updates = _updates(enabled, rollout)
+        new_id, _, exists = operators.add_recurrence(
+            app.database(),
+            flag_key=flag_key,
+            cron=cron,
+            zone="UTC" if zone is None else zone_name(zone),
+            updates=updates,
+            expires_after=expires,
+            on_conflict=OnConflict(on_conflict),
+        )
+        if not exists:
+            _warn_missing_flag(flag_key, "each schedule it makes fails")
+        click.echo(new_id)
+        return EXIT_OK
+    at = _time_option(at_text, zone, "--at")
+    _check_reach(at, expires, "--expires-after")
+    updates = _updates(enabled, rollout)
     new_id, exists = operators.add_schedule(
-        app.database(), flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
+        app.database(),
+        flag_key=flag_key,
+        at=at,
+        updates=updates,
+        max_retries=max_retries,
+        expires_after=expires,
+        on_conflict=OnConflict(on_conflict),
     )
     if not exists:
-        _say(
-            f"flagsched: warning: flag {flag_key!r} does not exist yet; the schedule "
-            "fails for good if it still does not when it is due"
-        )
+        _warn_missing_flag(flag_key)
     click.echo(new_id)
+    return EXIT_OK
+
+
+def _parse_steps(text: str) -> list[int]:
+    """--steps: integers 0..100, strictly rising (see docs/operations.md, Authoring)."""
+    try:
+        steps = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a list of integers (e.g. 10,25,50,100)", param_hint="--steps"
+        ) from None
+    if any(not 0 <= n <= 100 for n in steps):
+        raise click.BadParameter("every step must be 0..100", param_hint="--steps")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise click.BadParameter(
+            "steps must rise (10,25,50,100); to go down, schedule the change itself",
+            param_hint="--steps",
+        )
+    return steps
+
+
+@cli.command()
+@click.argument("flag_key")
+@click.option(
+    "--steps", required=True, metavar="N,N,...", help="Rollout steps, rising: 10,25,50,100."
+)
+@click.option("--every", required=True, metavar="DURATION", help="Time between steps (30m, 1d).")
+@click.option("--start", "start_text", metavar="TIME", help="When the first step is due [now].")
+@click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
+@click.option("--enable", is_flag=True, help="Each step also sets enabled true.")
+@_EXPIRES
+@_ON_CONFLICT
+@pass_app
+def ramp(
+    app: App,
+    flag_key: str,
+    steps: str,
+    every: str,
+    start_text: str | None,
+    tz_name: str | None,
+    enable: bool,
+    expires_after: str | None,
+    on_conflict: str,
+) -> int:
+    """Add a rollout ramp: one schedule per step, one group; prints the ids in order."""
+    from flagsched import operators
+    from flagsched.model import OnConflict, Updates
+
+    flag_key = _flag_key(flag_key)
+    values = _parse_steps(steps)
+    interval = _duration_option(every, "--every")
+    start = _time_option(start_text, _zone_option(tz_name), "--start")
+    expires = _duration_option(expires_after, "--expires-after")
+    last_step = interval * (len(values) - 1)
+    _check_reach(start, last_step if expires is None else last_step + expires, "--every")
+    group_id, made, exists = operators.add_ramp(
+        app.database(),
+        flag_key=flag_key,
+        steps=[Updates(enabled=True if enable else None, rollout_percentage=n) for n in values],
+        start=start,
+        every=interval,
+        expires_after=expires,
+        on_conflict=OnConflict(on_conflict),
+    )
+    if not exists:
+        _warn_missing_flag(flag_key, "each step fails")
+    for schedule_id, _ in made:
+        click.echo(schedule_id)
+    click.echo(
+        f"flagsched: ramp group {group_id}; stop it with `flagsched cancel --group {group_id}`",
+        err=True,
+    )
+    return EXIT_OK
+
+
+def _shown(value: Any, zone: Any) -> Any:
+    from flagsched.times import format_time
+
+    return format_time(value, zone)
+
+
+def _change(updates: Any) -> str:
+    import json
+
+    text = json.dumps(updates, separators=(",", ":")) if isinstance(updates, dict) else str(updates)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@cli.command("list")
+@click.option("--flag", "flag_key", metavar="KEY", help="Only this flag's schedules.")
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "failed", "applied", "cancelled"]),
+    help="Only this status [the open ones: pending, and failed waiting for a retry].",
+)
+@click.option("--from", "from_text", metavar="TIME", help="scheduled_at at or after TIME.")
+@click.option("--to", "to_text", metavar="TIME", help="scheduled_at before TIME.")
+@click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
+@click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@pass_app
+def list_(
+    app: App,
+    flag_key: str | None,
+    status: str | None,
+    from_text: str | None,
+    to_text: str | None,
+    tz_name: str | None,
+    limit: int,
+    fmt: str,
+) -> int:
+    """Schedules in (scheduled_at, id) order: what will happen, and when."""
+    from flagsched import operators, output
+    from flagsched.model import Status
+    from flagsched.repository import DB_NOW
+
+    zone = _zone_option(tz_name)
+    bounds = {}
+    for key, text, hint in (("start", from_text, "--from"), ("end", to_text, "--to")):
+        if text is not None:
+            bounds[key] = _time_option(text, zone, hint) or DB_NOW
+    rows = operators.list_schedules(
+        app.database(),
+        flag_key=flag_key,
+        status=None if status is None else Status(status),
+        limit=limit,
+        **bounds,
+    )
+    if fmt == "json":
+        click.echo(output.to_json(rows))
+        return EXIT_OK
+    if not rows:
+        click.echo("no schedules")
+        return EXIT_OK
+
+    def state(row: dict[str, Any]) -> str:
+        if row["status"] != "failed":
+            return str(row["status"])
+        if row["permanent"]:
+            return "failed for good"
+        return f"retrying at {_shown(row['next_retry_at'], zone)}"
+
+    click.echo(
+        output.table(
+            ["ID", "FLAG", "SCHEDULED_AT", "STATUS", "CHANGE", "GROUP", "EXPIRES_AT"],
+            [
+                (
+                    r["id"],
+                    r["flag_key"],
+                    _shown(r["scheduled_at"], zone),
+                    state(r),
+                    _change(r["updates"]),
+                    r["group_id"] if r["recurrence_id"] is None else f"r{r['recurrence_id']}",
+                    _shown(r["expires_at"], zone),
+                )
+                for r in rows
+            ],
+        )
+    )
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("--tz", "tz_name", metavar="ZONE", help="Show times in this zone [UTC].")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@pass_app
+def recurrences(app: App, tz_name: str | None, fmt: str) -> int:
+    """Active recurrences, next occurrence first."""
+    from flagsched import operators, output
+    from flagsched.times import format_duration
+
+    zone = _zone_option(tz_name)
+    rows = [
+        {**r, "expires_after": format_duration(r["expires_after"])}
+        for r in operators.recurrences(app.database())
+    ]
+    if fmt == "json":
+        click.echo(output.to_json(rows))
+    elif not rows:
+        click.echo("no recurrences")
+    else:
+        click.echo(
+            output.table(
+                ["ID", "FLAG", "CRON", "TIMEZONE", "NEXT_AT", "CHANGE", "EXPIRES_AFTER"],
+                [
+                    (
+                        r["id"],
+                        r["flag_key"],
+                        r["cron"],
+                        r["timezone"],
+                        _shown(r["next_at"], zone) or "never (stopped)",
+                        _change(r["updates"]),
+                        r["expires_after"],
+                    )
+                    for r in rows
+                ],
+            )
+        )
     return EXIT_OK
 
 
@@ -417,7 +743,7 @@ def _report_each(results: list[Any]) -> int:
     from flagsched.output import visible
 
     for result in results:
-        click.echo(f"{result.id}: {visible(result.message)}")
+        click.echo(f"{visible(result.subject or str(result.id))}: {visible(result.message)}")
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
@@ -433,13 +759,35 @@ def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
 
 
 @cli.command()
-@click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
+@click.argument("ids", nargs=-1, type=SCHEDULE_ID)
+@click.option(
+    "--group", "groups", type=SCHEDULE_ID, multiple=True, metavar="G", help="A ramp's group."
+)
+@click.option(
+    "--recurrence",
+    "recurrence_ids",
+    type=SCHEDULE_ID,
+    multiple=True,
+    metavar="R",
+    help="A recurrence.",
+)
 @pass_app
-def cancel(app: App, ids: tuple[int, ...]) -> int:
-    """Cancel pending or failed schedules."""
+def cancel(
+    app: App, ids: tuple[int, ...], groups: tuple[int, ...], recurrence_ids: tuple[int, ...]
+) -> int:
+    """Cancel pending or failed schedules, a group's schedules not yet applied, or a
+    recurrence (with its schedules not yet applied)."""
     from flagsched import operators
 
-    return _report_each(operators.cancel(app.database(), list(ids)))
+    if not (ids or groups or recurrence_ids):
+        raise click.UsageError("give schedule ids, --group G or --recurrence R")
+    database = app.database()
+    results = operators.cancel(database, list(ids)) if ids else []
+    for group_id in dict.fromkeys(groups):
+        results += operators.cancel_group(database, group_id)
+    for recurrence_id in dict.fromkeys(recurrence_ids):
+        results += operators.cancel_recurrence(database, recurrence_id)
+    return _report_each(results)
 
 
 @cli.command()
@@ -484,7 +832,7 @@ def _values(state: dict[str, Any] | None) -> str:
     return f"{enabled} {state['rollout_percentage']}%"
 
 
-def _history_table(rows: list[dict[str, Any]]) -> str:
+def _history_table(rows: list[dict[str, Any]], zone: Any = None) -> str:
     from flagsched import output
 
     return output.table(
@@ -492,7 +840,7 @@ def _history_table(rows: list[dict[str, Any]]) -> str:
         [
             (
                 r["id"],
-                r["changed_at"],
+                _shown(r["changed_at"], zone),
                 r["flag_key"],
                 r["actor"],
                 _values(r["old"]),
@@ -507,20 +855,23 @@ def _history_table(rows: list[dict[str, Any]]) -> str:
 @cli.command()
 @click.argument("flag_key", required=False)
 @click.option("--since", "since_text", metavar="TIME", help="Only changes at or after TIME.")
+@click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @_FORMAT
 @pass_app
-def history(app: App, flag_key: str | None, since_text: str | None, limit: int, fmt: str) -> int:
+def history(
+    app: App,
+    flag_key: str | None,
+    since_text: str | None,
+    tz_name: str | None,
+    limit: int,
+    fmt: str,
+) -> int:
     """Changes of flags (by anyone), newest first."""
     from flagsched import operators, output
-    from flagsched.model import parse_when
 
-    since: datetime | None = None
-    if since_text is not None:
-        try:
-            since = parse_when(since_text)  # None: "now", the database's now()
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--since") from None
+    zone = _zone_option(tz_name)
+    since: datetime | None = _time_option(since_text, zone, "--since")  # None: now (the db's)
     rows = operators.history(
         app.database(),
         flag_key=flag_key,
@@ -533,12 +884,12 @@ def history(app: App, flag_key: str | None, since_text: str | None, limit: int, 
     elif not rows:
         click.echo("no changes recorded")
     else:
-        click.echo(_history_table(rows))
+        click.echo(_history_table(rows, zone))
     return EXIT_OK
 
 
 @cli.command()
-@click.argument("schedule_id", metavar="ID", type=click.IntRange(1, 2**63 - 1))
+@click.argument("schedule_id", metavar="ID", type=SCHEDULE_ID)
 @_FORMAT
 @pass_app
 def show(app: App, schedule_id: int, fmt: str) -> int:
@@ -547,7 +898,7 @@ def show(app: App, schedule_id: int, fmt: str) -> int:
 
     row = operators.show(app.database(), schedule_id)
     if row is None:
-        click.echo(f"flagsched: no schedule {schedule_id}", err=True)
+        _say(f"flagsched: no schedule {schedule_id}")
         return EXIT_FAILED
     if fmt == "json":
         click.echo(output.to_json(row))

@@ -30,6 +30,13 @@ class Status(StrEnum):
     CANCELLED = "cancelled"
 
 
+class OnConflict(StrEnum):
+    """What the tick does with a schedule whose flag someone else changed since (SPEC Safety)."""
+
+    FAIL = "fail"
+    APPLY = "apply"
+
+
 class InvalidUpdates(ValueError):
     """`updates` is not an object with enabled (boolean) and/or rollout_percentage (0..100)."""
 

@@ -1,18 +1,21 @@
-"""Operator use cases: status, schedule, retry, cancel, prune, show, history. Each owns its
+"""Operator use cases: status, schedule, ramp, list, retry, cancel, prune, show, history.
+Each owns its
 transactions."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from flagsched import repository
-from flagsched.db import Database, begin, connection, transaction
+from flagsched.db import Conn, Database, begin, connection, transaction
 from flagsched.errors import StatementFailed
 from flagsched.logs import get_logger
-from flagsched.model import Status, Updates
+from flagsched.model import OnConflict, Status, Updates
 
 PRUNE_BATCH = 5000
 
@@ -36,6 +39,14 @@ def status(database: Database, *, counts: bool = True) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _adding(database: Database, flag_key: str) -> Iterator[tuple[Conn, bool]]:
+    """One transaction that adds something for `flag_key`, and whether that flag exists."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        yield conn, flag_key in repository.existing_flags(conn, [flag_key])
+
+
 def add_schedule(
     database: Database,
     *,
@@ -43,13 +54,19 @@ def add_schedule(
     at: datetime | None,
     updates: Updates,
     max_retries: int | None,
+    expires_after: timedelta | None = None,
+    on_conflict: OnConflict = OnConflict.FAIL,
 ) -> tuple[int, bool]:
     """Insert a pending schedule; returns (id, whether the flag exists yet)."""
-    with begin(database) as conn:
-        repository.ensure_schema(conn)
-        exists = flag_key in repository.existing_flags(conn, [flag_key])
+    with _adding(database, flag_key) as (conn, exists):
         new_id = repository.insert_schedule(
-            conn, flag_key=flag_key, at=at, updates=updates, max_retries=max_retries
+            conn,
+            flag_key=flag_key,
+            at=at,
+            updates=updates,
+            max_retries=max_retries,
+            expires_after=expires_after,
+            on_conflict=on_conflict,
         )
     get_logger().info(
         "schedule_added",
@@ -68,6 +85,7 @@ class Handled:
     id: int
     ok: bool
     message: str
+    subject: str | None = None  # what the line is about when not schedule `id`
 
 
 def _each_locked(database: Database, ids: list[int], act: Any) -> list[Handled]:
@@ -128,6 +146,10 @@ def retry(database: Database, ids: list[int], *, force: bool = False) -> list[Ha
 
 def cancel(database: Database, ids: list[int]) -> list[Handled]:
     """Pending or failed schedules become cancelled."""
+    return _each_locked(database, ids, _cancel_act())
+
+
+def _cancel_act() -> Callable[[Any, dict[str, Any]], Handled]:
     log = get_logger()
 
     def act(conn: Any, row: dict[str, Any]) -> Handled:
@@ -143,7 +165,138 @@ def cancel(database: Database, ids: list[int]) -> list[Handled]:
         )
         return Handled(row["id"], True, f"cancelled (was {row['status']})")
 
-    return _each_locked(database, ids, act)
+    return act
+
+
+def cancel_group(database: Database, group_id: int) -> list[Handled]:
+    """Cancel every schedule of a group not yet applied (a ramp stops where it is)."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        members = repository.group_schedules(conn, group_id)
+    if not members:
+        return [Handled(group_id, False, "refused: no such group", subject=f"group {group_id}")]
+    cancel_one = _cancel_act()
+
+    def act(conn: Any, row: dict[str, Any]) -> Handled:
+        if row["status"] in (Status.APPLIED, Status.CANCELLED):
+            return Handled(row["id"], True, f"left as it is: already {row['status']}")
+        return cancel_one(conn, row)
+
+    return _each_locked(database, [i for i, _ in members], act)
+
+
+def cancel_recurrence(database: Database, recurrence_id: int) -> list[Handled]:
+    """Stop a recurrence (it makes no more schedules) and cancel the schedules it made that
+    are not yet applied."""
+    subject = f"recurrence {recurrence_id}"
+    with connection(database) as conn, transaction(database, conn):
+        repository.ensure_schema(conn)
+        try:
+            with repository.savepoint(conn):
+                row = repository.lock_recurrence(conn, recurrence_id)
+                if row is None:
+                    return [Handled(recurrence_id, False, "refused: no such recurrence", subject)]
+                if row["cancelled_at"] is not None:
+                    return [Handled(recurrence_id, False, "refused: already cancelled", subject)]
+                cancelled = repository.cancel_recurrence(conn, recurrence_id)
+        except StatementFailed as exc:
+            return [
+                Handled(recurrence_id, False, f"refused: busy, try again ({exc.message})", subject)
+            ]
+    get_logger().info(
+        "recurrence_cancelled",
+        recurrence_id=recurrence_id,
+        flag_key=row["flag_key"],
+        cancelled_schedule_ids=cancelled,
+    )
+    return [Handled(recurrence_id, True, "stopped: it makes no more schedules", subject)] + [
+        Handled(i, True, f"cancelled (made by recurrence {recurrence_id})") for i in cancelled
+    ]
+
+
+def add_ramp(
+    database: Database,
+    *,
+    flag_key: str,
+    steps: list[Updates],
+    start: datetime | None,
+    every: timedelta,
+    expires_after: timedelta | None,
+    on_conflict: OnConflict,
+) -> tuple[int, list[tuple[int, datetime]], bool]:
+    """All steps of a ramp in one transaction with one new group_id; returns (group_id,
+    [(schedule id, scheduled_at)] in order, whether the flag exists yet)."""
+    with _adding(database, flag_key) as (conn, exists):
+        group_id, made = repository.insert_ramp(
+            conn,
+            flag_key=flag_key,
+            start=start,
+            every=every,
+            steps=steps,
+            expires_after=expires_after,
+            on_conflict=on_conflict,
+        )
+    get_logger().info(
+        "ramp_added",
+        group_id=group_id,
+        flag_key=flag_key,
+        schedule_ids=[i for i, _ in made],
+        flag_exists=exists,
+    )
+    return group_id, made, exists
+
+
+def add_recurrence(
+    database: Database,
+    *,
+    flag_key: str,
+    cron: str,
+    zone: str,
+    updates: Updates,
+    expires_after: timedelta | None,
+    on_conflict: OnConflict,
+) -> tuple[int, datetime, bool]:
+    """A new recurrence whose next_at is its first occurrence after the database's now;
+    returns (id, next_at, whether the flag exists yet). `cron` and `zone` are valid."""
+    from flagsched import recurring
+    from flagsched.times import parse_zone
+
+    with _adding(database, flag_key) as (conn, exists):
+        next_at = recurring.next_after(cron, parse_zone(zone), repository.db_now(conn))
+        new_id = repository.insert_recurrence(
+            conn,
+            flag_key=flag_key,
+            cron=cron,
+            timezone=zone,
+            updates=updates,
+            next_at=next_at,
+            expires_after=expires_after,
+            on_conflict=on_conflict,
+        )
+    get_logger().info(
+        "recurrence_added",
+        recurrence_id=new_id,
+        flag_key=flag_key,
+        cron=cron,
+        timezone=zone,
+        next_at=next_at,
+        flag_exists=exists,
+    )
+    return new_id, next_at, exists
+
+
+def list_schedules(database: Database, **filters: Any) -> list[dict[str, Any]]:
+    """`flagsched list`: see repository.list_schedules for the filters."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        return repository.list_schedules(conn, **filters)
+
+
+def recurrences(database: Database) -> list[dict[str, Any]]:
+    """Active recurrences with their next occurrence."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        return repository.list_recurrences(conn)
 
 
 def prune(

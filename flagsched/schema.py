@@ -59,6 +59,8 @@ feature_flag_schedules = sa.Table(
     sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=True),
     # Every attempt a tick made: [{"attempt", "at", "outcome", "error"}], oldest first.
     sa.Column("attempts", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    # The recurrence this schedule was made from (migration 0005).
+    sa.Column("recurrence_id", sa.BigInteger, nullable=True),
     sa.CheckConstraint("max_retries >= 0 AND max_retries <= 10", name="max_retries_check"),
     sa.CheckConstraint("on_conflict IN ('fail', 'apply')", name="on_conflict_check"),
     sa.Index("idx_schedules_next_retry_at", "next_retry_at"),
@@ -80,6 +82,42 @@ feature_flag_schedules = sa.Table(
         postgresql_where=sa.text("status IN ('pending', 'failed')"),
     ),
     sa.Index("idx_schedules_group", "group_id", postgresql_where=sa.text("group_id IS NOT NULL")),
+    # One schedule per occurrence of a recurrence, however many ticks overlap.
+    sa.Index(
+        "idx_schedules_recurrence",
+        "recurrence_id",
+        "scheduled_at",
+        unique=True,
+        postgresql_where=sa.text("recurrence_id IS NOT NULL"),
+    ),
+    # `flagsched list`: open schedules in (scheduled_at, id) order, never walking history.
+    sa.Index(
+        "idx_schedules_open",
+        "scheduled_at",
+        "id",
+        postgresql_where=sa.text("status IN ('pending', 'failed')"),
+    ),
+)
+
+# Recurring schedules (migration 0005): the tick turns each occurrence into one schedule.
+feature_flag_recurrences = sa.Table(
+    "feature_flag_recurrences",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("flag_key", sa.Text, nullable=False),
+    sa.Column("cron", sa.Text, nullable=False),
+    sa.Column("timezone", sa.Text, nullable=False),
+    sa.Column("updates", JSONB, nullable=False),
+    # The next occurrence (UTC); NULL: it will not fire again.
+    sa.Column("next_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("expires_after", sa.Interval, nullable=True),
+    sa.Column("on_conflict", sa.Text, nullable=False, server_default=sa.text("'fail'")),
+    sa.Column("cancelled_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint("on_conflict IN ('fail', 'apply')", name="recurrence_on_conflict_check"),
+    sa.Index("idx_recurrences_due", "next_at", postgresql_where=sa.text("cancelled_at IS NULL")),
 )
 
 group_seq = sa.Sequence("feature_flag_schedule_group_seq", metadata=metadata)

@@ -11,7 +11,7 @@ from datetime import datetime
 from itertools import groupby
 from typing import Any
 
-from flagsched import policy, repository
+from flagsched import materialise, policy, repository
 from flagsched.db import Conn, Database, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
@@ -83,6 +83,7 @@ def run(
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
+        materialise.due_recurrences(database, conn)  # before the claim, its own transaction
         with stop.hooked(lambda: repository.cancel_running_statement(conn)):
             for _ in range(options.max_batches):
                 if stop.requested:

@@ -114,6 +114,34 @@ def main() -> int:
             ).stdout
         ):
             flagsched("status")
+        banner("Authoring: a ramp for search-v2, one step every 10 minutes, as one group")
+        sql("INSERT INTO feature_flags (key) VALUES ('maintenance-mode')")
+        flagsched("ramp", "search-v2", "--steps", "25,50,100", "--every", "10m")
+        flagsched("list", "--flag", "search-v2", "--tz", "Europe/Berlin")
+        banner("Stop the ramp where it is: its steps not yet applied are cancelled")
+        flagsched("process")
+        group = _scalar(engine, "SELECT max(group_id) FROM feature_flag_schedules")
+        flagsched("cancel", "--group", str(group))
+        banner("A recurring window: maintenance mode on at 02:00 and off at 04:00 Berlin time")
+        flagsched(
+            "schedule", "maintenance-mode", "--cron", "0 2 * * *", "--tz", "Europe/Berlin",
+            "--enable", "--expires-after", "1h",
+        )  # fmt: skip
+        flagsched(
+            "schedule",
+            "maintenance-mode",
+            "--cron",
+            "0 4 * * *",
+            "--tz",
+            "Europe/Berlin",
+            "--disable",
+        )
+        flagsched("recurrences")
+        banner("Cron was down for three weeks: each window fires once, for its latest occurrence")
+        sql("UPDATE feature_flag_recurrences SET next_at = next_at - interval '21 days'")
+        flagsched("process")
+        flagsched("list", "--flag", "maintenance-mode", "--status", "applied")
+        flagsched("recurrences")
         banner("The record: every change of new-checkout, and the ramp's first step")
         flagsched("history", "new-checkout")
         flagsched("show", "1")

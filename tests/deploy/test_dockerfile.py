@@ -109,5 +109,6 @@ def test_the_build_stage_sources_make_a_wheel_with_the_migrations(tmp_path: Path
         "flagsched/migrations/versions/0002_retry_columns.py",
         "flagsched/migrations/versions/0003_apply_function.py",
         "flagsched/migrations/versions/0004_record_and_safety.py",
+        "flagsched/migrations/versions/0005_recurrences.py",
     } <= names
     assert "Description-Content-Type: text/markdown" in metadata  # README.md was there

@@ -120,6 +120,11 @@ def test_process_applies_due_schedules_with_only_its_grants(
     ghost = add_schedule("ghost", {"enabled": True})  # no such flag: failed for good
     broken = add_schedule("broken", {"enabled": True})  # an error: a retry
     later = add_schedule("checkout", {"enabled": False}, at="now() + interval '1 hour'")
+    sql(
+        "INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at) "
+        "VALUES ('window', '* * * * *', 'UTC', '{\"enabled\": true}', now() - interval '1 hour')"
+    )
+    add_flag("window")
     failing("broken")
     # Test scaffolding, not a documented grant: the failure trigger runs as the tick's role.
     sql("GRANT SELECT ON test_failing_flags TO flagsched_process")
@@ -142,6 +147,7 @@ def test_process_applies_due_schedules_with_only_its_grants(
         ("broken", False, 0),
         ("checkout", True, 0),
         ("ramp", False, 50),
+        ("window", True, 0),  # made from the recurrence, applied in the same tick
     ]
     # Its writes are in the history (the trigger needs no grant of the tick's role); the
     # broken flag's failure made the batch write change by change, one entry each.
@@ -153,6 +159,7 @@ def test_process_applies_due_schedules_with_only_its_grants(
         ("checkout", "flagsched", [enable]),
         ("ramp", "flagsched", [ramp[0]]),
         ("ramp", "flagsched", [ramp[1]]),
+        ("window", "flagsched", [int(sql("SELECT max(id) FROM feature_flag_schedules")[0][0])]),
     ]
     # The same login serves the health check.
     health = flagsched("status", "--max-lag", "3600", url=worker)
@@ -186,8 +193,15 @@ def test_an_application_role_with_no_grant_on_the_history_still_writes_flags(
         "DELETE FROM feature_flag_schedules",
         "DELETE FROM feature_flags",
         "INSERT INTO feature_flags (key) VALUES ('x')",
-        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
-        "VALUES ('x', now(), '{}')",
+        # It inserts only what a recurrence makes: no status, max_retries or group.
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status) "
+        "VALUES ('x', now(), '{}', 'applied')",
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, max_retries) "
+        "VALUES ('x', now(), '{}', 10)",
+        "INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at) "
+        "VALUES ('x', '* * * * *', 'UTC', '{}', now())",
+        "UPDATE feature_flag_recurrences SET cron = '* * * * *'",
+        "UPDATE feature_flag_recurrences SET cancelled_at = NULL",
         "UPDATE feature_flag_schedules SET updates = '{}'",
         "UPDATE feature_flag_schedules SET scheduled_at = now()",
         "UPDATE feature_flags SET key = 'renamed'",
@@ -237,6 +251,8 @@ def test_reader_runs_status_and_list_failed_but_changes_nothing(
     shown = flagsched("show", str(failed), "--format", "json", url=reader)
     assert shown.code == 0, shown.stderr
     assert json.loads(shown.stdout)["id"] == failed
+    for command in (("list",), ("recurrences",), ("list", "--status", "failed")):
+        assert flagsched(*command, url=reader).code == 0, command
 
     tick = flagsched("process", url=reader)
     assert tick.code == 3  # could not run: the claim needs UPDATE
@@ -283,8 +299,28 @@ def test_operator_runs_operator_commands_but_never_touches_flags(
     assert pruned.code == 0, pruned.stderr
     assert sql("SELECT count(*) FROM feature_flag_schedules WHERE id = :i", i=old)[0][0] == 0
     assert sql("SELECT count(*) FROM feature_flag_changes")[0][0] == 0
-    for command in (("status",), ("list-failed",), ("history",), ("show", str(new_id))):
+    for command in (
+        ("status",),
+        ("list-failed",),
+        ("history",),
+        ("show", str(new_id)),
+        ("list",),
+        ("recurrences",),
+    ):
         assert flagsched(*command, url=oncall).code == 0
+    ramp = flagsched("ramp", "a", "--steps", "10,50", "--every", "1h", "--enable", url=oncall)
+    assert ramp.code == 0, ramp.stderr
+    group = sql(
+        "SELECT group_id FROM feature_flag_schedules WHERE id = :i", i=int(ramp.stdout.split()[0])
+    )
+    assert flagsched("cancel", "--group", str(group[0][0]), url=oncall).code == 0
+    recurring = flagsched(
+        "schedule", "a", "--cron", "0 2 * * *", "--tz", "Europe/Berlin", "--enable",
+        "--expires-after", "1h", "--on-conflict", "apply", url=oncall,
+    )  # fmt: skip
+    assert recurring.code == 0, recurring.stderr
+    stopped = flagsched("cancel", "--recurrence", recurring.stdout.strip(), url=oncall)
+    assert stopped.code == 0, stopped.stdout + stopped.stderr
 
     attempt = as_login("flagsched_oncall")
     for statement in (

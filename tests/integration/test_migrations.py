@@ -44,6 +44,19 @@ SPEC_COLUMNS = {
         ("group_id", "bigint", "YES", None),
         ("reviewed_at", "timestamp with time zone", "YES", None),
         ("attempts", "jsonb", "NO", "'[]'"),
+        ("recurrence_id", "bigint", "YES", None),
+    ],
+    "feature_flag_recurrences": [
+        ("id", "bigint", "NO", None),
+        ("flag_key", "text", "NO", None),
+        ("cron", "text", "NO", None),
+        ("timezone", "text", "NO", None),
+        ("updates", "jsonb", "NO", None),
+        ("next_at", "timestamp with time zone", "YES", None),
+        ("expires_after", "interval", "YES", None),
+        ("on_conflict", "text", "NO", "'fail'"),
+        ("cancelled_at", "timestamp with time zone", "YES", None),
+        ("created_at", "timestamp with time zone", "NO", "now()"),
     ],
     "feature_flag_changes": [
         ("id", "bigint", "NO", None),
@@ -112,6 +125,8 @@ def test_upgrade_creates_exactly_the_spec_schema(empty_database_url: str) -> Non
     assert {
         "idx_schedules_pending_due",
         "idx_schedules_flag_open",
+        "idx_schedules_recurrence",
+        "idx_schedules_open",
     } <= indexes
     assert "max_retries >= 0" in checks["max_retries_check"]
     assert "max_retries <= 10" in checks["max_retries_check"]
@@ -203,3 +218,37 @@ def test_schema_guard(empty_database_url: str) -> None:
     migrate.upgrade(engine)
     with connection(database) as conn:
         repository.ensure_schema(conn)
+
+
+def test_revision_five_adds_recurrences_and_downgrades_to_four(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    migrate.upgrade(engine, "0004")
+    assert columns(engine, "feature_flag_recurrences") == []
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+                "VALUES ('a', now(), '{\"enabled\": true}')"
+            )
+        )
+    migrate.upgrade(engine)
+    assert "recurrence_id" in [c[0] for c in columns(engine, "feature_flag_schedules")]
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT recurrence_id FROM feature_flag_schedules")).all() == [
+            (None,)
+        ]
+        conn.execute(sa.text("UPDATE feature_flag_schedules SET recurrence_id = 7"))
+        # One schedule per occurrence: a second row at the same instant is refused.
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, "
+                    "recurrence_id) SELECT 'a', scheduled_at, updates, 7 "
+                    "FROM feature_flag_schedules"
+                )
+            )
+    assert migrate.downgrade(engine, "0004") == (SCHEMA_REVISION, "0004")
+    assert columns(engine, "feature_flag_recurrences") == []
+    assert "recurrence_id" not in [c[0] for c in columns(engine, "feature_flag_schedules")]
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == SCHEMA_REVISION

@@ -1,0 +1,78 @@
+"""A tick's first step: turn every due recurrence into one pending schedule (the latest
+occurrence not after the database's now; missed ones collapse), then move its next_at past
+now. Exactly once however many ticks overlap: recurrences are locked SKIP LOCKED, and the
+unique index on (recurrence_id, scheduled_at) refuses a second schedule for an occurrence.
+Nothing here may stop the tick: a recurrence that cannot be read stops on its own."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from flagsched import repository
+from flagsched.db import Conn, Database, one_line, transaction
+from flagsched.errors import StatementFailed
+from flagsched.logs import get_logger
+
+BATCH = 500
+
+
+def due_recurrences(database: Database, conn: Conn) -> int:
+    """Materialise every recurrence due now, a batch per transaction; returns the number of
+    schedules made."""
+    made = 0
+    while True:
+        with transaction(database, conn):
+            now, due = repository.due_recurrences(conn, limit=BATCH)
+            if not due:
+                return made
+            made += _batch(conn, now, due)
+        if len(due) < BATCH:
+            return made
+
+
+def _batch(conn: Conn, now: Any, due: list[dict[str, Any]]) -> int:
+    from flagsched import recurring  # croniter only when something is due (cold start)
+
+    log = get_logger()
+    fired: list[tuple[int, Any]] = []
+    advanced: list[tuple[int, Any]] = []
+    for row in due:
+        since = row["next_at"] if isinstance(row["next_at"], datetime) else None
+        occurrence = recurring.due(row["cron"], row["timezone"], since, now)
+        if occurrence.fire_at is not None:
+            fired.append((row["id"], occurrence.fire_at))
+        advanced.append((row["id"], occurrence.next_at))
+        if occurrence.next_at is None:
+            log.warning(
+                "recurrence_stopped",
+                recurrence_id=row["id"],
+                flag_key=row["flag_key"],
+                error=one_line(occurrence.error or "no next occurrence", [])[:1000],
+            )
+    try:
+        with repository.savepoint(conn):
+            made = repository.materialise(conn, fired, advanced)
+    except StatementFailed:
+        # A row the database refuses (an expires_after that overflows): redo them one by
+        # one, so only that recurrence stops.
+        made = []
+        nexts = dict(advanced)
+        for rec_id, at in fired:
+            try:
+                with repository.savepoint(conn):
+                    made += repository.materialise(conn, [(rec_id, at)], [(rec_id, nexts[rec_id])])
+            except StatementFailed as exc:
+                repository.materialise(conn, [], [(rec_id, None)])
+                log.warning("recurrence_stopped", recurrence_id=rec_id, error=exc.message)
+            del nexts[rec_id]
+        repository.materialise(conn, [], list(nexts.items()))
+    for schedule in made:
+        log.info(
+            "recurrence_materialised",
+            recurrence_id=schedule["recurrence_id"],
+            schedule_id=schedule["id"],
+            flag_key=schedule["flag_key"],
+            scheduled_at=schedule["scheduled_at"],
+        )
+    return len(made)
