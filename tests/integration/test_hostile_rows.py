@@ -509,3 +509,15 @@ def test_a_pending_rows_meaningless_next_retry_at_does_not_fail_it(
     assert run_tick().count(Outcome.APPLIED) == 1
     row = schedule(sid)
     assert row["status"] == "applied" and row["next_retry_at"] is None and flag("a") == (False, 20)
+
+
+def test_operator_commands_log_a_huge_flag_key_bounded(
+    database_url: str, add_schedule: Any
+) -> None:
+    waiting = add_schedule("g" * 5000, {"enabled": True}, status="failed")
+    pending = add_schedule("g" * 5000, {"enabled": True}, at="now() + interval '1 day'")
+    for args in (["retry", str(waiting)], ["cancel", str(pending)]):
+        ran = command(database_url, *args)
+        assert ran.code == 0, ran.stdout
+        assert '"event":"schedule_' in ran.stderr
+        check_lines_are_short(ran.stderr)
