@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from flagsched.cli import main
 from flagsched.model import MAX_TEXT, Outcome, TickReport
@@ -538,3 +539,18 @@ def test_operator_commands_log_a_huge_flag_key_bounded(
         assert ran.code == 0, ran.stdout
         assert '"event":"schedule_' in ran.stderr
         check_lines_are_short(ran.stderr)
+
+
+def test_a_long_database_error_is_clipped_and_keeps_its_verdict(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any
+) -> None:
+    key = "x" * 2000  # the injected failure quotes it: a 2,000-character server message
+    add_flag(key)
+    failing(key)
+    sid = add_schedule(key, {"enabled": True}, max_retries=0)
+    with capture_logs() as logs:
+        assert run_tick().count(Outcome.FAILED) == 1
+    error = schedule(sid)["last_error"]
+    assert len(error) <= MAX_TEXT and error.endswith("(gave up after 1 attempts)")
+    failed = [e for e in logs if e["event"] == "schedule_failed"]
+    assert failed[0]["error"] == error and len(failed[0]["flag_key"]) <= MAX_TEXT
