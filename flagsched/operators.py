@@ -15,7 +15,7 @@ from flagsched import repository
 from flagsched.db import Conn, Database, begin, connection, transaction
 from flagsched.errors import StatementFailed
 from flagsched.logs import get_logger
-from flagsched.model import OnConflict, Status, Updates
+from flagsched.model import OnConflict, Status, Updates, clip
 
 PRUNE_BATCH = 5000
 
@@ -131,7 +131,7 @@ def retry(database: Database, ids: list[int], *, force: bool = False) -> list[Ha
         log.info(
             "schedule_retried",
             schedule_id=row["id"],
-            flag_key=row["flag_key"],
+            flag_key=clip(row["flag_key"]),
             previous_status=row["status"],
             previous_retry_count=row["retry_count"],
             previous_next_retry_at=row["next_retry_at"],
@@ -159,7 +159,7 @@ def _cancel_act() -> Callable[[Any, dict[str, Any]], Handled]:
         log.info(
             "schedule_cancelled",
             schedule_id=row["id"],
-            flag_key=row["flag_key"],
+            flag_key=clip(row["flag_key"]),
             previous_status=row["status"],
             previous_retry_count=row["retry_count"],
         )

@@ -16,6 +16,7 @@ from flagsched.db import Conn, Database, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
 from flagsched.model import (
+    MAX_TEXT,
     Change,
     Claimed,
     InvalidUpdates,
@@ -182,7 +183,7 @@ class _Failures:
     def __call__(self, schedule: Claimed, error: str, *, permanent: bool) -> Result:
         override = self.options.max_retries_override  # recorded only when set
         decision = policy.after_failure(
-            error=error,
+            error=clip(error, MAX_TEXT - 80),  # room for "(gave up after N attempts)"
             permanent=permanent,
             retry_count=schedule.retry_count,
             max_retries=self.limit(schedule),

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from flagsched.cli import main
 from flagsched.model import MAX_TEXT, Outcome, TickReport
@@ -73,6 +74,12 @@ def command(url: str, *args: str) -> Command:
         else:  # pragma: no cover - main always exits
             code = -1
     return Command(code, out.getvalue(), err.getvalue())
+
+
+def row(updates: str, **fields: Any) -> dict[str, Any]:
+    """A schedule row for `insert`: a pending one, due a minute ago, unless told otherwise."""
+    defaults = dict(flag_key="a", scheduled_at=-60, status="pending", retry_count=0)
+    return {**defaults, "max_retries": 3, "next_retry_at": None, "updates": updates, **fields}
 
 
 def insert(url: str, rows: list[dict[str, Any]]) -> list[int]:
@@ -139,17 +146,7 @@ def test_a_time_python_cannot_hold_stops_nothing(
     add_flag("other")
     (odd,) = insert(
         database_url,
-        [
-            dict(
-                flag_key="a",
-                scheduled_at=when,
-                updates='{"enabled": true}',
-                status="pending",
-                retry_count=0,
-                max_retries=3,
-                next_retry_at=None,
-            )
-        ],
+        [row(scheduled_at=when, updates='{"enabled": true}')],
     )
     waiting = add_schedule(
         "a", {"enabled": True}, status="failed", retry_count=1, next_retry_at=f"'{when}'"
@@ -181,7 +178,7 @@ def test_a_time_python_cannot_hold_stops_nothing(
             assert ran.code == 0, ran.stderr
     listed = json.loads(command(database_url, "list-failed", "--format", "json").stdout)
     assert {r["id"] for r in listed} >= {waiting}
-    assert command(database_url, "cancel", str(odd)).code in (0, 1)  # not "busy", not 3
+    assert command(database_url, "cancel", str(odd)).code == 0  # not "busy", not 3
 
 
 def test_the_cli_refuses_a_time_it_could_not_read_back(flagsched: Callable[..., Ran]) -> None:
@@ -191,7 +188,7 @@ def test_the_cli_refuses_a_time_it_could_not_read_back(flagsched: Callable[..., 
     assert "Traceback" not in ran.stderr
 
 
-@pytest.mark.parametrize("levels", [990, 1000, 1010, 1023, 1030, 3000])
+@pytest.mark.parametrize("levels", [990, 1010, 1023, 3000])
 def test_deep_nesting_fails_its_row_not_the_tick(
     database_url: str, add_flag: Any, add_schedule: Any, schedule: Any, levels: int
 ) -> None:
@@ -199,26 +196,16 @@ def test_deep_nesting_fails_its_row_not_the_tick(
     deep = "[" * levels + "true" + "]" * levels
     (sid,) = insert(
         database_url,
-        [
-            dict(
-                flag_key="a",
-                scheduled_at=-120,
-                updates='{"enabled": ' + deep + "}",
-                status="pending",
-                retry_count=0,
-                max_retries=3,
-                next_retry_at=None,
-            )
-        ],
+        [row(scheduled_at=-120, updates='{"enabled": ' + deep + "}")],
     )
     fine = add_schedule("a", {"rollout_percentage": 40})
     assert command(database_url, "process", "--dry-run").code == 0
     ran = command(database_url, "process")
     assert ran.code == 1, ran.stderr
     assert schedule(fine)["status"] == "applied"
-    row = schedule(sid)
-    assert row["status"] == "failed" and row["next_retry_at"] is None
-    assert "enabled must be true or false" in row["last_error"] or "read" in row["last_error"]
+    failed = schedule(sid)
+    assert failed["status"] == "failed" and failed["next_retry_at"] is None
+    assert "enabled must be true or false" in failed["last_error"] or "read" in failed["last_error"]
     listed = command(database_url, "list-failed", "--format", "json")
     assert listed.code == 0 and json.loads(listed.stdout)[0]["id"] == sid
 
@@ -323,17 +310,7 @@ def test_one_rule_for_numbers_however_they_are_spelled(
     add_flag("a", rollout=7)
     (sid,) = insert(
         database_url,
-        [
-            dict(
-                flag_key="a",
-                scheduled_at=-60,
-                updates='{"rollout_percentage": ' + spelling + "}",
-                status="pending",
-                retry_count=0,
-                max_retries=3,
-                next_retry_at=None,
-            )
-        ],
+        [row(updates='{"rollout_percentage": ' + spelling + "}")],
     )
     run_tick()
     if applies:
@@ -427,7 +404,10 @@ _FOR_GOOD = "status = 'failed' AND NOT (next_retry_at IS NOT NULL AND retry_coun
 
 
 @pytest.fixture
-def hostile_database(database_url: str) -> str:
+def hostile_database(database_url: str, failing: Callable[..., None]) -> str:
+    """Flags h1 and h2 exist; every write to h2 fails (a retry, or final when it cannot be
+    counted or the retries are spent)."""
+    failing("h2")
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO feature_flags (key) VALUES ('h1'), ('h2'), ('v1'), ('v2'), ('v3'), "
@@ -451,22 +431,14 @@ def test_no_row_stops_the_queue(
     url = hostile_database
     with psycopg.connect(url, autocommit=True) as conn:  # a cleaned database per example
         conn.execute("TRUNCATE feature_flag_schedules")
-        conn.execute("UPDATE feature_flags SET rollout_percentage = 0")
+        conn.execute("UPDATE feature_flags SET rollout_percentage = 0 WHERE key LIKE 'v_'")
     hostile = insert(url, rows)
     with psycopg.connect(url, autocommit=True) as conn:  # another writer: conflicts are possible
         conn.execute("UPDATE feature_flags SET enabled = NOT enabled WHERE key = 'h2'")
     valid = insert(
         url,
         [
-            dict(
-                flag_key=key,
-                scheduled_at=-30,
-                updates=json.dumps({"rollout_percentage": 10 + n}),
-                status="pending",
-                retry_count=0,
-                max_retries=3,
-                next_retry_at=None,
-            )
+            row(flag_key=key, scheduled_at=-30, updates=json.dumps({"rollout_percentage": 10 + n}))
             for n, key in enumerate(VALID_FLAGS)
         ],
     )
@@ -501,6 +473,15 @@ def test_no_row_stops_the_queue(
         for_good = {
             r[0] for r in conn.execute(f"SELECT id FROM feature_flag_schedules WHERE {_FOR_GOOD}")
         }
+        retrying = {  # a failed write to h2, timed (in range, later than now)
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM feature_flag_schedules WHERE flag_key = 'h2' "
+                "AND status = 'failed' AND next_retry_at > now() "
+                "AND next_retry_at < now() + interval '2 hours' AND retry_count <= max_retries "
+                "AND last_error LIKE 'injected failure%'"
+            )
+        }
         stuck = [r[0] for r in conn.execute(_STUCK)]
         longest = conn.execute(
             "SELECT coalesce(max(length(last_error)), 0) FROM feature_flag_schedules"
@@ -508,7 +489,12 @@ def test_no_row_stops_the_queue(
     assert [states[i] for i in valid] == ["applied"] * len(valid)
     assert [flags[k] for k in VALID_FLAGS] == [10, 11, 12]
     for sid in hostile:
-        assert after[sid] == before[sid] or states[sid] == "applied" or sid in for_good, after[sid]
+        assert (
+            after[sid] == before[sid]
+            or states[sid] == "applied"
+            or sid in for_good
+            or sid in retrying
+        ), after[sid]
     assert stuck == [], [after[i] for i in stuck]
     assert longest is not None and longest[0] <= MAX_TEXT
     report = json.loads(command(url, "status", "--format", "json").stdout)
@@ -528,15 +514,7 @@ def test_a_real_process_survives_hostile_rows(
     insert(
         database_url,
         [
-            dict(
-                flag_key="a",
-                scheduled_at=when,
-                updates=updates,
-                status="pending",
-                retry_count=count,
-                max_retries=3,
-                next_retry_at=None,
-            )
+            row(scheduled_at=when, updates=updates, retry_count=count)
             for when, updates, count in [
                 ("-infinity", '{"enabled": true}', 0),
                 ("0001-12-31 23:00:00+00 BC", '{"enabled": true}', 0),
@@ -546,17 +524,7 @@ def test_a_real_process_survives_hostile_rows(
                 ("infinity", '{"enabled": true}', 0),
             ]
         ]
-        + [
-            dict(
-                flag_key="fine",
-                scheduled_at=-60,
-                updates='{"rollout_percentage": 5e1}',
-                status="pending",
-                retry_count=0,
-                max_retries=3,
-                next_retry_at=None,
-            )
-        ],
+        + [row(flag_key="fine", updates='{"rollout_percentage": 5e1}')],
     )
     for args in (("process", "--dry-run"), ("status",), ("list-failed", "--format", "json")):
         assert flagsched(*args).code == 0
@@ -575,3 +543,30 @@ def test_a_pending_rows_meaningless_next_retry_at_does_not_fail_it(
     assert run_tick().count(Outcome.APPLIED) == 1
     row = schedule(sid)
     assert row["status"] == "applied" and row["next_retry_at"] is None and flag("a") == (False, 20)
+
+
+def test_operator_commands_log_a_huge_flag_key_bounded(
+    database_url: str, add_schedule: Any
+) -> None:
+    waiting = add_schedule("g" * 5000, {"enabled": True}, status="failed")
+    pending = add_schedule("g" * 5000, {"enabled": True}, at="now() + interval '1 day'")
+    for args in (["retry", str(waiting)], ["cancel", str(pending)]):
+        ran = command(database_url, *args)
+        assert ran.code == 0, ran.stdout
+        assert '"event":"schedule_' in ran.stderr
+        check_lines_are_short(ran.stderr)
+
+
+def test_a_long_database_error_is_clipped_and_keeps_its_verdict(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, failing: Any, schedule: Any
+) -> None:
+    key = "x" * 2000  # the injected failure quotes it: a 2,000-character server message
+    add_flag(key)
+    failing(key)
+    sid = add_schedule(key, {"enabled": True}, max_retries=0)
+    with capture_logs() as logs:
+        assert run_tick().count(Outcome.FAILED) == 1
+    error = schedule(sid)["last_error"]
+    assert len(error) <= MAX_TEXT and error.endswith("(gave up after 1 attempts)")
+    failed = [e for e in logs if e["event"] == "schedule_failed"]
+    assert failed[0]["error"] == error and len(failed[0]["flag_key"]) <= MAX_TEXT

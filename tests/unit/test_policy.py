@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flagsched.policy import GiveUp, Retry, after_failure, backoff
+from flagsched.policy import GiveUp, Retry, after_failure, backoff, counted
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 NO_CAP = 10.0**9
@@ -128,3 +128,24 @@ def test_permanent_errors_never_retry() -> None:
         cap_seconds=3600,
     )
     assert decision == GiveUp("flag 'x' does not exist")
+
+
+@given(
+    retry_count=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    max_retries=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_a_retry_that_cannot_be_counted_is_final(retry_count: int, max_retries: int) -> None:
+    decision = after_failure(
+        error="boom",
+        permanent=False,
+        retry_count=retry_count,
+        max_retries=max_retries,
+        now=NOW,
+        rng=random.Random(1),
+        cap_seconds=3600,
+    )
+    if retry_count < 0 or retry_count == 2**31 - 1:
+        assert isinstance(decision, GiveUp) and "cannot be counted" in decision.reason
+    assert isinstance(decision, Retry) == (0 <= retry_count < max_retries)
+    assert -(2**31) <= counted(retry_count) <= 2**31 - 1  # what the column can hold
+    assert counted(retry_count) == min(retry_count + 1, 2**31 - 1)
