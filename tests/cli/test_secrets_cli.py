@@ -33,9 +33,7 @@ def test_a_password_libpq_would_misread_is_a_configuration_error_not_quoted() ->
         assert "Pq" not in ran.stderr + ran.stdout and "Zx" not in ran.stderr + ran.stdout
 
 
-_passwords = st.text(
-    st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=3
-)
+_passwords = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=3)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
