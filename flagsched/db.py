@@ -21,7 +21,7 @@ from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
 from flagsched.model import Unreadable
-from flagsched.urls import describe_database, url_secrets
+from flagsched.urls import database_url_problem, describe_database, url_secrets
 from flagsched.urls import one_line as one_line  # where the repository finds it
 
 # The alembic head. The tick checks it without importing alembic (cold start);
@@ -84,6 +84,9 @@ class Database:
     ) -> FlagschedError:
         """A driver error as a flagsched error: one line, naming the database by host, port
         and name (never the URL), withheld whole if the driver's text quotes the password."""
+        problem = database_url_problem(self.url)
+        if problem is not None:  # libpq's own words may quote a misread part of the password
+            return DatabaseUnavailable(f"could not connect: the database URL: {problem}")
         reason = one_line(str(exc), url_secrets(self.url))
         if connecting or connection_lost(exc, conn):
             return DatabaseUnavailable(
