@@ -87,7 +87,11 @@ class Database:
         problem = database_url_problem(self.url)
         if problem is not None:  # libpq's own words may quote a misread part of the password
             return DatabaseUnavailable(f"could not connect: the database URL: {problem}")
-        reason = one_line(str(exc), url_secrets(self.url))
+        # The server never has the password to quote: its messages (with a SQLSTATE) are
+        # shown as they are, a flag key that happens to contain the password included. Only
+        # the client library's own text is withheld if it quotes the password.
+        client_side = getattr(exc, "sqlstate", None) is None
+        reason = one_line(str(exc), url_secrets(self.url) if client_side else ())
         if connecting or connection_lost(exc, conn):
             return DatabaseUnavailable(
                 f"could not connect to {describe_database(self.url)}: {reason}"
