@@ -23,7 +23,7 @@ from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
 from flagsched.model import Unreadable, UnreadableTime
-from flagsched.urls import describe_database, url_secrets
+from flagsched.urls import database_url_problem, describe_database, url_secrets
 from flagsched.urls import one_line as one_line  # where the repository finds it
 
 # The alembic head. The tick checks it without importing alembic (cold start);
@@ -99,7 +99,14 @@ class Database:
     ) -> FlagschedError:
         """A driver error as a flagsched error: one line, naming the database by host, port
         and name (never the URL), withheld whole if the driver's text quotes the password."""
-        reason = one_line(str(exc), url_secrets(self.url))
+        problem = database_url_problem(self.url)
+        if problem is not None:  # libpq's own words may quote a misread part of the password
+            return DatabaseUnavailable(f"could not connect: the database URL: {problem}")
+        # The server never has the password to quote: its messages (with a SQLSTATE) are
+        # shown as they are, a flag key that happens to contain the password included. Only
+        # the client library's own text is withheld if it quotes the password.
+        client_side = getattr(exc, "sqlstate", None) is None
+        reason = one_line(str(exc), url_secrets(self.url) if client_side else ())
         if connecting or connection_lost(exc, conn):
             return DatabaseUnavailable(
                 f"could not connect to {describe_database(self.url)}: {reason}"

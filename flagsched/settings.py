@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
@@ -22,6 +22,11 @@ MAX_LATENESS_SECONDS = 100 * 365 * 86400  # beyond a century is a typo
 _SECRET_VARIABLES = {"FLAGSCHED_DATABASE_URL", "DATABASE_URL", "FLAGSCHED_PING_URL"}
 
 
+def _seconds(default: float | None, maximum: float, variable: str) -> Any:
+    """A duration setting: finite, positive, at most `maximum` seconds."""
+    return Field(default=default, gt=0, le=maximum, allow_inf_nan=False, validation_alias=variable)
+
+
 class Settings(BaseSettings):
     """Every FLAGSCHED_* setting, with the SPEC's defaults and bounds."""
 
@@ -35,34 +40,11 @@ class Settings(BaseSettings):
     # Kept raw: a bad value is a warning and is ignored, never an error (SPEC).
     max_retries_raw: str | None = Field(default=None, validation_alias="FLAG_SCHEDULE_MAX_RETRIES")
     batch_size: int = Field(default=100, ge=1, le=1000, validation_alias="FLAGSCHED_BATCH_SIZE")
-    retry_max_delay: float = Field(
-        default=3600,
-        gt=0,
-        le=MAX_RETRY_DELAY_SECONDS,
-        allow_inf_nan=False,
-        validation_alias="FLAGSCHED_RETRY_MAX_DELAY",
-    )
-    lock_timeout: float = Field(
-        default=5,
-        gt=0,
-        le=MAX_TIMEOUT_SECONDS,
-        allow_inf_nan=False,
-        validation_alias="FLAGSCHED_LOCK_TIMEOUT",
-    )
-    statement_timeout: float = Field(
-        default=30,
-        gt=0,
-        le=MAX_TIMEOUT_SECONDS,
-        allow_inf_nan=False,
-        validation_alias="FLAGSCHED_STATEMENT_TIMEOUT",
-    )
-    max_lateness: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_LATENESS_SECONDS,
-        allow_inf_nan=False,
-        validation_alias="FLAGSCHED_MAX_LATENESS",
-    )
+    retry_max_delay: float = _seconds(3600, MAX_RETRY_DELAY_SECONDS, "FLAGSCHED_RETRY_MAX_DELAY")
+    lock_timeout: float = _seconds(5, MAX_TIMEOUT_SECONDS, "FLAGSCHED_LOCK_TIMEOUT")
+    statement_timeout: float = _seconds(30, MAX_TIMEOUT_SECONDS, "FLAGSCHED_STATEMENT_TIMEOUT")
+    # Unset: no lateness limit (only a schedule's own expires_at).
+    max_lateness: float | None = _seconds(None, MAX_LATENESS_SECONDS, "FLAGSCHED_MAX_LATENESS")
     # A cron monitor's URL: pinged at the start and end of each tick (flagsched.ping).
     ping_url: str | None = Field(default=None, validation_alias="FLAGSCHED_PING_URL", repr=False)
     log_format: Literal["auto", "json", "console"] = Field(

@@ -219,36 +219,41 @@ def flagsched(database_url: str) -> Callable[..., Ran]:
     return run
 
 
-@pytest.fixture
-def flagsched_process(database_url: str) -> Callable[..., Ran]:
+def run_process(
+    *args: str,
+    env: dict[str, str] | None = None,
+    url: str | None = None,
+    timeout: float = 60,
+    stderr: Any = subprocess.PIPE,
+    close_stderr: bool = False,
+) -> Ran:
     """The real command line as a subprocess (for what needs a process of its own: exit at
     interpreter level, closed or full stderr, signals)."""
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLAGSCHED_", "FLAG_SCHEDULE_")) and k != "DATABASE_URL"
+    }
+    full_env.update(_command_env(url, env))
+    done = subprocess.run(
+        [sys.executable, "-m", "flagsched", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+        # Started with file descriptor 2 closed, as `2>&-` in a shell does.
+        preexec_fn=(lambda: os.close(2)) if close_stderr else None,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr or "")
 
-    def run(
-        *args: str,
-        env: dict[str, str] | None = None,
-        url: str | None = database_url,
-        timeout: float = 60,
-        stderr: Any = subprocess.PIPE,
-        close_stderr: bool = False,
-    ) -> Ran:
-        full_env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("FLAGSCHED_", "FLAG_SCHEDULE_")) and k != "DATABASE_URL"
-        }
-        full_env.update(_command_env(url, env))
-        done = subprocess.run(
-            [sys.executable, "-m", "flagsched", *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env=full_env,
-            timeout=timeout,
-            check=False,
-            # Started with file descriptor 2 closed, as `2>&-` in a shell does.
-            preexec_fn=(lambda: os.close(2)) if close_stderr else None,
-        )
-        return Ran(done.returncode, done.stdout, done.stderr or "")
+
+@pytest.fixture
+def flagsched_process(database_url: str) -> Callable[..., Ran]:
+    """`run_process` against this test's database."""
+
+    def run(*args: str, url: str | None = database_url, **options: Any) -> Ran:
+        return run_process(*args, url=url, **options)
 
     return run

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Ran
+from tests.conftest import Ran, run_process
 
 Sql = Callable[..., list[Any]]
 
@@ -50,15 +50,9 @@ def test_a_failing_tick_with_stderr_full_still_exits_1(
         assert flagsched_process("process", stderr=full).code == 1
 
 
-def test_a_refused_command_with_stderr_full_keeps_its_exit_code(
-    flagsched_process: Callable[..., Ran],
-) -> None:
+def test_a_refused_command_with_stderr_full_or_closed_keeps_its_exit_code() -> None:
+    closed_port = "postgresql://u@127.0.0.1:1/x"
     with open("/dev/full", "w") as full:
-        assert (
-            flagsched_process("process", url="postgresql://u@127.0.0.1:1/x", stderr=full).code == 3
-        )
-        assert flagsched_process("status", "--max-lag", "nan", stderr=full).code == 2
-    assert (
-        flagsched_process("process", url="postgresql://u@127.0.0.1:1/x", close_stderr=True).code
-        == 3
-    )
+        assert run_process("process", url=closed_port, stderr=full).code == 3
+        assert run_process("status", "--max-lag", "nan", url=closed_port, stderr=full).code == 2
+    assert run_process("process", url=closed_port, close_stderr=True).code == 3

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from flagsched.db import SCHEMA_REVISION
 from flagsched.schema import make_engine, metadata
-from tests.conftest import Ran
+from tests.conftest import Ran, invoke, run_process
 
 
 def tables(url: str) -> set[str]:
@@ -26,30 +26,26 @@ def tables(url: str) -> set[str]:
         )
 
 
-def test_migrate_then_check_then_again(
-    flagsched: Callable[..., Ran], empty_database_url: str
-) -> None:
-    assert flagsched("migrate", "--check", url=empty_database_url).code == 1
-    first = flagsched("migrate", url=empty_database_url)
+def test_migrate_then_check_then_again(empty_database_url: str) -> None:
+    assert invoke("migrate", "--check", url=empty_database_url).code == 1
+    first = invoke("migrate", url=empty_database_url)
     assert first.code == 0, first.stderr
     assert json.loads(first.stderr)["to_revision"] == SCHEMA_REVISION
     assert tables(empty_database_url) == {"alembic_version", *metadata.tables}
-    again = flagsched("migrate", url=empty_database_url)
+    again = invoke("migrate", url=empty_database_url)
     assert again.code == 0 and json.loads(again.stderr)["changed"] is False
-    check = flagsched("migrate", "--check", url=empty_database_url)
+    check = invoke("migrate", "--check", url=empty_database_url)
     assert check.code == 0 and SCHEMA_REVISION in check.stdout
 
 
-def test_migrate_sql_prints_ddl_and_touches_nothing(
-    flagsched: Callable[..., Ran], empty_database_url: str
-) -> None:
-    ran = flagsched("migrate", "--sql", url=empty_database_url)
+def test_migrate_sql_prints_ddl_and_touches_nothing(empty_database_url: str) -> None:
+    ran = invoke("migrate", "--sql", url=empty_database_url)
     assert ran.code == 0, ran.stderr
     assert "CREATE TABLE feature_flags" in ran.stdout
     assert "CREATE INDEX idx_schedules_next_retry_at" in ran.stdout
     assert "max_retries_check" in ran.stdout
     assert tables(empty_database_url) == set()
-    assert flagsched("migrate", "--sql", url=None).code == 0  # needs no database at all
+    assert invoke("migrate", "--sql", url=None).code == 0  # needs no database at all
 
 
 def test_two_migrates_started_together_both_succeed(empty_database_url: str) -> None:
@@ -73,28 +69,24 @@ def test_two_migrates_started_together_both_succeed(empty_database_url: str) -> 
     assert "feature_flag_schedules" in tables(empty_database_url)
 
 
-def test_migrate_check_exits_3_when_the_database_is_unreachable(
-    flagsched: Callable[..., Ran],
-) -> None:
-    ran = flagsched("migrate", "--check", url="postgresql://bob:hunter2@127.0.0.1:1/nope")
+def test_migrate_check_exits_3_when_the_database_is_unreachable() -> None:
+    ran = invoke("migrate", "--check", url="postgresql://bob:hunter2@127.0.0.1:1/nope")
     assert ran.code == 3
     assert "hunter2" not in ran.stderr + ran.stdout
 
 
-def test_no_database_url_is_exit_2_naming_the_variable(flagsched: Callable[..., Ran]) -> None:
+def test_no_database_url_is_exit_2_naming_the_variable() -> None:
     for command in (["process"], ["migrate"], ["list-failed"]):
-        ran = flagsched(*command, url=None)
+        ran = invoke(*command, url=None)
         assert ran.code == 2
         assert ran.stderr.strip().count("\n") == 0
         assert "FLAGSCHED_DATABASE_URL" in ran.stderr
         assert "Traceback" not in ran.stderr
 
 
-def test_unreachable_database_is_exit_3_one_line_no_password(
-    flagsched_process: Callable[..., Ran],
-) -> None:
+def test_unreachable_database_is_exit_3_one_line_no_password() -> None:
     for command in (["process"], ["migrate"], ["list-failed"]):  # real processes: exit codes
-        ran = flagsched_process(*command, url="postgres://bob:hunter2@127.0.0.1:1/app")
+        ran = run_process(*command, url="postgres://bob:hunter2@127.0.0.1:1/app")
         assert ran.code == 3, ran.stderr
         assert ran.stderr.strip().count("\n") == 0, ran.stderr
         assert "hunter2" not in ran.stderr + ran.stdout
@@ -112,37 +104,35 @@ def test_refused_login_is_exit_3_without_the_password(
     assert "nobody" in ran.stderr
 
 
-def test_unmigrated_database_is_exit_3_saying_run_migrate(
-    flagsched: Callable[..., Ran], empty_database_url: str
-) -> None:
+def test_unmigrated_database_is_exit_3_saying_run_migrate(empty_database_url: str) -> None:
     for command in (["process"], ["list-failed"], ["process", "--dry-run"]):
-        ran = flagsched(*command, url=empty_database_url)
+        ran = invoke(*command, url=empty_database_url)
         assert ran.code == 3
         assert "run `flagsched migrate`" in ran.stderr
 
 
-def test_bad_setting_is_exit_2_one_line(flagsched: Callable[..., Ran]) -> None:
-    ran = flagsched("process", env={"FLAGSCHED_BATCH_SIZE": "lots"})
+def test_bad_setting_is_exit_2_one_line() -> None:
+    ran = invoke("process", env={"FLAGSCHED_BATCH_SIZE": "lots"})
     assert ran.code == 2
     assert ran.stderr.startswith("flagsched: error: FLAGSCHED_BATCH_SIZE")
     assert ran.stderr.strip().count("\n") == 0
 
 
-def test_usage_errors_are_exit_2(flagsched: Callable[..., Ran]) -> None:
-    assert flagsched("process", "--batch-size", "0").code == 2
-    assert flagsched("process", "--batch-size", "1001").code == 2
-    assert flagsched("process", "--max-batches", "0").code == 2
-    assert flagsched("no-such-command").code == 2
-    assert flagsched("migrate", "--sql", "--check").code == 2
+def test_usage_errors_are_exit_2() -> None:
+    assert invoke("process", "--batch-size", "0").code == 2
+    assert invoke("process", "--batch-size", "1001").code == 2
+    assert invoke("process", "--max-batches", "0").code == 2
+    assert invoke("no-such-command").code == 2
+    assert invoke("migrate", "--sql", "--check").code == 2
 
 
-def test_help_needs_no_settings(flagsched: Callable[..., Ran]) -> None:
-    ran = flagsched("process", "--help", url=None, env={"FLAGSCHED_BATCH_SIZE": "bad"})
+def test_help_needs_no_settings() -> None:
+    ran = invoke("process", "--help", url=None, env={"FLAGSCHED_BATCH_SIZE": "bad"})
     assert ran.code == 0 and "--batch-size" in ran.stdout
 
 
-def test_a_password_in_the_query_string_is_not_shown(flagsched: Callable[..., Ran]) -> None:
-    ran = flagsched("process", url="postgresql://127.0.0.1:1/app?user=bob&password=qs-secret")
+def test_a_password_in_the_query_string_is_not_shown() -> None:
+    ran = invoke("process", url="postgresql://127.0.0.1:1/app?user=bob&password=qs-secret")
     assert ran.code == 3
     assert "qs-secret" not in ran.stderr + ran.stdout
 

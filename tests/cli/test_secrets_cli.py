@@ -33,9 +33,7 @@ def test_a_password_libpq_would_misread_is_a_configuration_error_not_quoted() ->
         assert "Pq" not in ran.stderr + ran.stdout and "Zx" not in ran.stderr + ran.stdout
 
 
-_passwords = st.text(
-    st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=3
-)
+_passwords = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=3)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -81,3 +79,13 @@ def test_a_pushgateway_password_is_not_in_its_warning(flagsched: Callable[..., R
         )
         assert "Secret" not in ran.stderr and "Pw" not in ran.stderr, gateway
         assert warning["pushgateway"].startswith("http://127.0.0.1:1/")
+
+
+def test_a_server_message_quoting_a_short_password_by_chance_is_shown_whole(
+    flagsched: Callable[..., Ran], database_url: str, sql: Any
+) -> None:
+    sql("DROP TABLE feature_flag_schedules CASCADE")  # a statement error the server words
+    url = database_url.replace("postgres@", "postgres:flag@")
+    ran = flagsched("status", url=url)
+    assert ran.code == 3
+    assert 'relation "feature_flag_schedules" does not exist' in ran.stderr

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -114,34 +115,59 @@ def _retry_during_a_slow_tick(
     return s1, result
 
 
-def test_retry_waits_for_a_tick_applying_a_later_schedule_and_then_refuses(
+@pytest.mark.parametrize(
+    ("lock_timeout", "refusal"),
+    [(10, "would undo newer state"), (0.2, "busy")],  # waited for the tick, or not long enough
+)
+def test_retry_counts_a_later_schedule_a_running_tick_has_claimed(
     database: Database,
     add_flag: Any,
     add_schedule: Any,
     sql: Sql,
     failing: Callable[..., None],
     run_tick: Callable[..., Any],
+    lock_timeout: float,
+    refusal: str,
 ) -> None:
     s1, result = _retry_during_a_slow_tick(
-        database, add_flag, add_schedule, sql, failing, run_tick, lock_timeout=10
+        database, add_flag, add_schedule, sql, failing, run_tick, lock_timeout=lock_timeout
     )
-    assert not result.ok and "would undo newer state" in result.message
+    assert not result.ok and refusal in result.message
     assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=s1)[0][0] == "failed"
-    run_tick()
+    run_tick()  # the old value never lands on top of the newer one
     assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 20
 
 
-def test_retry_is_refused_as_busy_when_the_tick_outlasts_lock_timeout(
-    database: Database,
-    add_flag: Any,
-    add_schedule: Any,
-    sql: Sql,
-    failing: Callable[..., None],
-    run_tick: Callable[..., Any],
+def test_a_connection_ended_by_the_server_is_could_not_connect_and_names_no_url(
+    database: Database, sql: Sql
 ) -> None:
-    s1, result = _retry_during_a_slow_tick(
-        database, add_flag, add_schedule, sql, failing, run_tick, lock_timeout=0.2
-    )
-    assert not result.ok and "busy" in result.message
-    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=s1)[0][0] == "failed"
-    assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 20
+    from flagsched.db import connection, connection_lost
+    from flagsched.errors import DatabaseUnavailable
+
+    with pytest.raises(DatabaseUnavailable) as caught, connection(database) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()
+        sql("SELECT pg_terminate_backend(:p)", p=pid[0] if pid else 0)
+        conn.execute("SELECT 1")
+    assert caught.value.message.startswith("could not connect to database ")
+    assert "postgresql://" not in caught.value.message
+    # Recognised by SQLSTATE and the connection's state: a statement that fails on a live
+    # connection is not a lost connection, one the server ended is.
+    raw = database.connect()
+    try:
+        with pytest.raises(psycopg.Error) as failed:
+            raw.execute("SELECT 1/0")
+        assert not connection_lost(failed.value, raw)
+        sql("SELECT pg_terminate_backend(:p)", p=raw.info.backend_pid)
+        with pytest.raises(psycopg.Error) as ended:
+            raw.execute("SELECT 1")
+        assert connection_lost(ended.value) and connection_lost(ended.value, raw)
+    finally:
+        raw.close()
+
+
+def test_a_url_libpq_would_misread_never_reaches_a_connect_message() -> None:
+    from flagsched.errors import DatabaseUnavailable
+
+    with pytest.raises(DatabaseUnavailable) as caught:
+        Database("postgresql://u:Pq/Zx@127.0.0.1:1/db").connect()
+    assert "Pq" not in caught.value.message and "Zx" not in caught.value.message

@@ -77,9 +77,7 @@ def test_one_line_withholds_a_line_quoting_a_secret_and_alters_nothing_else() ->
     assert "s3cret" not in withheld and "not shown" in withheld
 
 
-_passwords = st.text(
-    st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=1
-)
+_passwords = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=1)
 
 
 @given(password=_passwords, encode=st.booleans())
