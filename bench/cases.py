@@ -25,7 +25,7 @@ from bench.cluster import (
     run,
     run_measuring_memory,
 )
-from flagsched.db import Conn, Database
+from flagsched.db import Conn, Database, connection
 
 DRAIN_FLAGS, DRAIN_SCHEDULES = 10_000, 30_000
 DRAIN_ARGS = ("--batch-size", "100", "--max-batches", "1000")
@@ -877,6 +877,57 @@ def _list_plan(conn: Conn, filters: dict[str, Any]) -> str:
     return captured[0]
 
 
+# -- 9. Per-transaction settings -------------------------------------------------------------
+
+
+def settings_cost(b: Bench) -> Case:
+    """What `SET LOCAL` of the session settings at the start of every transaction (so that
+    they hold behind a transaction-mode pooler) costs, against a bare BEGIN, which is what a
+    transaction cost when the settings travelled once per connection as startup options."""
+    case = Case("9. Per-transaction settings")
+    rounds, per_round = b.runs(6), 2000
+    with b.database() as db:
+        database = Database(b.cluster.url_for(db))
+        bare, ours = "BEGIN", database.begin_sql()
+        seconds: dict[str, list[float]] = {bare: [], ours: []}
+        with connection(database) as conn:
+            for i in range(rounds):
+                for begin in (bare, ours) if i % 2 == 0 else (ours, bare):  # ABBA
+                    started = time.perf_counter()
+                    for _ in range(per_round):
+                        conn.execute(begin)
+                        conn.commit()
+                    seconds[begin].append((time.perf_counter() - started) / per_round)
+    base_us, with_us = _median(seconds[bare]) * 1e6, _median(seconds[ours]) * 1e6
+    extra_us = with_us - base_us
+    # A drain of case 1: one transaction per batch, plus the schema check and the backlog.
+    transactions = DRAIN_SCHEDULES // int(DRAIN_ARGS[1]) + 2
+    case.figures += [
+        Figure("BEGIN + COMMIT, median", f"{base_us:.0f} us"),
+        Figure("BEGIN; SET LOCAL x5 + COMMIT, median", f"{with_us:.0f} us"),
+        Figure("cost of the settings per transaction", f"{extra_us:+.0f} us"),
+    ]
+    if b.drain_rate is not None:
+        share = extra_us * 1e-6 * transactions / (DRAIN_SCHEDULES / b.drain_rate)
+        case.figures.append(
+            Figure(
+                "their share of the flagsched drain (case 1)",
+                f"{share:.1%}",
+                "<= 5 %",
+                share <= 0.05,
+            )
+        )
+    case.details += [
+        f"One connection, {rounds} rounds of {per_round:,} empty transactions each way in ABBA "
+        "order: `BEGIN` alone, and flagsched's own start of a transaction, "
+        f"`{ours}`, sent as one simple-protocol query (one round trip), each followed by "
+        f"COMMIT. The drain of case 1 runs {transactions} transactions (one per batch of "
+        f"{DRAIN_ARGS[1]}, the schema check, the backlog), so the settings add "
+        f"{extra_us * transactions / 1000:.1f} ms to it.",
+    ]
+    return case
+
+
 CASES: list[Callable[[Bench], Case]] = [
     drain_throughput,
     claim_vs_history,
@@ -886,4 +937,5 @@ CASES: list[Callable[[Bench], Case]] = [
     memory,
     hostile_memory,
     list_vs_history,
+    settings_cost,
 ]

@@ -122,7 +122,9 @@ def print_table(cases: list[Case]) -> None:
 
 # What makes the tick fast (kept here so the figures and their explanation travel together).
 HOW = [
-    "How a batch stays close to the reference: five round trips (BEGIN, the claim with the "
+    "How a batch stays close to the reference: five round trips (BEGIN, carrying the "
+    "session settings as SET LOCAL in the same query so they hold behind a transaction-mode "
+    "pooler (case 7), the claim with the "
     "database's `now()` in its rows, one `flagsched_apply` call that locks the free flags in "
     "key order and writes them set-based inside one subtransaction, one UPDATE recording "
     "every outcome, COMMIT); the reference needs six. The tick runs on psycopg 3 directly "
