@@ -434,7 +434,7 @@ def test_no_row_stops_the_queue(
         conn.execute("UPDATE feature_flags SET rollout_percentage = 0 WHERE key LIKE 'v_'")
     hostile = insert(url, rows)
     with psycopg.connect(url, autocommit=True) as conn:  # another writer: conflicts are possible
-        conn.execute("UPDATE feature_flags SET enabled = NOT enabled WHERE key = 'h2'")
+        conn.execute("UPDATE feature_flags SET enabled = NOT enabled WHERE key = 'h1'")
     valid = insert(
         url,
         [
