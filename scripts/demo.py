@@ -137,7 +137,10 @@ def main() -> int:
             "--disable",
         )
         flagsched("recurrences")
-        banner("Cron was down for three weeks: each window fires once, for its latest occurrence")
+        banner(
+            "Cron was down for three weeks: each window fires once, for its latest occurrence; "
+            "the 02:00 one is past its 1h expiry, so it fails instead of switching on late"
+        )
         sql("UPDATE feature_flag_recurrences SET next_at = next_at - interval '21 days'")
         flagsched("process")
         flagsched("list", "--flag", "maintenance-mode", "--status", "applied")
