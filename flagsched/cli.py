@@ -282,11 +282,7 @@ def list_failed(
             flag_key=flag_key,
             limit=limit,
         )
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-    elif not rows:
-        click.echo("no failed schedules")
-    else:
+    if not _json_or_empty(fmt, rows, "no failed schedules"):
         click.echo(
             output.table(
                 ["ID", "FLAG", "SCHEDULED_AT", "ATTEMPTS", "RETRY", "LAST_ERROR"],
@@ -664,11 +660,7 @@ def list_(
         limit=limit,
         **bounds,
     )
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return EXIT_OK
-    if not rows:
-        click.echo("no schedules")
+    if _json_or_empty(fmt, rows, "no schedules"):
         return EXIT_OK
 
     def state(row: dict[str, Any]) -> str:
@@ -714,11 +706,7 @@ def recurrences(app: App, tz_name: str | None, fmt: str) -> int:
         {**r, "expires_after": format_duration(r["expires_after"])}
         for r in operators.recurrences(app.database())
     ]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-    elif not rows:
-        click.echo("no recurrences")
-    else:
+    if not _json_or_empty(fmt, rows, "no recurrences"):
         click.echo(
             output.table(
                 ["ID", "FLAG", "CRON", "TIMEZONE", "NEXT_AT", "CHANGE", "EXPIRES_AFTER"],
@@ -737,6 +725,19 @@ def recurrences(app: App, tz_name: str | None, fmt: str) -> int:
             )
         )
     return EXIT_OK
+
+
+def _json_or_empty(fmt: str, rows: list[dict[str, Any]], empty: str) -> bool:
+    """Rows as JSON, or the line `empty` when there are none; False: print them as a table."""
+    from flagsched import output
+
+    if fmt == "json":
+        click.echo(output.to_json(rows))
+        return True
+    if not rows:
+        click.echo(empty)
+        return True
+    return False
 
 
 def _report_each(results: list[Any]) -> int:
@@ -868,7 +869,7 @@ def history(
     fmt: str,
 ) -> int:
     """Changes of flags (by anyone), newest first."""
-    from flagsched import operators, output
+    from flagsched import operators
 
     zone = _zone_option(tz_name)
     since: datetime | None = _time_option(since_text, zone, "--since")  # None: now (the db's)
@@ -879,11 +880,7 @@ def history(
         since_now=since_text is not None and since is None,
         limit=limit,
     )
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-    elif not rows:
-        click.echo("no changes recorded")
-    else:
+    if not _json_or_empty(fmt, rows, "no changes recorded"):
         click.echo(_history_table(rows, zone))
     return EXIT_OK
 
