@@ -158,6 +158,7 @@ def upgrade() -> None:
         --   held_back  behind such an error
         DECLARE
             locked text[];
+            held text[] := '{{}}';
             decided_n integer[];
             decided_outcome text[];
             decided_message text[];
@@ -173,6 +174,11 @@ def upgrade() -> None:
                 locked := ARRAY(SELECT f.key FROM feature_flags f WHERE f.key = ANY (p_keys)
                                 ORDER BY f.key FOR UPDATE SKIP LOCKED);
             END IF;
+            -- Flags not locked: held by another session (busy), or missing.
+            IF cardinality(locked) < cardinality(p_keys) THEN
+                held := ARRAY(SELECT f.key FROM feature_flags f
+                              WHERE f.key = ANY (p_keys) AND f.key <> ALL (locked));
+            END IF;
             -- Decided under the locks: a change another session committed before we got a
             -- flag's lock is visible to this statement's snapshot.
             SELECT coalesce(array_agg(c.n::integer ORDER BY c.n)
@@ -187,8 +193,7 @@ def upgrade() -> None:
             FROM unnest(p_ids, p_keys) WITH ORDINALITY AS c(id, key, n)
             CROSS JOIN LATERAL (
                 SELECT CASE WHEN c.key = ANY (locked) THEN NULL
-                            WHEN EXISTS (SELECT 1 FROM feature_flags f WHERE f.key = c.key)
-                            THEN 'busy' ELSE 'missing' END AS outcome
+                            WHEN c.key = ANY (held) THEN 'busy' ELSE 'missing' END AS outcome
             ) l
             LEFT JOIN LATERAL {CHECK_NAME}(c.id, p_max_lateness) k ON l.outcome IS NULL
             CROSS JOIN LATERAL (SELECT coalesce(l.outcome, k.outcome) AS outcome,
@@ -214,7 +219,8 @@ def upgrade() -> None:
                                 FILTER (WHERE p_rollout[t] IS NOT NULL))[1] AS rollout
                     FROM unnest(todo) AS t GROUP BY 1
                 ) AS v
-                WHERE f.key = v.key;
+                WHERE f.key = v.key AND f.key = ANY (locked);  -- an index scan, not a join
+                                                                -- over every flag
                 written := true;
             EXCEPTION WHEN OTHERS THEN
                 NULL;  -- undone as a whole: every change is tried on its own below
