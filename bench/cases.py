@@ -898,6 +898,22 @@ def settings_cost(b: Bench) -> Case:
                         conn.execute(begin)
                         conn.commit()
                     seconds[begin].append((time.perf_counter() - started) / per_round)
+    # The other half of pooler safety: no server-side prepared statements. The reference
+    # drain (pooler-safe like flagsched) against itself with psycopg's default preparing.
+    drains: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * b.runs(3)):
+        prepare = i % 4 in (1, 2)  # ABBA
+        db = b.cluster.clone(DRAIN_TEMPLATE)
+        b.cluster.quiesce()
+        url = b.cluster.url_for(db)
+        extra = ["--prepare"] if prepare else []
+        ran = run(reference_command(url, *DRAIN_ARGS, *extra), environment(url), b.log(f"p{i}"))
+        statuses = b.cluster.statuses(db)
+        b.cluster.drop(db)
+        if ran.code != 0 or statuses != {"applied": DRAIN_SCHEDULES}:
+            raise RuntimeError(f"reference drain {i}: exit {ran.code}, {statuses}")
+        drains[prepare].append(_in_process_seconds(ran) or ran.seconds)
+    unprepared, prepared = _median(drains[False]), _median(drains[True])
     base_us, with_us = _median(seconds[bare]) * 1e6, _median(seconds[ours]) * 1e6
     extra_us = with_us - base_us
     # A drain of case 1: one transaction per batch, plus the schema check and the backlog.
@@ -906,6 +922,10 @@ def settings_cost(b: Bench) -> Case:
         Figure("BEGIN + COMMIT, median", f"{base_us:.0f} us"),
         Figure("BEGIN; SET LOCAL x5 + COMMIT, median", f"{with_us:.0f} us"),
         Figure("cost of the settings per transaction", f"{extra_us:+.0f} us"),
+        Figure(
+            "reference drain without / with prepared statements, in-process median",
+            f"{unprepared:.2f} s / {prepared:.2f} s ({unprepared / prepared - 1:+.0%})",
+        ),
     ]
     if b.drain_rate is not None:
         share = extra_us * 1e-6 * transactions / (DRAIN_SCHEDULES / b.drain_rate)
@@ -924,6 +944,16 @@ def settings_cost(b: Bench) -> Case:
         f"COMMIT. The drain of case 1 runs {transactions} transactions (one per batch of "
         f"{DRAIN_ARGS[1]}, the schema check, the backlog), so the settings add "
         f"{extra_us * transactions / 1000:.1f} ms to it.",
+        "",
+        "No server-side prepared statements (a transaction-mode pooler may run the next "
+        "transaction on a server connection that never saw them) means PostgreSQL parses "
+        "and plans every statement of every batch. What that costs is measured on the "
+        f"reference drain, which follows the same rules: {len(drains[False])} runs as it is "
+        "and as many with `--prepare` (psycopg's default: prepare a statement from its "
+        f"5th execution), ABBA, in-process times "
+        f"{', '.join(f'{t:.2f}' for t in drains[False])} s without and "
+        f"{', '.join(f'{t:.2f}' for t in drains[True])} s with. flagsched pays the same: its "
+        "ratio in case 1 is against the pooler-safe reference.",
     ]
     return case
 

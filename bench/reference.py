@@ -6,6 +6,11 @@ LOCKED`, schedules behind an open earlier one of their flag held back), one lock
 claimed flags in key order, one UPDATE for the flags (consecutive changes of a flag folded)
 and one for the schedules, one commit. No ORM, no logging, no per-row work in SQL.
 
+It obeys the same rules behind a connection pooler as flagsched (so the comparison is of
+equals): only `application_name` at startup, the session settings as SET LOCAL in the
+BEGIN round trip, no server-side prepared statements. `--prepare` lets psycopg prepare
+statements as it does by default (not pooler-safe): case 7 measures what giving that up costs.
+
 It is a yardstick for the happy path, not a second product: a schedule naming a missing flag
 or carrying invalid `updates` fails for good, but a failing flag UPDATE is not isolated (it
 aborts the run), which the benchmark's case 1 never provokes.
@@ -80,9 +85,10 @@ FROM unnest(%s::bigint[], %s::text[]) AS v(id, error)
 WHERE s.id = v.id
 """
 
-_OPTIONS = (
-    "-c lock_timeout=5000 -c statement_timeout=30000 "
-    "-c idle_in_transaction_session_timeout=60000 -c timezone=UTC -c jit=off"
+_BEGIN = (
+    "BEGIN; SET LOCAL lock_timeout = 5000; SET LOCAL statement_timeout = 30000; "
+    "SET LOCAL idle_in_transaction_session_timeout = 60000; SET LOCAL timezone = 'UTC'; "
+    "SET LOCAL jit = off"
 )
 
 
@@ -103,49 +109,59 @@ def _invalid(updates: Any) -> str | None:
 
 def drain_batch(conn: psycopg.Connection[Any], batch_size: int) -> tuple[int, int]:
     """One batch in one transaction; returns (schedules claimed, schedules recorded)."""
-    with conn.transaction():
-        rows = conn.execute(_CLAIM, {"limit": batch_size}).fetchall()
-        folded: dict[str, tuple[bool | None, int | None]] = {}
-        ids: list[int] = []
-        errors: list[str | None] = []
-        wanted: dict[str, list[int]] = {}
-        for schedule_id, flag_key, updates, blocked in rows:
-            if blocked:
-                continue  # held back: left as it is, due again next batch
-            error = _invalid(updates)
-            if error is not None:
-                ids.append(schedule_id)
-                errors.append(error)
-                continue
-            enabled, rollout = folded.get(flag_key, (None, None))
-            folded[flag_key] = (
-                updates.get("enabled", enabled),
-                updates.get("rollout_percentage", rollout),
+    conn.execute(_BEGIN)  # one round trip; a failure aborts the run (and so rolls back)
+    counts = _batch(conn, batch_size)
+    conn.commit()
+    return counts
+
+
+def _batch(conn: psycopg.Connection[Any], batch_size: int) -> tuple[int, int]:
+    rows = conn.execute(_CLAIM, {"limit": batch_size}).fetchall()
+    folded: dict[str, tuple[bool | None, int | None]] = {}
+    ids: list[int] = []
+    errors: list[str | None] = []
+    wanted: dict[str, list[int]] = {}
+    for schedule_id, flag_key, updates, blocked in rows:
+        if blocked:
+            continue  # held back: left as it is, due again next batch
+        error = _invalid(updates)
+        if error is not None:
+            ids.append(schedule_id)
+            errors.append(error)
+            continue
+        enabled, rollout = folded.get(flag_key, (None, None))
+        folded[flag_key] = (
+            updates.get("enabled", enabled),
+            updates.get("rollout_percentage", rollout),
+        )
+        wanted.setdefault(flag_key, []).append(schedule_id)
+    if folded:
+        found = {r[0] for r in conn.execute(_LOCK_FLAGS, (sorted(folded),))}
+        keys = [k for k in folded if k in found]
+        if keys:
+            conn.execute(
+                _SET_FLAGS,
+                (keys, [folded[k][0] for k in keys], [folded[k][1] for k in keys]),
             )
-            wanted.setdefault(flag_key, []).append(schedule_id)
-        if folded:
-            found = {r[0] for r in conn.execute(_LOCK_FLAGS, (sorted(folded),))}
-            keys = [k for k in folded if k in found]
-            if keys:
-                conn.execute(
-                    _SET_FLAGS,
-                    (keys, [folded[k][0] for k in keys], [folded[k][1] for k in keys]),
-                )
-            for key, schedule_ids in wanted.items():
-                error = None if key in found else f"flag {key!r} does not exist"
-                ids += schedule_ids
-                errors += [error] * len(schedule_ids)
-        if ids:
-            conn.execute(_RECORD, (ids, errors))
+        for key, schedule_ids in wanted.items():
+            error = None if key in found else f"flag {key!r} does not exist"
+            ids += schedule_ids
+            errors += [error] * len(schedule_ids)
+    if ids:
+        conn.execute(_RECORD, (ids, errors))
     return len(rows), len(ids)
 
 
-def drain(url: str, batch_size: int, max_batches: int) -> int:
+def drain(url: str, batch_size: int, max_batches: int, *, prepare: bool = False) -> int:
     """Run up to `max_batches` batches, stopping when a batch records nothing."""
     done = 0
-    with psycopg.connect(url, application_name="flagsched-reference", options=_OPTIONS) as conn:
+    with psycopg.connect(
+        url,
+        autocommit=True,
+        application_name="flagsched-reference",
+        prepare_threshold=5 if prepare else None,  # 5: psycopg's default
+    ) as conn:
         conn.execute("SELECT version_num FROM alembic_version").fetchone()
-        conn.commit()
         for _ in range(max_batches):
             _, recorded = drain_batch(conn, batch_size)
             done += recorded
@@ -159,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url", help="postgresql://... of a migrated database")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--max-batches", type=int, default=1000)
+    parser.add_argument(
+        "--prepare", action="store_true", help="let psycopg prepare statements (not pooler-safe)"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    done = drain(args.url, args.batch_size, args.max_batches)
+    done = drain(args.url, args.batch_size, args.max_batches, prepare=args.prepare)
     # One JSON line, like flagsched's tick_finished, so the bench can split startup from work.
     print(
         json.dumps(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -133,6 +134,45 @@ def _signals_stop(stop: Any) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+def _pinged(command: Callable[..., int]) -> Callable[..., int]:
+    """`process --ping-url URL` / FLAGSCHED_PING_URL: GET URL/start as the tick starts and
+    URL/<exit code> as it ends. A failed ping is a warning, never the exit code; a dry run
+    (not a tick) does not ping."""
+
+    @functools.wraps(command)
+    def run(app: App, ping_url: str | None, **options: Any) -> int:
+        url = ping_url or app.settings.ping_url
+        if url is None or options.get("dry_run"):
+            return command(app, **options)
+        from flagsched.ping import Pinger
+
+        pinger = Pinger(url)
+        pinger.start()
+        code = EXIT_COULD_NOT_RUN
+        try:
+            code = command(app, **options)
+        except FlagschedError as exc:
+            code = exc.exit_code
+            raise
+        finally:
+            for failed in pinger.finish(code):
+                logs.get_logger().warning(
+                    "ping_failed", ping=failed.ping, host=failed.host, error=failed.reason
+                )
+        return code
+
+    return run
+
+
+def _ping_url(value: str | None) -> str | None:
+    from flagsched.ping import check_url
+
+    try:
+        return None if value is None else check_url(value)
+    except ValueError as exc:  # the message never quotes the URL: it may hold a token
+        raise click.BadParameter(str(exc), param_hint="--ping-url") from None
+
+
 @cli.command()
 @click.option("--batch-size", type=click.IntRange(1, 1000), help="Schedules per batch [100].")
 @click.option(
@@ -156,6 +196,7 @@ def _signals_stop(stop: Any) -> Iterator[None]:
     help="GET URL/start and URL/<exit code> (a cron monitor) [FLAGSCHED_PING_URL].",
 )
 @pass_app
+@_pinged
 def process(
     app: App,
     batch_size: int | None,
@@ -163,48 +204,8 @@ def process(
     dry_run: bool,
     metrics_file: Path | None,
     pushgateway: str | None,
-    ping_url: str | None,
 ) -> int:
     """Run one tick: apply the schedules that are due."""
-    settings = app.settings
-    ping_url = ping_url or settings.ping_url
-    if dry_run or ping_url is None:  # a dry run is not a tick: no ping
-        return _process(app, batch_size, max_batches, dry_run, metrics_file, pushgateway)
-    from flagsched.ping import Pinger
-
-    pinger = Pinger(ping_url)
-    pinger.start()
-    code = EXIT_COULD_NOT_RUN
-    try:
-        code = _process(app, batch_size, max_batches, dry_run, metrics_file, pushgateway)
-    except FlagschedError as exc:
-        code = exc.exit_code
-        raise
-    finally:
-        for failed in pinger.finish(code):  # a warning; never changes the exit code
-            logs.get_logger().warning(
-                "ping_failed", ping=failed.ping, host=failed.host, error=failed.reason
-            )
-    return code
-
-
-def _ping_url(value: str | None) -> str | None:
-    from flagsched.ping import check_url
-
-    try:
-        return None if value is None else check_url(value)
-    except ValueError as exc:  # the message never quotes the URL: it may hold a token
-        raise click.BadParameter(str(exc), param_hint="--ping-url") from None
-
-
-def _process(
-    app: App,
-    batch_size: int | None,
-    max_batches: int,
-    dry_run: bool,
-    metrics_file: Path | None,
-    pushgateway: str | None,
-) -> int:
     from flagsched import output, tick
     from flagsched.model import Outcome
 
