@@ -213,7 +213,12 @@ def invoke(*args: str, env: dict[str, str] | None = None, url: str | None = None
 def flagsched(database_url: str) -> Callable[..., Ran]:
     """The command line, in-process, against this test's database."""
 
-    def run(*args: str, env: dict[str, str] | None = None, url: str | None = database_url) -> Ran:
+    def run(
+        *args: str,
+        env: dict[str, str] | None = None,
+        url: str | None = database_url,
+        timeout: float | None = None,  # accepted as before; a call in-process needs none
+    ) -> Ran:
         return invoke(*args, env=env, url=url)
 
     return run

@@ -308,3 +308,48 @@ def test_list_failed_table_json_and_filters(
     assert ids("--limit", "1") == [waiting]
     both = flagsched("list-failed", "--permanent", "--retrying")
     assert both.code == 2 and "exclude each other" in both.stderr
+
+
+STUCK_TRIGGER = """
+CREATE FUNCTION test_stuck_flag() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.key = 'stuck' THEN
+        LOOP  -- deaf to cancels (and to statement_timeout): only the end of its session stops it
+            BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN NULL; END;
+        END LOOP;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_stuck_flag BEFORE UPDATE ON feature_flags
+    FOR EACH ROW EXECUTE FUNCTION test_stuck_flag();
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_ends_a_stuck_tick_at_once_and_its_batch_rolls_back(
+    database_url: str, sql: Sql, add_flag: Any, add_schedule: Any, signum: int
+) -> None:
+    sql(STUCK_TRIGGER)
+    add_flag("stuck")
+    stuck = add_schedule("stuck", {"enabled": True})
+    proc = spawn(database_url)
+    _wait_until_sleeping(sql)
+    proc.send_signal(signum)
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.communicate()  # the first signal asked; no safe point comes
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    proc.communicate(timeout=10)
+    assert proc.returncode == -signum  # ended by the signal itself, as without a handler
+    assert time.monotonic() - sent < 2
+    others = (
+        "FROM pg_stat_activity WHERE application_name = 'flagsched' AND pid <> pg_backend_pid()"
+    )
+    sql(f"SELECT pg_terminate_backend(pid) {others}")  # as the server does when the client is gone
+    for _ in range(100):
+        if not sql(f"SELECT count(*) {others}")[0][0]:
+            break
+        time.sleep(0.05)
+    row = sql("SELECT status, retry_count FROM feature_flag_schedules WHERE id = :i", i=stuck)[0]
+    assert tuple(row) == ("pending", 0)  # rolled back: due again, no retry spent
+    assert sql("SELECT enabled FROM feature_flags")[0][0] is False
