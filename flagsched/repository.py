@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -310,8 +310,7 @@ def record(
                 -- attempts is ours, but an application may have written anything there
                 attempts = {_KEPT} || jsonb_build_array(jsonb_build_object(
                     'attempt', jsonb_array_length({_KEPT}) + 1,
-                    'at', to_char(%(now)s::timestamptz AT TIME ZONE 'UTC',
-                                  'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                    'at', %(at)s::text,
                     'outcome', v.outcome, 'error', v.last_error))
             FROM (
                 SELECT id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
@@ -336,6 +335,7 @@ def record(
             "errors": [r.error for r in failed],
             "max": [r.max_retries for r in failed],
             "now": now,
+            "at": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),  # once, not per row
             "notice": notice,
         },
     )

@@ -19,12 +19,15 @@ OPTIONS = [
     (["prune"], "--older-than"),
     (["schedule", "a", "--at", "now"], "--rollout"),
     (["schedule", "a", "--at", "now", "--enable"], "--max-retries"),
+    (["history"], "--limit"),
+    (["list"], "--limit"),
 ]
 SETTINGS = [
     "FLAGSCHED_BATCH_SIZE",
     "FLAGSCHED_RETRY_MAX_DELAY",
     "FLAGSCHED_LOCK_TIMEOUT",
     "FLAGSCHED_STATEMENT_TIMEOUT",
+    "FLAGSCHED_MAX_LATENESS",
 ]
 
 # Values no numeric option or setting accepts: not finite, beyond every bound, or negative.
