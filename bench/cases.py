@@ -867,19 +867,19 @@ def _list_plan(conn: Conn, filters: dict[str, Any]) -> str:
     from flagsched import repository
 
     captured: list[str] = []
-    real = repository._lenient_dicts
+    real = repository._dicts
 
     def explain(c: Conn, sql: str, params: Any = None) -> list[dict[str, Any]]:
         rows = c.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql, params).fetchall()
         captured.append("\n".join(str(r[0]) for r in rows))
         return []
 
-    repository._lenient_dicts = explain  # type: ignore[assignment]
+    repository._dicts = explain  # type: ignore[assignment]
     try:
         with conn.transaction(force_rollback=True):
             repository.list_schedules(conn, limit=100, **filters)
     finally:
-        repository._lenient_dicts = real
+        repository._dicts = real
     return captured[0]
 
 

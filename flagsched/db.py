@@ -18,11 +18,10 @@ from typing import Any, TypeAlias
 
 import orjson
 import psycopg
-from psycopg.types.datetime import TimestamptzLoader
 from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
-from flagsched.model import Unreadable, UnreadableTime
+from flagsched.model import Unreadable
 from flagsched.urls import database_url_problem, describe_database, url_secrets
 from flagsched.urls import one_line as one_line  # where the repository finds it
 
@@ -157,17 +156,6 @@ def connection_lost(exc: BaseException, conn: Conn | None = None) -> bool:
     sqlstate = exc.sqlstate
     # No SQLSTATE: the client library itself failed (the socket closed, the server vanished).
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES
-
-
-class TolerantTimestamptzLoader(TimestamptzLoader):
-    """timestamptz as a datetime, or, for what Python cannot hold (BC, after year 9999,
-    +-infinity), an UnreadableTime with PostgreSQL's text: for statements that show rows."""
-
-    def load(self, data: Any) -> Any:
-        try:
-            return super().load(data)
-        except psycopg.DataError:
-            return UnreadableTime(bytes(data).decode(errors="replace"))
 
 
 @contextmanager

@@ -55,19 +55,6 @@ class Unreadable:
         return f"(unreadable JSON: {self.reason})"
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class UnreadableTime:
-    """A stored timestamp Python cannot hold (BC, after year 9999, +-infinity), kept as
-    PostgreSQL wrote it, so that listing such a row shows it instead of failing."""
-
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
-
-    __repr__ = __str__
-
-
 @dataclass(frozen=True, slots=True)
 class Updates:
     """A validated change: None means "leave as it is"."""
@@ -103,17 +90,6 @@ class Updates:
                     f"got {_show(value['rollout_percentage'])}"
                 )
         return cls(enabled=enabled, rollout_percentage=rollout)
-
-    def then(self, later: Updates) -> Updates:
-        """This change followed by `later`: later values win, unset ones keep ours."""
-        return Updates(
-            enabled=self.enabled if later.enabled is None else later.enabled,
-            rollout_percentage=(
-                self.rollout_percentage
-                if later.rollout_percentage is None
-                else later.rollout_percentage
-            ),
-        )
 
     def as_json(self) -> dict[str, Any]:
         return {k: v for k in ALLOWED_KEYS if (v := getattr(self, k)) is not None}
@@ -206,6 +182,7 @@ class Claimed:
     # Why the row cannot be read as it is stored (a time Python cannot hold, `updates` too
     # large to ship), decided by the claim's SQL; such a row fails for good, unattempted.
     defect: str | None = None
+    attempts_made: int = 0  # attempts already kept with it (its retry_count resets on retry)
 
 
 class Outcome(StrEnum):

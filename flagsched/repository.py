@@ -14,7 +14,7 @@ from psycopg.abc import Buffer
 from psycopg.rows import dict_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
-from flagsched.db import SCHEMA_REVISION, Conn, TolerantTimestamptzLoader, one_line
+from flagsched.db import SCHEMA_REVISION, Conn, one_line
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
     MAX_TEXT,
@@ -33,11 +33,31 @@ from flagsched.model import (
 MIGRATION_LOCK_KEY = 0x666C6167736368
 
 
+class _LenientTimestamptz(TimestamptzLoader):
+    """A timestamptz Python cannot hold (infinity, BC, past 9999) as PostgreSQL's text,
+    so one such row never stops a read command."""
+
+    def load(self, data: Buffer) -> datetime | str:  # type: ignore[override]
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
+class _LenientInterval(IntervalLoader):
+    def load(self, data: Buffer) -> timedelta | str:  # type: ignore[override]
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
 def _dicts(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Rows as dicts; a stored time Python cannot hold comes back as an UnreadableTime, so
-    the statements that show rows (status, list-failed, operators) read any row."""
+    """Rows as dicts; a stored time or interval Python cannot hold (infinity, BC, past year
+    9999) comes back as PostgreSQL's text, so a command that shows rows reads any row."""
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.adapters.register_loader("timestamptz", TolerantTimestamptzLoader)
+        cur.adapters.register_loader("timestamptz", _LenientTimestamptz)
+        cur.adapters.register_loader("interval", _LenientInterval)
         return cur.execute(sql, params).fetchall()
 
 
@@ -94,11 +114,18 @@ def db_now(conn: Conn) -> datetime:
 # not due yet is not claimed at all, so held-back rows never crowd a batch. `blocked` tells
 # whether an earlier schedule of the same flag outside this claim is still open (pending or
 # waiting for a retry): such a schedule is held back.
-_OPEN = (
-    "(e.status = 'pending' OR (e.status = 'failed' AND e.next_retry_at IS NOT NULL"
-    " AND e.retry_count <= e.max_retries))"
+def _waiting_row(p: str = "") -> str:
+    """A failed schedule (alias prefix `p`) still waiting for a retry: SPEC's one definition."""
+    return f"({p}next_retry_at IS NOT NULL AND {p}retry_count <= {p}max_retries)"
+
+
+_WAITING_ROW = _waiting_row()
+_WAITING = f"(status = 'failed' AND {_WAITING_ROW})"
+_OPEN = f"(e.status = 'pending' OR (e.status = 'failed' AND {_waiting_row('e.')}))"
+_COLUMNS = (
+    "id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at,"
+    " attempts"
 )
-_COLUMNS = "id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at"
 
 # No row may stop the queue: whatever a column holds, the claim ships Python only values it
 # can hold. Times outside Python's years 1..9999 (BC, year 20000, +-infinity) are clamped
@@ -134,6 +161,22 @@ def _time_defect(column: str, *, when: str = "true") -> str:
 
 def _updates_size(column: str) -> str:
     return f"octet_length(CAST({column} AS text))"
+
+
+# The attempts so far. An application may have written anything there: what is not an
+# array, or is too large to append to safely, is replaced (one row's value must never fail
+# the batch's single UPDATE).
+_KEPT = (
+    "(CASE WHEN jsonb_typeof(s.attempts) = 'array'"
+    " AND octet_length(CAST(s.attempts AS text)) < 1000000 THEN s.attempts ELSE '[]' END)"
+)
+
+
+# `updates` as commands show it: one too large to ship is a note of its size.
+_SHOWN_UPDATES = f"""
+    CASE WHEN {_updates_size("updates")} <= {UPDATES_MAX_BYTES} THEN updates
+         ELSE to_jsonb('(' || {_updates_size("updates")} || ' bytes: not shown)') END
+    AS updates"""
 
 
 def _claim_sql(*, lock: bool) -> str:
@@ -180,7 +223,8 @@ def _claim_sql(*, lock: bool) -> str:
                 {_time_defect("next_retry_at", when="c.status = 'failed'")}
                 WHEN z.size > {UPDATES_MAX_BYTES} THEN 'updates is ' || z.size
                      || ' bytes, more than the {UPDATES_MAX_BYTES} flagsched reads'
-           END
+           END,
+           jsonb_array_length({_KEPT.replace("s.", "c.")})  -- attempts made so far
     FROM claimed c
     CROSS JOIN LATERAL (SELECT {_updates_size("c.updates")} AS size) z
     CROSS JOIN LATERAL (
@@ -281,7 +325,6 @@ def cancel_running_statement(conn: Conn) -> None:
     conn.cancel_safe(timeout=1.0)
 
 
-_KEPT = "(CASE WHEN jsonb_typeof(s.attempts) = 'array' THEN s.attempts ELSE '[]' END)"
 
 
 def record(
@@ -349,7 +392,7 @@ def list_failed(
     limit: int,
 ) -> list[dict[str, Any]]:
     """Failed schedules, most recently failed first; `permanent` filters by waiting/for good."""
-    waiting = "(next_retry_at IS NOT NULL AND retry_count <= max_retries)"
+    waiting = _WAITING_ROW
     where = ["status = 'failed'"]
     if permanent is True:
         where.append(f"NOT {waiting}")
@@ -361,9 +404,7 @@ def list_failed(
         conn,
         f"""
         SELECT id, flag_key, scheduled_at,
-               CASE WHEN {_updates_size("updates")} <= {UPDATES_MAX_BYTES} THEN updates
-                    ELSE to_jsonb('(' || {_updates_size("updates")} || ' bytes: not shown)')
-               END AS updates,
+               {_SHOWN_UPDATES},
                status, retry_count, max_retries,
                next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
                updated_at, NOT {waiting} AS permanent
@@ -378,8 +419,6 @@ def list_failed(
 
 # --- operators -------------------------------------------------------------------------
 
-_WAITING_ROW = "(next_retry_at IS NOT NULL AND retry_count <= max_retries)"
-_WAITING = f"(status = 'failed' AND {_WAITING_ROW})"
 
 
 # Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at the
@@ -525,9 +564,11 @@ def reset_for_retry(conn: Conn, schedule_id: int) -> None:
         UPDATE feature_flag_schedules
         SET status = 'pending', retry_count = 0, next_retry_at = NULL, updated_at = now(),
             reviewed_at = now(),
+            -- only times in years 1..9999 move (an application's extreme value stays, and
+            -- can never overflow the sum)
             expires_at = CASE
-                WHEN isfinite(expires_at) AND isfinite(scheduled_at)
-                     AND now() > greatest(scheduled_at, reviewed_at)
+                WHEN expires_at BETWEEN '0001-01-01' AND '9999-12-31'
+                     AND greatest(scheduled_at, reviewed_at) BETWEEN '0001-01-01' AND now()
                 THEN expires_at + (now() - greatest(scheduled_at, reviewed_at))
                 ELSE expires_at END
         WHERE id = %(i)s
@@ -602,10 +643,7 @@ def show_schedule(conn: Conn, schedule_id: int) -> dict[str, Any] | None:
     rows = _dicts(
         conn,
         f"""
-        SELECT id, flag_key, scheduled_at, updates, status, retry_count, max_retries,
-               next_retry_at, last_error, applied_at, created_at, updated_at,
-               NOT {_WAITING_ROW} AND status = 'failed' AS permanent,
-               group_id, expires_at, on_conflict, reviewed_at,
+        SELECT {SCHEDULE_FIELDS},
                CASE WHEN jsonb_typeof(attempts) = 'array' THEN attempts ELSE '[]' END
                    AS attempts
         FROM feature_flag_schedules WHERE id = %(i)s
@@ -680,52 +718,21 @@ def prune_batch(conn: Conn, *, older_than_seconds: float, limit: int) -> dict[st
 # A schedule as every read command shows it (`list`, `show`): list-failed's keys plus the
 # authoring columns. `permanent`: failed for good.
 SCHEDULE_FIELDS = f"""
-    id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at,
-    last_error, applied_at, created_at, updated_at,
-    (status = 'failed' AND NOT {_WAITING}) AS permanent,
-    group_id, expires_at, on_conflict, recurrence_id
+    id, flag_key, scheduled_at, {_SHOWN_UPDATES}, status, retry_count, max_retries,
+    next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
+    updated_at, (status = 'failed' AND NOT {_WAITING}) AS permanent,
+    group_id, expires_at, on_conflict, recurrence_id, reviewed_at
 """
 # Open: pending, or failed and waiting for a retry. Spelled so that only the indexes of
 # open rows (status IN ('pending', 'failed')) match it, so idx_schedules_open serves it in
 # (scheduled_at, id) order (with `status = 'pending' OR ...` the planner ORs two bitmap
 # scans and sorts every open row: 2x slower beside 200,000 applied rows, docs/benchmarks.md).
-_OPEN_SCHEDULE = (
-    "status IN ('pending', 'failed') AND (status <> 'failed' "
-    "OR (next_retry_at IS NOT NULL AND retry_count <= max_retries))"
-)
+_OPEN_SCHEDULE = f"status IN ('pending', 'failed') AND (status <> 'failed' OR {_WAITING_ROW})"
 
 
 # A bound of `list --from/--to now`: PostgreSQL reads the string 'now' cast to timestamptz
 # as the transaction's now(), so the database's clock decides.
 DB_NOW = "now"
-
-
-class _LenientTimestamptz(TimestamptzLoader):
-    """A timestamptz Python cannot hold (infinity, BC, past 9999) as PostgreSQL's text,
-    so one such row never stops a read command."""
-
-    def load(self, data: Buffer) -> datetime | str:  # type: ignore[override]
-        try:
-            return super().load(data)
-        except psycopg.DataError:
-            return bytes(data).decode()
-
-
-class _LenientInterval(IntervalLoader):
-    def load(self, data: Buffer) -> timedelta | str:  # type: ignore[override]
-        try:
-            return super().load(data)
-        except psycopg.DataError:
-            return bytes(data).decode()
-
-
-def _lenient_dicts(
-    conn: Conn, sql: str, params: Mapping[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.adapters.register_loader("timestamptz", _LenientTimestamptz)
-        cur.adapters.register_loader("interval", _LenientInterval)
-        return cur.execute(sql, params).fetchall()
 
 
 def list_schedules(
@@ -746,7 +753,7 @@ def list_schedules(
         where.append("scheduled_at >= CAST(%(start)s AS timestamptz)")
     if end is not None:
         where.append("scheduled_at < CAST(%(end)s AS timestamptz)")
-    return _lenient_dicts(
+    return _dicts(
         conn,
         f"""
         SELECT {SCHEDULE_FIELDS} FROM feature_flag_schedules
@@ -856,7 +863,7 @@ _RECURRENCE_FIELDS = (
 def list_recurrences(conn: Conn, *, include_cancelled: bool = False) -> list[dict[str, Any]]:
     """Recurrences, next occurrence first (stopped ones, next_at NULL, last)."""
     where = "" if include_cancelled else "WHERE cancelled_at IS NULL"
-    return _lenient_dicts(
+    return _dicts(
         conn,
         f"SELECT {_RECURRENCE_FIELDS} FROM feature_flag_recurrences {where} "
         "ORDER BY next_at NULLS LAST, id",
@@ -895,7 +902,7 @@ def cancel_recurrence(conn: Conn, recurrence_id: int) -> list[int]:
 def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[dict[str, Any]]]:
     """Lock up to `limit` active recurrences whose next_at <= now() (skipping those another
     tick holds) with that now(). An index probe: nothing due costs one short statement."""
-    rows = _lenient_dicts(  # next_at may be -infinity or BC: a text, never a crash
+    rows = _dicts(  # next_at may be -infinity or BC: a text, never a crash
         conn,
         """
         SELECT now() AS now, id, flag_key, cron, timezone, next_at

@@ -143,12 +143,19 @@ feature_flag_changes = sa.Table(
         nullable=False,
         server_default=sa.text("'{}'::bigint[]"),
     ),
+    # When the writing statement ran: what the conflict check orders by.
+    sa.Column(
+        "written_at",
+        sa.DateTime(timezone=True),
+        nullable=False,
+        server_default=sa.func.statement_timestamp(),
+    ),
     sa.Index("idx_changes_flag", "flag_key", "changed_at", "id"),
     sa.Index("idx_changes_changed_at", "changed_at", postgresql_using="brin"),
     sa.Index(
         "idx_changes_foreign",
         "flag_key",
-        "changed_at",
+        "written_at",
         postgresql_where=sa.text("schedule_ids = '{}'::bigint[]"),
     ),
 )

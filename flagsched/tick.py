@@ -319,14 +319,6 @@ def _result(
             return fail(schedule, error or "unknown error", permanent=False)
 
 
-def _fold(steps: list[Step]) -> Updates:
-    """Consecutive changes of one flag, written as one update (later values win)."""
-    state = Updates()
-    for _, updates in steps:
-        state = state.then(updates)
-    return state
-
-
 def _log_result(log: Any, result: Result) -> None:
     schedule = result.schedule
     fields: dict[str, Any] = {"schedule_id": schedule.id, "flag_key": clip(schedule.flag_key)}
@@ -336,8 +328,8 @@ def _log_result(log: Any, result: Result) -> None:
             "schedule_applied",
             **fields,
             retry_count=schedule.retry_count,
-            attempt=schedule.retry_count + 1,
-            first_attempt=schedule.retry_count == 0,
+            attempt=schedule.attempts_made + 1,
+            first_attempt=schedule.attempts_made == 0,
         )
     elif result.outcome is Outcome.RETRY:
         log.warning(

@@ -13,12 +13,12 @@
   prunes its attempts).
 - flagsched_check_v1(id, max_lateness): the safety verdict of one due schedule (expired or
   in conflict, with the line for last_error), shared by the tick's write and --dry-run.
-- flagsched_apply_v2: a batch's writes in one statement (flagsched_apply of 0003 stays for
-  pods of the previous version during a rollout). Under the flags' row locks it decides,
-  per change, missing / busy / expired / conflict, writes the rest set-based (each flag's
-  changes folded, later values win) and, only if that fails, change by change, each in
-  its own subtransaction; a failure that will be retried holds the flag's later changes
-  back. Returns a row per change that did not apply.
+- flagsched_apply_v2: a batch's writes in one statement (flagsched_apply of 0003 is left as
+  it is: landed migrations are not edited, and downgrading to 0003 needs it). Under the
+  flags' row locks it decides, per change, missing / busy / expired / conflict, writes the
+  rest set-based (each flag's changes folded, later values win) and, only if that fails,
+  change by change, each in its own subtransaction; a failure that will be retried holds
+  the flag's later changes back. Returns a row per change that did not apply.
 
 Revision ID: 0004
 Revises: 0003
@@ -32,6 +32,7 @@ branch_labels = None
 depends_on = None
 
 TRIGGER_FUNCTION = "flagsched_record_change_v1"
+TRUNCATE_FUNCTION = "flagsched_record_truncate_v1"
 CHECK_NAME = "flagsched_check_v1"
 CHECK_FUNCTION = f"{CHECK_NAME}(bigint, interval)"
 APPLY_FUNCTION = (
@@ -41,6 +42,13 @@ APPLY_FUNCTION = (
 # A time in last_error: ISO 8601 UTC; infinite ones as PostgreSQL spells them.
 _ISO = """CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC',
     'YYYY-MM-DD"T"HH24:MI:SS"Z"') ELSE {0}::text END"""
+# The last `flagsched retry`, unless an application wrote a time still to come.
+_REVIEWED = "CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END"
+_DUE_SINCE = f"greatest(s.scheduled_at, {_REVIEWED})"
+_WINDOW_START = (
+    "greatest(CASE WHEN s.created_at <= now() THEN s.created_at "
+    f"ELSE '-infinity'::timestamptz END, {_REVIEWED})"
+)
 _LATE = """CASE WHEN isfinite({0})
     THEN justify_interval(date_trunc('second', now() - {0}))::text ELSE 'forever' END"""
 
@@ -73,7 +81,10 @@ def upgrade() -> None:
             old_rollout_percentage integer NULL,
             new_enabled boolean NULL,
             new_rollout_percentage integer NULL,
-            schedule_ids bigint[] NOT NULL DEFAULT '{}'
+            schedule_ids bigint[] NOT NULL DEFAULT '{}',
+            -- When the writing statement ran. changed_at is its transaction's start, which
+            -- may be long before: the conflict check orders by this.
+            written_at timestamptz NOT NULL DEFAULT statement_timestamp()
         )
         """
     )
@@ -88,7 +99,7 @@ def upgrade() -> None:
     )
     # The conflict check: "did anyone but flagsched change this flag since T?" is one probe.
     op.execute(
-        "CREATE INDEX idx_changes_foreign ON feature_flag_changes (flag_key, changed_at) "
+        "CREATE INDEX idx_changes_foreign ON feature_flag_changes (flag_key, written_at) "
         "WHERE schedule_ids = '{}'"
     )
     op.execute(
@@ -98,9 +109,11 @@ def upgrade() -> None:
         LANGUAGE sql STABLE SECURITY INVOKER AS $$
             -- expired: its expires_at has passed, or, without one and with a maximum
             -- lateness, it is due longer than that since scheduled_at (or the last retry).
-            -- conflict (on_conflict 'fail'): someone other than flagsched changed the flag
-            -- since the schedule was created (or last retried); creating the flag does not
-            -- count. Expired wins over conflict; no row: neither.
+            -- conflict (on_conflict 'fail'): someone other than flagsched changed (updated or
+            -- deleted) the flag since the schedule was created or last retried, by the time
+            -- the writing statement ran; creating the flag does not count. Times in the
+            -- future (written by an application) count as never: they cannot switch a check
+            -- off. Expired wins over conflict; no row: neither.
             SELECT v.outcome, v.message
             FROM feature_flag_schedules s
             CROSS JOIN LATERAL (
@@ -110,25 +123,25 @@ def upgrade() -> None:
                 WHERE s.expires_at < now()
                 UNION ALL
                 SELECT 2, 'expired',
-                       'expired: ' || {_LATE.format("greatest(s.scheduled_at, s.reviewed_at)")}
+                       'expired: ' || {_LATE.format(_DUE_SINCE)}
                        || ' late, more than the maximum lateness of '
                        || justify_interval(p_max_lateness)::text || ' (due since '
-                       || {_ISO.format("greatest(s.scheduled_at, s.reviewed_at)")} || ')'
-                WHERE s.expires_at IS NULL
-                  AND greatest(s.scheduled_at, s.reviewed_at) < now() - p_max_lateness
+                       || {_ISO.format(_DUE_SINCE)} || ')'
+                WHERE s.expires_at IS NULL AND {_DUE_SINCE} < now() - p_max_lateness
                 UNION ALL
                 SELECT 3, 'conflict',
                        'conflict: flag ' || quote_literal(s.flag_key) || ' was changed by '
-                       || c.actor || ' at ' || {_ISO.format("c.changed_at")}
+                       || c.actor || ' at ' || {_ISO.format("c.written_at")}
                        || ', after this schedule was '
-                       || CASE WHEN s.reviewed_at > s.created_at THEN 'retried' ELSE 'created' END
+                       || CASE WHEN s.reviewed_at > s.created_at AND s.reviewed_at <= now()
+                               THEN 'retried' ELSE 'created' END
                        || '; `flagsched retry` it to apply it anyway'
                 FROM (
-                    SELECT c.actor, c.changed_at FROM feature_flag_changes c
+                    SELECT c.actor, c.written_at FROM feature_flag_changes c
                     WHERE c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
-                      AND c.old_enabled IS NOT NULL AND c.new_enabled IS NOT NULL
-                      AND c.changed_at > greatest(s.created_at, s.reviewed_at)
-                    ORDER BY c.changed_at DESC
+                      AND c.old_enabled IS NOT NULL
+                      AND c.written_at > {_WINDOW_START}
+                    ORDER BY c.written_at DESC
                     LIMIT 1
                 ) c
                 WHERE s.on_conflict = 'fail'
@@ -305,6 +318,28 @@ def upgrade() -> None:
         $$
         """
     )
+    # TRUNCATE has no transition table: record every flag's deletion just before it.
+    op.execute(
+        f"""
+        CREATE FUNCTION {TRUNCATE_FUNCTION}() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+        BEGIN
+            INSERT INTO feature_flag_changes (flag_key, actor, old_enabled,
+                old_rollout_percentage, schedule_ids)
+            SELECT f.key, coalesce(nullif(current_setting('role'), 'none'), session_user)
+                       || coalesce(' (' || nullif(current_setting('application_name', true),
+                                                  '') || ')', ''),
+                   f.enabled, f.rollout_percentage, '{{}}'
+            FROM feature_flags f;
+            RETURN NULL;
+        END
+        $$
+        """
+    )
+    op.execute(
+        f"CREATE TRIGGER flagsched_record_truncate BEFORE TRUNCATE ON feature_flags "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {TRUNCATE_FUNCTION}()"
+    )
     for event, tables in (
         ("INSERT", "NEW TABLE AS new_rows"),
         ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
@@ -321,9 +356,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(f"DROP FUNCTION {APPLY_FUNCTION}")
     op.execute(f"DROP FUNCTION {CHECK_FUNCTION}")
-    for event in ("insert", "update", "delete"):
+    for event in ("insert", "update", "delete", "truncate"):
         op.execute(f"DROP TRIGGER flagsched_record_{event} ON feature_flags")
     op.execute(f"DROP FUNCTION {TRIGGER_FUNCTION}()")
+    op.execute(f"DROP FUNCTION {TRUNCATE_FUNCTION}()")
     op.execute("DROP TABLE feature_flag_changes")
     op.execute("DROP INDEX idx_schedules_group")
     op.execute("DROP SEQUENCE feature_flag_schedule_group_seq")

@@ -68,6 +68,7 @@ SPEC_COLUMNS = {
         ("new_enabled", "boolean", "YES", None),
         ("new_rollout_percentage", "integer", "YES", None),
         ("schedule_ids", "ARRAY", "NO", "'{}'"),
+        ("written_at", "timestamp with time zone", "NO", "statement_timestamp()"),
     ],
 }
 

@@ -335,3 +335,117 @@ def test_held_back_logs_say_why(run_tick: Tick, add_flag: Any, add_schedule: Any
     )
     with capture_logs():
         assert run_tick().count(Outcome.APPLIED) == 0
+
+
+def test_a_change_whose_transaction_began_before_the_schedule_still_conflicts(
+    database_url: str, add_flag: Any, add_schedule: Any, run_tick: Tick, schedule: Any
+) -> None:
+    """A long application transaction: it starts, the schedule is created, then it updates
+    the flag and commits. By its statement's time the change came after: a conflict."""
+    add_flag("k")
+    with psycopg.connect(database_url, application_name="slowapp") as app:
+        app.execute("SELECT 1")  # its transaction (and its now()) starts here
+        sid = add_schedule("k", {"rollout_percentage": 77}, at="now()")
+        app.execute("UPDATE feature_flags SET rollout_percentage = 1 WHERE key = 'k'")
+        app.commit()
+    assert run_tick().count(Outcome.FAILED) == 1
+    assert "(slowapp)" in schedule(sid)["last_error"]
+
+
+def test_deleting_and_recreating_the_flag_is_a_conflict_and_truncate_is_recorded(
+    database_url: str, add_flag: Any, add_schedule: Any, run_tick: Tick, schedule: Any, sql: Sql
+) -> None:
+    add_flag("k")
+    sid = add_schedule("k", {"enabled": True})
+    as_app(database_url, "DELETE FROM feature_flags WHERE key = 'k'")
+    as_app(database_url, "INSERT INTO feature_flags (key, rollout_percentage) VALUES ('k', 9)")
+    assert run_tick().count(Outcome.FAILED) == 1
+    assert schedule(sid)["last_error"].startswith("conflict:")
+    sql("TRUNCATE feature_flags")
+    last = changes(sql, "k", updates_only=False)[-1]
+    assert (last["old_rollout_percentage"], last["new_enabled"]) == (9, None)
+
+
+def test_times_an_application_wrote_in_the_future_cannot_switch_the_checks_off(
+    database_url: str, add_flag: Any, add_schedule: Any, run_tick: Tick, sql: Sql
+) -> None:
+    add_flag("a")
+    add_flag("b")
+    late = add_schedule("a", {"enabled": True}, at="now() - interval '2 hours'")
+    conflicted = add_schedule("b", {"enabled": True})
+    sql("UPDATE feature_flag_schedules SET reviewed_at = 'infinity', created_at = 'infinity'")
+    as_app(database_url, "UPDATE feature_flags SET rollout_percentage = 3 WHERE key = 'b'")
+    assert run_tick(max_lateness=3600).count(Outcome.FAILED) == 2
+    errors = dict(sql("SELECT id, last_error FROM feature_flag_schedules"))
+    assert errors[late].startswith("expired:")
+    assert errors[conflicted].startswith("conflict:")
+
+
+def test_an_oversized_attempts_value_an_application_wrote_stops_nothing(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, sql: Sql, schedule: Any
+) -> None:
+    add_flag("a")
+    add_flag("b")
+    odd = add_schedule("a", {"enabled": True})
+    fine = add_schedule("b", {"enabled": True})
+    sql(
+        "UPDATE feature_flag_schedules SET attempts = jsonb_build_array(repeat('x', 3000000)) "
+        "WHERE id = :i",
+        i=odd,
+    )
+    assert run_tick().count(Outcome.APPLIED) == 2
+    assert [a["attempt"] for a in schedule(odd)["attempts"]] == [1]  # replaced, then kept
+    assert schedule(fine)["status"] == "applied"
+
+
+def test_the_log_counts_attempts_across_a_retry(
+    database: Database,
+    run_tick: Tick,
+    add_flag: Any,
+    add_schedule: Any,
+    failing: Any,
+    schedule: Any,
+) -> None:
+    add_flag("k")
+    sid = add_schedule("k", {"enabled": True}, max_retries=0)
+    failing("k")
+    assert run_tick().count(Outcome.FAILED) == 1
+    failing("k", on=False)
+    assert operators.retry(database, [sid])[0].ok
+    with capture_logs() as logs:
+        run_tick()
+    (applied,) = [e for e in logs if e["event"] == "schedule_applied"]
+    assert (applied["attempt"], applied["first_attempt"], applied["retry_count"]) == (2, False, 0)
+    assert [a["attempt"] for a in schedule(sid)["attempts"]] == [1, 2]
+
+
+def test_show_has_lists_keys_and_reads_any_stored_time(
+    run_tick: Tick, add_flag: Any, add_schedule: Any, flagsched: Any, sql: Sql
+) -> None:
+    add_flag("k")
+    sid = add_schedule("k", {"enabled": True})
+    run_tick()
+    shown = json.loads(flagsched("show", str(sid), "--format", "json").stdout)
+    listed = json.loads(flagsched("list", "--status", "applied", "--format", "json").stdout)
+    assert set(shown) == set(listed[0]) | {"attempts", "changes"}
+    sql("UPDATE feature_flag_changes SET changed_at = 'infinity'")
+    sql("UPDATE feature_flag_schedules SET created_at = '0044-03-15 BC', expires_at = 'infinity'")
+    for args in (["history"], ["history", "--since", "now"], ["show", str(sid)]):
+        ran = flagsched(*args)
+        assert ran.code == 0, (args, ran.stderr)
+    assert "infinity" in flagsched("history").stdout
+
+
+def test_retry_of_a_row_with_extreme_times_is_not_refused_as_busy(
+    database: Database, add_flag: Any, add_schedule: Any, sql: Sql
+) -> None:
+    add_flag("k")
+    sid = add_schedule("k", {"enabled": True}, status="failed", retry_count=1)
+    sql(
+        "UPDATE feature_flag_schedules SET scheduled_at = '4713-01-01 BC', "
+        "expires_at = '294276-12-01+00' WHERE id = :i",
+        i=sid,
+    )
+    (done,) = operators.retry(database, [sid], force=True)
+    assert done.ok, done.message
+    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=sid)[0][0] == "pending"

@@ -99,12 +99,6 @@ def test_never_crashes_on_any_json(value: Any) -> None:
         assert str(exc)
 
 
-def test_later_changes_win_and_unset_fields_keep_earlier_ones() -> None:
-    merged = Updates(enabled=True, rollout_percentage=10).then(Updates(rollout_percentage=50))
-    assert merged == Updates(enabled=True, rollout_percentage=50)
-    assert Updates().then(Updates(enabled=False)) == Updates(enabled=False)
-
-
 def test_a_value_too_deep_for_json_encoders_is_quoted_by_its_size() -> None:
     """Nesting in the band 990-1023 (orjson reads it, json.dumps recurses) never raises."""
     value: Any = True
