@@ -288,7 +288,8 @@ def claim_vs_history(b: Bench) -> Case:
         )
     case.details += [
         "",
-        f"`EXPLAIN (ANALYZE, BUFFERS)` of the claim (`repository._CLAIM`, limit {limit}) beside "
+        f"`EXPLAIN (ANALYZE, BUFFERS)` of the claim (the statement of `flagsched_claim_v1`, "
+        f"limit {limit}) beside "
         f"{levels[-1]:,} applied rows, before the timed claims (each rolled back). First as "
         "a tick's first batch runs it (parameters bound, a custom plan):",
         "",
@@ -296,9 +297,9 @@ def claim_vs_history(b: Bench) -> Case:
         plans[0],
         "```",
         "",
-        "Then the generic plan: psycopg prepares a statement on its fifth execution and "
-        "PostgreSQL may then keep one plan for any parameters, so this is what the claim runs "
-        "as in a drain of many batches (`PREPARE` + `plan_cache_mode = force_generic_plan`):",
+        "Then the generic plan: PL/pgSQL caches the function's plan and may, after five "
+        "executions, keep one plan for any parameters, so this is what the claim runs as in "
+        "a drain of many batches (`PREPARE` + `plan_cache_mode = force_generic_plan`):",
         "",
         "```",
         plans[1],
@@ -308,10 +309,12 @@ def claim_vs_history(b: Bench) -> Case:
 
 
 def _claim_plans(conn: Conn, limit: int) -> tuple[str, str]:
-    """EXPLAIN (ANALYZE, BUFFERS) of the claim with a custom and with the generic plan."""
-    from flagsched import repository
+    """EXPLAIN (ANALYZE, BUFFERS) of the claim with a custom and with the generic plan (the
+    statement inside flagsched_claim_v1, from the migration that creates it)."""
+    import importlib
 
-    statement = repository._CLAIM
+    revision = importlib.import_module("flagsched.migrations.versions.0004_record_and_safety")
+    statement = revision.claim_query(lock=True, limit="%(limit)s")
     with conn.transaction(force_rollback=True):
         rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, {"limit": limit}).fetchall()
         custom = "\n".join(str(r[0]) for r in rows)

@@ -107,13 +107,6 @@ def db_now(conn: Conn) -> datetime:
     return value
 
 
-# Each "earlier schedule of this flag" check is an index probe on idx_schedules_flag_open
-# (open rows only), so the claim's cost follows the batch and the open backlog, not history.
-# Retries first (by next_retry_at), then new schedules (by scheduled_at, id), together at
-# most :limit rows, skipping rows other ticks hold. A pending schedule behind a retry that is
-# not due yet is not claimed at all, so held-back rows never crowd a batch. `blocked` tells
-# whether an earlier schedule of the same flag outside this claim is still open (pending or
-# waiting for a retry): such a schedule is held back.
 def _waiting_row(p: str = "") -> str:
     """A failed schedule (alias prefix `p`) still waiting for a retry: SPEC's one definition."""
     return f"({p}next_retry_at IS NOT NULL AND {p}retry_count <= {p}max_retries)"
@@ -121,26 +114,12 @@ def _waiting_row(p: str = "") -> str:
 
 _WAITING_ROW = _waiting_row()
 _WAITING = f"(status = 'failed' AND {_WAITING_ROW})"
-_OPEN = f"(e.status = 'pending' OR (e.status = 'failed' AND {_waiting_row('e.')}))"
-_COLUMNS = (
-    "id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at,"
-    " attempts"
-)
 
-# No row may stop the queue: whatever a column holds, the claim ships Python only values it
-# can hold. Times outside Python's years 1..9999 (BC, year 20000, +-infinity) are clamped
-# into range and `updates` larger than UPDATES_MAX_BYTES is not shipped at all (a valid one
-# is a few dozen bytes; this bounds a batch's memory whatever rows hold); `defect` says
-# why such a row cannot be read, and the tick fails it for good without attempting it.
-# A retry timed after year 9999 (infinity) is claimed too, though not due: a retry that
-# cannot be timed is final, and it would otherwise hold its flag back for ever.
+# Stored values that commands show but Python cannot hold: times outside years 1..9999 are
+# clamped (the claim, flagsched_claim_v1 of migration 0004, does the same) and `updates`
+# larger than this is shown as a note of its size.
 UPDATES_MAX_BYTES = 8192
 _TIME_MIN, _TIME_MAX = "'0001-01-01 00:00:00+00'", "'9999-12-31 23:59:59.999999+00'"
-
-
-def _readable_time(column: str) -> str:
-    """SQL: is `column` a time Python can hold? (NULL for NULL)"""
-    return f"({column} BETWEEN TIMESTAMPTZ {_TIME_MIN} AND TIMESTAMPTZ {_TIME_MAX})"
 
 
 def _clamped_time(column: str) -> str:
@@ -152,24 +131,8 @@ def _clamped_time(column: str) -> str:
     )
 
 
-def _time_defect(column: str, *, when: str = "true") -> str:
-    return (
-        f"WHEN {when} AND NOT {_readable_time('c.' + column)} THEN '{column} ' || "
-        f"CAST(c.{column} AS text) || ' is outside the years 1..9999 flagsched can read'"
-    )
-
-
 def _updates_size(column: str) -> str:
     return f"octet_length(CAST({column} AS text))"
-
-
-# The attempts so far. An application may have written anything there: what is not an
-# array, or is too large to append to safely, is replaced (one row's value must never fail
-# the batch's single UPDATE).
-_KEPT = (
-    "(CASE WHEN jsonb_typeof(s.attempts) = 'array'"
-    " AND octet_length(CAST(s.attempts AS text)) < 1000000 THEN s.attempts ELSE '[]' END)"
-)
 
 
 # `updates` as commands show it: one too large to ship is a note of its size.
@@ -179,78 +142,17 @@ _SHOWN_UPDATES = f"""
     AS updates"""
 
 
-def _claim_sql(*, lock: bool) -> str:
-    """The claim; without `lock` a read-only preview of it that locks nothing (--dry-run)."""
-    skip_locked = "FOR UPDATE SKIP LOCKED" if lock else ""
-    return f"""
-    WITH untimed AS (  -- waiting for a retry after year 9999: it can never be timed
-        SELECT {_COLUMNS} FROM feature_flag_schedules
-        WHERE status = 'failed' AND next_retry_at > TIMESTAMPTZ {_TIME_MAX}
-          AND retry_count <= max_retries
-        ORDER BY next_retry_at, id
-        LIMIT %(limit)s
-        {skip_locked}
-    ), retries AS (
-        SELECT {_COLUMNS} FROM feature_flag_schedules
-        WHERE status = 'failed' AND next_retry_at <= now() AND retry_count <= max_retries
-        ORDER BY next_retry_at, id
-        LIMIT %(limit)s - (SELECT count(*) FROM untimed)
-        {skip_locked}
-    ), pending AS (
-        SELECT {", ".join("s." + c for c in _COLUMNS.split(", "))}
-        FROM feature_flag_schedules s
-        WHERE s.status = 'pending' AND s.scheduled_at <= now()
-          AND NOT EXISTS (
-            SELECT 1 FROM feature_flag_schedules e
-            WHERE e.flag_key = s.flag_key
-              AND e.status IN ('pending', 'failed')
-              AND e.status = 'failed' AND e.next_retry_at > now()
-              AND e.retry_count <= e.max_retries
-              AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
-            OFFSET 0)  -- keeps it a per-row index probe, never an anti join over all retries
-        ORDER BY s.scheduled_at, s.id
-        LIMIT %(limit)s - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
-        {skip_locked.replace("UPDATE", "UPDATE OF s")}
-    ), claimed AS (
-        SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM pending
-    )
-    SELECT now(), c.id, c.flag_key, {_clamped_time("c.scheduled_at")},
-           CASE WHEN z.size <= {UPDATES_MAX_BYTES} THEN c.updates END,
-           c.status, c.retry_count, c.max_retries, {_clamped_time("c.next_retry_at")},
-           b.blocked,
-           -- a pending row's next_retry_at means nothing (applying it clears it)
-           CASE {_time_defect("scheduled_at")}
-                {_time_defect("next_retry_at", when="c.status = 'failed'")}
-                WHEN z.size > {UPDATES_MAX_BYTES} THEN 'updates is ' || z.size
-                     || ' bytes, more than the {UPDATES_MAX_BYTES} flagsched reads'
-           END,
-           jsonb_array_length({_KEPT.replace("s.", "c.")})  -- attempts made so far
-    FROM claimed c
-    CROSS JOIN LATERAL (SELECT {_updates_size("c.updates")} AS size) z
-    CROSS JOIN LATERAL (
-        SELECT EXISTS (
-            SELECT 1 FROM feature_flag_schedules e
-            WHERE e.flag_key = c.flag_key
-              AND e.status IN ('pending', 'failed') AND {_OPEN}
-              AND (e.scheduled_at, e.id) < (c.scheduled_at, c.id)
-              AND e.id NOT IN (SELECT id FROM claimed)
-        ) AS blocked
-    ) b
-    ORDER BY c.flag_key, c.scheduled_at, c.id
-    """
-
-
-_CLAIM = _claim_sql(lock=True)
-_PREVIEW = _claim_sql(lock=False)
-
-
 def claim(conn: Conn, *, limit: int, lock: bool = True) -> tuple[datetime | None, list[Claimed]]:
     """Lock and return up to `limit` schedules due at the database's now(), ordered by flag
     then (scheduled_at, id), with that now() (None when nothing was claimed). Without
     `lock`, the same rows read in a read-only transaction, locking none (a preview)."""
     if not lock:
         conn.execute("SET TRANSACTION READ ONLY")
-    rows = conn.execute(_CLAIM if lock else _PREVIEW, {"limit": limit}).fetchall()
+    # flagsched_claim_v1 (migration 0004): a stored function, so its plan is cached per
+    # server connection even behind a pooler (no client-side prepared statements).
+    rows = conn.execute(
+        "SELECT * FROM flagsched_claim_v1(%(limit)s, %(lock)s)", {"limit": limit, "lock": lock}
+    ).fetchall()
     now = rows[0][0] if rows else None
     return now, [Claimed(*row[1:]) for row in rows]  # columns in Claimed's field order
 
@@ -350,9 +252,9 @@ def record(
                 next_retry_at = v.next_retry_at,
                 last_error = CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END,
                 updated_at = %(now)s,
-                -- attempts is ours, but an application may have written anything there
-                attempts = {_KEPT} || jsonb_build_array(jsonb_build_object(
-                    'attempt', jsonb_array_length({_KEPT}) + 1,
+                attempts = flagsched_kept_attempts_v1(s.attempts)
+                    || jsonb_build_array(jsonb_build_object(
+                    'attempt', jsonb_array_length(flagsched_kept_attempts_v1(s.attempts)) + 1,
                     'at', %(at)s::text,
                     'outcome', v.outcome, 'error', v.last_error))
             FROM (

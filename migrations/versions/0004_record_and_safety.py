@@ -11,6 +11,8 @@
   `flagsched retry`: conflict and lateness windows restart there) and attempts (a JSON
   array of {attempt, at, outcome, error}, kept with the schedule, so pruning a schedule
   prunes its attempts).
+- flagsched_claim_v1(limit, lock): the tick's claim (and, without lock, --dry-run's read).
+- flagsched_kept_attempts_v1(attempts): the attempts a schedule keeps (claim and record).
 - flagsched_check_v1(id, max_lateness): the safety verdict of one due schedule (expired or
   in conflict, with the line for last_error), shared by the tick's write and --dry-run.
 - flagsched_apply_v2: a batch's writes in one statement (flagsched_apply of 0003 is left as
@@ -38,6 +40,104 @@ CHECK_FUNCTION = f"{CHECK_NAME}(bigint, interval)"
 APPLY_FUNCTION = (
     "flagsched_apply_v2(bigint[], text[], boolean[], integer[], boolean[], interval, boolean)"
 )
+
+CLAIM_FUNCTION = "flagsched_claim_v1(integer, boolean)"
+KEPT_FUNCTION = "flagsched_kept_attempts_v1(jsonb)"
+
+# The claim, frozen here as this revision's flagsched_claim_v1 (a stored function: its plan
+# is cached per server connection, which client-side prepared statements cannot be behind
+# a transaction-mode pooler; about 8 % of a backlog drain). Retries first (by
+# next_retry_at), then new schedules (by scheduled_at, id), at most `limit` rows, skipping
+# rows other ticks hold; a pending schedule behind a retry not due yet is not claimed at
+# all. `blocked`: an earlier schedule of the flag outside this claim is still open. No row
+# may stop the queue: times outside Python's years 1..9999 are clamped and `updates` over
+# 8192 bytes not shipped; `defect` says why such a row cannot be read (the tick fails it
+# for good, unattempted). A retry timed after year 9999 is claimed too: a retry that cannot
+# be timed is final, and it would otherwise hold its flag back for ever.
+_MIN, _MAX = "'0001-01-01 00:00:00+00'", "'9999-12-31 23:59:59.999999+00'"
+_COLS = (
+    "id, flag_key, scheduled_at, updates, status, retry_count, max_retries, next_retry_at,"
+    " attempts"
+)
+
+
+def _clamped(column: str) -> str:
+    return (
+        f"CASE WHEN {column} < TIMESTAMPTZ {_MIN} THEN TIMESTAMPTZ {_MIN}"
+        f" WHEN {column} > TIMESTAMPTZ {_MAX} THEN TIMESTAMPTZ {_MAX} ELSE {column} END"
+    )
+
+
+def _defect(column: str, when: str = "true") -> str:
+    return (
+        f"WHEN {when} AND NOT (c.{column} BETWEEN TIMESTAMPTZ {_MIN} AND TIMESTAMPTZ {_MAX})"
+        f" THEN '{column} ' || CAST(c.{column} AS text)"
+        " || ' is outside the years 1..9999 flagsched can read'"
+    )
+
+
+def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
+    """The claim's statement; without `lock` the same read locking nothing (--dry-run)."""
+    skip = "FOR UPDATE SKIP LOCKED" if lock else ""
+    return f"""
+    WITH untimed AS (  -- waiting for a retry after year 9999: it can never be timed
+        SELECT {_COLS} FROM feature_flag_schedules
+        WHERE status = 'failed' AND next_retry_at > TIMESTAMPTZ {_MAX}
+          AND retry_count <= max_retries
+        ORDER BY next_retry_at, id
+        LIMIT {limit}
+        {skip}
+    ), retries AS (
+        SELECT {_COLS} FROM feature_flag_schedules
+        WHERE status = 'failed' AND next_retry_at <= now() AND retry_count <= max_retries
+        ORDER BY next_retry_at, id
+        LIMIT {limit} - (SELECT count(*) FROM untimed)
+        {skip}
+    ), pending AS (
+        SELECT {", ".join("s." + c for c in _COLS.split(", "))}
+        FROM feature_flag_schedules s
+        WHERE s.status = 'pending' AND s.scheduled_at <= now()
+          AND NOT EXISTS (
+            SELECT 1 FROM feature_flag_schedules e
+            WHERE e.flag_key = s.flag_key
+              AND e.status IN ('pending', 'failed')
+              AND e.status = 'failed' AND e.next_retry_at > now()
+              AND e.retry_count <= e.max_retries
+              AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
+            OFFSET 0)  -- keeps it a per-row index probe, never an anti join over all retries
+        ORDER BY s.scheduled_at, s.id
+        LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
+        {skip.replace("UPDATE", "UPDATE OF s")}
+    ), claimed AS (
+        SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM pending
+    )
+    SELECT now(), c.id, c.flag_key, {_clamped("c.scheduled_at")},
+           CASE WHEN z.size <= 8192 THEN c.updates END,
+           c.status, c.retry_count, c.max_retries, {_clamped("c.next_retry_at")},
+           b.blocked,
+           -- a pending row's next_retry_at means nothing (applying it clears it)
+           CASE {_defect("scheduled_at")}
+                {_defect("next_retry_at", when="c.status = 'failed'")}
+                WHEN z.size > 8192 THEN 'updates is ' || z.size
+                     || ' bytes, more than the 8192 flagsched reads'
+           END,
+           jsonb_array_length(flagsched_kept_attempts_v1(c.attempts))
+    FROM claimed c
+    CROSS JOIN LATERAL (SELECT octet_length(CAST(c.updates AS text)) AS size) z
+    CROSS JOIN LATERAL (
+        SELECT EXISTS (
+            SELECT 1 FROM feature_flag_schedules e
+            WHERE e.flag_key = c.flag_key
+              AND e.status IN ('pending', 'failed')
+              AND (e.status = 'pending' OR (e.status = 'failed' AND e.next_retry_at IS NOT NULL
+                                            AND e.retry_count <= e.max_retries))
+              AND (e.scheduled_at, e.id) < (c.scheduled_at, c.id)
+              AND e.id NOT IN (SELECT id FROM claimed)
+        ) AS blocked
+    ) b
+    ORDER BY c.flag_key, c.scheduled_at, c.id
+    """
+
 
 # A time in last_error: ISO 8601 UTC; infinite ones as PostgreSQL spells them.
 _ISO = """CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC',
@@ -149,6 +249,38 @@ def upgrade() -> None:
                 LIMIT 1
             ) v
             WHERE s.id = p_id
+        $$
+        """
+    )
+    op.execute(
+        """
+        CREATE FUNCTION flagsched_kept_attempts_v1(p_attempts jsonb) RETURNS jsonb
+        LANGUAGE sql IMMUTABLE AS $$
+            -- The attempts kept with a schedule. An application may have written anything
+            -- there: what is not an array, or is too large to append to safely, is
+            -- replaced (one row's value must never fail a batch's single UPDATE).
+            SELECT CASE WHEN jsonb_typeof(p_attempts) = 'array'
+                             AND octet_length(CAST(p_attempts AS text)) < 1000000
+                        THEN p_attempts ELSE '[]'::jsonb END
+        $$
+        """
+    )
+    op.execute(
+        f"""
+        CREATE FUNCTION flagsched_claim_v1(p_limit integer, p_lock boolean)
+        RETURNS TABLE (now timestamptz, id bigint, flag_key text, scheduled_at timestamptz,
+                       updates jsonb, status text, retry_count integer, max_retries integer,
+                       next_retry_at timestamptz, blocked boolean, defect text,
+                       attempts_made integer)
+        LANGUAGE plpgsql SECURITY INVOKER AS $$
+        #variable_conflict use_column
+        BEGIN
+            IF p_lock THEN
+                RETURN QUERY {claim_query(lock=True)};
+            ELSE
+                RETURN QUERY {claim_query(lock=False)};
+            END IF;
+        END
         $$
         """
     )
@@ -355,6 +487,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(f"DROP FUNCTION {APPLY_FUNCTION}")
+    op.execute(f"DROP FUNCTION {CLAIM_FUNCTION}")
+    op.execute(f"DROP FUNCTION {KEPT_FUNCTION}")
     op.execute(f"DROP FUNCTION {CHECK_FUNCTION}")
     for event in ("insert", "update", "delete", "truncate"):
         op.execute(f"DROP TRIGGER flagsched_record_{event} ON feature_flags")
