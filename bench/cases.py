@@ -145,7 +145,7 @@ def _drain_once(b: Bench, kind: str, label: str, setup: str = "") -> tuple[Ran, 
 
 def drain_throughput(b: Bench) -> Case:
     case = Case("1. Drain throughput")
-    runs = b.runs(5)
+    runs = b.runs(7)  # three kinds whose medians differ by ~10 %: seven runs each
     kinds = ["reference", "flagsched", "record-off"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
     inside: dict[str, list[float]] = {k: [] for k in kinds}

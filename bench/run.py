@@ -122,18 +122,23 @@ def print_table(cases: list[Case]) -> None:
 
 # What makes the tick fast (kept here so the figures and their explanation travel together).
 HOW = [
-    "How a batch stays close to the reference: five round trips (BEGIN, carrying the "
+    "How a batch stays close to the reference: seven round trips (BEGIN, carrying the "
     "session settings as SET LOCAL in the same query so they hold behind a transaction-mode "
-    "pooler (case 7), the claim with the "
-    "database's `now()` in its rows, one `flagsched_apply` call that locks the free flags in "
-    "key order and writes them set-based inside one subtransaction, one UPDATE recording "
-    "every outcome, COMMIT); the reference needs six. The tick runs on psycopg 3 directly "
-    "(SQLAlchemy, which only describes the schema and drives alembic, is never imported by a "
-    "tick), array parameters travel in binary, and JSON is parsed and logged with orjson. "
-    "Failure isolation costs nothing until a change fails: then the same statement applies "
-    "the batch change by change, each in its own subtransaction, server-side (no round trip "
-    "per schedule). The claim's per-flag checks are index probes on partial indexes of open "
-    "rows, so applied history does not slow it (case 2).",
+    "pooler (case 9); the claim, `flagsched_claim_v1`, a stored function whose plan stays "
+    "cached per server connection, which client-side prepared statements cannot be behind a "
+    "pooler (the reference, held to the same rule, plans its statements every time); "
+    "SAVEPOINT; one `flagsched_apply_v2` call that locks the free flags in key order, "
+    "decides each change (missing flag, expired, conflict) under those locks and writes "
+    "them set-based, each flag's changes folded; RELEASE; one UPDATE recording every outcome "
+    "and attempt and sending the change notice; COMMIT). The history trigger on "
+    "`feature_flags` fires for the reference's writes too; case 1 also measures flagsched "
+    "with it disabled. The tick runs on psycopg 3 directly (SQLAlchemy, which only describes "
+    "the schema and drives alembic, is never imported by a tick), array parameters travel "
+    "in binary, and JSON is parsed and logged with orjson. Failure isolation costs nothing "
+    "until a change fails: then the same statement applies the batch change by change, each "
+    "in its own subtransaction, server-side (no round trip per schedule). The claim's "
+    "per-flag checks are index probes on partial indexes of open rows, so applied history "
+    "does not slow it (case 2).",
     "",
 ]
 
