@@ -139,6 +139,17 @@ def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
     """
 
 
+# Who wrote, for the history: the session's role as SET ROLE left it, else its login (in a
+# SECURITY DEFINER function current_user is the owner), and its application_name.
+_WRITER = (
+    "coalesce(nullif(current_setting('role'), 'none'), session_user)"
+    " || coalesce(' (' || nullif(current_setting('application_name', true), '') || ')', '')"
+)
+# flagsched's write of this statement, {flag_key: [schedule ids]} (the transaction-local
+# setting flagsched.applying), as a relation joined once rather than a lookup per row.
+_APPLIED_IDS = """LEFT JOIN (SELECT e.key, ARRAY(SELECT jsonb_array_elements_text(e.value)::bigint)
+                           FROM jsonb_each(applying) e) AS a(key, ids) ON a.key = n.key"""
+
 # A time in last_error: ISO 8601 UTC; infinite ones as PostgreSQL spells them.
 _ISO = """CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC',
     'YYYY-MM-DD"T"HH24:MI:SS"Z"') ELSE {0}::text END"""
@@ -410,24 +421,18 @@ def upgrade() -> None:
         CREATE FUNCTION {TRIGGER_FUNCTION}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
         -- SECURITY DEFINER: roles that write flags need no grant on the history (an
-        -- upgrade must not break an application's writes). Inside it current_user is the
-        -- owner, so the writer is the session's role as SET ROLE left it, else its login.
+        -- upgrade must not break an application's writes).
         DECLARE
             applying jsonb := nullif(current_setting('flagsched.applying', true), '')::jsonb;
-            writer text := coalesce(nullif(current_setting('role'), 'none'), session_user)
-                || coalesce(
-                ' (' || nullif(current_setting('application_name', true), '') || ')', '');
+            writer text := {_WRITER};
         BEGIN
-            -- flagsched's write of this statement: {{flag_key: [schedule ids]}}, as a relation
-            -- joined once (not a lookup per row).
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO feature_flag_changes (flag_key, actor, new_enabled,
                     new_rollout_percentage, schedule_ids)
                 SELECT n.key, CASE WHEN a.ids IS NULL THEN writer ELSE 'flagsched' END,
                        n.enabled, n.rollout_percentage, coalesce(a.ids, '{{}}')
                 FROM new_rows n
-                LEFT JOIN (SELECT e.key, ARRAY(SELECT jsonb_array_elements_text(e.value)::bigint)
-                           FROM jsonb_each(applying) e) AS a(key, ids) ON a.key = n.key;
+                {_APPLIED_IDS};
             ELSIF TG_OP = 'UPDATE' THEN
                 INSERT INTO feature_flag_changes (flag_key, actor, old_enabled,
                     old_rollout_percentage, new_enabled, new_rollout_percentage, schedule_ids)
@@ -435,8 +440,7 @@ def upgrade() -> None:
                        o.enabled, o.rollout_percentage, n.enabled, n.rollout_percentage,
                        coalesce(a.ids, '{{}}')
                 FROM old_rows o JOIN new_rows n ON n.id = o.id
-                LEFT JOIN (SELECT e.key, ARRAY(SELECT jsonb_array_elements_text(e.value)::bigint)
-                           FROM jsonb_each(applying) e) AS a(key, ids) ON a.key = n.key
+                {_APPLIED_IDS}
                 WHERE (o.enabled, o.rollout_percentage)
                       IS DISTINCT FROM (n.enabled, n.rollout_percentage);
             ELSE
@@ -458,10 +462,7 @@ def upgrade() -> None:
         BEGIN
             INSERT INTO feature_flag_changes (flag_key, actor, old_enabled,
                 old_rollout_percentage, schedule_ids)
-            SELECT f.key, coalesce(nullif(current_setting('role'), 'none'), session_user)
-                       || coalesce(' (' || nullif(current_setting('application_name', true),
-                                                  '') || ')', ''),
-                   f.enabled, f.rollout_percentage, '{{}}'
+            SELECT f.key, {_WRITER}, f.enabled, f.rollout_percentage, '{{}}'
             FROM feature_flags f;
             RETURN NULL;
         END
