@@ -139,7 +139,7 @@ def main() -> int:
         flagsched("recurrences")
         banner(
             "Cron was down for three weeks: each window fires once, for its latest occurrence; "
-            "the 02:00 one is past its 1h expiry, so it fails instead of switching on late"
+            "one more than an hour past its time (--expires-after 1h) fails, never switching late"
         )
         sql("UPDATE feature_flag_recurrences SET next_at = next_at - interval '21 days'")
         flagsched("process")
