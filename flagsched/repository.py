@@ -235,7 +235,7 @@ def record(
     """Write every applied / retry / failed outcome of a batch, and its attempt, in one
     UPDATE (applied ids travel as one array: the common case carries little); `notice`,
     when given, is NOTIFYed in the same statement (delivered at commit)."""
-    applied = [r.schedule.id for r in results if r.outcome is Outcome.APPLIED]
+    applied = [r.schedule for r in results if r.outcome is Outcome.APPLIED]
     failed = [r for r in results if r.outcome in (Outcome.RETRY, Outcome.FAILED)]
     if not applied and not failed:
         return
@@ -252,29 +252,33 @@ def record(
                 next_retry_at = v.next_retry_at,
                 last_error = CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END,
                 updated_at = %(now)s,
-                attempts = flagsched_kept_attempts_v1(s.attempts)
+                -- the claim counted the attempts kept (flagsched_kept_attempts_v1), and
+                -- the row stayed locked since: none kept means start again from []
+                attempts = CASE WHEN v.made = 0 THEN '[]'::jsonb ELSE s.attempts END
                     || jsonb_build_array(jsonb_build_object(
-                    'attempt', jsonb_array_length(flagsched_kept_attempts_v1(s.attempts)) + 1,
-                    'at', %(at)s::text,
+                    'attempt', v.made + 1, 'at', %(at)s::text,
                     'outcome', v.outcome, 'error', v.last_error))
             FROM (
-                SELECT id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
-                       NULL::text AS last_error, NULL::integer AS max_retries
-                FROM unnest(CAST(%(applied)b AS bigint[])) AS id
+                SELECT a.id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
+                       NULL::text AS last_error, NULL::integer AS max_retries, a.made
+                FROM unnest(CAST(%(applied)b AS bigint[]), CAST(%(applied_made)b AS integer[]))
+                     AS a(id, made)
                 UNION ALL
-                SELECT f.id, f.outcome, f.next_retry_at, f.last_error, f.max_retries
+                SELECT f.id, f.outcome, f.next_retry_at, f.last_error, f.max_retries, f.made
                 FROM unnest(CAST(%(failed)b AS bigint[]), CAST(%(outcomes)b AS text[]),
                             CAST(%(next)b AS timestamptz[]), CAST(%(errors)b AS text[]),
-                            CAST(%(max)b AS integer[]))
-                     AS f(id, outcome, next_retry_at, last_error, max_retries)
+                            CAST(%(max)b AS integer[]), CAST(%(failed_made)b AS integer[]))
+                     AS f(id, outcome, next_retry_at, last_error, max_retries, made)
             ) AS v
             WHERE s.id = v.id
         )
         SELECT pg_notify('{NOTIFY_CHANNEL}', %(notice)s::text) WHERE %(notice)s::text IS NOT NULL
         """,
         {
-            "applied": applied,
+            "applied": [c.id for c in applied],
+            "applied_made": [c.attempts_made for c in applied],
             "failed": [r.schedule.id for r in failed],
+            "failed_made": [r.schedule.attempts_made for r in failed],
             "outcomes": [r.outcome.value for r in failed],
             "next": [r.next_retry_at for r in failed],
             "errors": [r.error for r in failed],

@@ -12,7 +12,8 @@
   array of {attempt, at, outcome, error}, kept with the schedule, so pruning a schedule
   prunes its attempts).
 - flagsched_claim_v1(limit, lock): the tick's claim (and, without lock, --dry-run's read).
-- flagsched_kept_attempts_v1(attempts): the attempts a schedule keeps (claim and record).
+- flagsched_kept_attempts_v1(attempts): the attempts a schedule keeps (the claim counts them;
+  the record appends to what it counted).
 - flagsched_check_v1(id, max_lateness): the safety verdict of one due schedule (expired or
   in conflict, with the line for last_error), shared by the tick's write and --dry-run.
 - flagsched_apply_v2: a batch's writes in one statement (flagsched_apply of 0003 is left as
