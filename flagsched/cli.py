@@ -53,6 +53,9 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)
+_FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
 
 BIGINT_MAX = 2**63 - 1  # schedule ids are bigint
 MAX_LAG_SECONDS = 10 * 365 * 86400
@@ -261,9 +264,7 @@ def _publish(report: Any, metrics_file: Path | None, pushgateway: str | None) ->
 @click.option("--retrying", is_flag=True, help="Only waiting for a retry.")
 @click.option("--flag", "flag_key", metavar="KEY", help="Only this flag's schedules.")
 @click.option("--limit", type=COUNT, default=100, show_default=True)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@_FORMAT
 @pass_app
 def list_failed(
     app: App, permanent: bool, retrying: bool, flag_key: str | None, limit: int, fmt: str
@@ -306,9 +307,7 @@ def list_failed(
 
 
 @cli.command()
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@_FORMAT
 @click.option(
     "--max-lag",
     type=FiniteFloat(min=0, max=MAX_LAG_SECONDS),
@@ -630,9 +629,7 @@ def _change(updates: Any) -> str:
 @click.option("--to", "to_text", metavar="TIME", help="scheduled_at before TIME.")
 @click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
 @click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@_FORMAT
 @pass_app
 def list_(
     app: App,
@@ -693,9 +690,7 @@ def list_(
 
 @cli.command()
 @click.option("--tz", "tz_name", metavar="ZONE", help="Show times in this zone [UTC].")
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@_FORMAT
 @pass_app
 def recurrences(app: App, tz_name: str | None, fmt: str) -> int:
     """Active recurrences, next occurrence first."""
@@ -821,10 +816,6 @@ def prune(app: App, days: float, dry_run: bool, history: bool) -> int:
     click.echo(line)
     return EXIT_OK
 
-
-_FORMAT = click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
 
 
 def _values(state: dict[str, Any] | None) -> str:
