@@ -1,6 +1,5 @@
 """Operator use cases: status, schedule, ramp, list, retry, cancel, prune, show, history.
-Each owns its
-transactions."""
+Each owns its transactions."""
 
 from __future__ import annotations
 
