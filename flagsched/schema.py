@@ -198,3 +198,14 @@ def begin(engine: Engine) -> Iterator[Connection]:
             yield conn
     except sa.exc.DBAPIError as exc:
         raise database.error(exc.orig if exc.orig is not None else exc) from None
+
+
+@contextmanager
+def connect(engine: Engine) -> Iterator[Connection]:
+    """A connection outside any transaction (who uses it begins them), errors translated."""
+    database = database_of(engine)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    except sa.exc.DBAPIError as exc:
+        raise database.error(exc.orig if exc.orig is not None else exc) from None
