@@ -95,17 +95,22 @@ def schema_revision(conn: Conn) -> str | None:
 # Which of the required objects are missing, as their positions in the list (from 1): catalog
 # lookups only (no table is read), one round trip at the start of every command.
 _MISSING_OBJECTS = """
+    WITH r AS (
+        SELECT * FROM unnest(CAST(%(kinds)s AS text[]), CAST(%(relations)s AS text[]),
+                             CAST(%(names)s AS text[])) WITH ORDINALITY
+                      AS r(kind, relation, name, n)
+    ), columns AS MATERIALIZED (  -- each table's columns read once, not once per column
+        SELECT t.relation, a.attname::text AS name
+        FROM (SELECT DISTINCT relation FROM r WHERE kind = 'column') AS t
+        JOIN pg_attribute a ON a.attrelid = to_regclass(t.relation)
+        WHERE a.attnum > 0 AND NOT a.attisdropped
+    )
     SELECT current_setting('server_encoding'), ARRAY(
-        SELECT r.n FROM unnest(CAST(%(kinds)s AS text[]), CAST(%(relations)s AS text[]),
-                               CAST(%(names)s AS text[])) WITH ORDINALITY
-                        AS r(kind, relation, name, n)
+        SELECT r.n FROM r
         WHERE NOT CASE r.kind
             WHEN 'relation' THEN to_regclass(r.relation) IS NOT NULL
             WHEN 'function' THEN to_regprocedure(r.name) IS NOT NULL
-            WHEN 'column' THEN EXISTS (
-                SELECT FROM pg_attribute a
-                WHERE a.attrelid = to_regclass(r.relation) AND a.attname = r.name
-                  AND a.attnum > 0 AND NOT a.attisdropped)
+            WHEN 'column' THEN (r.relation, r.name) IN (SELECT relation, name FROM columns)
             ELSE EXISTS (
                 SELECT FROM pg_trigger t
                 WHERE t.tgrelid = to_regclass(r.relation) AND t.tgname = r.name)
