@@ -612,10 +612,9 @@ def _shown(value: Any, zone: Any) -> Any:
 
 
 def _change(updates: Any) -> str:
-    import json
+    from flagsched.output import compact
 
-    text = json.dumps(updates, separators=(",", ":")) if isinstance(updates, dict) else str(updates)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return compact(updates, width=60)
 
 
 @cli.command("list")
@@ -896,14 +895,17 @@ def show(app: App, schedule_id: int, fmt: str) -> int:
     click.echo(output.table(["FIELD", "VALUE"], [(k, row[k]) for k in fields]))
     click.echo("")
     attempts = row["attempts"]
-    if attempts:
+    if not isinstance(attempts, list):  # unreadable (nested too deeply): a note, as in JSON
+        click.echo(f"attempts: {output.compact(attempts)}")
+    elif attempts:
         click.echo(
             output.table(
                 ["ATTEMPT", "AT", "OUTCOME", "ERROR"],
                 [
                     (a.get("attempt"), a.get("at"), a.get("outcome"), a.get("error"))
-                    for a in attempts
                     if isinstance(a, dict)
+                    else ("?", None, None, a)
+                    for a in attempts
                 ],
             )
         )

@@ -60,6 +60,19 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+def compact(value: Any, width: int | None = None) -> str:
+    """A stored value as one line for a table cell: JSON (exact numbers as numbers), a note
+    for what is nested too deeply or cannot be read; cut to `width` characters if given."""
+    plain = _plain(value)
+    if isinstance(plain, list | dict):
+        text = json.dumps(plain, separators=(",", ":"), default=_json_default)
+    else:
+        text = "" if plain is None else str(plain)
+    if width is not None and len(text) > width:
+        return text[: width - 3] + "..."
+    return text
+
+
 def to_json(data: Any) -> str:
     """JSON with datetimes (at any depth) as ISO 8601 UTC strings, exact numbers as numbers;
     a row's values nested too deeply are shown as a note."""
@@ -74,7 +87,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain aligned text table; the last column is left unpadded. Stored text (flag keys,
     errors) is shown `visible`: a row cannot write to the terminal."""
     cells = [[visible(str(h)) for h in headers]] + [
-        ["" if c is None else visible(str(_plain(c))) for c in row] for row in rows
+        [visible(compact(c)) for c in row] for row in rows
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
