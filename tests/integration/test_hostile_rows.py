@@ -607,7 +607,7 @@ _read_rows = st.fixed_dictionaries(
 _history_rows = st.fixed_dictionaries(
     {
         "flag_key": st.sampled_from(["r1", "", "k" * 1500, "tab\there"]),
-        "changed_at": st.sampled_from(ODD_TIMES + ["2026-03-01 09:00:00+00"]),
+        "changed_at": st.sampled_from([*ODD_TIMES, "2026-03-01 09:00:00+00"]),
         "actor": st.sampled_from(["app", "", "a" * 3000, "\x1b[31mred"]),
         "old_enabled": st.none() | st.booleans(),
         "old_rollout_percentage": st.none() | st.sampled_from(INT_EDGES),
