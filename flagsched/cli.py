@@ -76,6 +76,8 @@ class FiniteFloat(click.FloatRange):
 
 COUNT = click.IntRange(1, PG_INT_MAX)  # limits and counts: what PostgreSQL's integers hold
 SCHEDULE_ID = click.IntRange(1, BIGINT_MAX)
+# --limit of list, list-failed and history: one bound, the README's (what LIMIT accepts).
+LIMIT = COUNT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -263,7 +265,7 @@ def _publish(report: Any, metrics_file: Path | None, pushgateway: str | None) ->
 @click.option("--permanent", is_flag=True, help="Only failed for good.")
 @click.option("--retrying", is_flag=True, help="Only waiting for a retry.")
 @click.option("--flag", "flag_key", metavar="KEY", help="Only this flag's schedules.")
-@click.option("--limit", type=COUNT, default=100, show_default=True)
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
 @_FORMAT
 @pass_app
 def list_failed(
@@ -462,7 +464,8 @@ _EXPIRES = click.option(
     help="Instead of --at: recur on this 5-field cron expression, in --tz.",
 )
 @click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
-@click.option("--enable/--disable", "enabled", default=None, help="Turn the flag on or off.")
+@click.option("--enable", is_flag=True, help="Turn the flag on.")
+@click.option("--disable", is_flag=True, help="Turn the flag off.")
 @click.option(
     "--rollout", type=click.IntRange(0, 100), metavar="N", help="Set rollout_percentage (0..100)."
 )
@@ -476,7 +479,8 @@ def schedule(
     at_text: str | None,
     cron_text: str | None,
     tz_name: str | None,
-    enabled: bool | None,
+    enable: bool,
+    disable: bool,
     rollout: int | None,
     max_retries: int | None,
     expires_after: str | None,
@@ -489,6 +493,9 @@ def schedule(
     flag_key = _flag_key(flag_key)
     if (at_text is None) == (cron_text is None):
         raise click.UsageError("give exactly one of --at TIME and --cron EXPR")
+    if enable and disable:
+        raise click.UsageError("--enable and --disable exclude each other")
+    enabled = True if enable else False if disable else None
     zone = _zone_option(tz_name)
     expires = _duration_option(expires_after, "--expires-after")
     if cron_text is not None:
@@ -627,7 +634,7 @@ def _change(updates: Any) -> str:
 @click.option("--from", "from_text", metavar="TIME", help="scheduled_at at or after TIME.")
 @click.option("--to", "to_text", metavar="TIME", help="scheduled_at before TIME.")
 @click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
-@click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
 @_FORMAT
 @pass_app
 def list_(
@@ -848,7 +855,7 @@ def _history_table(rows: list[dict[str, Any]], zone: Any = None) -> str:
 @click.argument("flag_key", required=False)
 @click.option("--since", "since_text", metavar="TIME", help="Only changes at or after TIME.")
 @click.option("--tz", "tz_name", metavar="ZONE", help=_TZ_HELP)
-@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
 @_FORMAT
 @pass_app
 def history(
