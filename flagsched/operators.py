@@ -288,6 +288,16 @@ def add_recurrence(
     return new_id, next_at, exists
 
 
+def list_failed(
+    database: Database, *, permanent: bool | None, flag_key: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Failed schedules, most recently failed first (`permanent`: only those failed for
+    good, False: only those waiting for a retry, None: both)."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        return repository.list_failed(conn, permanent=permanent, flag_key=flag_key, limit=limit)
+
+
 def list_schedules(database: Database, **filters: Any) -> list[dict[str, Any]]:
     """`flagsched list`: see repository.list_schedules for the filters."""
     with begin(database) as conn:
