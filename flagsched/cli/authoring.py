@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 import click
 
 from flagsched.cli.app import EXIT_OK, App, pass_app, say
 from flagsched.cli.params import (
+    DURATION,
     EXPIRES,
+    FLAG_KEY,
     ON_CONFLICT,
-    TZ_HELP,
+    STEPS,
+    TIME,
+    Now,
     check_reach,
-    duration_option,
-    parse_steps,
-    time_option,
-    zone_option,
+    instant,
+    tz_option,
 )
-from flagsched.cli.params import flag_key as params_flag_key
 
 
 def _updates(enabled: bool | None, rollout: int | None) -> Any:
@@ -44,10 +46,10 @@ def _warn_missing_flag(flag_key: str, what: str = "the schedule fails") -> None:
 
 
 @click.command()
-@click.argument("flag_key")
+@click.argument("flag_key", type=FLAG_KEY)
 @click.option(
     "--at",
-    "at_text",
+    type=TIME,
     metavar="TIME",
     help="ISO 8601 with an offset (2026-12-01T09:00:00+01:00), a local time with --tz, or now.",
 )
@@ -57,7 +59,7 @@ def _warn_missing_flag(flag_key: str, what: str = "the schedule fails") -> None:
     metavar="EXPR",
     help="Instead of --at: recur on this 5-field cron expression, in --tz.",
 )
-@click.option("--tz", "tz_name", metavar="ZONE", help=TZ_HELP)
+@tz_option()
 @click.option("--enable", is_flag=True, help="Turn the flag on.")
 @click.option("--disable", is_flag=True, help="Turn the flag off.")
 @click.option(
@@ -70,28 +72,25 @@ def _warn_missing_flag(flag_key: str, what: str = "the schedule fails") -> None:
 def schedule(
     app: App,
     flag_key: str,
-    at_text: str | None,
+    at: datetime | Now | None,
     cron_text: str | None,
-    tz_name: str | None,
+    zone: tzinfo | None,
     enable: bool,
     disable: bool,
     rollout: int | None,
     max_retries: int | None,
-    expires_after: str | None,
+    expires_after: timedelta | None,
     on_conflict: str,
 ) -> int:
     """Add a pending schedule (prints its id), or with --cron a recurrence (prints its id)."""
     from flagsched import operators
     from flagsched.model import OnConflict
 
-    flag_key = params_flag_key(flag_key)
-    if (at_text is None) == (cron_text is None):
+    if (at is None) == (cron_text is None):
         raise click.UsageError("give exactly one of --at TIME and --cron EXPR")
     if enable and disable:
         raise click.UsageError("--enable and --disable exclude each other")
     enabled = True if enable else False if disable else None
-    zone = zone_option(tz_name)
-    expires = duration_option(expires_after, "--expires-after")
     if cron_text is not None:
         from flagsched.recurring import InvalidCron, validate
         from flagsched.times import zone_name
@@ -109,23 +108,22 @@ def schedule(
             cron=cron,
             zone="UTC" if zone is None else zone_name(zone),
             updates=updates,
-            expires_after=expires,
+            expires_after=expires_after,
             on_conflict=OnConflict(on_conflict),
         )
         if not exists:
             _warn_missing_flag(flag_key, "each schedule it makes fails")
         click.echo(new_id)
         return EXIT_OK
-    at = time_option(at_text, zone, "--at")
-    check_reach(at, expires, "--expires-after")
+    check_reach(instant(at), expires_after, "--expires-after")
     updates = _updates(enabled, rollout)
     new_id, exists = operators.add_schedule(
         app.database(),
         flag_key=flag_key,
-        at=at,
+        at=instant(at),
         updates=updates,
         max_retries=max_retries,
-        expires_after=expires,
+        expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
     )
     if not exists:
@@ -135,13 +133,23 @@ def schedule(
 
 
 @click.command()
-@click.argument("flag_key")
+@click.argument("flag_key", type=FLAG_KEY)
 @click.option(
-    "--steps", required=True, metavar="N,N,...", help="Rollout steps, rising: 10,25,50,100."
+    "--steps",
+    type=STEPS,
+    required=True,
+    metavar="N,N,...",
+    help="Rollout steps, rising: 10,25,50,100.",
 )
-@click.option("--every", required=True, metavar="DURATION", help="Time between steps (30m, 1d).")
-@click.option("--start", "start_text", metavar="TIME", help="When the first step is due [now].")
-@click.option("--tz", "tz_name", metavar="ZONE", help=TZ_HELP)
+@click.option(
+    "--every",
+    type=DURATION,
+    required=True,
+    metavar="DURATION",
+    help="Time between steps (30m, 1d).",
+)
+@click.option("--start", type=TIME, metavar="TIME", help="When the first step is due [now].")
+@tz_option()
 @click.option("--enable", is_flag=True, help="Each step also sets enabled true.")
 @EXPIRES
 @ON_CONFLICT
@@ -149,32 +157,28 @@ def schedule(
 def ramp(
     app: App,
     flag_key: str,
-    steps: str,
-    every: str,
-    start_text: str | None,
-    tz_name: str | None,
+    steps: list[int],
+    every: timedelta,
+    start: datetime | Now | None,
+    zone: tzinfo | None,
     enable: bool,
-    expires_after: str | None,
+    expires_after: timedelta | None,
     on_conflict: str,
 ) -> int:
     """Add a rollout ramp: one schedule per step, one group; prints the ids in order."""
     from flagsched import operators
     from flagsched.model import OnConflict, Updates
 
-    flag_key = params_flag_key(flag_key)
-    values = parse_steps(steps)
-    interval = duration_option(every, "--every")
-    start = time_option(start_text, zone_option(tz_name), "--start")
-    expires = duration_option(expires_after, "--expires-after")
-    last_step = interval * (len(values) - 1)
-    check_reach(start, last_step if expires is None else last_step + expires, "--every")
+    last_step = every * (len(steps) - 1)
+    reach = last_step if expires_after is None else last_step + expires_after
+    check_reach(instant(start), reach, "--every")
     group_id, made, exists = operators.add_ramp(
         app.database(),
         flag_key=flag_key,
-        steps=[Updates(enabled=True if enable else None, rollout_percentage=n) for n in values],
-        start=start,
-        every=interval,
-        expires_after=expires,
+        steps=[Updates(enabled=True if enable else None, rollout_percentage=n) for n in steps],
+        start=instant(start),
+        every=every,
+        expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
     )
     if not exists:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 import click
 
@@ -11,11 +11,13 @@ from flagsched.cli.params import (
     FORMAT,
     LIMIT,
     MAX_LAG_SECONDS,
+    NOW,
     SCHEDULE_ID,
-    TZ_HELP,
+    TIME,
     FiniteFloat,
-    time_option,
-    zone_option,
+    Now,
+    instant,
+    tz_option,
 )
 
 
@@ -75,9 +77,9 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
     type=click.Choice(["pending", "failed", "applied", "cancelled"]),
     help="Only this status [the open ones: pending, and failed waiting for a retry].",
 )
-@click.option("--from", "from_text", metavar="TIME", help="scheduled_at at or after TIME.")
-@click.option("--to", "to_text", metavar="TIME", help="scheduled_at before TIME.")
-@click.option("--tz", "tz_name", metavar="ZONE", help=TZ_HELP)
+@click.option("--from", "start", type=TIME, metavar="TIME", help="scheduled_at at or after TIME.")
+@click.option("--to", "end", type=TIME, metavar="TIME", help="scheduled_at before TIME.")
+@tz_option()
 @click.option("--limit", type=LIMIT, default=100, show_default=True)
 @FORMAT
 @pass_app
@@ -85,9 +87,9 @@ def list_(
     app: App,
     flag_key: str | None,
     status: str | None,
-    from_text: str | None,
-    to_text: str | None,
-    tz_name: str | None,
+    start: datetime | Now | None,
+    end: datetime | Now | None,
+    zone: tzinfo | None,
     limit: int,
     fmt: str,
 ) -> int:
@@ -96,11 +98,8 @@ def list_(
     from flagsched.model import Status
     from flagsched.repository import DB_NOW
 
-    zone = zone_option(tz_name)
-    bounds = {}
-    for key, text, hint in (("start", from_text, "--from"), ("end", to_text, "--to")):
-        if text is not None:
-            bounds[key] = time_option(text, zone, hint) or DB_NOW
+    given = {"start": start, "end": end}
+    bounds = {k: DB_NOW if v is NOW else v for k, v in given.items() if v is not None}
     rows = operators.list_schedules(
         app.database(),
         flag_key=flag_key,
@@ -113,43 +112,40 @@ def list_(
 
 
 @click.command()
-@click.option("--tz", "tz_name", metavar="ZONE", help="Show times in this zone [UTC].")
+@tz_option(help="Show times in this zone [UTC].")
 @FORMAT
 @pass_app
-def recurrences(app: App, tz_name: str | None, fmt: str) -> int:
+def recurrences(app: App, zone: tzinfo | None, fmt: str) -> int:
     """Active recurrences, next occurrence first."""
     from flagsched import operators, render
 
-    zone = zone_option(tz_name)
     click.echo(render.recurrences(operators.recurrences(app.database()), fmt, zone))
     return EXIT_OK
 
 
 @click.command()
 @click.argument("flag_key", required=False)
-@click.option("--since", "since_text", metavar="TIME", help="Only changes at or after TIME.")
-@click.option("--tz", "tz_name", metavar="ZONE", help=TZ_HELP)
+@click.option("--since", type=TIME, metavar="TIME", help="Only changes at or after TIME.")
+@tz_option()
 @click.option("--limit", type=LIMIT, default=100, show_default=True)
 @FORMAT
 @pass_app
 def history(
     app: App,
     flag_key: str | None,
-    since_text: str | None,
-    tz_name: str | None,
+    since: datetime | Now | None,
+    zone: tzinfo | None,
     limit: int,
     fmt: str,
 ) -> int:
     """Changes of flags (by anyone), newest first."""
     from flagsched import operators, render
 
-    zone = zone_option(tz_name)
-    since: datetime | None = time_option(since_text, zone, "--since")  # None: now (the db's)
     rows = operators.history(
         app.database(),
         flag_key=flag_key,
-        since=since,
-        since_now=since_text is not None and since is None,
+        since=instant(since),
+        since_now=since is NOW,
         limit=limit,
     )
     click.echo(render.changes(rows, fmt, zone))
