@@ -5,6 +5,7 @@ exact numbers as numbers, a short note for what is nested too deeply or cannot b
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
@@ -59,7 +60,18 @@ def _json_default(value: object) -> object:
     if isinstance(value, datetime):
         return iso(value)
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral() else float(value)
+        return _number(value)
+    return str(value)
+
+
+def _number(value: Decimal) -> object:
+    """An exact number as JSON writes numbers; one no Python number holds as written (past
+    the 4,300 digits of an int, beyond a float's range, or rounding to 0) as its text."""
+    if value.is_finite() and value == value.to_integral() and value.adjusted() < 4000:
+        return int(value)
+    number = float(value)
+    if math.isfinite(number) and (number != 0 or value.is_zero()):
+        return number
     return str(value)
 
 

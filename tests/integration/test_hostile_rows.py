@@ -596,7 +596,14 @@ _read_rows = st.fixed_dictionaries(
         "scheduled_at": _times,
         "updates": _updates_text()
         | _number_spellings.map(lambda n: '{"rollout_percentage": ' + n + "}")
-        | st.sampled_from(['{"rollout_percentage": 1' + "0" * 400 + "}", '{"x": [0.1, 1e-7]}']),
+        | st.sampled_from(
+            [
+                '{"rollout_percentage": 1' + "0" * 400 + "}",
+                '{"rollout_percentage": 1e5000}',
+                '{"x": [0.1, 1e-7, -1e5000, 1e-5000]}',
+                '{"x": ' + "9" * 5000 + "}",
+            ]
+        ),
         "status": st.sampled_from(STATUSES),
         "retry_count": st.sampled_from(INT_EDGES),
         "next_retry_at": st.none() | _times,
@@ -675,10 +682,18 @@ def test_every_command_reads_any_row(
 def test_a_fractional_rollout_and_deep_attempts_are_shown(database_url: str) -> None:
     """The two rows the adversarial pass found, as examples."""
     (fractional,) = insert(database_url, [row('{"rollout_percentage": 12.5}')])
+    # jsonb writes 1e5000 back as 5,001 digits: more than Python reads as an int.
+    insert(database_url, [row('{"rollout_percentage": 1e5000}', flag_key="b")])
     (deep,) = insert(database_url, [row("{}", attempts="[" * 2500 + "]" * 2500)])
     listed = command(database_url, "list")
     assert listed.code == 0, listed.stderr
     assert '{"rollout_percentage":12.5}' in listed.stdout
+    assert "(unreadable JSON: Exceeds the limit (4300 digits)" in listed.stdout
+    as_json = command(database_url, "list", "--format", "json")
+    assert as_json.code == 0, as_json.stderr
+    shown_updates = [r["updates"] for r in json.loads(as_json.stdout)]
+    assert shown_updates[0] == {"rollout_percentage": 12.5}
+    assert shown_updates[1].startswith("(unreadable JSON: Exceeds the limit (4300 digits)")
     shown = command(database_url, "show", str(deep))
     assert shown.code == 0, shown.stderr
     assert "attempts: (unreadable JSON: nested too deeply)" in shown.stdout
