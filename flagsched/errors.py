@@ -47,8 +47,6 @@ class DatabaseError(CouldNotRun):
 
 # SQLSTATE lock_not_available: a lock not granted within lock_timeout (or NOWAIT).
 LOCK_NOT_AVAILABLE = "55P03"
-# SQLSTATE query_canceled: a statement cancelled (our own stop, or statement_timeout).
-QUERY_CANCELED = "57014"
 
 
 class StatementFailed(FlagschedError):

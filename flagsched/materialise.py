@@ -12,7 +12,7 @@ from typing import Any
 
 from flagsched import repository
 from flagsched.db import Conn, Database, one_line, transaction
-from flagsched.errors import QUERY_CANCELED, DatabaseError, StatementFailed
+from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import clip
 
@@ -43,11 +43,6 @@ def due_recurrences(
     return made
 
 
-def _cancelled(exc: StatementFailed, stopped: Callable[[], bool]) -> bool:
-    """A failure caused by the stop (its cancel), not by the row: abort the batch."""
-    return stopped() or exc.sqlstate == QUERY_CANCELED
-
-
 def _batch(conn: Conn, now: Any, due: list[dict[str, Any]], stopped: Callable[[], bool]) -> int:
     from flagsched import recurring  # croniter only when something is due (cold start)
 
@@ -71,7 +66,7 @@ def _batch(conn: Conn, now: Any, due: list[dict[str, Any]], stopped: Callable[[]
         with repository.savepoint(conn):
             made = repository.materialise(conn, fired, advanced)
     except StatementFailed as exc:
-        if _cancelled(exc, stopped):
+        if stopped():  # the stop cancelled it (it is set before the cancel): abort the batch
             raise DatabaseError(exc.message) from exc
         # A row the database refuses (an expires_after that overflows): redo them one by
         # one, so only that recurrence stops.
@@ -83,7 +78,7 @@ def _batch(conn: Conn, now: Any, due: list[dict[str, Any]], stopped: Callable[[]
                 with repository.savepoint(conn):
                     made += repository.materialise(conn, [(rec_id, at)], [(rec_id, nexts[rec_id])])
             except StatementFailed as exc:
-                if _cancelled(exc, stopped):
+                if stopped():  # our own cancel, not the row: never stop it for that
                     raise DatabaseError(exc.message) from exc
                 repository.materialise(conn, [], [(rec_id, None)])
                 log.warning(

@@ -197,3 +197,31 @@ def test_sigterm_while_materialising_many_recurrences_ends_the_tick(
     assert 0 < made < total  # stopped between batches, keeping the committed ones
     tick.run(database, tick.TickOptions(batch_size=1), rng=random.Random(0))
     assert _made_once_each(sql) == total
+
+
+def test_a_stop_that_cancels_the_batch_statement_rolls_it_back_and_stops_no_recurrence(
+    database: Database, sql: Sql, monkeypatch: Any
+) -> None:
+    """The signal's cancel fails the statement in flight: that batch rolls back whole and
+    stays due; no recurrence is taken for one the database refused."""
+    from flagsched import repository
+    from flagsched.errors import StatementFailed
+
+    _many_due_recurrences(sql, 10)
+    stop = tick.StopFlag()
+    write = repository.materialise
+
+    def cancelled(*args: Any) -> Any:
+        stop.request(15)
+        raise StatementFailed("canceling statement due to user request", "57014")
+
+    monkeypatch.setattr(repository, "materialise", cancelled)
+    with capture_logs() as logs:
+        report = tick.run(database, tick.TickOptions(), rng=random.Random(0), stop=stop)
+    monkeypatch.setattr(repository, "materialise", write)
+    assert report.interrupted_by == 15
+    assert not [e for e in logs if e["event"] == "recurrence_stopped"]
+    assert _made_once_each(sql) == 0
+    assert sql("SELECT count(*) FROM feature_flag_recurrences WHERE next_at <= now()")[0][0] == 10
+    tick.run(database, tick.TickOptions(), rng=random.Random(0))
+    assert _made_once_each(sql) == 10
