@@ -45,7 +45,20 @@ class DatabaseError(CouldNotRun):
     """A database statement failed."""
 
 
+# SQLSTATE lock_not_available: a lock not granted within lock_timeout (or NOWAIT).
+LOCK_NOT_AVAILABLE = "55P03"
+
+
 class StatementFailed(FlagschedError):
     """A statement inside a savepoint failed; the savepoint was rolled back."""
+
+    def __init__(self, message: str | None = None, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+    @property
+    def busy(self) -> bool:
+        """Only a lock not granted in time: anything else is not worth trying again."""
+        return self.sqlstate == LOCK_NOT_AVAILABLE
 
 

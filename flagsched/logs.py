@@ -13,7 +13,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from flagsched.output import visible
+from flagsched.render import visible
 
 _LEVELS = {
     "debug": logging.DEBUG,

@@ -6,32 +6,44 @@ Nothing here may stop the tick: a recurrence that cannot be read stops on its ow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from flagsched import repository
 from flagsched.db import Conn, Database, one_line, transaction
-from flagsched.errors import StatementFailed
+from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
+from flagsched.model import clip
 
 BATCH = 500
 
 
-def due_recurrences(database: Database, conn: Conn) -> int:
+def due_recurrences(
+    database: Database, conn: Conn, *, stopped: Callable[[], bool] = lambda: False
+) -> int:
     """Materialise every recurrence due now, a batch per transaction; returns the number of
-    schedules made."""
+    schedules made. `stopped()` is asked between batches (a signal): the batches committed
+    stay, the rest is due for the next tick. A batch whose statement the stop cancelled
+    rolls back whole."""
     made = 0
-    while True:
-        with transaction(database, conn):
-            now, due = repository.due_recurrences(conn, limit=BATCH)
-            if not due:
+    while not stopped():
+        try:
+            with transaction(database, conn):
+                now, due = repository.due_recurrences(conn, limit=BATCH)
+                if not due:
+                    return made
+                made += _batch(conn, now, due, stopped)
+        except DatabaseError:
+            if stopped():  # our own cancel: the batch rolled back, stays due
                 return made
-            made += _batch(conn, now, due)
+            raise
         if len(due) < BATCH:
             return made
+    return made
 
 
-def _batch(conn: Conn, now: Any, due: list[dict[str, Any]]) -> int:
+def _batch(conn: Conn, now: Any, due: list[dict[str, Any]], stopped: Callable[[], bool]) -> int:
     from flagsched import recurring  # croniter only when something is due (cold start)
 
     log = get_logger()
@@ -47,15 +59,18 @@ def _batch(conn: Conn, now: Any, due: list[dict[str, Any]]) -> int:
             log.warning(
                 "recurrence_stopped",
                 recurrence_id=row["id"],
-                flag_key=row["flag_key"],
+                flag_key=clip(row["flag_key"]),
                 error=one_line(occurrence.error or "no next occurrence", [])[:1000],
             )
     try:
         with repository.savepoint(conn):
             made = repository.materialise(conn, fired, advanced)
-    except StatementFailed:
+    except StatementFailed as exc:
+        if stopped():  # the stop cancelled it (it is set before the cancel): abort the batch
+            raise DatabaseError(exc.message) from exc
         # A row the database refuses (an expires_after that overflows): redo them one by
         # one, so only that recurrence stops.
+        keys = {row["id"]: row["flag_key"] for row in due}
         made = []
         nexts = dict(advanced)
         for rec_id, at in fired:
@@ -63,8 +78,15 @@ def _batch(conn: Conn, now: Any, due: list[dict[str, Any]]) -> int:
                 with repository.savepoint(conn):
                     made += repository.materialise(conn, [(rec_id, at)], [(rec_id, nexts[rec_id])])
             except StatementFailed as exc:
+                if stopped():  # our own cancel, not the row: never stop it for that
+                    raise DatabaseError(exc.message) from exc
                 repository.materialise(conn, [], [(rec_id, None)])
-                log.warning("recurrence_stopped", recurrence_id=rec_id, error=exc.message)
+                log.warning(
+                    "recurrence_stopped",
+                    recurrence_id=rec_id,
+                    flag_key=clip(keys[rec_id]),
+                    error=exc.message,
+                )
             del nexts[rec_id]
         repository.materialise(conn, [], list(nexts.items()))
     for schedule in made:

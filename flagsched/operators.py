@@ -12,7 +12,7 @@ from typing import Any
 
 from flagsched import repository
 from flagsched.db import Conn, Database, begin, connection, transaction
-from flagsched.errors import StatementFailed
+from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import OnConflict, Status, Updates, clip
 
@@ -105,11 +105,17 @@ def _each_locked(database: Database, ids: list[int], act: Any) -> list[Handled]:
                             else act(conn, row)
                         )
                 except StatementFailed as exc:
-                    result = Handled(
-                        schedule_id, False, f"refused: busy, try again ({exc.message})"
-                    )
+                    result = _busy(schedule_id, exc, f"schedule {schedule_id}")
             results.append(result)
     return results
+
+
+def _busy(item: int, exc: StatementFailed, what: str, subject: str | None = None) -> Handled:
+    """A lock not granted in time is a refusal worth repeating; any other failed statement
+    (a read-only database, a missing privilege) stops the command: it could not run."""
+    if not exc.busy:
+        raise DatabaseError(f"database error on {what}: {exc.message}") from exc
+    return Handled(item, False, f"refused: busy, try again ({exc.message})", subject)
 
 
 def retry(database: Database, ids: list[int], *, force: bool = False) -> list[Handled]:
@@ -199,9 +205,7 @@ def cancel_recurrence(database: Database, recurrence_id: int) -> list[Handled]:
                     return [Handled(recurrence_id, False, "refused: already cancelled", subject)]
                 cancelled = repository.cancel_recurrence(conn, recurrence_id)
         except StatementFailed as exc:
-            return [
-                Handled(recurrence_id, False, f"refused: busy, try again ({exc.message})", subject)
-            ]
+            return [_busy(recurrence_id, exc, subject, subject)]
     get_logger().info(
         "recurrence_cancelled",
         recurrence_id=recurrence_id,
@@ -282,6 +286,16 @@ def add_recurrence(
         flag_exists=exists,
     )
     return new_id, next_at, exists
+
+
+def list_failed(
+    database: Database, *, permanent: bool | None, flag_key: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Failed schedules, most recently failed first (`permanent`: only those failed for
+    good, False: only those waiting for a retry, None: both)."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        return repository.list_failed(conn, permanent=permanent, flag_key=flag_key, limit=limit)
 
 
 def list_schedules(database: Database, **filters: Any) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ instant (every 15 minutes inside a gap) are one occurrence."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
@@ -97,16 +98,26 @@ def due(expr: str, zone_name: str, next_at: datetime | None, now: datetime) -> O
     """The materialisation of one due recurrence (its `next_at <= now`; None: earlier than
     any time Python holds): missed occurrences collapse into the latest one not after now;
     next_at moves to the first after now."""
+    around = _around(expr, zone_name, now)
+    if around.error is not None:
+        return around
+    latest = around.fire_at
+    fire = latest if latest is not None and (next_at is None or latest >= next_at) else None
+    return Occurrence(fire, around.next_at)
+
+
+@functools.lru_cache(maxsize=4096)
+def _around(expr: str, zone_name: str, now: datetime) -> Occurrence:
+    """The latest occurrence not after `now` and the first after it. The same for every
+    recurrence of one (cron, zone) at one `now`: a tick of 50,000 due recurrences computes
+    it once per distinct pair, not once per row (croniter is the cost)."""
     from flagsched.times import parse_zone
 
     try:
         zone = parse_zone(zone_name)
         normal = validate(expr)
-        latest = latest_not_after(normal, zone, now)
-        following = next_after(normal, zone, now)
+        return Occurrence(latest_not_after(normal, zone, now), next_after(normal, zone, now))
     except (InvalidTime, InvalidCron) as exc:
         return Occurrence(None, None, str(exc))
     except (ValueError, OverflowError) as exc:  # croniter's own errors, years past 9999
         return Occurrence(None, None, f"{expr!r} in {zone_name}: {exc}")
-    fire = latest if latest is not None and (next_at is None or latest >= next_at) else None
-    return Occurrence(fire, following)

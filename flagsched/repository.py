@@ -287,7 +287,7 @@ def savepoint(conn: Conn) -> Iterator[None]:
         with conn.transaction():
             yield
     except psycopg.Error as exc:
-        raise StatementFailed(reason(exc)) from exc
+        raise StatementFailed(reason(exc), exc.sqlstate) from exc
 
 
 def reason(exc: psycopg.Error) -> str:

@@ -84,8 +84,8 @@ def run(
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
-        materialise.due_recurrences(database, conn)  # before the claim, its own transaction
         with stop.hooked(lambda: repository.cancel_running_statement(conn)):
+            _materialise(database, conn, stop)  # before the claim, its own transactions
             for _ in range(options.max_batches):
                 if stop.requested:
                     break
@@ -123,6 +123,15 @@ def run(
         oldest_due_age_seconds=report.oldest_due_age_seconds,
     )
     return report
+
+
+def _materialise(database: Database, conn: Conn, stop: StopFlag) -> None:
+    """Due recurrences into schedules, in bounded batches that a signal stops between."""
+    try:
+        materialise.due_recurrences(database, conn, stopped=lambda: stop.requested)
+    except DatabaseError:
+        if not stop.requested:  # a signal may cancel it: the batches committed stay
+            raise
 
 
 def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None:

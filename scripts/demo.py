@@ -82,7 +82,7 @@ def main() -> int:
         def show(query: str) -> None:
             with engine.connect() as conn:
                 result = conn.execute(sa.text(query))
-                from flagsched.output import table
+                from flagsched.render import table
 
                 print(table(list(result.keys()), [tuple(r) for r in result]), flush=True)
 

@@ -336,3 +336,31 @@ def test_a_recurrence_due_since_minus_infinity_fires_once(
     assert flagsched("process").code == 0
     assert sql("SELECT next_at > now() FROM feature_flag_recurrences")[0][0] is True
     assert sql("SELECT status FROM feature_flag_schedules") == [("applied",)]
+
+
+def test_every_time_option_reads_tz_wherever_it_stands(
+    flagsched: Callable[..., Ran], sql: Sql
+) -> None:
+    """TIME is read in --tz whether --tz comes before or after it on the command line."""
+    local, utc = "2030-06-01T09:00", "2030-06-01T07:00:00Z"
+    for order in (
+        ("--at", local, "--tz", "Europe/Berlin"),
+        ("--tz", "Europe/Berlin", "--at", local),
+    ):
+        assert flagsched("schedule", "a", *order, "--enable").code == 0
+    ramp = flagsched(
+        "ramp", "a", "--steps", "10,20", "--every", "1h", "--start", local, "--tz", "Europe/Berlin"
+    )
+    assert ramp.code == 0, ramp.stderr
+    at = sql(
+        "SELECT to_char(scheduled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') "
+        "FROM feature_flag_schedules ORDER BY id"
+    )
+    assert [r[0] for r in at] == [utc, utc, utc, "2030-06-01T08:00:00Z"]
+    for since in (
+        ("--since", local, "--tz", "Asia/Tokyo"),
+        ("--tz", "Asia/Tokyo", "--since", local),
+    ):
+        assert flagsched("history", *since).code == 0
+    shown = listed(flagsched, "--from", local, "--tz", "Europe/Berlin", "--to", "2030-06-01T09:30")
+    assert len(shown) == 3  # 07:00Z three times; the 08:00Z step is after --to (07:30Z)

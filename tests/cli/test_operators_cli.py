@@ -267,3 +267,48 @@ def test_stored_control_characters_are_shown_escaped_never_raw(
     assert shown in outputs[1].stdout
     assert "odd\\x1b[5m" in outputs[2].stdout
     assert json.loads(flagsched("list-failed", "--format", "json").stdout)[0]["flag_key"] == key
+
+
+def test_after_retry_the_applied_event_is_not_a_first_attempt_as_the_runbook_says(
+    flagsched: Callable[..., Ran], add_flag: Any, add_schedule: Any
+) -> None:
+    from pathlib import Path
+
+    sid = add_schedule("late-flag", {"enabled": True})
+    assert flagsched("process").code == 1  # the flag does not exist yet: failed for good
+    add_flag("late-flag")
+    assert flagsched("retry", str(sid)).code == 0
+    ran = flagsched("process")
+    assert ran.code == 0, ran.stderr
+    (applied,) = [json.loads(x) for x in ran.stderr.splitlines() if '"schedule_applied"' in x]
+    assert (applied["first_attempt"], applied["attempt"], applied["retry_count"]) == (False, 2, 0)
+    runbook = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    assert "The applied event then says `first_attempt: false`" in runbook
+    assert "`first_attempt: true`" not in runbook
+
+
+def test_schedule_enable_and_disable_together_is_exit_2(
+    flagsched: Callable[..., Ran], sql: Sql
+) -> None:
+    for when in (("--at", "now"), ("--cron", "0 9 * * *")):
+        ran = flagsched("schedule", "a", *when, "--enable", "--disable")
+        assert ran.code == 2, (when, ran.stdout)
+        assert ran.stdout == "" and len(ran.stderr.strip().splitlines()) == 1
+        assert "--enable and --disable exclude each other" in ran.stderr
+    assert sql("SELECT count(*) FROM feature_flag_schedules")[0][0] == 0
+    assert sql("SELECT count(*) FROM feature_flag_recurrences")[0][0] == 0
+
+
+def test_every_limit_takes_the_one_bound_the_readme_states(flagsched: Callable[..., Ran]) -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    bound = 2**31 - 1
+    stated = (
+        f"`--limit` of `list`, `list-failed` and `history`, and\n`--max-batches`, up to {bound}"
+    )
+    assert stated in readme
+    for command in (("list",), ("list-failed",), ("history",)):
+        assert flagsched(*command, "--limit", str(bound)).code == 0, command
+        too_many = flagsched(*command, "--limit", str(bound + 1))
+        assert too_many.code == 2 and "--limit" in too_many.stderr, command

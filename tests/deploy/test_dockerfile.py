@@ -103,7 +103,8 @@ def test_the_build_stage_sources_make_a_wheel_with_the_migrations(tmp_path: Path
         names = set(archive.namelist())
         metadata = archive.read("flagsched-0.1.0.dist-info/METADATA").decode()
     assert {
-        "flagsched/cli.py",
+        "flagsched/cli/__init__.py",
+        "flagsched/cli/tick.py",
         "flagsched/migrations/env.py",
         "flagsched/migrations/versions/0001_create_tables.py",
         "flagsched/migrations/versions/0002_retry_columns.py",

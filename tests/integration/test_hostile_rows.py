@@ -570,3 +570,131 @@ def test_a_long_database_error_is_clipped_and_keeps_its_verdict(
     assert len(error) <= MAX_TEXT and error.endswith("(gave up after 1 attempts)")
     failed = [e for e in logs if e["event"] == "schedule_failed"]
     assert failed[0]["error"] == error and len(failed[0]["flag_key"]) <= MAX_TEXT
+
+
+# --- every command reads any row (list, show, history; table and JSON) ------------------
+
+_attempts_text = st.sampled_from(
+    [
+        "[]",
+        "null",
+        '"x"',
+        "7",
+        '[{"attempt": 1, "at": "2026-01-01T00:00:00Z", "outcome": "retry", "error": 12.5}]',
+        '[{"attempt": 1.5, "at": 1e400, "outcome": ["x"], "error": {"e": 1e-400}}]',
+        '[{"attempt": ' + "[" * 40 + "]" * 40 + "}]",
+        '[{"attempt": 1, "error": ' + "[" * 1000 + "]" * 1000 + "}]",
+        '[{"attempt": 1, "error": ' + "[" * 2500 + "]" * 2500 + "}]",
+        "[" * 1000 + "]" * 1000,
+        "[" * 2500 + "]" * 2500,
+        '[1, "two", null, {"attempt": []}]',
+    ]
+) | st.lists(_json_values, max_size=3).map(json.dumps)
+_read_rows = st.fixed_dictionaries(
+    {
+        "flag_key": st.sampled_from(["r1", "r2", "", "k" * 1500, "new\nline"]),
+        "scheduled_at": _times,
+        "updates": _updates_text()
+        | _number_spellings.map(lambda n: '{"rollout_percentage": ' + n + "}")
+        | st.sampled_from(
+            [
+                '{"rollout_percentage": 1' + "0" * 400 + "}",
+                '{"rollout_percentage": 1e5000}',
+                '{"x": [0.1, 1e-7, -1e5000, 1e-5000]}',
+                '{"x": ' + "9" * 5000 + "}",
+            ]
+        ),
+        "status": st.sampled_from(STATUSES),
+        "retry_count": st.sampled_from(INT_EDGES),
+        "next_retry_at": st.none() | _times,
+        "expires_at": st.none() | _times,
+        "attempts": _attempts_text,
+    }
+)
+_history_rows = st.fixed_dictionaries(
+    {
+        "flag_key": st.sampled_from(["r1", "", "k" * 1500, "tab\there"]),
+        "changed_at": st.sampled_from([*ODD_TIMES, "2026-03-01 09:00:00+00"]),
+        "actor": st.sampled_from(["app", "", "a" * 3000, "\x1b[31mred"]),
+        "old_enabled": st.none() | st.booleans(),
+        "old_rollout_percentage": st.none() | st.sampled_from(INT_EDGES),
+        "new_enabled": st.none() | st.booleans(),
+        "new_rollout_percentage": st.none() | st.sampled_from(INT_EDGES),
+        "schedule_ids": st.sampled_from(
+            ["{}", "{1,NULL}", "{9223372036854775807,-9223372036854775808}", "{1,2,3,4,5,6,7}"]
+        ),
+    }
+)
+
+
+def insert_changes(url: str, rows: list[dict[str, Any]]) -> None:
+    """History rows as a person in psql might write them (any value the columns hold)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for change in rows:
+            conn.execute(
+                """
+                INSERT INTO feature_flag_changes (flag_key, changed_at, actor, old_enabled,
+                    old_rollout_percentage, new_enabled, new_rollout_percentage, schedule_ids)
+                VALUES (%(flag_key)s, CAST(%(changed_at)s AS timestamptz), %(actor)s,
+                    %(old_enabled)s, %(old_rollout_percentage)s, %(new_enabled)s,
+                    %(new_rollout_percentage)s, CAST(%(schedule_ids)s AS bigint[]))
+                """,
+                change,
+            )
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    rows=st.lists(_read_rows, min_size=1, max_size=5),
+    changes=st.lists(_history_rows, max_size=3),
+)
+def test_every_command_reads_any_row(
+    database_url: str, rows: list[dict[str, Any]], changes: list[dict[str, Any]]
+) -> None:
+    """`list`, `show` and `history` show any value an application stored, in table form as
+    in JSON (a value too deep or too big is a short note), and exit 0."""
+    url = database_url
+    with psycopg.connect(url, autocommit=True) as conn:  # a cleaned database per example
+        conn.execute("TRUNCATE feature_flag_schedules, feature_flag_changes")
+    ids = insert(url, [row(**r) for r in rows])
+    insert_changes(url, changes)
+    reads: list[list[str]] = [
+        ["list"],
+        *(["list", "--status", s] for s in ("pending", "failed", "applied", "cancelled")),
+        ["list", "--tz", "Europe/Berlin", "--status", "pending"],
+        ["history"],
+        ["history", "r1", "--tz", "Asia/Kolkata"],
+        *(["show", str(i)] for i in ids),
+    ]
+    for args in reads:
+        for form in ([], ["--format", "json"]):
+            ran = command(url, *args, *form)
+            assert ran.code == 0, (args, form, ran.stdout[-300:], ran.stderr[-600:])
+            assert "Traceback" not in ran.stderr and "internal error" not in ran.stderr
+            if form:
+                json.loads(ran.stdout)
+
+
+def test_a_fractional_rollout_and_deep_attempts_are_shown(database_url: str) -> None:
+    """The two rows the adversarial pass found, as examples."""
+    (fractional,) = insert(database_url, [row('{"rollout_percentage": 12.5}')])
+    # jsonb writes 1e5000 back as 5,001 digits: more than Python reads as an int.
+    insert(database_url, [row('{"rollout_percentage": 1e5000}', flag_key="b")])
+    (deep,) = insert(database_url, [row("{}", attempts="[" * 2500 + "]" * 2500)])
+    listed = command(database_url, "list")
+    assert listed.code == 0, listed.stderr
+    assert '{"rollout_percentage":12.5}' in listed.stdout
+    assert "(unreadable JSON: Exceeds the limit (4300 digits)" in listed.stdout
+    as_json = command(database_url, "list", "--format", "json")
+    assert as_json.code == 0, as_json.stderr
+    shown_updates = [r["updates"] for r in json.loads(as_json.stdout)]
+    assert shown_updates[0] == {"rollout_percentage": 12.5}
+    assert shown_updates[1].startswith("(unreadable JSON: Exceeds the limit (4300 digits)")
+    shown = command(database_url, "show", str(deep))
+    assert shown.code == 0, shown.stderr
+    assert "attempts: (unreadable JSON: nested too deeply)" in shown.stdout
+    assert command(database_url, "show", str(fractional)).code == 0

@@ -331,3 +331,65 @@ def test_operator_runs_operator_commands_but_never_touches_flags(
         "DROP TABLE feature_flag_schedules",
     ):
         assert attempt(statement) == DENIED, statement
+
+
+def _one_of_each(sql: Sql, add_flag: Any, add_schedule: Any) -> tuple[int, int, int]:
+    """A failed schedule, a pending one and a recurrence of flag a: what retry/cancel act on."""
+    add_flag("a")
+    failed = add_schedule("a", {"enabled": False}, status="failed", retry_count=4)
+    pending = add_schedule("a", {"enabled": True}, at="now() + interval '1 day'")
+    (recurrence,) = sql(
+        "INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at) "
+        "VALUES ('a', '0 9 * * *', 'UTC', '{\"enabled\": true}', now() + interval '1 day') "
+        "RETURNING id"
+    )[0]
+    return failed, pending, int(recurrence)
+
+
+def _acting_on(failed: int, pending: int, recurrence: int) -> list[tuple[str, ...]]:
+    return [
+        ("retry", str(failed)),
+        ("cancel", str(pending)),
+        ("cancel", "--recurrence", str(recurrence)),
+    ]
+
+
+def _one_line_could_not_run(ran: Ran, cause: str) -> None:
+    assert ran.code == 3, (ran.code, ran.stdout, ran.stderr)
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("flagsched: ")]
+    assert len(errors) == 1 and cause in errors[0], ran.stderr
+    assert "busy" not in ran.stdout + ran.stderr
+
+
+def test_retry_and_cancel_without_update_privilege_could_not_run_not_busy(
+    flagsched: Callable[..., Ran],
+    database_url: str,
+    grant: Callable[[str], None],
+    sql: Sql,
+    add_flag: Any,
+    add_schedule: Any,
+) -> None:
+    """A reader (SELECT only) cannot lock a schedule for update: exit 3 naming the missing
+    privilege, never "busy, try again"."""
+    grant("reader")
+    failed, pending, recurrence = _one_of_each(sql, add_flag, add_schedule)
+    reader = url_for(database_url, "test_reader")
+    for args in _acting_on(failed, pending, recurrence):
+        ran = flagsched(*args, url=reader)
+        _one_line_could_not_run(ran, "permission denied for table")
+        assert f"(SQLSTATE {DENIED})" in ran.stderr
+    assert state(sql, failed)[0] == "failed" and state(sql, pending)[0] == "pending"
+
+
+def test_retry_and_cancel_on_a_read_only_database_could_not_run_not_busy(
+    flagsched: Callable[..., Ran], sql: Sql, add_flag: Any, add_schedule: Any
+) -> None:
+    """A hot standby, or `default_transaction_read_only`: exit 3 naming it, never "busy"."""
+    failed, pending, recurrence = _one_of_each(sql, add_flag, add_schedule)
+    sql(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on',"
+        " current_database()); END $$"
+    )
+    for args in _acting_on(failed, pending, recurrence):
+        _one_line_could_not_run(flagsched(*args), "read-only transaction (SQLSTATE 25006)")
+    assert state(sql, failed)[0] == "failed" and state(sql, pending)[0] == "pending"

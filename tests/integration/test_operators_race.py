@@ -28,6 +28,21 @@ def hold(engine: Engine, schedule_id: int) -> tuple[Any, Any]:
     return conn, tx
 
 
+def wait_for_a_blocked_backend(sql: Sql) -> None:
+    """Return once a session of this database waits for a lock that another holds (the
+    command queued behind the tick); fail if none ever does: a command that never waits
+    would otherwise pass unseen."""
+    for _ in range(500):
+        blocked = sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND cardinality(pg_blocking_pids(pid)) > 0"
+        )[0][0]
+        if blocked:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the command never waited for the tick's row lock")
+
+
 def test_cancel_is_refused_while_a_tick_holds_the_schedule(
     database: Database, engine: Engine, add_flag: Any, add_schedule: Any, sql: Sql
 ) -> None:
@@ -72,7 +87,7 @@ def test_a_command_waits_for_the_tick_and_sees_its_outcome(
     results: list[Any] = []
     worker = threading.Thread(target=lambda: results.extend(command(database, [sid])))
     worker.start()
-    time.sleep(0.3)  # the command is now waiting for the tick's row lock
+    wait_for_a_blocked_backend(sql)  # the command is waiting for the tick's row lock
     conn.execute(
         sa.text("UPDATE feature_flag_schedules SET status = 'applied' WHERE id = :i"), {"i": sid}
     )

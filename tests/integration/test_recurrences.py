@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from flagsched import materialise, tick
 from flagsched.db import Database, connection
 from flagsched.model import Outcome
@@ -95,8 +97,131 @@ def test_an_unreadable_recurrence_stops_alone(database: Database, sql: Sql, add_
         "WHERE id = :i",
         i=overflow,
     )
-    report = tick.run(database, tick.TickOptions(), rng=random.Random(0))
+    with capture_logs() as logs:
+        report = tick.run(database, tick.TickOptions(), rng=random.Random(0))
     assert report.count(Outcome.APPLIED) == 1
+    stopped = {e["recurrence_id"]: e for e in logs if e["event"] == "recurrence_stopped"}
+    assert set(stopped) == {bad_cron, bad_zone, overflow}
+    assert all(e["flag_key"] == "a" and e["error"] for e in stopped.values())  # every path
     nexts = dict(sql("SELECT id, next_at IS NOT NULL FROM feature_flag_recurrences"))
     assert nexts == {good: True, bad_cron: False, bad_zone: False, overflow: False}
     assert [r[0] for r in sql("SELECT recurrence_id FROM feature_flag_schedules")] == [good]
+
+
+def _many_due_recurrences(sql: Sql, count: int) -> None:
+    """`count` recurrences each firing exactly once however long the test takes (yearly,
+    due for more than a year: the missed occurrences collapse into one, the next is months
+    away; an every-minute cron would fire again when a minute passes between two ticks)."""
+    sql(
+        """INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at)
+           SELECT 'r' || g, '0 0 1 1 *', 'UTC', '{"enabled": true}',
+                  now() - interval '400 days'
+           FROM generate_series(1, :n) AS g""",
+        n=count,
+    )
+
+
+def _made_once_each(sql: Sql) -> int:
+    """Schedules made from recurrences; none twice for one recurrence."""
+    twice = sql(
+        "SELECT recurrence_id FROM feature_flag_schedules WHERE recurrence_id IS NOT NULL "
+        "GROUP BY recurrence_id HAVING count(*) > 1"
+    )
+    assert twice == []
+    return int(sql("SELECT count(*) FROM feature_flag_schedules")[0][0])
+
+
+def test_a_stop_between_materialising_batches_keeps_what_was_committed(
+    database: Database, sql: Sql, monkeypatch: Any
+) -> None:
+    """A signal arriving while the first batch is written: that batch commits, the tick
+    stops before the next one and claims nothing; the next tick makes the rest, once each."""
+    from flagsched import repository
+
+    total = materialise.BATCH * 2 + 100
+    _many_due_recurrences(sql, total)
+    stop = tick.StopFlag()
+    write = repository.materialise
+
+    def signalled_during(*args: Any) -> Any:
+        made = write(*args)
+        stop.request(15)  # SIGTERM, as the handler of the command line would
+        return made
+
+    monkeypatch.setattr(repository, "materialise", signalled_during)
+    report = tick.run(database, tick.TickOptions(), rng=random.Random(0), stop=stop)
+    monkeypatch.setattr(repository, "materialise", write)
+    assert report.interrupted_by == 15 and report.batches == 0
+    assert _made_once_each(sql) == materialise.BATCH
+    still_due = sql("SELECT count(*) FROM feature_flag_recurrences WHERE next_at <= now()")
+    assert still_due[0][0] == total - materialise.BATCH
+    tick.run(database, tick.TickOptions(batch_size=1), rng=random.Random(0))
+    assert _made_once_each(sql) == total
+    assert sql("SELECT count(*) FROM feature_flag_recurrences WHERE next_at <= now()")[0][0] == 0
+
+
+def test_sigterm_while_materialising_many_recurrences_ends_the_tick(
+    database: Database, sql: Sql, database_url: str
+) -> None:
+    """A real process and a real SIGTERM while it turns 20,000 recurrences into schedules:
+    it exits 143 before making them all (batches it committed stay), and the next tick
+    makes the rest, exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    total = 20_000
+    _many_due_recurrences(sql, total)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSCHED_")}
+    env.update(FLAGSCHED_DATABASE_URL=database_url, FLAGSCHED_LOG_LEVEL="warning")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flagsched", "process"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(3000):  # the first batch committed: it is materialising
+            if _made_once_each(sql) > 0 or process.poll() is not None:
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 128 + signal.SIGTERM
+    made = _made_once_each(sql)
+    assert 0 < made < total  # stopped between batches, keeping the committed ones
+    tick.run(database, tick.TickOptions(batch_size=1), rng=random.Random(0))
+    assert _made_once_each(sql) == total
+
+
+def test_a_stop_that_cancels_the_batch_statement_rolls_it_back_and_stops_no_recurrence(
+    database: Database, sql: Sql, monkeypatch: Any
+) -> None:
+    """The signal's cancel fails the statement in flight: that batch rolls back whole and
+    stays due; no recurrence is taken for one the database refused."""
+    from flagsched import repository
+    from flagsched.errors import StatementFailed
+
+    _many_due_recurrences(sql, 10)
+    stop = tick.StopFlag()
+    write = repository.materialise
+
+    def cancelled(*args: Any) -> Any:
+        stop.request(15)
+        raise StatementFailed("canceling statement due to user request", "57014")
+
+    monkeypatch.setattr(repository, "materialise", cancelled)
+    with capture_logs() as logs:
+        report = tick.run(database, tick.TickOptions(), rng=random.Random(0), stop=stop)
+    monkeypatch.setattr(repository, "materialise", write)
+    assert report.interrupted_by == 15
+    assert not [e for e in logs if e["event"] == "recurrence_stopped"]
+    assert _made_once_each(sql) == 0
+    assert sql("SELECT count(*) FROM feature_flag_recurrences WHERE next_at <= now()")[0][0] == 10
+    tick.run(database, tick.TickOptions(), rng=random.Random(0))
+    assert _made_once_each(sql) == 10

@@ -207,7 +207,7 @@ def test_numbers_json_parsers_refuse_are_validated_not_fatal(
 def test_json_nested_too_deep_to_read_fails_its_row_not_the_tick(
     run_tick: Tick, database: Database, add_flag: Any, add_schedule: Any, sql: Sql, schedule: Any
 ) -> None:
-    from flagsched import output, repository
+    from flagsched import render, repository
     from flagsched.db import begin
 
     add_flag("real")
@@ -224,7 +224,7 @@ def test_json_nested_too_deep_to_read_fails_its_row_not_the_tick(
     assert "could not be read: nested too deeply" in schedule(sid)["last_error"]
     with begin(database) as conn:  # list-failed still shows it
         rows = repository.list_failed(conn, permanent=True, flag_key=None, limit=10)
-    assert '"updates": "(unreadable JSON: nested too deeply)"' in output.to_json(rows)
+    assert '"updates": "(unreadable JSON: nested too deeply)"' in render.to_json(rows)
 
 
 def test_four_overdue_rollout_steps_land_in_one_run_in_order(

@@ -1,0 +1,80 @@
+"""The command line: one click group. Settings and logging are configured once, on first
+use; this is the only place that exits, turning results and errors into exit codes. The
+commands live in one module per group: tick (process), authoring (schedule, ramp),
+operate (retry, cancel, prune, migrate), read (list, list-failed, status, recurrences,
+history, show); their parameters in params, their output in flagsched.render."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import NoReturn
+
+import click
+
+from flagsched import logs
+from flagsched.cli import authoring, operate, read, tick
+from flagsched.cli.app import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_USAGE, redacted, say
+from flagsched.errors import FlagschedError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flagsched")
+def cli() -> None:
+    """Apply scheduled feature-flag changes stored in PostgreSQL."""
+
+
+_signals_stop = tick.signals_stop  # the name the signal tests know
+
+# One module per command group; each command registered here, on the one group.
+for _command in (
+    tick.process,
+    authoring.schedule,
+    authoring.ramp,
+    operate.retry,
+    operate.cancel,
+    operate.prune,
+    operate.migrate,
+    read.list_,
+    read.list_failed,
+    read.status,
+    read.recurrences,
+    read.history,
+    read.show,
+):
+    cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: the only place that exits."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """One invocation, as its exit code. No traceback reaches an operator."""
+    try:
+        code = cli.main(args=argv, prog_name="flagsched", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        say(f"flagsched: error: {_usage_line(exc)}")
+        code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Abort:
+        code = 128 + signal.SIGINT
+    except FlagschedError as exc:
+        say(f"flagsched: error: {exc.message}")
+        code = exc.exit_code
+    except Exception as exc:
+        logs.debug_exception("internal_error", exc)  # FLAGSCHED_LOG_LEVEL=debug: the traceback
+        say(f"flagsched: internal error: {type(exc).__name__}: {redacted(str(exc))}")
+        code = EXIT_COULD_NOT_RUN
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def _usage_line(exc: click.ClickException) -> str:
+    """click's message as one line, with where to read more (click's own rendering takes four)."""
+    from flagsched.urls import one_line
+
+    message = one_line(exc.format_message())
+    ctx = exc.ctx if isinstance(exc, click.UsageError) else None
+    return f"{message} (see `{ctx.command_path} --help`)" if ctx is not None else message

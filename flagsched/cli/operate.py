@@ -1,0 +1,120 @@
+"""Operator commands that change state: retry, cancel, prune, migrate."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from flagsched import logs
+from flagsched.cli.app import EXIT_FAILED, EXIT_OK, App, pass_app
+from flagsched.cli.params import MAX_PRUNE_DAYS, SCHEDULE_ID, FiniteFloat
+
+
+@click.command()
+@click.option("--sql", is_flag=True, help="Print the SQL of the upgrade instead of running it.")
+@click.option("--check", is_flag=True, help="Exit 0 at the latest revision, 1 behind it.")
+@pass_app
+def migrate(app: App, sql: bool, check: bool) -> int:
+    """Upgrade the database schema to the latest revision (idempotent, safe concurrently)."""
+    from flagsched import migrate as migrations
+
+    if sql and check:
+        raise click.UsageError("--sql and --check exclude each other")
+    if sql:
+        migrations.print_sql(sys.stdout)
+        return EXIT_OK
+    from flagsched.schema import make_engine
+
+    # DDL may legitimately outlast the tick's statement timeout; only the lock wait is bounded.
+    database = app.database()
+    migrations.preflight(database)
+    engine = make_engine(database.url, lock_timeout=database.lock_timeout, statement_timeout=None)
+    log = logs.get_logger()
+    if check:
+        found, latest = migrations.current(engine), migrations.head()
+        if found == latest:
+            click.echo(f"schema is at the latest revision ({latest})")
+            return EXIT_OK
+        click.echo(
+            f"schema is at {found or 'no revision'}, latest is {latest}: run `flagsched migrate`"
+        )
+        return EXIT_FAILED
+    before, after = migrations.upgrade(engine)
+    log.info("migrate_finished", from_revision=before, to_revision=after, changed=before != after)
+    return EXIT_OK
+
+
+def _report_each(results: list[Any]) -> int:
+    from flagsched import render
+
+    for result in results:
+        click.echo(render.handled(result))
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+@click.command()
+@click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
+@click.option("--force", is_flag=True, help="Retry even when a later schedule was applied.")
+@pass_app
+def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
+    """Make failed schedules pending again (retry_count back to 0)."""
+    from flagsched import operators
+
+    return _report_each(operators.retry(app.database(), list(ids), force=force))
+
+
+@click.command()
+@click.argument("ids", nargs=-1, type=SCHEDULE_ID)
+@click.option(
+    "--group", "groups", type=SCHEDULE_ID, multiple=True, metavar="G", help="A ramp's group."
+)
+@click.option(
+    "--recurrence",
+    "recurrence_ids",
+    type=SCHEDULE_ID,
+    multiple=True,
+    metavar="R",
+    help="A recurrence.",
+)
+@pass_app
+def cancel(
+    app: App, ids: tuple[int, ...], groups: tuple[int, ...], recurrence_ids: tuple[int, ...]
+) -> int:
+    """Cancel pending or failed schedules, a group's schedules not yet applied, or a
+    recurrence (with its schedules not yet applied)."""
+    from flagsched import operators
+
+    if not (ids or groups or recurrence_ids):
+        raise click.UsageError("give schedule ids, --group G or --recurrence R")
+    database = app.database()
+    results = operators.cancel(database, list(ids)) if ids else []
+    for group_id in dict.fromkeys(groups):
+        results += operators.cancel_group(database, group_id)
+    for recurrence_id in dict.fromkeys(recurrence_ids):
+        results += operators.cancel_recurrence(database, recurrence_id)
+    return _report_each(results)
+
+
+@click.command()
+@click.option(
+    "--older-than",
+    "days",
+    type=FiniteFloat(min=0, min_open=True, max=MAX_PRUNE_DAYS),
+    required=True,
+    metavar="DAYS",
+    help=f"Age in days (a positive number, at most {MAX_PRUNE_DAYS}).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted.")
+@click.option("--history", is_flag=True, help="Also delete flag history older than DAYS.")
+@pass_app
+def prune(app: App, days: float, dry_run: bool, history: bool) -> int:
+    """Delete applied and cancelled schedules older than DAYS, in small batches."""
+    from flagsched import operators, render
+
+    counts, _ = operators.prune(
+        app.database(), older_than_days=days, dry_run=dry_run, history=history
+    )
+    click.echo(render.pruned(counts, dry_run=dry_run, history=history))
+    return EXIT_OK

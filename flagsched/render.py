@@ -1,0 +1,318 @@
+"""Rendering of command results for stdout: aligned tables and JSON (times in ISO 8601 UTC),
+one function per kind of row. A table shows any value a row holds, as its JSON form does:
+exact numbers as numbers, a short note for what is nested too deeply or cannot be read."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime, tzinfo
+from decimal import Decimal
+from typing import Any
+
+# Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
+# no encoder recursion, no page-long line.
+MAX_DEPTH = 32
+
+
+def visible(text: str) -> str:
+    """`text` safe for a terminal: every character that is not printable (ESC and other
+    control characters, newlines, invisible format characters) shown as Python writes it
+    escaped (\\x1b, \\n, \\u200b); printable text is left exactly as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def iso(value: object) -> str | None:
+    """ISO 8601 in UTC, or None; a time Python cannot hold as PostgreSQL wrote it."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if value is None else str(value)
+
+
+def depth(value: object) -> int:
+    """How deeply `value` nests lists and dicts (iteratively: any depth is safe)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, list | dict):
+            deepest = max(deepest, level)
+            stack.extend(
+                (v, level + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, list | dict):
+        levels = depth(value)
+        return value if levels <= MAX_DEPTH else f"(nested {levels} levels deep: not shown)"
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def _json_default(value: object) -> object:
+    """JSON for what json cannot write itself: times as ISO 8601 UTC, exact numbers
+    (Decimal) as numbers, anything else as its text."""
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Decimal):
+        return _number(value)
+    return str(value)
+
+
+def _number(value: Decimal) -> object:
+    """An exact number as JSON writes numbers; one no Python number holds as written (past
+    the 4,300 digits of an int, beyond a float's range, or rounding to 0) as its text."""
+    if value.is_finite() and value == value.to_integral() and value.adjusted() < 4000:
+        return int(value)
+    number = float(value)
+    if math.isfinite(number) and (number != 0 or value.is_zero()):
+        return number
+    return str(value)
+
+
+def compact(value: Any, width: int | None = None) -> str:
+    """A stored value as one line for a table cell: JSON (exact numbers as numbers), a note
+    for what is nested too deeply or cannot be read; cut to `width` characters if given."""
+    plain = _plain(value)
+    if isinstance(plain, list | dict):
+        text = json.dumps(plain, separators=(",", ":"), default=_json_default)
+    else:
+        text = "" if plain is None else str(plain)
+    if width is not None and len(text) > width:
+        return text[: width - 3] + "..."
+    return text
+
+
+def to_json(data: Any) -> str:
+    """JSON with datetimes (at any depth) as ISO 8601 UTC strings, exact numbers as numbers;
+    a row's values nested too deeply are shown as a note."""
+    if isinstance(data, list):
+        data = [{k: _plain(v) for k, v in row.items()} for row in data]
+    elif isinstance(data, dict):
+        data = {k: _plain(v) for k, v in data.items()}
+    return json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table; the last column is left unpadded. Stored text (flag keys,
+    errors) is shown `visible`: a row cannot write to the terminal."""
+    cells = [[visible(str(h)) for h in headers]] + [
+        [visible(compact(c)) for c in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)] + [row[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def shown(value: Any, zone: tzinfo | None = None) -> Any:
+    """A time for a table: UTC, or `zone` when --tz was given."""
+    from flagsched.times import format_time
+
+    return format_time(value, zone)
+
+
+def change(updates: Any) -> str:
+    """A schedule's `updates` in a table cell: compact JSON, cut at 60 characters."""
+    return compact(updates, width=60)
+
+
+def rows_or_empty(fmt: str, rows: list[dict[str, Any]], empty: str) -> str | None:
+    """Rows as JSON, or the line `empty` when there are none; None: print them as a table."""
+    if fmt == "json":
+        return to_json(rows)
+    if not rows:
+        return empty
+    return None
+
+
+def dry_run(plan: Sequence[tuple[Any, str]]) -> str:
+    """What `process --dry-run` would do, one schedule a line."""
+    if not plan:
+        return "nothing is due"
+    return table(
+        ["ID", "FLAG", "SCHEDULED_AT", "WOULD"],
+        [(s.id, s.flag_key, s.scheduled_at, what) for s, what in plan],
+    )
+
+
+def failed_schedules(rows: list[dict[str, Any]], fmt: str) -> str:
+    """`list-failed`: most recently failed first."""
+    text = rows_or_empty(fmt, rows, "no failed schedules")
+    if text is not None:
+        return text
+    return table(
+        ["ID", "FLAG", "SCHEDULED_AT", "ATTEMPTS", "RETRY", "LAST_ERROR"],
+        [
+            (
+                r["id"],
+                r["flag_key"],
+                r["scheduled_at"],
+                r["retry_count"],
+                "permanent" if r["permanent"] else f"retrying at {iso(r['next_retry_at'])}",
+                r["last_error"],
+            )
+            for r in rows
+        ],
+    )
+
+
+_STATES = [
+    ("due (incl. retries now due, held back)", "due"),
+    ("scheduled for later", "scheduled"),
+    ("waiting for a retry", "waiting_retry"),
+    ("failed for good", "failed"),
+    ("applied", "applied"),
+    ("cancelled", "cancelled"),
+    ("unknown (a status outside the four)", "unknown"),
+]
+
+
+def status(report: dict[str, Any], fmt: str) -> str:
+    """`status`: counts per state, the oldest due schedule's age, the next due time."""
+    if fmt == "json":
+        return to_json(report)
+    age = report["oldest_due_age_seconds"]
+    counts = table(
+        ["STATE", "COUNT"], [(label, report[key]) for label, key in _STATES if key in report]
+    )
+    oldest = (
+        "-" if age is None else f"{age:.0f}s ago ({iso(report['oldest_due_at'])})"
+    )
+    return "\n".join(
+        [counts, f"oldest due: {oldest}", f"next due:   {iso(report['next_due_at']) or '-'}"]
+    )
+
+
+def schedules(rows: list[dict[str, Any]], fmt: str, zone: tzinfo | None = None) -> str:
+    """`list`: schedules in (scheduled_at, id) order."""
+    text = rows_or_empty(fmt, rows, "no schedules")
+    if text is not None:
+        return text
+
+    def state(row: dict[str, Any]) -> str:
+        if row["status"] != "failed":
+            return str(row["status"])
+        if row["permanent"]:
+            return "failed for good"
+        return f"retrying at {shown(row['next_retry_at'], zone)}"
+
+    return table(
+        ["ID", "FLAG", "SCHEDULED_AT", "STATUS", "CHANGE", "GROUP", "EXPIRES_AT"],
+        [
+            (
+                r["id"],
+                r["flag_key"],
+                shown(r["scheduled_at"], zone),
+                state(r),
+                change(r["updates"]),
+                r["group_id"] if r["recurrence_id"] is None else f"r{r['recurrence_id']}",
+                shown(r["expires_at"], zone),
+            )
+            for r in rows
+        ],
+    )
+
+
+def recurrences(rows: list[dict[str, Any]], fmt: str, zone: tzinfo | None = None) -> str:
+    """`recurrences`: active recurrences, next occurrence first."""
+    from flagsched.times import format_duration
+
+    rows = [{**r, "expires_after": format_duration(r["expires_after"])} for r in rows]
+    text = rows_or_empty(fmt, rows, "no recurrences")
+    if text is not None:
+        return text
+    return table(
+        ["ID", "FLAG", "CRON", "TIMEZONE", "NEXT_AT", "CHANGE", "EXPIRES_AFTER"],
+        [
+            (
+                r["id"],
+                r["flag_key"],
+                r["cron"],
+                r["timezone"],
+                shown(r["next_at"], zone) or "never (stopped)",
+                change(r["updates"]),
+                r["expires_after"],
+            )
+            for r in rows
+        ],
+    )
+
+
+def _values(state: Any) -> str:
+    if not isinstance(state, dict):
+        return "-"
+    enabled = "on" if state.get("enabled") else "off"
+    return f"{enabled} {state.get('rollout_percentage')}%"
+
+
+def changes(rows: list[dict[str, Any]], fmt: str = "table", zone: tzinfo | None = None) -> str:
+    """`history`: changes of flags, newest first."""
+    text = rows_or_empty(fmt, rows, "no changes recorded")
+    if text is not None:
+        return text
+    return table(
+        ["ID", "CHANGED_AT", "FLAG", "ACTOR", "OLD", "NEW", "SCHEDULES"],
+        [
+            (
+                r["id"],
+                shown(r["changed_at"], zone),
+                r["flag_key"],
+                r["actor"],
+                _values(r["old"]),
+                _values(r["new"]),
+                ",".join(str(i) for i in r["schedule_ids"]) or "-",
+            )
+            for r in rows
+        ],
+    )
+
+
+def schedule(row: dict[str, Any], fmt: str) -> str:
+    """`show ID`: the schedule's fields, every attempt, the changes it made."""
+    if fmt == "json":
+        return to_json(row)
+    fields = table(
+        ["FIELD", "VALUE"], [(k, v) for k, v in row.items() if k not in ("attempts", "changes")]
+    )
+    attempts = row["attempts"]
+    if not isinstance(attempts, list):  # unreadable (nested too deeply): a note, as in JSON
+        tried = f"attempts: {compact(attempts)}"
+    elif attempts:
+        tried = table(
+            ["ATTEMPT", "AT", "OUTCOME", "ERROR"],
+            [
+                (a.get("attempt"), a.get("at"), a.get("outcome"), a.get("error"))
+                if isinstance(a, dict)
+                else ("?", None, None, a)
+                for a in attempts
+            ],
+        )
+    else:
+        tried = "no attempts yet"
+    made = changes(row["changes"]) if row["changes"] else "no changes made"
+    return "\n\n".join([fields, tried, made])
+
+
+def handled(result: Any) -> str:
+    """One line per id an operator command acted on: what happened to it."""
+    return f"{visible(result.subject or str(result.id))}: {visible(result.message)}"
+
+
+def pruned(counts: dict[str, int], *, dry_run: bool, history: bool) -> str:
+    """`prune`: what was (or would be) deleted."""
+    verb = "would delete" if dry_run else "deleted"
+    line = (
+        f"{verb} {counts['applied'] + counts['cancelled']} schedules "
+        f"({counts['applied']} applied, {counts['cancelled']} cancelled)"
+    )
+    if history:
+        line += f" and {counts['history']} history entries"
+    return line
