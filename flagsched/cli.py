@@ -914,6 +914,12 @@ def show(app: App, schedule_id: int, fmt: str) -> int:
     return EXIT_OK
 
 
+# plan and agenda (seeing ahead) live in their own module.
+from flagsched import ahead_cli  # noqa: E402
+
+ahead_cli.register(cli)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: the only place that exits."""
     sys.exit(run(argv))

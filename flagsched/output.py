@@ -1,11 +1,16 @@
-"""Rendering of command results for stdout: aligned tables and JSON (times in ISO 8601 UTC)."""
+"""Rendering of command results: aligned tables and JSON for stdout (times in ISO 8601 UTC),
+and files written atomically (the metrics textfile, the agenda page)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 # Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
@@ -82,3 +87,34 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         padded = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)] + [row[-1]]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
+
+
+def compact(value: object, limit: int = 60) -> str:
+    """A stored value (such as `updates`) on one short line: JSON with exact numbers, a note
+    for what nests too deeply; never longer than `limit`."""
+    plain = _plain(value)
+    text = (
+        json.dumps(plain, separators=(",", ":"), default=_json_default)
+        if isinstance(plain, list | dict)
+        else str(plain)
+    )
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one step (a temporary file in the same directory, then
+    a rename): a reader sees the old file or the new one, never half of one."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as an ordinary new file (mkstemp makes 0600)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise

@@ -9,6 +9,7 @@ instant (every 15 minutes inside a gap) are one occurrence."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
@@ -110,3 +111,20 @@ def due(expr: str, zone_name: str, next_at: datetime | None, now: datetime) -> O
         return Occurrence(None, None, f"{expr!r} in {zone_name}: {exc}")
     fire = latest if latest is not None and (next_at is None or latest >= next_at) else None
     return Occurrence(fire, following)
+
+
+def occurrences(expr: str, zone: tzinfo, after: datetime, until: datetime) -> Iterator[datetime]:
+    """Every occurrence strictly after `after` up to `until` (UTC), in order: the instants
+    `next_after` gives one by one, from one cron iterator."""
+    it = _iterator(expr, _wall(after, zone) - _margin(zone, after))
+    last = after
+    while True:
+        try:
+            at = instant(it.get_next(datetime), zone)
+        except (ValueError, OverflowError):  # past year 9999
+            return
+        if at > until:
+            return
+        if at > last:  # wall-clock times in one gap land on one instant: once
+            last = at
+            yield at

@@ -1,0 +1,289 @@
+"""Seeing ahead, pure: what every flag will be at a later time if what is scheduled happens as
+scheduled. One function, `project`, folds the open schedules and the recurrences' coming
+occurrences onto the flags as they are now, following the tick's rules: per flag in
+(scheduled_at, id) order, a change held back while an earlier one of its flag is still open,
+a retry at its `next_retry_at`, lateness and expiry judged when the change could apply.
+`plan` and `agenda` are two readings of its result. No I/O, no clock: `now` is passed in.
+
+A change whose moment cannot be foreseen holds everything behind it (`Step.ready_at` None);
+today only a stopped retry chain could, and "awaiting approval" slots in there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from flagsched import recurring
+from flagsched.model import (
+    ActiveRecurrence,
+    FlagRow,
+    InvalidUpdates,
+    OpenSchedule,
+    Updates,
+    clip,
+)
+from flagsched.times import InvalidTime, parse_zone
+
+# A recurrence firing every minute makes 10,080 occurrences a week; past this many per
+# recurrence and projection the rest are left out (each sets the same values again).
+MAX_OCCURRENCES = 2000
+_ERROR_TEXT = 200
+
+
+class Outcome(StrEnum):
+    """What a coming change will do when its turn comes."""
+
+    APPLIES = "applies"
+    EXPIRES = "expires"  # past its expires_at / FLAGSCHED_MAX_LATENESS: fails, flag untouched
+    HELD = "held"  # still held back at the horizon behind an earlier change of its flag
+    FAILS = "fails"  # fails for good: the flag does not exist, or `updates` is invalid
+
+
+class Kind(StrEnum):
+    """Where a coming change comes from (agenda's `status`)."""
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    RECURRING = "recurring"  # an occurrence of a recurrence not yet turned into a schedule
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    enabled: bool
+    rollout_percentage: int
+
+    def folded(self, change: Updates) -> State:
+        return State(
+            self.enabled if change.enabled is None else change.enabled,
+            (
+                self.rollout_percentage
+                if change.rollout_percentage is None
+                else change.rollout_percentage
+            ),
+        )
+
+    def as_json(self) -> dict[str, object]:
+        return {"enabled": self.enabled, "rollout_percentage": self.rollout_percentage}
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One coming change of a flag and what it does. `at`: when it applies (or fails, or
+    expires); for a held change, when it comes due. `after`: the flag's state once it did
+    (None: the flag does not exist)."""
+
+    at: datetime
+    flag_key: str
+    kind: Kind
+    schedule_id: int | None
+    recurrence_id: int | None
+    group_id: int | None
+    stored: object  # `updates` as stored (for a valid one, the values it sets)
+    change: Updates | None  # None: invalid, `error` says why
+    outcome: Outcome
+    error: str | None
+    after: State | None
+
+
+@dataclass(frozen=True, slots=True)
+class FlagAhead:
+    """A flag's state now, at the horizon, and the changes between, in the order they come."""
+
+    flag_key: str
+    now: State | None  # None: no such flag (its changes fail)
+    at: State | None
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """A change in its flag's queue before it is judged."""
+
+    order: tuple[datetime, int, int]  # (scheduled_at, 0, id) or (occurrence, 1, recurrence)
+    ready_at: datetime | None  # when it is due on its own; None: cannot be foreseen
+    kind: Kind
+    schedule_id: int | None
+    recurrence_id: int | None
+    group_id: int | None
+    stored: object
+    expires_at: datetime | None
+    late_from: datetime  # lateness counts from here (scheduled_at, or the last retry)
+    defect: str | None
+
+
+def _change(stored: object) -> tuple[Updates | None, str | None]:
+    try:
+        return Updates.parse(stored), None
+    except InvalidUpdates as exc:
+        return None, clip(str(exc), _ERROR_TEXT)
+
+
+def _schedule_item(row: OpenSchedule) -> _Item:
+    late_from = max(row.scheduled_at, row.reviewed_at or row.scheduled_at)
+    retrying = row.status == "failed" and row.waiting
+    return _Item(
+        order=(row.scheduled_at, 0, row.id),
+        ready_at=row.next_retry_at if retrying else row.scheduled_at,
+        kind=Kind.RETRYING if retrying else Kind.PENDING,
+        schedule_id=row.id,
+        recurrence_id=row.recurrence_id,
+        group_id=row.group_id,
+        stored=row.updates,
+        expires_at=row.expires_at,
+        late_from=late_from,
+        defect=row.defect,
+    )
+
+
+def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[datetime]:
+    """The occurrences of a recurrence the ticks will turn into schedules up to `until`,
+    with the tick's own arithmetic: a `next_at` already passed fires once, at the latest
+    occurrence not after now; then every occurrence after now."""
+    if r.next_at is None:
+        return []
+    if r.next_at > now:
+        first: datetime | None = r.next_at
+        after = r.next_at
+    else:
+        due = recurring.due(r.cron, r.timezone, r.next_at, now)
+        if due.next_at is None:  # an expression or zone the tick cannot use: never fires
+            return []
+        first, after = due.fire_at, now
+    if first is not None and first > until:
+        return []
+    times = [] if first is None else [first]
+    try:
+        zone = parse_zone(r.timezone)
+        expr = recurring.validate(r.cron)
+        for at in recurring.occurrences(expr, zone, after, until):
+            if len(times) >= MAX_OCCURRENCES:
+                break
+            times.append(at)
+    except (InvalidTime, recurring.InvalidCron, ValueError, OverflowError):
+        pass
+    return times
+
+
+def _recurrence_items(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[_Item]:
+    expires_after = r.expires_after if isinstance(r.expires_after, timedelta) else None
+    items = []
+    for at in occurrence_times(r, now=now, until=until):
+        try:
+            expires_at = None if expires_after is None else at + expires_after
+        except OverflowError:
+            expires_at = None
+        items.append(
+            _Item(
+                order=(at, 1, r.id),
+                ready_at=at,
+                kind=Kind.RECURRING,
+                schedule_id=None,
+                recurrence_id=r.id,
+                group_id=None,
+                stored=r.updates,
+                expires_at=expires_at,
+                late_from=at,
+                defect=None,
+            )
+        )
+    return items
+
+
+def _expired(item: _Item, at: datetime, max_lateness: timedelta | None) -> str | None:
+    if item.expires_at is not None:
+        if at > item.expires_at:
+            return "past its expires_at"
+        return None
+    if max_lateness is not None and at - item.late_from > max_lateness:
+        return "later than FLAGSCHED_MAX_LATENESS"
+    return None
+
+
+def _walk(
+    key: str,
+    now_state: State | None,
+    items: Iterable[_Item],
+    *,
+    max_lateness: timedelta | None,
+    now: datetime,
+    until: datetime,
+) -> FlagAhead:
+    """The tick's per-flag order: each change waits for the ones before it to finish."""
+    state = now_state
+    free: datetime | None = now  # when the earlier changes are done (None: not foreseeable)
+    steps = []
+    for item in sorted(items, key=lambda i: i.order):
+        own = item.ready_at
+        ready = None if own is None or free is None else max(own, free)
+        free = ready  # it holds the changes behind it until it is done
+        if own is None or own > until:
+            continue  # not due by the horizon
+        change, error = _change(item.stored)
+        outcome = Outcome.APPLIES
+        if ready is None or ready > until:
+            outcome, error = Outcome.HELD, None
+        elif item.defect is not None:
+            outcome, error = Outcome.FAILS, clip(item.defect, _ERROR_TEXT)
+        elif change is None:
+            outcome = Outcome.FAILS
+        elif state is None:
+            outcome, error = Outcome.FAILS, "the flag does not exist"
+        elif (late := _expired(item, ready, max_lateness)) is not None:
+            outcome, error = Outcome.EXPIRES, late
+        else:
+            state = state.folded(change)
+        steps.append(
+            Step(
+                at=max(own, now) if outcome is Outcome.HELD or ready is None else ready,
+                flag_key=key,
+                kind=item.kind,
+                schedule_id=item.schedule_id,
+                recurrence_id=item.recurrence_id,
+                group_id=item.group_id,
+                stored=item.stored if change is None else change.as_json(),
+                change=change,
+                outcome=outcome,
+                error=error,
+                after=state,
+            )
+        )
+    return FlagAhead(key, now_state, state, tuple(steps))
+
+
+def project(
+    flags: Sequence[FlagRow],
+    schedules: Sequence[OpenSchedule],
+    recurrences: Sequence[ActiveRecurrence],
+    *,
+    max_lateness: timedelta | None,
+    now: datetime,
+    until: datetime,
+) -> list[FlagAhead]:
+    """Every flag named by `flags`, a schedule or a recurrence, by key: its state now, at
+    `until`, and the changes that come after `now` up to `until`. A change already due
+    comes right after now: the projection at `now` itself is the flags as they are."""
+    now, until = now.astimezone(UTC), until.astimezone(UTC)
+    states = {f.key: State(f.enabled, f.rollout_percentage) for f in flags}
+    queues: dict[str, list[_Item]] = {key: [] for key in states}
+    if until > now:
+        for row in schedules:
+            if row.status == "pending" or (row.status == "failed" and row.waiting):
+                queues.setdefault(row.flag_key, []).append(_schedule_item(row))
+        for r in recurrences:
+            items = _recurrence_items(r, now=now, until=until)
+            queues.setdefault(r.flag_key, []).extend(items)
+    return [
+        _walk(key, states.get(key), queue, max_lateness=max_lateness, now=now, until=until)
+        for key, queue in sorted(queues.items())
+    ]
+
+
+def agenda(ahead: Sequence[FlagAhead], *, start: datetime) -> list[Step]:
+    """The changes of a projection from `start` on, across flags, in time order."""
+    steps = [s for f in ahead for s in f.steps if s.at >= start]
+    return sorted(
+        steps,
+        key=lambda s: (s.at, s.flag_key, s.schedule_id or 0, s.recurrence_id or 0),
+    )
