@@ -78,6 +78,14 @@ def _y(percentage: int) -> float:
     return round(TOP + LANE * (1 - percentage / 100), 2)
 
 
+def _when(at: datetime, zone: tzinfo | None) -> str:
+    """A time on the page: to the second, in the chosen zone with its offset."""
+    try:
+        return at.astimezone(zone or UTC).isoformat(timespec="seconds")
+    except OverflowError:  # near year 1 or 9999 the zone's offset does not fit
+        return format_time(at) or ""
+
+
 def _state(state: State | None) -> str:
     if state is None:
         return "no such flag"
@@ -93,6 +101,20 @@ def _source(step: Step) -> str:
 
 def _outcome(step: Step) -> str:
     return step.outcome.value if step.error is None else f"{step.outcome.value}: {step.error}"
+
+
+def _window(step: Step, until: datetime, steps: Sequence[Step]) -> bool:
+    """Whether what a recurrence's occurrence set, in force until `until`, is a window: it
+    lasts at most half the time to the recurrence's next occurrence (a nightly 22:00 to
+    23:00 window, not the 23 hours between its end and the next one)."""
+    if step.kind is not Kind.RECURRING:
+        return False
+    following = [
+        s.at
+        for s in steps
+        if s.recurrence_id == step.recurrence_id and s.kind is Kind.RECURRING and s.at > step.at
+    ]
+    return bool(following) and until - step.at <= (following[0] - step.at) / 2
 
 
 def _lane(
@@ -128,17 +150,17 @@ def _lane(
         x0, x1 = scale.x(at), scale.x(following)
         y = _y(value.rollout_percentage)
         rollout.append(f"{'M' if not rollout else 'L'}{x0},{y} L{x1},{y}")
-        when = f"{format_time(at, zone)} to {format_time(following, zone)}"
+        when = f"{_when(at, zone)} to {_when(following, zone)}"
         if value.enabled:
             enabled.append(Span(x0, round(x1 - x0, 2), f"enabled from {when}"))
-        if cause is not None and cause.kind is Kind.RECURRING:
+        if cause is not None and _window(cause, following, flag.steps):
             windows.append(
                 Span(x0, round(x1 - x0, 2), f"recurrence {cause.recurrence_id} in force {when}")
             )
     markers = []
     rows = []
     for step in steps:
-        shown = format_time(step.at, zone) or ""
+        shown = _when(step.at, zone)
         change = compact(step.stored)
         title = f"{_source(step)}: {change} at {shown} ({step.kind.value}, {_outcome(step)})"
         y = _y(step.after.rollout_percentage) if step.after is not None else TOP + LANE
@@ -169,7 +191,7 @@ def _lane(
             css="failed",
             title=(
                 f"schedule {row.id}: {compact(row.updates)} due "
-                f"{format_time(row.scheduled_at, zone)} failed for good: "
+                f"{_when(row.scheduled_at, zone)} failed for good: "
                 f"{compact(row.last_error or '', 200)}"
             ),
             data={"flag-key": row.flag_key, "schedule-id": str(row.id), "status": "failed"},
@@ -261,9 +283,9 @@ def render(outlook: Any, steps: Sequence[Step], *, zone: tzinfo | None, generate
         band=LANE,
         top=TOP,
         now_x=now_x,
-        now=format_time(outlook.now, zone),
-        start=format_time(start, zone),
-        end=format_time(end, zone),
+        now=_when(outlook.now, zone),
+        start=_when(start, zone),
+        end=_when(end, zone),
         zone=zone_name(shown),
         count=len(steps),
         generated=generated,

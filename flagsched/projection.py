@@ -267,13 +267,15 @@ def project(
     now, until = now.astimezone(UTC), until.astimezone(UTC)
     states = {f.key: State(f.enabled, f.rollout_percentage) for f in flags}
     queues: dict[str, list[_Item]] = {key: [] for key in states}
-    if until > now:
-        for row in schedules:
-            if row.status == "pending" or (row.status == "failed" and row.waiting):
-                queues.setdefault(row.flag_key, []).append(_schedule_item(row))
-        for r in recurrences:
-            items = _recurrence_items(r, now=now, until=until)
-            queues.setdefault(r.flag_key, []).extend(items)
+    ahead = until > now  # at now itself nothing has happened yet
+    for row in schedules:
+        queue = queues.setdefault(row.flag_key, [])
+        if ahead and (row.status == "pending" or (row.status == "failed" and row.waiting)):
+            queue.append(_schedule_item(row))
+    for r in recurrences:
+        queue = queues.setdefault(r.flag_key, [])
+        if ahead:
+            queue.extend(_recurrence_items(r, now=now, until=until))
     return [
         _walk(key, states.get(key), queue, max_lateness=max_lateness, now=now, until=until)
         for key, queue in sorted(queues.items())
