@@ -109,12 +109,20 @@ def _window(step: Step, until: datetime, steps: Sequence[Step]) -> bool:
     23:00 window, not the 23 hours between its end and the next one)."""
     if step.kind is not Kind.RECURRING:
         return False
-    following = [
+    same = [
         s.at
         for s in steps
-        if s.recurrence_id == step.recurrence_id and s.kind is Kind.RECURRING and s.at > step.at
+        if s.recurrence_id == step.recurrence_id and s.kind is Kind.RECURRING and s.at != step.at
     ]
-    return bool(following) and until - step.at <= (following[0] - step.at) / 2
+    later = [at for at in same if at > step.at]
+    earlier = [at for at in same if at < step.at]
+    if later:
+        period = later[0] - step.at
+    elif earlier:  # the last occurrence in the window: the period before it
+        period = step.at - earlier[-1]
+    else:
+        return False
+    return until - step.at <= period / 2
 
 
 def _lane(
