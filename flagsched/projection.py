@@ -5,8 +5,9 @@ occurrences onto the flags as they are now, following the tick's rules: per flag
 a retry at its `next_retry_at`, lateness and expiry judged when the change could apply.
 `plan` and `agenda` are two readings of its result. No I/O, no clock: `now` is passed in.
 
-A change whose moment cannot be foreseen holds everything behind it (`Step.ready_at` None);
-today only a stopped retry chain could, and "awaiting approval" slots in there."""
+A change whose moment cannot be foreseen (an `_Item` whose `ready_at` is None) is `held`, and
+holds every change of its flag behind it: no state does that yet; a schedule "awaiting
+approval" will be one (`_schedule_item` gives it no `ready_at`)."""
 
 from __future__ import annotations
 

@@ -132,13 +132,23 @@ def agenda_page(
     ):
         add_flag(key, enabled=on, rollout=rollout)
     ran = flagsched(
-        "ramp", "new-checkout", "--steps", "10,25,50,100", "--every", "1d", "--enable",
-        "--start", "now",
+        "ramp",
+        "new-checkout",
+        "--steps",
+        "10,25,50,100",
+        "--every",
+        "1d",
+        "--enable",
+        "--start",
+        "now",
     )
     assert ran.code == 0, ran.stderr
     ids = {"ramp": int(ran.stdout.split()[0])}
     ids["retrying"] = add_schedule(
-        "search-v2", {"rollout_percentage": 20}, status="failed", retry_count=1,
+        "search-v2",
+        {"rollout_percentage": 20},
+        status="failed",
+        retry_count=1,
         next_retry_at="now() + interval '2 hours'",
     )
     ids["held"] = add_schedule(
@@ -146,12 +156,19 @@ def agenda_page(
     )
     # A retry after the window: the change behind it stays held back through it.
     add_schedule(
-        "payments", {"enabled": False}, at="now() - interval '1 hour'", status="failed",
-        retry_count=2, next_retry_at="now() + interval '10 days'",
+        "payments",
+        {"enabled": False},
+        at="now() - interval '1 hour'",
+        status="failed",
+        retry_count=2,
+        next_retry_at="now() + interval '10 days'",
     )
     ids["behind"] = add_schedule("payments", {"enabled": True}, at="now() + interval '1 day'")
     ids["failed"] = add_schedule(
-        "search-v2", {"enabled": False}, at="now() + interval '3 hours'", status="failed",
+        "search-v2",
+        {"enabled": False},
+        at="now() + interval '3 hours'",
+        status="failed",
         retry_count=4,
     )
     for cron, change in (("0 22 * * *", "--enable"), ("0 23 * * *", "--disable")):
@@ -164,9 +181,7 @@ def agenda_page(
         HOSTILE, {"rollout_percentage": 10**30}, at="now() + interval '6 hours'"
     )
     page = tmp_path / "agenda.html"
-    ran = flagsched(
-        "agenda", "--format", "json", "--tz", "Europe/Berlin", "--html", str(page)
-    )
+    ran = flagsched("agenda", "--format", "json", "--tz", "Europe/Berlin", "--html", str(page))
     assert ran.code == 0, ran.stderr
     return page, json.loads(ran.stdout), ids
 
@@ -195,9 +210,10 @@ def test_the_page_in_headless_chromium_draws_what_agenda_json_says(
         scripts = browser.evaluate("document.scripts.length")
         text = browser.evaluate("document.body.innerText")
         shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        browser.call("Emulation.setEmulatedMedia", features=[
-            {"name": "prefers-color-scheme", "value": "dark"}
-        ])
+        browser.call(
+            "Emulation.setEmulatedMedia",
+            features=[{"name": "prefers-color-scheme", "value": "dark"}],
+        )
         dark = browser.call("Page.captureScreenshot", format="png")
         events = list(browser.events)
 
@@ -208,7 +224,8 @@ def test_the_page_in_headless_chromium_draws_what_agenda_json_says(
     (ARTIFACTS / "agenda-dark.png").write_bytes(base64.b64decode(dark["data"]))
 
     problems = [
-        e for e in events
+        e
+        for e in events
         if e.get("method") == "Runtime.exceptionThrown"
         or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
         or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")

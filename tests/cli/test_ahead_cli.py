@@ -189,3 +189,35 @@ def test_hostile_rows_are_shown_never_a_crash(
     html = page.read_text()
     assert key not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_agenda_window_flag_and_usage_errors(
+    flagsched: Callable[..., Ran], add_flag: Callable[..., None], add_schedule: Callable[..., int]
+) -> None:
+    add_flag("a")
+    add_flag("b")
+    first = add_schedule("a", {"enabled": True}, at="'2100-01-01T10:00:00Z'")
+    add_schedule("b", {"enabled": True}, at="'2100-01-01T11:00:00Z'")
+    later = add_schedule("a", {"rollout_percentage": 40}, at="'2100-01-09T10:00:00Z'")
+
+    def ids(*args: str) -> list[int]:
+        ran = flagsched("agenda", "--format", "json", *args)
+        assert ran.code == 0, ran.stderr
+        return [e["schedule_id"] for e in json.loads(ran.stdout)]
+
+    assert ids() == []  # the next 7 days hold nothing
+    assert ids("--from", "2100-01-01T00:00:00Z", "--flag", "a") == [first]  # 7 days from --from
+    assert ids("--from", "2100-01-01T10:30:00Z", "--to", "2100-01-10T00:00:00Z") != []
+    assert ids("--from", "2100-01-01T10:30:00Z", "--to", "2100-01-10T00:00:00Z", "--flag", "a") == [
+        later
+    ]
+    assert flagsched("agenda").stdout.strip() == "no changes expected"
+    wrong = flagsched("agenda", "--from", "2100-01-02T00:00:00Z", "--to", "2100-01-01T00:00:00Z")
+    assert wrong.code == 2 and "--to" in wrong.stderr
+    assert flagsched("plan").code == 2  # --at is required
+    assert flagsched("plan", "--at", "2026-03-29T02:30", "--tz", "Europe/Berlin").code == 2  # gap
+    assert flagsched("agenda", "--tz", "Mars/Olympus").code == 2
+    unknown = json.loads(
+        flagsched("plan", "--at", "now", "--flag", "nope", "--format", "json").stdout
+    )
+    assert unknown == [{"flag_key": "nope", "now": None, "at": None, "changes": []}]

@@ -43,9 +43,7 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 def test_the_reads_use_the_open_indexes_beside_many_applied_schedules(
     database: Database, sql: Sql, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sql(
-        "INSERT INTO feature_flags (key) SELECT 'flag-' || g FROM generate_series(1, 200) g"
-    )
+    sql("INSERT INTO feature_flags (key) SELECT 'flag-' || g FROM generate_series(1, 200) g")
     sql(
         """
         INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status, applied_at)

@@ -46,8 +46,15 @@ def schedule(
     )
 
 
-def recurrence(id: int, key: str, cron: str, updates: object, next_at: datetime,
-               zone: str = "UTC", expires_after: object = None) -> ActiveRecurrence:
+def recurrence(
+    id: int,
+    key: str,
+    cron: str,
+    updates: object,
+    next_at: datetime,
+    zone: str = "UTC",
+    expires_after: object = None,
+) -> ActiveRecurrence:
     return ActiveRecurrence(id, key, cron, zone, updates, next_at, expires_after)
 
 
@@ -123,7 +130,11 @@ def test_recurrences_fire_like_the_tick_missed_ones_collapse_and_dst_is_respecte
         # missed for two days: one occurrence now (the latest), then every day at 02:30
         recurrence(1, "m", "30 2 * * *", {"enabled": True}, NOW - 2 * 24 * H, "Europe/Berlin"),
         recurrence(
-            2, "m", "0 3 * * *", {"enabled": False}, datetime(2026, 3, 29, 1, tzinfo=UTC),
+            2,
+            "m",
+            "0 3 * * *",
+            {"enabled": False},
+            datetime(2026, 3, 29, 1, tzinfo=UTC),
             "Europe/Berlin",
         ),
     ]
@@ -149,7 +160,11 @@ _valid = st.builds(
     st.one_of(st.none(), st.integers(0, 100)),
 )
 _updates = st.one_of(
-    _valid, _valid, _valid, st.just({"rollout_percentage": "fifty"}), st.just([]),
+    _valid,
+    _valid,
+    _valid,
+    st.just({"rollout_percentage": "fifty"}),
+    st.just([]),
 )
 _offset = st.integers(-600, 3000).map(lambda m: timedelta(minutes=m))
 
@@ -160,10 +175,17 @@ def _schedules(draw: Any) -> list[OpenSchedule]:
     for i in range(draw(st.integers(0, 12))):
         at = NOW + draw(_offset)
         retry = draw(st.one_of(st.none(), _offset.map(lambda o: NOW + abs(o))))
-        expires = draw(st.one_of(st.none(), _offset.map(lambda o: at + abs(o))))
+        late = draw(st.one_of(st.none(), _offset))
+        expires = None if late is None else at + abs(late)
         rows.append(
-            schedule(i + 1, draw(st.sampled_from([*KEYS, "gone"])), at, draw(_updates),
-                     retry_at=retry, expires_at=expires)
+            schedule(
+                i + 1,
+                draw(st.sampled_from([*KEYS, "gone"])),
+                at,
+                draw(_updates),
+                retry_at=retry,
+                expires_at=expires,
+            )
         )
     return rows
 
@@ -242,17 +264,16 @@ def test_properties_of_the_projection(
     window = agenda(ahead, start=early)
     assert [s.at for s in window] == sorted(s.at for s in window)
     assert all(early <= s.at <= late for s in window)
-    assert {s.schedule_id for s in window if s.schedule_id is not None} <= {
-        r.id for r in schedules
-    }
+    assert {s.schedule_id for s in window if s.schedule_id is not None} <= {r.id for r in schedules}
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     st.sampled_from(["*/45 * * * *", "30 2 * * *", "0,30 1-3 * * *", "15 0 1 * *"]),
     st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"]),
-    st.integers(0, 365 * 24 * 60).map(lambda m: datetime(2026, 1, 1, tzinfo=UTC)
-                                      + timedelta(minutes=m)),
+    st.integers(0, 365 * 24 * 60).map(
+        lambda m: datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=m)
+    ),
 )
 def test_occurrences_are_next_after_one_by_one(expr: str, zone_name: str, start: datetime) -> None:
     zone = ZoneInfo(zone_name)
