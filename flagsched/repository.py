@@ -910,22 +910,30 @@ _AHEAD_FIELDS = f"""
 """
 
 
+def _ahead(conn: Conn, where: str, params: Mapping[str, Any]) -> list[OpenSchedule]:
+    flag = "" if params.get("flag_key") is None else "AND flag_key = %(flag_key)s"
+    return _typed(
+        conn,
+        OpenSchedule,
+        f"""
+        SELECT {_AHEAD_FIELDS} FROM feature_flag_schedules
+        WHERE {where} {flag}
+        ORDER BY scheduled_at, id
+        LIMIT %(limit)s
+        """,
+        params,
+    )
+
+
 def schedules_ahead(
     conn: Conn, *, until: datetime, flag_key: str | None = None, limit: int = 100_000
 ) -> list[OpenSchedule]:
     """Open schedules (pending, failed waiting for a retry) due by `until`, in (scheduled_at,
     id) order: a range of idx_schedules_open (idx_schedules_flag_open with a flag), never
     the applied history."""
-    flag = "" if flag_key is None else "AND flag_key = %(flag_key)s"
-    return _typed(
+    return _ahead(
         conn,
-        OpenSchedule,
-        f"""
-        SELECT {_AHEAD_FIELDS} FROM feature_flag_schedules
-        WHERE {_OPEN_SCHEDULE} AND scheduled_at <= %(until)s {flag}
-        ORDER BY scheduled_at, id
-        LIMIT %(limit)s
-        """,
+        f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s",
         {"until": until, "flag_key": flag_key, "limit": limit},
     )
 
@@ -935,17 +943,9 @@ def failed_between(
 ) -> list[OpenSchedule]:
     """Schedules failed for good that were due between `start` and `end` (the page marks
     them); the same index ranges as `schedules_ahead`."""
-    flag = "" if flag_key is None else "AND flag_key = %(flag_key)s"
-    return _typed(
+    return _ahead(
         conn,
-        OpenSchedule,
-        f"""
-        SELECT {_AHEAD_FIELDS} FROM feature_flag_schedules
-        WHERE status IN ('pending', 'failed') AND status = 'failed' AND NOT {_WAITING_ROW}
-          AND scheduled_at BETWEEN %(start)s AND %(end)s {flag}
-        ORDER BY scheduled_at, id
-        LIMIT %(limit)s
-        """,
+        f"status = 'failed' AND NOT {_WAITING_ROW} AND scheduled_at BETWEEN %(start)s AND %(end)s",
         {"start": start, "end": end, "flag_key": flag_key, "limit": limit},
     )
 
