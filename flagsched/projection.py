@@ -141,28 +141,32 @@ def _schedule_item(row: OpenSchedule) -> _Item:
 def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[datetime]:
     """The occurrences of a recurrence the ticks will turn into schedules up to `until`,
     with the tick's own arithmetic: a `next_at` already passed fires once, at the latest
-    occurrence not after now; then every occurrence after now."""
+    occurrence not after now; then every occurrence after now. An expression or zone the
+    tick cannot use never fires."""
+    try:
+        zone = parse_zone(r.timezone)
+        expr = recurring.validate(r.cron)
+    except (InvalidTime, recurring.InvalidCron):
+        return []
     if r.next_at is None:
         return []
     if r.next_at > now:
         first: datetime | None = r.next_at
         after = r.next_at
     else:
-        due = recurring.due(r.cron, r.timezone, r.next_at, now)
-        if due.next_at is None:  # an expression or zone the tick cannot use: never fires
+        due = recurring.due(expr, r.timezone, r.next_at, now)
+        if due.next_at is None:
             return []
         first, after = due.fire_at, now
     if first is not None and first > until:
         return []
     times = [] if first is None else [first]
     try:
-        zone = parse_zone(r.timezone)
-        expr = recurring.validate(r.cron)
         for at in recurring.occurrences(expr, zone, after, until):
             if len(times) >= MAX_OCCURRENCES:
                 break
             times.append(at)
-    except (InvalidTime, recurring.InvalidCron, ValueError, OverflowError):
+    except (ValueError, OverflowError):  # croniter's own errors, years past 9999
         pass
     return times
 

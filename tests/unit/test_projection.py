@@ -258,8 +258,8 @@ def test_properties_of_the_projection(
         assert applied_early == [
             (s.schedule_id, s.recurrence_id, s.at)
             for s in f.steps
-            if s.outcome is Outcome.APPLIES and s.at <= early
-        ]
+            if s.outcome is Outcome.APPLIES and s.at <= early and early > NOW
+        ]  # at now itself nothing has happened yet; what is due comes right after
         assert before[f.flag_key].now == f.now
     window = agenda(ahead, start=early)
     assert [s.at for s in window] == sorted(s.at for s in window)
@@ -287,3 +287,14 @@ def test_occurrences_are_next_after_one_by_one(expr: str, zone_name: str, start:
 def test_updates_fold_only_what_they_name() -> None:
     assert State(True, 40).folded(Updates(rollout_percentage=10)) == State(True, 10)
     assert State(True, 40).folded(Updates(enabled=False)) == State(False, 40)
+
+
+def test_a_recurrence_the_tick_cannot_read_never_fires() -> None:
+    flags = [FlagRow("m", False, 0)]
+    rows = [
+        recurrence(1, "m", "not cron", {"enabled": True}, NOW + H),
+        recurrence(2, "m", "0 2 * * *", {"enabled": True}, NOW + H, "Mars/Olympus"),
+        recurrence(3, "m", "0 2 * * *", {"enabled": True}, None),  # type: ignore[arg-type]
+    ]
+    [m] = project(flags, [], rows, max_lateness=None, now=NOW, until=NOW + 48 * H)
+    assert m.steps == () and m.at == m.now
