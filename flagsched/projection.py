@@ -31,6 +31,10 @@ from flagsched.times import InvalidTime, parse_zone
 # recurrence and projection the rest are left out (each sets the same values again).
 MAX_OCCURRENCES = 2000
 _ERROR_TEXT = 200
+# The repository clamps stored times into what Python holds; a retry at the upper clamp was
+# stored after year 9999 (or as infinity).
+_UNTIMED = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+_EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
 
 
 class Outcome(StrEnum):
@@ -124,9 +128,14 @@ def _change(stored: object) -> tuple[Updates | None, str | None]:
 def _schedule_item(row: OpenSchedule) -> _Item:
     late_from = max(row.scheduled_at, row.reviewed_at or row.scheduled_at)
     retrying = row.status == "failed" and row.waiting
+    ready = row.next_retry_at if retrying else row.scheduled_at
+    if retrying and ready is not None and ready >= _UNTIMED:
+        # a retry timed after year 9999 cannot be timed: the next tick claims it and fails
+        # it for good (it would otherwise hold its flag back for ever)
+        ready = _EARLIEST
     return _Item(
         order=(row.scheduled_at, 0, row.id),
-        ready_at=row.next_retry_at if retrying else row.scheduled_at,
+        ready_at=ready,
         kind=Kind.RETRYING if retrying else Kind.PENDING,
         schedule_id=row.id,
         recurrence_id=row.recurrence_id,

@@ -215,6 +215,7 @@ def test_the_page_in_headless_chromium_draws_what_agenda_json_says(
             features=[{"name": "prefers-color-scheme", "value": "dark"}],
         )
         dark = browser.call("Page.captureScreenshot", format="png")
+        printed = browser.call("Page.printToPDF", printBackground=False)
         events = list(browser.events)
 
     import base64
@@ -222,6 +223,8 @@ def test_the_page_in_headless_chromium_draws_what_agenda_json_says(
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "agenda.png").write_bytes(base64.b64decode(shot["data"]))
     (ARTIFACTS / "agenda-dark.png").write_bytes(base64.b64decode(dark["data"]))
+    (ARTIFACTS / "agenda.pdf").write_bytes(base64.b64decode(printed["data"]))
+    assert base64.b64decode(printed["data"]).startswith(b"%PDF")
 
     problems = [
         e

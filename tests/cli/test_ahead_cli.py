@@ -166,10 +166,30 @@ def test_hostile_rows_are_shown_never_a_crash(
         key, {"enabled": True, "rollout_percentage": 5.0}, at="now() + interval '5 hours'"
     )
     missing = add_schedule("gone", {"enabled": True}, at="now() + interval '1 hour'")
+    # times PostgreSQL stores and Python cannot hold, in every column the projection reads
+    untimed = add_schedule(
+        "gone", {"enabled": True}, status="failed", retry_count=1,
+        next_retry_at="'infinity'",
+    )  # fmt: skip
+    sql(
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, expires_at) "
+        "VALUES (:k, now() + interval '2 hours', '{\"enabled\": false}', '-infinity')",
+        k=key,
+    )
+    sql(
+        "INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at, "
+        "expires_after) VALUES (:k, '0 * * * *', 'UTC', '{\"enabled\": true}', '-infinity', "
+        "'178000000 years'), (:k, '0 * * * *', 'UTC', '{\"enabled\": true}', '10000-01-01', "
+        "NULL), (:k, '0 * * * *', 'Nowhere/Land', '{\"rollout_percentage\": 1e400}', now(), "
+        "NULL)",
+        k=key,
+    )
     page = tmp_path / "page.html"
     ran = flagsched("agenda", "--format", "json", "--html", str(page))
     assert ran.code == 0, ran.stderr
-    by_id = {e["schedule_id"]: e for e in json.loads(ran.stdout)}
+    entries = json.loads(ran.stdout)
+    by_id = {e["schedule_id"]: e for e in entries}
+    assert len([e for e in entries if e["status"] == "recurring"]) == 7 * 24 + 1  # hourly
     assert never not in by_id
     assert {i: by_id[i]["outcome"] for i in (huge, half, typo, bc, deep, ok, missing)} == {
         huge: "fails",
@@ -180,6 +200,7 @@ def test_hostile_rows_are_shown_never_a_crash(
         ok: "applies",
         missing: "fails",
     }
+    assert by_id[untimed]["outcome"] == "fails"  # the next tick fails it: it holds nothing
     assert "outside the years" in by_id[bc]["error"]
     assert by_id[missing]["error"] == "the flag does not exist"
     for fmt in ("table", "json"):
