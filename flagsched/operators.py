@@ -375,6 +375,16 @@ def history(
         )
 
 
+def _later(start: datetime, span: timedelta) -> datetime:
+    """`start + span`, at most the latest time flagsched reads back (no overflow)."""
+    from flagsched.times import LATEST
+
+    try:
+        return min(start + span, LATEST)
+    except OverflowError:
+        return LATEST
+
+
 @dataclass(frozen=True, slots=True)
 class Outlook:
     """What `plan` and `agenda` show: the projection from the database's now to `until`,
@@ -409,7 +419,7 @@ def outlook(
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         begins = start if start is not None else now
-        end = until if until is not None else begins + (span or timedelta(0))
+        end = until if until is not None else _later(begins, span or timedelta(0))
         schedules = repository.schedules_ahead(conn, until=end, flag_key=flag_key)
         recurrences = repository.recurrences_ahead(conn, flag_key=flag_key)
         if every_flag and flag_key is None:

@@ -213,7 +213,10 @@ def test_hostile_rows_are_shown_never_a_crash(
 
 
 def test_agenda_window_flag_and_usage_errors(
-    flagsched: Callable[..., Ran], add_flag: Callable[..., None], add_schedule: Callable[..., int]
+    flagsched: Callable[..., Ran],
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    tmp_path: Path,
 ) -> None:
     add_flag("a")
     add_flag("b")
@@ -238,6 +241,17 @@ def test_agenda_window_flag_and_usage_errors(
     assert flagsched("plan").code == 2  # --at is required
     assert flagsched("plan", "--at", "2026-03-29T02:30", "--tz", "Europe/Berlin").code == 2  # gap
     assert flagsched("agenda", "--tz", "Mars/Olympus").code == 2
+    edge = flagsched(
+        "agenda", "--from", "9999-12-29T00:00:00Z", "--format", "json",
+        "--tz", "Pacific/Kiritimati", "--html", str(tmp_path / "edge.html"),
+    )  # fmt: skip
+    assert (edge.code, edge.stdout.strip()) == (0, "[]")  # the window ends where times do
+    assert flagsched("plan", "--at", "9999-12-29T00:00:00Z").code == 0
+    early = flagsched(
+        "agenda", "--from", "0001-01-02T00:00:00Z", "--to", "0001-01-03T00:00:00Z",
+        "--tz", "America/Los_Angeles", "--html", str(tmp_path / "early.html"),
+    )  # fmt: skip
+    assert early.code == 0, early.stderr
     unknown = json.loads(
         flagsched("plan", "--at", "now", "--flag", "nope", "--format", "json").stdout
     )
