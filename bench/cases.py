@@ -1059,6 +1059,9 @@ def agenda_vs_list(b: Bench) -> Case:
         + ", ".join(f"{k} {_median(v) * 1000:.1f}" for k, v in inside.items())
         + " (`list`: repository.list_schedules; read: operators.outlook, the three index reads "
         "and the projection; project: the agenda's ordering; render: the page).",
+        "",
+        "Its reads are index scans of the open rows only (idx_schedules_open, "
+        "idx_schedules_flag_open), checked with EXPLAIN by tests/integration/test_ahead_reads.py.",
     ]
     return case
 
