@@ -1,5 +1,6 @@
 """Seeing ahead on the command line: `plan` (every flag's state at a later time) and `agenda`
-(the changes coming in a window, as a table, JSON or a self-contained HTML page)."""
+(the changes coming in a window, as a table, JSON or a self-contained HTML page). Importing
+this module adds both commands to the `cli` group (cli.py imports it at its end)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flagsched.cli import (
     _shown,
     _time_option,
     _zone_option,
+    cli,
     pass_app,
 )
 
@@ -200,6 +202,5 @@ def agenda(
     return EXIT_OK
 
 
-def register(group: click.Group) -> None:
-    group.add_command(plan)
-    group.add_command(agenda)
+cli.add_command(plan)
+cli.add_command(agenda)

@@ -914,10 +914,8 @@ def show(app: App, schedule_id: int, fmt: str) -> int:
     return EXIT_OK
 
 
-# plan and agenda (seeing ahead) live in their own module.
-from flagsched import ahead_cli  # noqa: E402
-
-ahead_cli.register(cli)
+# plan and agenda (seeing ahead) live in their own module, which adds them to `cli`.
+import flagsched.ahead_cli  # noqa: E402, F401
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
