@@ -45,6 +45,7 @@ def change_json(step: Any) -> dict[str, Any]:
     """One change of `plan --format json`."""
     return {
         "at": step.at,
+        "scheduled_at": step.scheduled_at,
         "schedule_id": step.schedule_id,
         "recurrence_id": step.recurrence_id,
         "change": step.stored,
@@ -65,6 +66,7 @@ def agenda_json(step: Any) -> dict[str, Any]:
         "status": step.kind.value,
         "outcome": step.outcome.value,
         "error": step.error,
+        "scheduled_at": step.scheduled_at,
     }
 
 

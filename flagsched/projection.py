@@ -76,10 +76,12 @@ class State:
 @dataclass(frozen=True, slots=True)
 class Step:
     """One coming change of a flag and what it does. `at`: when it applies (or fails, or
-    expires); for a held change, when it comes due. `after`: the flag's state once it did
-    (None: the flag does not exist)."""
+    expires); for a held change, when it comes due. `scheduled_at`: the schedule's, or the
+    occurrence's time. `after`: the flag's state once it did (None: the flag does not
+    exist)."""
 
     at: datetime
+    scheduled_at: datetime
     flag_key: str
     kind: Kind
     schedule_id: int | None
@@ -251,6 +253,7 @@ def _walk(
         steps.append(
             Step(
                 at=max(own, now) if outcome is Outcome.HELD or ready is None else ready,
+                scheduled_at=item.order[0],
                 flag_key=key,
                 kind=item.kind,
                 schedule_id=item.schedule_id,

@@ -83,6 +83,7 @@ def test_plan_folds_a_ramp_a_retry_and_a_held_change(
             "changes": [
                 {
                     "at": "2100-01-01T12:00:00Z",
+                    "scheduled_at": "2099-12-31T09:00:00Z",
                     "schedule_id": retry,
                     "recurrence_id": None,
                     "change": {"rollout_percentage": 20},
@@ -90,7 +91,8 @@ def test_plan_folds_a_ramp_a_retry_and_a_held_change(
                     "error": None,
                 },
                 {
-                    "at": "2100-01-01T12:00:00Z",
+                    "at": "2100-01-01T12:00:00Z",  # held behind the retry until then
+                    "scheduled_at": "2100-01-01T10:30:00Z",
                     "schedule_id": behind,
                     "recurrence_id": None,
                     "change": {"rollout_percentage": 30},
