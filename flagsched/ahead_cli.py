@@ -55,18 +55,14 @@ def change_json(step: Any) -> dict[str, Any]:
 
 
 def agenda_json(step: Any) -> dict[str, Any]:
-    """One entry of `agenda --format json`."""
+    """One entry of `agenda --format json`: a change of `plan`, with its flag, ramp group and
+    where it comes from (`status`)."""
     return {
         "at": step.at,
         "flag_key": step.flag_key,
-        "change": step.stored,
-        "schedule_id": step.schedule_id,
-        "recurrence_id": step.recurrence_id,
+        **change_json(step),
         "group_id": step.group_id,
         "status": step.kind.value,
-        "outcome": step.outcome.value,
-        "error": step.error,
-        "scheduled_at": step.scheduled_at,
     }
 
 
