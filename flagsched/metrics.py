@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.exposition import pushadd_to_gateway, write_to_textfile
+from prometheus_client.exposition import generate_latest, pushadd_to_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from flagsched.logs import get_logger
 from flagsched.model import Outcome, TickReport
+from flagsched.render import write_atomically
 from flagsched.urls import one_line
 
 LAST_SUCCESS = "flagsched_last_success_timestamp_seconds"
@@ -101,7 +102,8 @@ def publish(
             get_logger().warning(
                 "metrics_file_replaced", path=str(metrics_file), reason=one_line(problem)
             )
-        write_to_textfile(str(metrics_file), registry_for(report, now=now, last_success=carried))
+        registry = registry_for(report, now=now, last_success=carried)
+        write_atomically(metrics_file, generate_latest(registry))
     if pushgateway:
         pushadd_to_gateway(
             pushgateway,

@@ -267,3 +267,50 @@ class TickReport:
 
     def count(self, outcome: Outcome) -> int:
         return self.counts.get(outcome.value, 0)
+
+
+# --- seeing ahead: the rows `plan` and `agenda` read (repository, class_row) -------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlagRow:
+    """A flag as it is now."""
+
+    key: str
+    enabled: bool
+    rollout_percentage: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSchedule:
+    """A schedule `plan` and `agenda` fold: open (pending, or failed waiting for a retry), or
+    failed for good (shown on the page, never folded). Times are clamped into years
+    1..9999; `defect` says why the stored row cannot be read as it is (the tick fails such
+    a row for good, unattempted)."""
+
+    id: int
+    flag_key: str
+    scheduled_at: datetime
+    updates: object
+    status: str
+    next_retry_at: datetime | None
+    expires_at: datetime | None
+    reviewed_at: datetime | None
+    group_id: int | None
+    recurrence_id: int | None
+    waiting: bool  # failed and waiting for a retry
+    last_error: str | None
+    defect: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRecurrence:
+    """A recurrence not cancelled; `next_at` clamped into years 1..9999 (None: stopped)."""
+
+    id: int
+    flag_key: str
+    cron: str
+    timezone: str
+    updates: object
+    next_at: datetime | None
+    expires_after: object  # a timedelta, or PostgreSQL's text of one Python cannot hold

@@ -387,3 +387,71 @@ def history(
         return repository.history(
             conn, flag_key=flag_key, since=since, since_now=since_now, limit=limit
         )
+
+
+def _later(start: datetime, span: timedelta) -> datetime:
+    """`start + span`, at most the latest time flagsched reads back (no overflow)."""
+    from flagsched.times import LATEST
+
+    try:
+        return min(start + span, LATEST)
+    except OverflowError:
+        return LATEST
+
+
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """What `plan` and `agenda` show: the projection from the database's now to `until`,
+    and (for the page) the schedules failed for good that were due in the window."""
+
+    now: datetime
+    start: datetime
+    until: datetime
+    flags: list[Any]  # projection.FlagAhead, one per flag, by key
+    failed: list[Any]  # model.OpenSchedule
+
+
+def outlook(
+    database: Database,
+    *,
+    until: datetime | None,
+    span: timedelta | None = None,
+    start: datetime | None = None,
+    flag_key: str | None = None,
+    every_flag: bool = False,
+    with_failed: bool = False,
+    max_lateness_seconds: float | None = None,
+) -> Outlook:
+    """One read-only transaction: the flags, their open schedules and recurrences, folded by
+    `projection.project` up to `until` (None: `start` + `span`; `start` None: the database's
+    now).
+    `every_flag`: also flags that nothing is scheduled for."""
+    from flagsched import projection
+
+    with begin(database) as conn:
+        conn.execute("SET TRANSACTION READ ONLY")
+        repository.ensure_schema(conn)
+        now = repository.db_now(conn)
+        begins = start if start is not None else now
+        end = until if until is not None else _later(begins, span or timedelta(0))
+        schedules = repository.schedules_ahead(conn, until=end, flag_key=flag_key)
+        recurrences = repository.recurrences_ahead(conn, flag_key=flag_key)
+        if every_flag and flag_key is None:
+            flags = repository.flags_now(conn)
+        else:
+            keys = {s.flag_key for s in schedules} | {r.flag_key for r in recurrences}
+            flags = repository.flags_now(conn, keys=[flag_key] if flag_key else sorted(keys))
+        failed = (
+            repository.failed_between(conn, start=begins, end=end, flag_key=flag_key)
+            if with_failed
+            else []
+        )
+    lateness = None if max_lateness_seconds is None else timedelta(seconds=max_lateness_seconds)
+    ahead = projection.project(
+        flags, schedules, recurrences, max_lateness=lateness, now=now, until=end
+    )
+    if flag_key is not None:
+        ahead = [a for a in ahead if a.flag_key == flag_key] or [
+            projection.FlagAhead(flag_key, None, None, ())
+        ]
+    return Outlook(now=now, start=begins, until=end, flags=ahead, failed=failed)

@@ -10,6 +10,7 @@ instant (every 15 minutes inside a gap) are one occurrence."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
@@ -121,3 +122,20 @@ def _around(expr: str, zone_name: str, now: datetime) -> Occurrence:
         return Occurrence(None, None, str(exc))
     except (ValueError, OverflowError) as exc:  # croniter's own errors, years past 9999
         return Occurrence(None, None, f"{expr!r} in {zone_name}: {exc}")
+
+
+def occurrences(expr: str, zone: tzinfo, after: datetime, until: datetime) -> Iterator[datetime]:
+    """Every occurrence strictly after `after` up to `until` (UTC), in order: the instants
+    `next_after` gives one by one, from one cron iterator."""
+    it = _iterator(expr, _wall(after, zone) - _margin(zone, after))
+    last = after
+    while True:
+        try:
+            at = instant(it.get_next(datetime), zone)
+        except (ValueError, OverflowError):  # past year 9999
+            return
+        if at > until:
+            return
+        if at > last:  # wall-clock times in one gap land on one instant: once
+            last = at
+            yield at

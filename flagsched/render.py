@@ -1,15 +1,24 @@
 """Rendering of command results for stdout: aligned tables and JSON (times in ISO 8601 UTC),
 one function per kind of row. A table shows any value a row holds, as its JSON form does:
-exact numbers as numbers, a short note for what is nested too deeply or cannot be read."""
+exact numbers as numbers, a short note for what is nested too deeply or cannot be read.
+Files a command writes (the metrics textfile, the agenda page) are replaced atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flagsched.operators import Outlook
+    from flagsched.projection import State, Step
 
 # Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
 # no encoder recursion, no page-long line.
@@ -316,3 +325,117 @@ def pruned(counts: dict[str, int], *, dry_run: bool, history: bool) -> str:
     if history:
         line += f" and {counts['history']} history entries"
     return line
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one step (a temporary file in the same directory, then
+    a rename): a reader sees the old file or the new one, never half of one."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as an ordinary new file (mkstemp makes 0600)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _state(state: State | None) -> str:
+    if state is None:
+        return "(no such flag)"
+    return f"{'on' if state.enabled else 'off'} {state.rollout_percentage}%"
+
+
+def _source(step: Step) -> str:
+    if step.schedule_id is not None:
+        return f"schedule {step.schedule_id}"
+    return f"recurrence {step.recurrence_id}"
+
+
+def _outcome(step: Step) -> str:
+    return step.outcome.value if step.error is None else f"{step.outcome.value}: {step.error}"
+
+
+def change_json(step: Step) -> dict[str, Any]:
+    """One change of `plan --format json`."""
+    return {
+        "at": step.at,
+        "scheduled_at": step.scheduled_at,
+        "schedule_id": step.schedule_id,
+        "recurrence_id": step.recurrence_id,
+        "change": step.stored,
+        "outcome": step.outcome.value,
+        "error": step.error,
+    }
+
+
+def agenda_json(step: Step) -> dict[str, Any]:
+    """One entry of `agenda --format json`: a change of `plan`, with its flag, ramp group and
+    where it comes from (`status`)."""
+    return {
+        "at": step.at,
+        "flag_key": step.flag_key,
+        **change_json(step),
+        "group_id": step.group_id,
+        "status": step.kind.value,
+    }
+
+
+def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
+    return table(
+        ["AT", "FLAG", "SOURCE", "CHANGE", "STATUS", "GROUP", "OUTCOME"],
+        [
+            (
+                shown(s.at, zone),
+                s.flag_key,
+                _source(s),
+                compact(s.stored, 60),
+                s.kind.value,
+                "" if s.group_id is None else f"ramp {s.group_id}",
+                _outcome(s),
+            )
+            for s in steps
+        ],
+    )
+
+
+def plan(seen: Outlook, fmt: str, zone: tzinfo | None = None) -> str:
+    """`plan`: every flag's state now and at the time asked, then the changes between."""
+    if fmt == "json":
+        return to_json(
+            [
+                {
+                    "flag_key": f.flag_key,
+                    "now": None if f.now is None else f.now.as_json(),
+                    "at": None if f.at is None else f.at.as_json(),
+                    "changes": [change_json(s) for s in f.steps],
+                }
+                for f in seen.flags
+            ]
+        )
+    if not seen.flags:
+        return "no flags"
+    lines = [
+        f"at {shown(seen.until, zone)} (now {shown(seen.now, zone)})",
+        table(
+            ["FLAG", "NOW", "AT", "CHANGES"],
+            [(f.flag_key, _state(f.now), _state(f.at), len(f.steps)) for f in seen.flags],
+        ),
+    ]
+    steps = [s for f in seen.flags for s in f.steps]
+    if steps:
+        lines += ["", _steps(sorted(steps, key=lambda s: (s.at, s.flag_key)), zone)]
+    return "\n".join(lines)
+
+
+def agenda(steps: Sequence[Step], fmt: str, zone: tzinfo | None = None) -> str:
+    """`agenda`: the changes expected in the window, in time order."""
+    if fmt == "json":
+        return to_json([agenda_json(s) for s in steps])
+    return _steps(steps, zone) if steps else "no changes expected"

@@ -7,11 +7,11 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.abc import Buffer
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
 from flagsched.db import Conn, one_line
@@ -19,9 +19,12 @@ from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatab
 from flagsched.model import (
     MAX_TEXT,
     NOTIFY_CHANNEL,
+    ActiveRecurrence,
     Change,
     Claimed,
+    FlagRow,
     OnConflict,
+    OpenSchedule,
     Outcome,
     Result,
     Status,
@@ -29,6 +32,8 @@ from flagsched.model import (
     Verdict,
 )
 from flagsched.required import REQUIRED, Function, Required, Table
+
+_Row = TypeVar("_Row")
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
 MIGRATION_LOCK_KEY = 0x666C6167736368
@@ -932,3 +937,107 @@ def materialise(
         {"ids": [i for i, _ in advanced], "nexts": [at for _, at in advanced]},
     )
     return made
+
+
+# --- seeing ahead: plan, agenda ---------------------------------------------------------
+
+
+def _typed(
+    conn: Conn, cls: type[_Row], sql: str, params: Mapping[str, Any] | None = None
+) -> list[_Row]:
+    """Rows as `cls` (psycopg class_row), read as leniently as `_dicts` reads them."""
+    with conn.cursor(row_factory=class_row(cls)) as cur:
+        cur.adapters.register_loader("timestamptz", _LenientTimestamptz)
+        cur.adapters.register_loader("interval", _LenientInterval)
+        return cur.execute(sql, params).fetchall()
+
+
+def flags_now(conn: Conn, *, keys: Sequence[str] | None = None) -> list[FlagRow]:
+    """Flags as they are: every one, or those of `keys` (by the unique index on key)."""
+    where = "" if keys is None else "WHERE key = ANY(%(keys)s)"
+    return _typed(
+        conn,
+        FlagRow,
+        f"SELECT key, enabled, rollout_percentage FROM feature_flags {where} ORDER BY key",
+        {"keys": None if keys is None else list(keys)},
+    )
+
+
+def _ahead_defect(column: str, when: str = "true") -> str:
+    return (
+        f"WHEN {when} AND NOT ({column} BETWEEN TIMESTAMPTZ {_TIME_MIN} AND TIMESTAMPTZ "
+        f"{_TIME_MAX}) THEN '{column} ' || CAST({column} AS text)"
+        " || ' is outside the years 1..9999 flagsched can read'"
+    )
+
+
+_AHEAD_FIELDS = f"""
+    id, flag_key, {_clamped_time("scheduled_at")} AS scheduled_at, {_SHOWN_UPDATES}, status,
+    {_clamped_time("next_retry_at")} AS next_retry_at,
+    {_clamped_time("expires_at")} AS expires_at, {_clamped_time("reviewed_at")} AS reviewed_at,
+    group_id, recurrence_id, (status = 'failed' AND {_WAITING_ROW}) AS waiting,
+    left(last_error, {MAX_TEXT}) AS last_error,
+    CASE {_ahead_defect("scheduled_at")}
+         {_ahead_defect("next_retry_at", when="status = 'failed'")}
+         WHEN {_updates_size("updates")} > {UPDATES_MAX_BYTES}
+              THEN 'updates is ' || {_updates_size("updates")}
+                   || ' bytes, more than the {UPDATES_MAX_BYTES} flagsched reads'
+    END AS defect
+"""
+
+
+def _ahead(conn: Conn, where: str, params: Mapping[str, Any]) -> list[OpenSchedule]:
+    flag = "" if params.get("flag_key") is None else "AND flag_key = %(flag_key)s"
+    return _typed(
+        conn,
+        OpenSchedule,
+        f"""
+        SELECT {_AHEAD_FIELDS} FROM feature_flag_schedules
+        WHERE {where} {flag}
+        ORDER BY scheduled_at, id
+        LIMIT %(limit)s
+        """,
+        params,
+    )
+
+
+def schedules_ahead(
+    conn: Conn, *, until: datetime, flag_key: str | None = None, limit: int = 100_000
+) -> list[OpenSchedule]:
+    """Open schedules (pending, failed waiting for a retry) due by `until`, in (scheduled_at,
+    id) order: a range of idx_schedules_open (idx_schedules_flag_open with a flag), never
+    the applied history."""
+    return _ahead(
+        conn,
+        f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s",
+        {"until": until, "flag_key": flag_key, "limit": limit},
+    )
+
+
+def failed_between(
+    conn: Conn, *, start: datetime, end: datetime, flag_key: str | None = None, limit: int = 1000
+) -> list[OpenSchedule]:
+    """Schedules failed for good that were due between `start` and `end` (the page marks
+    them); the same index ranges as `schedules_ahead`."""
+    return _ahead(
+        conn,
+        f"status = 'failed' AND NOT {_WAITING_ROW} AND scheduled_at BETWEEN %(start)s AND %(end)s",
+        {"start": start, "end": end, "flag_key": flag_key, "limit": limit},
+    )
+
+
+def recurrences_ahead(conn: Conn, *, flag_key: str | None = None) -> list[ActiveRecurrence]:
+    """Active recurrences (an index range of idx_recurrences_due), next occurrence first."""
+    flag = "" if flag_key is None else "AND flag_key = %(flag_key)s"
+    return _typed(
+        conn,
+        ActiveRecurrence,
+        f"""
+        SELECT id, flag_key, cron, timezone, {_SHOWN_UPDATES},
+               {_clamped_time("next_at")} AS next_at, expires_after
+        FROM feature_flag_recurrences
+        WHERE cancelled_at IS NULL {flag}
+        ORDER BY next_at NULLS LAST, id
+        """,
+        {"flag_key": flag_key},
+    )

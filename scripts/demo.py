@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import sqlalchemy as sa
 
 from flagsched.schema import make_engine
 from scripts import pgserver
+
+# `make demo` leaves the agenda page here (build/ is ignored by git).
+AGENDA_PAGE = Path("build") / "agenda.html"
 
 SEED = """
 INSERT INTO feature_flags (key, enabled, rollout_percentage) VALUES
@@ -168,6 +173,21 @@ def main() -> int:
         )
         flagsched("retry", str(conflicted))
         flagsched("process")
+        banner("Seeing ahead: a ramp for dark-mode, and search-v2's backend down again")
+        soon = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(hours=2)
+        flagsched(
+            "ramp", "dark-mode", "--steps", "10,25,50,100", "--every", "1d",
+            "--start", soon.isoformat(),
+        )  # fmt: skip
+        sql("INSERT INTO demo_outage VALUES ('search-v2')")
+        flagsched("schedule", "search-v2", "--at", "now", "--rollout", "75")
+        flagsched("process")
+        flagsched("schedule", "search-v2", "--at", (soon + timedelta(days=1)).isoformat(),
+                  "--rollout", "100")  # fmt: skip
+        banner("What will the flags be in two days? And what happens this week?")
+        flagsched("plan", "--at", (soon + timedelta(days=2)).isoformat(), "--tz", "Europe/Berlin")
+        AGENDA_PAGE.parent.mkdir(exist_ok=True)
+        flagsched("agenda", "--tz", "Europe/Berlin", "--html", str(AGENDA_PAGE))
         banner("The flags now")
         show("SELECT key, enabled, rollout_percentage, updated_at FROM feature_flags ORDER BY key")
         banner("The schedules now")
@@ -180,6 +200,8 @@ def main() -> int:
     finally:
         server.stop()
         banner("PostgreSQL stopped and its files removed")
+        if AGENDA_PAGE.exists():
+            print(f"The agenda page is at {AGENDA_PAGE.resolve()} (open it in a browser)")
     return 0
 
 

@@ -2,7 +2,8 @@
 use; this is the only place that exits, turning results and errors into exit codes. The
 commands live in one module per group: tick (process), authoring (schedule, ramp),
 operate (retry, cancel, prune, migrate), read (list, list-failed, status, recurrences,
-history, show); their parameters in params, their output in flagsched.render."""
+history, show), ahead (plan, agenda); their parameters in params, their output in
+flagsched.render."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import NoReturn
 import click
 
 from flagsched import logs
-from flagsched.cli import authoring, operate, read, tick
+from flagsched.cli import ahead, authoring, operate, read, tick
 from flagsched.cli.app import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_USAGE, redacted, say
 from flagsched.errors import FlagschedError
 
@@ -41,6 +42,8 @@ for _command in (
     read.recurrences,
     read.history,
     read.show,
+    ahead.plan,
+    ahead.agenda,
 ):
     cli.add_command(_command)
 

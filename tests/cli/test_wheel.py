@@ -81,3 +81,10 @@ def test_installed_wheel_migrates_from_any_directory(
         )
     assert version == head()
     assert tables == {"alembic_version", *metadata.tables}
+    # The agenda page's template ships in the wheel too.
+    page = elsewhere / "agenda.html"
+    run(
+        venv / "bin" / "python", "-m", "flagsched", "agenda", "--html", page,
+        cwd=elsewhere, env=env,
+    )  # fmt: skip
+    assert page.read_text().startswith("<!DOCTYPE html>")

@@ -393,3 +393,30 @@ def test_retry_and_cancel_on_a_read_only_database_could_not_run_not_busy(
     for args in _acting_on(failed, pending, recurrence):
         _one_line_could_not_run(flagsched(*args), "read-only transaction (SQLSTATE 25006)")
     assert state(sql, failed)[0] == "failed" and state(sql, pending)[0] == "pending"
+
+
+def test_plan_and_agenda_need_the_flags_the_operator_may_read(
+    flagsched: Callable[..., Ran],
+    database_url: str,
+    grant: Callable[[str], None],
+    add_flag: Any,
+    add_schedule: Any,
+    tmp_path: Path,
+) -> None:
+    grant("operator")
+    grant("reader")
+    add_flag("a")
+    later = add_schedule("a", {"enabled": True}, at="now() + interval '1 hour'")
+    oncall = url_for(database_url, "flagsched_oncall")
+    plan = flagsched("plan", "--at", "2100-01-01T00:00:00Z", "--format", "json", url=oncall)
+    assert plan.code == 0, plan.stderr
+    assert json.loads(plan.stdout)[0]["changes"][0]["schedule_id"] == later
+    page = tmp_path / "agenda.html"
+    agenda = flagsched("agenda", "--html", str(page), "--format", "json", url=oncall)
+    assert agenda.code == 0, agenda.stderr
+    assert [e["schedule_id"] for e in json.loads(agenda.stdout)] == [later]
+    # The reader may not read the flags (docs/deploy.md): one line, exit 3, no page.
+    refused = flagsched("agenda", "--html", str(tmp_path / "no.html"), url=url_for(
+        database_url, "test_reader"))  # fmt: skip
+    assert refused.code == 3 and "permission denied" in refused.stderr
+    assert not (tmp_path / "no.html").exists()

@@ -1,0 +1,363 @@
+"""Seeing ahead, pure: what every flag will be at a later time if what is scheduled happens as
+scheduled. One function, `project`, folds the open schedules and the recurrences' coming
+occurrences onto the flags as they are now, following the tick's rules: per flag in
+(scheduled_at, id) order, a change held back while an earlier one of its flag is still open,
+a retry at its `next_retry_at`, lateness and expiry judged when the change could apply.
+`plan` and `agenda` are two readings of its result. No I/O, no clock: `now` is passed in.
+
+A change whose moment cannot be foreseen (an `_Item` whose `ready_at` is None) is `held`, and
+holds every change of its flag behind it: no state does that yet; a schedule "awaiting
+approval" will be one (`_schedule_item` gives it no `ready_at`)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from flagsched import recurring
+from flagsched.model import (
+    ActiveRecurrence,
+    FlagRow,
+    InvalidUpdates,
+    OpenSchedule,
+    Updates,
+    clip,
+)
+from flagsched.times import InvalidTime, parse_zone
+
+# A recurrence firing every minute makes 10,080 occurrences a week; past this many per
+# recurrence and projection the rest are left out (each sets the same values again).
+MAX_OCCURRENCES = 2000
+_ERROR_TEXT = 200
+# The repository clamps stored times into what Python holds; a retry at the upper clamp was
+# stored after year 9999 (or as infinity).
+_UNTIMED = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+_EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+
+
+class Outcome(StrEnum):
+    """What a coming change will do when its turn comes."""
+
+    APPLIES = "applies"
+    EXPIRES = "expires"  # past its expires_at / FLAGSCHED_MAX_LATENESS: fails, flag untouched
+    HELD = "held"  # still held back at the horizon behind an earlier change of its flag
+    FAILS = "fails"  # fails for good: the flag does not exist, or `updates` is invalid
+
+
+class Kind(StrEnum):
+    """Where a coming change comes from (agenda's `status`)."""
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    RECURRING = "recurring"  # an occurrence of a recurrence not yet turned into a schedule
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    enabled: bool
+    rollout_percentage: int
+
+    def folded(self, change: Updates) -> State:
+        return State(
+            self.enabled if change.enabled is None else change.enabled,
+            (
+                self.rollout_percentage
+                if change.rollout_percentage is None
+                else change.rollout_percentage
+            ),
+        )
+
+    def as_json(self) -> dict[str, object]:
+        return {"enabled": self.enabled, "rollout_percentage": self.rollout_percentage}
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One coming change of a flag and what it does. `at`: when it applies (or fails, or
+    expires); for a held change, when it comes due. `scheduled_at`: the schedule's, or the
+    occurrence's time. `after`: the flag's state once it did (None: the flag does not
+    exist)."""
+
+    at: datetime
+    scheduled_at: datetime
+    flag_key: str
+    kind: Kind
+    schedule_id: int | None
+    recurrence_id: int | None
+    group_id: int | None
+    stored: object  # `updates` as stored (for a valid one, the values it sets)
+    change: Updates | None  # None: invalid, `error` says why
+    outcome: Outcome
+    error: str | None
+    after: State | None
+
+
+@dataclass(frozen=True, slots=True)
+class FlagAhead:
+    """A flag's state now, at the horizon, and the changes between, in the order they come."""
+
+    flag_key: str
+    now: State | None  # None: no such flag (its changes fail)
+    at: State | None
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """A change in its flag's queue before it is judged."""
+
+    order: tuple[datetime, int, int]  # (scheduled_at, 0, id) or (occurrence, 1, recurrence)
+    ready_at: datetime | None  # when it is due on its own; None: cannot be foreseen
+    kind: Kind
+    schedule_id: int | None
+    recurrence_id: int | None
+    group_id: int | None
+    stored: object
+    expires_at: datetime | None
+    late_from: datetime  # lateness counts from here (scheduled_at, or the last retry)
+    defect: str | None
+
+
+def _change(stored: object) -> tuple[Updates | None, str | None]:
+    try:
+        return Updates.parse(stored), None
+    except InvalidUpdates as exc:
+        return None, clip(str(exc), _ERROR_TEXT)
+
+
+def _schedule_item(row: OpenSchedule) -> _Item:
+    late_from = max(row.scheduled_at, row.reviewed_at or row.scheduled_at)
+    retrying = row.status == "failed" and row.waiting
+    ready = row.next_retry_at if retrying else row.scheduled_at
+    if retrying and ready is not None and ready >= _UNTIMED:
+        # a retry timed after year 9999 cannot be timed: the next tick claims it and fails
+        # it for good (it would otherwise hold its flag back for ever)
+        ready = _EARLIEST
+    return _Item(
+        order=(row.scheduled_at, 0, row.id),
+        ready_at=ready,
+        kind=Kind.RETRYING if retrying else Kind.PENDING,
+        schedule_id=row.id,
+        recurrence_id=row.recurrence_id,
+        group_id=row.group_id,
+        stored=row.updates,
+        expires_at=row.expires_at,
+        late_from=late_from,
+        defect=row.defect,
+    )
+
+
+def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[datetime]:
+    """The occurrences of a recurrence the ticks will turn into schedules up to `until`,
+    with the tick's own arithmetic: a `next_at` already passed fires once, at the latest
+    occurrence not after now; then every occurrence after now. An expression or zone the
+    tick cannot use never fires."""
+    try:
+        zone = parse_zone(r.timezone)
+        expr = recurring.validate(r.cron)
+    except (InvalidTime, recurring.InvalidCron):
+        return []
+    if r.next_at is None:
+        return []
+    if r.next_at > now:
+        first: datetime | None = r.next_at
+        after = r.next_at
+    else:
+        due = recurring.due(expr, r.timezone, r.next_at, now)
+        if due.next_at is None:
+            return []
+        first, after = due.fire_at, now
+    if first is not None and first > until:
+        return []
+    times = [] if first is None else [first]
+    try:
+        for at in recurring.occurrences(expr, zone, after, until):
+            if len(times) >= MAX_OCCURRENCES:
+                break
+            times.append(at)
+    except (ValueError, OverflowError):  # croniter's own errors, years past 9999
+        pass
+    return times
+
+
+def _recurrence_items(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[_Item]:
+    expires_after = r.expires_after if isinstance(r.expires_after, timedelta) else None
+    items = []
+    for at in occurrence_times(r, now=now, until=until):
+        try:
+            expires_at = None if expires_after is None else at + expires_after
+        except OverflowError:
+            expires_at = None
+        items.append(
+            _Item(
+                order=(at, 1, r.id),
+                ready_at=at,
+                kind=Kind.RECURRING,
+                schedule_id=None,
+                recurrence_id=r.id,
+                group_id=None,
+                stored=r.updates,
+                expires_at=expires_at,
+                late_from=at,
+                defect=None,
+            )
+        )
+    return items
+
+
+def _expired(item: _Item, at: datetime, max_lateness: timedelta | None) -> str | None:
+    if item.expires_at is not None:
+        if at > item.expires_at:
+            return "past its expires_at"
+        return None
+    if max_lateness is not None and at - item.late_from > max_lateness:
+        return "later than FLAGSCHED_MAX_LATENESS"
+    return None
+
+
+def _walk(
+    key: str,
+    now_state: State | None,
+    items: Iterable[_Item],
+    *,
+    max_lateness: timedelta | None,
+    now: datetime,
+    until: datetime,
+) -> FlagAhead:
+    """The tick's per-flag order, replayed in time: at each moment the first open change of
+    the flag (by (scheduled_at, id)) is the only one that may apply; a recurrence's
+    occurrence joins the queue only when the tick makes it a schedule (at its time), so it
+    never holds back a change that was already free to apply before it existed."""
+    state = now_state
+    arrivals = sorted(items, key=lambda i: (_exists(i, now), i.order))
+    queue: list[tuple[tuple[datetime, int, int], int, _Item]] = []
+    admitted, t = 0, now
+
+    def admit(upto: datetime) -> None:
+        nonlocal admitted
+        while admitted < len(arrivals) and _exists(arrivals[admitted], now) <= upto:
+            item = arrivals[admitted]
+            heapq.heappush(queue, (item.order, admitted, item))
+            admitted += 1
+
+    steps: list[Step] = []
+    admit(t)
+    while queue or admitted < len(arrivals):
+        arriving = _exists(arrivals[admitted], now) if admitted < len(arrivals) else None
+        head = queue[0][2] if queue else None
+        ready = None if head is None or head.ready_at is None else max(head.ready_at, t)
+        if arriving is not None and (ready is None or arriving < ready):
+            t = max(t, arriving)  # something may join ahead of the head before it is ready
+            admit(t)
+            continue
+        if head is None or ready is None or ready > until:
+            break  # the head cannot be foreseen, or comes after the horizon
+        heapq.heappop(queue)
+        t = ready
+        step, state = _judge(key, head, ready, state, max_lateness)
+        steps.append(step)
+    for _, _, item in sorted(queue, key=lambda q: q[0]):  # still open at the horizon
+        own = item.ready_at
+        if own is not None and own <= until:
+            steps.append(_held(key, item, max(own, now), state))
+    return FlagAhead(key, now_state, state, tuple(steps))
+
+
+def _exists(item: _Item, now: datetime) -> datetime:
+    """When the change is in its flag's queue: a schedule now, an occurrence at its time."""
+    return max(item.order[0], now) if item.kind is Kind.RECURRING else now
+
+
+def _judge(
+    key: str,
+    item: _Item,
+    at: datetime,
+    state: State | None,
+    max_lateness: timedelta | None,
+) -> tuple[Step, State | None]:
+    """What the change does when its turn comes at `at`, and the flag's state after it."""
+    change, error = _change(item.stored)
+    outcome = Outcome.APPLIES
+    if item.defect is not None:
+        outcome, error = Outcome.FAILS, clip(item.defect, _ERROR_TEXT)
+    elif change is None:
+        outcome = Outcome.FAILS
+    elif state is None:
+        outcome, error = Outcome.FAILS, "the flag does not exist"
+    elif (late := _expired(item, at, max_lateness)) is not None:
+        outcome, error = Outcome.EXPIRES, late
+    else:
+        state = state.folded(change)
+    return _step(key, item, at, change, outcome, error, state), state
+
+
+def _held(key: str, item: _Item, at: datetime, state: State | None) -> Step:
+    change, _ = _change(item.stored)
+    return _step(key, item, at, change, Outcome.HELD, None, state)
+
+
+def _step(
+    key: str,
+    item: _Item,
+    at: datetime,
+    change: Updates | None,
+    outcome: Outcome,
+    error: str | None,
+    after: State | None,
+) -> Step:
+    return Step(
+        at=at,
+        scheduled_at=item.order[0],
+        flag_key=key,
+        kind=item.kind,
+        schedule_id=item.schedule_id,
+        recurrence_id=item.recurrence_id,
+        group_id=item.group_id,
+        stored=item.stored if change is None else change.as_json(),
+        change=change,
+        outcome=outcome,
+        error=error,
+        after=after,
+    )
+
+
+def project(
+    flags: Sequence[FlagRow],
+    schedules: Sequence[OpenSchedule],
+    recurrences: Sequence[ActiveRecurrence],
+    *,
+    max_lateness: timedelta | None,
+    now: datetime,
+    until: datetime,
+) -> list[FlagAhead]:
+    """Every flag named by `flags`, a schedule or a recurrence, by key: its state now, at
+    `until`, and the changes that come after `now` up to `until`. A change already due
+    comes right after now: the projection at `now` itself is the flags as they are."""
+    now, until = now.astimezone(UTC), until.astimezone(UTC)
+    states = {f.key: State(f.enabled, f.rollout_percentage) for f in flags}
+    queues: dict[str, list[_Item]] = {key: [] for key in states}
+    ahead = until > now  # at now itself nothing has happened yet
+    for row in schedules:
+        queue = queues.setdefault(row.flag_key, [])
+        if ahead and (row.status == "pending" or (row.status == "failed" and row.waiting)):
+            queue.append(_schedule_item(row))
+    for r in recurrences:
+        queue = queues.setdefault(r.flag_key, [])
+        if ahead:
+            queue.extend(_recurrence_items(r, now=now, until=until))
+    return [
+        _walk(key, states.get(key), queue, max_lateness=max_lateness, now=now, until=until)
+        for key, queue in sorted(queues.items())
+    ]
+
+
+def agenda(ahead: Sequence[FlagAhead], *, start: datetime) -> list[Step]:
+    """The changes of a projection from `start` on, across flags, in time order."""
+    steps = [s for f in ahead for s in f.steps if s.at >= start]
+    return sorted(
+        steps,
+        key=lambda s: (s.at, s.flag_key, s.schedule_id or 0, s.recurrence_id or 0),
+    )
