@@ -45,6 +45,7 @@ SPEC_COLUMNS = {
         ("reviewed_at", "timestamp with time zone", "YES", None),
         ("attempts", "jsonb", "NO", "'[]'"),
         ("recurrence_id", "bigint", "YES", None),
+        ("created_xact", "xid8", "YES", "pg_current_xact_id()"),
     ],
     "feature_flag_recurrences": [
         ("id", "bigint", "NO", None),
@@ -69,6 +70,8 @@ SPEC_COLUMNS = {
         ("new_rollout_percentage", "integer", "YES", None),
         ("schedule_ids", "ARRAY", "NO", "'{}'"),
         ("written_at", "timestamp with time zone", "NO", "statement_timestamp()"),
+        ("xact", "xid8", "YES", "pg_current_xact_id()"),
+        ("old_flag_key", "text", "YES", None),
     ],
 }
 
