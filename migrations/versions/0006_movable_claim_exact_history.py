@@ -56,7 +56,6 @@ _COLS = (
     " attempts"
 )
 _S_COLS = ", ".join("s." + c for c in _COLS.split(", "))
-_HELD_COLS = "s.id, s.flag_key, s.scheduled_at, s.status, s.retry_count, s.max_retries"
 
 
 def _clamped(column: str) -> str:
@@ -186,22 +185,20 @@ def _attempts_made(column: str) -> str:
 
 def held_back_query() -> str:
     """Due schedules behind an earlier open schedule of their flag that is not due: never
-    claimed, reported. Locks nothing."""
+    claimed, reported. Found from what holds them back (retries waiting for a time still to
+    come: few, whatever the backlog), each flag's open schedules an index probe. Locks
+    nothing."""
     return f"""
-    SELECT h.id, h.flag_key, {_clamped("h.scheduled_at")}, h.status, h.retry_count,
-           h.max_retries FROM (
-        (SELECT {_HELD_COLS} FROM feature_flag_schedules s
-         WHERE s.status = 'failed' AND s.next_retry_at <= now()
-           AND s.retry_count <= s.max_retries
-           AND {_earlier_open("s", unless=_due("e"))}
-         ORDER BY s.next_retry_at, s.id LIMIT p_limit)
-        UNION ALL
-        (SELECT {_HELD_COLS} FROM feature_flag_schedules s
-         WHERE s.status = 'pending' AND s.scheduled_at <= now()
-           AND {_earlier_open("s", unless=_due("e"))}
-         ORDER BY s.scheduled_at, s.id LIMIT p_limit)
-    ) h
-    ORDER BY h.flag_key, h.scheduled_at, h.id
+    SELECT s.id, s.flag_key, {_clamped("s.scheduled_at")}, s.status, s.retry_count,
+           s.max_retries
+    FROM feature_flag_schedules s
+    WHERE s.flag_key IN (
+            SELECT w.flag_key FROM feature_flag_schedules w
+            WHERE w.status = 'failed' AND w.next_retry_at > now()
+              AND w.next_retry_at <= TIMESTAMPTZ {_MAX} AND w.retry_count <= w.max_retries)
+      AND s.status IN ('pending', 'failed') AND {_open("s")} AND ({_due("s")})
+      AND {_earlier_open("s", unless=_due("e"))}
+    ORDER BY s.flag_key, s.scheduled_at, s.id
     LIMIT p_limit
     """
 
