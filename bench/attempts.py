@@ -13,6 +13,7 @@ from datetime import UTC
 import psycopg
 
 from flagsched import migrate, repository
+from flagsched.db import Conn
 from flagsched.model import Outcome, Result
 from flagsched.schema import make_engine
 from scripts import pgserver
@@ -30,7 +31,7 @@ OLD_RECORD = """
 """
 
 
-def _seed(conn: psycopg.Connection[object], rows: int) -> int:
+def _seed(conn: Conn, rows: int) -> int:
     conn.execute(
         "INSERT INTO feature_flags (key) SELECT 'f' || n FROM generate_series(1, %(n)s) n",
         {"n": rows},
@@ -53,7 +54,7 @@ def _seed(conn: psycopg.Connection[object], rows: int) -> int:
     return int(size.fetchone()[0])  # type: ignore[index]
 
 
-def _old(conn: psycopg.Connection[object], rows: int) -> tuple[float, float]:
+def _old(conn: Conn, rows: int) -> tuple[float, float]:
     with conn.transaction(force_rollback=True):
         started = time.perf_counter()
         claimed = conn.execute("SELECT * FROM flagsched_claim_v1(%(n)s, true)", {"n": rows})
@@ -73,7 +74,7 @@ def _old(conn: psycopg.Connection[object], rows: int) -> tuple[float, float]:
         return claim, time.perf_counter() - started
 
 
-def _new(conn: psycopg.Connection[object], rows: int) -> tuple[float, float]:
+def _new(conn: Conn, rows: int) -> tuple[float, float]:
     with conn.transaction(force_rollback=True):
         started = time.perf_counter()
         now, claimed = repository.claim(conn, limit=rows)
