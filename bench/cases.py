@@ -32,7 +32,7 @@ DRAIN_ARGS = ("--batch-size", "100", "--max-batches", "1000")
 # The same drain with the record's triggers off (what feature_flag_changes costs).
 RECORD_OFF = ";".join(
     f"ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_{event}"
-    for event in ("insert", "update", "delete")
+    for event in ("insert", "update_v2", "update_moved", "delete")  # 0006: update_*
 )
 
 

@@ -15,9 +15,13 @@
   transaction of a schedule and the writing transaction of a change. The conflict check
   (flagsched_check_v2) never counts a change made by the transaction that inserted the
   schedule (rows inserted before this revision have NULL and keep the old rule).
-- The history of UPDATEs is written by a row-level trigger (flagsched_record_change_v2),
-  where OLD and NEW are the same row: an UPDATE that changes `id`, or swaps keys, or renames
-  a flag with a value change, records one row per flag, a renamed one with old_flag_key.
+- The history of UPDATEs: a statement-level trigger (flagsched_record_change_v2) pairs old
+  and new rows on id only for rows whose id the statement did not change (ids are unique at
+  every moment, so such a row pairs with itself), and records key changes too (a renamed
+  flag's row has old_flag_key); a row-level trigger that fires only for rows whose id
+  changes (flagsched_record_moved_v1) records those, OLD and NEW paired by PostgreSQL. An
+  UPDATE that changes `id`, or swaps keys, or renames a flag with a value change, records
+  one row per flag; the common write stays set-based.
   A flag renamed (or swapped) into a schedule's key is recorded under that key, so the
   conflict check's one probe finds it.
   flagsched_record_change_v1 stays (INSERT, DELETE, and downgrade use it).
@@ -45,6 +49,7 @@ APPLY_FUNCTION = (
     "flagsched_apply_v3(bigint[], text[], boolean[], integer[], boolean[], interval, boolean)"
 )
 TRIGGER_FUNCTION = "flagsched_record_change_v2"
+MOVED_FUNCTION = "flagsched_record_moved_v1"
 
 # Attempts kept with a schedule: more than one retry cycle (at most 11 attempts).
 KEPT_ATTEMPTS = 20
@@ -207,6 +212,10 @@ _WRITER = (
     "coalesce(nullif(current_setting('role'), 'none'), session_user)"
     " || coalesce(' (' || nullif(current_setting('application_name', true), '') || ')', '')"
 )
+# flagsched's write of this statement, {flag_key: [schedule ids]} (the transaction-local
+# setting flagsched.applying), as a relation joined once rather than a lookup per row.
+_APPLIED_IDS = """LEFT JOIN (SELECT e.key, ARRAY(SELECT jsonb_array_elements_text(e.value)::bigint)
+                           FROM jsonb_each(applying) e) AS a(key, ids) ON a.key = n.key"""
 _ISO = """CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC',
     'YYYY-MM-DD"T"HH24:MI:SS"Z"') ELSE {0}::text END"""
 _REVIEWED = "CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END"
@@ -459,45 +468,85 @@ def upgrade() -> None:
     )
     op.execute(
         f"""
-        CREATE FUNCTION {TRIGGER_FUNCTION}() RETURNS trigger
+        CREATE FUNCTION {MOVED_FUNCTION}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-        -- One row per updated flag, OLD and NEW paired by PostgreSQL itself (a row-level
-        -- trigger), whatever the UPDATE did to id or key. flagsched's writes (this
-        -- release's and the previous one's) are named in flagsched.applying by key.
-        DECLARE
-            applying text := nullif(current_setting('flagsched.applying', true), '');
-            ids jsonb;
+        -- A row whose id this UPDATE changes: OLD and NEW are paired here, by PostgreSQL
+        -- (the statement-level trigger, pairing on id, leaves it out). Rare: row-level.
         BEGIN
-            IF applying IS NOT NULL AND OLD.key = NEW.key THEN
-                ids := applying::jsonb -> NEW.key;
+            PERFORM set_config('flagsched.moved_ids', CAST(
+                CAST(coalesce(nullif(current_setting('flagsched.moved_ids', true), ''), '{{}}')
+                     AS bigint[]) || NEW.id AS text), true);
+            IF (OLD.enabled, OLD.rollout_percentage, OLD.key)
+               IS DISTINCT FROM (NEW.enabled, NEW.rollout_percentage, NEW.key) THEN
+                INSERT INTO feature_flag_changes (flag_key, old_flag_key, actor, old_enabled,
+                    old_rollout_percentage, new_enabled, new_rollout_percentage)
+                VALUES (NEW.key, CASE WHEN OLD.key <> NEW.key THEN OLD.key END, {_WRITER},
+                        OLD.enabled, OLD.rollout_percentage, NEW.enabled,
+                        NEW.rollout_percentage);
             END IF;
-            INSERT INTO feature_flag_changes (flag_key, old_flag_key, actor, old_enabled,
-                old_rollout_percentage, new_enabled, new_rollout_percentage, schedule_ids)
-            VALUES (NEW.key, CASE WHEN OLD.key <> NEW.key THEN OLD.key END,
-                    CASE WHEN ids IS NULL THEN {_WRITER} ELSE 'flagsched' END,
-                    OLD.enabled, OLD.rollout_percentage, NEW.enabled, NEW.rollout_percentage,
-                    CASE WHEN ids IS NULL THEN '{{}}'::bigint[]
-                         ELSE ARRAY(SELECT jsonb_array_elements_text(ids)::bigint) END);
             RETURN NULL;
         END
         $$
         """
     )
-    # A trigger swap: a moment's lock on feature_flags, as adding a trigger takes.
+    op.execute(
+        f"""
+        CREATE FUNCTION {TRIGGER_FUNCTION}() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+        -- The history of an UPDATE, set-based. Keys and ids are unique at every moment
+        -- (not deferrable), so a row whose id did not change is paired with itself by id;
+        -- rows whose id changed were recorded by {MOVED_FUNCTION} (their new ids are in
+        -- flagsched.moved_ids) and are left out. A key change is recorded (old_flag_key):
+        -- the flag under the new key is not the one that was there. flagsched's writes
+        -- (this release's and the previous one's) are named in flagsched.applying by key.
+        DECLARE
+            applying jsonb := nullif(current_setting('flagsched.applying', true), '')::jsonb;
+            writer text := {_WRITER};
+            moved bigint[] := CAST(coalesce(nullif(
+                current_setting('flagsched.moved_ids', true), ''), '{{}}') AS bigint[]);
+        BEGIN
+            INSERT INTO feature_flag_changes (flag_key, old_flag_key, actor, old_enabled,
+                old_rollout_percentage, new_enabled, new_rollout_percentage, schedule_ids)
+            SELECT n.key, CASE WHEN o.key <> n.key THEN o.key END,
+                   CASE WHEN a.ids IS NULL OR o.key <> n.key THEN writer ELSE 'flagsched' END,
+                   o.enabled, o.rollout_percentage, n.enabled, n.rollout_percentage,
+                   CASE WHEN a.ids IS NULL OR o.key <> n.key THEN '{{}}'::bigint[]
+                        ELSE a.ids END
+            FROM old_rows o JOIN new_rows n ON n.id = o.id
+            {_APPLIED_IDS}
+            WHERE n.id <> ALL (moved)
+              AND (o.enabled, o.rollout_percentage, o.key)
+                  IS DISTINCT FROM (n.enabled, n.rollout_percentage, n.key);
+            IF cardinality(moved) > 0 THEN
+                PERFORM set_config('flagsched.moved_ids', '', true);
+            END IF;
+            RETURN NULL;
+        END
+        $$
+        """
+    )
+    # A trigger swap: a moment's lock on feature_flags, as adding a trigger takes. Row-level
+    # AFTER triggers of a statement fire before its statement-level ones.
     op.execute("DROP TRIGGER flagsched_record_update ON feature_flags")
     op.execute(
         f"""
+        CREATE TRIGGER flagsched_record_update_moved AFTER UPDATE ON feature_flags
+        FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
+        EXECUTE FUNCTION {MOVED_FUNCTION}()
+        """
+    )
+    op.execute(
+        f"""
         CREATE TRIGGER flagsched_record_update_v2 AFTER UPDATE ON feature_flags
-        FOR EACH ROW
-        WHEN ((OLD.enabled, OLD.rollout_percentage, OLD.key)
-              IS DISTINCT FROM (NEW.enabled, NEW.rollout_percentage, NEW.key))
-        EXECUTE FUNCTION {TRIGGER_FUNCTION}()
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION {TRIGGER_FUNCTION}()
         """
     )
 
 
 def downgrade() -> None:
     op.execute("DROP TRIGGER flagsched_record_update_v2 ON feature_flags")
+    op.execute("DROP TRIGGER flagsched_record_update_moved ON feature_flags")
     op.execute(
         """
         CREATE TRIGGER flagsched_record_update AFTER UPDATE ON feature_flags
@@ -506,6 +555,7 @@ def downgrade() -> None:
         """
     )
     op.execute(f"DROP FUNCTION {TRIGGER_FUNCTION}()")
+    op.execute(f"DROP FUNCTION {MOVED_FUNCTION}()")
     op.execute(f"DROP FUNCTION {APPLY_FUNCTION}")
     op.execute(f"DROP FUNCTION {HELD_FUNCTION}")
     op.execute(f"DROP FUNCTION {CLAIM_FUNCTION}")

@@ -214,6 +214,30 @@ def test_an_update_that_changes_the_id_with_a_value_is_recorded_and_conflicts(
     assert schedule(sid)["last_error"].startswith("conflict:")
 
 
+def test_one_statement_moving_ids_and_changing_values_records_each_flag_once(
+    add_flag: Any, sql: Sql
+) -> None:
+    """One flag moved to a new id with a value change, another's value changed in place,
+    in one statement; then a plain update in the same transaction pairs as usual."""
+    for key in ("a", "b", "c"):
+        add_flag(key)
+    sql(
+        "UPDATE feature_flags SET id = CASE WHEN key = 'b' THEN id + 10 ELSE id END, "
+        "enabled = true WHERE key IN ('b', 'c'); "
+        "UPDATE feature_flags SET rollout_percentage = 9 WHERE key = 'a'"
+    )
+    assert [c[:4] for c in _changes(sql)] == [
+        ("a", None, False, False),
+        ("b", None, False, True),
+        ("c", None, False, True),
+    ]
+    rollout = sql(
+        "SELECT new_rollout_percentage FROM feature_flag_changes "
+        "WHERE flag_key = 'a' AND old_enabled IS NOT NULL"
+    )
+    assert [r[0] for r in rollout] == [9]
+
+
 def test_a_key_swap_is_one_row_per_flag_and_both_schedules_conflict(
     add_flag: Any, add_schedule: Any, run_tick: Tick, sql: Sql, schedule: Any
 ) -> None:

@@ -288,7 +288,7 @@ def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
     )
     assert update_triggers() == ["flagsched_record_update"]
     migrate.upgrade(engine)
-    assert update_triggers() == ["flagsched_record_update_v2"]
+    assert update_triggers() == ["flagsched_record_update_moved", "flagsched_record_update_v2"]
     assert run("SELECT created_xact FROM feature_flag_schedules") == [(None,)]
     for function in (
         "flagsched_claim_v1(integer, boolean)",
@@ -304,6 +304,7 @@ def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
         "boolean)",
         "flagsched_record_change_v1()",
         "flagsched_record_change_v2()",
+        "flagsched_record_moved_v1()",
     ):
         assert run(f"SELECT to_regprocedure('{function}') IS NOT NULL") == [(True,)], function
     run("UPDATE feature_flags SET enabled = true")
