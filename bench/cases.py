@@ -6,12 +6,15 @@ import importlib.util
 import json
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from bench.cluster import (
     DRAIN_TEMPLATE,
@@ -969,6 +972,234 @@ def settings_cost(b: Bench) -> Case:
     return case
 
 
+
+
+# -- 10. Migrate under load -----------------------------------------------------------------
+
+MIGRATE_FROM = "0003"
+MIGRATE_SCHEDULES, MIGRATE_APPLIED = 1_000_000, 900_000
+
+# What an application does meanwhile, each statement on its own (autocommit), one after
+# another: switch a flag, and add a schedule.
+_APP_WRITES = {
+    "flag UPDATE": (
+        "UPDATE feature_flags SET rollout_percentage = (rollout_percentage + 1) %% 101 "
+        "WHERE key = 'flag-' || lpad((%(n)s %% 1000)::text, 5, '0')"
+    ),
+    "schedule INSERT": (
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+        "VALUES ('flag-00001', now() + interval '1 day', '{\"enabled\": true}')"
+    ),
+}
+
+# The migration as it ran before revisions got a transaction each: alembic inside one
+# transaction that flagsched opened (env.py's per-revision transactions then do nothing).
+_ONE_TRANSACTION = """
+import sys
+from alembic import command
+from flagsched import migrate
+from flagsched.schema import begin, make_engine
+cfg = migrate.config()
+with begin(make_engine(sys.argv[1], statement_timeout=None)) as conn:
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+"""
+
+
+class _Writer(threading.Thread):
+    """One application connection running `statement` in a loop; keeps each one's start
+    and duration."""
+
+    def __init__(self, url: str, statement: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.statement = url, statement
+        self.stop = threading.Event()
+        self.timings: list[tuple[float, float]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                n = 0
+                while not self.stop.is_set():
+                    started = time.perf_counter()
+                    conn.execute(self.statement, {"n": n})
+                    self.timings.append((started, time.perf_counter() - started))
+                    n += 1
+        except BaseException as exc:  # reported by the case
+            self.error = exc
+
+
+class _Revisions(threading.Thread):
+    """Polls alembic_version: when each revision was seen committed."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.stop = threading.Event()
+        self.seen: list[tuple[float, str]] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                version = str(row[0]) if row else ""
+                if not self.seen or self.seen[-1][1] != version:
+                    self.seen.append((time.perf_counter(), version))
+                self.stop.wait(0.02)
+
+    def windows(self, started: float, order: list[str]) -> list[tuple[str, float, float]]:
+        """(revisions, from, to): each stretch of time until the next revision was seen
+        committed, named by the revisions that commit ended (several: one transaction)."""
+        found, committed, since = [], MIGRATE_FROM, started
+        for at, version in self.seen:
+            if version == committed or version not in order:
+                continue
+            done = order[order.index(committed) + 1 : order.index(version) + 1]
+            found.append(("+".join(done), since, at))
+            committed, since = version, at
+        return found
+
+
+def _migrate_under_load(b: Bench, mode: str) -> dict[str, Any]:
+    from flagsched import migrate
+    from flagsched.schema import make_engine
+
+    with b.database("template0") as db:  # empty: migrated to MIGRATE_FROM here
+        url = b.cluster.url_for(db)
+        engine = make_engine(url)
+        migrate.upgrade(engine, MIGRATE_FROM)
+        engine.dispose()
+        b.cluster.seed(
+            db,
+            flags=10_000,
+            history=MIGRATE_APPLIED,
+            schedules=MIGRATE_SCHEDULES - MIGRATE_APPLIED,
+        )
+        b.cluster.vacuum(db)
+        b.cluster.quiesce()
+        writers = {name: _Writer(url, sql) for name, sql in _APP_WRITES.items()}
+        revisions = _Revisions(url)
+        threads: list[_Writer | _Revisions] = [*writers.values(), revisions]
+        for thread in threads:
+            thread.start()
+        time.sleep(1)  # the writers at their pace before migrate starts
+        argv = (
+            flagsched_command("migrate")
+            if mode == "per revision"
+            else [sys.executable, "-c", _ONE_TRANSACTION, url]
+        )
+        started = time.perf_counter()
+        ran = run(argv, environment(url), b.log(f"migrate-load-{mode.replace(' ', '-')}"))
+        finished = time.perf_counter()
+        time.sleep(0.5)
+        for thread in threads:
+            thread.stop.set()
+            thread.join(timeout=60)
+        at = b.cluster.value(db, "SELECT version_num FROM alembic_version")
+    order = [MIGRATE_FROM, *_revisions_after(MIGRATE_FROM)]
+    result: dict[str, Any] = {"seconds": ran.seconds, "code": ran.code, "at": at}
+    result["errors"] = [str(w.error) for w in writers.values() if w.error]
+    result["windows"] = []
+    for revision, since, until in revisions.windows(started, order):
+        longest = {
+            name: max(
+                (d for s, d in w.timings if since <= s + d / 2 < until),
+                default=0.0,
+            )
+            for name, w in writers.items()
+        }
+        result["windows"].append((revision, until - since, longest))
+    during = {
+        name: [d for s, d in w.timings if s + d >= started and s <= finished]
+        for name, w in writers.items()
+    }
+    result["statements"] = {name: len(d) for name, d in during.items()}
+    result["median"] = {name: _median(d) if d else 0.0 for name, d in during.items()}
+    result["longest"] = {name: max(d, default=0.0) for name, d in during.items()}
+    return result
+
+
+def _revisions_after(revision: str) -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    from flagsched import migrate
+
+    script = ScriptDirectory.from_config(migrate.config())
+    chain = [s.revision for s in reversed(list(script.walk_revisions()))]
+    return chain[chain.index(revision) + 1 :]
+
+
+def _worst(result: dict[str, Any], writer: str) -> tuple[float, str]:
+    """The longest wait of `writer` during the migration, and the revision it fell in."""
+    waits = [(longest[writer], revision) for revision, _, longest in result["windows"]]
+    return max(waits, default=(result["longest"][writer], "?"))
+
+
+def migrate_under_load(b: Bench) -> Case:
+    case = Case("10. Migrate under load")
+    modes = ["per revision", "one transaction"]
+    results = {mode: _migrate_under_load(b, mode) for mode in modes}
+    ours, before = results["per revision"], results["one transaction"]
+    head = _revisions_after(MIGRATE_FROM)[-1]
+    ok = all(r["code"] == 0 and r["at"] == head and not r["errors"] for r in results.values())
+    flag, flag_in = _worst(ours, "flag UPDATE")
+    insert, insert_in = _worst(ours, "schedule INSERT")
+    case.figures += [
+        Figure(
+            f"`flagsched migrate` {MIGRATE_FROM} -> head, {MIGRATE_SCHEDULES:,} schedules",
+            f"{ours['seconds']:.1f} s",
+        ),
+        Figure(
+            "longest wait of an application's flag UPDATE during it",
+            f"{flag * 1000:.0f} ms (in {flag_in})",
+        ),
+        Figure(
+            "the same, all revisions in one transaction (as before)",
+            f"{_worst(before, 'flag UPDATE')[0] * 1000:.0f} ms",
+        ),
+        Figure(
+            "longest wait of an application's schedule INSERT",
+            f"{insert * 1000:.0f} ms (in {insert_in})",
+        ),
+        Figure("migrated, writers never failed", "yes" if ok else "NO", "yes", ok),
+    ]
+    case.details += [
+        f"A database at revision {MIGRATE_FROM} with 10,000 flags and {MIGRATE_SCHEDULES:,} "
+        f"schedules ({MIGRATE_APPLIED:,} applied, the rest pending), vacuumed; then "
+        "`flagsched migrate` as a process (as the migrate Job runs it) while two application "
+        "connections write in a loop, each statement on its own: a single-row UPDATE of a "
+        "flag's rollout, and an INSERT of a schedule. A *wait* is the time one statement "
+        "took, seen from the bench process; it counts for the revision whose transaction "
+        "was running at its middle (alembic_version polled every 20 ms; a revision's time "
+        "includes the process start for the first). *One transaction* is the same "
+        "migration run as `migrate` ran it before revisions got a transaction each (alembic "
+        "inside one transaction flagsched opened).",
+        "",
+        "| mode | migrate s | writer | statements | median ms | longest ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        for name in _APP_WRITES:
+            case.details.append(
+                f"| {mode} | {r['seconds']:.1f} | {name} | {r['statements'][name]:,} | "
+                f"{r['median'][name] * 1000:.1f} | {r['longest'][name] * 1000:.0f} |"
+            )
+    case.details += [
+        "",
+        "Per revision (longest wait of each writer while it ran):",
+        "",
+        "| mode | revision | s | " + " | ".join(f"{n} ms" for n in _APP_WRITES) + " |",
+        "|---|---|---|" + "---|" * len(_APP_WRITES),
+    ]
+    for mode, r in results.items():
+        for revision, seconds, longest in r["windows"]:
+            cells = " | ".join(f"{longest[n] * 1000:.0f}" for n in _APP_WRITES)
+            case.details.append(f"| {mode} | {revision} | {seconds:.2f} | {cells} |")
+    case.details += [""] + [f"- problem: {e}" for r in results.values() for e in r["errors"]]
+    return case
+
+
 CASES: list[Callable[[Bench], Case]] = [
     drain_throughput,
     claim_vs_history,
@@ -979,4 +1210,5 @@ CASES: list[Callable[[Bench], Case]] = [
     hostile_memory,
     list_vs_history,
     settings_cost,
+    migrate_under_load,
 ]

@@ -25,9 +25,6 @@ from flagsched.model import Unreadable
 from flagsched.urls import database_url_problem, describe_database, url_secrets
 from flagsched.urls import one_line as one_line  # where the repository finds it
 
-# The alembic head. The tick checks it without importing alembic (cold start);
-# a test keeps it equal to the migration scripts' head.
-SCHEMA_REVISION = "0006"
 APPLICATION_NAME = "flagsched"
 SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 

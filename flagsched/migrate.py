@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 from typing import TYPE_CHECKING, Any, TextIO
 
+from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
 from flagsched import repository
 from flagsched.db import Database
 from flagsched.db import begin as db_begin
 from flagsched.errors import UnsupportedDatabase
-from flagsched.schema import begin
+from flagsched.schema import begin, connect
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -79,8 +81,13 @@ def current(engine: Engine) -> str | None:
         return _known(repository.schema_revision(_driver(conn)))
 
 
+# alembic's `context` and `op` are process-wide proxies: two threads migrating at once
+# (tests do) must not both be inside alembic; processes are serialised by the database lock.
+_ONE_ALEMBIC_AT_A_TIME = threading.Lock()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
-    """Upgrade in one transaction under an advisory lock; returns (before, after)."""
+    """Upgrade to `revision`, each revision in its own transaction; returns (before, after)."""
     return _run(engine, "upgrade", revision)
 
 
@@ -90,17 +97,44 @@ def downgrade(engine: Engine, revision: str) -> tuple[str | None, str | None]:
 
 
 def _run(engine: Engine, direction: str, revision: str) -> tuple[str | None, str | None]:
-    from alembic import command
+    """Run the revisions from the database's to `revision`, one transaction each, so that a
+    long one never keeps the locks of those before it, and one that fails leaves those
+    before it done. Several migrates at once: every transaction first takes the migration
+    lock (transaction-scoped: nothing may outlive a transaction behind a pooler), then reads
+    the revision the database is at and plans one step from there; a migrate that waited
+    finds the work done and does the next step, or nothing."""
+    from alembic.runtime.environment import EnvironmentContext
+    from alembic.script import ScriptDirectory
 
     cfg = config()
-    with begin(engine) as conn:
-        # Two pods starting together: the second waits here, then finds nothing to do.
+    script = ScriptDirectory.from_config(cfg)
+    steps_to = script._upgrade_revs if direction == "upgrade" else script._downgrade_revs
+    seen: list[str | None] = []  # the revision each transaction found, under the lock
+    planned: list[int] = []
+
+    def next_step(heads: Any, _context: Any) -> Any:
+        seen.append(_known(heads[0] if heads else None))
+        steps = steps_to(revision, heads)[:1]
+        planned.append(len(steps))
+        return steps
+
+    def lock(conn: Connection) -> None:
         repository.take_migration_lock(_driver(conn))
-        before = _known(repository.schema_revision(_driver(conn)))
+
+    with connect(engine) as conn:
+        # On every transaction alembic begins on it, after the session settings (per revision,
+        # and again after an autocommit_block: CREATE INDEX CONCURRENTLY).
+        sa_event.listen(conn, "begin", lock)
         cfg.attributes["connection"] = conn
-        getattr(command, direction)(cfg, revision)
-        after = repository.schema_revision(_driver(conn))
-    return before, after
+        while not planned or planned[-1]:
+            with (
+                _ONE_ALEMBIC_AT_A_TIME,
+                EnvironmentContext(cfg, script, fn=next_step, destination_rev=revision),
+            ):
+                script.run_env()
+            if conn.in_transaction():  # nothing left to do: end the read (and the lock)
+                conn.commit()
+    return seen[0], seen[-1]
 
 
 def print_sql(stdout: TextIO) -> None:

@@ -193,7 +193,7 @@ class Outcome(StrEnum):
 
 
 class Verdict(StrEnum):
-    """Why one change of a batch's write did not apply (flagsched_apply_v2's outcomes)."""
+    """Why one change of a batch's write did not apply (flagsched_apply_v3's outcomes)."""
 
     MISSING = "missing"  # the flag does not exist: failed for good
     BUSY = "busy"  # another session holds the flag: waited for in a statement of its own

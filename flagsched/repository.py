@@ -14,7 +14,7 @@ from psycopg.abc import Buffer
 from psycopg.rows import dict_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
-from flagsched.db import SCHEMA_REVISION, Conn, one_line
+from flagsched.db import Conn, one_line
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
     MAX_TEXT,
@@ -28,6 +28,7 @@ from flagsched.model import (
     Updates,
     Verdict,
 )
+from flagsched.required import REQUIRED, Function, Required, Table
 
 # pg_advisory_xact_lock key for `flagsched migrate` ("flagsch" in ASCII).
 MIGRATION_LOCK_KEY = 0x666C6167736368
@@ -66,13 +67,8 @@ def _scalar(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> An
     return None if row is None else row[0]
 
 
-def schema_revision(conn: Conn) -> str | None:
-    """The alembic revision the database is at, or None when it was never migrated. A
-    SQL_ASCII database is refused: its text has no encoding, so neither can ours."""
-    row = conn.execute(
-        "SELECT current_setting('server_encoding'), to_regclass('alembic_version') IS NOT NULL"
-    ).fetchone()
-    encoding, migrated = row if row is not None else ("", False)
+def _refuse_sql_ascii(encoding: str | bytes) -> None:
+    """A SQL_ASCII database is refused: its text has no encoding, so neither can ours."""
     if isinstance(encoding, bytes):  # psycopg returns text undecoded from SQL_ASCII
         encoding = encoding.decode("ascii", "replace")
     if encoding == "SQL_ASCII":
@@ -80,20 +76,100 @@ def schema_revision(conn: Conn) -> str | None:
             "the database's encoding is SQL_ASCII (text without an encoding); flagsched "
             "needs UTF8: create the database with ENCODING 'UTF8'"
         )
+
+
+def schema_revision(conn: Conn) -> str | None:
+    """The alembic revision the database is at, or None when it was never migrated (for
+    `migrate`; other commands check the objects they use, see `ensure_schema`)."""
+    row = conn.execute(
+        "SELECT current_setting('server_encoding'), to_regclass('alembic_version') IS NOT NULL"
+    ).fetchone()
+    encoding, migrated = row if row is not None else ("", False)
+    _refuse_sql_ascii(encoding)
     if not migrated:
         return None
     value = _scalar(conn, "SELECT version_num FROM alembic_version LIMIT 1")
     return str(value) if value is not None else None
 
 
+# Which of the required objects are missing, as their positions in the list (from 1): catalog
+# lookups only (no table is read), one round trip at the start of every command.
+_MISSING_OBJECTS = """
+    WITH r AS (
+        SELECT * FROM unnest(CAST(%(kinds)s AS text[]), CAST(%(relations)s AS text[]),
+                             CAST(%(names)s AS text[])) WITH ORDINALITY
+                      AS r(kind, relation, name, n)
+    ), columns AS MATERIALIZED (  -- each table's columns read once, not once per column
+        SELECT t.relation, a.attname::text AS name
+        FROM (SELECT DISTINCT relation FROM r WHERE kind = 'column') AS t
+        JOIN pg_attribute a ON a.attrelid = to_regclass(t.relation)
+        WHERE a.attnum > 0 AND NOT a.attisdropped
+    )
+    SELECT current_setting('server_encoding'), ARRAY(
+        SELECT r.n FROM r
+        WHERE NOT CASE r.kind
+            WHEN 'relation' THEN to_regclass(r.relation) IS NOT NULL
+            WHEN 'function' THEN to_regprocedure(r.name) IS NOT NULL
+            WHEN 'column' THEN (r.relation, r.name) IN (SELECT relation, name FROM columns)
+            ELSE EXISTS (
+                SELECT FROM pg_trigger t
+                WHERE t.tgrelid = to_regclass(r.relation) AND t.tgname = r.name)
+        END
+        ORDER BY r.n)
+"""
+
+
+def _lookups(objects: Sequence[Required]) -> list[tuple[str, str, str, str]]:
+    """Each object as catalog lookups: (kind, relation, name, how a message names it)."""
+    found: list[tuple[str, str, str, str]] = []
+    for o in objects:
+        if isinstance(o, Table):
+            kind = "table" if o.columns else "sequence"
+            found.append(("relation", o.name, "", f"{kind} {o.name}"))
+            found += [("column", o.name, c, f"column {o.name}.{c}") for c in o.columns]
+        elif isinstance(o, Function):
+            found.append(("function", "", o.signature, f"function {o.signature}"))
+        else:
+            found.append(("trigger", o.table, o.name, f"trigger {o.name} on {o.table}"))
+    return found
+
+
+def missing_objects(conn: Conn, objects: Sequence[Required] = REQUIRED) -> list[str]:
+    """The objects of `objects` the database lacks, named for a message (a missing table
+    stands for its columns). A SQL_ASCII database is refused."""
+    lookups = _lookups(objects)
+    row = conn.execute(
+        _MISSING_OBJECTS,
+        {
+            "kinds": [k for k, _, _, _ in lookups],
+            "relations": [r for _, r, _, _ in lookups],
+            "names": [n for _, _, n, _ in lookups],
+        },
+    ).fetchone()
+    encoding, positions = row if row is not None else ("", [])
+    _refuse_sql_ascii(encoding)
+    missing = [lookups[n - 1] for n in positions]
+    gone = {relation for kind, relation, _, _ in missing if kind == "relation"}
+    return [s for kind, relation, _, s in missing if kind != "column" or relation not in gone]
+
+
+_SHOWN_MISSING = 5  # a message names at most this many, then says how many more
+
+
 def ensure_schema(conn: Conn) -> None:
-    """Refuse to work on a database that is not at the latest revision."""
-    found = schema_revision(conn)
-    if found != SCHEMA_REVISION:
-        at = f"at revision {found}" if found else "not migrated"
-        raise SchemaNotCurrent(
-            f"the database schema is {at} (latest: {SCHEMA_REVISION}): run `flagsched migrate`"
-        )
+    """Refuse to work on a database that lacks an object this release uses. A schema that
+    a later release migrated further is fine: only what is missing counts."""
+    missing = missing_objects(conn)
+    if not missing:
+        return
+    if all(f"table {o.name}" in missing for o in REQUIRED if isinstance(o, Table) and o.columns):
+        raise SchemaNotCurrent("the database is not migrated: run `flagsched migrate`")
+    shown = ", ".join(missing[:_SHOWN_MISSING])
+    more = len(missing) - _SHOWN_MISSING
+    raise SchemaNotCurrent(
+        f"the database schema lacks {shown}{f' and {more} more' if more > 0 else ''}, which "
+        "this flagsched uses: run `flagsched migrate`"
+    )
 
 
 def take_migration_lock(conn: Conn) -> None:
@@ -116,7 +192,7 @@ _WAITING_ROW = _waiting_row()
 _WAITING = f"(status = 'failed' AND {_WAITING_ROW})"
 
 # Stored values that commands show but Python cannot hold: times outside years 1..9999 are
-# clamped (the claim, flagsched_claim_v1 of migration 0004, does the same) and `updates`
+# clamped (the claim, flagsched_claim_v2 of migration 0006, does the same) and `updates`
 # larger than this is shown as a note of its size.
 UPDATES_MAX_BYTES = 8192
 _TIME_MIN, _TIME_MAX = "'0001-01-01 00:00:00+00'", "'9999-12-31 23:59:59.999999+00'"

@@ -212,11 +212,18 @@ def database_of(engine: Engine) -> Database:
 
 
 @contextmanager
-def begin(engine: Engine) -> Iterator[Connection]:
-    """A connection inside one transaction, committed on success, errors translated."""
+def connect(engine: Engine) -> Iterator[Connection]:
+    """A connection outside any transaction (who uses it begins them), errors translated."""
     database = database_of(engine)
     try:
-        with engine.begin() as conn:
+        with engine.connect() as conn:
             yield conn
     except sa.exc.DBAPIError as exc:
         raise database.error(exc.orig if exc.orig is not None else exc) from None
+
+
+@contextmanager
+def begin(engine: Engine) -> Iterator[Connection]:
+    """A connection inside one transaction, committed on success, errors translated."""
+    with connect(engine) as conn, conn.begin():
+        yield conn

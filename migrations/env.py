@@ -1,4 +1,9 @@
-"""alembic environment: flagsched hands it a connection (online) or a dialect (--sql)."""
+"""alembic environment: flagsched hands it a connection (online) or a dialect (--sql).
+
+One transaction per revision (`transaction_per_migration`), so a revision may run
+`CREATE INDEX CONCURRENTLY` inside `op.get_context().autocommit_block()`. Online, the
+connection comes outside any transaction: alembic begins each one (flagsched.migrate takes
+the migration lock at every begin)."""
 
 from alembic import context
 
@@ -8,14 +13,21 @@ config = context.config
 
 
 def run_offline() -> None:
-    context.configure(dialect_name="postgresql", target_metadata=metadata, literal_binds=True)
+    context.configure(
+        dialect_name="postgresql",
+        target_metadata=metadata,
+        literal_binds=True,
+        transaction_per_migration=True,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_online() -> None:
     connection = config.attributes["connection"]
-    context.configure(connection=connection, target_metadata=metadata)
+    context.configure(
+        connection=connection, target_metadata=metadata, transaction_per_migration=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

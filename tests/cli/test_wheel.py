@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from flagsched.db import SCHEMA_REVISION
+from flagsched.migrate import head
 from flagsched.schema import make_engine, metadata
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,5 +79,5 @@ def test_installed_wheel_migrates_from_any_directory(
                 sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
             ).scalars()
         )
-    assert version == SCHEMA_REVISION
+    assert version == head()
     assert tables == {"alembic_version", *metadata.tables}

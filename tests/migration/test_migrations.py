@@ -12,9 +12,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
 from flagsched import migrate, repository
-from flagsched.db import SCHEMA_REVISION, Database, connection
+from flagsched.db import Database, connection
 from flagsched.errors import SchemaNotCurrent
 from flagsched.schema import make_engine, metadata
+
+HEAD = migrate.head()
 
 # SPEC "Data", column by column: (name, type, nullable, default contains)
 SPEC_COLUMNS = {
@@ -90,7 +92,7 @@ def columns(engine: Engine, table: str) -> list[tuple[Any, ...]]:
 
 def test_upgrade_creates_exactly_the_spec_schema(empty_database_url: str) -> None:
     engine = make_engine(empty_database_url)
-    assert migrate.upgrade(engine) == (None, SCHEMA_REVISION)
+    assert migrate.upgrade(engine) == (None, HEAD)
     for table, expected in SPEC_COLUMNS.items():
         found = columns(engine, table)
         assert [c[0] for c in found] == [e[0] for e in expected]
@@ -145,7 +147,7 @@ def test_table_metadata_equals_the_migrated_schema(engine: Engine) -> None:
 
 
 def test_head_constant_matches_the_scripts() -> None:
-    assert migrate.head() == SCHEMA_REVISION
+    assert migrate.head() == HEAD
 
 
 def test_revision_one_has_no_retry_columns_and_downgrade_upgrade_round_trips(
@@ -156,8 +158,8 @@ def test_revision_one_has_no_retry_columns_and_downgrade_upgrade_round_trips(
     names = [c[0] for c in columns(engine, "feature_flag_schedules")]
     assert "retry_count" not in names and "next_retry_at" not in names
     migrate.upgrade(engine)
-    assert migrate.current(engine) == SCHEMA_REVISION
-    assert migrate.downgrade(engine, "0001") == (SCHEMA_REVISION, "0001")
+    assert migrate.current(engine) == HEAD
+    assert migrate.downgrade(engine, "0001") == (HEAD, "0001")
     assert "max_retries" not in [c[0] for c in columns(engine, "feature_flag_schedules")]
     migrate.downgrade(engine, "base")
     assert columns(engine, "feature_flags") == []
@@ -185,7 +187,7 @@ def test_upgrade_keeps_existing_rows(empty_database_url: str) -> None:
 
 
 def test_a_second_upgrade_is_a_no_op(engine: Engine) -> None:
-    assert migrate.upgrade(engine) == (SCHEMA_REVISION, SCHEMA_REVISION)
+    assert migrate.upgrade(engine) == (HEAD, HEAD)
 
 
 def test_concurrent_upgrades_both_succeed(empty_database_url: str) -> None:
@@ -205,7 +207,7 @@ def test_concurrent_upgrades_both_succeed(empty_database_url: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert migrate.current(make_engine(empty_database_url)) == SCHEMA_REVISION
+    assert migrate.current(make_engine(empty_database_url)) == HEAD
 
 
 def test_schema_guard(empty_database_url: str) -> None:
@@ -251,11 +253,11 @@ def test_revision_five_adds_recurrences_and_downgrades_to_four(empty_database_ur
                     "FROM feature_flag_schedules"
                 )
             )
-    assert migrate.downgrade(engine, "0004") == (SCHEMA_REVISION, "0004")
+    assert migrate.downgrade(engine, "0004") == (HEAD, "0004")
     assert columns(engine, "feature_flag_recurrences") == []
     assert "recurrence_id" not in [c[0] for c in columns(engine, "feature_flag_schedules")]
     migrate.upgrade(engine)
-    assert migrate.current(engine) == SCHEMA_REVISION
+    assert migrate.current(engine) == HEAD
 
 
 def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
@@ -308,7 +310,7 @@ def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
     ):
         assert run(f"SELECT to_regprocedure('{function}') IS NOT NULL") == [(True,)], function
     run("UPDATE feature_flags SET enabled = true")
-    assert migrate.downgrade(engine, "0005") == (SCHEMA_REVISION, "0005")
+    assert migrate.downgrade(engine, "0005") == (HEAD, "0005")
     assert update_triggers() == ["flagsched_record_update"]
     assert run("SELECT to_regprocedure('flagsched_claim_v2(integer, boolean)')") == [(None,)]
     assert "created_xact" not in [c[0] for c in columns(engine, "feature_flag_schedules")]
@@ -318,4 +320,4 @@ def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
         "WHERE old_enabled IS NOT NULL ORDER BY id"
     ) == [(False, True), (True, False)]
     migrate.upgrade(engine)
-    assert migrate.current(engine) == SCHEMA_REVISION
+    assert migrate.current(engine) == HEAD

@@ -1,0 +1,115 @@
+"""The database objects this release uses: the one list every command checks before it works
+(repository.ensure_schema, one catalog query). Not a revision number: a schema that a later
+release migrated further (more columns, more functions, an unknown alembic revision) serves
+this release as long as everything listed here is there (docs/deploy.md, "Upgrades").
+
+Add an entry when the code starts to use an object (a new column in a statement, a new
+stored function name); remove one only when no statement uses it any more. A stored
+function is named with its argument types, as `to_regprocedure` reads them: a changed
+function gets a new name (`_v2` -> `_v3`), so the old release keeps finding its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table (or sequence: `columns` empty) and the columns flagsched reads or writes."""
+
+    name: str
+    columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A stored function flagsched calls, by its signature."""
+
+    name: str
+    arguments: tuple[str, ...]
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(self.arguments)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A trigger flagsched relies on (the record: nothing bypasses it)."""
+
+    table: str
+    name: str
+
+
+Required = Table | Function | Trigger
+
+REQUIRED: tuple[Required, ...] = (
+    Table("feature_flags", ("key", "enabled", "rollout_percentage", "updated_at")),
+    Table(
+        "feature_flag_schedules",
+        (
+            "id",
+            "flag_key",
+            "scheduled_at",
+            "updates",
+            "status",
+            "retry_count",
+            "max_retries",
+            "next_retry_at",
+            "last_error",
+            "applied_at",
+            "created_at",
+            "updated_at",
+            "on_conflict",
+            "expires_at",
+            "group_id",
+            "reviewed_at",
+            "attempts",
+            "recurrence_id",
+        ),
+    ),
+    Table("feature_flag_schedule_group_seq"),
+    Table(
+        "feature_flag_changes",
+        (
+            "id",
+            "flag_key",
+            "changed_at",
+            "actor",
+            "old_enabled",
+            "old_rollout_percentage",
+            "new_enabled",
+            "new_rollout_percentage",
+            "schedule_ids",
+        ),
+    ),
+    Table(
+        "feature_flag_recurrences",
+        (
+            "id",
+            "flag_key",
+            "cron",
+            "timezone",
+            "updates",
+            "next_at",
+            "expires_after",
+            "on_conflict",
+            "cancelled_at",
+            "created_at",
+        ),
+    ),
+    # Migration 0006 (its predecessors of 0004 stay for the previous release, unused here).
+    Function("flagsched_claim_v2", ("integer", "boolean")),
+    Function("flagsched_held_back_v1", ("integer",)),
+    Function(
+        "flagsched_apply_v3",
+        ("bigint[]", "text[]", "boolean[]", "integer[]", "boolean[]", "interval", "boolean"),
+    ),
+    Function("flagsched_check_v2", ("bigint", "interval")),
+    # The claim numbers the attempts it keeps, the record appends to what it kept.
+    Function("flagsched_kept_attempts_v2", ("jsonb",)),
+    *(
+        Trigger("feature_flags", f"flagsched_record_{event}")
+        for event in ("insert", "update_v2", "update_moved", "delete", "truncate")
+    ),
+)

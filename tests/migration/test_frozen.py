@@ -1,0 +1,61 @@
+"""Shipped migrations are frozen: every file under migrations/versions/ has its sha256 in
+shipped.sha256 (sha256sum's format), and must keep it. New logic goes into a new revision
+(a changed stored function under a new name, SPEC "Upgrades")."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+VERSIONS = ROOT / "migrations" / "versions"
+SHIPPED = Path(__file__).with_name("shipped.sha256")
+
+
+def shipped() -> dict[str, str]:
+    """{file name relative to migrations/versions: sha256} as frozen."""
+    entries: dict[str, str] = {}
+    for line in SHIPPED.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            digest, name = line.split(maxsplit=1)
+            entries[name.lstrip("*")] = digest
+    return entries
+
+
+def present() -> dict[str, str]:
+    """{file name: sha256} of what is under migrations/versions now (no bytecode caches)."""
+    return {
+        path.relative_to(VERSIONS).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(VERSIONS.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+
+
+def test_no_shipped_migration_changed() -> None:
+    frozen, now = shipped(), present()
+    changed = sorted(n for n, digest in frozen.items() if n in now and now[n] != digest)
+    assert not changed, (
+        f"shipped migration(s) changed: {', '.join(changed)}. Never edit a shipped "
+        "migration (databases already ran it): restore it and add a new revision instead."
+    )
+    removed = sorted(set(frozen) - set(now))
+    assert not removed, (
+        f"shipped migration(s) removed: {', '.join(removed)}. A shipped revision stays: "
+        "restore it."
+    )
+
+
+def test_every_migration_file_is_frozen_explicitly() -> None:
+    unlisted = sorted(set(present()) - set(shipped()))
+    assert not unlisted, (
+        f"{', '.join(unlisted)} under migrations/versions/ has no checksum in "
+        f"{SHIPPED.relative_to(ROOT)}. When the revision ships, add its line "
+        "(`cd migrations/versions && sha256sum FILE >> ../../tests/migration/shipped.sha256`); "
+        "from then on it is never edited."
+    )
+
+
+def test_the_shipped_revisions_are_there() -> None:
+    frozen = shipped()
+    for number in ("0001", "0002", "0003", "0004", "0005"):
+        assert any(name.startswith(number) for name in frozen), number

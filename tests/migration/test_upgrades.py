@@ -1,0 +1,167 @@
+"""Rolling upgrades: a release works on any schema that holds the objects it uses (a later
+release may have migrated it further), and refuses, naming what is missing, only when one
+of them is not there (SPEC "Upgrades")."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flagsched
+from flagsched import migrate, repository
+from flagsched.db import Database, begin
+from flagsched.required import REQUIRED, Function, Table
+from flagsched.schema import make_engine
+from tests.conftest import Ran
+
+Sql = Callable[..., list[Any]]
+
+# What a later release might have done to the schema: objects this one does not know.
+LATER_RELEASE = """
+ALTER TABLE feature_flag_schedules ADD COLUMN priority integer NOT NULL DEFAULT 0;
+ALTER TABLE feature_flags ADD COLUMN description text;
+CREATE TABLE flagsched_later_things (id bigint PRIMARY KEY);
+CREATE FUNCTION flagsched_claim_v2(p_limit integer, p_lock boolean, p_lane text)
+    RETURNS integer LANGUAGE sql AS $$ SELECT 1 $$;
+CREATE FUNCTION flagsched_check_v1(p_id bigint) RETURNS integer LANGUAGE sql AS $$ SELECT 1 $$;
+UPDATE alembic_version SET version_num = '0099';
+"""
+
+
+def _due(sql: Sql, add_flag: Callable[..., None], add_schedule: Callable[..., int]) -> int:
+    add_flag("checkout")
+    return add_schedule("checkout", {"enabled": True, "rollout_percentage": 40})
+
+
+def test_a_schema_a_later_release_migrated_further_serves_this_release(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    sql(LATER_RELEASE)
+    schedule_id = _due(sql, add_flag, add_schedule)
+    for command in (["process", "--dry-run"], ["status"], ["list"], ["list-failed"]):
+        ran = flagsched(*command)
+        assert ran.code == 0, (command, ran.stderr)
+    ran = flagsched("process")
+    assert ran.code == 0, ran.stderr
+    assert sql("SELECT enabled, rollout_percentage FROM feature_flags")[0] == (True, 40)
+    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=schedule_id)[0] == (
+        "applied",
+    )
+    assert flagsched("show", str(schedule_id)).code == 0
+    assert flagsched("history", "checkout").code == 0
+    # This release's migrate knows nothing of revision 0099: it changes nothing (exit 3).
+    assert flagsched("migrate").code == 3
+    assert flagsched("migrate", "--check").code == 3
+    assert sql("SELECT version_num FROM alembic_version")[0] == ("0099",)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (
+            "ALTER TABLE feature_flag_schedules DROP COLUMN reviewed_at",
+            "column feature_flag_schedules.reviewed_at",
+        ),
+        (
+            "DROP FUNCTION flagsched_check_v2(bigint, interval)",
+            "function flagsched_check_v2(bigint, interval)",
+        ),
+        (  # the same name with another signature is not the function this release calls
+            "DROP FUNCTION flagsched_claim_v2(integer, boolean); "
+            "CREATE FUNCTION flagsched_claim_v2(p_limit integer) RETURNS integer "
+            "LANGUAGE sql AS $$ SELECT 1 $$",
+            "function flagsched_claim_v2(integer, boolean)",
+        ),
+        (
+            "DROP TRIGGER flagsched_record_update_v2 ON feature_flags",
+            "trigger flagsched_record_update_v2 on feature_flags",
+        ),
+        (
+            "DROP TABLE feature_flag_recurrences",
+            "table feature_flag_recurrences",
+        ),
+    ],
+)
+def test_a_schema_lacking_a_needed_object_is_exit_3_naming_it(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    damage: str,
+    named: str,
+) -> None:
+    _due(sql, add_flag, add_schedule)
+    sql(damage)  # alembic_version still says the latest revision
+    for command in (["process"], ["process", "--dry-run"], ["status"], ["list-failed"]):
+        ran = flagsched(*command)
+        assert ran.code == 3, (command, ran.stderr)
+        assert named in ran.stderr and "run `flagsched migrate`" in ran.stderr
+        assert ran.stderr.count("\n") == 1 and "internal error" not in ran.stderr
+    assert sql("SELECT enabled FROM feature_flags")[0] == (False,)
+
+
+def test_a_missing_table_stands_for_its_columns(database_url: str, sql: Sql) -> None:
+    sql("DROP TABLE feature_flag_recurrences")
+    with begin(Database(database_url)) as conn:
+        assert repository.missing_objects(conn) == ["table feature_flag_recurrences"]
+
+
+def test_a_schema_an_earlier_release_left_is_exit_3_until_migrated(
+    empty_database_url: str, flagsched: Callable[..., Ran]
+) -> None:
+    migrate.upgrade(make_engine(empty_database_url), "0004")
+    ran = flagsched("process", url=empty_database_url)
+    assert ran.code == 3
+    assert "table feature_flag_recurrences" in ran.stderr
+    assert "column feature_flag_schedules.recurrence_id" in ran.stderr
+    assert "run `flagsched migrate`" in ran.stderr
+    assert flagsched("migrate", url=empty_database_url).code == 0
+    assert flagsched("process", url=empty_database_url).code == 0
+
+
+def test_a_database_never_migrated_is_called_so(
+    empty_database_url: str, flagsched: Callable[..., Ran]
+) -> None:
+    ran = flagsched("process", url=empty_database_url)
+    assert ran.code == 3
+    assert "not migrated: run `flagsched migrate`" in ran.stderr
+
+
+def test_the_required_objects_are_what_the_head_revision_creates(database_url: str) -> None:
+    with begin(Database(database_url)) as conn:
+        assert repository.missing_objects(conn) == []
+    tables = [o for o in REQUIRED if isinstance(o, Table) and o.columns]
+    assert {t.name for t in tables} <= set(_metadata_tables())
+
+
+def _metadata_tables() -> dict[str, Any]:
+    from flagsched.schema import metadata
+
+    return dict(metadata.tables)
+
+
+def test_every_stored_function_the_code_names_is_required() -> None:
+    """A statement that starts calling flagsched_x_v3 must list it in flagsched.required."""
+    package = Path(flagsched.__file__).parent
+    named = {
+        name
+        for path in package.glob("*.py")
+        if path.name != "required.py"
+        for name in re.findall(r"\bflagsched_[a-z_]+_v\d+\b", path.read_text())
+    }
+    required = {o.name for o in REQUIRED if isinstance(o, Function)}
+    assert named and named <= required, sorted(named - required)
+
+
+def test_every_required_column_is_in_the_schema_description() -> None:
+    tables = _metadata_tables()
+    for o in REQUIRED:
+        if isinstance(o, Table) and o.columns:
+            assert set(o.columns) <= set(tables[o.name].columns.keys()), o.name
