@@ -35,7 +35,7 @@ DRAIN_ARGS = ("--batch-size", "100", "--max-batches", "1000")
 # The same drain with the record's triggers off (what feature_flag_changes costs).
 RECORD_OFF = ";".join(
     f"ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_{event}"
-    for event in ("insert", "update", "delete")
+    for event in ("insert", "update_v2", "update_moved", "delete")  # 0006: update_*
 )
 
 
@@ -291,7 +291,7 @@ def claim_vs_history(b: Bench) -> Case:
         )
     case.details += [
         "",
-        f"`EXPLAIN (ANALYZE, BUFFERS)` of the claim (the statement of `flagsched_claim_v1`, "
+        f"`EXPLAIN (ANALYZE, BUFFERS)` of the claim (the statement of `flagsched_claim_v2`, "
         f"limit {limit}) beside "
         f"{levels[-1]:,} applied rows, before the timed claims (each rolled back). First as "
         "a tick's first batch runs it (parameters bound, a custom plan):",
@@ -313,10 +313,12 @@ def claim_vs_history(b: Bench) -> Case:
 
 def _claim_plans(conn: Conn, limit: int) -> tuple[str, str]:
     """EXPLAIN (ANALYZE, BUFFERS) of the claim with a custom and with the generic plan (the
-    statement inside flagsched_claim_v1, from the migration that creates it)."""
+    statement inside flagsched_claim_v2, from the migration that creates it)."""
     import importlib
 
-    revision = importlib.import_module("flagsched.migrations.versions.0004_record_and_safety")
+    revision = importlib.import_module(
+        "flagsched.migrations.versions.0006_movable_claim_exact_history"
+    )
     statement = revision.claim_query(lock=True, limit="%(limit)s")
     with conn.transaction(force_rollback=True):
         rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, {"limit": limit}).fetchall()

@@ -193,7 +193,7 @@ class Outcome(StrEnum):
 
 
 class Verdict(StrEnum):
-    """Why one change of a batch's write did not apply (flagsched_apply_v2's outcomes)."""
+    """Why one change of a batch's write did not apply (flagsched_apply_v3's outcomes)."""
 
     MISSING = "missing"  # the flag does not exist: failed for good
     BUSY = "busy"  # another session holds the flag: waited for in a statement of its own
@@ -253,10 +253,11 @@ class TickReport:
     due_backlog: int | None = None  # due schedules left when the tick ended
     oldest_due_age_seconds: float | None = None
 
-    def add(self, results: list[Result]) -> list[Result]:
-        """Count one batch; returns the results to log. A schedule held back again in a
-        later batch of the same tick is counted (and logged) once."""
-        self.batches += 1
+    def add(self, results: list[Result], *, batch: bool = True) -> list[Result]:
+        """Count one batch (or, with `batch` false, schedules reported without a claim);
+        returns the results to log. A schedule held back again in a later batch of the same
+        tick is counted (and logged) once."""
+        self.batches += batch
         held = Outcome.HELD_BACK
         new = [
             r for r in results if r.outcome is not held or r.schedule.id not in self.held_back_ids

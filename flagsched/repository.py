@@ -197,7 +197,7 @@ _WAITING_ROW = _waiting_row()
 _WAITING = f"(status = 'failed' AND {_WAITING_ROW})"
 
 # Stored values that commands show but Python cannot hold: times outside years 1..9999 are
-# clamped (the claim, flagsched_claim_v1 of migration 0004, does the same) and `updates`
+# clamped (the claim, flagsched_claim_v2 of migration 0006, does the same) and `updates`
 # larger than this is shown as a note of its size.
 UPDATES_MAX_BYTES = 8192
 _TIME_MIN, _TIME_MAX = "'0001-01-01 00:00:00+00'", "'9999-12-31 23:59:59.999999+00'"
@@ -229,13 +229,37 @@ def claim(conn: Conn, *, limit: int, lock: bool = True) -> tuple[datetime | None
     `lock`, the same rows read in a read-only transaction, locking none (a preview)."""
     if not lock:
         conn.execute("SET TRANSACTION READ ONLY")
-    # flagsched_claim_v1 (migration 0004): a stored function, so its plan is cached per
-    # server connection even behind a pooler (no client-side prepared statements).
+    # flagsched_claim_v2 (migration 0006): a stored function, so its plan is cached per
+    # server connection even behind a pooler (no client-side prepared statements). It
+    # claims only schedules that can move: none held back behind an open one not due.
     rows = conn.execute(
-        "SELECT * FROM flagsched_claim_v1(%(limit)s, %(lock)s)", {"limit": limit, "lock": lock}
+        "SELECT * FROM flagsched_claim_v2(%(limit)s, %(lock)s)", {"limit": limit, "lock": lock}
     ).fetchall()
     now = rows[0][0] if rows else None
     return now, [Claimed(*row[1:]) for row in rows]  # columns in Claimed's field order
+
+
+def held_back(conn: Conn, *, limit: int) -> list[Claimed]:
+    """Up to `limit` due schedules held back behind an earlier open schedule of their flag
+    that is not due (flagsched_held_back_v1, migration 0006): never claimed, locked by
+    nothing, only reported. Ordered by flag, then (scheduled_at, id)."""
+    rows = conn.execute(
+        "SELECT * FROM flagsched_held_back_v1(%(limit)s)", {"limit": limit}
+    ).fetchall()
+    return [
+        Claimed(
+            id=int(i),
+            flag_key=str(key),
+            scheduled_at=at,
+            updates=None,
+            status=str(status),
+            retry_count=int(retry_count),
+            max_retries=int(max_retries),
+            next_retry_at=None,
+            blocked=True,
+        )
+        for i, key, at, status, retry_count, max_retries in rows
+    ]
 
 
 def apply(
@@ -245,14 +269,15 @@ def apply(
     wait: bool,
     max_lateness_seconds: float | None,
 ) -> dict[int, tuple[Verdict, str | None]]:
-    """Write `changes` (in order: flag, then scheduled_at, id) with flagsched_apply_v2
-    (migration 0004): under the flags' row locks (SKIP LOCKED, or waited for with `wait`)
+    """Write `changes` (in order: flag, then scheduled_at, id) with flagsched_apply_v3
+    (migration 0006): under the flags' FOR NO KEY UPDATE row locks (SKIP LOCKED, or waited
+    for with `wait`; a row referencing a flag by foreign key never blocks them)
     each change is decided (missing, busy, expired, conflict) and the rest written
     set-based, change by change only when that fails. Returns {index: (verdict, error)} for
     the changes that did not apply."""
     rows = conn.execute(
         """
-        SELECT item, outcome, message FROM flagsched_apply_v2(
+        SELECT item, outcome, message FROM flagsched_apply_v3(
             CAST(%(ids)b AS bigint[]), CAST(%(keys)b AS text[]),
             CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
             CAST(%(stop)b AS boolean[]), make_interval(secs => %(lateness)s), %(wait)s)
@@ -278,7 +303,7 @@ def safety_checks(
         """
         SELECT i.id, k.outcome, k.message
         FROM unnest(CAST(%(ids)b AS bigint[])) AS i(id)
-        CROSS JOIN LATERAL flagsched_check_v1(i.id, make_interval(secs => %(lateness)s)) k
+        CROSS JOIN LATERAL flagsched_check_v2(i.id, make_interval(secs => %(lateness)s)) k
         """,
         {"ids": list(ids), "lateness": max_lateness_seconds},
     ).fetchall()
@@ -333,9 +358,12 @@ def record(
                 next_retry_at = v.next_retry_at,
                 last_error = CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END,
                 updated_at = %(now)s,
-                -- the claim counted the attempts kept (flagsched_kept_attempts_v1), and
-                -- the row stayed locked since: none kept means start again from []
-                attempts = CASE WHEN v.made = 0 THEN '[]'::jsonb ELSE s.attempts END
+                -- the claim numbered the attempts kept, and the row stayed locked since:
+                -- none kept means start again from []; otherwise the last few are kept
+                -- (flagsched_kept_attempts_v2, bounded: it reads no TOAST of a value too
+                -- large to keep), so a row's cost is bounded whatever it held
+                attempts = CASE WHEN v.made = 0 THEN '[]'::jsonb
+                                ELSE flagsched_kept_attempts_v2(s.attempts) END
                     || jsonb_build_array(jsonb_build_object(
                     'attempt', v.made + 1, 'at', %(at)s::text,
                     'outcome', v.outcome, 'error', v.last_error))
@@ -640,14 +668,31 @@ def show_schedule(conn: Conn, schedule_id: int) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+# A history row prune --history may delete: older than the cut-off, and not newer than
+# the conflict window's start (flagsched_check_v2) of any open schedule of its flag, under
+# its key (an index probe of idx_schedules_flag_open each).
+_PRUNABLE_CHANGE = f"""
+    c.changed_at < now() - make_interval(secs => %(seconds)s)
+    AND NOT EXISTS (
+        SELECT 1 FROM feature_flag_schedules s
+        WHERE s.flag_key = c.flag_key
+          AND s.status IN ('pending', 'failed') AND (s.status <> 'failed' OR {_waiting_row("s.")})
+          AND c.written_at > greatest(
+              CASE WHEN s.created_at <= now() THEN s.created_at
+                   ELSE '-infinity'::timestamptz END,
+              CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END))
+"""
+
+
 def prune_history_batch(conn: Conn, *, older_than_seconds: float, limit: int) -> int:
-    """Delete up to `limit` history rows older than that; returns how many."""
+    """Delete up to `limit` history rows older than that that no open schedule's conflict
+    check still needs; returns how many."""
     rows = conn.execute(
-        """
+        f"""
         WITH doomed AS (
-            SELECT id FROM feature_flag_changes
-            WHERE changed_at < now() - make_interval(secs => %(seconds)s)
-            ORDER BY changed_at LIMIT %(limit)s
+            SELECT c.id FROM feature_flag_changes c
+            WHERE {_PRUNABLE_CHANGE}
+            ORDER BY c.changed_at LIMIT %(limit)s
         )
         DELETE FROM feature_flag_changes c USING doomed d WHERE c.id = d.id RETURNING 1
         """,
@@ -660,8 +705,7 @@ def count_prunable_history(conn: Conn, *, older_than_seconds: float) -> int:
     return int(
         _scalar(
             conn,
-            "SELECT count(*) FROM feature_flag_changes "
-            "WHERE changed_at < now() - make_interval(secs => %(seconds)s)",
+            f"SELECT count(*) FROM feature_flag_changes c WHERE {_PRUNABLE_CHANGE}",
             {"seconds": older_than_seconds},
         )
     )

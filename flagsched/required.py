@@ -98,17 +98,18 @@ REQUIRED: tuple[Required, ...] = (
             "created_at",
         ),
     ),
-    # Migration 0004.
-    Function("flagsched_claim_v1", ("integer", "boolean")),
+    # Migration 0006 (its predecessors of 0004 stay for the previous release, unused here).
+    Function("flagsched_claim_v2", ("integer", "boolean")),
+    Function("flagsched_held_back_v1", ("integer",)),
     Function(
-        "flagsched_apply_v2",
+        "flagsched_apply_v3",
         ("bigint[]", "text[]", "boolean[]", "integer[]", "boolean[]", "interval", "boolean"),
     ),
-    Function("flagsched_check_v1", ("bigint", "interval")),
-    # The claim counts the attempts it keeps, the record appends to what it counted.
-    Function("flagsched_kept_attempts_v1", ("jsonb",)),
+    Function("flagsched_check_v2", ("bigint", "interval")),
+    # The claim numbers the attempts it keeps, the record appends to what it kept.
+    Function("flagsched_kept_attempts_v2", ("jsonb",)),
     *(
         Trigger("feature_flags", f"flagsched_record_{event}")
-        for event in ("insert", "update", "delete", "truncate")
+        for event in ("insert", "update_v2", "update_moved", "delete", "truncate")
     ),
 )

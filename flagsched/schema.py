@@ -8,12 +8,26 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import base as postgresql_base
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from flagsched.db import Database
 
 metadata = sa.MetaData()
+
+
+class XID8(sa.types.UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id (pg_current_xact_id())."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: object) -> str:
+        return "xid8"
+
+
+# So that reflection (alembic's comparison with the database) knows the type.
+postgresql_base.ischema_names.setdefault("xid8", XID8)
 
 feature_flags = sa.Table(
     "feature_flags",
@@ -61,6 +75,11 @@ feature_flag_schedules = sa.Table(
     sa.Column("attempts", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     # The recurrence this schedule was made from (migration 0005).
     sa.Column("recurrence_id", sa.BigInteger, nullable=True),
+    # The transaction that inserted it (migration 0006; NULL for rows inserted before):
+    # that transaction's own flag changes are never a conflict.
+    sa.Column(
+        "created_xact", XID8(), nullable=True, server_default=sa.text("pg_current_xact_id()")
+    ),
     sa.CheckConstraint("max_retries >= 0 AND max_retries <= 10", name="max_retries_check"),
     sa.CheckConstraint("on_conflict IN ('fail', 'apply')", name="on_conflict_check"),
     sa.Index("idx_schedules_next_retry_at", "next_retry_at"),
@@ -150,6 +169,9 @@ feature_flag_changes = sa.Table(
         nullable=False,
         server_default=sa.func.statement_timestamp(),
     ),
+    # The writing transaction (migration 0006), and the key a renamed flag had before.
+    sa.Column("xact", XID8(), nullable=True, server_default=sa.text("pg_current_xact_id()")),
+    sa.Column("old_flag_key", sa.Text, nullable=True),
     sa.Index("idx_changes_flag", "flag_key", "changed_at", "id"),
     sa.Index("idx_changes_changed_at", "changed_at", postgresql_using="brin"),
     sa.Index(

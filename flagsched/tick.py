@@ -104,6 +104,10 @@ def run(
                     break  # nothing due, or nothing that can move now
             if not stop.requested:
                 try:
+                    held = _held_back(database, conn, options)
+                    with together():
+                        for result in report.add(held, batch=False):
+                            _log_result(log, result)
                     _measure_backlog(database, conn, report)
                 except DatabaseError:
                     if not stop.requested:  # a signal may cancel it: the tick still ran
@@ -134,6 +138,15 @@ def _materialise(database: Database, conn: Conn, stop: StopFlag) -> None:
             raise
 
 
+def _held_back(database: Database, conn: Conn, options: TickOptions) -> list[Result]:
+    """Due schedules held back behind an open schedule of their flag that is not due: the
+    claim never takes them (they would take a batch's places), so they are read here,
+    locking nothing, up to a batch's worth, and reported once per tick."""
+    with transaction(database, conn):
+        held = repository.held_back(conn, limit=options.batch_size)
+    return [Result(schedule, Outcome.HELD_BACK) for schedule in held]
+
+
 def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None:
     """What is still due after the tick (for the log and the metrics); index scans only."""
     with transaction(database, conn):
@@ -151,13 +164,17 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
             repository.ensure_schema(conn)
         with transaction(database, conn, rollback=True):  # nothing claimed is kept
             now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
+            held = repository.held_back(conn, limit=options.batch_size)
             existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
             checks = repository.safety_checks(
                 conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
             )
+    shown = {c.id for c in claimed}
+    held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
     if now is None:
-        return []
+        return [(r.schedule, _describe(r)) for r in held_back]
     decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
+    decided += held_back
     plan = [(r.schedule, _describe(r)) for r in decided]
     for key, flag_steps in steps.items():
         for c, u in flag_steps:

@@ -277,11 +277,14 @@ def test_a_waiting_retry_holds_back_later_schedules_of_its_flag(
     held = [e["schedule_id"] for e in logs if e["event"] == "schedule_held_back"]
     assert sorted(held) == [second, third]
 
-    # Later ticks do not even claim them while the retry waits (a late retry must never
-    # undo newer state), and do not spend their retries.
+    # Later ticks do not claim them while the retry waits (a late retry must never undo
+    # newer state), and do not spend their retries; they still report them held back.
     again = run_tick()
-    assert again.count(Outcome.APPLIED) == 0 and again.count(Outcome.HELD_BACK) == 0
+    assert again.count(Outcome.APPLIED) == 0 and again.count(Outcome.HELD_BACK) == 2
     assert flag("f") == (False, 0)
+    for sid in (second, third):
+        row = schedule(sid)
+        assert (row["status"], row["retry_count"], row["last_error"]) == ("pending", 0, None)
 
     failing("f", on=False)
     make_due(sql, first)

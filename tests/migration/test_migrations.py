@@ -47,6 +47,7 @@ SPEC_COLUMNS = {
         ("reviewed_at", "timestamp with time zone", "YES", None),
         ("attempts", "jsonb", "NO", "'[]'"),
         ("recurrence_id", "bigint", "YES", None),
+        ("created_xact", "xid8", "YES", "pg_current_xact_id()"),
     ],
     "feature_flag_recurrences": [
         ("id", "bigint", "NO", None),
@@ -71,6 +72,8 @@ SPEC_COLUMNS = {
         ("new_rollout_percentage", "integer", "YES", None),
         ("schedule_ids", "ARRAY", "NO", "'{}'"),
         ("written_at", "timestamp with time zone", "NO", "statement_timestamp()"),
+        ("xact", "xid8", "YES", "pg_current_xact_id()"),
+        ("old_flag_key", "text", "YES", None),
     ],
 }
 
@@ -253,5 +256,68 @@ def test_revision_five_adds_recurrences_and_downgrades_to_four(empty_database_ur
     assert migrate.downgrade(engine, "0004") == (HEAD, "0004")
     assert columns(engine, "feature_flag_recurrences") == []
     assert "recurrence_id" not in [c[0] for c in columns(engine, "feature_flag_schedules")]
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == HEAD
+
+
+def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
+    empty_database_url: str,
+) -> None:
+    """0006 adds new functions beside 0004's (the previous release still calls them),
+    swaps the UPDATE history trigger for a row-level one, and gives it all back on
+    downgrade; rows from before it keep NULL in the new columns."""
+    engine = make_engine(empty_database_url)
+    migrate.upgrade(engine, "0005")
+
+    def run(statement: str) -> list[Any]:
+        with engine.begin() as conn:
+            result = conn.execute(sa.text(statement))
+            return list(result) if result.returns_rows else []
+
+    def update_triggers() -> list[str]:
+        return [
+            r[0]
+            for r in run(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'feature_flags'::regclass "
+                "AND tgname LIKE 'flagsched_record_update%' ORDER BY 1"
+            )
+        ]
+
+    run(
+        "INSERT INTO feature_flags (key) VALUES ('a'); "
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+        "VALUES ('a', now(), '{\"enabled\": true}')"
+    )
+    assert update_triggers() == ["flagsched_record_update"]
+    migrate.upgrade(engine)
+    assert update_triggers() == ["flagsched_record_update_moved", "flagsched_record_update_v2"]
+    assert run("SELECT created_xact FROM feature_flag_schedules") == [(None,)]
+    for function in (
+        "flagsched_claim_v1(integer, boolean)",
+        "flagsched_claim_v2(integer, boolean)",
+        "flagsched_held_back_v1(integer)",
+        "flagsched_check_v1(bigint, interval)",
+        "flagsched_check_v2(bigint, interval)",
+        "flagsched_kept_attempts_v1(jsonb)",
+        "flagsched_kept_attempts_v2(jsonb)",
+        "flagsched_apply_v2(bigint[], text[], boolean[], integer[], boolean[], interval, "
+        "boolean)",
+        "flagsched_apply_v3(bigint[], text[], boolean[], integer[], boolean[], interval, "
+        "boolean)",
+        "flagsched_record_change_v1()",
+        "flagsched_record_change_v2()",
+        "flagsched_record_moved_v1()",
+    ):
+        assert run(f"SELECT to_regprocedure('{function}') IS NOT NULL") == [(True,)], function
+    run("UPDATE feature_flags SET enabled = true")
+    assert migrate.downgrade(engine, "0005") == (HEAD, "0005")
+    assert update_triggers() == ["flagsched_record_update"]
+    assert run("SELECT to_regprocedure('flagsched_claim_v2(integer, boolean)')") == [(None,)]
+    assert "created_xact" not in [c[0] for c in columns(engine, "feature_flag_schedules")]
+    run("UPDATE feature_flags SET enabled = false")  # the statement trigger records again
+    assert run(
+        "SELECT old_enabled, new_enabled FROM feature_flag_changes "
+        "WHERE old_enabled IS NOT NULL ORDER BY id"
+    ) == [(False, True), (True, False)]
     migrate.upgrade(engine)
     assert migrate.current(engine) == HEAD

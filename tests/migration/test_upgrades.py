@@ -70,18 +70,18 @@ def test_a_schema_a_later_release_migrated_further_serves_this_release(
             "column feature_flag_schedules.reviewed_at",
         ),
         (
-            "DROP FUNCTION flagsched_check_v1(bigint, interval)",
-            "function flagsched_check_v1(bigint, interval)",
+            "DROP FUNCTION flagsched_check_v2(bigint, interval)",
+            "function flagsched_check_v2(bigint, interval)",
         ),
         (  # the same name with another signature is not the function this release calls
-            "DROP FUNCTION flagsched_claim_v1(integer, boolean); "
-            "CREATE FUNCTION flagsched_claim_v1(p_limit integer) RETURNS integer "
+            "DROP FUNCTION flagsched_claim_v2(integer, boolean); "
+            "CREATE FUNCTION flagsched_claim_v2(p_limit integer) RETURNS integer "
             "LANGUAGE sql AS $$ SELECT 1 $$",
-            "function flagsched_claim_v1(integer, boolean)",
+            "function flagsched_claim_v2(integer, boolean)",
         ),
         (
-            "DROP TRIGGER flagsched_record_update ON feature_flags",
-            "trigger flagsched_record_update on feature_flags",
+            "DROP TRIGGER flagsched_record_update_v2 ON feature_flags",
+            "trigger flagsched_record_update_v2 on feature_flags",
         ),
         (
             "DROP TABLE feature_flag_recurrences",
