@@ -448,7 +448,13 @@ def outlook(
         )
     lateness = None if max_lateness_seconds is None else timedelta(seconds=max_lateness_seconds)
     ahead = projection.project(
-        flags, schedules, recurrences, max_lateness=lateness, now=now, until=end
+        flags,
+        schedules,
+        recurrences,
+        max_lateness=lateness,
+        now=now,
+        until=end,
+        start=begins,
     )
     if flag_key is not None:
         ahead = [a for a in ahead if a.flag_key == flag_key] or [

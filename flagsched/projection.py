@@ -36,6 +36,7 @@ _ERROR_TEXT = 200
 # stored after year 9999 (or as infinity).
 _UNTIMED = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 _EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+_TICK = timedelta(microseconds=1)  # the finest step of a stored time
 
 
 class Outcome(StrEnum):
@@ -150,11 +151,25 @@ def _schedule_item(row: OpenSchedule) -> _Item:
     )
 
 
-def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[datetime]:
+def occurrence_times(
+    r: ActiveRecurrence,
+    *,
+    now: datetime,
+    until: datetime,
+    start: datetime | None = None,
+    anchors: Iterable[datetime] = (),
+) -> list[datetime]:
     """The occurrences of a recurrence the ticks will turn into schedules up to `until`,
     with the tick's own arithmetic: a `next_at` already passed fires once, at the latest
-    occurrence not after now; then every occurrence after now. An expression or zone the
-    tick cannot use never fires."""
+    occurrence not after now; a `next_at` still to come fires at the first occurrence not
+    before it (a tick finds no occurrence between next_at and the one before it); then
+    every occurrence after that. An expression or zone the tick cannot use never fires.
+
+    Every occurrence sets the same values, so only some are listed: from `start` (the window
+    shown, default now) at most MAX_OCCURRENCES; before `start` and past the cap, only the
+    latest occurrence before each of `anchors` (the times of the flag's other changes), before
+    `start`, and up to `until`: the flag's state at every change and at the horizon is as
+    if every occurrence were listed."""
     try:
         zone = parse_zone(r.timezone)
         expr = recurring.validate(r.cron)
@@ -162,9 +177,9 @@ def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> 
         return []
     if r.next_at is None:
         return []
+    first: datetime | None = None
     if r.next_at > now:
-        first: datetime | None = r.next_at
-        after = r.next_at
+        after = r.next_at - _TICK  # the first occurrence at or after next_at fires
     else:
         due = recurring.due(expr, r.timezone, r.next_at, now)
         if due.next_at is None:
@@ -172,21 +187,46 @@ def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> 
         first, after = due.fire_at, now
     if first is not None and first > until:
         return []
-    times = [] if first is None else [first]
+
+    def latest(moment: datetime) -> datetime | None:
+        try:
+            found = recurring.latest_not_after(expr, zone, moment)
+        except (ValueError, OverflowError):
+            return None
+        return found if found is not None and after < found <= until else None
+
+    def latest_before(moments: Iterable[datetime]) -> set[datetime]:
+        return {t for m in moments if (t := latest(m)) is not None}
+
+    times: set[datetime] = set() if first is None else {first}
+    begin = max(after, (start or now) - _TICK)
+    if begin > after:  # before the window: the latest occurrence before each change
+        times |= latest_before(a for a in (*anchors, begin) if after < a <= begin)
+    shown = 0
     try:
-        for at in recurring.occurrences(expr, zone, after, until):
-            if len(times) >= MAX_OCCURRENCES:
+        for at in recurring.occurrences(expr, zone, begin, until):
+            if shown >= MAX_OCCURRENCES:
+                # past the cap: only what decides the state at each later change
+                times |= latest_before((*(a for a in anchors if a > at), until))
                 break
-            times.append(at)
+            times.add(at)
+            shown += 1
     except (ValueError, OverflowError):  # croniter's own errors, years past 9999
         pass
-    return times
+    return sorted(times)
 
 
-def _recurrence_items(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[_Item]:
+def _recurrence_items(
+    r: ActiveRecurrence,
+    *,
+    now: datetime,
+    until: datetime,
+    start: datetime | None = None,
+    anchors: Iterable[datetime] = (),
+) -> list[_Item]:
     expires_after = r.expires_after if isinstance(r.expires_after, timedelta) else None
     items = []
-    for at in occurrence_times(r, now=now, until=until):
+    for at in occurrence_times(r, now=now, until=until, start=start, anchors=anchors):
         try:
             expires_at = None if expires_after is None else at + expires_after
         except OverflowError:
@@ -332,6 +372,7 @@ def project(
     max_lateness: timedelta | None,
     now: datetime,
     until: datetime,
+    start: datetime | None = None,
 ) -> list[FlagAhead]:
     """Every flag named by `flags`, a schedule or a recurrence, by key: its state now, at
     `until`, and the changes that come after `now` up to `until`. A change already due
@@ -344,10 +385,21 @@ def project(
         queue = queues.setdefault(row.flag_key, [])
         if ahead and (row.status == "pending" or (row.status == "failed" and row.waiting)):
             queue.append(_schedule_item(row))
+    # the times of each flag's schedules: a recurrence's occurrences that are not all listed
+    # keep the latest before each of them, so the state each schedule meets stays right
+    anchors = {
+        key: [t for i in queue for t in (i.order[0], i.ready_at) if t is not None]
+        for key, queue in queues.items()
+    }
+    begin = None if start is None else start.astimezone(UTC)
     for r in recurrences:
         queue = queues.setdefault(r.flag_key, [])
         if ahead:
-            queue.extend(_recurrence_items(r, now=now, until=until))
+            queue.extend(
+                _recurrence_items(
+                    r, now=now, until=until, start=begin, anchors=anchors.get(r.flag_key, ())
+                )
+            )
     return [
         _walk(key, states.get(key), queue, max_lateness=max_lateness, now=now, until=until)
         for key, queue in sorted(queues.items())

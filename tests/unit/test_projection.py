@@ -317,3 +317,46 @@ def test_a_future_occurrence_never_holds_back_a_retry_due_before_it_exists() -> 
     )["a"]
     assert [(s.recurrence_id, s.at) for s in late.steps[1:]] == [(1, NOW + 45 * MINUTE)]
     assert late.at == State(False, 0)
+
+
+# --- break19: adversarial cases -------------------------------------------------------
+
+
+def test_a_recurrence_past_the_occurrence_cap_still_decides_the_state_at_the_horizon() -> None:
+    """Every minute `enabled: true`; a schedule in three days disables the flag. The tick
+    turns the next minute's occurrence into a schedule, so four days out the flag is enabled
+    again, however many occurrences the projection shows."""
+    flags = [FlagRow("f", False, 0)]
+    off = [schedule(1, "f", NOW + timedelta(days=3), {"enabled": False})]
+    every = [recurrence(1, "f", "* * * * *", {"enabled": True}, NOW + MINUTE)]
+    f = by_key(
+        project(flags, off, every, max_lateness=None, now=NOW, until=NOW + timedelta(days=4))
+    )["f"]
+    assert f.at == State(True, 0)
+    assert next(s for s in f.steps if s.schedule_id == 1).outcome is Outcome.APPLIES
+    # the last change before the horizon is an occurrence after the schedule
+    assert f.steps[-1].kind is Kind.RECURRING and f.steps[-1].at > NOW + timedelta(days=3)
+
+
+def test_an_agenda_window_far_ahead_shows_a_frequent_recurrence_in_it() -> None:
+    """`agenda --from` two days ahead: a recurrence every minute fires in that window too
+    (the cap on occurrences counts what is shown, not what comes before the window)."""
+    flags = [FlagRow("f", False, 0)]
+    every = [recurrence(1, "f", "* * * * *", {"enabled": True}, NOW + MINUTE)]
+    start = NOW + timedelta(days=2)
+    ahead = project(
+        flags, [], every, max_lateness=None, now=NOW, until=start + 10 * MINUTE, start=start
+    )
+    shown = agenda(ahead, start=start)
+    assert [s.at for s in shown] == [start + i * MINUTE for i in range(11)]
+
+
+def test_a_stored_next_at_between_occurrences_fires_at_the_next_occurrence() -> None:
+    """An application stored `next_at` 10:05 for an hourly cron: the tick, at 10:05, finds
+    the latest occurrence (10:00) before next_at and makes no schedule; the first schedule
+    is at 11:00."""
+    flags = [FlagRow("f", False, 0)]
+    odd = [recurrence(1, "f", "0 * * * *", {"enabled": True}, NOW + 5 * MINUTE)]
+    f = by_key(project(flags, [], odd, max_lateness=None, now=NOW, until=NOW + 2 * H))["f"]
+    assert [s.at for s in f.steps] == [NOW + H, NOW + 2 * H]
+    assert recurring.due("0 * * * *", "UTC", NOW + 5 * MINUTE, NOW + 5 * MINUTE).fire_at is None
