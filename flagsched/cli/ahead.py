@@ -86,7 +86,13 @@ def agenda(
     if html_path is not None:
         from flagsched import page
 
-        page.write(html_path, seen, steps, zone=zone)
+        try:
+            page.write(html_path, seen, steps, zone=zone)
+        except OSError as exc:  # a missing or unwritable directory, a full disk: the old
+            # page stays as it was (the temporary file is removed)
+            raise click.BadParameter(
+                f"cannot write {html_path}: {exc.strerror or exc}", param_hint="--html"
+            ) from None
         click.echo(f"flagsched: wrote {html_path}", err=True)
     click.echo(render.agenda(steps, fmt, zone))
     return EXIT_OK

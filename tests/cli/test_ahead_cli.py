@@ -258,3 +258,22 @@ def test_agenda_window_flag_and_usage_errors(
         flagsched("plan", "--at", "now", "--flag", "nope", "--format", "json").stdout
     )
     assert unknown == [{"flag_key": "nope", "now": None, "at": None, "changes": []}]
+
+
+def test_agenda_html_into_a_place_it_cannot_write_is_one_line_and_exit_2(
+    flagsched: Callable[..., Ran], add_flag: Callable[..., None], tmp_path: Path
+) -> None:
+    """A missing directory, or a file where the directory should be: one line naming
+    --html and the path, exit 2 (a usage error, not "could not run"), no traceback, nothing
+    left behind."""
+    add_flag("f")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for target in (tmp_path / "missing" / "agenda.html", blocker / "agenda.html"):
+        ran = flagsched("agenda", "--html", str(target))
+        assert ran.code == 2, (ran.code, ran.stderr)
+        lines = ran.stderr.strip().splitlines()
+        assert len(lines) == 1, ran.stderr
+        assert "--html" in lines[0] and str(target) in lines[0], lines[0]
+        assert "internal error" not in lines[0] and "Traceback" not in ran.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
