@@ -37,6 +37,10 @@ _ERROR_TEXT = 200
 _UNTIMED = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 _EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
 _TICK = timedelta(microseconds=1)  # the finest step of a stored time
+# PostgreSQL's timestamptz range (4713 BC .. 294276 AD) in days from 0001-01-01: a
+# recurrence whose expiry lands outside it is stopped by the tick (timestamp out of range).
+_PG_FIRST_DAY = -4713 * 365.2425
+_PG_LAST_DAY = 294275 * 365.2425
 
 
 class Outcome(StrEnum):
@@ -224,13 +228,20 @@ def _recurrence_items(
     start: datetime | None = None,
     anchors: Iterable[datetime] = (),
 ) -> list[_Item]:
-    expires_after = r.expires_after if isinstance(r.expires_after, timedelta) else None
+    expires_after = r.expires_after
+    if expires_after is not None and not isinstance(expires_after, timedelta):
+        return []  # an interval Python cannot hold moves any time out of PostgreSQL's range
     items = []
     for at in occurrence_times(r, now=now, until=until, start=start, anchors=anchors):
-        try:
-            expires_at = None if expires_after is None else at + expires_after
-        except OverflowError:
-            expires_at = None
+        expires_at: datetime | None = None
+        if expires_after is not None:
+            days = (at - _EARLIEST) / timedelta(days=1) + expires_after / timedelta(days=1)
+            if not _PG_FIRST_DAY <= days <= _PG_LAST_DAY:
+                break  # the tick's `at + expires_after` is out of range: it stops the recurrence
+            try:
+                expires_at = at + expires_after
+            except OverflowError:  # within PostgreSQL, not Python: before year 1 or after 9999
+                expires_at = _EARLIEST if expires_after < timedelta(0) else None
         items.append(
             _Item(
                 order=(at, 1, r.id),

@@ -20,9 +20,7 @@ AGENDA_DAYS = 7  # the default window of `agenda`
 @tz_option()
 @FORMAT
 @pass_app
-def plan(
-    app: App, at: datetime | Now, flag_key: str | None, zone: tzinfo | None, fmt: str
-) -> int:
+def plan(app: App, at: datetime | Now, flag_key: str | None, zone: tzinfo | None, fmt: str) -> int:
     """Every flag's state now and at TIME if what is scheduled happens, with the changes
     between (open schedules in order, retries at their next attempt, recurrences)."""
     from flagsched import operators, render

@@ -360,3 +360,26 @@ def test_a_stored_next_at_between_occurrences_fires_at_the_next_occurrence() -> 
     f = by_key(project(flags, [], odd, max_lateness=None, now=NOW, until=NOW + 2 * H))["f"]
     assert [s.at for s in f.steps] == [NOW + H, NOW + 2 * H]
     assert recurring.due("0 * * * *", "UTC", NOW + 5 * MINUTE, NOW + 5 * MINUTE).fire_at is None
+
+
+def test_a_recurrence_expiry_outside_the_years_python_holds_is_judged_like_the_tick() -> None:
+    """`expires_after` that moves expires_at before year 1 (PostgreSQL holds 4713 BC): the
+    tick makes the schedule and it expires at once. One that moves it past what PostgreSQL
+    holds (294276 AD, or 4713 BC): the tick stops the recurrence ("timestamp out of range"),
+    so nothing fires. Far in the future but within PostgreSQL: it never expires."""
+    flags = [FlagRow(k, False, 0) for k in "abcd"]
+    years = timedelta(days=365)
+    rs = [
+        recurrence(1, "a", "0 * * * *", {"enabled": True}, NOW + H, expires_after=-3000 * years),
+        recurrence(2, "b", "0 * * * *", {"enabled": True}, NOW + H, expires_after=8000 * years),
+        recurrence(3, "c", "0 * * * *", {"enabled": True}, NOW + H, expires_after=-7000 * years),
+        recurrence(
+            4, "d", "0 * * * *", {"enabled": True}, NOW + H, expires_after="-178000000 years"
+        ),
+    ]
+    ahead = by_key(project(flags, [], rs, max_lateness=None, now=NOW, until=NOW + 2 * H))
+    assert [s.outcome for s in ahead["a"].steps] == [Outcome.EXPIRES, Outcome.EXPIRES]
+    assert ahead["a"].at == State(False, 0)
+    assert [s.outcome for s in ahead["b"].steps] == [Outcome.APPLIES, Outcome.APPLIES]
+    assert ahead["c"].steps == () and ahead["c"].at == State(False, 0)
+    assert ahead["d"].steps == () and ahead["d"].at == State(False, 0)
