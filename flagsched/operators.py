@@ -409,6 +409,9 @@ class Outlook:
     until: datetime
     flags: list[Any]  # projection.FlagAhead, one per flag, by key
     failed: list[Any]  # model.OpenSchedule
+    # More open schedules were due by `until` than are read: (how many were read, the
+    # scheduled_at of the last one); changes of schedules due after it are left out.
+    cut: tuple[int, datetime] | None = None
 
 
 def outlook(
@@ -460,4 +463,7 @@ def outlook(
         ahead = [a for a in ahead if a.flag_key == flag_key] or [
             projection.FlagAhead(flag_key, None, None, ())
         ]
-    return Outlook(now=now, start=begins, until=end, flags=ahead, failed=failed)
+    cut = None
+    if len(schedules) >= repository.AHEAD_LIMIT:
+        cut = (len(schedules), schedules[-1].scheduled_at)
+    return Outlook(now=now, start=begins, until=end, flags=ahead, failed=failed, cut=cut)

@@ -1045,16 +1045,20 @@ def _ahead(conn: Conn, where: str, params: Mapping[str, Any]) -> list[OpenSchedu
     )
 
 
+# `plan` and `agenda` read at most this many open schedules (memory stays bounded).
+AHEAD_LIMIT = 100_000
+
+
 def schedules_ahead(
-    conn: Conn, *, until: datetime, flag_key: str | None = None, limit: int = 100_000
+    conn: Conn, *, until: datetime, flag_key: str | None = None, limit: int | None = None
 ) -> list[OpenSchedule]:
     """Open schedules (pending, failed waiting for a retry) due by `until`, in (scheduled_at,
-    id) order: a range of idx_schedules_open (idx_schedules_flag_open with a flag), never
-    the applied history."""
+    id) order, at most `limit` (AHEAD_LIMIT): a range of idx_schedules_open
+    (idx_schedules_flag_open with a flag), never the applied history."""
     return _ahead(
         conn,
         f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s",
-        {"until": until, "flag_key": flag_key, "limit": limit},
+        {"until": until, "flag_key": flag_key, "limit": limit or AHEAD_LIMIT},
     )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import Any
 
 import click
 
-from flagsched.cli.app import EXIT_OK, App, pass_app
+from flagsched.cli.app import EXIT_OK, App, pass_app, say
 from flagsched.cli.params import FORMAT, TIME, Now, instant, tz_option
 
 AGENDA_DAYS = 7  # the default window of `agenda`
@@ -32,6 +33,7 @@ def plan(app: App, at: datetime | Now, flag_key: str | None, zone: tzinfo | None
         every_flag=True,
         max_lateness_seconds=app.settings.max_lateness,
     )
+    _say_cut(seen)
     click.echo(render.plan(seen, fmt, zone))
     return EXIT_OK
 
@@ -80,6 +82,7 @@ def agenda(
         with_failed=html_path is not None,
         max_lateness_seconds=app.settings.max_lateness,
     )
+    _say_cut(seen)
     steps = projection.agenda(seen.flags, start=seen.start)
     if html_path is not None:
         from flagsched import page
@@ -94,3 +97,16 @@ def agenda(
         click.echo(f"flagsched: wrote {html_path}", err=True)
     click.echo(render.agenda(steps, fmt, zone))
     return EXIT_OK
+
+
+def _say_cut(seen: Any) -> None:
+    """Past the read limit the projection is incomplete after the last schedule read: say so
+    (stdout keeps its format; exit 0)."""
+    from flagsched.render import iso
+
+    if seen.cut is not None:
+        count, last = seen.cut
+        say(
+            f"flagsched: warning: only the first {count:,} open schedules due by the horizon "
+            f"were read (up to {iso(last)}); changes of schedules due after that are left out"
+        )
