@@ -31,6 +31,9 @@ from flagsched.times import InvalidTime, parse_zone
 # A recurrence firing every minute makes 10,080 occurrences a week; past this many per
 # recurrence and projection the rest are left out (each sets the same values again).
 MAX_OCCURRENCES = 2000
+# ... and all recurrences of one projection share this many (200 recurrences every minute
+# would otherwise list 400,000: half a minute of cron arithmetic and over 500 MB).
+MAX_TOTAL_OCCURRENCES = 20_000
 _ERROR_TEXT = 200
 # The repository clamps stored times into what Python holds; a retry at the upper clamp was
 # stored after year 9999 (or as infinity).
@@ -162,6 +165,7 @@ def occurrence_times(
     until: datetime,
     start: datetime | None = None,
     anchors: Iterable[datetime] = (),
+    cap: int = MAX_OCCURRENCES,
 ) -> list[datetime]:
     """The occurrences of a recurrence the ticks will turn into schedules up to `until`,
     with the tick's own arithmetic: a `next_at` already passed fires once, at the latest
@@ -170,7 +174,7 @@ def occurrence_times(
     every occurrence after that. An expression or zone the tick cannot use never fires.
 
     Every occurrence sets the same values, so only some are listed: from `start` (the window
-    shown, default now) at most MAX_OCCURRENCES; before `start` and past the cap, only the
+    shown, default now) at most `cap`; before `start` and past the cap, only the
     latest occurrence before each of `anchors` (the times of the flag's other changes), before
     `start`, and up to `until`: the flag's state at every change and at the horizon is as
     if every occurrence were listed."""
@@ -200,7 +204,20 @@ def occurrence_times(
         return found if found is not None and after < found <= until else None
 
     def latest_before(moments: Iterable[datetime]) -> set[datetime]:
-        return {t for m in moments if (t := latest(m)) is not None}
+        found: set[datetime] = set()
+        following: datetime | None = None  # the occurrence after the last one found
+        for moment in sorted(set(moments)):
+            if following is not None and moment < following:
+                continue  # the same latest occurrence as the moment before
+            t = latest(moment)
+            if t is None:
+                continue
+            found.add(t)
+            try:
+                following = recurring.next_after(expr, zone, t)
+            except (ValueError, OverflowError):
+                break
+        return found
 
     times: set[datetime] = set() if first is None else {first}
     begin = max(after, (start or now) - _TICK)
@@ -209,7 +226,7 @@ def occurrence_times(
     shown = 0
     try:
         for at in recurring.occurrences(expr, zone, begin, until):
-            if shown >= MAX_OCCURRENCES:
+            if shown >= cap:
                 # past the cap: only what decides the state at each later change
                 times |= latest_before((*(a for a in anchors if a > at), until))
                 break
@@ -227,12 +244,14 @@ def _recurrence_items(
     until: datetime,
     start: datetime | None = None,
     anchors: Iterable[datetime] = (),
+    cap: int = MAX_OCCURRENCES,
 ) -> list[_Item]:
     expires_after = r.expires_after
     if expires_after is not None and not isinstance(expires_after, timedelta):
         return []  # an interval Python cannot hold moves any time out of PostgreSQL's range
     items = []
-    for at in occurrence_times(r, now=now, until=until, start=start, anchors=anchors):
+    times = occurrence_times(r, now=now, until=until, start=start, anchors=anchors, cap=cap)
+    for at in times:
         expires_at: datetime | None = None
         if expires_after is not None:
             days = (at - _EARLIEST) / timedelta(days=1) + expires_after / timedelta(days=1)
@@ -403,12 +422,18 @@ def project(
         for key, queue in queues.items()
     }
     begin = None if start is None else start.astimezone(UTC)
+    cap = max(1, min(MAX_OCCURRENCES, MAX_TOTAL_OCCURRENCES // max(len(recurrences), 1)))
     for r in recurrences:
         queue = queues.setdefault(r.flag_key, [])
         if ahead:
             queue.extend(
                 _recurrence_items(
-                    r, now=now, until=until, start=begin, anchors=anchors.get(r.flag_key, ())
+                    r,
+                    now=now,
+                    until=until,
+                    start=begin,
+                    anchors=anchors.get(r.flag_key, ()),
+                    cap=cap,
                 )
             )
     return [
