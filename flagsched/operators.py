@@ -418,6 +418,7 @@ def outlook(
     database: Database,
     *,
     until: datetime | None,
+    until_now: bool = False,
     span: timedelta | None = None,
     start: datetime | None = None,
     flag_key: str | None = None,
@@ -426,8 +427,8 @@ def outlook(
     max_lateness_seconds: float | None = None,
 ) -> Outlook:
     """One read-only transaction: the flags, their open schedules and recurrences, folded by
-    `projection.project` up to `until` (None: `start` + `span`; `start` None: the database's
-    now).
+    `projection.project` up to `until` (None: `start` + `span`, or the database's now with
+    `until_now`; `start` None: the database's now).
     `every_flag`: also flags that nothing is scheduled for."""
     from flagsched import projection
 
@@ -436,7 +437,12 @@ def outlook(
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         begins = start if start is not None else now
-        end = until if until is not None else _later(begins, span or timedelta(0))
+        if until is not None:
+            end = until
+        elif until_now:
+            end = now
+        else:
+            end = _later(begins, span or timedelta(0))
         schedules = repository.schedules_ahead(conn, until=end, flag_key=flag_key)
         recurrences = repository.recurrences_ahead(conn, flag_key=flag_key)
         if every_flag and flag_key is None:

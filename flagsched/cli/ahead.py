@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from flagsched.cli.app import EXIT_OK, App, pass_app, say
-from flagsched.cli.params import FORMAT, TIME, Now, instant, tz_option
+from flagsched.cli.params import FORMAT, NOW, TIME, Now, instant, tz_option
 
 AGENDA_DAYS = 7  # the default window of `agenda`
 
@@ -76,6 +76,8 @@ def agenda(
     seen = operators.outlook(
         app.database(),
         until=last,
+        # `--to now`: the database's now (an empty window from now), not the default span
+        until_now=end is NOW,
         span=timedelta(days=AGENDA_DAYS),
         start=first,
         flag_key=flag_key,

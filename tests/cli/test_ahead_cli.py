@@ -311,3 +311,20 @@ def _in(hours: int) -> str:
     from datetime import UTC, datetime, timedelta
 
     return (datetime.now(UTC) + timedelta(hours=hours)).isoformat()
+
+
+def test_agenda_to_now_is_an_empty_window_not_the_default_week(
+    flagsched: Callable[..., Ran],
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    """`--to now` means the database's now, like `now` everywhere: nothing is expected
+    between now and now. It was read as "no --to" (the next 7 days)."""
+    add_flag("f")
+    add_schedule("f", {"enabled": True}, at="now() + interval '1 hour'")
+    for args in (("--to", "now"), ("--from", "now", "--to", "now")):
+        ran = flagsched("agenda", *args, "--format", "json")
+        assert ran.code == 0, ran.stderr
+        assert json.loads(ran.stdout) == [], args
+    week = flagsched("agenda", "--from", "now", "--format", "json")
+    assert len(json.loads(week.stdout)) == 1
