@@ -443,9 +443,7 @@ def project(
 
 
 def agenda(ahead: Sequence[FlagAhead], *, start: datetime) -> list[Step]:
-    """The changes of a projection from `start` on, across flags, in time order."""
+    """The changes of a projection from `start` on, across flags, in time order; changes of
+    one flag at one moment in the order they apply (the walk's: a stable sort)."""
     steps = [s for f in ahead for s in f.steps if s.at >= start]
-    return sorted(
-        steps,
-        key=lambda s: (s.at, s.flag_key, s.schedule_id or 0, s.recurrence_id or 0),
-    )
+    return sorted(steps, key=lambda s: (s.at, s.flag_key))

@@ -410,3 +410,21 @@ def test_many_frequent_recurrences_share_one_bounded_number_of_occurrences() -> 
     assert ahead["f7"].at == State(True, 9)
     off = next(s for s in ahead["f7"].steps if s.schedule_id == 1)
     assert off.after == State(False, 9)
+
+
+def test_agenda_lists_changes_of_one_flag_at_one_moment_in_the_order_they_apply() -> None:
+    """Two overdue schedules whose ids run against their times (an application inserted
+    the earlier one later), and an occurrence at the same moment as a schedule: the agenda
+    lists them as the tick applies them ((scheduled_at, id); existing schedules before the
+    occurrence made later), so its last line per flag is the state that remains."""
+    flags = [FlagRow("f", False, 0)]
+    rows = [
+        schedule(9, "f", NOW - 2 * H, {"rollout_percentage": 10}),
+        schedule(3, "f", NOW - H, {"rollout_percentage": 20}),
+        schedule(1, "f", NOW + H, {"enabled": False}),
+    ]
+    on = [recurrence(1, "f", "0 * * * *", {"enabled": True}, NOW + H)]
+    ahead = project(flags, rows, on, max_lateness=None, now=NOW, until=NOW + H)
+    assert ahead[0].at == State(True, 20)
+    listed = [(s.schedule_id, s.recurrence_id) for s in agenda(ahead, start=NOW)]
+    assert listed == [(9, None), (3, None), (1, None), (None, 1)]
