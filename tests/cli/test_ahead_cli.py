@@ -328,3 +328,22 @@ def test_agenda_to_now_is_an_empty_window_not_the_default_week(
         assert json.loads(ran.stdout) == [], args
     week = flagsched("agenda", "--from", "now", "--format", "json")
     assert len(json.loads(week.stdout)) == 1
+
+
+def test_agenda_html_through_a_symlink_rewrites_its_target(
+    flagsched: Callable[..., Ran], add_flag: Callable[..., None], tmp_path: Path
+) -> None:
+    """A published path is often a symlink (a web root pointing at a release directory):
+    the page replaces the file it points to, atomically, and the link stays a link. It used
+    to replace the link with a file, leaving the target's old page published for ever."""
+    add_flag("f")
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "agenda.html"
+    target.write_text("old page")
+    link = tmp_path / "agenda.html"
+    link.symlink_to(target)
+    ran = flagsched("agenda", "--html", str(link))
+    assert ran.code == 0, ran.stderr
+    assert link.is_symlink()
+    assert target.read_text().startswith("<!DOCTYPE html>")
+    assert not list(tmp_path.glob("**/.*.tmp"))
