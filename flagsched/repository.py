@@ -1054,12 +1054,20 @@ def schedules_ahead(
 ) -> list[OpenSchedule]:
     """Open schedules (pending, failed waiting for a retry) due by `until`, in (scheduled_at,
     id) order, at most `limit` (AHEAD_LIMIT): a range of idx_schedules_open
-    (idx_schedules_flag_open with a flag), never the applied history."""
-    return _ahead(
+    (idx_schedules_flag_open with a flag), never the applied history. Also a retry due by
+    `until` whose own scheduled_at is later (an application may store one; the tick claims
+    a retry by its next_retry_at): a range of idx_schedules_next_retry_at."""
+    params = {"until": until, "flag_key": flag_key, "limit": limit or AHEAD_LIMIT}
+    rows = _ahead(conn, f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s", params)
+    early = _ahead(
         conn,
-        f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s",
-        {"until": until, "flag_key": flag_key, "limit": limit or AHEAD_LIMIT},
+        f"status = 'failed' AND {_WAITING_ROW} AND next_retry_at <= %(until)s"
+        " AND scheduled_at > %(until)s",
+        params,
     )
+    if not early:
+        return rows
+    return sorted([*rows, *early], key=lambda r: (r.scheduled_at, r.id))[: params["limit"]]
 
 
 def failed_between(

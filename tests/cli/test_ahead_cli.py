@@ -347,3 +347,33 @@ def test_agenda_html_through_a_symlink_rewrites_its_target(
     assert link.is_symlink()
     assert target.read_text().startswith("<!DOCTYPE html>")
     assert not list(tmp_path.glob("**/.*.tmp"))
+
+
+def test_plan_counts_a_retry_due_before_its_own_scheduled_at(
+    flagsched: Callable[..., Ran],
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    """An application stored a failed schedule waiting for a retry due now whose
+    scheduled_at is tomorrow: the next tick claims it (a retry is due by next_retry_at) and
+    applies it. plan read only schedules with scheduled_at up to the horizon and missed it."""
+    add_flag("f")
+    retry = add_schedule(
+        "f",
+        {"enabled": True},
+        at="now() + interval '1 day'",
+        status="failed",
+        retry_count=1,
+        next_retry_at="now() - interval '1 minute'",
+    )
+    ran = flagsched("plan", "--at", _in(1), "--format", "json")
+    assert ran.code == 0, ran.stderr
+    [f] = json.loads(ran.stdout)
+    assert f["at"] == {"enabled": True, "rollout_percentage": 0}
+    assert [(c["schedule_id"], c["outcome"]) for c in f["changes"]] == [(retry, "applies")]
+    tick = flagsched("process")
+    assert tick.code == 0, tick.stderr
+    assert (
+        json.loads(flagsched("plan", "--at", "now", "--format", "json").stdout)[0]["now"]
+        == (f["at"])
+    )
