@@ -1057,7 +1057,8 @@ def schedules_ahead(
     (idx_schedules_flag_open with a flag), never the applied history. Also a retry due by
     `until` whose own scheduled_at is later (an application may store one; the tick claims
     a retry by its next_retry_at): a range of idx_schedules_next_retry_at."""
-    params = {"until": until, "flag_key": flag_key, "limit": limit or AHEAD_LIMIT}
+    most = limit or AHEAD_LIMIT
+    params = {"until": until, "flag_key": flag_key, "limit": most}
     rows = _ahead(conn, f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s", params)
     early = _ahead(
         conn,
@@ -1067,7 +1068,7 @@ def schedules_ahead(
     )
     if not early:
         return rows
-    return sorted([*rows, *early], key=lambda r: (r.scheduled_at, r.id))[: params["limit"]]
+    return sorted([*rows, *early], key=lambda r: (r.scheduled_at, r.id))[:most]
 
 
 def failed_between(
