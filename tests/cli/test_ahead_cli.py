@@ -377,3 +377,32 @@ def test_plan_counts_a_retry_due_before_its_own_scheduled_at(
         json.loads(flagsched("plan", "--at", "now", "--format", "json").stdout)[0]["now"]
         == (f["at"])
     )
+
+
+def test_plan_holds_such_a_retry_behind_an_earlier_schedule_after_the_horizon(
+    flagsched: Callable[..., Ran],
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    """The same retry (scheduled tomorrow, due now) behind a pending schedule in two hours:
+    the tick holds it back until that one applies, so at one hour it is `held`."""
+    add_flag("f")
+    add_schedule("f", {"rollout_percentage": 5}, at="now() + interval '2 hours'")
+    retry = add_schedule(
+        "f",
+        {"enabled": True},
+        at="now() + interval '1 day'",
+        status="failed",
+        retry_count=1,
+        next_retry_at="now() - interval '1 minute'",
+    )
+    [f] = json.loads(flagsched("plan", "--at", _in(1), "--format", "json").stdout)
+    assert f["at"] == f["now"]
+    assert [(c["schedule_id"], c["outcome"]) for c in f["changes"]] == [(retry, "held")]
+    assert flagsched("process").code == 0
+    assert (
+        json.loads(flagsched("plan", "--at", "now", "--format", "json").stdout)[0]["now"]
+        == (f["now"])
+    )
+    later = json.loads(flagsched("plan", "--at", _in(3), "--format", "json").stdout)[0]
+    assert later["at"] == {"enabled": True, "rollout_percentage": 5}
