@@ -1069,17 +1069,16 @@ def schedules_ahead(
     if not early:
         return rows
     # Such a retry is held back behind an open schedule of its flag that comes before it in
-    # (scheduled_at, id) order, also one due after `until`: read the first such (one row
-    # per retry, by idx_schedules_flag_open) so the projection holds it as the tick does.
+    # (scheduled_at, id) order, also one due after `until`: read each such flag's first
+    # open schedule after `until` (one row per flag, by idx_schedules_flag_open; it is that
+    # retry itself or one before it) so the projection holds it as the tick does.
     blockers = [
         row
-        for retry in early
+        for key in sorted({r.flag_key for r in early})
         for row in _ahead(
             conn,
-            f"{_OPEN_SCHEDULE} AND flag_key = %(key)s AND scheduled_at > %(until)s"
-            " AND (scheduled_at, id) < (%(at)s, %(id)s)",
-            {**params, "key": retry.flag_key, "at": retry.scheduled_at, "id": retry.id}
-            | {"limit": 1},
+            f"{_OPEN_SCHEDULE} AND flag_key = %(key)s AND scheduled_at > %(until)s",
+            {**params, "key": key, "limit": 1},
         )
     ]
     unique = {r.id: r for r in [*rows, *early, *blockers]}
