@@ -24,6 +24,15 @@ _UPDATES = st.sampled_from(
         {"enabled": True, "rollout_percentage": 100},
         {"rollout_percentage": 1.5},  # invalid: fails for good
         [1],  # invalid
+        {"enabled": None},
+        {"rollout_percentage": 100.0},
+        {"rollout_percentage": -0.0},
+        {"rollout_percentage": True},
+        {"rollout_percentage": 101},
+        {"rollout_percentage": 10**20},
+        {"enabled": 1},
+        {"enabled": True, "rollout_percentage": None},
+        {"Enabled": True},
     ]
 )
 
