@@ -443,7 +443,8 @@ def outlook(
             end = now
         else:
             end = _later(begins, span or timedelta(0))
-        schedules = repository.schedules_ahead(conn, until=end, flag_key=flag_key)
+        most = repository.AHEAD_LIMIT  # one more is read to know whether any was left out
+        schedules = repository.schedules_ahead(conn, until=end, flag_key=flag_key, limit=most + 1)
         recurrences = repository.recurrences_ahead(conn, flag_key=flag_key)
         if every_flag and flag_key is None:
             flags = repository.flags_now(conn)
@@ -455,6 +456,10 @@ def outlook(
             if with_failed
             else []
         )
+    cut = None
+    if len(schedules) > most:
+        schedules = schedules[:most]
+        cut = (most, schedules[-1].scheduled_at)
     lateness = None if max_lateness_seconds is None else timedelta(seconds=max_lateness_seconds)
     ahead = projection.project(
         flags,
@@ -469,7 +474,4 @@ def outlook(
         ahead = [a for a in ahead if a.flag_key == flag_key] or [
             projection.FlagAhead(flag_key, None, None, ())
         ]
-    cut = None
-    if len(schedules) >= repository.AHEAD_LIMIT:
-        cut = (len(schedules), schedules[-1].scheduled_at)
     return Outlook(now=now, start=begins, until=end, flags=ahead, failed=failed, cut=cut)

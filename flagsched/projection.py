@@ -127,6 +127,7 @@ class _Item:
     expires_at: datetime | None
     late_from: datetime  # lateness counts from here (scheduled_at, or the last retry)
     defect: str | None
+    conflict: str | None = None  # already in conflict: the tick fails it for good
 
 
 def _change(stored: object) -> tuple[Updates | None, str | None]:
@@ -155,6 +156,7 @@ def _schedule_item(row: OpenSchedule) -> _Item:
         expires_at=row.expires_at,
         late_from=late_from,
         defect=row.defect,
+        conflict=row.conflict,
     )
 
 
@@ -359,6 +361,8 @@ def _judge(
         outcome, error = Outcome.FAILS, "the flag does not exist"
     elif (late := _expired(item, at, max_lateness)) is not None:
         outcome, error = Outcome.EXPIRES, late
+    elif item.conflict is not None:  # checked after lateness, as the tick does
+        outcome, error = Outcome.FAILS, clip(item.conflict, _ERROR_TEXT)
     else:
         state = state.folded(change)
     return _step(key, item, at, change, outcome, error, state), state

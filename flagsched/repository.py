@@ -1026,7 +1026,11 @@ _AHEAD_FIELDS = f"""
          WHEN {_updates_size("updates")} > {UPDATES_MAX_BYTES}
               THEN 'updates is ' || {_updates_size("updates")}
                    || ' bytes, more than the {UPDATES_MAX_BYTES} flagsched reads'
-    END AS defect
+    END AS defect,
+    CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
+        (SELECT left(k.message, {MAX_TEXT}) FROM flagsched_check_v2(id, CAST(NULL AS interval)) k
+         WHERE k.outcome = 'conflict')
+    END AS conflict
 """
 
 

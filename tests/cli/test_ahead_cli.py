@@ -305,6 +305,8 @@ def test_plan_past_the_read_limit_says_what_it_left_out(
         assert len(warning) == 1, ran.stderr
     few = flagsched("plan", "--at", _in(2), "--format", "json")
     assert "open schedules" not in few.stderr  # within the limit: no warning
+    exactly = flagsched("plan", "--at", _in(4), "--format", "json")
+    assert "open schedules" not in exactly.stderr  # as many as the limit: nothing left out
 
 
 def _in(hours: int) -> str:
@@ -406,3 +408,31 @@ def test_plan_holds_such_a_retry_behind_an_earlier_schedule_after_the_horizon(
     )
     later = json.loads(flagsched("plan", "--at", _in(3), "--format", "json").stdout)[0]
     assert later["at"] == {"enabled": True, "rollout_percentage": 5}
+
+
+def test_plan_shows_a_conflict_that_has_already_happened(
+    flagsched: Callable[..., Ran],
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    sql: Sql,
+) -> None:
+    """Someone changed the flag in psql after the schedule was created: the tick will fail
+    it for good (`conflict:`, on_conflict fail), so plan must not say it applies. A change
+    still to come cannot be foreseen; one already recorded can."""
+    add_flag("f")
+    add_flag("g")
+    doomed = add_schedule("f", {"rollout_percentage": 50}, at="now() + interval '1 hour'")
+    fine = add_schedule("g", {"rollout_percentage": 50}, at="now() + interval '1 hour'")
+    sql("UPDATE feature_flags SET enabled = true WHERE key = 'f'")
+    sql("UPDATE feature_flag_schedules SET on_conflict = 'apply' WHERE id = :i", i=fine)
+    sql("UPDATE feature_flags SET enabled = true WHERE key = 'g'")
+    plan = {
+        f["flag_key"]: f
+        for f in json.loads(flagsched("plan", "--at", _in(2), "--format", "json").stdout)
+    }
+    [change] = plan["f"]["changes"]
+    assert (change["schedule_id"], change["outcome"]) == (doomed, "fails")
+    assert change["error"].startswith("conflict:")
+    assert plan["f"]["at"] == {"enabled": True, "rollout_percentage": 0}
+    assert [c["outcome"] for c in plan["g"]["changes"]] == ["applies"]  # on_conflict apply
+    assert plan["g"]["at"] == {"enabled": True, "rollout_percentage": 50}

@@ -76,7 +76,11 @@ def test_the_reads_use_the_open_indexes_beside_many_applied_schedules(
             "idx_schedules_open",
             "idx_schedules_flag_open",
             "idx_schedules_next_retry_at",
+            # the conflict check (flagsched_check_v2) finds each open row again by its id
+            "feature_flag_schedules_pkey",
         }
+        history = [n for n in _nodes(plan) if n.get("Relation Name") == "feature_flag_changes"]
+        assert all("Index" in n["Node Type"] for n in history), plan
 
 
 def test_outlook_reads_in_one_read_only_transaction(
