@@ -45,6 +45,7 @@ _SCHEDULE = st.fixed_dictionaries(
         ),
         "updates": _UPDATES,
         "expires": st.sampled_from([None, "past", "future"]),
+        "on_conflict": st.sampled_from(["fail", "apply"]),
     }
 )
 
@@ -66,15 +67,17 @@ def _insert(sql: Sql, s: dict[str, Any]) -> int:
     }[s["expires"]]
     rows = sql(
         f"""INSERT INTO feature_flag_schedules
-            (flag_key, scheduled_at, updates, status, retry_count, next_retry_at, expires_at)
+            (flag_key, scheduled_at, updates, status, retry_count, next_retry_at, expires_at,
+             on_conflict)
             VALUES (:k, now() - make_interval(mins => :m), CAST(:u AS jsonb), :s, :rc,
-                    {retry[2]}, {expires})
+                    {retry[2]}, {expires}, :c)
             RETURNING id""",
         k=s["flag"],
         m=sign * s["minutes_ago"],
         u=json.dumps(s["updates"]),
         s=retry[0],
         rc=retry[1],
+        c=s["on_conflict"],
     )
     return int(rows[0][0])
 
@@ -90,6 +93,7 @@ def _insert(sql: Sql, s: dict[str, Any]) -> int:
     ),
     schedules=st.lists(_SCHEDULE, min_size=1, max_size=7),
     lateness=st.sampled_from([None, "3600"]),
+    touched=st.sampled_from([None, "a", "b"]),  # changed in psql after the schedules: conflicts
 )
 def test_plan_predicts_what_the_ticks_do(
     flagsched: Callable[..., Ran],
@@ -97,6 +101,7 @@ def test_plan_predicts_what_the_ticks_do(
     flags: dict[str, tuple[bool, int]],
     schedules: list[dict[str, Any]],
     lateness: str | None,
+    touched: str | None,
 ) -> None:
     sql(
         "TRUNCATE feature_flags, feature_flag_schedules, feature_flag_changes, "
@@ -110,6 +115,8 @@ def test_plan_predicts_what_the_ticks_do(
             r=rollout,
         )
     ids = [_insert(sql, s) for s in schedules]
+    if touched is not None:
+        sql("UPDATE feature_flags SET enabled = NOT enabled WHERE key = :k", k=touched)
     env = {} if lateness is None else {"FLAGSCHED_MAX_LATENESS": lateness}
     horizon = sql("SELECT to_char(now() + interval '2 seconds', 'YYYY-MM-DD\"T\"HH24:MI:SS.USOF')")
     ran = flagsched("plan", "--at", horizon[0][0], "--format", "json", env=env)
