@@ -302,6 +302,9 @@ class OpenSchedule:
     waiting: bool  # failed and waiting for a retry
     last_error: str | None
     defect: str | None
+    # a change of its flag by another writer already recorded in its window: the tick will
+    # fail it for good (on_conflict fail); the message the tick would write
+    conflict: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

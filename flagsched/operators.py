@@ -409,12 +409,16 @@ class Outlook:
     until: datetime
     flags: list[Any]  # projection.FlagAhead, one per flag, by key
     failed: list[Any]  # model.OpenSchedule
+    # More open schedules were due by `until` than are read: (how many were read, the
+    # scheduled_at of the last one); changes of schedules due after it are left out.
+    cut: tuple[int, datetime] | None = None
 
 
 def outlook(
     database: Database,
     *,
     until: datetime | None,
+    until_now: bool = False,
     span: timedelta | None = None,
     start: datetime | None = None,
     flag_key: str | None = None,
@@ -423,8 +427,8 @@ def outlook(
     max_lateness_seconds: float | None = None,
 ) -> Outlook:
     """One read-only transaction: the flags, their open schedules and recurrences, folded by
-    `projection.project` up to `until` (None: `start` + `span`; `start` None: the database's
-    now).
+    `projection.project` up to `until` (None: `start` + `span`, or the database's now with
+    `until_now`; `start` None: the database's now).
     `every_flag`: also flags that nothing is scheduled for."""
     from flagsched import projection
 
@@ -433,8 +437,14 @@ def outlook(
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         begins = start if start is not None else now
-        end = until if until is not None else _later(begins, span or timedelta(0))
-        schedules = repository.schedules_ahead(conn, until=end, flag_key=flag_key)
+        if until is not None:
+            end = until
+        elif until_now:
+            end = now
+        else:
+            end = _later(begins, span or timedelta(0))
+        most = repository.AHEAD_LIMIT  # one more is read to know whether any was left out
+        schedules = repository.schedules_ahead(conn, until=end, flag_key=flag_key, limit=most + 1)
         recurrences = repository.recurrences_ahead(conn, flag_key=flag_key)
         if every_flag and flag_key is None:
             flags = repository.flags_now(conn)
@@ -446,12 +456,22 @@ def outlook(
             if with_failed
             else []
         )
+    cut = None
+    if len(schedules) > most:
+        schedules = schedules[:most]
+        cut = (most, schedules[-1].scheduled_at)
     lateness = None if max_lateness_seconds is None else timedelta(seconds=max_lateness_seconds)
     ahead = projection.project(
-        flags, schedules, recurrences, max_lateness=lateness, now=now, until=end
+        flags,
+        schedules,
+        recurrences,
+        max_lateness=lateness,
+        now=now,
+        until=end,
+        start=begins,
     )
     if flag_key is not None:
         ahead = [a for a in ahead if a.flag_key == flag_key] or [
             projection.FlagAhead(flag_key, None, None, ())
         ]
-    return Outlook(now=now, start=begins, until=end, flags=ahead, failed=failed)
+    return Outlook(now=now, start=begins, until=end, flags=ahead, failed=failed, cut=cut)

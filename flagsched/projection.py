@@ -31,11 +31,19 @@ from flagsched.times import InvalidTime, parse_zone
 # A recurrence firing every minute makes 10,080 occurrences a week; past this many per
 # recurrence and projection the rest are left out (each sets the same values again).
 MAX_OCCURRENCES = 2000
+# ... and all recurrences of one projection share this many (200 recurrences every minute
+# would otherwise list 400,000: half a minute of cron arithmetic and over 500 MB).
+MAX_TOTAL_OCCURRENCES = 20_000
 _ERROR_TEXT = 200
 # The repository clamps stored times into what Python holds; a retry at the upper clamp was
 # stored after year 9999 (or as infinity).
 _UNTIMED = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 _EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+_TICK = timedelta(microseconds=1)  # the finest step of a stored time
+# PostgreSQL's timestamptz range (4713 BC .. 294276 AD) in days from 0001-01-01: a
+# recurrence whose expiry lands outside it is stopped by the tick (timestamp out of range).
+_PG_FIRST_DAY = -4713 * 365.2425
+_PG_LAST_DAY = 294275 * 365.2425
 
 
 class Outcome(StrEnum):
@@ -119,6 +127,7 @@ class _Item:
     expires_at: datetime | None
     late_from: datetime  # lateness counts from here (scheduled_at, or the last retry)
     defect: str | None
+    conflict: str | None = None  # already in conflict: the tick fails it for good
 
 
 def _change(stored: object) -> tuple[Updates | None, str | None]:
@@ -147,14 +156,30 @@ def _schedule_item(row: OpenSchedule) -> _Item:
         expires_at=row.expires_at,
         late_from=late_from,
         defect=row.defect,
+        conflict=row.conflict,
     )
 
 
-def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[datetime]:
+def occurrence_times(
+    r: ActiveRecurrence,
+    *,
+    now: datetime,
+    until: datetime,
+    start: datetime | None = None,
+    anchors: Iterable[datetime] = (),
+    cap: int = MAX_OCCURRENCES,
+) -> list[datetime]:
     """The occurrences of a recurrence the ticks will turn into schedules up to `until`,
     with the tick's own arithmetic: a `next_at` already passed fires once, at the latest
-    occurrence not after now; then every occurrence after now. An expression or zone the
-    tick cannot use never fires."""
+    occurrence not after now; a `next_at` still to come fires at the first occurrence not
+    before it (a tick finds no occurrence between next_at and the one before it); then
+    every occurrence after that. An expression or zone the tick cannot use never fires.
+
+    Every occurrence sets the same values, so only some are listed: from `start` (the window
+    shown, default now) at most `cap`; before `start` and past the cap, only the
+    latest occurrence before each of `anchors` (the times of the flag's other changes), before
+    `start`, and up to `until`: the flag's state at every change and at the horizon is as
+    if every occurrence were listed."""
     try:
         zone = parse_zone(r.timezone)
         expr = recurring.validate(r.cron)
@@ -162,9 +187,9 @@ def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> 
         return []
     if r.next_at is None:
         return []
+    first: datetime | None = None
     if r.next_at > now:
-        first: datetime | None = r.next_at
-        after = r.next_at
+        after = r.next_at - _TICK  # the first occurrence at or after next_at fires
     else:
         due = recurring.due(expr, r.timezone, r.next_at, now)
         if due.next_at is None:
@@ -172,25 +197,72 @@ def occurrence_times(r: ActiveRecurrence, *, now: datetime, until: datetime) -> 
         first, after = due.fire_at, now
     if first is not None and first > until:
         return []
-    times = [] if first is None else [first]
-    try:
-        for at in recurring.occurrences(expr, zone, after, until):
-            if len(times) >= MAX_OCCURRENCES:
+
+    def latest(moment: datetime) -> datetime | None:
+        try:
+            found = recurring.latest_not_after(expr, zone, moment)
+        except (ValueError, OverflowError):
+            return None
+        return found if found is not None and after < found <= until else None
+
+    def latest_before(moments: Iterable[datetime]) -> set[datetime]:
+        found: set[datetime] = set()
+        following: datetime | None = None  # the occurrence after the last one found
+        for moment in sorted(set(moments)):
+            if following is not None and moment < following:
+                continue  # the same latest occurrence as the moment before
+            t = latest(moment)
+            if t is None:
+                continue
+            found.add(t)
+            try:
+                following = recurring.next_after(expr, zone, t)
+            except (ValueError, OverflowError):
                 break
-            times.append(at)
+        return found
+
+    times: set[datetime] = set() if first is None else {first}
+    begin = max(after, (start or now) - _TICK)
+    if begin > after:  # before the window: the latest occurrence before each change
+        times |= latest_before(a for a in (*anchors, begin) if after < a <= begin)
+    shown = 0
+    try:
+        for at in recurring.occurrences(expr, zone, begin, until):
+            if shown >= cap:
+                # past the cap: only what decides the state at each later change
+                times |= latest_before((*(a for a in anchors if a > at), until))
+                break
+            times.add(at)
+            shown += 1
     except (ValueError, OverflowError):  # croniter's own errors, years past 9999
         pass
-    return times
+    return sorted(times)
 
 
-def _recurrence_items(r: ActiveRecurrence, *, now: datetime, until: datetime) -> list[_Item]:
-    expires_after = r.expires_after if isinstance(r.expires_after, timedelta) else None
+def _recurrence_items(
+    r: ActiveRecurrence,
+    *,
+    now: datetime,
+    until: datetime,
+    start: datetime | None = None,
+    anchors: Iterable[datetime] = (),
+    cap: int = MAX_OCCURRENCES,
+) -> list[_Item]:
+    expires_after = r.expires_after
+    if expires_after is not None and not isinstance(expires_after, timedelta):
+        return []  # an interval Python cannot hold moves any time out of PostgreSQL's range
     items = []
-    for at in occurrence_times(r, now=now, until=until):
-        try:
-            expires_at = None if expires_after is None else at + expires_after
-        except OverflowError:
-            expires_at = None
+    times = occurrence_times(r, now=now, until=until, start=start, anchors=anchors, cap=cap)
+    for at in times:
+        expires_at: datetime | None = None
+        if expires_after is not None:
+            days = (at - _EARLIEST) / timedelta(days=1) + expires_after / timedelta(days=1)
+            if not _PG_FIRST_DAY <= days <= _PG_LAST_DAY:
+                break  # the tick's `at + expires_after` is out of range: it stops the recurrence
+            try:
+                expires_at = at + expires_after
+            except OverflowError:  # within PostgreSQL, not Python: before year 1 or after 9999
+                expires_at = _EARLIEST if expires_after < timedelta(0) else None
         items.append(
             _Item(
                 order=(at, 1, r.id),
@@ -289,6 +361,8 @@ def _judge(
         outcome, error = Outcome.FAILS, "the flag does not exist"
     elif (late := _expired(item, at, max_lateness)) is not None:
         outcome, error = Outcome.EXPIRES, late
+    elif item.conflict is not None:  # checked after lateness, as the tick does
+        outcome, error = Outcome.FAILS, clip(item.conflict, _ERROR_TEXT)
     else:
         state = state.folded(change)
     return _step(key, item, at, change, outcome, error, state), state
@@ -332,6 +406,7 @@ def project(
     max_lateness: timedelta | None,
     now: datetime,
     until: datetime,
+    start: datetime | None = None,
 ) -> list[FlagAhead]:
     """Every flag named by `flags`, a schedule or a recurrence, by key: its state now, at
     `until`, and the changes that come after `now` up to `until`. A change already due
@@ -344,10 +419,27 @@ def project(
         queue = queues.setdefault(row.flag_key, [])
         if ahead and (row.status == "pending" or (row.status == "failed" and row.waiting)):
             queue.append(_schedule_item(row))
+    # the times of each flag's schedules: a recurrence's occurrences that are not all listed
+    # keep the latest before each of them, so the state each schedule meets stays right
+    anchors = {
+        key: [t for i in queue for t in (i.order[0], i.ready_at) if t is not None]
+        for key, queue in queues.items()
+    }
+    begin = None if start is None else start.astimezone(UTC)
+    cap = max(1, min(MAX_OCCURRENCES, MAX_TOTAL_OCCURRENCES // max(len(recurrences), 1)))
     for r in recurrences:
         queue = queues.setdefault(r.flag_key, [])
         if ahead:
-            queue.extend(_recurrence_items(r, now=now, until=until))
+            queue.extend(
+                _recurrence_items(
+                    r,
+                    now=now,
+                    until=until,
+                    start=begin,
+                    anchors=anchors.get(r.flag_key, ()),
+                    cap=cap,
+                )
+            )
     return [
         _walk(key, states.get(key), queue, max_lateness=max_lateness, now=now, until=until)
         for key, queue in sorted(queues.items())
@@ -355,9 +447,7 @@ def project(
 
 
 def agenda(ahead: Sequence[FlagAhead], *, start: datetime) -> list[Step]:
-    """The changes of a projection from `start` on, across flags, in time order."""
+    """The changes of a projection from `start` on, across flags, in time order; changes of
+    one flag at one moment in the order they apply (the walk's: a stable sort)."""
     steps = [s for f in ahead for s in f.steps if s.at >= start]
-    return sorted(
-        steps,
-        key=lambda s: (s.at, s.flag_key, s.schedule_id or 0, s.recurrence_id or 0),
-    )
+    return sorted(steps, key=lambda s: (s.at, s.flag_key))

@@ -329,7 +329,9 @@ def pruned(counts: dict[str, int], *, dry_run: bool, history: bool) -> str:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` in one step (a temporary file in the same directory, then
-    a rename): a reader sees the old file or the new one, never half of one."""
+    a rename): a reader sees the old file or the new one, never half of one. A symlink is
+    followed: the file it points to is replaced, the link stays."""
+    path = Path(os.path.realpath(path))
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:

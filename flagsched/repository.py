@@ -1026,7 +1026,11 @@ _AHEAD_FIELDS = f"""
          WHEN {_updates_size("updates")} > {UPDATES_MAX_BYTES}
               THEN 'updates is ' || {_updates_size("updates")}
                    || ' bytes, more than the {UPDATES_MAX_BYTES} flagsched reads'
-    END AS defect
+    END AS defect,
+    CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
+        (SELECT left(k.message, {MAX_TEXT}) FROM flagsched_check_v2(id, CAST(NULL AS interval)) k
+         WHERE k.outcome = 'conflict')
+    END AS conflict
 """
 
 
@@ -1045,17 +1049,44 @@ def _ahead(conn: Conn, where: str, params: Mapping[str, Any]) -> list[OpenSchedu
     )
 
 
+# `plan` and `agenda` read at most this many open schedules (memory stays bounded).
+AHEAD_LIMIT = 100_000
+
+
 def schedules_ahead(
-    conn: Conn, *, until: datetime, flag_key: str | None = None, limit: int = 100_000
+    conn: Conn, *, until: datetime, flag_key: str | None = None, limit: int | None = None
 ) -> list[OpenSchedule]:
     """Open schedules (pending, failed waiting for a retry) due by `until`, in (scheduled_at,
-    id) order: a range of idx_schedules_open (idx_schedules_flag_open with a flag), never
-    the applied history."""
-    return _ahead(
+    id) order, at most `limit` (AHEAD_LIMIT): a range of idx_schedules_open
+    (idx_schedules_flag_open with a flag), never the applied history. Also a retry due by
+    `until` whose own scheduled_at is later (an application may store one; the tick claims
+    a retry by its next_retry_at): a range of idx_schedules_next_retry_at."""
+    most = limit or AHEAD_LIMIT
+    params = {"until": until, "flag_key": flag_key, "limit": most}
+    rows = _ahead(conn, f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s", params)
+    early = _ahead(
         conn,
-        f"{_OPEN_SCHEDULE} AND scheduled_at <= %(until)s",
-        {"until": until, "flag_key": flag_key, "limit": limit},
+        f"status = 'failed' AND {_WAITING_ROW} AND next_retry_at <= %(until)s"
+        " AND scheduled_at > %(until)s",
+        params,
     )
+    if not early:
+        return rows
+    # Such a retry is held back behind an open schedule of its flag that comes before it in
+    # (scheduled_at, id) order, also one due after `until`: read each such flag's first
+    # open schedule after `until` (one row per flag, by idx_schedules_flag_open; it is that
+    # retry itself or one before it) so the projection holds it as the tick does.
+    blockers = [
+        row
+        for key in sorted({r.flag_key for r in early})
+        for row in _ahead(
+            conn,
+            f"{_OPEN_SCHEDULE} AND flag_key = %(key)s AND scheduled_at > %(until)s",
+            {**params, "key": key, "limit": 1},
+        )
+    ]
+    unique = {r.id: r for r in [*rows, *early, *blockers]}
+    return sorted(unique.values(), key=lambda r: (r.scheduled_at, r.id))[:most]
 
 
 def failed_between(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import Any
 
 import click
 
-from flagsched.cli.app import EXIT_OK, App, pass_app
-from flagsched.cli.params import FORMAT, TIME, Now, instant, tz_option
+from flagsched.cli.app import EXIT_OK, App, pass_app, say
+from flagsched.cli.params import FORMAT, NOW, TIME, Now, instant, tz_option
 
 AGENDA_DAYS = 7  # the default window of `agenda`
 
@@ -20,9 +21,7 @@ AGENDA_DAYS = 7  # the default window of `agenda`
 @tz_option()
 @FORMAT
 @pass_app
-def plan(
-    app: App, at: datetime | Now, flag_key: str | None, zone: tzinfo | None, fmt: str
-) -> int:
+def plan(app: App, at: datetime | Now, flag_key: str | None, zone: tzinfo | None, fmt: str) -> int:
     """Every flag's state now and at TIME if what is scheduled happens, with the changes
     between (open schedules in order, retries at their next attempt, recurrences)."""
     from flagsched import operators, render
@@ -34,6 +33,7 @@ def plan(
         every_flag=True,
         max_lateness_seconds=app.settings.max_lateness,
     )
+    _say_cut(seen)
     click.echo(render.plan(seen, fmt, zone))
     return EXIT_OK
 
@@ -76,17 +76,39 @@ def agenda(
     seen = operators.outlook(
         app.database(),
         until=last,
+        # `--to now`: the database's now (an empty window from now), not the default span
+        until_now=end is NOW,
         span=timedelta(days=AGENDA_DAYS),
         start=first,
         flag_key=flag_key,
         with_failed=html_path is not None,
         max_lateness_seconds=app.settings.max_lateness,
     )
+    _say_cut(seen)
     steps = projection.agenda(seen.flags, start=seen.start)
     if html_path is not None:
         from flagsched import page
 
-        page.write(html_path, seen, steps, zone=zone)
+        try:
+            page.write(html_path, seen, steps, zone=zone)
+        except OSError as exc:  # a missing or unwritable directory, a full disk: the old
+            # page stays as it was (the temporary file is removed)
+            raise click.BadParameter(
+                f"cannot write {html_path}: {exc.strerror or exc}", param_hint="--html"
+            ) from None
         click.echo(f"flagsched: wrote {html_path}", err=True)
     click.echo(render.agenda(steps, fmt, zone))
     return EXIT_OK
+
+
+def _say_cut(seen: Any) -> None:
+    """Past the read limit the projection is incomplete after the last schedule read: say so
+    (stdout keeps its format; exit 0)."""
+    from flagsched.render import iso
+
+    if seen.cut is not None:
+        count, last = seen.cut
+        say(
+            f"flagsched: warning: only the first {count:,} open schedules due by the horizon "
+            f"were read (up to {iso(last)}); changes of schedules due after that are left out"
+        )

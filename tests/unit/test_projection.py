@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from flagsched import recurring
 from flagsched.model import ActiveRecurrence, FlagRow, OpenSchedule, Updates
-from flagsched.projection import FlagAhead, Kind, Outcome, State, agenda, project
+from flagsched.projection import (
+    MAX_TOTAL_OCCURRENCES,
+    FlagAhead,
+    Kind,
+    Outcome,
+    State,
+    agenda,
+    project,
+)
 
 NOW = datetime(2026, 3, 28, 12, 0, tzinfo=UTC)  # a day before Europe/Berlin's DST gap
 H = timedelta(hours=1)
@@ -317,3 +325,106 @@ def test_a_future_occurrence_never_holds_back_a_retry_due_before_it_exists() -> 
     )["a"]
     assert [(s.recurrence_id, s.at) for s in late.steps[1:]] == [(1, NOW + 45 * MINUTE)]
     assert late.at == State(False, 0)
+
+
+# --- break19: adversarial cases -------------------------------------------------------
+
+
+def test_a_recurrence_past_the_occurrence_cap_still_decides_the_state_at_the_horizon() -> None:
+    """Every minute `enabled: true`; a schedule in three days disables the flag. The tick
+    turns the next minute's occurrence into a schedule, so four days out the flag is enabled
+    again, however many occurrences the projection shows."""
+    flags = [FlagRow("f", False, 0)]
+    off = [schedule(1, "f", NOW + timedelta(days=3), {"enabled": False})]
+    every = [recurrence(1, "f", "* * * * *", {"enabled": True}, NOW + MINUTE)]
+    f = by_key(
+        project(flags, off, every, max_lateness=None, now=NOW, until=NOW + timedelta(days=4))
+    )["f"]
+    assert f.at == State(True, 0)
+    assert next(s for s in f.steps if s.schedule_id == 1).outcome is Outcome.APPLIES
+    # the last change before the horizon is an occurrence after the schedule
+    assert f.steps[-1].kind is Kind.RECURRING and f.steps[-1].at > NOW + timedelta(days=3)
+
+
+def test_an_agenda_window_far_ahead_shows_a_frequent_recurrence_in_it() -> None:
+    """`agenda --from` two days ahead: a recurrence every minute fires in that window too
+    (the cap on occurrences counts what is shown, not what comes before the window)."""
+    flags = [FlagRow("f", False, 0)]
+    every = [recurrence(1, "f", "* * * * *", {"enabled": True}, NOW + MINUTE)]
+    start = NOW + timedelta(days=2)
+    ahead = project(
+        flags, [], every, max_lateness=None, now=NOW, until=start + 10 * MINUTE, start=start
+    )
+    shown = agenda(ahead, start=start)
+    assert [s.at for s in shown] == [start + i * MINUTE for i in range(11)]
+
+
+def test_a_stored_next_at_between_occurrences_fires_at_the_next_occurrence() -> None:
+    """An application stored `next_at` 10:05 for an hourly cron: the tick, at 10:05, finds
+    the latest occurrence (10:00) before next_at and makes no schedule; the first schedule
+    is at 11:00."""
+    flags = [FlagRow("f", False, 0)]
+    odd = [recurrence(1, "f", "0 * * * *", {"enabled": True}, NOW + 5 * MINUTE)]
+    f = by_key(project(flags, [], odd, max_lateness=None, now=NOW, until=NOW + 2 * H))["f"]
+    assert [s.at for s in f.steps] == [NOW + H, NOW + 2 * H]
+    assert recurring.due("0 * * * *", "UTC", NOW + 5 * MINUTE, NOW + 5 * MINUTE).fire_at is None
+
+
+def test_a_recurrence_expiry_outside_the_years_python_holds_is_judged_like_the_tick() -> None:
+    """`expires_after` that moves expires_at before year 1 (PostgreSQL holds 4713 BC): the
+    tick makes the schedule and it expires at once. One that moves it past what PostgreSQL
+    holds (294276 AD, or 4713 BC): the tick stops the recurrence ("timestamp out of range"),
+    so nothing fires. Far in the future but within PostgreSQL: it never expires."""
+    flags = [FlagRow(k, False, 0) for k in "abcd"]
+    years = timedelta(days=365)
+    rs = [
+        recurrence(1, "a", "0 * * * *", {"enabled": True}, NOW + H, expires_after=-3000 * years),
+        recurrence(2, "b", "0 * * * *", {"enabled": True}, NOW + H, expires_after=8000 * years),
+        recurrence(3, "c", "0 * * * *", {"enabled": True}, NOW + H, expires_after=-7000 * years),
+        recurrence(
+            4, "d", "0 * * * *", {"enabled": True}, NOW + H, expires_after="-178000000 years"
+        ),
+    ]
+    ahead = by_key(project(flags, [], rs, max_lateness=None, now=NOW, until=NOW + 2 * H))
+    assert [s.outcome for s in ahead["a"].steps] == [Outcome.EXPIRES, Outcome.EXPIRES]
+    assert ahead["a"].at == State(False, 0)
+    assert [s.outcome for s in ahead["b"].steps] == [Outcome.APPLIES, Outcome.APPLIES]
+    assert ahead["c"].steps == () and ahead["c"].at == State(False, 0)
+    assert ahead["d"].steps == () and ahead["d"].at == State(False, 0)
+
+
+def test_many_frequent_recurrences_share_one_bounded_number_of_occurrences() -> None:
+    """200 flags each with a recurrence every minute, over a week: 2,000 occurrences each
+    made 400,000 steps (26 s of cron arithmetic, over 500 MB). The projection lists a bounded
+    number in all, and every flag's state at the horizon and at each schedule stays right."""
+    flags = [FlagRow(f"f{i}", False, 0) for i in range(200)]
+    every = [
+        recurrence(i, f"f{i}", "* * * * *", {"enabled": True}, NOW + MINUTE) for i in range(200)
+    ]
+    offs = [schedule(1, "f7", NOW + timedelta(days=3), {"enabled": False, "rollout_percentage": 9})]
+    ahead = by_key(
+        project(flags, offs, every, max_lateness=None, now=NOW, until=NOW + timedelta(days=7))
+    )
+    assert sum(len(f.steps) for f in ahead.values()) <= MAX_TOTAL_OCCURRENCES + 3 * 200
+    assert all(f.at == State(True, 0) for k, f in ahead.items() if k != "f7")
+    assert ahead["f7"].at == State(True, 9)
+    off = next(s for s in ahead["f7"].steps if s.schedule_id == 1)
+    assert off.after == State(False, 9)
+
+
+def test_agenda_lists_changes_of_one_flag_at_one_moment_in_the_order_they_apply() -> None:
+    """Two overdue schedules whose ids run against their times (an application inserted
+    the earlier one later), and an occurrence at the same moment as a schedule: the agenda
+    lists them as the tick applies them ((scheduled_at, id); existing schedules before the
+    occurrence made later), so its last line per flag is the state that remains."""
+    flags = [FlagRow("f", False, 0)]
+    rows = [
+        schedule(9, "f", NOW - 2 * H, {"rollout_percentage": 10}),
+        schedule(3, "f", NOW - H, {"rollout_percentage": 20}),
+        schedule(1, "f", NOW + H, {"enabled": False}),
+    ]
+    on = [recurrence(1, "f", "0 * * * *", {"enabled": True}, NOW + H)]
+    ahead = project(flags, rows, on, max_lateness=None, now=NOW, until=NOW + H)
+    assert ahead[0].at == State(True, 20)
+    listed = [(s.schedule_id, s.recurrence_id) for s in agenda(ahead, start=NOW)]
+    assert listed == [(9, None), (3, None), (1, None), (None, 1)]
