@@ -50,7 +50,7 @@ def spawn(url: str, *args: str, **settings: str) -> subprocess.Popen[str]:
 
 
 def events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in stderr.split("\n") if line.startswith("{")]
 
 
 def test_exit_codes_and_one_event_per_outcome(

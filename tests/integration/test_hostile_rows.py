@@ -127,8 +127,9 @@ def snapshot(url: str) -> dict[int, str]:
 
 
 def check_lines_are_short(stderr: str) -> None:
-    """Every log field quoting a value is at most MAX_TEXT characters."""
-    for line in stderr.splitlines():
+    """Every log field quoting a value is at most MAX_TEXT characters. JSON lines end at
+    "\n" only: a key may hold U+0085 or U+2028, which str.splitlines() would split on."""
+    for line in stderr.split("\n"):
         if not line.startswith("{"):
             continue
         for key, value in json.loads(line).items():
