@@ -875,19 +875,19 @@ def _list_plan(conn: Conn, filters: dict[str, Any]) -> str:
     from flagsched import repository
 
     captured: list[str] = []
-    real = repository._dicts
+    real = repository._rows
 
-    def explain(c: Conn, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    def explain(c: Conn, factory: Any, sql: str, params: Any = None, **_: Any) -> list[Any]:
         rows = c.execute("EXPLAIN (ANALYZE, COSTS OFF) " + sql, params).fetchall()
         captured.append("\n".join(str(r[0]) for r in rows))
         return []
 
-    repository._dicts = explain  # type: ignore[assignment]
+    repository._rows = explain  # type: ignore[assignment]
     try:
         with conn.transaction(force_rollback=True):
             repository.list_schedules(conn, limit=100, **filters)
     finally:
-        repository._dicts = real
+        repository._rows = real
     return captured[0]
 
 

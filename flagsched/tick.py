@@ -152,8 +152,8 @@ def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None
     with transaction(database, conn):
         now = repository.db_now(conn)
         backlog = repository.backlog(conn, now=now)
-    report.due_backlog = int(backlog["due"])
-    age = backlog["oldest_due_age_seconds"]
+    report.due_backlog = int(backlog.due)
+    age = backlog.oldest_due_age_seconds
     report.oldest_due_age_seconds = float(age) if age is not None else 0.0
 
 
@@ -265,65 +265,135 @@ def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag)
 
 Verdicts = dict[int, tuple[Verdict, str | None]]  # change index -> why it did not apply
 
+# A flag statement that failed on these (a lock not granted in time, a statement outlasting
+# statement_timeout or cancelled) would fail the same way for each change: none is tried
+# alone, and the flag's changes after the first are left as they are.
+_FLAG_UNAVAILABLE = frozenset({"55P03", "57014"})
+
 
 def _write(
     conn: Conn, changes: list[Change], stop: StopFlag, max_lateness: float | None
 ) -> Verdicts:
-    """One statement writes the batch, in a savepoint. Flags other sessions hold, or every
-    flag when that statement failed as a whole (a trigger outlasting statement_timeout),
-    then get a statement each, in a savepoint of its own, that waits for the flag: a lock
-    or statement timeout, or a signal cancelling the wait, undoes only that flag."""
-    try:
-        with repository.savepoint(conn):
-            verdicts = repository.apply(
-                conn, changes, wait=False, max_lateness_seconds=max_lateness
-            )
-        later = {
-            changes[i].schedule.flag_key for i, (v, _) in verdicts.items() if v is Verdict.BUSY
-        }
-    except StatementFailed:
-        verdicts, later = {}, {c.schedule.flag_key for c in changes}
-    for key in sorted(later):
-        indexes = [i for i, c in enumerate(changes) if c.schedule.flag_key == key]
-        for i in indexes:
+    """One mechanism, one fallback. The mechanism: one statement, in a savepoint, locks the
+    flags (skipping those other sessions hold: busy), decides every change and writes the
+    rest set-based (`_write_set`; when it fails, the same statement on each half of the
+    flags, down to the flags that fail alone). The fallback: one flag at a time, in a
+    savepoint of its own that waits for the flag (`_write_flag`), for the busy flags and
+    those that failed alone. Subtransactions grow with the failing flags (a few per
+    failing flag), never with the batch size."""
+    verdicts: Verdicts = {}
+    alone: list[str] = []
+    by_flag = {k: [i for i, c in enumerate(changes) if c.schedule.flag_key == k]
+               for k in sorted({c.schedule.flag_key for c in changes})}  # fmt: skip
+    _write_set(conn, changes, by_flag, list(by_flag), stop, max_lateness, verdicts, alone)
+    busy = {changes[i].schedule.flag_key for i, (v, _) in verdicts.items() if v is Verdict.BUSY}
+    for key in sorted(busy.union(alone)):
+        for i in by_flag[key]:
             verdicts.pop(i, None)  # decided again, now that the flag is waited for
-        verdicts.update(_write_one_flag(conn, changes, indexes, stop, max_lateness))
+        verdicts.update(_write_flag(conn, changes, by_flag[key], stop, max_lateness))
     return verdicts
 
 
-def _write_one_flag(
+def _write_set(
+    conn: Conn,
+    changes: list[Change],
+    by_flag: dict[str, list[int]],
+    keys: list[str],
+    stop: StopFlag,
+    max_lateness: float | None,
+    verdicts: Verdicts,
+    alone: list[str],
+) -> None:
+    """The changes of the flags `keys` in one statement (a savepoint, busy flags skipped);
+    when it fails, each half of `keys` again, so that only the flags that fail on their
+    own are left for `_write_flag` (`alone`)."""
+    indexes = [i for k in keys for i in by_flag[k]]
+    if stop.requested:  # they stay as they are, due for the next tick
+        verdicts.update(_not_attempted(indexes, "the tick was stopped"))
+        return
+    try:
+        with repository.savepoint(conn):
+            found = repository.apply(
+                conn, [changes[i] for i in indexes], wait=False, max_lateness_seconds=max_lateness
+            )
+    except StatementFailed as exc:
+        # One flag; or a timeout, which each half would wait out again: flag by flag (a
+        # stop is seen there, before anything is tried).
+        if len(keys) == 1 or stop.requested or exc.sqlstate in _FLAG_UNAVAILABLE:
+            alone.extend(keys)
+            return
+        half = len(keys) // 2
+        for part in (keys[:half], keys[half:]):
+            _write_set(conn, changes, by_flag, part, stop, max_lateness, verdicts, alone)
+        return
+    verdicts.update({indexes[j]: verdict for j, verdict in found.items()})
+
+
+def _write_flag(
     conn: Conn,
     changes: list[Change],
     indexes: list[int],
     stop: StopFlag,
     max_lateness: float | None,
 ) -> Verdicts:
-    """One flag's changes, waiting for its lock. If the statement fails as a whole, its
-    first change failed and the others were not attempted."""
-    not_attempted: Verdicts = {i: (Verdict.NOT_ATTEMPTED, "the tick was stopped") for i in indexes}
+    """One flag's changes in one statement that waits for the flag. When that statement
+    fails, the flag's changes go one by one, in order, each in a savepoint, and what a
+    failure holds back is decided by `_after_failure` (the one place)."""
     if stop.requested:  # they stay as they are, due for the next tick
-        return not_attempted
+        return _not_attempted(indexes, "the tick was stopped")
     try:
-        with repository.savepoint(conn):
-            found = repository.apply(
-                conn,
-                [changes[i] for i in indexes],
-                wait=True,
-                max_lateness_seconds=max_lateness,
-            )
+        return _apply_some(conn, changes, indexes, max_lateness)
     except StatementFailed as exc:
         if stop.requested:
-            return not_attempted
-        first, *rest = indexes
-        failed: Verdicts = {first: (Verdict.ERROR, exc.message)}
-        return failed | {
-            i: (
-                Verdict.NOT_ATTEMPTED,
-                f"not attempted: schedule {changes[first].schedule.id} of this flag failed first",
-            )
-            for i in rest
-        }
+            return _not_attempted(indexes, "the tick was stopped")
+        if len(indexes) == 1 or exc.sqlstate in _FLAG_UNAVAILABLE:
+            return _after_failure(changes, indexes, exc, one_by_one=False)
+    verdicts: Verdicts = {}
+    for n, i in enumerate(indexes):
+        if stop.requested:
+            return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
+        try:
+            verdicts |= _apply_some(conn, changes, [i], max_lateness)
+        except StatementFailed as exc:
+            if stop.requested:
+                return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
+            decided = _after_failure(changes, indexes[n:], exc, one_by_one=True)
+            verdicts |= decided
+            if len(decided) > 1:  # the flag's later changes are held back
+                return verdicts
+    return verdicts
+
+
+def _apply_some(
+    conn: Conn, changes: list[Change], indexes: list[int], max_lateness: float | None
+) -> Verdicts:
+    """Some of one flag's changes in one statement and a savepoint, waiting for the flag."""
+    with repository.savepoint(conn):
+        found = repository.apply(
+            conn, [changes[i] for i in indexes], wait=True, max_lateness_seconds=max_lateness
+        )
     return {indexes[j]: verdict for j, verdict in found.items()}
+
+
+def _after_failure(
+    changes: list[Change], indexes: list[int], exc: StatementFailed, *, one_by_one: bool
+) -> Verdicts:
+    """The hold-back rule, decided once: the first of `indexes` failed (`exc`). Its flag's
+    later changes are held back (not attempted, no retry spent) when that failure will be
+    retried (its change stays first in line) or when the flag cannot be written now (a lock
+    or statement timeout); after a final failure they are tried, one by one
+    (`one_by_one`: only the failed change is decided here)."""
+    first, *rest = indexes
+    failed: Verdicts = {first: (Verdict.ERROR, exc.message)}
+    holds = changes[first].stop_on_failure or exc.sqlstate in _FLAG_UNAVAILABLE
+    if one_by_one and not holds:
+        return failed
+    why = f"not attempted: schedule {changes[first].schedule.id} of this flag failed first"
+    return failed | {i: (Verdict.NOT_ATTEMPTED, why) for i in rest}
+
+
+def _not_attempted(indexes: list[int], why: str) -> Verdicts:
+    return {i: (Verdict.NOT_ATTEMPTED, why) for i in indexes}
 
 
 def _result(
