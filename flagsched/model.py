@@ -323,6 +323,7 @@ class Verdict(StrEnum):
     EXPIRED = "expired"  # too late: failed for good, flag untouched
     CONFLICT = "conflict"  # someone else changed the flag since: failed for good
     ERROR = "error"  # the write failed: a retry, or failed for good when none is left
+    FLAG_FAILED = "flag_failed"  # the flag's write failed on its own (the tick decides)
     HELD_BACK = "held_back"  # behind an earlier change of its flag that will be retried
     NOT_ATTEMPTED = "not_attempted"  # the tick stopped, or its flag's statement failed first
 

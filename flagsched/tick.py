@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -276,57 +277,36 @@ def _write(
 ) -> Verdicts:
     """One mechanism, one fallback. The mechanism: one statement, in a savepoint, locks the
     flags (skipping those other sessions hold: busy), decides every change and writes the
-    rest set-based (`_write_set`; when it fails, the same statement on each half of the
-    flags, down to the flags that fail alone). The fallback: one flag at a time, in a
-    savepoint of its own that waits for the flag (`_write_flag`), for the busy flags and
-    those that failed alone. Subtransactions grow with the failing flags (a few per
-    failing flag), never with the batch size."""
-    verdicts: Verdicts = {}
-    alone: list[str] = []
-    by_flag = {k: [i for i, c in enumerate(changes) if c.schedule.flag_key == k]
-               for k in sorted({c.schedule.flag_key for c in changes})}  # fmt: skip
-    _write_set(conn, changes, by_flag, list(by_flag), stop, max_lateness, verdicts, alone)
-    busy = {changes[i].schedule.flag_key for i, (v, _) in verdicts.items() if v is Verdict.BUSY}
-    for key in sorted(busy.union(alone)):
-        for i in by_flag[key]:
-            verdicts.pop(i, None)  # decided again, now that the flag is waited for
-        verdicts.update(_write_flag(conn, changes, by_flag[key], stop, max_lateness))
-    return verdicts
-
-
-def _write_set(
-    conn: Conn,
-    changes: list[Change],
-    by_flag: dict[str, list[int]],
-    keys: list[str],
-    stop: StopFlag,
-    max_lateness: float | None,
-    verdicts: Verdicts,
-    alone: list[str],
-) -> None:
-    """The changes of the flags `keys` in one statement (a savepoint, busy flags skipped);
-    when it fails, each half of `keys` again, so that only the flags that fail on their
-    own are left for `_write_flag` (`alone`)."""
-    indexes = [i for k in keys for i in by_flag[k]]
-    if stop.requested:  # they stay as they are, due for the next tick
-        verdicts.update(_not_attempted(indexes, "the tick was stopped"))
-        return
+    rest set-based; when that write fails it writes each half of the flags again, down to
+    the flags that fail on their own (flag_failed), all in that one statement. The
+    fallback (`_write_flag`), one flag at a time in a savepoint of its own that waits for
+    the flag: the busy flags, the failed flags with more than one change, and every flag
+    when the statement itself failed (a timeout or a cancel). Subtransactions grow with the
+    failing flags, never with the batch size."""
     try:
         with repository.savepoint(conn):
-            found = repository.apply(
-                conn, [changes[i] for i in indexes], wait=False, max_lateness_seconds=max_lateness
+            verdicts = repository.apply(
+                conn, changes, wait=False, max_lateness_seconds=max_lateness
             )
-    except StatementFailed as exc:
-        # One flag; or a timeout, which each half would wait out again: flag by flag (a
-        # stop is seen there, before anything is tried).
-        if len(keys) == 1 or stop.requested or exc.sqlstate in _FLAG_UNAVAILABLE:
-            alone.extend(keys)
-            return
-        half = len(keys) // 2
-        for part in (keys[:half], keys[half:]):
-            _write_set(conn, changes, by_flag, part, stop, max_lateness, verdicts, alone)
-        return
-    verdicts.update({indexes[j]: verdict for j, verdict in found.items()})
+        later = {
+            changes[i].schedule.flag_key
+            for i, (v, _) in verdicts.items()
+            if v in (Verdict.BUSY, Verdict.FLAG_FAILED)
+        }
+    except StatementFailed:
+        verdicts, later = {}, {c.schedule.flag_key for c in changes}
+    for key in sorted(later):
+        indexes = [i for i, c in enumerate(changes) if c.schedule.flag_key == key]
+        failure = _flag_failure({i: verdicts[i] for i in indexes if i in verdicts})
+        for i in indexes:
+            verdicts.pop(i, None)  # decided again, now that the flag is waited for
+        if failure is not None and len(indexes) == 1:  # nothing behind it: no second try
+            verdicts.update(_after_failure(changes, indexes, failure, one_by_one=False))
+            continue
+        verdicts.update(
+            _write_flag(conn, changes, indexes, stop, max_lateness, whole=failure is None)
+        )
+    return verdicts
 
 
 def _write_flag(
@@ -335,44 +315,68 @@ def _write_flag(
     indexes: list[int],
     stop: StopFlag,
     max_lateness: float | None,
+    *,
+    whole: bool = True,
 ) -> Verdicts:
-    """One flag's changes in one statement that waits for the flag. When that statement
-    fails, the flag's changes go one by one, in order, each in a savepoint, and what a
-    failure holds back is decided by `_after_failure` (the one place)."""
+    """One flag's changes in one statement that waits for the flag (`whole`). When that
+    fails (or the flag's write already failed: not `whole`), its changes go one by one, in
+    order, each in a savepoint, and what a failure holds back is decided by
+    `_after_failure` (the one place)."""
     if stop.requested:  # they stay as they are, due for the next tick
         return _not_attempted(indexes, "the tick was stopped")
-    try:
-        return _apply_some(conn, changes, indexes, max_lateness)
-    except StatementFailed as exc:
+    if whole:
+        found, failure = _apply_some(conn, changes, indexes, max_lateness)
+        if failure is None:
+            return found
         if stop.requested:
             return _not_attempted(indexes, "the tick was stopped")
-        if len(indexes) == 1 or exc.sqlstate in _FLAG_UNAVAILABLE:
-            return _after_failure(changes, indexes, exc, one_by_one=False)
+        if len(indexes) == 1 or failure.sqlstate in _FLAG_UNAVAILABLE:
+            return _after_failure(changes, indexes, failure, one_by_one=False)
     verdicts: Verdicts = {}
     for n, i in enumerate(indexes):
         if stop.requested:
             return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
-        try:
-            verdicts |= _apply_some(conn, changes, [i], max_lateness)
-        except StatementFailed as exc:
-            if stop.requested:
-                return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
-            decided = _after_failure(changes, indexes[n:], exc, one_by_one=True)
-            verdicts |= decided
-            if len(decided) > 1:  # the flag's later changes are held back
-                return verdicts
+        found, failure = _apply_some(conn, changes, [i], max_lateness)
+        if failure is None:
+            verdicts |= found
+            continue
+        if stop.requested:
+            return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
+        decided = _after_failure(changes, indexes[n:], failure, one_by_one=True)
+        verdicts |= decided
+        if len(decided) > 1:  # the flag's later changes are held back
+            return verdicts
     return verdicts
 
 
 def _apply_some(
     conn: Conn, changes: list[Change], indexes: list[int], max_lateness: float | None
-) -> Verdicts:
-    """Some of one flag's changes in one statement and a savepoint, waiting for the flag."""
-    with repository.savepoint(conn):
-        found = repository.apply(
-            conn, [changes[i] for i in indexes], wait=True, max_lateness_seconds=max_lateness
-        )
-    return {indexes[j]: verdict for j, verdict in found.items()}
+) -> tuple[Verdicts, StatementFailed | None]:
+    """Some of one flag's changes in one statement and a savepoint, waiting for the flag:
+    their verdicts, or why the flag's write failed."""
+    try:
+        with repository.savepoint(conn):
+            found = repository.apply(
+                conn, [changes[i] for i in indexes], wait=True, max_lateness_seconds=max_lateness
+            )
+    except StatementFailed as exc:
+        return {}, exc
+    verdicts = {indexes[j]: verdict for j, verdict in found.items()}
+    failure = _flag_failure(verdicts)
+    return (verdicts, None) if failure is None else ({}, failure)
+
+
+_SQLSTATE = re.compile(r"\(SQLSTATE (\w{5})\)$")
+
+
+def _flag_failure(verdicts: Verdicts) -> StatementFailed | None:
+    """The failure of a flag's write the apply statement reported (flag_failed), if any."""
+    for verdict, message in verdicts.values():
+        if verdict is Verdict.FLAG_FAILED:
+            text = message or "the flag's write failed"
+            found = _SQLSTATE.search(text)
+            return StatementFailed(text, found.group(1) if found else None)
+    return None
 
 
 def _after_failure(
@@ -411,7 +415,7 @@ def _result(
             return fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
         case Verdict.EXPIRED | Verdict.CONFLICT:
             return fail(schedule, error or verdict.value, permanent=True)
-        case Verdict.ERROR:
+        case Verdict.ERROR | Verdict.FLAG_FAILED:
             return fail(schedule, error or "unknown error", permanent=False)
 
 

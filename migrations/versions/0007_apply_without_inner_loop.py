@@ -6,11 +6,13 @@ changes opened 1,000 subtransactions (above 64 per transaction PostgreSQL's subt
 cache overflows), and the rule for what a failure holds back was decided there as well as
 in the tick. flagsched_apply_v4 locks the flags (FOR NO KEY UPDATE, SKIP LOCKED unless
 `p_wait`), decides each change (missing, busy, expired, conflict) and writes the rest
-set-based, each flag's changes folded, and nothing else: when the write fails the whole
-statement fails, and the tick's one fallback (flagsched/tick.py) writes one flag at a time
-in a savepoint, the same path that serves the flags another session held. So
-subtransactions are bounded by the failing flags, and the hold-back rule lives in one
-place. flagsched_apply_v3 stays for the previous release.
+set-based, each flag's changes folded. When that write fails it writes each half of the
+flags again, down to the flags that fail on their own, whose changes it returns as
+'flag_failed' with the error: subtransactions grow with the failing flags, not the batch,
+in one statement (one round trip). What a failure holds back is decided by the tick alone
+(flagsched/tick.py), which writes a failing flag's changes one by one when it has several,
+in the same fallback that serves the flags another session held. A statement timeout or
+a cancel ends the statement. flagsched_apply_v3 stays for the previous release.
 
 Revision ID: 0007
 Revises: 0006
@@ -42,6 +44,13 @@ def upgrade() -> None:
             decided_outcome text[];
             decided_message text[];
             todo integer[];
+            keys text[];
+            part integer[];
+            lows integer[];
+            highs integer[];
+            lo integer;
+            hi integer;
+            mid integer;
         BEGIN
             -- FOR NO KEY UPDATE: the weakest lock that serialises writes of the flag's
             -- values; a row referencing the flag (FOR KEY SHARE) never blocks it.
@@ -79,24 +88,55 @@ def upgrade() -> None:
             IF cardinality(todo) = 0 THEN
                 RETURN;
             END IF;
-            -- The history trigger names the schedules each flag's write applied.
-            PERFORM set_config('flagsched.applying', (
-                SELECT jsonb_object_agg(key, ids)::text FROM (
-                    SELECT p_keys[t] AS key, jsonb_agg(p_ids[t] ORDER BY t) AS ids
-                    FROM unnest(todo) AS t GROUP BY 1) x), true);
-            UPDATE feature_flags AS f
-            SET enabled = coalesce(v.enabled, f.enabled),
-                rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
-                updated_at = now()
-            FROM (
-                SELECT p_keys[t] AS key,
-                       (array_agg(p_enabled[t] ORDER BY t DESC)
-                            FILTER (WHERE p_enabled[t] IS NOT NULL))[1] AS enabled,
-                       (array_agg(p_rollout[t] ORDER BY t DESC)
-                            FILTER (WHERE p_rollout[t] IS NOT NULL))[1] AS rollout
-                FROM unnest(todo) AS t GROUP BY 1
-            ) AS v
-            WHERE f.key = v.key AND f.key = ANY (locked);
+            -- The writes, set-based: all the flags at once, and when that fails each half
+            -- of the flags again (a subtransaction each), down to the flags that fail on
+            -- their own. Their changes are returned as 'flag_failed' with the error: the
+            -- tick decides what follows (the hold-back rule is the tick's alone).
+            -- Subtransactions: about two per halving per failing flag, never one per change.
+            keys := ARRAY(SELECT DISTINCT p_keys[t] FROM unnest(todo) AS t ORDER BY 1);
+            lows := ARRAY[1];
+            highs := ARRAY[cardinality(keys)];
+            WHILE cardinality(lows) > 0 LOOP
+                lo := lows[cardinality(lows)];
+                hi := highs[cardinality(highs)];
+                lows := lows[1:cardinality(lows) - 1];
+                highs := highs[1:cardinality(highs) - 1];
+                part := ARRAY(SELECT t FROM unnest(todo) AS t
+                              WHERE p_keys[t] = ANY (keys[lo:hi]) ORDER BY t);
+                BEGIN
+                    -- The history trigger names the schedules each flag's write applied.
+                    PERFORM set_config('flagsched.applying', (
+                        SELECT jsonb_object_agg(key, ids)::text FROM (
+                            SELECT p_keys[t] AS key, jsonb_agg(p_ids[t] ORDER BY t) AS ids
+                            FROM unnest(part) AS t GROUP BY 1) x), true);
+                    UPDATE feature_flags AS f
+                    SET enabled = coalesce(v.enabled, f.enabled),
+                        rollout_percentage = coalesce(v.rollout, f.rollout_percentage),
+                        updated_at = now()
+                    FROM (
+                        SELECT p_keys[t] AS key,
+                               (array_agg(p_enabled[t] ORDER BY t DESC)
+                                    FILTER (WHERE p_enabled[t] IS NOT NULL))[1] AS enabled,
+                               (array_agg(p_rollout[t] ORDER BY t DESC)
+                                    FILTER (WHERE p_rollout[t] IS NOT NULL))[1] AS rollout
+                        FROM unnest(part) AS t GROUP BY 1
+                    ) AS v
+                    WHERE f.key = v.key AND f.key = ANY (locked);
+                EXCEPTION
+                    WHEN query_canceled THEN
+                        RAISE;  -- a statement timeout or a cancel ends the statement
+                    WHEN OTHERS THEN
+                        IF lo = hi THEN
+                            RETURN QUERY SELECT t, 'flag_failed'::text,
+                                                SQLERRM || ' (SQLSTATE ' || SQLSTATE || ')'
+                                         FROM unnest(part) AS t;
+                        ELSE
+                            mid := (lo + hi) / 2;
+                            lows := lows || (mid + 1) || lo;
+                            highs := highs || hi || mid;
+                        END IF;
+                END;
+            END LOOP;
         END
         $$
         """

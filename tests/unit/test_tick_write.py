@@ -152,12 +152,16 @@ def test_a_timeout_holds_back_whatever_the_failure() -> None:
 
 
 class FakeDatabase:
-    """repository.apply and repository.savepoint on flags: `refused` keys fail any
-    statement that writes them, `held` keys are busy to a statement that does not wait."""
+    """repository.apply and repository.savepoint on flags, as flagsched_apply_v4 answers:
+    `refused` keys fail their write (flag_failed, the others are written), `held` keys are
+    busy to a statement that does not wait, `slow` keys time the whole statement out."""
 
-    def __init__(self, refused: Iterable[str] = (), held: Iterable[str] = ()) -> None:
-        self.refused, self.held = set(refused), set(held)
+    def __init__(
+        self, refused: Iterable[str] = (), held: Iterable[str] = (), slow: Iterable[str] = ()
+    ) -> None:
+        self.refused, self.held, self.slow = set(refused), set(held), set(slow)
         self.savepoints = 0
+        self.statements = 0
         self.written: list[int] = []
 
     @contextmanager
@@ -173,15 +177,19 @@ class FakeDatabase:
         wait: bool,
         max_lateness_seconds: float | None,
     ) -> dict[int, tuple[Verdict, str | None]]:
-        busy: dict[int, tuple[Verdict, str | None]]
-        busy = {n: (Verdict.BUSY, None) for n, c in enumerate(changes)
-                if c.schedule.flag_key in self.held and not wait}  # fmt: skip
-        todo = [c for n, c in enumerate(changes) if n not in busy]
-        refused = [c for c in todo if c.schedule.flag_key in self.refused]
-        if refused:
-            raise StatementFailed(f"refused {refused[0].schedule.flag_key}", "P0001")
-        self.written += [c.schedule.id for c in todo]
-        return busy
+        self.statements += 1
+        if any(c.schedule.flag_key in self.slow for c in changes):
+            raise StatementFailed("canceling statement due to statement timeout", "57014")
+        verdicts: dict[int, tuple[Verdict, str | None]] = {}
+        for n, c in enumerate(changes):
+            key = c.schedule.flag_key
+            if key in self.held and not wait:
+                verdicts[n] = (Verdict.BUSY, None)
+            elif key in self.refused:
+                verdicts[n] = (Verdict.FLAG_FAILED, f"refused {key} (SQLSTATE P0001)")
+            else:
+                self.written.append(c.schedule.id)
+        return verdicts
 
 
 @pytest.fixture
@@ -210,13 +218,16 @@ def test_a_batch_that_writes_costs_one_savepoint(fake: Any) -> None:
     assert db.savepoints == 1 and len(db.written) == 1000
 
 
-def test_one_failing_flag_in_a_thousand_costs_a_few_savepoints_not_a_thousand(fake: Any) -> None:
-    db = fake(refused={"flag-0617"})
+def test_a_refused_flag_with_one_change_costs_no_second_statement(fake: Any) -> None:
+    db = fake(refused={"flag-0617", "flag-0618"})
     changes = _batch(1000)
     verdicts = tick._write(None, changes, tick.StopFlag(), None)  # type: ignore[arg-type]
-    assert verdicts == {617: (Verdict.ERROR, "refused flag-0617")}
-    assert len(db.written) == 999
-    assert db.savepoints <= 2 * 10 + 3  # halving: about two statements per level
+    assert verdicts == {
+        617: (Verdict.ERROR, "refused flag-0617 (SQLSTATE P0001)"),
+        618: (Verdict.ERROR, "refused flag-0618 (SQLSTATE P0001)"),
+    }
+    assert len(db.written) == 998
+    assert (db.statements, db.savepoints) == (1, 1)
 
 
 def test_a_failing_flags_changes_go_one_by_one_with_the_hold_back_rule(fake: Any) -> None:
@@ -225,6 +236,7 @@ def test_a_failing_flags_changes_go_one_by_one_with_the_hold_back_rule(fake: Any
     verdicts = tick._write(None, changes, tick.StopFlag(), None)  # type: ignore[arg-type]
     assert sorted(verdicts) == [3, 4, 5]  # each tried alone, each refused
     assert sorted(db.written) == [1, 2, 3, 7, 8, 9]
+    assert db.savepoints == 1 + 3  # the batch, then the failing flag's changes one by one
     assert {v for v, _ in verdicts.values()} == {Verdict.ERROR}
     fake(refused={"flag-0001"})
     changes = _batch(3, per_flag=3, stop=True)  # retried: the later ones are held back
@@ -234,6 +246,15 @@ def test_a_failing_flags_changes_go_one_by_one_with_the_hold_back_rule(fake: Any
         Verdict.NOT_ATTEMPTED,
         Verdict.NOT_ATTEMPTED,
     ]
+
+
+def test_a_timed_out_statement_goes_flag_by_flag(fake: Any) -> None:
+    db = fake(slow={"flag-0001"})
+    changes = _batch(3, per_flag=2)
+    verdicts = tick._write(None, changes, tick.StopFlag(), None)  # type: ignore[arg-type]
+    assert [verdicts[i][0] for i in (2, 3)] == [Verdict.ERROR, Verdict.NOT_ATTEMPTED]
+    assert sorted(verdicts) == [2, 3] and sorted(db.written) == [1, 2, 5, 6]
+    assert db.savepoints == 1 + 3  # the batch, then each flag once, waiting for it
 
 
 def test_busy_flags_take_the_same_fallback_waiting_for_their_lock(fake: Any) -> None:
