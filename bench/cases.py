@@ -215,6 +215,17 @@ def drain_throughput(b: Bench) -> Case:
         f"{_median(times[k]):.2f} | {_median(inside[k]):.2f} | {_median(cpu[k]):.2f}" for k in kinds
     ]
     case.details.append("| median | " + " | ".join(medians) + " |")
+    waiting = {k: _median([a - c for a, c in zip(inside[k], cpu[k], strict=True)]) for k in kinds}
+    case.details += [
+        "",
+        "Time spent waiting on the server (in-process minus the process's own CPU), median: "
+        + ", ".join(f"{k} {waiting[k]:.2f} s" for k in kinds)
+        + ". Per batch flagsched does work the reference does not: a claim of only the "
+        "schedules that can move (`flagsched_claim_v2`), a safety check per change under the "
+        "flag locks (`flagsched_check_v2`: missing, expired, conflict), the attempts kept "
+        "with each schedule, a savepoint around the write, and one JSON log line per "
+        "schedule on the client.",
+    ]
     case.details += [""] + [f"- problem: {p}" for p in problems]
     return case
 
