@@ -1,4 +1,11 @@
-"""One tick: claim due schedules, apply them per flag in order, record outcomes, report."""
+"""One tick: claim due schedules, apply them per flag in order, record outcomes, report.
+
+Read top to bottom, one schedule's path: `run` opens the batches; `_batch` claims, plans
+(`_plan`, pure, with `_Failures`), writes (`_write`: one mechanism, one fallback, the
+hold-back rule in `_after_failure`), maps each verdict to an outcome (`_result`) and
+records them all; `_log_result` logs each after the commit. Then the side paths:
+recurrences materialised before the claim, held-back schedules reported, the backlog
+measured, and `preview` for --dry-run."""
 
 from __future__ import annotations
 
@@ -130,68 +137,22 @@ def run(
     return report
 
 
-def _materialise(database: Database, conn: Conn, stop: StopFlag) -> None:
-    """Due recurrences into schedules, in bounded batches that a signal stops between."""
-    try:
-        materialise.due_recurrences(database, conn, stopped=lambda: stop.requested)
-    except DatabaseError:
-        if not stop.requested:  # a signal may cancel it: the batches committed stay
-            raise
-
-
-def _held_back(database: Database, conn: Conn, options: TickOptions) -> list[Result]:
-    """Due schedules held back behind an open schedule of their flag that is not due: the
-    claim never takes them (they would take a batch's places), so they are read here,
-    locking nothing, up to a batch's worth, and reported once per tick."""
-    with transaction(database, conn):
-        held = repository.held_back(conn, limit=options.batch_size)
-    return [Result(schedule, Outcome.HELD_BACK) for schedule in held]
-
-
-def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None:
-    """What is still due after the tick (for the log and the metrics); index scans only."""
-    with transaction(database, conn):
-        now = repository.db_now(conn)
-        backlog = repository.backlog(conn, now=now)
-    report.due_backlog = int(backlog.due)
-    age = backlog.oldest_due_age_seconds
-    report.oldest_due_age_seconds = float(age) if age is not None else 0.0
-
-
-def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
-    """--dry-run: what the next batch would do, from a claim that is rolled back."""
-    with connection(database) as conn:
-        with transaction(database, conn):
-            repository.ensure_schema(conn)
-        with transaction(database, conn, rollback=True):  # nothing claimed is kept
-            now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
-            held = repository.held_back(conn, limit=options.batch_size)
-            existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
-            checks = repository.safety_checks(
-                conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
-            )
-    shown = {c.id for c in claimed}
-    held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
+def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
+    """Claim, decide, write, record: one batch, in the caller's transaction."""
+    now, claimed = repository.claim(conn, limit=options.batch_size)
     if now is None:
-        return [(r.schedule, _describe(r)) for r in held_back]
-    decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
-    decided += held_back
-    plan = [(r.schedule, _describe(r)) for r in decided]
-    for key, flag_steps in steps.items():
-        for c, u in flag_steps:
-            if key not in existing:
-                plan.append((c, f"fail for good: flag {key!r} does not exist"))
-            elif c.id in checks:
-                plan.append((c, f"fail for good: {checks[c.id][1]}"))
-            else:
-                plan.append((c, f"apply {u.as_json()}"))
-    return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
-
-
-def _describe(result: Result) -> str:
-    if result.outcome is Outcome.HELD_BACK:
-        return "held back (an earlier schedule of this flag is still open)"
-    return f"fail for good: {result.error}"
+        return []
+    fail = _Failures(now, options, rng)
+    results, steps = _plan(claimed, fail)
+    changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
+    if changes:
+        verdicts = _write(conn, changes, stop, options.max_lateness)
+        for index, change in enumerate(changes):
+            verdict, error = verdicts.get(index, (None, None))
+            results.append(_result(change.schedule, verdict, error, fail))
+    applied = [r.schedule.flag_key for r in results if r.outcome is Outcome.APPLIED]
+    repository.record(conn, results, now=now, notice=change_notice(applied))
+    return results
 
 
 class _Failures:
@@ -244,24 +205,6 @@ def _plan(
                 continue
             steps.setdefault(flag_key, []).append((schedule, updates))
     return decided, steps
-
-
-def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
-    """Claim, decide, write, record: one batch, in the caller's transaction."""
-    now, claimed = repository.claim(conn, limit=options.batch_size)
-    if now is None:
-        return []
-    fail = _Failures(now, options, rng)
-    results, steps = _plan(claimed, fail)
-    changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
-    if changes:
-        verdicts = _write(conn, changes, stop, options.max_lateness)
-        for index, change in enumerate(changes):
-            verdict, error = verdicts.get(index, (None, None))
-            results.append(_result(change.schedule, verdict, error, fail))
-    applied = [r.schedule.flag_key for r in results if r.outcome is Outcome.APPLIED]
-    repository.record(conn, results, now=now, notice=change_notice(applied))
-    return results
 
 
 Verdicts = dict[int, tuple[Verdict, str | None]]  # change index -> why it did not apply
@@ -456,3 +399,67 @@ def _log_result(log: Any, result: Result) -> None:
             max_retries=schedule.max_retries,
             reason=result.error or "an earlier schedule of this flag is still open",
         )
+
+
+def _materialise(database: Database, conn: Conn, stop: StopFlag) -> None:
+    """Due recurrences into schedules, in bounded batches that a signal stops between."""
+    try:
+        materialise.due_recurrences(database, conn, stopped=lambda: stop.requested)
+    except DatabaseError:
+        if not stop.requested:  # a signal may cancel it: the batches committed stay
+            raise
+
+
+def _held_back(database: Database, conn: Conn, options: TickOptions) -> list[Result]:
+    """Due schedules held back behind an open schedule of their flag that is not due: the
+    claim never takes them (they would take a batch's places), so they are read here,
+    locking nothing, up to a batch's worth, and reported once per tick."""
+    with transaction(database, conn):
+        held = repository.held_back(conn, limit=options.batch_size)
+    return [Result(schedule, Outcome.HELD_BACK) for schedule in held]
+
+
+def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None:
+    """What is still due after the tick (for the log and the metrics); index scans only."""
+    with transaction(database, conn):
+        now = repository.db_now(conn)
+        backlog = repository.backlog(conn, now=now)
+    report.due_backlog = int(backlog.due)
+    age = backlog.oldest_due_age_seconds
+    report.oldest_due_age_seconds = float(age) if age is not None else 0.0
+
+
+def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
+    """--dry-run: what the next batch would do, from a claim that is rolled back."""
+    with connection(database) as conn:
+        with transaction(database, conn):
+            repository.ensure_schema(conn)
+        with transaction(database, conn, rollback=True):  # nothing claimed is kept
+            now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
+            held = repository.held_back(conn, limit=options.batch_size)
+            existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
+            checks = repository.safety_checks(
+                conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
+            )
+    shown = {c.id for c in claimed}
+    held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
+    if now is None:
+        return [(r.schedule, _describe(r)) for r in held_back]
+    decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
+    decided += held_back
+    plan = [(r.schedule, _describe(r)) for r in decided]
+    for key, flag_steps in steps.items():
+        for c, u in flag_steps:
+            if key not in existing:
+                plan.append((c, f"fail for good: flag {key!r} does not exist"))
+            elif c.id in checks:
+                plan.append((c, f"fail for good: {checks[c.id][1]}"))
+            else:
+                plan.append((c, f"apply {u.as_json()}"))
+    return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
+
+
+def _describe(result: Result) -> str:
+    if result.outcome is Outcome.HELD_BACK:
+        return "held back (an earlier schedule of this flag is still open)"
+    return f"fail for good: {result.error}"
