@@ -18,7 +18,9 @@ from flagsched.model import Outcome, Result
 from flagsched.schema import make_engine
 from scripts import pgserver
 
-# The record as it was before 0006 (the applied branch: what every row of the batch takes).
+# The record as it was before 0006 (the applied branch: what every row of the batch takes):
+# a copy on purpose, the "before" this script measures; "after" is the repository's record
+# (flagsched/sql/queries.sql).
 OLD_RECORD = """
     UPDATE feature_flag_schedules AS s
     SET status = 'applied', applied_at = %(now)s, next_retry_at = NULL, last_error = NULL,

@@ -1,4 +1,9 @@
-"""The benchmark's PostgreSQL, its databases and data, and flagsched run as a real process."""
+"""The benchmark's PostgreSQL, its databases and data, and flagsched run as a real process.
+
+The SQL here (and the seeds, triggers and checks in bench/cases.py) makes and inspects
+test data, or plays the application's own writers: none of it is a statement flagsched
+sends. Those are named in flagsched/sql/queries.sql, and the cases reach them through the
+repository or the `flagsched` command; bench/reference.py keeps its own on purpose."""
 
 from __future__ import annotations
 

@@ -11,6 +11,11 @@ equals): only `application_name` at startup, the session settings as SET LOCAL i
 BEGIN round trip, no server-side prepared statements. `--prepare` lets psycopg prepare
 statements as it does by default (not pooler-safe): case 7 measures what giving that up costs.
 
+Its statements are its own, on purpose, and the only SQL in bench/ that flagsched does not
+send: this is "the best plain code" flagsched is measured against, not a copy of
+flagsched's statements (those are named in flagsched/sql/queries.sql, and every other case
+goes through them or the repository).
+
 It is a yardstick for the happy path, not a second product: a schedule naming a missing flag
 or carrying invalid `updates` fails for good, but a failing flag UPDATE is not isolated (it
 aborts the run), which the benchmark's case 1 never provokes.

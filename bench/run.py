@@ -94,8 +94,8 @@ def describe_machine(cluster: Cluster, load_before: str) -> list[tuple[str, str]
         ("psycopg", f"{psycopg.__version__} (libpq {psycopg.pq.version()})"),
         ("SQLAlchemy", _version("SQLAlchemy")),
         (
-            "structlog / pydantic-settings / click",
-            " / ".join(_version(p) for p in ("structlog", "pydantic-settings", "click")),
+            "structlog / click",
+            " / ".join(_version(p) for p in ("structlog", "click")),
         ),
         ("flagsched", f"{_version('flagsched')}, git {_git_revision()}"),
     ]
@@ -124,19 +124,22 @@ def print_table(cases: list[Case]) -> None:
 HOW = [
     "How a batch stays close to the reference: seven round trips (BEGIN, carrying the "
     "session settings as SET LOCAL in the same query so they hold behind a transaction-mode "
-    "pooler (case 9); the claim, `flagsched_claim_v1`, a stored function whose plan stays "
+    "pooler (case 9); the claim, `flagsched_claim_v2`, a stored function whose plan stays "
     "cached per server connection, which client-side prepared statements cannot be behind a "
-    "pooler (the reference, held to the same rule, plans its statements every time); "
-    "SAVEPOINT; one `flagsched_apply_v2` call that locks the free flags in key order, "
+    "pooler (case 1's reference uses psycopg's default prepared statements on a direct "
+    "connection; case 9 measures it without them); "
+    "SAVEPOINT; one `flagsched_apply_v4` call that locks the free flags in key order, "
     "decides each change (missing flag, expired, conflict) under those locks and writes "
     "them set-based, each flag's changes folded; RELEASE; one UPDATE recording every outcome "
     "and attempt and sending the change notice; COMMIT). The history trigger on "
     "`feature_flags` fires for the reference's writes too; case 1 also measures flagsched "
     "with it disabled. The tick runs on psycopg 3 directly (SQLAlchemy, which only describes "
     "the schema and drives alembic, is never imported by a tick), array parameters travel "
-    "in binary, and JSON is parsed and logged with orjson. Failure isolation costs nothing "
-    "until a change fails: then the same statement applies the batch change by change, each "
-    "in its own subtransaction, server-side (no round trip per schedule). The claim's "
+    "in binary, and JSON is parsed and logged with orjson. Every statement is named in "
+    "flagsched/sql/queries.sql. Failure isolation costs nothing until a write fails: then "
+    "the same statement writes each half of the flags again, down to the flags that fail "
+    "alone (change by change only inside a failing flag with several changes, from the "
+    "tick), so subtransactions grow with the failing flags, not the batch. The claim's "
     "per-flag checks are index probes on partial indexes of open rows, so applied history "
     "does not slow it (case 2).",
     "",

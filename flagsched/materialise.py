@@ -14,7 +14,7 @@ from flagsched import repository
 from flagsched.db import Conn, Database, one_line, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
-from flagsched.model import clip
+from flagsched.model import DueRecurrence, clip
 
 BATCH = 500
 
@@ -43,23 +43,23 @@ def due_recurrences(
     return made
 
 
-def _batch(conn: Conn, now: Any, due: list[dict[str, Any]], stopped: Callable[[], bool]) -> int:
+def _batch(conn: Conn, now: Any, due: list[DueRecurrence], stopped: Callable[[], bool]) -> int:
     from flagsched import recurring  # croniter only when something is due (cold start)
 
     log = get_logger()
     fired: list[tuple[int, Any]] = []
     advanced: list[tuple[int, Any]] = []
     for row in due:
-        since = row["next_at"] if isinstance(row["next_at"], datetime) else None
-        occurrence = recurring.due(row["cron"], row["timezone"], since, now)
+        since = row.next_at if isinstance(row.next_at, datetime) else None
+        occurrence = recurring.due(row.cron, row.timezone, since, now)
         if occurrence.fire_at is not None:
-            fired.append((row["id"], occurrence.fire_at))
-        advanced.append((row["id"], occurrence.next_at))
+            fired.append((row.id, occurrence.fire_at))
+        advanced.append((row.id, occurrence.next_at))
         if occurrence.next_at is None:
             log.warning(
                 "recurrence_stopped",
-                recurrence_id=row["id"],
-                flag_key=clip(row["flag_key"]),
+                recurrence_id=row.id,
+                flag_key=clip(row.flag_key),
                 error=one_line(occurrence.error or "no next occurrence", [])[:1000],
             )
     try:
@@ -70,7 +70,7 @@ def _batch(conn: Conn, now: Any, due: list[dict[str, Any]], stopped: Callable[[]
             raise DatabaseError(exc.message) from exc
         # A row the database refuses (an expires_after that overflows): redo them one by
         # one, so only that recurrence stops.
-        keys = {row["id"]: row["flag_key"] for row in due}
+        keys = {row.id: row.flag_key for row in due}
         made = []
         nexts = dict(advanced)
         for rec_id, at in fired:
@@ -92,9 +92,9 @@ def _batch(conn: Conn, now: Any, due: list[dict[str, Any]], stopped: Callable[[]
     for schedule in made:
         log.info(
             "recurrence_materialised",
-            recurrence_id=schedule["recurrence_id"],
-            schedule_id=schedule["id"],
-            flag_key=schedule["flag_key"],
-            scheduled_at=schedule["scheduled_at"],
+            recurrence_id=schedule.recurrence_id,
+            schedule_id=schedule.id,
+            flag_key=schedule.flag_key,
+            scheduled_at=schedule.scheduled_at,
         )
     return len(made)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -185,6 +185,128 @@ class Claimed:
     attempts_made: int = 0  # attempts already kept with it (its retry_count resets on retry)
 
 
+# A stored time as read back: a datetime, or PostgreSQL's text of one Python cannot hold
+# (infinity, BC, past year 9999), so a command that shows rows reads any row.
+Time = datetime | str
+
+
+def row_dict(row: Any) -> dict[str, Any]:
+    """A typed row's fields as a dict, in column order (for JSON output)."""
+    return {name: getattr(row, name) for name in row.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRow:
+    """A schedule as `list-failed` shows it. `permanent`: failed for good."""
+
+    id: int
+    flag_key: str
+    scheduled_at: Time
+    updates: object
+    status: str
+    retry_count: int
+    max_retries: int
+    next_retry_at: Time | None
+    last_error: str | None
+    applied_at: Time | None
+    created_at: Time
+    updated_at: Time
+    permanent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRow(FailedRow):
+    """A schedule as `list` and `show` show it: list-failed's fields and the authoring ones."""
+
+    group_id: int | None
+    expires_at: Time | None
+    on_conflict: str
+    recurrence_id: int | None
+    reviewed_at: Time | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRow:
+    """One entry of the record (feature_flag_changes) as `history` and `show` show it."""
+
+    id: int
+    flag_key: str
+    changed_at: Time
+    actor: str | None
+    old: object  # {"enabled", "rollout_percentage"} before, or None (the flag was made)
+    new: object
+    schedule_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ShownSchedule(ScheduleRow):
+    """`show ID`: the schedule, the attempts kept with it, the changes it made."""
+
+    attempts: object
+    changes: tuple[ChangeRow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LockedSchedule:
+    """A schedule an operator command holds the row lock of."""
+
+    id: int
+    flag_key: str
+    scheduled_at: Time
+    status: str
+    retry_count: int
+    max_retries: int
+    next_retry_at: Time | None
+    waiting: bool  # failed and waiting for a retry
+
+
+@dataclass(frozen=True, slots=True)
+class RecurrenceRow:
+    """A recurrence as `recurrences` shows it."""
+
+    id: int
+    flag_key: str
+    cron: str
+    timezone: str
+    updates: object
+    next_at: Time | None
+    expires_after: timedelta | str | None  # or PostgreSQL's text of one Python cannot hold
+    on_conflict: str
+    cancelled_at: Time | None
+    created_at: Time
+
+
+@dataclass(frozen=True, slots=True)
+class DueRecurrence:
+    """A recurrence a tick locked to materialise."""
+
+    id: int
+    flag_key: str
+    cron: str
+    timezone: str
+    next_at: Time | None
+
+
+@dataclass(frozen=True, slots=True)
+class MadeSchedule:
+    """A schedule a recurrence's occurrence became."""
+
+    id: int
+    recurrence_id: int
+    flag_key: str
+    scheduled_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What is due at a time, and what is due next (index scans only)."""
+
+    due: int
+    oldest_due_at: Time | None
+    oldest_due_age_seconds: Decimal | None
+    next_due_at: Time | None
+
+
 class Outcome(StrEnum):
     APPLIED = "applied"
     RETRY = "retry"
@@ -193,13 +315,15 @@ class Outcome(StrEnum):
 
 
 class Verdict(StrEnum):
-    """Why one change of a batch's write did not apply (flagsched_apply_v3's outcomes)."""
+    """Why one change of a batch's write did not apply (the apply statement's verdicts, and
+    the tick's fallback's)."""
 
     MISSING = "missing"  # the flag does not exist: failed for good
     BUSY = "busy"  # another session holds the flag: waited for in a statement of its own
     EXPIRED = "expired"  # too late: failed for good, flag untouched
     CONFLICT = "conflict"  # someone else changed the flag since: failed for good
     ERROR = "error"  # the write failed: a retry, or failed for good when none is left
+    FLAG_FAILED = "flag_failed"  # the flag's write failed on its own (the tick decides)
     HELD_BACK = "held_back"  # behind an earlier change of its flag that will be retried
     NOT_ATTEMPTED = "not_attempted"  # the tick stopped, or its flag's statement failed first
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,7 +14,18 @@ from flagsched import repository
 from flagsched.db import Conn, Database, begin, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
-from flagsched.model import OnConflict, Status, Updates, clip
+from flagsched.model import (
+    ChangeRow,
+    FailedRow,
+    LockedSchedule,
+    OnConflict,
+    RecurrenceRow,
+    ScheduleRow,
+    ShownSchedule,
+    Status,
+    Updates,
+    clip,
+)
 
 PRUNE_BATCH = 5000
 
@@ -27,13 +38,13 @@ def status(database: Database, *, counts: bool = True) -> dict[str, Any]:
         now = repository.db_now(conn)
         due = repository.backlog(conn, now=now)
         per_state = repository.state_counts(conn, now=now) if counts else {}
-    age = due["oldest_due_age_seconds"]
+    age = due.oldest_due_age_seconds
     return {
-        "due": int(due["due"]),
+        "due": int(due.due),
         **per_state,
-        "oldest_due_at": due["oldest_due_at"],
+        "oldest_due_at": due.oldest_due_at,
         "oldest_due_age_seconds": float(age) if age is not None else None,
-        "next_due_at": due["next_due_at"],
+        "next_due_at": due.next_due_at,
         "now": now,
     }
 
@@ -122,28 +133,28 @@ def retry(database: Database, ids: list[int], *, force: bool = False) -> list[Ha
     """Failed schedules become pending again with retry_count 0."""
     log = get_logger()
 
-    def act(conn: Any, row: dict[str, Any]) -> Handled:
-        if row["status"] != Status.FAILED:
-            return Handled(row["id"], False, f"refused: it is {row['status']}, not failed")
-        if not force and repository.newer_applied_exists(conn, row["id"]):
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        if row.status != Status.FAILED:
+            return Handled(row.id, False, f"refused: it is {row.status}, not failed")
+        if not force and repository.newer_applied_exists(conn, row.id):
             return Handled(
-                row["id"],
+                row.id,
                 False,
                 "refused: a later schedule of this flag was already applied, so retrying "
                 "would undo newer state (use --force to retry anyway)",
             )
-        repository.reset_for_retry(conn, row["id"])
+        repository.reset_for_retry(conn, row.id)
         log.info(
             "schedule_retried",
-            schedule_id=row["id"],
-            flag_key=clip(row["flag_key"]),
-            previous_status=row["status"],
-            previous_retry_count=row["retry_count"],
-            previous_next_retry_at=row["next_retry_at"],
+            schedule_id=row.id,
+            flag_key=clip(row.flag_key),
+            previous_status=row.status,
+            previous_retry_count=row.retry_count,
+            previous_next_retry_at=row.next_retry_at,
             forced=force,
         )
         return Handled(
-            row["id"], True, f"pending again (was failed, {row['retry_count']} failed attempt(s))"
+            row.id, True, f"pending again (was failed, {row.retry_count} failed attempt(s))"
         )
 
     return _each_locked(database, ids, act)
@@ -154,21 +165,21 @@ def cancel(database: Database, ids: list[int]) -> list[Handled]:
     return _each_locked(database, ids, _cancel_act())
 
 
-def _cancel_act() -> Callable[[Any, dict[str, Any]], Handled]:
+def _cancel_act() -> Callable[[Any, LockedSchedule], Handled]:
     log = get_logger()
 
-    def act(conn: Any, row: dict[str, Any]) -> Handled:
-        if row["status"] not in (Status.PENDING, Status.FAILED):
-            return Handled(row["id"], False, f"refused: it is already {row['status']}")
-        repository.mark_cancelled(conn, row["id"])
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        if row.status not in (Status.PENDING, Status.FAILED):
+            return Handled(row.id, False, f"refused: it is already {row.status}")
+        repository.mark_cancelled(conn, row.id)
         log.info(
             "schedule_cancelled",
-            schedule_id=row["id"],
-            flag_key=clip(row["flag_key"]),
-            previous_status=row["status"],
-            previous_retry_count=row["retry_count"],
+            schedule_id=row.id,
+            flag_key=clip(row.flag_key),
+            previous_status=row.status,
+            previous_retry_count=row.retry_count,
         )
-        return Handled(row["id"], True, f"cancelled (was {row['status']})")
+        return Handled(row.id, True, f"cancelled (was {row.status})")
 
     return act
 
@@ -182,9 +193,9 @@ def cancel_group(database: Database, group_id: int) -> list[Handled]:
         return [Handled(group_id, False, "refused: no such group", subject=f"group {group_id}")]
     cancel_one = _cancel_act()
 
-    def act(conn: Any, row: dict[str, Any]) -> Handled:
-        if row["status"] in (Status.APPLIED, Status.CANCELLED):
-            return Handled(row["id"], True, f"left as it is: already {row['status']}")
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        if row.status in (Status.APPLIED, Status.CANCELLED):
+            return Handled(row.id, True, f"left as it is: already {row.status}")
         return cancel_one(conn, row)
 
     return _each_locked(database, [i for i, _ in members], act)
@@ -201,7 +212,7 @@ def cancel_recurrence(database: Database, recurrence_id: int) -> list[Handled]:
                 row = repository.lock_recurrence(conn, recurrence_id)
                 if row is None:
                     return [Handled(recurrence_id, False, "refused: no such recurrence", subject)]
-                if row["cancelled_at"] is not None:
+                if row.cancelled_at is not None:
                     return [Handled(recurrence_id, False, "refused: already cancelled", subject)]
                 cancelled = repository.cancel_recurrence(conn, recurrence_id)
         except StatementFailed as exc:
@@ -209,7 +220,7 @@ def cancel_recurrence(database: Database, recurrence_id: int) -> list[Handled]:
     get_logger().info(
         "recurrence_cancelled",
         recurrence_id=recurrence_id,
-        flag_key=row["flag_key"],
+        flag_key=row.flag_key,
         cancelled_schedule_ids=cancelled,
     )
     return [Handled(recurrence_id, True, "stopped: it makes no more schedules", subject)] + [
@@ -290,7 +301,7 @@ def add_recurrence(
 
 def list_failed(
     database: Database, *, permanent: bool | None, flag_key: str | None, limit: int
-) -> list[dict[str, Any]]:
+) -> list[FailedRow]:
     """Failed schedules, most recently failed first (`permanent`: only those failed for
     good, False: only those waiting for a retry, None: both)."""
     with begin(database) as conn:
@@ -298,14 +309,14 @@ def list_failed(
         return repository.list_failed(conn, permanent=permanent, flag_key=flag_key, limit=limit)
 
 
-def list_schedules(database: Database, **filters: Any) -> list[dict[str, Any]]:
+def list_schedules(database: Database, **filters: Any) -> list[ScheduleRow]:
     """`flagsched list`: see repository.list_schedules for the filters."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         return repository.list_schedules(conn, **filters)
 
 
-def recurrences(database: Database) -> list[dict[str, Any]]:
+def recurrences(database: Database) -> list[RecurrenceRow]:
     """Active recurrences with their next occurrence."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
@@ -362,15 +373,15 @@ def prune(
     return total, batches
 
 
-def show(database: Database, schedule_id: int) -> dict[str, Any] | None:
+def show(database: Database, schedule_id: int) -> ShownSchedule | None:
     """One schedule, its attempts and the history entries that applied it (None: unknown)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         row = repository.show_schedule(conn, schedule_id)
         if row is None:
             return None
-        row["changes"] = repository.changes_of(conn, schedule_id, row["flag_key"])
-    return row
+        changes = repository.changes_of(conn, schedule_id, row.flag_key)
+    return replace(row, changes=tuple(changes))
 
 
 def history(
@@ -380,7 +391,7 @@ def history(
     since: datetime | None,
     limit: int,
     since_now: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[ChangeRow]:
     """Changes of flags, newest first; `since_now`: from the database's now()."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
@@ -433,7 +444,7 @@ def outlook(
     from flagsched import projection
 
     with begin(database) as conn:
-        conn.execute("SET TRANSACTION READ ONLY")
+        repository.read_only(conn)
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         begins = start if start is not None else now

@@ -16,7 +16,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flagsched.model import row_dict
+
 if TYPE_CHECKING:
+    from flagsched.model import ChangeRow, FailedRow, RecurrenceRow, ScheduleRow, ShownSchedule
     from flagsched.operators import Outlook
     from flagsched.projection import State, Step
 
@@ -97,11 +100,16 @@ def compact(value: Any, width: int | None = None) -> str:
     return text
 
 
+def _fields(row: Any) -> dict[str, Any]:
+    """A row, typed (a dataclass) or a dict, as a dict in column order."""
+    return row if isinstance(row, dict) else row_dict(row)
+
+
 def to_json(data: Any) -> str:
     """JSON with datetimes (at any depth) as ISO 8601 UTC strings, exact numbers as numbers;
     a row's values nested too deeply are shown as a note."""
     if isinstance(data, list):
-        data = [{k: _plain(v) for k, v in row.items()} for row in data]
+        data = [{k: _plain(v) for k, v in _fields(row).items()} for row in data]
     elif isinstance(data, dict):
         data = {k: _plain(v) for k, v in data.items()}
     return json.dumps(data, indent=2, sort_keys=False, default=_json_default)
@@ -133,7 +141,7 @@ def change(updates: Any) -> str:
     return compact(updates, width=60)
 
 
-def rows_or_empty(fmt: str, rows: list[dict[str, Any]], empty: str) -> str | None:
+def rows_or_empty(fmt: str, rows: Sequence[Any], empty: str) -> str | None:
     """Rows as JSON, or the line `empty` when there are none; None: print them as a table."""
     if fmt == "json":
         return to_json(rows)
@@ -152,7 +160,7 @@ def dry_run(plan: Sequence[tuple[Any, str]]) -> str:
     )
 
 
-def failed_schedules(rows: list[dict[str, Any]], fmt: str) -> str:
+def failed_schedules(rows: Sequence[FailedRow], fmt: str) -> str:
     """`list-failed`: most recently failed first."""
     text = rows_or_empty(fmt, rows, "no failed schedules")
     if text is not None:
@@ -161,12 +169,12 @@ def failed_schedules(rows: list[dict[str, Any]], fmt: str) -> str:
         ["ID", "FLAG", "SCHEDULED_AT", "ATTEMPTS", "RETRY", "LAST_ERROR"],
         [
             (
-                r["id"],
-                r["flag_key"],
-                r["scheduled_at"],
-                r["retry_count"],
-                "permanent" if r["permanent"] else f"retrying at {iso(r['next_retry_at'])}",
-                r["last_error"],
+                r.id,
+                r.flag_key,
+                r.scheduled_at,
+                r.retry_count,
+                "permanent" if r.permanent else f"retrying at {iso(r.next_retry_at)}",
+                r.last_error,
             )
             for r in rows
         ],
@@ -200,57 +208,57 @@ def status(report: dict[str, Any], fmt: str) -> str:
     )
 
 
-def schedules(rows: list[dict[str, Any]], fmt: str, zone: tzinfo | None = None) -> str:
+def schedules(rows: Sequence[ScheduleRow], fmt: str, zone: tzinfo | None = None) -> str:
     """`list`: schedules in (scheduled_at, id) order."""
     text = rows_or_empty(fmt, rows, "no schedules")
     if text is not None:
         return text
 
-    def state(row: dict[str, Any]) -> str:
-        if row["status"] != "failed":
-            return str(row["status"])
-        if row["permanent"]:
+    def state(row: ScheduleRow) -> str:
+        if row.status != "failed":
+            return str(row.status)
+        if row.permanent:
             return "failed for good"
-        return f"retrying at {shown(row['next_retry_at'], zone)}"
+        return f"retrying at {shown(row.next_retry_at, zone)}"
 
     return table(
         ["ID", "FLAG", "SCHEDULED_AT", "STATUS", "CHANGE", "GROUP", "EXPIRES_AT"],
         [
             (
-                r["id"],
-                r["flag_key"],
-                shown(r["scheduled_at"], zone),
+                r.id,
+                r.flag_key,
+                shown(r.scheduled_at, zone),
                 state(r),
-                change(r["updates"]),
-                r["group_id"] if r["recurrence_id"] is None else f"r{r['recurrence_id']}",
-                shown(r["expires_at"], zone),
+                change(r.updates),
+                r.group_id if r.recurrence_id is None else f"r{r.recurrence_id}",
+                shown(r.expires_at, zone),
             )
             for r in rows
         ],
     )
 
 
-def recurrences(rows: list[dict[str, Any]], fmt: str, zone: tzinfo | None = None) -> str:
+def recurrences(rows: Sequence[RecurrenceRow], fmt: str, zone: tzinfo | None = None) -> str:
     """`recurrences`: active recurrences, next occurrence first."""
     from flagsched.times import format_duration
 
-    rows = [{**r, "expires_after": format_duration(r["expires_after"])} for r in rows]
-    text = rows_or_empty(fmt, rows, "no recurrences")
+    shown_rows = [{**row_dict(r), "expires_after": format_duration(r.expires_after)} for r in rows]
+    text = rows_or_empty(fmt, shown_rows, "no recurrences")
     if text is not None:
         return text
     return table(
         ["ID", "FLAG", "CRON", "TIMEZONE", "NEXT_AT", "CHANGE", "EXPIRES_AFTER"],
         [
             (
-                r["id"],
-                r["flag_key"],
-                r["cron"],
-                r["timezone"],
-                shown(r["next_at"], zone) or "never (stopped)",
-                change(r["updates"]),
-                r["expires_after"],
+                r.id,
+                r.flag_key,
+                r.cron,
+                r.timezone,
+                shown(r.next_at, zone) or "never (stopped)",
+                change(r.updates),
+                s["expires_after"],
             )
-            for r in rows
+            for r, s in zip(rows, shown_rows, strict=True)
         ],
     )
 
@@ -262,7 +270,7 @@ def _values(state: Any) -> str:
     return f"{enabled} {state.get('rollout_percentage')}%"
 
 
-def changes(rows: list[dict[str, Any]], fmt: str = "table", zone: tzinfo | None = None) -> str:
+def changes(rows: Sequence[ChangeRow], fmt: str = "table", zone: tzinfo | None = None) -> str:
     """`history`: changes of flags, newest first."""
     text = rows_or_empty(fmt, rows, "no changes recorded")
     if text is not None:
@@ -271,27 +279,28 @@ def changes(rows: list[dict[str, Any]], fmt: str = "table", zone: tzinfo | None 
         ["ID", "CHANGED_AT", "FLAG", "ACTOR", "OLD", "NEW", "SCHEDULES"],
         [
             (
-                r["id"],
-                shown(r["changed_at"], zone),
-                r["flag_key"],
-                r["actor"],
-                _values(r["old"]),
-                _values(r["new"]),
-                ",".join(str(i) for i in r["schedule_ids"]) or "-",
+                r.id,
+                shown(r.changed_at, zone),
+                r.flag_key,
+                r.actor,
+                _values(r.old),
+                _values(r.new),
+                ",".join(str(i) for i in r.schedule_ids) or "-",
             )
             for r in rows
         ],
     )
 
 
-def schedule(row: dict[str, Any], fmt: str) -> str:
+def schedule(row: ShownSchedule, fmt: str) -> str:
     """`show ID`: the schedule's fields, every attempt, the changes it made."""
     if fmt == "json":
-        return to_json(row)
+        return to_json({**row_dict(row), "changes": [row_dict(c) for c in row.changes]})
     fields = table(
-        ["FIELD", "VALUE"], [(k, v) for k, v in row.items() if k not in ("attempts", "changes")]
+        ["FIELD", "VALUE"],
+        [(k, v) for k, v in row_dict(row).items() if k not in ("attempts", "changes")],
     )
-    attempts = row["attempts"]
+    attempts = row.attempts
     if not isinstance(attempts, list):  # unreadable (nested too deeply): a note, as in JSON
         tried = f"attempts: {compact(attempts)}"
     elif attempts:
@@ -306,7 +315,7 @@ def schedule(row: dict[str, Any], fmt: str) -> str:
         )
     else:
         tried = "no attempts yet"
-    made = changes(row["changes"]) if row["changes"] else "no changes made"
+    made = changes(row.changes) if row.changes else "no changes made"
     return "\n\n".join([fields, tried, made])
 
 

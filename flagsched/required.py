@@ -101,9 +101,10 @@ REQUIRED: tuple[Required, ...] = (
     # Migration 0006 (its predecessors of 0004 stay for the previous release, unused here).
     Function("flagsched_claim_v2", ("integer", "boolean")),
     Function("flagsched_held_back_v1", ("integer",)),
+    # Migration 0007 (0006's apply function stays for the previous release).
     Function(
-        "flagsched_apply_v3",
-        ("bigint[]", "text[]", "boolean[]", "integer[]", "boolean[]", "interval", "boolean"),
+        "flagsched_apply_v4",
+        ("bigint[]", "text[]", "boolean[]", "integer[]", "interval", "boolean"),
     ),
     Function("flagsched_check_v2", ("bigint", "interval")),
     # The claim numbers the attempts it keeps, the record appends to what it kept.

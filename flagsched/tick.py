@@ -1,8 +1,16 @@
-"""One tick: claim due schedules, apply them per flag in order, record outcomes, report."""
+"""One tick: claim due schedules, apply them per flag in order, record outcomes, report.
+
+Read top to bottom, one schedule's path: `run` opens the batches; `_batch` claims, plans
+(`_plan`, pure, with `_Failures`), writes (`_write`: one mechanism, one fallback, the
+hold-back rule in `_after_failure`), maps each verdict to an outcome (`_result`) and
+records them all; `_log_result` logs each after the commit. Then the side paths:
+recurrences materialised before the claim, held-back schedules reported, the backlog
+measured, and `preview` for --dry-run."""
 
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -129,68 +137,22 @@ def run(
     return report
 
 
-def _materialise(database: Database, conn: Conn, stop: StopFlag) -> None:
-    """Due recurrences into schedules, in bounded batches that a signal stops between."""
-    try:
-        materialise.due_recurrences(database, conn, stopped=lambda: stop.requested)
-    except DatabaseError:
-        if not stop.requested:  # a signal may cancel it: the batches committed stay
-            raise
-
-
-def _held_back(database: Database, conn: Conn, options: TickOptions) -> list[Result]:
-    """Due schedules held back behind an open schedule of their flag that is not due: the
-    claim never takes them (they would take a batch's places), so they are read here,
-    locking nothing, up to a batch's worth, and reported once per tick."""
-    with transaction(database, conn):
-        held = repository.held_back(conn, limit=options.batch_size)
-    return [Result(schedule, Outcome.HELD_BACK) for schedule in held]
-
-
-def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None:
-    """What is still due after the tick (for the log and the metrics); index scans only."""
-    with transaction(database, conn):
-        now = repository.db_now(conn)
-        backlog = repository.backlog(conn, now=now)
-    report.due_backlog = int(backlog["due"])
-    age = backlog["oldest_due_age_seconds"]
-    report.oldest_due_age_seconds = float(age) if age is not None else 0.0
-
-
-def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
-    """--dry-run: what the next batch would do, from a claim that is rolled back."""
-    with connection(database) as conn:
-        with transaction(database, conn):
-            repository.ensure_schema(conn)
-        with transaction(database, conn, rollback=True):  # nothing claimed is kept
-            now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
-            held = repository.held_back(conn, limit=options.batch_size)
-            existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
-            checks = repository.safety_checks(
-                conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
-            )
-    shown = {c.id for c in claimed}
-    held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
+def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
+    """Claim, decide, write, record: one batch, in the caller's transaction."""
+    now, claimed = repository.claim(conn, limit=options.batch_size)
     if now is None:
-        return [(r.schedule, _describe(r)) for r in held_back]
-    decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
-    decided += held_back
-    plan = [(r.schedule, _describe(r)) for r in decided]
-    for key, flag_steps in steps.items():
-        for c, u in flag_steps:
-            if key not in existing:
-                plan.append((c, f"fail for good: flag {key!r} does not exist"))
-            elif c.id in checks:
-                plan.append((c, f"fail for good: {checks[c.id][1]}"))
-            else:
-                plan.append((c, f"apply {u.as_json()}"))
-    return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
-
-
-def _describe(result: Result) -> str:
-    if result.outcome is Outcome.HELD_BACK:
-        return "held back (an earlier schedule of this flag is still open)"
-    return f"fail for good: {result.error}"
+        return []
+    fail = _Failures(now, options, rng)
+    results, steps = _plan(claimed, fail)
+    changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
+    if changes:
+        verdicts = _write(conn, changes, stop, options.max_lateness)
+        for index, change in enumerate(changes):
+            verdict, error = verdicts.get(index, (None, None))
+            results.append(_result(change.schedule, verdict, error, fail))
+    applied = [r.schedule.flag_key for r in results if r.outcome is Outcome.APPLIED]
+    repository.record(conn, results, now=now, notice=change_notice(applied))
+    return results
 
 
 class _Failures:
@@ -245,85 +207,140 @@ def _plan(
     return decided, steps
 
 
-def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
-    """Claim, decide, write, record: one batch, in the caller's transaction."""
-    now, claimed = repository.claim(conn, limit=options.batch_size)
-    if now is None:
-        return []
-    fail = _Failures(now, options, rng)
-    results, steps = _plan(claimed, fail)
-    changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
-    if changes:
-        verdicts = _write(conn, changes, stop, options.max_lateness)
-        for index, change in enumerate(changes):
-            verdict, error = verdicts.get(index, (None, None))
-            results.append(_result(change.schedule, verdict, error, fail))
-    applied = [r.schedule.flag_key for r in results if r.outcome is Outcome.APPLIED]
-    repository.record(conn, results, now=now, notice=change_notice(applied))
-    return results
-
-
 Verdicts = dict[int, tuple[Verdict, str | None]]  # change index -> why it did not apply
+
+# A flag statement that failed on these (a lock not granted in time, a statement outlasting
+# statement_timeout or cancelled) would fail the same way for each change: none is tried
+# alone, and the flag's changes after the first are left as they are.
+_FLAG_UNAVAILABLE = frozenset({"55P03", "57014"})
 
 
 def _write(
     conn: Conn, changes: list[Change], stop: StopFlag, max_lateness: float | None
 ) -> Verdicts:
-    """One statement writes the batch, in a savepoint. Flags other sessions hold, or every
-    flag when that statement failed as a whole (a trigger outlasting statement_timeout),
-    then get a statement each, in a savepoint of its own, that waits for the flag: a lock
-    or statement timeout, or a signal cancelling the wait, undoes only that flag."""
+    """One mechanism, one fallback. The mechanism: one statement, in a savepoint, locks the
+    flags (skipping those other sessions hold: busy), decides every change and writes the
+    rest set-based; when that write fails it writes each half of the flags again, down to
+    the flags that fail on their own (flag_failed), all in that one statement. The
+    fallback (`_write_flag`), one flag at a time in a savepoint of its own that waits for
+    the flag: the busy flags, the failed flags with more than one change, and every flag
+    when the statement itself failed (a timeout or a cancel). Subtransactions grow with the
+    failing flags, never with the batch size."""
     try:
         with repository.savepoint(conn):
             verdicts = repository.apply(
                 conn, changes, wait=False, max_lateness_seconds=max_lateness
             )
         later = {
-            changes[i].schedule.flag_key for i, (v, _) in verdicts.items() if v is Verdict.BUSY
+            changes[i].schedule.flag_key
+            for i, (v, _) in verdicts.items()
+            if v in (Verdict.BUSY, Verdict.FLAG_FAILED)
         }
     except StatementFailed:
         verdicts, later = {}, {c.schedule.flag_key for c in changes}
     for key in sorted(later):
         indexes = [i for i, c in enumerate(changes) if c.schedule.flag_key == key]
+        failure = _flag_failure({i: verdicts[i] for i in indexes if i in verdicts})
         for i in indexes:
             verdicts.pop(i, None)  # decided again, now that the flag is waited for
-        verdicts.update(_write_one_flag(conn, changes, indexes, stop, max_lateness))
+        if failure is not None and len(indexes) == 1:  # nothing behind it: no second try
+            verdicts.update(_after_failure(changes, indexes, failure, one_by_one=False))
+            continue
+        verdicts.update(
+            _write_flag(conn, changes, indexes, stop, max_lateness, whole=failure is None)
+        )
     return verdicts
 
 
-def _write_one_flag(
+def _write_flag(
     conn: Conn,
     changes: list[Change],
     indexes: list[int],
     stop: StopFlag,
     max_lateness: float | None,
+    *,
+    whole: bool = True,
 ) -> Verdicts:
-    """One flag's changes, waiting for its lock. If the statement fails as a whole, its
-    first change failed and the others were not attempted."""
-    not_attempted: Verdicts = {i: (Verdict.NOT_ATTEMPTED, "the tick was stopped") for i in indexes}
+    """One flag's changes in one statement that waits for the flag (`whole`). When that
+    fails (or the flag's write already failed: not `whole`), its changes go one by one, in
+    order, each in a savepoint, and what a failure holds back is decided by
+    `_after_failure` (the one place)."""
     if stop.requested:  # they stay as they are, due for the next tick
-        return not_attempted
+        return _not_attempted(indexes, "the tick was stopped")
+    if whole:
+        found, failure = _apply_some(conn, changes, indexes, max_lateness)
+        if failure is None:
+            return found
+        if stop.requested:
+            return _not_attempted(indexes, "the tick was stopped")
+        if len(indexes) == 1 or failure.sqlstate in _FLAG_UNAVAILABLE:
+            return _after_failure(changes, indexes, failure, one_by_one=False)
+    verdicts: Verdicts = {}
+    for n, i in enumerate(indexes):
+        if stop.requested:
+            return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
+        found, failure = _apply_some(conn, changes, [i], max_lateness)
+        if failure is None:
+            verdicts |= found
+            continue
+        if stop.requested:
+            return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
+        decided = _after_failure(changes, indexes[n:], failure, one_by_one=True)
+        verdicts |= decided
+        if len(decided) > 1:  # the flag's later changes are held back
+            return verdicts
+    return verdicts
+
+
+def _apply_some(
+    conn: Conn, changes: list[Change], indexes: list[int], max_lateness: float | None
+) -> tuple[Verdicts, StatementFailed | None]:
+    """Some of one flag's changes in one statement and a savepoint, waiting for the flag:
+    their verdicts, or why the flag's write failed."""
     try:
         with repository.savepoint(conn):
             found = repository.apply(
-                conn,
-                [changes[i] for i in indexes],
-                wait=True,
-                max_lateness_seconds=max_lateness,
+                conn, [changes[i] for i in indexes], wait=True, max_lateness_seconds=max_lateness
             )
     except StatementFailed as exc:
-        if stop.requested:
-            return not_attempted
-        first, *rest = indexes
-        failed: Verdicts = {first: (Verdict.ERROR, exc.message)}
-        return failed | {
-            i: (
-                Verdict.NOT_ATTEMPTED,
-                f"not attempted: schedule {changes[first].schedule.id} of this flag failed first",
-            )
-            for i in rest
-        }
-    return {indexes[j]: verdict for j, verdict in found.items()}
+        return {}, exc
+    verdicts = {indexes[j]: verdict for j, verdict in found.items()}
+    failure = _flag_failure(verdicts)
+    return (verdicts, None) if failure is None else ({}, failure)
+
+
+_SQLSTATE = re.compile(r"\(SQLSTATE (\w{5})\)$")
+
+
+def _flag_failure(verdicts: Verdicts) -> StatementFailed | None:
+    """The failure of a flag's write the apply statement reported (flag_failed), if any."""
+    for verdict, message in verdicts.values():
+        if verdict is Verdict.FLAG_FAILED:
+            text = message or "the flag's write failed"
+            found = _SQLSTATE.search(text)
+            return StatementFailed(text, found.group(1) if found else None)
+    return None
+
+
+def _after_failure(
+    changes: list[Change], indexes: list[int], exc: StatementFailed, *, one_by_one: bool
+) -> Verdicts:
+    """The hold-back rule, decided once: the first of `indexes` failed (`exc`). Its flag's
+    later changes are held back (not attempted, no retry spent) when that failure will be
+    retried (its change stays first in line) or when the flag cannot be written now (a lock
+    or statement timeout); after a final failure they are tried, one by one
+    (`one_by_one`: only the failed change is decided here)."""
+    first, *rest = indexes
+    failed: Verdicts = {first: (Verdict.ERROR, exc.message)}
+    holds = changes[first].stop_on_failure or exc.sqlstate in _FLAG_UNAVAILABLE
+    if one_by_one and not holds:
+        return failed
+    why = f"not attempted: schedule {changes[first].schedule.id} of this flag failed first"
+    return failed | {i: (Verdict.NOT_ATTEMPTED, why) for i in rest}
+
+
+def _not_attempted(indexes: list[int], why: str) -> Verdicts:
+    return {i: (Verdict.NOT_ATTEMPTED, why) for i in indexes}
 
 
 def _result(
@@ -341,7 +358,7 @@ def _result(
             return fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
         case Verdict.EXPIRED | Verdict.CONFLICT:
             return fail(schedule, error or verdict.value, permanent=True)
-        case Verdict.ERROR:
+        case Verdict.ERROR | Verdict.FLAG_FAILED:
             return fail(schedule, error or "unknown error", permanent=False)
 
 
@@ -382,3 +399,67 @@ def _log_result(log: Any, result: Result) -> None:
             max_retries=schedule.max_retries,
             reason=result.error or "an earlier schedule of this flag is still open",
         )
+
+
+def _materialise(database: Database, conn: Conn, stop: StopFlag) -> None:
+    """Due recurrences into schedules, in bounded batches that a signal stops between."""
+    try:
+        materialise.due_recurrences(database, conn, stopped=lambda: stop.requested)
+    except DatabaseError:
+        if not stop.requested:  # a signal may cancel it: the batches committed stay
+            raise
+
+
+def _held_back(database: Database, conn: Conn, options: TickOptions) -> list[Result]:
+    """Due schedules held back behind an open schedule of their flag that is not due: the
+    claim never takes them (they would take a batch's places), so they are read here,
+    locking nothing, up to a batch's worth, and reported once per tick."""
+    with transaction(database, conn):
+        held = repository.held_back(conn, limit=options.batch_size)
+    return [Result(schedule, Outcome.HELD_BACK) for schedule in held]
+
+
+def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None:
+    """What is still due after the tick (for the log and the metrics); index scans only."""
+    with transaction(database, conn):
+        now = repository.db_now(conn)
+        backlog = repository.backlog(conn, now=now)
+    report.due_backlog = int(backlog.due)
+    age = backlog.oldest_due_age_seconds
+    report.oldest_due_age_seconds = float(age) if age is not None else 0.0
+
+
+def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
+    """--dry-run: what the next batch would do, from a claim that is rolled back."""
+    with connection(database) as conn:
+        with transaction(database, conn):
+            repository.ensure_schema(conn)
+        with transaction(database, conn, rollback=True):  # nothing claimed is kept
+            now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
+            held = repository.held_back(conn, limit=options.batch_size)
+            existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
+            checks = repository.safety_checks(
+                conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
+            )
+    shown = {c.id for c in claimed}
+    held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
+    if now is None:
+        return [(r.schedule, _describe(r)) for r in held_back]
+    decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
+    decided += held_back
+    plan = [(r.schedule, _describe(r)) for r in decided]
+    for key, flag_steps in steps.items():
+        for c, u in flag_steps:
+            if key not in existing:
+                plan.append((c, f"fail for good: flag {key!r} does not exist"))
+            elif c.id in checks:
+                plan.append((c, f"fail for good: {checks[c.id][1]}"))
+            else:
+                plan.append((c, f"apply {u.as_json()}"))
+    return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
+
+
+def _describe(result: Result) -> str:
+    if result.outcome is Outcome.HELD_BACK:
+        return "held back (an earlier schedule of this flag is still open)"
+    return f"fail for good: {result.error}"

@@ -96,16 +96,28 @@ def pooled_empty_url(empty_database_url: str, pgbouncer: pgbouncer_script.PgBoun
     return pgbouncer.url(empty_database_url)
 
 
-@pytest.fixture
-def database_url(pg: pgserver.Postgresql) -> str:
-    """A fresh database at the latest schema revision."""
-    return _new_database(pg, TEMPLATE)
+def _drop_database(server: pgserver.Postgresql, url: str) -> None:
+    """Drop a test's database when the test ends (WITH (FORCE): a connection the test left
+    open, or a pooler's, does not keep it)."""
+    name = sa.engine.make_url(url).database
+    with _admin(server).connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture
-def empty_database_url(pg: pgserver.Postgresql) -> str:
-    """A fresh database with no flagsched schema."""
-    return _new_database(pg, "template0")
+def database_url(pg: pgserver.Postgresql) -> Iterator[str]:
+    """A fresh database at the latest schema revision, dropped when the test ends."""
+    url = _new_database(pg, TEMPLATE)
+    yield url
+    _drop_database(pg, url)
+
+
+@pytest.fixture
+def empty_database_url(pg: pgserver.Postgresql) -> Iterator[str]:
+    """A fresh database with no flagsched schema, dropped when the test ends."""
+    url = _new_database(pg, "template0")
+    yield url
+    _drop_database(pg, url)
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_migrate_at_an_unknown_revision_is_one_line_exit_3_and_the_tick_runs(
 def test_a_sql_ascii_database_is_refused_in_one_line_exit_3(
     flagsched: Callable[..., Ran], pg: Any, empty_database_url: str
 ) -> None:
-    from tests.conftest import _admin
+    from tests.conftest import _admin, _drop_database
 
     name = empty_database_url.rsplit("/", 1)[1] + "_ascii"
     with _admin(pg).connect() as conn:
@@ -165,12 +165,15 @@ def test_a_sql_ascii_database_is_refused_in_one_line_exit_3(
             )
         )
     url = empty_database_url.rsplit("/", 1)[0] + "/" + name
-    for command in (["migrate"], ["migrate", "--check"], ["process"]):
-        ran = flagsched(*command, url=url)
-        assert ran.code == 3, (command, ran.stderr)
-        assert ran.stderr.count("\n") == 1 and "internal error" not in ran.stderr
-        assert "SQL_ASCII" in ran.stderr and "UTF8" in ran.stderr
-    with psycopg.connect(url) as conn:  # SQLAlchemy itself cannot read a SQL_ASCII server
-        assert conn.execute(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
-        ).fetchone() == (0,)
+    try:
+        for command in (["migrate"], ["migrate", "--check"], ["process"]):
+            ran = flagsched(*command, url=url)
+            assert ran.code == 3, (command, ran.stderr)
+            assert ran.stderr.count("\n") == 1 and "internal error" not in ran.stderr
+            assert "SQL_ASCII" in ran.stderr and "UTF8" in ran.stderr
+        with psycopg.connect(url) as conn:  # SQLAlchemy itself cannot read a SQL_ASCII one
+            assert conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+            ).fetchone() == (0,)
+    finally:
+        _drop_database(pg, url)

@@ -88,3 +88,7 @@ def test_installed_wheel_migrates_from_any_directory(
         cwd=elsewhere, env=env,
     )  # fmt: skip
     assert page.read_text().startswith("<!DOCTYPE html>")
+    # So do the named statements (flagsched/sql/queries.sql) a tick sends.
+    assert "tick_finished" in run(
+        venv / "bin" / "python", "-m", "flagsched", "process", cwd=elsewhere, env=env
+    )

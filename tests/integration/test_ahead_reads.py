@@ -17,17 +17,17 @@ Sql = Callable[..., list[Any]]
 
 
 def _plans(conn: Conn, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The plans of every statement `outlook` sends through repository._typed."""
+    """The plans of every statement `outlook` sends through repository._rows."""
     plans: list[dict[str, Any]] = []
 
-    def explain(c: Conn, cls: Any, sql: str, params: Any = None) -> list[Any]:
+    def explain(c: Conn, factory: Any, sql: str, params: Any = None, **_: Any) -> list[Any]:
         row = c.execute("EXPLAIN (FORMAT JSON) " + sql, params).fetchone()
         assert row is not None
         plan = row[0] if not isinstance(row[0], str) else json.loads(row[0])
         plans.append(plan[0]["Plan"])
         return []
 
-    monkeypatch.setattr(repository, "_typed", explain)
+    monkeypatch.setattr(repository, "_rows", explain)
     return plans
 
 

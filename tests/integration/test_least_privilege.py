@@ -150,15 +150,16 @@ def test_process_applies_due_schedules_with_only_its_grants(
         ("window", True, 0),  # made from the recurrence, applied in the same tick
     ]
     # Its writes are in the history (the trigger needs no grant of the tick's role); the
-    # broken flag's failure made the batch write change by change, one entry each.
+    # broken flag's failure isolated it alone: the other flags' writes stay set-based, a
+    # flag's changes folded into one entry naming both schedules (issue 17: the fallback
+    # goes flag by flag, no longer change by change).
     recorded = sql(
         "SELECT flag_key, actor, schedule_ids FROM feature_flag_changes "
         "WHERE cardinality(schedule_ids) > 0 ORDER BY flag_key, id"
     )
     assert [tuple(r) for r in recorded] == [
         ("checkout", "flagsched", [enable]),
-        ("ramp", "flagsched", [ramp[0]]),
-        ("ramp", "flagsched", [ramp[1]]),
+        ("ramp", "flagsched", [ramp[0], ramp[1]]),
         ("window", "flagsched", [int(sql("SELECT max(id) FROM feature_flag_schedules")[0][0])]),
     ]
     # The same login serves the health check.

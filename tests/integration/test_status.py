@@ -9,8 +9,9 @@ from typing import Any
 
 import psycopg
 
-from flagsched import operators, repository
+from flagsched import operators
 from flagsched.db import Database
+from flagsched.sql import statement
 
 Sql = Callable[..., list[Any]]
 
@@ -35,7 +36,7 @@ def test_the_backlog_query_is_index_scans_only(database_url: str, sql: Sql) -> N
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("SET enable_seqscan = off")
         (plan,) = conn.execute(
-            "EXPLAIN (FORMAT JSON) " + repository.BACKLOG, {"now": datetime.now(UTC)}
+            "EXPLAIN (FORMAT JSON) " + statement("backlog"), {"now": datetime.now(UTC)}
         ).fetchone()  # type: ignore[misc]
     nodes = _nodes(plan[0]["Plan"])
     assert "Seq Scan" not in nodes, nodes

@@ -1,0 +1,496 @@
+-- Every runtime statement flagsched sends, by name (flagsched/sql/__init__.py reads this
+-- file; flagsched/repository.py has one function per statement). `{schedules}` and
+-- `{flags.key}` are tables and columns of the table mapping, `{MAX_TEXT}` a constant,
+-- `{waiting_row}` a fragment below, `{where}` a slot the caller fills with fragments.
+-- Stored logic (the claim, the write, the checks) lives in the migrations, called by name.
+-- A line starting with "-- " directly inside a statement is dropped with the comments.
+
+-- ==================== rules: one spelling each ==========================================
+
+-- name: waiting_row
+-- A failed schedule still waiting for a retry (SPEC's one definition), status aside.
+(next_retry_at IS NOT NULL AND retry_count <= max_retries)
+
+-- name: waiting
+(status = 'failed' AND {waiting_row})
+
+-- name: open_schedule
+-- Open: pending, or failed and waiting for a retry. Spelled so that only the indexes of
+-- open rows (status IN ('pending', 'failed')) match it, so idx_schedules_open serves it in
+-- (scheduled_at, id) order (with `status = 'pending' OR ...` the planner ORs two bitmap
+-- scans and sorts every open row: 2x slower beside 200,000 applied rows).
+status IN ('pending', 'failed') AND (status <> 'failed' OR {waiting_row})
+
+-- name: time_min
+-- The readable time range: years 1..9999, what Python holds (the claim,
+-- flagsched_claim_v2 of migration 0006, clamps to the same).
+TIMESTAMPTZ '0001-01-01 00:00:00+00'
+
+-- name: time_max
+TIMESTAMPTZ '9999-12-31 23:59:59.999999+00'
+
+-- name: clamped_time
+-- {arg} moved into the readable range (NULL stays NULL).
+(CASE WHEN {arg} < {time_min} THEN {time_min}
+      WHEN {arg} > {time_max} THEN {time_max}
+      ELSE {arg} END)
+
+-- name: readable_time
+({arg} BETWEEN {time_min} AND {time_max})
+
+-- name: unreadable_time
+'{arg} ' || CAST({arg} AS text) || ' is outside the years 1..9999 flagsched can read'
+
+-- name: updates_size
+octet_length(CAST({arg} AS text))
+
+-- name: shown_updates
+-- `updates` as commands show it: one too large to ship is a note of its size.
+CASE WHEN {updates_size(updates)} <= {UPDATES_MAX_BYTES} THEN updates
+     ELSE to_jsonb('(' || {updates_size(updates)} || ' bytes: not shown)') END
+AS updates
+
+-- name: schedule_fields
+-- A schedule as every read command shows it (`list`, `show`): list-failed's keys plus the
+-- authoring columns. `permanent`: failed for good.
+id, flag_key, scheduled_at, {shown_updates}, status, retry_count, max_retries,
+next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
+updated_at, (status = 'failed' AND NOT {waiting}) AS permanent,
+group_id, expires_at, on_conflict, recurrence_id, reviewed_at
+
+-- ==================== filters the callers choose ========================================
+
+-- name: of_flag
+flag_key = %(flag_key)s
+
+-- name: with_status
+status = %(status)s
+
+-- name: from_start
+scheduled_at >= CAST(%(start)s AS timestamptz)
+
+-- name: before_end
+scheduled_at < CAST(%(end)s AS timestamptz)
+
+-- name: failed
+status = 'failed'
+
+-- name: for_good
+NOT {waiting_row}
+
+-- name: open_due_until
+{open_schedule} AND scheduled_at <= %(until)s
+
+-- name: retry_due_until_scheduled_after
+-- A retry due by `until` whose own scheduled_at is later (an application may store one).
+{waiting} AND next_retry_at <= %(until)s AND scheduled_at > %(until)s
+
+-- name: open_of_key_after_until
+{open_schedule} AND flag_key = %(key)s AND scheduled_at > %(until)s
+
+-- name: failed_for_good_between
+status = 'failed' AND NOT {waiting_row} AND scheduled_at BETWEEN %(start)s AND %(end)s
+
+-- name: changed_since
+changed_at >= coalesce(%(since)s::timestamptz, now())
+
+-- name: newest_of_flag
+-- Newest first: by flag, the (flag_key, changed_at, id) index.
+changed_at DESC, id DESC
+
+-- name: newest
+-- Newest first without a flag: by id, which follows commit order closely enough and is
+-- the primary key.
+id DESC
+
+-- name: active_recurrence
+cancelled_at IS NULL
+
+-- name: flag_in_keys
+{flags.key} = ANY(%(keys)s)
+
+-- ==================== sessions and the schema ===========================================
+
+-- name: read_only
+SET TRANSACTION READ ONLY
+
+-- name: encoding_and_migrated
+SELECT current_setting('server_encoding'), to_regclass('alembic_version') IS NOT NULL
+
+-- name: schema_revision
+SELECT version_num FROM alembic_version LIMIT 1
+
+-- name: missing_objects
+-- Which of the required objects are missing, as their positions in the list (from 1):
+-- catalog lookups only (no table is read), one round trip at the start of every command.
+WITH r AS (
+    SELECT * FROM unnest(CAST(%(kinds)s AS text[]), CAST(%(relations)s AS text[]),
+                         CAST(%(names)s AS text[])) WITH ORDINALITY
+                  AS r(kind, relation, name, n)
+), columns AS MATERIALIZED (  -- each table's columns read once, not once per column
+    SELECT t.relation, a.attname::text AS name
+    FROM (SELECT DISTINCT relation FROM r WHERE kind = 'column') AS t
+    JOIN pg_attribute a ON a.attrelid = to_regclass(t.relation)
+    WHERE a.attnum > 0 AND NOT a.attisdropped
+)
+SELECT current_setting('server_encoding'), ARRAY(
+    SELECT r.n FROM r
+    WHERE NOT CASE r.kind
+        WHEN 'relation' THEN to_regclass(r.relation) IS NOT NULL
+        WHEN 'function' THEN to_regprocedure(r.name) IS NOT NULL
+        WHEN 'column' THEN (r.relation, r.name) IN (SELECT relation, name FROM columns)
+        ELSE EXISTS (
+            SELECT FROM pg_trigger t
+            WHERE t.tgrelid = to_regclass(r.relation) AND t.tgname = r.name)
+    END
+    ORDER BY r.n)
+
+-- name: migration_lock
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- name: db_now
+SELECT now()
+
+-- ==================== the tick ==========================================================
+
+-- name: claim
+-- flagsched_claim_v2 (migration 0006): a stored function, so its plan is cached per
+-- server connection even behind a pooler (no client-side prepared statements). It claims
+-- only schedules that can move: none held back behind an open one not due.
+SELECT * FROM flagsched_claim_v2(%(limit)s, %(lock)s)
+
+-- name: held_back
+SELECT * FROM flagsched_held_back_v1(%(limit)s)
+
+-- name: apply
+-- flagsched_apply_v4 (migration 0007): lock, decide, write set-based; a failed write fails
+-- the statement (the tick's one fallback takes over).
+SELECT item, outcome, message FROM flagsched_apply_v4(
+    CAST(%(ids)b AS bigint[]), CAST(%(keys)b AS text[]),
+    CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
+    make_interval(secs => %(lateness)s), %(wait)s)
+
+-- name: safety_checks
+SELECT i.id, k.outcome, k.message
+FROM unnest(CAST(%(ids)b AS bigint[])) AS i(id)
+CROSS JOIN LATERAL flagsched_check_v2(i.id, make_interval(secs => %(lateness)s)) k
+
+-- name: record
+WITH recorded AS (
+    UPDATE {schedules} AS s
+    SET status = CASE WHEN v.outcome = 'applied' THEN 'applied' ELSE 'failed' END,
+        applied_at = CASE WHEN v.outcome = 'applied' THEN %(now)s::timestamptz END,
+        -- saturates: a retry_count at the integer limit stays there (no overflow)
+        retry_count = s.retry_count + CASE
+            WHEN v.outcome = 'applied' OR s.retry_count = {INT_MAX} THEN 0 ELSE 1 END,
+        max_retries = coalesce(v.max_retries, s.max_retries),
+        next_retry_at = v.next_retry_at,
+        last_error = CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END,
+        updated_at = %(now)s,
+        -- the claim numbered the attempts kept, and the row stayed locked since:
+        -- none kept means start again from []; otherwise the last few are kept
+        -- (flagsched_kept_attempts_v2, bounded: it reads no TOAST of a value too
+        -- large to keep), so a row's cost is bounded whatever it held
+        attempts = CASE WHEN v.made = 0 THEN '[]'::jsonb
+                        ELSE flagsched_kept_attempts_v2(s.attempts) END
+            || jsonb_build_array(jsonb_build_object(
+            'attempt', v.made + 1, 'at', %(at)s::text,
+            'outcome', v.outcome, 'error', v.last_error))
+    FROM (
+        SELECT a.id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
+               NULL::text AS last_error, NULL::integer AS max_retries, a.made
+        FROM unnest(CAST(%(applied)b AS bigint[]), CAST(%(applied_made)b AS integer[]))
+             AS a(id, made)
+        UNION ALL
+        SELECT f.id, f.outcome, f.next_retry_at, f.last_error, f.max_retries, f.made
+        FROM unnest(CAST(%(failed)b AS bigint[]), CAST(%(outcomes)b AS text[]),
+                    CAST(%(next)b AS timestamptz[]), CAST(%(errors)b AS text[]),
+                    CAST(%(max)b AS integer[]), CAST(%(failed_made)b AS integer[]))
+             AS f(id, outcome, next_retry_at, last_error, max_retries, made)
+    ) AS v
+    WHERE s.id = v.id
+)
+SELECT pg_notify({NOTIFY_CHANNEL}, %(notice)s::text) WHERE %(notice)s::text IS NOT NULL
+
+-- name: backlog
+-- Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at
+-- the end of every tick and for `status --max-lag`, every minute, on tables of millions
+-- of rows.
+WITH pending AS (
+    SELECT count(*) AS n, min(scheduled_at) AS oldest FROM {schedules}
+    WHERE status = 'pending' AND scheduled_at <= %(now)s
+), retries AS (
+    SELECT count(*) AS n, min(next_retry_at) AS oldest FROM {schedules}
+    WHERE next_retry_at <= %(now)s AND {waiting}
+)
+SELECT pending.n + retries.n AS due,
+       LEAST(pending.oldest, retries.oldest) AS oldest_due_at,
+       EXTRACT(EPOCH FROM CAST(%(now)s AS timestamptz)
+           - {clamped_time(LEAST(pending.oldest, retries.oldest))}
+       ) AS oldest_due_age_seconds,
+       LEAST(
+           (SELECT min(scheduled_at) FROM {schedules}
+            WHERE status = 'pending' AND scheduled_at > %(now)s),
+           (SELECT min(next_retry_at) FROM {schedules}
+            WHERE next_retry_at > %(now)s AND {waiting})
+       ) AS next_due_at
+FROM pending, retries
+
+-- ==================== recurrences: materialise ==========================================
+
+-- name: due_recurrences
+-- next_at may be -infinity or BC: read leniently (a text, never a crash).
+SELECT now() AS now, id, flag_key, cron, timezone, next_at
+FROM {recurrences}
+WHERE cancelled_at IS NULL AND next_at <= now()
+ORDER BY next_at, id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+
+-- name: materialise
+INSERT INTO {schedules}
+    (flag_key, scheduled_at, updates, expires_at, on_conflict, recurrence_id)
+SELECT r.flag_key, f.at, r.updates, f.at + r.expires_after, r.on_conflict, r.id
+FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(ats)s AS timestamptz[])) AS f(id, at)
+JOIN {recurrences} r ON r.id = f.id
+ON CONFLICT (recurrence_id, scheduled_at) WHERE recurrence_id IS NOT NULL DO NOTHING
+RETURNING id, recurrence_id, flag_key, scheduled_at
+
+-- name: advance_recurrences
+UPDATE {recurrences} r SET next_at = v.next_at
+FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(nexts)s AS timestamptz[]))
+     AS v(id, next_at)
+WHERE r.id = v.id
+
+-- ==================== reading ===========================================================
+
+-- name: list_failed
+SELECT id, flag_key, scheduled_at,
+       {shown_updates},
+       status, retry_count, max_retries,
+       next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
+       updated_at, NOT {waiting_row} AS permanent
+FROM {schedules}
+WHERE {where}
+ORDER BY updated_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: state_counts
+-- Schedules per state (one pass over the table: for `status`, not for the tick).
+SELECT
+  count(*) FILTER (WHERE status = 'pending' AND scheduled_at > %(now)s) AS scheduled,
+  count(*) FILTER (WHERE {waiting} AND next_retry_at > %(now)s) AS waiting_retry,
+  count(*) FILTER (WHERE status = 'failed' AND NOT {waiting}) AS failed,
+  count(*) FILTER (WHERE status = 'applied') AS applied,
+  count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+  count(*) FILTER (WHERE status NOT IN ('pending', 'failed', 'applied', 'cancelled'))
+    AS unknown
+FROM {schedules}
+
+-- name: existing_flags
+SELECT {flags.key} FROM {flags} WHERE {flags.key} = ANY(%(keys)s)
+
+-- name: list_schedules
+SELECT {schedule_fields} FROM {schedules}
+WHERE {where}
+ORDER BY scheduled_at, id
+LIMIT %(limit)s
+
+-- name: show_schedule
+SELECT {schedule_fields},
+       CASE WHEN jsonb_typeof(attempts) = 'array' THEN attempts ELSE '[]' END
+           AS attempts
+FROM {schedules} WHERE id = %(i)s
+
+-- name: change_columns
+id, flag_key, changed_at, actor,
+CASE WHEN old_enabled IS NULL THEN NULL ELSE jsonb_build_object(
+    'enabled', old_enabled, 'rollout_percentage', old_rollout_percentage) END AS old,
+CASE WHEN new_enabled IS NULL THEN NULL ELSE jsonb_build_object(
+    'enabled', new_enabled, 'rollout_percentage', new_rollout_percentage) END AS new,
+schedule_ids
+
+-- name: history
+-- Changes of flags, newest first (index scans on idx_changes_flag / _changed_at).
+SELECT {change_columns} FROM {changes}
+WHERE {where} ORDER BY {order} LIMIT %(limit)s
+
+-- name: changes_of
+SELECT {change_columns} FROM {changes}
+WHERE flag_key = %(k)s AND schedule_ids @> ARRAY[%(i)s::bigint]
+ORDER BY changed_at, id
+
+-- name: recurrence_fields
+id, flag_key, cron, timezone, updates, next_at, expires_after, on_conflict,
+cancelled_at, created_at
+
+-- name: list_recurrences
+SELECT {recurrence_fields} FROM {recurrences} WHERE {where}
+ORDER BY next_at NULLS LAST, id
+
+-- name: flags_now
+SELECT {flags.key} AS key, {flags.enabled} AS enabled,
+       {flags.rollout_percentage} AS rollout_percentage
+FROM {flags} WHERE {where} ORDER BY {flags.key}
+
+-- name: ahead_fields
+id, flag_key, {clamped_time(scheduled_at)} AS scheduled_at, {shown_updates}, status,
+{clamped_time(next_retry_at)} AS next_retry_at,
+{clamped_time(expires_at)} AS expires_at, {clamped_time(reviewed_at)} AS reviewed_at,
+group_id, recurrence_id, (status = 'failed' AND {waiting_row}) AS waiting,
+left(last_error, {MAX_TEXT}) AS last_error,
+CASE WHEN NOT {readable_time(scheduled_at)} THEN {unreadable_time(scheduled_at)}
+     WHEN status = 'failed' AND NOT {readable_time(next_retry_at)}
+          THEN {unreadable_time(next_retry_at)}
+     WHEN {updates_size(updates)} > {UPDATES_MAX_BYTES}
+          THEN 'updates is ' || {updates_size(updates)}
+               || ' bytes, more than the ' || {UPDATES_MAX_BYTES} || ' flagsched reads'
+END AS defect,
+-- a conflict that has already happened (the tick will fail it with `conflict:`)
+CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
+    (SELECT left(k.message, {MAX_TEXT}) FROM flagsched_check_v2(id, CAST(NULL AS interval)) k
+     WHERE k.outcome = 'conflict')
+END AS conflict
+
+-- name: schedules_ahead
+-- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied
+-- history
+SELECT {ahead_fields} FROM {schedules}
+WHERE {where}
+ORDER BY scheduled_at, id
+LIMIT %(limit)s
+
+-- name: recurrences_ahead
+-- an index range of idx_recurrences_due
+SELECT id, flag_key, cron, timezone, {shown_updates},
+       {clamped_time(next_at)} AS next_at, expires_after
+FROM {recurrences}
+WHERE {where}
+ORDER BY next_at NULLS LAST, id
+
+-- ==================== operators =========================================================
+
+-- name: insert_schedule
+INSERT INTO {schedules}
+    (flag_key, scheduled_at, updates, max_retries, expires_at, on_conflict)
+SELECT %(k)s, t.at, CAST(%(u)s AS jsonb), coalesce(CAST(%(m)s AS integer), 3),
+       t.at + CAST(%(e)s AS interval), %(c)s
+FROM (SELECT coalesce(CAST(%(at)s AS timestamptz), now()) AS at) AS t
+RETURNING id
+
+-- name: lock_schedule
+-- Waits for a tick that holds it to commit.
+SELECT id, flag_key, scheduled_at, status, retry_count, max_retries, next_retry_at,
+       {waiting} AS waiting
+FROM {schedules} WHERE id = %(i)s FOR UPDATE
+
+-- name: lock_later_open
+-- The open schedules after this one of its flag, in (scheduled_at, id) order: their row
+-- locks are waited for (a tick holding them commits first).
+SELECT l.id FROM {schedules} l JOIN {schedules} s
+  ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
+WHERE s.id = %(i)s AND l.status IN ('pending', 'failed')
+FOR UPDATE OF l
+
+-- name: later_applied_exists
+SELECT EXISTS (
+    SELECT 1 FROM {schedules} l JOIN {schedules} s
+      ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
+    WHERE s.id = %(i)s AND l.status = 'applied')
+
+-- name: reset_for_retry
+UPDATE {schedules}
+SET status = 'pending', retry_count = 0, next_retry_at = NULL, updated_at = now(),
+    reviewed_at = now(),
+    -- only times in years 1..9999 move (an application's extreme value stays, and
+    -- can never overflow the sum)
+    expires_at = CASE
+        WHEN expires_at BETWEEN '0001-01-01' AND '9999-12-31'
+             AND greatest(scheduled_at, reviewed_at) BETWEEN '0001-01-01' AND now()
+        THEN expires_at + (now() - greatest(scheduled_at, reviewed_at))
+        ELSE expires_at END
+WHERE id = %(i)s
+
+-- name: mark_cancelled
+UPDATE {schedules} SET status = 'cancelled', next_retry_at = NULL, updated_at = now()
+WHERE id = %(i)s
+
+-- name: prunable_change
+-- A history row prune --history may delete: older than the cut-off, and not newer than
+-- the conflict window's start (flagsched_check_v2) of any open schedule of its flag, under
+-- its key (an index probe of idx_schedules_flag_open each). Inside the EXISTS the
+-- unqualified columns of the rules are the schedule's.
+c.changed_at < now() - make_interval(secs => %(seconds)s)
+AND NOT EXISTS (
+    SELECT 1 FROM {schedules} s
+    WHERE s.flag_key = c.flag_key
+      AND s.status IN ('pending', 'failed') AND (s.status <> 'failed' OR {waiting_row})
+      AND c.written_at > greatest(
+          CASE WHEN s.created_at <= now() THEN s.created_at
+               ELSE '-infinity'::timestamptz END,
+          CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END))
+
+-- name: prune_history_batch
+WITH doomed AS (
+    SELECT c.id FROM {changes} c
+    WHERE {prunable_change}
+    ORDER BY c.changed_at LIMIT %(limit)s
+)
+DELETE FROM {changes} c USING doomed d WHERE c.id = d.id RETURNING 1
+
+-- name: count_prunable_history
+SELECT count(*) FROM {changes} c WHERE {prunable_change}
+
+-- name: prunable
+(status = 'applied' AND applied_at < now() - make_interval(secs => %(seconds)s))
+OR (status = 'cancelled' AND updated_at < now() - make_interval(secs => %(seconds)s))
+
+-- name: count_prunable
+SELECT status, count(*) FROM {schedules} WHERE {prunable} GROUP BY status
+
+-- name: prune_batch
+-- Rows a tick holds are skipped.
+WITH doomed AS (
+    SELECT id FROM {schedules} WHERE {prunable}
+    LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schedules} s USING doomed d WHERE s.id = d.id
+RETURNING s.status
+
+-- ==================== authoring =========================================================
+
+-- name: insert_ramp
+WITH g AS (
+    SELECT nextval('feature_flag_schedule_group_seq') AS id,
+           coalesce(CAST(%(start)s AS timestamptz), now()) AS t0
+)
+INSERT INTO {schedules}
+    (flag_key, scheduled_at, updates, group_id, expires_at, on_conflict)
+SELECT %(k)s, g.t0 + (u.n - 1) * CAST(%(every)s AS interval), CAST(u.updates AS jsonb),
+       g.id, g.t0 + (u.n - 1) * CAST(%(every)s AS interval)
+             + CAST(%(expires)s AS interval), %(c)s
+FROM g, unnest(CAST(%(updates)s AS text[])) WITH ORDINALITY AS u(updates, n)
+ORDER BY u.n
+RETURNING group_id, id, scheduled_at
+
+-- name: group_schedules
+SELECT id, status FROM {schedules} WHERE group_id = %(g)s ORDER BY scheduled_at, id
+
+-- name: insert_recurrence
+INSERT INTO {recurrences}
+    (flag_key, cron, timezone, updates, next_at, expires_after, on_conflict)
+VALUES (%(k)s, %(cron)s, %(tz)s, CAST(%(u)s AS jsonb), %(next)s,
+        CAST(%(e)s AS interval), %(c)s)
+RETURNING id
+
+-- name: lock_recurrence
+-- Waits for a tick materialising it.
+SELECT {recurrence_fields} FROM {recurrences} WHERE id = %(i)s FOR UPDATE
+
+-- name: stop_recurrence
+UPDATE {recurrences} SET cancelled_at = now() WHERE id = %(i)s
+
+-- name: cancel_recurrence_schedules
+UPDATE {schedules} SET status = 'cancelled', next_retry_at = NULL, updated_at = now()
+WHERE recurrence_id = %(i)s AND status IN ('pending', 'failed')
+RETURNING id
