@@ -94,8 +94,8 @@ def describe_machine(cluster: Cluster, load_before: str) -> list[tuple[str, str]
         ("psycopg", f"{psycopg.__version__} (libpq {psycopg.pq.version()})"),
         ("SQLAlchemy", _version("SQLAlchemy")),
         (
-            "structlog / click",
-            " / ".join(_version(p) for p in ("structlog", "click")),
+            "structlog / pydantic-settings / click",
+            " / ".join(_version(p) for p in ("structlog", "pydantic-settings", "click")),
         ),
         ("flagsched", f"{_version('flagsched')}, git {_git_revision()}"),
     ]
