@@ -63,6 +63,7 @@ class _Request:
     def __init__(self, raw: str, suffix: str, timeout: float) -> None:
         self.suffix = suffix
         self.error: str | None = None
+        self.timed_out = False  # its own socket timeout (the budget) ran out first
         self._raw = raw
         self._timeout = timeout
         self._thread = threading.Thread(target=self._send, name=f"ping-{suffix}", daemon=True)
@@ -84,7 +85,10 @@ class _Request:
         except urllib.error.HTTPError as exc:
             self.error = f"HTTP {exc.code}"
         except urllib.error.URLError as exc:
+            self.timed_out = isinstance(exc.reason, TimeoutError)
             self.error = str(exc.reason)
+        except TimeoutError as exc:
+            self.timed_out, self.error = True, str(exc)
         except Exception as exc:  # a ping must never break the tick
             self.error = f"{type(exc).__name__}: {exc}"
 
@@ -127,7 +131,7 @@ class Pinger:
         began = self._clock()
         done = request.wait(self._left)
         self._left -= self._clock() - began
-        if not done:
+        if not done or request.timed_out:  # whichever of the two clocks ran out first
             self._left = 0
             reason = f"no answer within the {self._budget:g} s budget"
             return [self._failure(request.suffix, reason)]
