@@ -669,7 +669,7 @@ def show_schedule(conn: Conn, schedule_id: int) -> dict[str, Any] | None:
 
 
 # A history row prune --history may delete: older than the cut-off, and not newer than
-# the conflict window's start (flagsched_check_v2) of any open schedule of its flag, under
+# the conflict window (flagsched_check_v2) of any open schedule of its flag, under
 # its key (an index probe of idx_schedules_flag_open each).
 _PRUNABLE_CHANGE = f"""
     c.changed_at < now() - make_interval(secs => %(seconds)s)
@@ -677,10 +677,15 @@ _PRUNABLE_CHANGE = f"""
         SELECT 1 FROM feature_flag_schedules s
         WHERE s.flag_key = c.flag_key
           AND s.status IN ('pending', 'failed') AND (s.status <> 'failed' OR {_waiting_row("s.")})
-          AND c.written_at > greatest(
-              CASE WHEN s.created_at <= now() THEN s.created_at
-                   ELSE '-infinity'::timestamptz END,
-              CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END))
+          AND CASE WHEN s.created_snapshot IS NOT NULL AND c.xact IS NOT NULL
+                        AND NOT coalesce(s.reviewed_at <= now(), false)
+                   -- judged by the snapshot its INSERT saw (flagsched_check_v2)
+                   THEN c.xact IS DISTINCT FROM s.created_xact
+                        AND NOT pg_visible_in_snapshot(c.xact, s.created_snapshot)
+                   ELSE c.written_at > greatest(
+                       CASE WHEN s.created_at <= now() THEN s.created_at
+                            ELSE '-infinity'::timestamptz END,
+                       CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END) END)
 """
 
 

@@ -66,6 +66,8 @@ REQUIRED: tuple[Required, ...] = (
             "reviewed_at",
             "attempts",
             "recurrence_id",
+            "created_xact",  # prune --history keeps what their conflict windows need
+            "created_snapshot",
         ),
     ),
     Table("feature_flag_schedule_group_seq"),
@@ -81,6 +83,7 @@ REQUIRED: tuple[Required, ...] = (
             "new_enabled",
             "new_rollout_percentage",
             "schedule_ids",
+            "xact",
         ),
     ),
     Table(

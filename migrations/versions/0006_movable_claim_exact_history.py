@@ -12,9 +12,12 @@
   of a value larger than ATTEMPTS_MAX_BYTES as stored (decided by pg_column_size, which
   reads no TOAST): the claim and the record cost the same whatever a row holds.
 - feature_flag_schedules.created_xact / feature_flag_changes.xact (xid8): the inserting
-  transaction of a schedule and the writing transaction of a change. The conflict check
-  (flagsched_check_v2) never counts a change made by the transaction that inserted the
-  schedule (rows inserted before this revision have NULL and keep the old rule).
+  transaction of a schedule and the writing transaction of a change, and
+  feature_flag_schedules.created_snapshot (pg_snapshot): what the inserting statement saw.
+  The conflict check (flagsched_check_v2) never counts a change made by the transaction
+  that inserted the schedule, nor one committed before the INSERT ran, and counts one the
+  INSERT could not see however early it was written (rows inserted before this revision
+  have NULL and keep the old rule).
 - The history of UPDATEs: a statement-level trigger (flagsched_record_change_v2) pairs old
   and new rows on id only for rows whose id the statement did not change (ids are unique at
   every moment, so such a row pairs with itself), and records key changes too (a renamed
@@ -228,17 +231,44 @@ _LATE = """CASE WHEN isfinite({0})
     THEN justify_interval(date_trunc('second', now() - {0}))::text ELSE 'forever' END"""
 
 
-# The latest foreign change (not by flagsched, not by the transaction that inserted the
-# schedule) in s's window. A flag renamed into s's key (or swapped into it) is recorded
-# under that key, so this one probe of idx_changes_foreign finds it too; a flag renamed
-# away leaves no flag under the old key, and the schedule fails as missing.
-_FOREIGN_CHANGE = f"""SELECT c.actor, c.written_at FROM feature_flag_changes c
-                    WHERE c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
-                      AND c.old_enabled IS NOT NULL
-                      AND c.written_at > {_WINDOW_START}
-                      AND (s.created_xact IS NULL OR c.xact IS NULL
-                           OR c.xact <> s.created_xact)
-                    ORDER BY c.written_at DESC
+# Whether change c falls in schedule s's conflict window. A schedule that was never
+# retried and knows the snapshot its INSERT saw (created_snapshot, rows inserted from this
+# revision on) is in conflict exactly with the changes that snapshot did not see: a change
+# committed before the INSERT ran is known (even when the inserting transaction began
+# earlier), a change written earlier but committed later is not (whatever its
+# written_at). The inserting transaction's own changes never count. A retried schedule,
+# an older row, or an older change keeps the time rule (written after the window start).
+_BY_SNAPSHOT = "(s.created_snapshot IS NOT NULL AND NOT coalesce(s.reviewed_at <= now(), false))"
+_COUNTS = f"""CASE WHEN {_BY_SNAPSHOT} AND c.xact IS NOT NULL
+                   THEN c.xact IS DISTINCT FROM s.created_xact
+                        AND NOT pg_visible_in_snapshot(c.xact, s.created_snapshot)
+                   ELSE c.written_at > {_WINDOW_START}
+                        AND (s.created_xact IS NULL OR c.xact IS NULL
+                             OR c.xact <> s.created_xact) END"""
+
+# The latest foreign change (not by flagsched) in s's window. A flag renamed into s's key
+# (or swapped into it) is recorded under that key, so probes of idx_changes_foreign find it
+# too; a flag renamed away leaves no flag under the old key, and the schedule fails as
+# missing. The first probe reads what was written after the window start; the second, only
+# for a schedule judged by its snapshot, what was written before it by a transaction the
+# snapshot may not have seen (xact at or past its xmin).
+_FOREIGN_CHANGE = f"""SELECT x.actor, x.written_at FROM (
+                    (SELECT c.actor, c.written_at FROM feature_flag_changes c
+                     WHERE c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
+                       AND c.old_enabled IS NOT NULL
+                       AND c.written_at > {_WINDOW_START} AND {_COUNTS}
+                     ORDER BY c.written_at DESC
+                     LIMIT 1)
+                    UNION ALL
+                    (SELECT c.actor, c.written_at FROM feature_flag_changes c
+                     WHERE {_BY_SNAPSHOT}
+                       AND c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
+                       AND c.old_enabled IS NOT NULL
+                       AND c.written_at <= {_WINDOW_START}
+                       AND c.xact >= pg_snapshot_xmin(s.created_snapshot) AND {_COUNTS}
+                     ORDER BY c.written_at DESC
+                     LIMIT 1)) x
+                    ORDER BY x.written_at DESC
                     LIMIT 1"""
 
 
@@ -352,6 +382,12 @@ def upgrade() -> None:
     op.execute(
         "ALTER TABLE feature_flag_schedules ALTER COLUMN created_xact "
         "SET DEFAULT pg_current_xact_id()"
+    )
+    # The snapshot the inserting statement saw: which flag changes the schedule knew of.
+    op.execute("ALTER TABLE feature_flag_schedules ADD COLUMN created_snapshot pg_snapshot NULL")
+    op.execute(
+        "ALTER TABLE feature_flag_schedules ALTER COLUMN created_snapshot "
+        "SET DEFAULT pg_current_snapshot()"
     )
     op.execute(
         "ALTER TABLE feature_flag_changes ADD COLUMN xact xid8 NULL, "
@@ -562,4 +598,7 @@ def downgrade() -> None:
     op.execute(f"DROP FUNCTION {KEPT_FUNCTION}")
     op.execute(f"DROP FUNCTION {CHECK_FUNCTION}")
     op.execute("ALTER TABLE feature_flag_changes DROP COLUMN old_flag_key, DROP COLUMN xact")
-    op.execute("ALTER TABLE feature_flag_schedules DROP COLUMN created_xact")
+    op.execute(
+        "ALTER TABLE feature_flag_schedules DROP COLUMN created_xact, "
+        "DROP COLUMN created_snapshot"
+    )

@@ -189,6 +189,53 @@ def test_a_change_by_another_transaction_after_the_insert_still_conflicts(
         assert run_tick().count(Outcome.FAILED) == 1
 
 
+def test_a_change_written_before_the_insert_but_committed_after_it_conflicts(
+    database_url: str, add_flag: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """The schedule could not have known a change that was not committed when it became
+    visible, however early that change's statement ran (its written_at is before the
+    schedule's created_at): it is a conflict."""
+    add_flag("promo")
+    with psycopg.connect(database_url) as other, psycopg.connect(database_url) as app:
+        other.execute("UPDATE feature_flags SET enabled = true WHERE key = 'promo'")
+        app.execute("SELECT pg_sleep(0.01)")
+        sid = app.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+            "VALUES ('promo', now(), '{\"rollout_percentage\": 50}') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        app.commit()
+        other.commit()  # the foreign change becomes visible after the schedule did
+    with capture_logs():
+        assert run_tick().count(Outcome.FAILED) == 1
+    error = sql("SELECT last_error FROM feature_flag_schedules WHERE id = :i", i=sid)[0][0]
+    assert error.startswith("conflict:")
+    assert sql("SELECT rollout_percentage FROM feature_flags WHERE key = 'promo'")[0][0] == 0
+
+
+def test_a_change_committed_before_the_insert_in_a_longer_transaction_is_not_a_conflict(
+    database_url: str, add_flag: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """A transaction that began before another one changed the flag, and inserts the schedule
+    after that change committed (READ COMMITTED: the INSERT sees it), knew of the change:
+    the window starts when the row became visible, not when its transaction began."""
+    add_flag("promo")
+    with psycopg.connect(database_url) as app, psycopg.connect(database_url) as other:
+        app.execute("SELECT pg_current_xact_id()")  # the app's transaction has begun
+        other.execute("UPDATE feature_flags SET enabled = true WHERE key = 'promo'")
+        other.commit()
+        sid = app.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+            "VALUES ('promo', now(), '{\"rollout_percentage\": 50}') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        app.commit()
+    with capture_logs():
+        report = run_tick()
+    assert report.count(Outcome.APPLIED) == 1, sql(
+        "SELECT last_error FROM feature_flag_schedules WHERE id = :i", i=sid
+    )
+    assert sql("SELECT enabled, rollout_percentage FROM feature_flags")[0] == (True, 50)
+
+
 # --- 3. The history is keyed by the flag ----------------------------------------------
 
 
@@ -312,12 +359,44 @@ def test_prune_history_keeps_a_change_an_open_schedule_still_needs(
     )
     with capture_logs():
         counts, _ = operators.prune(database, older_than_days=30, dry_run=True, history=True)
-        assert counts["history"] == 2  # other's creation and change; none of k's
+        # other's creation and change, and k's creation (committed before the schedule's
+        # INSERT saw the flag: never a conflict); k's change after it stays
+        assert counts["history"] == 3
         operators.prune(database, older_than_days=30, dry_run=False, history=True)
-    assert [r[0] for r in sql("SELECT flag_key FROM feature_flag_changes")] == ["k", "k"]
+    assert [tuple(r) for r in sql("SELECT flag_key, old_enabled FROM feature_flag_changes")] == [
+        ("k", False)
+    ]
     with capture_logs():
         assert run_tick().count(Outcome.FAILED) == 1
     assert schedule(sid)["last_error"].startswith("conflict:")
+
+
+def test_prune_history_keeps_a_change_committed_after_the_schedule_though_written_before(
+    database: Database, database_url: str, add_flag: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """The change a schedule did not see (committed after its INSERT) is what its conflict
+    check needs, even when its written_at is older than the schedule and the cut-off."""
+    add_flag("k")
+    with psycopg.connect(database_url) as other, psycopg.connect(database_url) as app:
+        other.execute("UPDATE feature_flags SET enabled = true WHERE key = 'k'")
+        app.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+            "VALUES ('k', now(), '{\"rollout_percentage\": 50}')"
+        )
+        app.commit()
+        other.commit()
+    sql("UPDATE feature_flag_schedules SET created_at = now() - interval '35 days'")
+    sql(
+        "UPDATE feature_flag_changes SET changed_at = now() - interval '40 days', "
+        "written_at = now() - interval '40 days'"
+    )
+    with capture_logs():
+        operators.prune(database, older_than_days=30, dry_run=False, history=True)
+    assert [tuple(r) for r in sql("SELECT flag_key, old_enabled FROM feature_flag_changes")] == [
+        ("k", False)
+    ]
+    with capture_logs():
+        assert run_tick().count(Outcome.FAILED) == 1
 
 
 # --- 5. Locking a flag never waits on a foreign key ------------------------------------
