@@ -4,10 +4,12 @@
   claimed only when every earlier open schedule of its flag (pending, or waiting for a
   retry) is due and claimed with it, so held-back rows never take a place in a batch.
   Retries that lead their flag come first (by next_retry_at), then pending schedules, then
-  retries that follow a claimed schedule of their flag (both in (scheduled_at, id) order, so
-  a flag's consecutive due schedules come together). flagsched_held_back_v1(limit) reads,
-  locking nothing, the due schedules held back behind an open schedule that is not due:
-  the tick reports them without claiming them.
+  retries that follow a due schedule of their flag (both in (scheduled_at, id) order, so
+  a flag's consecutive due schedules come together, however retries and pending ones
+  alternate: retry, pending, retry, pending is one claim). A row whose earlier one did not
+  make it into the claim (the limit, or another tick holds it) is `blocked` and held
+  back. flagsched_held_back_v1(limit) reads, locking nothing, the due schedules held back
+  behind an open schedule that is not due: the tick reports them without claiming them.
 - flagsched_kept_attempts_v2(attempts): the last KEPT_ATTEMPTS attempts, and nothing at all
   of a value larger than ATTEMPTS_MAX_BYTES as stored (decided by pg_column_size, which
   reads no TOAST): the claim and the record cost the same whatever a row holds.
@@ -128,27 +130,19 @@ def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
         ORDER BY s.next_retry_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed)
         {skip_s}
-    ), pending AS (  -- due pending schedules whose earlier open ones are due and go first
+    ), pending AS (  -- due pending schedules whose earlier open ones are all due
         SELECT {_S_COLS} FROM feature_flag_schedules s
         WHERE s.status = 'pending' AND s.scheduled_at <= now()
-          AND NOT {_earlier_open(
-              "s",
-              unless="(e.status = 'pending' AND e.scheduled_at <= now())"
-              " OR e.id IN (SELECT id FROM untimed UNION ALL SELECT id FROM retries)",
-          )}
+          AND NOT {_earlier_open("s", unless=_due("e"))}
         ORDER BY s.scheduled_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
         {skip_s}
-    ), following AS (  -- due retries behind schedules of their flag claimed above
+    ), following AS (  -- due retries behind due schedules of their flag
         SELECT {_S_COLS} FROM feature_flag_schedules s
         WHERE s.status = 'failed' AND s.next_retry_at <= now()
           AND s.retry_count <= s.max_retries
           AND s.id NOT IN (SELECT id FROM retries)
-          AND NOT {_earlier_open(
-              "s",
-              unless="e.id IN (SELECT id FROM untimed UNION ALL SELECT id FROM retries"
-              " UNION ALL SELECT id FROM pending)",
-          )}
+          AND NOT {_earlier_open("s", unless=_due("e"))}
         ORDER BY s.scheduled_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
               - (SELECT count(*) FROM pending)

@@ -150,6 +150,44 @@ def test_held_back_retries_beyond_the_batch_size_do_not_stop_other_flags(
     assert set(held) <= {ids[(f, 1)] for f in range(5)}
 
 
+def test_interleaved_due_retries_and_pending_steps_of_one_flag_all_land_in_one_tick(
+    sql: Sql, run_tick: Tick
+) -> None:
+    """Consecutive due schedules of one flag apply in the same tick (SPEC "A tick", 3)
+    whatever mix of due retries and pending ones they are: retry, pending, retry, pending
+    (a pending step inserted before a schedule that failed, say) is one tick, not two."""
+    ids = _seed(sql, [["retry", "due", "retry", "due"], ["due", "retry", "due", "retry"]])
+    with capture_logs():
+        report = run_tick(batch_size=100)
+    after = _statuses(sql)
+    assert [after[ids[(f, i)]][0] for f in range(2) for i in range(4)] == ["applied"] * 8
+    assert report.count(Outcome.APPLIED) == 8
+    assert sql("SELECT rollout_percentage FROM feature_flags ORDER BY key") == [(4,), (4,)]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(flags=_flags)
+def test_with_room_in_the_batch_every_movable_schedule_applies_in_one_tick(
+    sql: Sql, run_tick: Tick, flags: list[list[str]]
+) -> None:
+    ids = _seed(sql, flags)
+    before = _statuses(sql)
+    with capture_logs():
+        report = run_tick(batch_size=100)
+    after = _statuses(sql)
+    for f, kinds in enumerate(flags):
+        movable, held = _movable_and_held(kinds)
+        for i in movable:
+            assert after[ids[(f, i)]][0] == "applied", (flags, f, i)
+        for i in held:
+            assert after[ids[(f, i)]] == before[ids[(f, i)]], (flags, f, i)
+    assert report.count(Outcome.HELD_BACK) == sum(len(_movable_and_held(k)[1]) for k in flags)
+
+
 # --- 2. A change made earlier in the inserting transaction is not a conflict --------------
 
 
