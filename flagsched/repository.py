@@ -118,7 +118,9 @@ _MISSING_OBJECTS = """
             WHEN 'column' THEN (r.relation, r.name) IN (SELECT relation, name FROM columns)
             ELSE EXISTS (
                 SELECT FROM pg_trigger t
-                WHERE t.tgrelid = to_regclass(r.relation) AND t.tgname = r.name)
+                WHERE t.tgrelid = to_regclass(r.relation)
+                  AND (t.tgname = r.name
+                       OR left(t.tgname, length(r.name) + 1) = r.name || '_'))
         END
         ORDER BY r.n)
 """
