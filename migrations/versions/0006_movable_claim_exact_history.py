@@ -232,6 +232,7 @@ _LATE = """CASE WHEN isfinite({0})
 # earlier), a change written earlier but committed later is not (whatever its
 # written_at). The inserting transaction's own changes never count. A retried schedule,
 # an older row, or an older change keeps the time rule (written after the window start).
+LATE_COMMIT_HORIZON = "1 hour"
 _BY_SNAPSHOT = "(s.created_snapshot IS NOT NULL AND NOT coalesce(s.reviewed_at <= now(), false))"
 _COUNTS = f"""CASE WHEN {_BY_SNAPSHOT} AND c.xact IS NOT NULL
                    THEN c.xact IS DISTINCT FROM s.created_xact
@@ -244,8 +245,11 @@ _COUNTS = f"""CASE WHEN {_BY_SNAPSHOT} AND c.xact IS NOT NULL
 # (or swapped into it) is recorded under that key, so probes of idx_changes_foreign find it
 # too; a flag renamed away leaves no flag under the old key, and the schedule fails as
 # missing. The first probe reads what was written after the window start; the second, only
-# for a schedule judged by its snapshot, what was written before it by a transaction the
-# snapshot may not have seen (xact at or past its xmin).
+# for a schedule judged by its snapshot, what was written in the LATE_COMMIT_HORIZON before
+# it by a transaction the snapshot may not have seen (xact at or past its xmin): bounded, so
+# a flag with a long history costs the check an index range, not its whole history (a
+# change held uncommitted for longer than that before the INSERT is judged by the time
+# rule, as before this revision).
 _FOREIGN_CHANGE = f"""SELECT x.actor, x.written_at FROM (
                     (SELECT c.actor, c.written_at FROM feature_flag_changes c
                      WHERE c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
@@ -259,6 +263,7 @@ _FOREIGN_CHANGE = f"""SELECT x.actor, x.written_at FROM (
                        AND c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
                        AND c.old_enabled IS NOT NULL
                        AND c.written_at <= {_WINDOW_START}
+                       AND c.written_at > {_WINDOW_START} - interval '{LATE_COMMIT_HORIZON}'
                        AND c.xact >= pg_snapshot_xmin(s.created_snapshot) AND {_COUNTS}
                      ORDER BY c.written_at DESC
                      LIMIT 1)) x

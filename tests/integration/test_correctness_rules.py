@@ -423,7 +423,11 @@ def test_prune_history_keeps_a_change_committed_after_the_schedule_though_writte
         )
         app.commit()
         other.commit()
-    sql("UPDATE feature_flag_schedules SET created_at = now() - interval '35 days'")
+    # Long ago: the change written 40 days ago, the schedule inserted half an hour later.
+    sql(
+        "UPDATE feature_flag_schedules "
+        "SET created_at = now() - interval '40 days' + interval '30 minutes'"
+    )
     sql(
         "UPDATE feature_flag_changes SET changed_at = now() - interval '40 days', "
         "written_at = now() - interval '40 days'"
