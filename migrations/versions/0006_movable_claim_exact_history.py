@@ -182,7 +182,7 @@ def _attempts_made(column: str) -> str:
                        THEN greatest(jsonb_array_length(k.kept),
                                      CAST(CAST({last} AS numeric) AS integer))
                        ELSE jsonb_array_length(k.kept) END
-                FROM (SELECT {kept} AS kept) k)"""
+                FROM (SELECT {kept} AS kept OFFSET 0) k)"""  # OFFSET 0: computed once a row
 
 
 def held_back_query() -> str:
@@ -443,18 +443,19 @@ def upgrade() -> None:
             -- The attempts a schedule keeps: the last {KEPT_ATTEMPTS - 1} (the record appends
             -- one). What is not an array, or is larger than {ATTEMPTS_MAX_BYTES} bytes as
             -- stored (pg_column_size: no TOAST is read to decide) or as text once cut to
-            -- those, is not kept.
+            -- those, is not kept. A value under the limit as stored may still be megabytes
+            -- once decompressed (repetitive errors compress ~50x): it is decompressed twice
+            -- (its type, then one lax slice that clamps to a shorter array), never once per
+            -- use of the result (OFFSET 0 keeps the slice from being inlined into each).
             SELECT CASE WHEN pg_column_size(p_attempts) > {ATTEMPTS_MAX_BYTES} THEN '[]'::jsonb
                         WHEN jsonb_typeof(p_attempts) <> 'array' THEN '[]'::jsonb
                         ELSE (SELECT CASE WHEN octet_length(CAST(t.kept AS text))
                                                <= {ATTEMPTS_MAX_BYTES}
                                           THEN t.kept ELSE '[]'::jsonb END
-                              FROM (SELECT CASE
-                                  WHEN jsonb_array_length(p_attempts) < {KEPT_ATTEMPTS}
-                                  THEN p_attempts
-                                  ELSE jsonb_path_query_array(
-                                      p_attempts, '$[last - {KEPT_ATTEMPTS - 2} to last]')
-                                  END AS kept) t) END
+                              FROM (SELECT jsonb_path_query_array(
+                                      p_attempts, 'lax $[last - {KEPT_ATTEMPTS - 2} to last]')
+                                      AS kept
+                                    OFFSET 0) t) END
         $$
         """
     )

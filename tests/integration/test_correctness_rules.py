@@ -492,6 +492,63 @@ def test_attempts_near_the_size_limit_are_not_carried_along(
     assert size < 65536 and n == 1
 
 
+def test_compressible_attempts_under_the_limit_are_read_twice_a_row_not_once_per_use(
+    add_flag: Any, sql: Sql, run_tick: Tick, engine: Any
+) -> None:
+    """An `attempts` array under the 64 kB limit as stored can be megabytes once
+    decompressed (the same error 30,000 times: 3 MB of text, 60 kB stored). The claim read it
+    once per use of the kept attempts (~12 decompressions a row: 1,000 such rows took the
+    claim past the 30 s statement timeout, every tick exited 3 and the queue stopped); it
+    costs a few full reads of the array now, whatever the batch size."""
+    import time
+
+    import sqlalchemy as sa
+
+    n = 40
+    for i in range(n):
+        add_flag(f"k{i}")
+    sql(
+        "CREATE TABLE test_big AS SELECT (SELECT jsonb_agg(jsonb_build_object('attempt', 1, "
+        "'at', '2026-01-01T00:00:00Z', 'outcome', 'retry', 'error', repeat('e', 40))) "
+        "FROM generate_series(1, 30000) k) AS a"
+    )
+    sql(
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status, "
+        "retry_count, max_retries, next_retry_at, attempts) "
+        "SELECT 'k' || g, now() - interval '1 hour', '{\"enabled\": true}', 'failed', 1, 10, "
+        "now() - interval '1 minute', (SELECT a FROM test_big) FROM generate_series(0, :n) g",
+        n=n - 1,
+    )
+    stored, raw = sql(
+        "SELECT max(pg_column_size(attempts)), max(octet_length(attempts::text)) "
+        "FROM feature_flag_schedules"
+    )[0]
+    assert stored < 65536 < 2_000_000 < raw  # kept, and megabytes to decompress
+
+    def best_of_three(statement: str) -> float:
+        """The fastest of three runs on one connection (the first also plans the claim)."""
+        times = []
+        with engine.connect() as conn:
+            for _ in range(3):
+                started = time.perf_counter()
+                conn.execute(sa.text(statement)).fetchall()
+                times.append(time.perf_counter() - started)
+                conn.rollback()
+        return min(times)
+
+    one_read = best_of_three(
+        "SELECT sum(jsonb_array_length(attempts)) FROM feature_flag_schedules"
+    )
+    claim = best_of_three("SELECT sum(attempts_made) FROM flagsched_claim_v2(1000, false)")
+    assert claim < 8 * one_read, (claim, one_read)  # was over 100x
+    with capture_logs():
+        assert run_tick(batch_size=1000).count(Outcome.APPLIED) == n
+    assert sql(
+        "SELECT min(jsonb_array_length(attempts)), max(attempts -> -1 ->> 'attempt') "
+        "FROM feature_flag_schedules"
+    ) == [(20, "20")]
+
+
 def test_only_the_last_attempts_are_kept_and_numbering_goes_on(
     add_flag: Any, add_schedule: Any, run_tick: Tick, sql: Sql, schedule: Any
 ) -> None:
