@@ -1,6 +1,7 @@
 """Correctness of the claim and the record (issue 16): new stored functions, old ones kept.
 
-- flagsched_claim_v2(limit, lock): claims only schedules that can move. A due schedule is
+- flagsched_claim_v2(limit, lock): claims only schedules that can move, FOR NO KEY UPDATE
+  SKIP LOCKED (a row referencing a schedule by foreign key never hides it). A due schedule is
   claimed only when every earlier open schedule of its flag (pending, or waiting for a
   retry) is due and claimed with it, so held-back rows never take a place in a batch.
   Retries that lead their flag come first (by next_retry_at), then pending schedules, then
@@ -112,7 +113,10 @@ def _earlier_open(s: str, *, unless: str) -> str:
 
 def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
     """The claim's statement; without `lock` the same read locking nothing (--dry-run)."""
-    skip = "FOR UPDATE SKIP LOCKED" if lock else ""
+    # FOR NO KEY UPDATE: excludes other ticks (and operators' FOR UPDATE) as FOR UPDATE
+    # does, but not a row of another table that references the schedule (FOR KEY SHARE),
+    # which FOR UPDATE SKIP LOCKED skipped silently while that transaction was open.
+    skip = "FOR NO KEY UPDATE SKIP LOCKED" if lock else ""
     skip_s = skip.replace("UPDATE", "UPDATE OF s")
     return f"""
     WITH untimed AS (  -- waiting for a retry after year 9999: it can never be timed

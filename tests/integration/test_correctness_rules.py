@@ -465,6 +465,29 @@ def test_a_transaction_inserting_a_row_that_references_the_flag_does_not_block_t
     assert flag("k") == (True, 0)
 
 
+def test_a_transaction_inserting_a_row_that_references_the_schedule_does_not_hide_it(
+    database_url: str, add_flag: Any, add_schedule: Any, run_tick: Tick, sql: Sql, flag: Any
+) -> None:
+    """An application table referencing schedules (approvals, an audit trail): inserting a
+    row holds FOR KEY SHARE on the schedule, which the claim's FOR UPDATE SKIP LOCKED skipped
+    silently (applied 0, held back 0) for as long as that transaction stayed open. The
+    claim takes FOR NO KEY UPDATE, as the record's UPDATE does: ticks still exclude each
+    other, operators' FOR UPDATE still waits for a tick."""
+    sql(
+        "CREATE TABLE test_schedule_notes (id bigint GENERATED ALWAYS AS IDENTITY, "
+        "schedule_id bigint NOT NULL REFERENCES feature_flag_schedules (id), note text)"
+    )
+    add_flag("k")
+    sid = add_schedule("k", {"enabled": True})
+    with psycopg.connect(database_url) as app:
+        app.execute("INSERT INTO test_schedule_notes (schedule_id, note) VALUES (%s, 'ok')", [sid])
+        with capture_logs():
+            report = run_tick()
+        assert report.count(Outcome.APPLIED) == 1, report
+        app.commit()
+    assert flag("k") == (True, 0)
+
+
 # --- 9. Attempts: record time and memory bounded by the batch -------------------------
 
 
