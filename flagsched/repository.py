@@ -732,23 +732,46 @@ def count_prunable(conn: Conn, *, older_than_seconds: float) -> dict[str, int]:
     return {str(status): int(n) for status, n in rows}
 
 
-def prune_batch(conn: Conn, *, older_than_seconds: float, limit: int) -> dict[str, int]:
-    """Delete up to `limit` old applied/cancelled schedules; rows a tick holds are skipped."""
+def prune_batch(
+    conn: Conn, *, older_than_seconds: float, limit: int, skip: Sequence[int] = ()
+) -> tuple[dict[str, int], list[int]]:
+    """Delete up to `limit` old applied/cancelled schedules (not those in `skip`); rows a
+    tick holds are skipped. Returns the counts per status, and the ids an application's
+    foreign key still references (kept: deleting them fails, and would roll the whole batch
+    back, so that prune never got past them)."""
     rows = conn.execute(
         f"""
-        WITH doomed AS (
-            SELECT id FROM feature_flag_schedules WHERE {_PRUNABLE}
-            LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-        )
-        DELETE FROM feature_flag_schedules s USING doomed d WHERE s.id = d.id
-        RETURNING s.status
+        SELECT id, status FROM feature_flag_schedules
+        WHERE ({_PRUNABLE}) AND id <> ALL (%(skip)s)
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED
         """,
-        {"seconds": older_than_seconds, "limit": limit},
+        {"seconds": older_than_seconds, "limit": limit, "skip": list(skip)},
     ).fetchall()
     counts: dict[str, int] = {}
-    for (status,) in rows:
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+    referenced: list[int] = []
+    if not rows:
+        return counts, referenced
+    try:
+        with conn.transaction():  # a savepoint: the batch at once, the common case
+            conn.execute(
+                "DELETE FROM feature_flag_schedules WHERE id = ANY (%(ids)s)",
+                {"ids": [r[0] for r in rows]},
+            )
+        deleted = rows
+    except psycopg.errors.ForeignKeyViolation:
+        deleted = []
+        for schedule_id, status in rows:  # one by one, keeping the referenced ones
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        "DELETE FROM feature_flag_schedules WHERE id = %(i)s", {"i": schedule_id}
+                    )
+                deleted.append((schedule_id, status))
+            except psycopg.errors.ForeignKeyViolation:
+                referenced.append(int(schedule_id))
+    for _, status in deleted:
+        counts[str(status)] = counts.get(str(status), 0) + 1
+    return counts, referenced
 
 
 # --- authoring: list, ramps, recurrences -----------------------------------------------

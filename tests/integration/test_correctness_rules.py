@@ -488,6 +488,27 @@ def test_a_transaction_inserting_a_row_that_references_the_schedule_does_not_hid
     assert flag("k") == (True, 0)
 
 
+def test_prune_keeps_a_schedule_an_application_row_references_and_deletes_the_rest(
+    database: Database, add_flag: Any, add_schedule: Any, sql: Sql
+) -> None:
+    """A schedule an application table references (without ON DELETE CASCADE) cannot be
+    deleted: prune failed the whole batch on it (exit 3, nothing pruned, on every run)."""
+    sql(
+        "CREATE TABLE test_schedule_notes (id bigint GENERATED ALWAYS AS IDENTITY, "
+        "schedule_id bigint NOT NULL REFERENCES feature_flag_schedules (id), note text)"
+    )
+    add_flag("k")
+    ids = [add_schedule("k", {"enabled": True}, status="applied") for _ in range(5)]
+    sql("UPDATE feature_flag_schedules SET applied_at = now() - interval '40 days'")
+    sql("INSERT INTO test_schedule_notes (schedule_id) VALUES (:i)", i=ids[2])
+    with capture_logs() as logs:
+        counts, _ = operators.prune(database, older_than_days=30, dry_run=False, batch=2)
+    assert counts["applied"] == 4
+    assert sql("SELECT id FROM feature_flag_schedules") == [(ids[2],)]
+    finished = next(e for e in logs if e["event"] == "prune_finished")
+    assert finished["kept_referenced"] == 1
+
+
 # --- 9. Attempts: record time and memory bounded by the batch -------------------------
 
 
