@@ -971,7 +971,7 @@ def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[dict[str,
         WHERE cancelled_at IS NULL AND next_at <= now()
         ORDER BY next_at, id
         LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
+        FOR NO KEY UPDATE SKIP LOCKED  -- a row referencing it (FOR KEY SHARE) never hides it
         """,
         {"limit": limit},
     )
