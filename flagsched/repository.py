@@ -681,6 +681,8 @@ _PRUNABLE_CHANGE = f"""
           AND s.status IN ('pending', 'failed') AND (s.status <> 'failed' OR {_waiting_row("s.")})
           AND CASE WHEN s.created_snapshot IS NOT NULL AND c.xact IS NOT NULL
                         AND NOT coalesce(s.reviewed_at <= now(), false)
+                        AND pg_snapshot_xmax(s.created_snapshot)
+                            <= pg_snapshot_xmax(pg_current_snapshot())
                    -- judged by the snapshot its INSERT saw (flagsched_check_v2)
                    THEN c.xact IS DISTINCT FROM s.created_xact
                         AND NOT pg_visible_in_snapshot(c.xact, s.created_snapshot)

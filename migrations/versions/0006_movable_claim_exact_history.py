@@ -237,7 +237,13 @@ _LATE = """CASE WHEN isfinite({0})
 # written_at). The inserting transaction's own changes never count. A retried schedule,
 # an older row, or an older change keeps the time rule (written after the window start).
 LATE_COMMIT_HORIZON = "1 hour"
-_BY_SNAPSHOT = "(s.created_snapshot IS NOT NULL AND NOT coalesce(s.reviewed_at <= now(), false))"
+# A snapshot is usable only in the transaction-id space it was taken in: one whose xmax is
+# ahead of this cluster's (the database was dumped and restored, or moved by logical
+# replication, into a cluster with lower ids) would take every new change for "seen".
+_BY_SNAPSHOT = (
+    "(s.created_snapshot IS NOT NULL AND NOT coalesce(s.reviewed_at <= now(), false)"
+    " AND pg_snapshot_xmax(s.created_snapshot) <= pg_snapshot_xmax(pg_current_snapshot()))"
+)
 _COUNTS = f"""CASE WHEN {_BY_SNAPSHOT} AND c.xact IS NOT NULL
                    THEN c.xact IS DISTINCT FROM s.created_xact
                         AND NOT pg_visible_in_snapshot(c.xact, s.created_snapshot)

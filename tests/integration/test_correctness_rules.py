@@ -274,6 +274,26 @@ def test_a_change_committed_before_the_insert_in_a_longer_transaction_is_not_a_c
     assert sql("SELECT enabled, rollout_percentage FROM feature_flags")[0] == (True, 50)
 
 
+def test_a_schedule_from_a_cluster_with_later_transaction_ids_still_conflicts(
+    add_flag: Any, add_schedule: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """A database moved to another cluster (dump and restore, a logical-replication upgrade)
+    keeps its schedules' snapshots, whose transaction ids may lie ahead of the new cluster's:
+    every new change would look "seen" by them. Such a snapshot is not used; the schedule is
+    judged by time."""
+    add_flag("k")
+    sid = add_schedule("k", {"rollout_percentage": 50})
+    sql(
+        "UPDATE feature_flag_schedules SET created_xact = '4000000000', "
+        "created_snapshot = '4000000000:4000000000:' WHERE id = :i",
+        i=sid,
+    )
+    sql("UPDATE feature_flags SET enabled = true WHERE key = 'k'")  # after the schedule
+    with capture_logs():
+        assert run_tick().count(Outcome.FAILED) == 1
+    assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 0
+
+
 # --- 3. The history is keyed by the flag ----------------------------------------------
 
 
