@@ -4,13 +4,15 @@
   SKIP LOCKED (a row referencing a schedule by foreign key never hides it). A due schedule is
   claimed only when every earlier open schedule of its flag (pending, or waiting for a
   retry) is due and claimed with it, so held-back rows never take a place in a batch.
-  Retries that lead their flag come first (by next_retry_at), then pending schedules, then
-  retries that follow a due schedule of their flag (both in (scheduled_at, id) order, so
-  a flag's consecutive due schedules come together, however retries and pending ones
-  alternate: retry, pending, retry, pending is one claim). A row whose earlier one did not
-  make it into the claim (the limit, or another tick holds it) is `blocked` and held
-  back. flagsched_held_back_v1(limit) reads, locking nothing, the due schedules held back
-  behind an open schedule that is not due: the tick reports them without claiming them.
+  Retries that lead their flag come first (by next_retry_at), then pending schedules that
+  lead their flag (every free flag's next change before any flag's later steps), then
+  pending schedules and retries behind due schedules of their flag (in (scheduled_at, id)
+  order: with room in the batch a flag's consecutive due schedules come together, however
+  retries and pending ones alternate: retry, pending, retry, pending is one claim). A row
+  whose earlier one did not make it into the claim (the limit, or another tick holds it)
+  is `blocked` and held back: a batch of only such rows means nothing else can move.
+  flagsched_held_back_v1(limit) reads, locking nothing, the due schedules held back behind
+  an open schedule that is not due: the tick reports them without claiming them.
 - flagsched_kept_attempts_v2(attempts): the last KEPT_ATTEMPTS attempts, and nothing at all
   of a value larger than ATTEMPTS_MAX_BYTES as stored (decided by pg_column_size, which
   reads no TOAST): the claim and the record cost the same whatever a row holds.
@@ -134,12 +136,21 @@ def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
         ORDER BY s.next_retry_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed)
         {skip_s}
-    ), pending AS (  -- due pending schedules whose earlier open ones are all due
+    ), leaders AS (  -- due pending schedules first in their flag: one place per flag first
         SELECT {_S_COLS} FROM feature_flag_schedules s
         WHERE s.status = 'pending' AND s.scheduled_at <= now()
+          AND NOT {_earlier_open("s", unless="false")}
+        ORDER BY s.scheduled_at, s.id
+        LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
+        {skip_s}
+    ), pending AS (  -- due pending schedules behind due ones of their flag
+        SELECT {_S_COLS} FROM feature_flag_schedules s
+        WHERE s.status = 'pending' AND s.scheduled_at <= now()
+          AND s.id NOT IN (SELECT id FROM leaders)
           AND NOT {_earlier_open("s", unless=_due("e"))}
         ORDER BY s.scheduled_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
+              - (SELECT count(*) FROM leaders)
         {skip_s}
     ), following AS (  -- due retries behind due schedules of their flag
         SELECT {_S_COLS} FROM feature_flag_schedules s
@@ -149,10 +160,10 @@ def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
           AND NOT {_earlier_open("s", unless=_due("e"))}
         ORDER BY s.scheduled_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
-              - (SELECT count(*) FROM pending)
+              - (SELECT count(*) FROM leaders) - (SELECT count(*) FROM pending)
         {skip_s}
     ), claimed AS (
-        SELECT * FROM untimed UNION ALL SELECT * FROM retries
+        SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM leaders
         UNION ALL SELECT * FROM pending UNION ALL SELECT * FROM following
     )
     SELECT now(), c.id, c.flag_key, {_clamped("c.scheduled_at")},
