@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from flagsched.urls import (
@@ -80,11 +80,22 @@ def test_one_line_withholds_a_line_quoting_a_secret_and_alters_nothing_else() ->
 _passwords = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), min_size=1)
 
 
+# Fixed text the descriptions may hold whatever the password: a password that is a piece of
+# it (`@`, found by hypothesis) is no leak.
+_FIXED = (
+    "database app at db.example:5432 as u postgresql://db.example:5432/app"
+    " the database (its URL cannot be read, so it is not shown)"
+    " its user name or password would be misread; percent-encode '%', '@' and '/' in the"
+    " user name and password (%25, %40, %2F)"
+)
+
+
 @given(password=_passwords, encode=st.booleans())
+@example(password="@", encode=False)
 def test_no_password_reaches_a_description(password: str, encode: bool) -> None:
     written = quote(password, safe="") if encode else password
     url = f"postgresql://u:{written}@db.example:5432/app"
     shown = describe_database(url) + describe_url(url) + (database_url_problem(url) or "")
-    baseline = "database app at db.example:5432 as u postgresql://db.example:5432/app"
+    baseline = _FIXED
     if password not in baseline and written not in baseline:
         assert password not in shown and written not in shown
