@@ -347,13 +347,17 @@ def prune(
                         conn, older_than_seconds=seconds
                     )
                 return counts, 0
+        referenced: list[int] = []  # kept: an application's foreign key refers to them
         while True:
             with transaction(database, conn):
-                deleted = repository.prune_batch(conn, older_than_seconds=seconds, limit=batch)
-            if not deleted:
+                deleted, kept = repository.prune_batch(
+                    conn, older_than_seconds=seconds, limit=batch, skip=referenced
+                )
+            if not deleted and not kept:
                 break
             batches += 1
             total.update(deleted)
+            referenced += kept
         while history:
             with transaction(database, conn):
                 n = repository.prune_history_batch(conn, older_than_seconds=seconds, limit=batch)
@@ -367,6 +371,7 @@ def prune(
         applied=total["applied"],
         cancelled=total["cancelled"],
         history=total["history"],
+        kept_referenced=len(referenced),
         batches=batches,
         older_than_days=older_than_days,
     )

@@ -261,6 +261,9 @@ def safety_checks(
     return {int(i): (Verdict(outcome), str(message)) for i, outcome, message in rows}
 
 
+FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: a row of another table references it
+
+
 @contextmanager
 def savepoint(conn: Conn) -> Iterator[None]:
     """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed."""
@@ -510,16 +513,41 @@ def count_prunable(conn: Conn, *, older_than_seconds: float) -> dict[str, int]:
     return {str(status): int(n) for status, n in rows}
 
 
-def prune_batch(conn: Conn, *, older_than_seconds: float, limit: int) -> dict[str, int]:
-    """Delete up to `limit` old applied/cancelled schedules; rows a tick holds are skipped."""
+def prune_batch(
+    conn: Conn, *, older_than_seconds: float, limit: int, skip: Sequence[int] = ()
+) -> tuple[dict[str, int], list[int]]:
+    """Delete up to `limit` old applied/cancelled schedules (not those in `skip`); rows a
+    tick holds are skipped. Returns the counts per status, and the ids an application's
+    foreign key still references (kept: deleting them fails, and would roll the whole batch
+    back, so that prune never got past them)."""
     rows = conn.execute(
-        statement("prune_batch"),
-        {"seconds": older_than_seconds, "limit": limit},
+        statement("prunable_batch"),
+        {"seconds": older_than_seconds, "limit": limit, "skip": list(skip)},
     ).fetchall()
     counts: dict[str, int] = {}
-    for (status,) in rows:
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+    referenced: list[int] = []
+    if not rows:
+        return counts, referenced
+    try:
+        with savepoint(conn):  # the batch at once, the common case
+            conn.execute(statement("delete_schedules"), {"ids": [r[0] for r in rows]})
+        deleted = rows
+    except StatementFailed as exc:
+        if exc.sqlstate != FOREIGN_KEY_VIOLATION:
+            raise
+        deleted = []
+        for schedule_id, status in rows:  # one by one, keeping the referenced ones
+            try:
+                with savepoint(conn):
+                    conn.execute(statement("delete_schedules"), {"ids": [schedule_id]})
+                deleted.append((schedule_id, status))
+            except StatementFailed as one:
+                if one.sqlstate != FOREIGN_KEY_VIOLATION:
+                    raise
+                referenced.append(int(schedule_id))
+    for _, status in deleted:
+        counts[str(status)] = counts.get(str(status), 0) + 1
+    return counts, referenced
 
 
 # --- authoring: list, ramps, recurrences -----------------------------------------------

@@ -35,7 +35,8 @@ class Function:
 
 @dataclass(frozen=True, slots=True)
 class Trigger:
-    """A trigger flagsched relies on (the record: nothing bypasses it)."""
+    """A trigger flagsched relies on (the record: nothing bypasses it), by family: a trigger
+    named `name`, or `name` followed by `_` and anything (`_v2`, `_moved`, ...)."""
 
     table: str
     name: str
@@ -66,6 +67,8 @@ REQUIRED: tuple[Required, ...] = (
             "reviewed_at",
             "attempts",
             "recurrence_id",
+            "created_xact",  # prune --history keeps what their conflict windows need
+            "created_snapshot",
         ),
     ),
     Table("feature_flag_schedule_group_seq"),
@@ -81,6 +84,7 @@ REQUIRED: tuple[Required, ...] = (
             "new_enabled",
             "new_rollout_percentage",
             "schedule_ids",
+            "xact",
         ),
     ),
     Table(
@@ -109,8 +113,12 @@ REQUIRED: tuple[Required, ...] = (
     Function("flagsched_check_v2", ("bigint", "interval")),
     # The claim numbers the attempts it keeps, the record appends to what it kept.
     Function("flagsched_kept_attempts_v2", ("jsonb",)),
+    # The record's triggers by family: `flagsched_record_update` is met by any trigger of
+    # that name or named `flagsched_record_update_...` (this release's _v2 and _moved). A
+    # later release that changes the record replaces its trigger (two would record each
+    # change twice) under a new name of the same family, and this one keeps working.
     *(
         Trigger("feature_flags", f"flagsched_record_{event}")
-        for event in ("insert", "update_v2", "update_moved", "delete", "truncate")
+        for event in ("insert", "update", "delete", "truncate")
     ),
 )

@@ -26,8 +26,18 @@ class XID8(sa.types.UserDefinedType[int]):
         return "xid8"
 
 
-# So that reflection (alembic's comparison with the database) knows the type.
+class Snapshot(sa.types.UserDefinedType[str]):
+    """PostgreSQL's snapshot (pg_current_snapshot()): which transactions a statement saw."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: object) -> str:
+        return "pg_snapshot"
+
+
+# So that reflection (alembic's comparison with the database) knows the types.
 postgresql_base.ischema_names.setdefault("xid8", XID8)
+postgresql_base.ischema_names.setdefault("pg_snapshot", Snapshot)
 
 feature_flags = sa.Table(
     "feature_flags",
@@ -79,6 +89,14 @@ feature_flag_schedules = sa.Table(
     # that transaction's own flag changes are never a conflict.
     sa.Column(
         "created_xact", XID8(), nullable=True, server_default=sa.text("pg_current_xact_id()")
+    ),
+    # The snapshot its INSERT saw (migration 0006; NULL before): the conflict window is
+    # the changes it did not see.
+    sa.Column(
+        "created_snapshot",
+        Snapshot(),
+        nullable=True,
+        server_default=sa.text("pg_current_snapshot()"),
     ),
     sa.CheckConstraint("max_retries >= 0 AND max_retries <= 10", name="max_retries_check"),
     sa.CheckConstraint("on_conflict IN ('fail', 'apply')", name="on_conflict_check"),

@@ -141,7 +141,10 @@ SELECT current_setting('server_encoding'), ARRAY(
         WHEN 'column' THEN (r.relation, r.name) IN (SELECT relation, name FROM columns)
         ELSE EXISTS (
             SELECT FROM pg_trigger t
-            WHERE t.tgrelid = to_regclass(r.relation) AND t.tgname = r.name)
+            -- a trigger by its family: `flagsched_record_update` is served by a later
+            -- release's `flagsched_record_update_v3` that replaced it
+            WHERE t.tgrelid = to_regclass(r.relation)
+              AND (t.tgname = r.name OR left(t.tgname, length(r.name) + 1) = r.name || '_'))
     END
     ORDER BY r.n)
 
@@ -245,7 +248,7 @@ FROM {recurrences}
 WHERE cancelled_at IS NULL AND next_at <= now()
 ORDER BY next_at, id
 LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+FOR NO KEY UPDATE SKIP LOCKED  -- a row referencing it (FOR KEY SHARE) never hides it
 
 -- name: materialise
 INSERT INTO {schedules}
@@ -416,19 +419,26 @@ UPDATE {schedules} SET status = 'cancelled', next_retry_at = NULL, updated_at = 
 WHERE id = %(i)s
 
 -- name: prunable_change
--- A history row prune --history may delete: older than the cut-off, and not newer than
--- the conflict window's start (flagsched_check_v2) of any open schedule of its flag, under
--- its key (an index probe of idx_schedules_flag_open each). Inside the EXISTS the
--- unqualified columns of the rules are the schedule's.
+-- A history row prune --history may delete: older than the cut-off, and not in the
+-- conflict window (flagsched_check_v2) of any open schedule of its flag, under its key (an
+-- index probe of idx_schedules_flag_open each): for a schedule that knows the snapshot its
+-- INSERT saw, a change that snapshot did not see; otherwise one written after the window
+-- start. Inside the EXISTS the unqualified columns of the rules are the schedule's.
 c.changed_at < now() - make_interval(secs => %(seconds)s)
 AND NOT EXISTS (
     SELECT 1 FROM {schedules} s
     WHERE s.flag_key = c.flag_key
       AND s.status IN ('pending', 'failed') AND (s.status <> 'failed' OR {waiting_row})
-      AND c.written_at > greatest(
-          CASE WHEN s.created_at <= now() THEN s.created_at
-               ELSE '-infinity'::timestamptz END,
-          CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END))
+      AND CASE WHEN s.created_snapshot IS NOT NULL AND c.xact IS NOT NULL
+                    AND NOT coalesce(s.reviewed_at <= now(), false)
+                    AND pg_snapshot_xmax(s.created_snapshot)
+                        <= pg_snapshot_xmax(pg_current_snapshot())
+               THEN c.xact IS DISTINCT FROM s.created_xact
+                    AND NOT pg_visible_in_snapshot(c.xact, s.created_snapshot)
+               ELSE c.written_at > greatest(
+                   CASE WHEN s.created_at <= now() THEN s.created_at
+                        ELSE '-infinity'::timestamptz END,
+                   CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END) END)
 
 -- name: prune_history_batch
 WITH doomed AS (
@@ -448,14 +458,14 @@ OR (status = 'cancelled' AND updated_at < now() - make_interval(secs => %(second
 -- name: count_prunable
 SELECT status, count(*) FROM {schedules} WHERE {prunable} GROUP BY status
 
--- name: prune_batch
--- Rows a tick holds are skipped.
-WITH doomed AS (
-    SELECT id FROM {schedules} WHERE {prunable}
-    LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-)
-DELETE FROM {schedules} s USING doomed d WHERE s.id = d.id
-RETURNING s.status
+-- name: prunable_batch
+-- Rows a tick holds are skipped; rows an application's foreign key keeps are passed over.
+SELECT id, status FROM {schedules}
+WHERE ({prunable}) AND id <> ALL (%(skip)s)
+LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+
+-- name: delete_schedules
+DELETE FROM {schedules} WHERE id = ANY (%(ids)s)
 
 -- ==================== authoring =========================================================
 

@@ -1,20 +1,28 @@
 """Correctness of the claim and the record (issue 16): new stored functions, old ones kept.
 
-- flagsched_claim_v2(limit, lock): claims only schedules that can move. A due schedule is
+- flagsched_claim_v2(limit, lock): claims only schedules that can move, FOR NO KEY UPDATE
+  SKIP LOCKED (a row referencing a schedule by foreign key never hides it). A due schedule is
   claimed only when every earlier open schedule of its flag (pending, or waiting for a
   retry) is due and claimed with it, so held-back rows never take a place in a batch.
-  Retries that lead their flag come first (by next_retry_at), then pending schedules, then
-  retries that follow a claimed schedule of their flag (both in (scheduled_at, id) order, so
-  a flag's consecutive due schedules come together). flagsched_held_back_v1(limit) reads,
-  locking nothing, the due schedules held back behind an open schedule that is not due:
-  the tick reports them without claiming them.
+  Retries that lead their flag come first (by next_retry_at), then pending schedules that
+  lead their flag (every free flag's next change before any flag's later steps), then
+  pending schedules and retries behind due schedules of their flag (in (scheduled_at, id)
+  order: with room in the batch a flag's consecutive due schedules come together, however
+  retries and pending ones alternate: retry, pending, retry, pending is one claim). A row
+  whose earlier one did not make it into the claim (the limit, or another tick holds it)
+  is `blocked` and held back: a batch of only such rows means nothing else can move.
+  flagsched_held_back_v1(limit) reads, locking nothing, the due schedules held back behind
+  an open schedule that is not due: the tick reports them without claiming them.
 - flagsched_kept_attempts_v2(attempts): the last KEPT_ATTEMPTS attempts, and nothing at all
   of a value larger than ATTEMPTS_MAX_BYTES as stored (decided by pg_column_size, which
   reads no TOAST): the claim and the record cost the same whatever a row holds.
 - feature_flag_schedules.created_xact / feature_flag_changes.xact (xid8): the inserting
-  transaction of a schedule and the writing transaction of a change. The conflict check
-  (flagsched_check_v2) never counts a change made by the transaction that inserted the
-  schedule (rows inserted before this revision have NULL and keep the old rule).
+  transaction of a schedule and the writing transaction of a change, and
+  feature_flag_schedules.created_snapshot (pg_snapshot): what the inserting statement saw.
+  The conflict check (flagsched_check_v2) never counts a change made by the transaction
+  that inserted the schedule, nor one committed before the INSERT ran, and counts one the
+  INSERT could not see however early it was written (rows inserted before this revision
+  have NULL and keep the old rule).
 - The history of UPDATEs: a statement-level trigger (flagsched_record_change_v2) pairs old
   and new rows on id only for rows whose id the statement did not change (ids are unique at
   every moment, so such a row pairs with itself), and records key changes too (a renamed
@@ -107,7 +115,10 @@ def _earlier_open(s: str, *, unless: str) -> str:
 
 def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
     """The claim's statement; without `lock` the same read locking nothing (--dry-run)."""
-    skip = "FOR UPDATE SKIP LOCKED" if lock else ""
+    # FOR NO KEY UPDATE: excludes other ticks (and operators' FOR UPDATE) as FOR UPDATE
+    # does, but not a row of another table that references the schedule (FOR KEY SHARE),
+    # which FOR UPDATE SKIP LOCKED skipped silently while that transaction was open.
+    skip = "FOR NO KEY UPDATE SKIP LOCKED" if lock else ""
     skip_s = skip.replace("UPDATE", "UPDATE OF s")
     return f"""
     WITH untimed AS (  -- waiting for a retry after year 9999: it can never be timed
@@ -125,33 +136,34 @@ def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
         ORDER BY s.next_retry_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed)
         {skip_s}
-    ), pending AS (  -- due pending schedules whose earlier open ones are due and go first
+    ), leaders AS (  -- due pending schedules first in their flag: one place per flag first
         SELECT {_S_COLS} FROM feature_flag_schedules s
         WHERE s.status = 'pending' AND s.scheduled_at <= now()
-          AND NOT {_earlier_open(
-              "s",
-              unless="(e.status = 'pending' AND e.scheduled_at <= now())"
-              " OR e.id IN (SELECT id FROM untimed UNION ALL SELECT id FROM retries)",
-          )}
+          AND NOT {_earlier_open("s", unless="false")}
         ORDER BY s.scheduled_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
         {skip_s}
-    ), following AS (  -- due retries behind schedules of their flag claimed above
+    ), pending AS (  -- due pending schedules behind due ones of their flag
+        SELECT {_S_COLS} FROM feature_flag_schedules s
+        WHERE s.status = 'pending' AND s.scheduled_at <= now()
+          AND s.id NOT IN (SELECT id FROM leaders)
+          AND NOT {_earlier_open("s", unless=_due("e"))}
+        ORDER BY s.scheduled_at, s.id
+        LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
+              - (SELECT count(*) FROM leaders)
+        {skip_s}
+    ), following AS (  -- due retries behind due schedules of their flag
         SELECT {_S_COLS} FROM feature_flag_schedules s
         WHERE s.status = 'failed' AND s.next_retry_at <= now()
           AND s.retry_count <= s.max_retries
           AND s.id NOT IN (SELECT id FROM retries)
-          AND NOT {_earlier_open(
-              "s",
-              unless="e.id IN (SELECT id FROM untimed UNION ALL SELECT id FROM retries"
-              " UNION ALL SELECT id FROM pending)",
-          )}
+          AND NOT {_earlier_open("s", unless=_due("e"))}
         ORDER BY s.scheduled_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
-              - (SELECT count(*) FROM pending)
+              - (SELECT count(*) FROM leaders) - (SELECT count(*) FROM pending)
         {skip_s}
     ), claimed AS (
-        SELECT * FROM untimed UNION ALL SELECT * FROM retries
+        SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM leaders
         UNION ALL SELECT * FROM pending UNION ALL SELECT * FROM following
     )
     SELECT now(), c.id, c.flag_key, {_clamped("c.scheduled_at")},
@@ -185,7 +197,7 @@ def _attempts_made(column: str) -> str:
                        THEN greatest(jsonb_array_length(k.kept),
                                      CAST(CAST({last} AS numeric) AS integer))
                        ELSE jsonb_array_length(k.kept) END
-                FROM (SELECT {kept} AS kept) k)"""
+                FROM (SELECT {kept} AS kept OFFSET 0) k)"""  # OFFSET 0: computed once a row
 
 
 def held_back_query() -> str:
@@ -228,17 +240,55 @@ _LATE = """CASE WHEN isfinite({0})
     THEN justify_interval(date_trunc('second', now() - {0}))::text ELSE 'forever' END"""
 
 
-# The latest foreign change (not by flagsched, not by the transaction that inserted the
-# schedule) in s's window. A flag renamed into s's key (or swapped into it) is recorded
-# under that key, so this one probe of idx_changes_foreign finds it too; a flag renamed
-# away leaves no flag under the old key, and the schedule fails as missing.
-_FOREIGN_CHANGE = f"""SELECT c.actor, c.written_at FROM feature_flag_changes c
-                    WHERE c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
-                      AND c.old_enabled IS NOT NULL
-                      AND c.written_at > {_WINDOW_START}
-                      AND (s.created_xact IS NULL OR c.xact IS NULL
-                           OR c.xact <> s.created_xact)
-                    ORDER BY c.written_at DESC
+# Whether change c falls in schedule s's conflict window. A schedule that was never
+# retried and knows the snapshot its INSERT saw (created_snapshot, rows inserted from this
+# revision on) is in conflict exactly with the changes that snapshot did not see: a change
+# committed before the INSERT ran is known (even when the inserting transaction began
+# earlier), a change written earlier but committed later is not (whatever its
+# written_at). The inserting transaction's own changes never count. A retried schedule,
+# an older row, or an older change keeps the time rule (written after the window start).
+LATE_COMMIT_HORIZON = "1 hour"
+# A snapshot is usable only in the transaction-id space it was taken in: one whose xmax is
+# ahead of this cluster's (the database was dumped and restored, or moved by logical
+# replication, into a cluster with lower ids) would take every new change for "seen".
+_BY_SNAPSHOT = (
+    "(s.created_snapshot IS NOT NULL AND NOT coalesce(s.reviewed_at <= now(), false)"
+    " AND pg_snapshot_xmax(s.created_snapshot) <= pg_snapshot_xmax(pg_current_snapshot()))"
+)
+_COUNTS = f"""CASE WHEN {_BY_SNAPSHOT} AND c.xact IS NOT NULL
+                   THEN c.xact IS DISTINCT FROM s.created_xact
+                        AND NOT pg_visible_in_snapshot(c.xact, s.created_snapshot)
+                   ELSE c.written_at > {_WINDOW_START}
+                        AND (s.created_xact IS NULL OR c.xact IS NULL
+                             OR c.xact <> s.created_xact) END"""
+
+# The latest foreign change (not by flagsched) in s's window. A flag renamed into s's key
+# (or swapped into it) is recorded under that key, so probes of idx_changes_foreign find it
+# too; a flag renamed away leaves no flag under the old key, and the schedule fails as
+# missing. The first probe reads what was written after the window start; the second, only
+# for a schedule judged by its snapshot, what was written in the LATE_COMMIT_HORIZON before
+# it by a transaction the snapshot may not have seen (xact at or past its xmin): bounded, so
+# a flag with a long history costs the check an index range, not its whole history (a
+# change held uncommitted for longer than that before the INSERT is judged by the time
+# rule, as before this revision).
+_FOREIGN_CHANGE = f"""SELECT x.actor, x.written_at FROM (
+                    (SELECT c.actor, c.written_at FROM feature_flag_changes c
+                     WHERE c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
+                       AND c.old_enabled IS NOT NULL
+                       AND c.written_at > {_WINDOW_START} AND {_COUNTS}
+                     ORDER BY c.written_at DESC
+                     LIMIT 1)
+                    UNION ALL
+                    (SELECT c.actor, c.written_at FROM feature_flag_changes c
+                     WHERE {_BY_SNAPSHOT}
+                       AND c.flag_key = s.flag_key AND c.schedule_ids = '{{}}'
+                       AND c.old_enabled IS NOT NULL
+                       AND c.written_at <= {_WINDOW_START}
+                       AND c.written_at > {_WINDOW_START} - interval '{LATE_COMMIT_HORIZON}'
+                       AND c.xact >= pg_snapshot_xmin(s.created_snapshot) AND {_COUNTS}
+                     ORDER BY c.written_at DESC
+                     LIMIT 1)) x
+                    ORDER BY x.written_at DESC
                     LIMIT 1"""
 
 
@@ -353,6 +403,12 @@ def upgrade() -> None:
         "ALTER TABLE feature_flag_schedules ALTER COLUMN created_xact "
         "SET DEFAULT pg_current_xact_id()"
     )
+    # The snapshot the inserting statement saw: which flag changes the schedule knew of.
+    op.execute("ALTER TABLE feature_flag_schedules ADD COLUMN created_snapshot pg_snapshot NULL")
+    op.execute(
+        "ALTER TABLE feature_flag_schedules ALTER COLUMN created_snapshot "
+        "SET DEFAULT pg_current_snapshot()"
+    )
     op.execute(
         "ALTER TABLE feature_flag_changes ADD COLUMN xact xid8 NULL, "
         "ADD COLUMN old_flag_key text NULL"
@@ -408,18 +464,19 @@ def upgrade() -> None:
             -- The attempts a schedule keeps: the last {KEPT_ATTEMPTS - 1} (the record appends
             -- one). What is not an array, or is larger than {ATTEMPTS_MAX_BYTES} bytes as
             -- stored (pg_column_size: no TOAST is read to decide) or as text once cut to
-            -- those, is not kept.
+            -- those, is not kept. A value under the limit as stored may still be megabytes
+            -- once decompressed (repetitive errors compress ~50x): it is decompressed twice
+            -- (its type, then one lax slice that clamps to a shorter array), never once per
+            -- use of the result (OFFSET 0 keeps the slice from being inlined into each).
             SELECT CASE WHEN pg_column_size(p_attempts) > {ATTEMPTS_MAX_BYTES} THEN '[]'::jsonb
                         WHEN jsonb_typeof(p_attempts) <> 'array' THEN '[]'::jsonb
                         ELSE (SELECT CASE WHEN octet_length(CAST(t.kept AS text))
                                                <= {ATTEMPTS_MAX_BYTES}
                                           THEN t.kept ELSE '[]'::jsonb END
-                              FROM (SELECT CASE
-                                  WHEN jsonb_array_length(p_attempts) < {KEPT_ATTEMPTS}
-                                  THEN p_attempts
-                                  ELSE jsonb_path_query_array(
-                                      p_attempts, '$[last - {KEPT_ATTEMPTS - 2} to last]')
-                                  END AS kept) t) END
+                              FROM (SELECT jsonb_path_query_array(
+                                      p_attempts, 'lax $[last - {KEPT_ATTEMPTS - 2} to last]')
+                                      AS kept
+                                    OFFSET 0) t) END
         $$
         """
     )
@@ -430,7 +487,9 @@ def upgrade() -> None:
                        updates jsonb, status text, retry_count integer, max_retries integer,
                        next_retry_at timestamptz, blocked boolean, defect text,
                        attempts_made integer)
-        LANGUAGE plpgsql SECURITY INVOKER AS $$
+        -- jit off: the planner's estimate of this statement (a few CTEs over a large table)
+        -- crosses jit_above_cost, and compiling it cost ~60 ms a claim that runs in ~2 ms
+        LANGUAGE plpgsql SECURITY INVOKER SET jit = off AS $$
         #variable_conflict use_column
         BEGIN
             IF p_lock THEN
@@ -447,7 +506,7 @@ def upgrade() -> None:
         CREATE FUNCTION flagsched_held_back_v1(p_limit integer)
         RETURNS TABLE (id bigint, flag_key text, scheduled_at timestamptz, status text,
                        retry_count integer, max_retries integer)
-        LANGUAGE plpgsql STABLE SECURITY INVOKER AS $$
+        LANGUAGE plpgsql STABLE SECURITY INVOKER SET jit = off AS $$
         #variable_conflict use_column
         BEGIN
             RETURN QUERY {held_back_query()};
@@ -562,4 +621,7 @@ def downgrade() -> None:
     op.execute(f"DROP FUNCTION {KEPT_FUNCTION}")
     op.execute(f"DROP FUNCTION {CHECK_FUNCTION}")
     op.execute("ALTER TABLE feature_flag_changes DROP COLUMN old_flag_key, DROP COLUMN xact")
-    op.execute("ALTER TABLE feature_flag_schedules DROP COLUMN created_xact")
+    op.execute(
+        "ALTER TABLE feature_flag_schedules DROP COLUMN created_xact, "
+        "DROP COLUMN created_snapshot"
+    )

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -83,9 +83,7 @@ def _statuses(sql: Sql) -> dict[int, tuple[str, int]]:
     return {int(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
 
-_flags = st.lists(
-    st.lists(st.sampled_from(KINDS), min_size=1, max_size=4), min_size=1, max_size=6
-)
+_flags = st.lists(st.lists(st.sampled_from(KINDS), min_size=1, max_size=4), min_size=1, max_size=6)
 
 
 @settings(
@@ -94,6 +92,7 @@ _flags = st.lists(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(flags=_flags, batch_size=st.integers(min_value=1, max_value=4))
+@example(flags=[["due"], ["due", "due"], ["dead", "due"]], batch_size=3)
 def test_held_back_schedules_never_take_a_place_and_max_batches_drains_what_can_move(
     sql: Sql, run_tick: Tick, flags: list[list[str]], batch_size: int
 ) -> None:
@@ -150,6 +149,68 @@ def test_held_back_retries_beyond_the_batch_size_do_not_stop_other_flags(
     assert set(held) <= {ids[(f, 1)] for f in range(5)}
 
 
+def test_interleaved_due_retries_and_pending_steps_of_one_flag_all_land_in_one_tick(
+    sql: Sql, run_tick: Tick
+) -> None:
+    """Consecutive due schedules of one flag apply in the same tick (SPEC "A tick", 3)
+    whatever mix of due retries and pending ones they are: retry, pending, retry, pending
+    (a pending step inserted before a schedule that failed, say) is one tick, not two."""
+    ids = _seed(sql, [["retry", "due", "retry", "due"], ["due", "retry", "due", "retry"]])
+    with capture_logs():
+        report = run_tick(batch_size=100)
+    after = _statuses(sql)
+    assert [after[ids[(f, i)]][0] for f in range(2) for i in range(4)] == ["applied"] * 8
+    assert report.count(Outcome.APPLIED) == 8
+    assert sql("SELECT rollout_percentage FROM feature_flags ORDER BY key") == [(4,), (4,)]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(flags=_flags)
+def test_with_room_in_the_batch_every_movable_schedule_applies_in_one_tick(
+    sql: Sql, run_tick: Tick, flags: list[list[str]]
+) -> None:
+    ids = _seed(sql, flags)
+    before = _statuses(sql)
+    with capture_logs():
+        report = run_tick(batch_size=100)
+    after = _statuses(sql)
+    for f, kinds in enumerate(flags):
+        movable, held = _movable_and_held(kinds)
+        for i in movable:
+            assert after[ids[(f, i)]][0] == "applied", (flags, f, i)
+        for i in held:
+            assert after[ids[(f, i)]] == before[ids[(f, i)]], (flags, f, i)
+    assert report.count(Outcome.HELD_BACK) == sum(len(_movable_and_held(k)[1]) for k in flags)
+
+
+def test_schedules_behind_one_another_tick_holds_do_not_stop_max_batches(
+    database_url: str, sql: Sql, run_tick: Tick
+) -> None:
+    """Another tick holds a flag's first due schedule (it is applying it): that flag's later
+    due schedules were claimed and found blocked. A batch of only those ended the tick, so a
+    free flag due after them waited for the next minute although --max-batches had room.
+    Each flag's first due schedule is claimed before any flag's later steps now: a batch
+    of only blocked rows means nothing else can move."""
+    ids = _seed(sql, [["due", "due", "due"], ["due"]])
+    sql(
+        "UPDATE feature_flag_schedules SET scheduled_at = now() - interval '1 second' "
+        "WHERE flag_key = 'f1'"
+    )
+    with psycopg.connect(database_url) as other:  # the other tick's claim of f0's first
+        other.execute(
+            "SELECT id FROM feature_flag_schedules WHERE id = %s FOR NO KEY UPDATE", [ids[(0, 0)]]
+        )
+        with capture_logs():
+            report = run_tick(batch_size=2, max_batches=5)
+        other.rollback()
+    assert _statuses(sql)[ids[(1, 0)]][0] == "applied", report
+    assert [_statuses(sql)[ids[(0, i)]][0] for i in range(3)] == ["pending"] * 3
+
+
 # --- 2. A change made earlier in the inserting transaction is not a conflict --------------
 
 
@@ -187,6 +248,73 @@ def test_a_change_by_another_transaction_after_the_insert_still_conflicts(
         app.commit()
     with capture_logs():
         assert run_tick().count(Outcome.FAILED) == 1
+
+
+def test_a_change_written_before_the_insert_but_committed_after_it_conflicts(
+    database_url: str, add_flag: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """The schedule could not have known a change that was not committed when it became
+    visible, however early that change's statement ran (its written_at is before the
+    schedule's created_at): it is a conflict."""
+    add_flag("promo")
+    with psycopg.connect(database_url) as other, psycopg.connect(database_url) as app:
+        other.execute("UPDATE feature_flags SET enabled = true WHERE key = 'promo'")
+        app.execute("SELECT pg_sleep(0.01)")
+        sid = app.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+            "VALUES ('promo', now(), '{\"rollout_percentage\": 50}') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        app.commit()
+        other.commit()  # the foreign change becomes visible after the schedule did
+    with capture_logs():
+        assert run_tick().count(Outcome.FAILED) == 1
+    error = sql("SELECT last_error FROM feature_flag_schedules WHERE id = :i", i=sid)[0][0]
+    assert error.startswith("conflict:")
+    assert sql("SELECT rollout_percentage FROM feature_flags WHERE key = 'promo'")[0][0] == 0
+
+
+def test_a_change_committed_before_the_insert_in_a_longer_transaction_is_not_a_conflict(
+    database_url: str, add_flag: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """A transaction that began before another one changed the flag, and inserts the schedule
+    after that change committed (READ COMMITTED: the INSERT sees it), knew of the change:
+    the window starts when the row became visible, not when its transaction began."""
+    add_flag("promo")
+    with psycopg.connect(database_url) as app, psycopg.connect(database_url) as other:
+        app.execute("SELECT pg_current_xact_id()")  # the app's transaction has begun
+        other.execute("UPDATE feature_flags SET enabled = true WHERE key = 'promo'")
+        other.commit()
+        sid = app.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+            "VALUES ('promo', now(), '{\"rollout_percentage\": 50}') RETURNING id"
+        ).fetchone()[0]  # type: ignore[index]
+        app.commit()
+    with capture_logs():
+        report = run_tick()
+    assert report.count(Outcome.APPLIED) == 1, sql(
+        "SELECT last_error FROM feature_flag_schedules WHERE id = :i", i=sid
+    )
+    assert sql("SELECT enabled, rollout_percentage FROM feature_flags")[0] == (True, 50)
+
+
+def test_a_schedule_from_a_cluster_with_later_transaction_ids_still_conflicts(
+    add_flag: Any, add_schedule: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """A database moved to another cluster (dump and restore, a logical-replication upgrade)
+    keeps its schedules' snapshots, whose transaction ids may lie ahead of the new cluster's:
+    every new change would look "seen" by them. Such a snapshot is not used; the schedule is
+    judged by time."""
+    add_flag("k")
+    sid = add_schedule("k", {"rollout_percentage": 50})
+    sql(
+        "UPDATE feature_flag_schedules SET created_xact = '4000000000', "
+        "created_snapshot = '4000000000:4000000000:' WHERE id = :i",
+        i=sid,
+    )
+    sql("UPDATE feature_flags SET enabled = true WHERE key = 'k'")  # after the schedule
+    with capture_logs():
+        assert run_tick().count(Outcome.FAILED) == 1
+    assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 0
 
 
 # --- 3. The history is keyed by the flag ----------------------------------------------
@@ -312,12 +440,48 @@ def test_prune_history_keeps_a_change_an_open_schedule_still_needs(
     )
     with capture_logs():
         counts, _ = operators.prune(database, older_than_days=30, dry_run=True, history=True)
-        assert counts["history"] == 2  # other's creation and change; none of k's
+        # other's creation and change, and k's creation (committed before the schedule's
+        # INSERT saw the flag: never a conflict); k's change after it stays
+        assert counts["history"] == 3
         operators.prune(database, older_than_days=30, dry_run=False, history=True)
-    assert [r[0] for r in sql("SELECT flag_key FROM feature_flag_changes")] == ["k", "k"]
+    assert [tuple(r) for r in sql("SELECT flag_key, old_enabled FROM feature_flag_changes")] == [
+        ("k", False)
+    ]
     with capture_logs():
         assert run_tick().count(Outcome.FAILED) == 1
     assert schedule(sid)["last_error"].startswith("conflict:")
+
+
+def test_prune_history_keeps_a_change_committed_after_the_schedule_though_written_before(
+    database: Database, database_url: str, add_flag: Any, run_tick: Tick, sql: Sql
+) -> None:
+    """The change a schedule did not see (committed after its INSERT) is what its conflict
+    check needs, even when its written_at is older than the schedule and the cut-off."""
+    add_flag("k")
+    with psycopg.connect(database_url) as other, psycopg.connect(database_url) as app:
+        other.execute("UPDATE feature_flags SET enabled = true WHERE key = 'k'")
+        app.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
+            "VALUES ('k', now(), '{\"rollout_percentage\": 50}')"
+        )
+        app.commit()
+        other.commit()
+    # Long ago: the change written 40 days ago, the schedule inserted half an hour later.
+    sql(
+        "UPDATE feature_flag_schedules "
+        "SET created_at = now() - interval '40 days' + interval '30 minutes'"
+    )
+    sql(
+        "UPDATE feature_flag_changes SET changed_at = now() - interval '40 days', "
+        "written_at = now() - interval '40 days'"
+    )
+    with capture_logs():
+        operators.prune(database, older_than_days=30, dry_run=False, history=True)
+    assert [tuple(r) for r in sql("SELECT flag_key, old_enabled FROM feature_flag_changes")] == [
+        ("k", False)
+    ]
+    with capture_logs():
+        assert run_tick().count(Outcome.FAILED) == 1
 
 
 # --- 5. Locking a flag never waits on a foreign key ------------------------------------
@@ -342,6 +506,50 @@ def test_a_transaction_inserting_a_row_that_references_the_flag_does_not_block_t
         assert report.count(Outcome.APPLIED) == 1, report
         app.commit()
     assert flag("k") == (True, 0)
+
+
+def test_a_transaction_inserting_a_row_that_references_the_schedule_does_not_hide_it(
+    database_url: str, add_flag: Any, add_schedule: Any, run_tick: Tick, sql: Sql, flag: Any
+) -> None:
+    """An application table referencing schedules (approvals, an audit trail): inserting a
+    row holds FOR KEY SHARE on the schedule, which the claim's FOR UPDATE SKIP LOCKED skipped
+    silently (applied 0, held back 0) for as long as that transaction stayed open. The
+    claim takes FOR NO KEY UPDATE, as the record's UPDATE does: ticks still exclude each
+    other, operators' FOR UPDATE still waits for a tick."""
+    sql(
+        "CREATE TABLE test_schedule_notes (id bigint GENERATED ALWAYS AS IDENTITY, "
+        "schedule_id bigint NOT NULL REFERENCES feature_flag_schedules (id), note text)"
+    )
+    add_flag("k")
+    sid = add_schedule("k", {"enabled": True})
+    with psycopg.connect(database_url) as app:
+        app.execute("INSERT INTO test_schedule_notes (schedule_id, note) VALUES (%s, 'ok')", [sid])
+        with capture_logs():
+            report = run_tick()
+        assert report.count(Outcome.APPLIED) == 1, report
+        app.commit()
+    assert flag("k") == (True, 0)
+
+
+def test_prune_keeps_a_schedule_an_application_row_references_and_deletes_the_rest(
+    database: Database, add_flag: Any, add_schedule: Any, sql: Sql
+) -> None:
+    """A schedule an application table references (without ON DELETE CASCADE) cannot be
+    deleted: prune failed the whole batch on it (exit 3, nothing pruned, on every run)."""
+    sql(
+        "CREATE TABLE test_schedule_notes (id bigint GENERATED ALWAYS AS IDENTITY, "
+        "schedule_id bigint NOT NULL REFERENCES feature_flag_schedules (id), note text)"
+    )
+    add_flag("k")
+    ids = [add_schedule("k", {"enabled": True}, status="applied") for _ in range(5)]
+    sql("UPDATE feature_flag_schedules SET applied_at = now() - interval '40 days'")
+    sql("INSERT INTO test_schedule_notes (schedule_id) VALUES (:i)", i=ids[2])
+    with capture_logs() as logs:
+        counts, _ = operators.prune(database, older_than_days=30, dry_run=False, batch=2)
+    assert counts["applied"] == 4
+    assert sql("SELECT id FROM feature_flag_schedules") == [(ids[2],)]
+    finished = next(e for e in logs if e["event"] == "prune_finished")
+    assert finished["kept_referenced"] == 1
 
 
 # --- 9. Attempts: record time and memory bounded by the batch -------------------------
@@ -369,6 +577,61 @@ def test_attempts_near_the_size_limit_are_not_carried_along(
         i=sid,
     )[0]
     assert size < 65536 and n == 1
+
+
+def test_compressible_attempts_under_the_limit_are_read_twice_a_row_not_once_per_use(
+    add_flag: Any, sql: Sql, run_tick: Tick, engine: Any
+) -> None:
+    """An `attempts` array under the 64 kB limit as stored can be megabytes once
+    decompressed (the same error 30,000 times: 3 MB of text, 60 kB stored). The claim read it
+    once per use of the kept attempts (~12 decompressions a row: 1,000 such rows took the
+    claim past the 30 s statement timeout, every tick exited 3 and the queue stopped); it
+    costs a few full reads of the array now, whatever the batch size."""
+    import time
+
+    import sqlalchemy as sa
+
+    n = 40
+    for i in range(n):
+        add_flag(f"k{i}")
+    sql(
+        "CREATE TABLE test_big AS SELECT (SELECT jsonb_agg(jsonb_build_object('attempt', 1, "
+        "'at', '2026-01-01T00:00:00Z', 'outcome', 'retry', 'error', repeat('e', 40))) "
+        "FROM generate_series(1, 30000) k) AS a"
+    )
+    sql(
+        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status, "
+        "retry_count, max_retries, next_retry_at, attempts) "
+        "SELECT 'k' || g, now() - interval '1 hour', '{\"enabled\": true}', 'failed', 1, 10, "
+        "now() - interval '1 minute', (SELECT a FROM test_big) FROM generate_series(0, :n) g",
+        n=n - 1,
+    )
+    stored, raw = sql(
+        "SELECT max(pg_column_size(attempts)), max(octet_length(attempts::text)) "
+        "FROM feature_flag_schedules"
+    )[0]
+    assert stored < 65536 < 2_000_000 < raw  # kept, and megabytes to decompress
+
+    def best_of_three(statement: str) -> float:
+        """The fastest of three runs on one connection (the first also plans the claim)."""
+        times = []
+        with engine.connect() as conn:
+            for _ in range(3):
+                started = time.perf_counter()
+                conn.execute(sa.text(statement)).fetchall()
+                times.append(time.perf_counter() - started)
+                conn.rollback()
+        return min(times)
+
+    one_read = best_of_three("SELECT sum(jsonb_array_length(attempts)) FROM feature_flag_schedules")
+    claim = best_of_three("SELECT sum(attempts_made) FROM flagsched_claim_v2(1000, false)")
+    assert claim < 8 * one_read, (claim, one_read)  # was over 100x
+    with capture_logs():
+        assert run_tick(batch_size=1000).count(Outcome.APPLIED) == n
+    assert sql(
+        "SELECT min(jsonb_array_length(attempts)), max(attempts -> -1 ->> 'attempt') "
+        "FROM feature_flag_schedules"
+    ) == [(20, "20")]
 
 
 def test_only_the_last_attempts_are_kept_and_numbering_goes_on(

@@ -225,3 +225,26 @@ def test_a_stop_that_cancels_the_batch_statement_rolls_it_back_and_stops_no_recu
     assert sql("SELECT count(*) FROM feature_flag_recurrences WHERE next_at <= now()")[0][0] == 10
     tick.run(database, tick.TickOptions(), rng=random.Random(0))
     assert _made_once_each(sql) == 10
+
+
+def test_a_row_referencing_a_recurrence_does_not_hide_it(
+    database: Database, database_url: str, sql: Sql, add_flag: Any
+) -> None:
+    """An application row that references a recurrence by foreign key holds FOR KEY SHARE on
+    it while its transaction is open; materialising locked recurrences FOR UPDATE SKIP
+    LOCKED and skipped it silently. FOR NO KEY UPDATE (next_at is not a key) does not."""
+    import psycopg
+
+    sql(
+        "CREATE TABLE test_recurrence_owners (id bigint GENERATED ALWAYS AS IDENTITY, "
+        "recurrence_id bigint NOT NULL REFERENCES feature_flag_recurrences (id), team text)"
+    )
+    add_flag("a")
+    rid = add_recurrence(sql, "a", "* * * * *", behind="10 minutes")
+    with psycopg.connect(database_url) as app:
+        app.execute(
+            "INSERT INTO test_recurrence_owners (recurrence_id, team) VALUES (%s, 'x')", [rid]
+        )
+        with connection(database) as conn:
+            assert materialise.due_recurrences(database, conn) == 1
+        app.commit()

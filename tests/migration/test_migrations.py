@@ -48,6 +48,7 @@ SPEC_COLUMNS = {
         ("attempts", "jsonb", "NO", "'[]'"),
         ("recurrence_id", "bigint", "YES", None),
         ("created_xact", "xid8", "YES", "pg_current_xact_id()"),
+        ("created_snapshot", "pg_snapshot", "YES", "pg_current_snapshot()"),
     ],
     "feature_flag_recurrences": [
         ("id", "bigint", "NO", None),

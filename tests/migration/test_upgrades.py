@@ -62,6 +62,36 @@ def test_a_schema_a_later_release_migrated_further_serves_this_release(
     assert sql("SELECT version_num FROM alembic_version")[0] == ("0099",)
 
 
+# A later release that changes how history is recorded replaces the trigger (two history
+# triggers would record each change twice), as 0006 replaced 0004's flagsched_record_update.
+LATER_HISTORY_TRIGGER = """
+DROP TRIGGER flagsched_record_update_v2 ON feature_flags;
+DROP TRIGGER flagsched_record_update_moved ON feature_flags;
+CREATE TRIGGER flagsched_record_update_v3 AFTER UPDATE ON feature_flags
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION flagsched_record_change_v2();
+UPDATE alembic_version SET version_num = '0099';
+"""
+
+
+def test_a_later_release_that_replaces_the_history_trigger_serves_this_release(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    sql(LATER_HISTORY_TRIGGER)
+    schedule_id = _due(sql, add_flag, add_schedule)
+    ran = flagsched("process")
+    assert ran.code == 0, ran.stderr
+    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=schedule_id)[0] == (
+        "applied",
+    )
+    assert sql(
+        "SELECT actor, schedule_ids FROM feature_flag_changes WHERE old_enabled IS NOT NULL"
+    ) == [("flagsched", [schedule_id])]
+
+
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
@@ -79,9 +109,10 @@ def test_a_schema_a_later_release_migrated_further_serves_this_release(
             "LANGUAGE sql AS $$ SELECT 1 $$",
             "function flagsched_claim_v2(integer, boolean)",
         ),
-        (
-            "DROP TRIGGER flagsched_record_update_v2 ON feature_flags",
-            "trigger flagsched_record_update_v2 on feature_flags",
+        (  # no history trigger for UPDATEs at all (of any release)
+            "DROP TRIGGER flagsched_record_update_v2 ON feature_flags; "
+            "DROP TRIGGER flagsched_record_update_moved ON feature_flags",
+            "trigger flagsched_record_update on feature_flags",
         ),
         (
             "DROP TABLE feature_flag_recurrences",

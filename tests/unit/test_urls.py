@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from flagsched.urls import (
@@ -81,6 +81,7 @@ _passwords = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), 
 
 
 @given(password=_passwords, encode=st.booleans())
+@example(password="@", encode=False)
 def test_no_password_reaches_a_description(password: str, encode: bool) -> None:
     written = quote(password, safe="") if encode else password
     url = f"postgresql://u:{written}@db.example:5432/app"
