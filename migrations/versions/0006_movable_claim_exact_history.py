@@ -6,9 +6,10 @@
   retry) is due and claimed with it, so held-back rows never take a place in a batch.
   Retries that lead their flag come first (by next_retry_at), then pending schedules that
   lead their flag (every free flag's next change before any flag's later steps), then
-  pending schedules and retries behind due schedules of their flag (in (scheduled_at, id)
-  order: with room in the batch a flag's consecutive due schedules come together, however
-  retries and pending ones alternate: retry, pending, retry, pending is one claim). A row
+  pending schedules and retries behind due schedules of their flag (together, in one
+  (scheduled_at, id) order and one limit: with room in the batch a flag's consecutive due
+  schedules come together, however retries and pending ones alternate: retry, pending,
+  retry, pending is one claim; a cut by the limit never leaves an earlier one out). A row
   whose earlier one did not make it into the claim (the limit, or another tick holds it)
   is `blocked` and held back: a batch of only such rows means nothing else can move.
   flagsched_held_back_v1(limit) reads, locking nothing, the due schedules held back behind
@@ -143,28 +144,41 @@ def claim_query(*, lock: bool, limit: str = "p_limit") -> str:
         ORDER BY s.scheduled_at, s.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
         {skip_s}
-    ), pending AS (  -- due pending schedules behind due ones of their flag
-        SELECT {_S_COLS} FROM feature_flag_schedules s
-        WHERE s.status = 'pending' AND s.scheduled_at <= now()
-          AND s.id NOT IN (SELECT id FROM leaders)
-          AND NOT {_earlier_open("s", unless=_due("e"))}
-        ORDER BY s.scheduled_at, s.id
+    ), behind_ids AS (  -- due schedules behind due ones of their flag, pending and retries
+        -- in one (scheduled_at, id) order: a flag's steps come in order whichever kind they
+        -- are, and the limit never takes a later step of a flag while leaving out an
+        -- earlier one (which would take a place without being able to move)
+        SELECT u.id FROM (
+            (SELECT s.id, s.scheduled_at FROM feature_flag_schedules s
+             WHERE s.status = 'pending' AND s.scheduled_at <= now()
+               AND s.id NOT IN (SELECT id FROM leaders)
+               AND NOT {_earlier_open("s", unless=_due("e"))}
+             ORDER BY s.scheduled_at, s.id
+             LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
+              - (SELECT count(*) FROM leaders))
+            UNION ALL
+            (SELECT s.id, s.scheduled_at FROM feature_flag_schedules s
+             WHERE s.status = 'failed' AND s.next_retry_at <= now()
+               AND s.retry_count <= s.max_retries
+               AND s.id NOT IN (SELECT id FROM retries)
+               AND NOT {_earlier_open("s", unless=_due("e"))}
+             ORDER BY s.scheduled_at, s.id
+             LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
+              - (SELECT count(*) FROM leaders))
+        ) u
+        ORDER BY u.scheduled_at, u.id
         LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
               - (SELECT count(*) FROM leaders)
-        {skip_s}
-    ), following AS (  -- due retries behind due schedules of their flag
+    ), behind AS (  -- locked here, re-checked on the row's latest version
         SELECT {_S_COLS} FROM feature_flag_schedules s
-        WHERE s.status = 'failed' AND s.next_retry_at <= now()
-          AND s.retry_count <= s.max_retries
-          AND s.id NOT IN (SELECT id FROM retries)
-          AND NOT {_earlier_open("s", unless=_due("e"))}
-        ORDER BY s.scheduled_at, s.id
-        LIMIT {limit} - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
-              - (SELECT count(*) FROM leaders) - (SELECT count(*) FROM pending)
+        WHERE s.id IN (SELECT id FROM behind_ids)
+          AND CASE WHEN s.status = 'pending' THEN s.scheduled_at <= now()
+                   ELSE s.status = 'failed' AND s.next_retry_at <= now()
+                        AND s.retry_count <= s.max_retries END
         {skip_s}
     ), claimed AS (
         SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM leaders
-        UNION ALL SELECT * FROM pending UNION ALL SELECT * FROM following
+        UNION ALL SELECT * FROM behind
     )
     SELECT now(), c.id, c.flag_key, {_clamped("c.scheduled_at")},
            CASE WHEN z.size <= 8192 THEN c.updates END,

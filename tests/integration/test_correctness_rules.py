@@ -93,6 +93,7 @@ _flags = st.lists(st.lists(st.sampled_from(KINDS), min_size=1, max_size=4), min_
 )
 @given(flags=_flags, batch_size=st.integers(min_value=1, max_value=4))
 @example(flags=[["due"], ["due", "due"], ["dead", "due"]], batch_size=3)
+@example(flags=[["due", "due", "retry", "due"]], batch_size=3)  # a retry between steps
 def test_held_back_schedules_never_take_a_place_and_max_batches_drains_what_can_move(
     sql: Sql, run_tick: Tick, flags: list[list[str]], batch_size: int
 ) -> None:
