@@ -740,8 +740,9 @@ def schedules_ahead(
         return rows
     # Such a retry is held back behind an open schedule of its flag that comes before it in
     # (scheduled_at, id) order, also one due after `until`: read each such flag's first
-    # open schedule after `until` (one row per flag, by idx_schedules_flag_open; it is that
-    # retry itself or one before it) so the projection holds it as the tick does.
+    # open schedule after `until` that is not such a retry itself (one row per flag, by
+    # idx_schedules_flag_open) so the projection holds the retries behind it as the tick
+    # does.
     blockers = [
         row
         for key in sorted({r.flag_key for r in early})

@@ -86,7 +86,10 @@ NOT {waiting_row}
 {waiting} AND next_retry_at <= %(until)s AND scheduled_at > %(until)s
 
 -- name: open_of_key_after_until
+-- The first open schedule of a flag after `until` that is not itself a retry due by then
+-- (those are read anyway): what holds back such retries behind it.
 {open_schedule} AND flag_key = %(key)s AND scheduled_at > %(until)s
+AND NOT ({waiting} AND next_retry_at <= %(until)s)
 
 -- name: failed_for_good_between
 status = 'failed' AND NOT {waiting_row} AND scheduled_at BETWEEN %(start)s AND %(end)s

@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Ran
@@ -94,6 +94,21 @@ def _insert(sql: Sql, s: dict[str, Any]) -> int:
     schedules=st.lists(_SCHEDULE, min_size=1, max_size=7),
     lateness=st.sampled_from([None, "3600"]),
     touched=st.sampled_from([None, "a", "b"]),  # changed in psql after the schedules: conflicts
+)
+@example(  # a retry due now behind another one and a pending step, both scheduled later
+    flags={"a": (False, 0), "b": (False, 0)},
+    schedules=[
+        {"flag": "a", "minutes_ago": m, "kind": k, "updates": {"enabled": True},
+         "expires": e, "on_conflict": "fail"}
+        for m, k, e in (
+            (1, "pending", None),
+            (1, "retry_due_scheduled_later", None),
+            (2, "retry_due_scheduled_later", "past"),
+            (1, "pending_later", None),
+        )
+    ],
+    lateness=None,
+    touched=None,
 )
 def test_plan_predicts_what_the_ticks_do(
     flagsched: Callable[..., Ran],
