@@ -512,8 +512,14 @@ def check(
             column("flags", "updated_at", f.updated_at, flags, TIMESTAMP)
         scope = [name for name, _ in f.scope]
         missing_scope = [name for name in scope if flags.column(name) is None]
-        for name in missing_scope:
-            problems.append(f"{where}: [flags] scope.{name}: {flags.shown} has no column {name!r}")
+        for name, value in f.scope:
+            found = flags.column(name)
+            if found is None:
+                problems.append(
+                    f"{where}: [flags] scope.{name}: {flags.shown} has no column {name!r}"
+                )
+            elif (problem := scope_value_problem(value, found)) is not None:
+                problems.append(f"{where}: [flags] scope.{name} = {value!r}: {problem}")
         if flag_id is not None and not _unique(flags, {f.id}):
             problems.append(
                 f"{where}: [flags] id = {f.id!r}: not unique in {flags.shown} (no primary key "
@@ -580,6 +586,20 @@ def check(
                     f"expected {_types(accepted)} (or no such column)"
                 )
     return problems
+
+
+def scope_value_problem(value: ScopeValue, column: CatalogColumn) -> str | None:
+    """Why a scope value cannot be compared with its column (None: it can). A boolean
+    needs a boolean column, an integer an integer column; a string is the column's input
+    (text, an enum, ...), so not an integer's or a boolean's."""
+    if isinstance(value, bool):
+        wanted, fits = "a boolean", column.base_type in BOOLEAN
+    elif isinstance(value, int):
+        wanted, fits = "an integer", column.base_type in INTEGER
+    else:
+        wanted = "a string"
+        fits = column.base_type not in INTEGER | BOOLEAN
+    return None if fits else f"{wanted}, but the column is {column.shown_type}"
 
 
 def _unique(table: CatalogTable, columns: set[str]) -> bool:

@@ -195,6 +195,13 @@ SCHEDULES = "public.feature_flag_schedules"
             ["[flags] scope.env: public.feature_flags has no column 'env'"],
         ),
         (
+            {"flags__scope": {"environment": 1, "enabled": "yes"}},
+            [
+                "[flags] scope.environment = 1: an integer, but the column is text",
+                "[flags] scope.enabled = 'yes': a string, but the column is boolean",
+            ],
+        ),
+        (
             {"flags__id": "flag_key"},
             [
                 "[flags] id = 'flag_key': not unique in public.feature_flags (no primary key "

@@ -25,6 +25,7 @@ from flagsched.tables import (
     check,
     load,
     parse,
+    scope_value_problem,
 )
 
 WORKED_EXAMPLE: dict[str, Any] = {
@@ -404,6 +405,26 @@ def test_a_view_or_a_missing_table_is_named() -> None:
     assert check(SCOPED, view, None) == [
         "configuration own.toml: [flags] table = 't': public.t is not a table"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "base_type", "fits"),
+    [
+        ("production", "text", True),
+        ("production", "env_kind", True),  # an enum: the string is its input
+        ("1", "int4", False),
+        (1, "int8", True),
+        (1, "text", False),
+        (True, "bool", True),
+        (True, "int4", False),  # a boolean is no integer here
+        ("true", "bool", False),
+    ],
+)
+def test_a_scope_value_must_be_comparable_with_its_column(
+    value: Any, base_type: str, fits: bool
+) -> None:
+    column = CatalogColumn("env", base_type, base_type)
+    assert (scope_value_problem(value, column) is None) is fits
 
 
 def test_no_flags_section_checks_nothing() -> None:
