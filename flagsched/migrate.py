@@ -14,6 +14,7 @@ from flagsched.db import Database
 from flagsched.db import begin as db_begin
 from flagsched.errors import UnsupportedDatabase
 from flagsched.schema import begin, connect
+from flagsched.tables import Configuration, check
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -73,6 +74,18 @@ def preflight(database: Database) -> None:
     TypeError of its own."""
     with db_begin(database) as conn:
         _known(repository.schema_revision(conn))
+
+
+def check_configuration(database: Database, configuration: Configuration) -> list[str]:
+    """Each way `configuration` does not fit the live tables, one line each (empty: it fits).
+    Reads the catalog only, in a transaction of its own: changes nothing."""
+    if configuration.flags is None:
+        return []
+    schedules = configuration.schedules
+    with db_begin(database) as conn:
+        flags = repository.catalog_table(conn, configuration.flags.table)
+        found = repository.catalog_table(conn, schedules.table) if schedules else None
+    return check(configuration, flags, found)
 
 
 def current(engine: Engine) -> str | None:

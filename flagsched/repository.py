@@ -41,6 +41,7 @@ from flagsched.model import (
 from flagsched.required import REQUIRED, Function, Required, Table
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
 from flagsched.sql import statement
+from flagsched.tables import CatalogColumn, CatalogTable, QualifiedName
 
 _Row = TypeVar("_Row")
 
@@ -192,6 +193,24 @@ def ensure_schema(conn: Conn) -> None:
     raise SchemaNotCurrent(
         f"the database schema lacks {shown}{f' and {more} more' if more > 0 else ''}, which "
         "this flagsched uses: run `flagsched migrate`"
+    )
+
+
+def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
+    """What the catalog says of a configured table (None: no such relation)."""
+    found = conn.execute(
+        statement("catalog_table"), {"schema": name.schema, "name": name.name}
+    ).fetchone()
+    if found is None:
+        return None
+    oid, kind, shown = found
+    columns = _rows(conn, class_row(CatalogColumn), statement("catalog_columns"), {"oid": oid})
+    unique = conn.execute(statement("catalog_unique_indexes"), {"oid": oid}).fetchall()
+    return CatalogTable(
+        shown=shown,
+        kind=kind,
+        columns=tuple(columns),
+        unique=tuple(frozenset(index) for (index,) in unique),
     )
 
 

@@ -118,6 +118,14 @@ def raw_database_url() -> str | None:
     return os.environ.get("FLAGSCHED_DATABASE_URL") or os.environ.get("DATABASE_URL")
 
 
+def config_path() -> str | None:
+    """FLAGSCHED_CONFIG: the configuration file's path (unset or empty: none). Read on its
+    own, before the other settings: the file decides which tables every command runs on."""
+    import os
+
+    return os.environ.get("FLAGSCHED_CONFIG") or None
+
+
 def load_settings() -> Settings:
     """Read the environment; a bad value becomes one ConfigError line naming the variable."""
     try:

@@ -15,14 +15,28 @@ import click
 
 from flagsched import logs
 from flagsched.cli import ahead, authoring, operate, read, tick
-from flagsched.cli.app import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_USAGE, redacted, say
-from flagsched.errors import FlagschedError
+from flagsched.cli.app import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_USAGE, App, redacted, say
+from flagsched.errors import ConfigError, FlagschedError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flagsched")
-def cli() -> None:
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="The configuration file (TOML; default: FLAGSCHED_CONFIG): your own tables.",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
     """Apply scheduled feature-flag changes stored in PostgreSQL."""
+    app = ctx.ensure_object(App)
+    app.load_configuration(config_path)
+    refused = app.configuration.not_available()
+    # `migrate` checks a configuration with [flags] against the database before it refuses.
+    adopted = app.configuration.flags is not None
+    if refused and not (adopted and ctx.invoked_subcommand == "migrate"):
+        raise ConfigError(refused)
 
 
 _signals_stop = tick.signals_stop  # the name the signal tests know

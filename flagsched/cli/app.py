@@ -12,6 +12,7 @@ import click
 from flagsched import logs
 from flagsched.db import Database
 from flagsched.settings import Settings, load_settings
+from flagsched.tables import Configuration
 
 # Exit codes (SPEC): 0 ok, 1 something failed / refused / behind, 2 usage or configuration,
 # 3 could not run. A tick stopped by SIGTERM or SIGINT exits 128 + signal (143, 130).
@@ -19,10 +20,21 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_COULD_NOT_RUN = 0, 1, 2, 3
 
 
 class App:
-    """Per-invocation wiring: settings and logging configured once, on first use."""
+    """Per-invocation wiring: the configuration file read once, by the group; settings and
+    logging configured once, on first use."""
 
     def __init__(self) -> None:
         self._settings: Settings | None = None
+        self.configuration = Configuration()
+
+    def load_configuration(self, path: str | None) -> None:
+        """Read the configuration: `--config PATH`, else FLAGSCHED_CONFIG, else none (the
+        built-in tables). A bad file is a ConfigError (exit 2)."""
+        from flagsched import tables
+        from flagsched.settings import config_path
+
+        path = path or config_path()
+        self.configuration = tables.load(path) if path else Configuration()
 
     @property
     def settings(self) -> Settings:

@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from flagsched import logs
-from flagsched.cli.app import EXIT_FAILED, EXIT_OK, App, pass_app
+from flagsched.cli.app import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, pass_app, say
 from flagsched.cli.params import MAX_PRUNE_DAYS, SCHEDULE_ID, FiniteFloat
+from flagsched.errors import ConfigError
 
 
 @click.command()
@@ -22,6 +23,23 @@ def migrate(app: App, sql: bool, check: bool) -> int:
 
     if sql and check:
         raise click.UsageError("--sql and --check exclude each other")
+    configuration = app.configuration
+    refused = configuration.not_available()
+    if refused and sql:
+        raise ConfigError(refused)
+    if refused:
+        problems = migrations.check_configuration(app.database(), configuration)
+        for problem in problems:
+            say(f"flagsched: error: {problem}")
+        if problems:
+            return EXIT_USAGE
+        if not check:
+            raise ConfigError(refused)
+        click.echo(
+            f"{configuration.where} matches the database; running on your own tables is not "
+            "available in this release yet (`flagsched migrate` refuses it)"
+        )
+        return EXIT_OK
     if sql:
         migrations.print_sql(sys.stdout)
         return EXIT_OK

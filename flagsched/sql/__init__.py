@@ -40,11 +40,12 @@ CONSTANTS: Mapping[str, object] = {
 
 @dataclass(frozen=True)
 class TableMap:
-    """One table: its name in the database and its columns' names (logical -> real); a
-    column not listed keeps its logical name."""
+    """One table: its name in the database (in `schema`, else found by the search_path) and
+    its columns' names (logical -> real); a column not listed keeps its logical name."""
 
     name: str
     columns: tuple[tuple[str, str], ...] = ()  # (logical, real) pairs
+    schema: str | None = None
 
     def column(self, logical: str) -> str:
         return dict(self.columns).get(logical, logical)
@@ -52,8 +53,8 @@ class TableMap:
 
 @dataclass(frozen=True)
 class Tables:
-    """Which tables flagsched runs on: today the built-in ones (issue 18 maps the flags to
-    an application's own table)."""
+    """Which tables flagsched runs on: the built-in ones, or those a configuration names
+    (`flagsched.tables.Configuration.tables`)."""
 
     flags: TableMap = TableMap("feature_flags")
     schedules: TableMap = TableMap("feature_flag_schedules")
@@ -124,9 +125,12 @@ def _compose(text: str, tables: Tables) -> sql.Composed:
         name, column, argument = m.group(1), m.group(2), m.group(3)
         table = tables.table(name)
         if argument is None and table is not None:
-            piece: sql.Composable = sql.Identifier(
-                table.name if column is None else table.column(column)
-            )
+            if column is not None:
+                piece: sql.Composable = sql.Identifier(table.column(column))
+            elif table.schema is not None:
+                piece = sql.Identifier(table.schema, table.name)
+            else:
+                piece = sql.Identifier(table.name)
         elif argument is None and column is None and name in CONSTANTS:
             piece = sql.Literal(CONSTANTS[name])
         else:

@@ -151,6 +151,38 @@ SELECT current_setting('server_encoding'), ARRAY(
     END
     ORDER BY r.n)
 
+-- name: catalog_table
+-- A configured table (issue 18) as the search_path resolves it: no quoting in the
+-- configuration, each part quoted here; NULL when there is no such relation.
+SELECT c.oid AS oid, CAST(c.relkind AS text) AS kind,
+       n.nspname || '.' || c.relname AS shown
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass(
+    CASE WHEN CAST(%(schema)s AS text) IS NULL THEN quote_ident(%(name)s)
+         ELSE quote_ident(%(schema)s) || '.' || quote_ident(%(name)s) END)
+
+-- name: catalog_columns
+-- Its columns with their types (a domain as its base type).
+SELECT a.attname AS name, b.typname AS base_type,
+       format_type(a.atttypid, a.atttypmod) AS shown_type
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+WHERE a.attrelid = CAST(%(oid)s AS oid) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+
+-- name: catalog_unique_indexes
+-- The key columns of each valid unique index without predicate or expression (a primary
+-- key and a unique constraint have one): what proves a column set unique for every row,
+-- also those inserted later. INCLUDE columns are not key columns.
+SELECT array_agg(CAST(a.attname AS text) ORDER BY k.n) AS columns
+FROM pg_index i
+CROSS JOIN LATERAL unnest(CAST(i.indkey AS int2[])) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = CAST(%(oid)s AS oid) AND i.indisunique AND i.indisvalid
+  AND i.indpred IS NULL AND i.indexprs IS NULL AND k.n <= i.indnkeyatts
+GROUP BY i.indexrelid
+
 -- name: migration_lock
 SELECT pg_advisory_xact_lock(%(key)s)
 
