@@ -207,3 +207,36 @@ def test_migrate_sql_commits_around_a_concurrent_index(
     assert (lines[at - 1], lines[at + 1]) == ("COMMIT;", "BEGIN;")  # outside a transaction
     # One per revision, and one more: 0099 commits before its concurrent index and begins after.
     assert lines.count("BEGIN;") == lines.count("COMMIT;") == 9
+
+
+def test_an_application_updating_flags_while_0006_runs_never_deadlocks(
+    empty_database_url: str,
+) -> None:
+    """An application transaction holding the flags table (its UPDATE then writes the
+    history through the trigger) while `migrate` runs 0006: the migration waits for it, the
+    application's write goes through, and both finish (0006 took the history table first and
+    deadlocked with such a writer: `make bench`, case 10)."""
+    url = empty_database_url
+    migrate.upgrade(make_engine(url), "0005")
+    _sql(url, "INSERT INTO feature_flags (key) VALUES ('a')")
+    with psycopg.connect(url) as app:
+        app.execute("LOCK TABLE feature_flags IN ROW EXCLUSIVE MODE")  # as its UPDATE would
+        process = _migrate_processes(url, 1)[0]
+        try:
+            deadline = time.monotonic() + 30
+            while not _sql(  # migrate waits for a lock this transaction holds
+                url,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND application_name LIKE 'flagsched%'",
+            ):
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.05)
+            # its UPDATE writes the history: it must not wait for the migration
+            app.execute("SET LOCAL lock_timeout = '10s'")
+            app.execute("UPDATE feature_flags SET enabled = true WHERE key = 'a'")
+            app.commit()
+        finally:
+            _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert migrate.current(make_engine(url)) == migrate.head()
+    assert _sql(url, "SELECT enabled FROM feature_flags") == [(True,)]
