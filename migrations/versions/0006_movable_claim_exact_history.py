@@ -625,6 +625,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The three tables in the order ticks and applications take them (schedules, flags,
+    # history), so no writer waiting in between can deadlock with the downgrade.
+    op.execute(
+        "LOCK TABLE feature_flag_schedules, feature_flags, feature_flag_changes"
+        " IN ACCESS EXCLUSIVE MODE"
+    )
     op.execute("DROP TRIGGER flagsched_record_update_v2 ON feature_flags")
     op.execute("DROP TRIGGER flagsched_record_update_moved ON feature_flags")
     op.execute(
