@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -145,25 +145,6 @@ def _show(value: object) -> str:
         )
     except (TypeError, ValueError):
         return type(value).__name__
-
-
-def parse_when(text: str) -> datetime | None:
-    """`--at`: ISO 8601 with an offset, or "now" (None: the database's now())."""
-    if text.strip().lower() == "now":
-        return None
-    try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an ISO 8601 time (e.g. 2026-12-01T09:00:00+01:00)"
-        ) from None
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{text!r} has no UTC offset; add one (e.g. +00:00 or Z)")
-    try:  # in UTC it must still be a time flagsched can read back (years 1..9999)
-        value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError(f"{text!r} is outside the years 1..9999 in UTC") from None
-    return value
 
 
 @dataclass(frozen=True, slots=True)
