@@ -88,6 +88,23 @@ def check_configuration(database: Database, configuration: Configuration) -> lis
     return check(configuration, flags, found)
 
 
+def adopt(database: Database, configuration: Configuration) -> list[str]:
+    """Create flagsched's schema, tables, stored objects and record triggers beside an
+    application's tables (issue 18), what is missing of them, in one transaction under the
+    migration lock: idempotent, and safe when several run at once. Returns what it made."""
+    with db_begin(database) as conn:
+        repository.take_migration_lock(conn)
+        return repository.adopt(conn, configuration.tables())
+
+
+def adopted_missing(database: Database, configuration: Configuration) -> list[str]:
+    """What of flagsched's objects beside an application's tables is missing (`--check`)."""
+    from flagsched.required import required
+
+    with db_begin(database) as conn:
+        return repository.missing_objects(conn, required(configuration.tables()))
+
+
 def current(engine: Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
     with begin(engine) as conn:

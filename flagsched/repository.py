@@ -38,9 +38,9 @@ from flagsched.model import (
     Updates,
     Verdict,
 )
-from flagsched.required import REQUIRED, Function, Required, Table
+from flagsched.required import REQUIRED, Function, Required, Table, required
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
-from flagsched.sql import statement
+from flagsched.sql import Tables, current, statement, stored
 from flagsched.tables import CatalogColumn, CatalogTable, QualifiedName
 
 _Row = TypeVar("_Row")
@@ -181,12 +181,14 @@ _SHOWN_MISSING = 5  # a message names at most this many, then says how many more
 
 
 def ensure_schema(conn: Conn) -> None:
-    """Refuse to work on a database that lacks an object this release uses. A schema that
-    a later release migrated further is fine: only what is missing counts."""
-    missing = missing_objects(conn)
+    """Refuse to work on a database that lacks an object this release uses (on the tables
+    of the current mapping). A schema that a later release migrated further is fine: only
+    what is missing counts."""
+    objects = required(current())
+    missing = missing_objects(conn, objects)
     if not missing:
         return
-    if all(f"table {o.name}" in missing for o in REQUIRED if isinstance(o, Table) and o.columns):
+    if all(f"table {o.name}" in missing for o in objects if isinstance(o, Table) and o.columns):
         raise SchemaNotCurrent("the database is not migrated: run `flagsched migrate`")
     shown = ", ".join(missing[:_SHOWN_MISSING])
     more = len(missing) - _SHOWN_MISSING
@@ -214,6 +216,30 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     )
 
 
+def adopt(conn: Conn, tables: Tables) -> list[str]:
+    """Create what flagsched keeps beside an application's tables (issue 18): its schema and
+    own tables (IF NOT EXISTS), the stored objects of this mapping that are missing (their
+    names carry a digest of their text: present means identical), and the record triggers
+    on the flags table that are missing (by name). Returns what it created, for the log.
+    The caller holds the migration lock; never alters an application table but for the
+    triggers."""
+    made: list[str] = []
+    conn.execute(stored.own_tables(tables))
+    for signature, create in stored.creates(tables, stored.ADOPTED_ROUTINES):
+        if _scalar(conn, statement("routine_missing"), {"signature": signature}):
+            conn.execute(create)
+            made.append(f"function {signature}")
+    flags = tables.flags
+    relation = ".".join(
+        '"' + part.replace('"', '""') + '"' for part in (flags.schema, flags.name) if part
+    )
+    for name, create in stored.triggers(tables):
+        if _scalar(conn, statement("trigger_missing"), {"relation": relation, "name": name}):
+            conn.execute(create)
+            made.append(f"trigger {name}")
+    return made
+
+
 def take_migration_lock(conn: Conn) -> None:
     """Serialise concurrent `flagsched migrate` runs until this transaction ends."""
     conn.execute(statement("migration_lock"), {"key": MIGRATION_LOCK_KEY})
@@ -225,21 +251,40 @@ def db_now(conn: Conn) -> datetime:
     return value
 
 
+def flags_have(column: str) -> bool:
+    """Whether the flags table has `column` (`rollout`, `updated_at`): an application's may
+    not."""
+    logical = {"rollout": "rollout_percentage"}.get(column, column)
+    return current().flags.has(logical)
+
+
 def claim(conn: Conn, *, limit: int, lock: bool = True) -> tuple[datetime | None, list[Claimed]]:
     """Lock and return up to `limit` schedules due at the database's now(), ordered by flag
     then (scheduled_at, id), with that now() (None when nothing was claimed). Without
     `lock`, the same rows read in a read-only transaction, locking none (a preview)."""
     if not lock:
         read_only(conn)
-    rows = _rows(conn, _CLAIMED, statement("claim"), {"limit": limit, "lock": lock}, lenient=False)
+    rows = _rows(
+        conn,
+        _CLAIMED,
+        statement("claim"),
+        {"limit": limit, "lock": lock, "scope": current().scope_parameter()},
+        lenient=False,
+    )
     return (rows[0][0] if rows else None), [claimed for _, claimed in rows]
 
 
 def held_back(conn: Conn, *, limit: int) -> list[Claimed]:
     """Up to `limit` due schedules held back behind an earlier open schedule of their flag
-    that is not due (flagsched_held_back_v1, migration 0006): never claimed, locked by
-    nothing, only reported. Ordered by flag, then (scheduled_at, id)."""
-    return _rows(conn, _HELD_BACK, statement("held_back"), {"limit": limit}, lenient=False)
+    that is not due (stored/held_back.sql): never claimed, locked by nothing, only
+    reported. Ordered by flag, then (scheduled_at, id)."""
+    return _rows(
+        conn,
+        _HELD_BACK,
+        statement("held_back"),
+        {"limit": limit, "scope": current().scope_parameter()},
+        lenient=False,
+    )
 
 
 def apply(
@@ -249,8 +294,8 @@ def apply(
     wait: bool,
     max_lateness_seconds: float | None,
 ) -> dict[int, tuple[Verdict, str | None]]:
-    """Write `changes` (in order: flag, then scheduled_at, id) with flagsched_apply_v4
-    (migration 0007): under the flags' FOR NO KEY UPDATE row locks (SKIP LOCKED, or waited
+    """Write `changes` (in order: flag, then scheduled_at, id) with stored/apply.sql:
+    under the flags' FOR NO KEY UPDATE row locks (SKIP LOCKED, or waited
     for with `wait`; a row referencing a flag by foreign key never blocks them) each change
     is decided (missing, busy, expired, conflict) and the rest written set-based, each
     flag's changes folded. Returns {index: (verdict, error)} for the changes that did not
@@ -264,6 +309,7 @@ def apply(
             "rollout": [c.updates.rollout_percentage for c in changes],
             "lateness": max_lateness_seconds,
             "wait": wait,
+            "scope": current().scope_parameter(),
         },
     ).fetchall()
     return {int(item) - 1: (Verdict(outcome), message) for item, outcome, message in rows}
@@ -368,7 +414,12 @@ def list_failed(
 def backlog(conn: Conn, *, now: datetime) -> Backlog:
     """Due count, oldest due time (and its age in seconds, a time before year 1 counted from
     year 1), next due time; index scans only (runs every tick and for `status --max-lag`)."""
-    return _rows(conn, class_row(Backlog), statement("backlog"), {"now": now})[0]
+    return _rows(
+        conn,
+        class_row(Backlog),
+        statement("backlog"),
+        {"now": now, "scope": current().scope_parameter()},
+    )[0]
 
 
 def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
@@ -693,7 +744,10 @@ def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[DueRecurr
     """Lock up to `limit` active recurrences whose next_at <= now() (skipping those another
     tick holds) with that now(). An index probe: nothing due costs one short statement."""
     rows = _rows(  # next_at may be -infinity or BC: a text, never a crash
-        conn, _DUE_RECURRENCE, statement("due_recurrences"), {"limit": limit}
+        conn,
+        _DUE_RECURRENCE,
+        statement("due_recurrences"),
+        {"limit": limit, "scope": current().scope_parameter()},
     )
     now = rows[0][0] if rows else db_now(conn)
     return now, [due for _, due in rows]

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flagsched.sql import BUILT_IN, TableMap, Tables
+from flagsched.sql.stored import ADOPTED_ROUTINES, ARGUMENTS, ROUTINES
+
 
 @dataclass(frozen=True, slots=True)
 class Table:
@@ -102,17 +105,12 @@ REQUIRED: tuple[Required, ...] = (
             "created_at",
         ),
     ),
-    # Migration 0006 (its predecessors of 0004 stay for the previous release, unused here).
-    Function("flagsched_claim_v2", ("integer", "boolean")),
-    Function("flagsched_held_back_v1", ("integer",)),
-    # Migration 0007 (0006's apply function stays for the previous release).
-    Function(
-        "flagsched_apply_v4",
-        ("bigint[]", "text[]", "boolean[]", "integer[]", "interval", "boolean"),
+    # Migration 0008, from the templates of flagsched/sql/stored/ (0006's and 0007's
+    # predecessors stay for the previous release, unused here).
+    *(
+        Function(BUILT_IN.fn.column(routine), ARGUMENTS[routine])
+        for routine in ROUTINES
     ),
-    Function("flagsched_check_v2", ("bigint", "interval")),
-    # The claim numbers the attempts it keeps, the record appends to what it kept.
-    Function("flagsched_kept_attempts_v2", ("jsonb",)),
     # The record's triggers by family: `flagsched_record_update` is met by any trigger of
     # that name or named `flagsched_record_update_...` (this release's _v2 and _moved). A
     # later release that changes the record replaces its trigger (two would record each
@@ -122,3 +120,49 @@ REQUIRED: tuple[Required, ...] = (
         for event in ("insert", "update", "delete", "truncate")
     ),
 )
+
+
+def _relation(table: TableMap) -> str:
+    """A table as `to_regclass` reads it: quoted, schema-qualified when configured."""
+    name = _quoted(table.name)
+    return f"{_quoted(table.schema)}.{name}" if table.schema else name
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def required(tables: Tables) -> tuple[Required, ...]:
+    """What this release uses on `tables`: `REQUIRED` for the built-in tables; on an
+    application's (issue 18) its flags table's configured columns, flagsched's own tables in
+    its schema (the built-in columns plus the scope's), the stored objects of that mapping
+    (by their digest names) and the record triggers on the flags table, by family."""
+    if not tables.adopted:
+        return REQUIRED
+    flags = tables.flags
+    scope = tuple(column for column, _ in tables.scope)
+    flag_columns = tuple(
+        flags.column(c)
+        for c in ("id", "key", "enabled", "rollout_percentage", "updated_at")
+        if flags.has(c)
+    ) + tuple(c for c in scope if c not in {flags.column(c) for c in ("id", "key")})
+    own = {t.name: t for t in REQUIRED if isinstance(t, Table)}
+    seq = own["feature_flag_schedule_group_seq"]
+    return (
+        Table(_relation(flags), flag_columns),
+        Table(_relation(tables.schedules), own["feature_flag_schedules"].columns + scope),
+        Table(_relation(TableMap(seq.name, schema=tables.schedules.schema))),
+        Table(_relation(tables.changes), own["feature_flag_changes"].columns + scope),
+        Table(_relation(tables.recurrences), own["feature_flag_recurrences"].columns + scope),
+        *(
+            Function(
+                f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column(routine))}",
+                ARGUMENTS[routine],
+            )
+            for routine in ADOPTED_ROUTINES
+        ),
+        *(
+            Trigger(_relation(flags), f"flagsched_record_{event}")
+            for event in ("insert", "update", "delete", "truncate")
+        ),
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from typing import Any
 
@@ -22,6 +22,10 @@ DEFAULT_SCHEMA = "flagsched"
 MAX_NAME_BYTES = 63
 
 ScopeValue = str | int | bool
+
+# The commands that run on an application's flags table in this release (issue 18 lands in
+# steps; the others refuse, exit 2).
+ADOPTED_COMMANDS: tuple[str, ...] = ("migrate", "process")
 
 
 @dataclass(frozen=True)
@@ -89,55 +93,90 @@ class Configuration:
     def where(self) -> str:
         return f"configuration {self.source}" if self.source else "the configuration"
 
-    def not_available(self) -> str | None:
-        """Why this release cannot run with this configuration yet (None: it can). Running
-        on an application's tables is checked (`migrate`, `migrate --check`) but not built:
-        nothing half-built may touch an application's tables."""
-        if self.flags is not None:
+    def not_available(self, command: str | None = None) -> str | None:
+        """Why this release cannot run `command` with this configuration yet (None: it
+        can). On an application's flags with flagsched's own schedules table (no
+        `[schedules]`), `migrate` and `process` run; the other commands, and every command
+        on an application's schedules table, are refused before touching the database
+        (`migrate` checks the configuration first): nothing half-built may touch an
+        application's tables."""
+        if self.flags is None:
+            if self.schema != DEFAULT_SCHEMA:
+                return (
+                    f"{self.where}: schema = {self.schema!r} (flagsched's own schema elsewhere "
+                    f"than {DEFAULT_SCHEMA!r}) without [flags] is not available: the built-in "
+                    "tables live in the search_path"
+                )
+            return None
+        if self.schedules is not None:
             return (
-                f"{self.where}: running on your own tables ([flags]) is not available in this "
-                "release yet; `flagsched migrate --check` checks the configuration against the "
-                "database, nothing else runs with it"
+                f"{self.where}: running on your own tables with [schedules] (the "
+                "application's schedules table) is not available in this release yet; "
+                "`flagsched migrate --check` checks the configuration against the database"
             )
-        if self.schema != DEFAULT_SCHEMA:
+        if command not in ADOPTED_COMMANDS:
             return (
-                f"{self.where}: schema = {self.schema!r} (flagsched's own schema elsewhere than "
-                f"{DEFAULT_SCHEMA!r}) is not available in this release yet"
+                f"{self.where}: `flagsched {command}` on your own tables ([flags]) is not "
+                f"available in this release yet (available: {', '.join(ADOPTED_COMMANDS)})"
             )
         return None
 
     def tables(self) -> Tables:
-        """The table mapping the named statements are composed with: without `[flags]`
-        exactly the built-in one."""
+        """The table mapping the named statements and the stored templates are composed
+        with: without `[flags]` exactly the built-in one."""
         if self.flags is None:
             return BUILT_IN
-        flags = self.flags
-        flag_columns = [("id", flags.id), ("key", flags.key), ("enabled", flags.enabled)]
-        if flags.rollout is not None:
-            flag_columns.append(("rollout_percentage", flags.rollout))
-        if flags.updated_at is not None:
-            flag_columns.append(("updated_at", flags.updated_at))
-        own = self.schema
-        schedules = TableMap(BUILT_IN.schedules.name, schema=own)
-        if self.schedules is not None:
-            s = self.schedules
-            optional = {
-                "flag_id": s.flag_id,
-                "flag_key": s.flag_key,
-                "error": s.error,
-                "created_by": s.created_by,
-                "cancelled_by": s.cancelled_by,
-                "cancelled_at": s.cancelled_at,
-            }
-            schedule_columns = [("id", s.id), ("updates", s.updates)]
-            schedule_columns += [(k, v) for k, v in optional.items() if v is not None]
-            schedules = TableMap(s.table.name, tuple(schedule_columns), s.table.schema)
-        return Tables(
-            flags=TableMap(flags.table.name, tuple(flag_columns), flags.table.schema),
-            schedules=schedules,
-            changes=TableMap(BUILT_IN.changes.name, schema=own),
-            recurrences=TableMap(BUILT_IN.recurrences.name, schema=own),
-        )
+        return _adopted_tables(self)
+
+
+def _scope_text(value: ScopeValue) -> str:
+    """A scope value as flagsched's own tables hold it: the text PostgreSQL casts the
+    column's value to (`true`, `42`, `production`), so one comparison serves every type."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _adopted_tables(configuration: Configuration) -> Tables:
+    from flagsched.sql import stored
+
+    flags = configuration.flags
+    assert flags is not None
+    flag_columns = [("id", flags.id), ("key", flags.key), ("enabled", flags.enabled)]
+    absent: list[str] = []
+    if flags.rollout is not None:
+        flag_columns.append(("rollout_percentage", flags.rollout))
+    else:
+        absent.append("rollout_percentage")
+    if flags.updated_at is not None:
+        flag_columns.append(("updated_at", flags.updated_at))
+    else:
+        absent.append("updated_at")
+    own = configuration.schema
+    schedules = TableMap(BUILT_IN.schedules.name, schema=own)
+    if configuration.schedules is not None:
+        s = configuration.schedules
+        optional = {
+            "flag_id": s.flag_id,
+            "flag_key": s.flag_key,
+            "error": s.error,
+            "created_by": s.created_by,
+            "cancelled_by": s.cancelled_by,
+            "cancelled_at": s.cancelled_at,
+        }
+        schedule_columns = [("id", s.id), ("updates", s.updates)]
+        schedule_columns += [(k, v) for k, v in optional.items() if v is not None]
+        schedules = TableMap(s.table.name, tuple(schedule_columns), s.table.schema)
+    mapping = Tables(
+        flags=TableMap(flags.table.name, tuple(flag_columns), flags.table.schema, tuple(absent)),
+        schedules=schedules,
+        changes=TableMap(BUILT_IN.changes.name, schema=own),
+        recurrences=TableMap(BUILT_IN.recurrences.name, schema=own),
+        scope=tuple((column, _scope_text(value)) for column, value in flags.scope),
+    )
+    # the stored objects' names depend on the scope's columns, never on its values
+    unscoped = replace(mapping, scope=tuple((column, "") for column, _ in mapping.scope))
+    return replace(mapping, fn=stored.adopted_routines(unscoped, own))
 
 
 # ==================== parsing: TOML -> Configuration =====================================

@@ -143,7 +143,7 @@ def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag)
     if now is None:
         return []
     fail = _Failures(now, options, rng)
-    results, steps = _plan(claimed, fail)
+    results, steps = _plan(claimed, fail, rollout_column=repository.flags_have("rollout"))
     changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
     if changes:
         verdicts = _write(conn, changes, stop, options.max_lateness)
@@ -185,9 +185,11 @@ class _Failures:
 
 
 def _plan(
-    claimed: Sequence[Claimed], fail: _Failures
+    claimed: Sequence[Claimed], fail: _Failures, *, rollout_column: bool = True
 ) -> tuple[list[Result], dict[str, list[Step]]]:
-    """Pure: held-back and invalid schedules are decided here; the rest are steps per flag."""
+    """Pure: held-back and invalid schedules are decided here; the rest are steps per flag.
+    Without `rollout_column` (a flags table that has none), a change asking for a rollout
+    fails for good: it could never apply."""
     decided: list[Result] = []
     steps: dict[str, list[Step]] = {}
     for flag_key, group in groupby(claimed, key=lambda c: c.flag_key):
@@ -203,9 +205,17 @@ def _plan(
             except InvalidUpdates as exc:
                 decided.append(fail(schedule, str(exc), permanent=True))
                 continue
+            if updates.rollout_percentage is not None and not rollout_column:
+                decided.append(fail(schedule, NO_ROLLOUT_COLUMN, permanent=True))
+                continue
             steps.setdefault(flag_key, []).append((schedule, updates))
     return decided, steps
 
+
+NO_ROLLOUT_COLUMN = (
+    "updates sets rollout_percentage, but the flags table has no rollout column "
+    "(no `rollout` in [flags] of the configuration): only enabled can be scheduled"
+)
 
 Verdicts = dict[int, tuple[Verdict, str | None]]  # change index -> why it did not apply
 
@@ -445,7 +455,11 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
     held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
     if now is None:
         return [(r.schedule, _describe(r)) for r in held_back]
-    decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
+    decided, steps = _plan(
+        claimed,
+        _Failures(now, options, random.Random(0)),
+        rollout_column=repository.flags_have("rollout"),
+    )
     decided += held_back
     plan = [(r.schedule, _describe(r)) for r in decided]
     for key, flag_steps in steps.items():

@@ -32,11 +32,16 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     """Apply scheduled feature-flag changes stored in PostgreSQL."""
     app = ctx.ensure_object(App)
     app.load_configuration(config_path)
-    refused = app.configuration.not_available()
+    command = ctx.invoked_subcommand
+    refused = app.configuration.not_available(command)
     # `migrate` checks a configuration with [flags] against the database before it refuses.
     adopted = app.configuration.flags is not None
-    if refused and not (adopted and ctx.invoked_subcommand == "migrate"):
+    if refused and not (adopted and command == "migrate"):
         raise ConfigError(refused)
+    if not refused:
+        from flagsched import sql
+
+        sql.use(app.configuration.tables())
 
 
 _signals_stop = tick.signals_stop  # the name the signal tests know

@@ -24,22 +24,44 @@ def migrate(app: App, sql: bool, check: bool) -> int:
     if sql and check:
         raise click.UsageError("--sql and --check exclude each other")
     configuration = app.configuration
-    refused = configuration.not_available()
+    refused = configuration.not_available("migrate")
     if refused and sql:
         raise ConfigError(refused)
-    if refused:
-        problems = migrations.check_configuration(app.database(), configuration)
+    if configuration.flags is not None and sql:
+        raise ConfigError(
+            f"{configuration.where}: `migrate --sql` on your own tables is not available in "
+            "this release (run `flagsched migrate --check`, then `flagsched migrate`)"
+        )
+    if configuration.flags is not None:
+        database = app.database()
+        problems = migrations.check_configuration(database, configuration)
         for problem in problems:
             say(f"flagsched: error: {problem}")
         if problems:
             return EXIT_USAGE
-        if not check:
+        if refused and not check:
             raise ConfigError(refused)
-        click.echo(
-            f"{configuration.where} matches the database; running on your own tables is not "
-            "available in this release yet (`flagsched migrate` refuses it)"
-        )
+        if refused:
+            click.echo(
+                f"{configuration.where} matches the database; running on your own schedules "
+                "table is not available in this release yet (`flagsched migrate` refuses it)"
+            )
+            return EXIT_OK
+        if check:
+            missing = migrations.adopted_missing(database, configuration)
+            if missing:
+                click.echo(
+                    f"{configuration.where} matches the database; flagsched's schema lacks "
+                    f"{', '.join(missing[:5])}: run `flagsched migrate`"
+                )
+                return EXIT_FAILED
+            click.echo(f"{configuration.where} matches the database; flagsched is in place")
+            return EXIT_OK
+        made = migrations.adopt(database, configuration)
+        logs.get_logger().info("migrate_finished", adopted=True, created=len(made))
         return EXIT_OK
+    if refused:
+        raise ConfigError(refused)
     if sql:
         migrations.print_sql(sys.stdout)
         return EXIT_OK

@@ -16,8 +16,10 @@ composed once per table mapping and slot choice, then cached."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -46,9 +48,25 @@ class TableMap:
     name: str
     columns: tuple[tuple[str, str], ...] = ()  # (logical, real) pairs
     schema: str | None = None
+    absent: tuple[str, ...] = ()  # logical columns the table does not have (a rollout)
 
     def column(self, logical: str) -> str:
         return dict(self.columns).get(logical, logical)
+
+    def has(self, logical: str) -> bool:
+        return logical not in self.absent
+
+
+# The stored objects (flagsched/sql/stored/*.sql) by logical name, as the built-in tables
+# have them: created by migration 0008 from the templates. A later release that changes a
+# template ships a new file and a new name here (`_v3` -> `_v4`), keeping the old.
+BUILT_IN_ROUTINES: tuple[tuple[str, str], ...] = (
+    ("kept_attempts", "flagsched_kept_attempts_v3"),
+    ("check", "flagsched_check_v3"),
+    ("claim", "flagsched_claim_v3"),
+    ("held_back", "flagsched_held_back_v2"),
+    ("apply", "flagsched_apply_v5"),
+)
 
 
 @dataclass(frozen=True)
@@ -60,13 +78,45 @@ class Tables:
     schedules: TableMap = TableMap("feature_flag_schedules")
     changes: TableMap = TableMap("feature_flag_changes")
     recurrences: TableMap = TableMap("feature_flag_recurrences")
+    # The stored objects' names (`{fn.claim}`), in `fn.schema` (None: the search_path).
+    fn: TableMap = TableMap("", BUILT_IN_ROUTINES)
+    # This deployment's scope: (column, value as text), the flags' rows it works on; in
+    # flagsched's own tables the same columns hold the value as text. A value is never part
+    # of a statement's text: it is the `scope` parameter (`scope_parameter`).
+    scope: tuple[tuple[str, str], ...] = ()
 
     def table(self, logical: str) -> TableMap | None:
         found = getattr(self, logical, None)
         return found if isinstance(found, TableMap) else None
 
+    @property
+    def adopted(self) -> bool:
+        """Runs on an application's tables (flagsched's own in `schedules.schema`)."""
+        return self != BUILT_IN
+
+    def scope_parameter(self) -> str:
+        """The scope values as the stored functions take them (`p_scope jsonb`)."""
+        return json.dumps(dict(self.scope), sort_keys=True)
+
 
 BUILT_IN = Tables()
+
+# The mapping of this invocation: set once by the CLI from the configuration (`use`), read
+# by every statement. A context variable rather than an argument threaded through every
+# repository function: the repository keeps calling named statements only, and no caller
+# chooses tables (one code path for every shape; the differences are in the mapping).
+_current: ContextVar[Tables] = ContextVar("flagsched_tables", default=BUILT_IN)
+
+
+def use(tables: Tables) -> Token[Tables]:
+    """Make `tables` the mapping statements are composed with (returns the token that
+    `_current.reset` takes, for tests)."""
+    return _current.set(tables)
+
+
+def current() -> Tables:
+    """The mapping statements are composed with now."""
+    return _current.get()
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # {name}, {table.column}, {fragment(argument)}: anything else in braces (a JSON or array
@@ -97,7 +147,36 @@ def names() -> list[str]:
     return sorted(_texts())
 
 
-def _expand(text: str, slots: Mapping[str, str], depth: int = 0) -> str:
+def _scope_match(tables: Tables, alias: str) -> str:
+    """A row of flagsched's own tables is in this deployment's scope: its scope columns hold
+    the `scope` parameter's values (as text). `true` without a scope."""
+    prefix = f"{alias}." if alias else ""
+    terms = [
+        f"{prefix}{_ident(column)} = (CAST(%(scope)s AS jsonb) ->> {_lit(column)})"
+        for column, _ in tables.scope
+    ]
+    return "(" + " AND ".join(terms) + ")" if terms else "true"
+
+
+def _scope_columns(tables: Tables, alias: str) -> str:
+    """`, <scope columns>` (of `alias`) after a column list; nothing without a scope."""
+    prefix = f"{alias}." if alias else ""
+    return "".join(f", {prefix}{_ident(column)}" for column, _ in tables.scope)
+
+
+def _ident(name: str) -> str:
+    return sql.Identifier(name).as_string(None)
+
+
+def _lit(value: str) -> str:
+    return sql.Literal(value).as_string(None)
+
+
+# Fragments that depend on the mapping (a scope's columns are configured).
+_COMPUTED = {"scope_match": _scope_match, "scope_columns": _scope_columns}
+
+
+def _expand(text: str, slots: Mapping[str, str], tables: Tables, depth: int = 0) -> str:
     """Fragments and slots expanded in place (recursively); identifiers and constants kept
     as placeholders for `_compose`."""
     if depth > 10:
@@ -106,13 +185,15 @@ def _expand(text: str, slots: Mapping[str, str], depth: int = 0) -> str:
 
     def one(m: re.Match[str]) -> str:
         name, column, argument = m.group(1), m.group(2), m.group(3)
+        if column is None and name in _COMPUTED:
+            return _COMPUTED[name](tables, argument or "")
         if column is None and name in slots:
-            return _expand(slots[name], slots, depth + 1)
+            return _expand(slots[name], slots, tables, depth + 1)
         if column is None and name in texts:
             body = texts[name]
             if argument is not None:
                 body = body.replace("{arg}", argument)
-            return _expand(body, slots, depth + 1)
+            return _expand(body, slots, tables, depth + 1)
         return m.group(0)
 
     return _PLACEHOLDER.sub(one, text)
@@ -124,9 +205,15 @@ def _compose(text: str, tables: Tables) -> sql.Composed:
     for m in _PLACEHOLDER.finditer(text):
         name, column, argument = m.group(1), m.group(2), m.group(3)
         table = tables.table(name)
-        if argument is None and table is not None:
+        if argument is None and name == "fn" and column is not None:
+            real = tables.fn.column(column)
+            schema = tables.fn.schema
+            piece: sql.Composable = (
+                sql.Identifier(schema, real) if schema else sql.Identifier(real)
+            )
+        elif argument is None and table is not None:
             if column is not None:
-                piece: sql.Composable = sql.Identifier(table.column(column))
+                piece = sql.Identifier(table.column(column))
             elif table.schema is not None:
                 piece = sql.Identifier(table.schema, table.name)
             else:
@@ -146,17 +233,18 @@ def _statement(name: str, slots: tuple[tuple[str, str], ...], tables: Tables) ->
     texts = _texts()
     if name not in texts:
         raise UnknownStatement(f"queries.sql has no statement {name!r}")
-    expanded = _expand(texts[name], dict(slots))
+    expanded = _expand(texts[name], dict(slots), tables)
     return _compose(expanded, tables).as_string(None)
 
 
-def statement(name: str, *, tables: Tables = BUILT_IN, **slots: Sequence[str] | str) -> str:
-    """The statement `name`, composed for `tables`; each slot is filled with the named
-    fragment given, or the named fragments of a list joined with AND (none: `true`)."""
+def statement(name: str, *, tables: Tables | None = None, **slots: Sequence[str] | str) -> str:
+    """The statement `name`, composed for `tables` (default: the current mapping); each slot
+    is filled with the named fragment given, or the named fragments of a list joined with AND
+    (none: `true`)."""
     filled: list[tuple[str, str]] = []
     for slot, value in sorted(slots.items()):
         if isinstance(value, str):
             filled.append((slot, f"{{{value}}}"))
         else:
             filled.append((slot, " AND ".join(f"({{{f}}})" for f in value) or "true"))
-    return _statement(name, tuple(filled), tables)
+    return _statement(name, tuple(filled), current() if tables is None else tables)

@@ -2,7 +2,9 @@
 -- file; flagsched/repository.py has one function per statement). `{schedules}` and
 -- `{flags.key}` are tables and columns of the table mapping, `{MAX_TEXT}` a constant,
 -- `{waiting_row}` a fragment below, `{where}` a slot the caller fills with fragments.
--- Stored logic (the claim, the write, the checks) lives in the migrations, called by name.
+-- Stored logic (the claim, the write, the checks) lives in the templates of stored/,
+-- created by migration 0008 (built-in tables) or `flagsched migrate` (your own tables) and
+-- called by name: `{fn.claim}` is the mapping's name for it.
 -- A line starting with "-- " directly inside a statement is dropped with the comments.
 
 -- ==================== rules: one spelling each ==========================================
@@ -23,7 +25,7 @@ status IN ('pending', 'failed') AND (status <> 'failed' OR {waiting_row})
 
 -- name: time_min
 -- The readable time range: years 1..9999, what Python holds (the claim,
--- flagsched_claim_v2 of migration 0006, clamps to the same).
+-- stored/claim.sql, clamps to the same).
 TIMESTAMPTZ '0001-01-01 00:00:00+00'
 
 -- name: time_max
@@ -183,6 +185,14 @@ WHERE i.indrelid = CAST(%(oid)s AS oid) AND i.indisunique AND i.indisvalid
   AND i.indpred IS NULL AND i.indexprs IS NULL AND k.n <= i.indnkeyatts
 GROUP BY i.indexrelid
 
+-- name: routine_missing
+SELECT to_regprocedure(%(signature)s) IS NULL
+
+-- name: trigger_missing
+SELECT NOT EXISTS (
+    SELECT FROM pg_trigger
+    WHERE tgrelid = to_regclass(%(relation)s) AND tgname = %(name)s)
+
 -- name: migration_lock
 SELECT pg_advisory_xact_lock(%(key)s)
 
@@ -192,26 +202,26 @@ SELECT now()
 -- ==================== the tick ==========================================================
 
 -- name: claim
--- flagsched_claim_v2 (migration 0006): a stored function, so its plan is cached per
--- server connection even behind a pooler (no client-side prepared statements). It claims
--- only schedules that can move: none held back behind an open one not due.
-SELECT * FROM flagsched_claim_v2(%(limit)s, %(lock)s)
+-- stored/claim.sql: a stored function, so its plan is cached per server connection even
+-- behind a pooler (no client-side prepared statements). It claims only schedules that can
+-- move: none held back behind an open one not due. `scope`: the deployment's scope values.
+SELECT * FROM {fn.claim}(%(limit)s, %(lock)s, CAST(%(scope)s AS jsonb))
 
 -- name: held_back
-SELECT * FROM flagsched_held_back_v1(%(limit)s)
+SELECT * FROM {fn.held_back}(%(limit)s, CAST(%(scope)s AS jsonb))
 
 -- name: apply
--- flagsched_apply_v4 (migration 0007): lock, decide, write set-based; a failed write fails
--- the statement (the tick's one fallback takes over).
-SELECT item, outcome, message FROM flagsched_apply_v4(
+-- stored/apply.sql: lock, decide, write set-based; a failed write fails the statement (the
+-- tick's one fallback takes over).
+SELECT item, outcome, message FROM {fn.apply}(
     CAST(%(ids)b AS bigint[]), CAST(%(keys)b AS text[]),
     CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
-    make_interval(secs => %(lateness)s), %(wait)s)
+    make_interval(secs => %(lateness)s), %(wait)s, CAST(%(scope)s AS jsonb))
 
 -- name: safety_checks
 SELECT i.id, k.outcome, k.message
 FROM unnest(CAST(%(ids)b AS bigint[])) AS i(id)
-CROSS JOIN LATERAL flagsched_check_v2(i.id, make_interval(secs => %(lateness)s)) k
+CROSS JOIN LATERAL {fn.check}(i.id, make_interval(secs => %(lateness)s)) k
 
 -- name: record
 WITH recorded AS (
@@ -227,10 +237,10 @@ WITH recorded AS (
         updated_at = %(now)s,
         -- the claim numbered the attempts kept, and the row stayed locked since:
         -- none kept means start again from []; otherwise the last few are kept
-        -- (flagsched_kept_attempts_v2, bounded: it reads no TOAST of a value too
+        -- (stored/kept_attempts.sql, bounded: it reads no TOAST of a value too
         -- large to keep), so a row's cost is bounded whatever it held
         attempts = CASE WHEN v.made = 0 THEN '[]'::jsonb
-                        ELSE flagsched_kept_attempts_v2(s.attempts) END
+                        ELSE {fn.kept_attempts}(s.attempts) END
             || jsonb_build_array(jsonb_build_object(
             'attempt', v.made + 1, 'at', %(at)s::text,
             'outcome', v.outcome, 'error', v.last_error))
@@ -256,10 +266,10 @@ SELECT pg_notify({NOTIFY_CHANNEL}, %(notice)s::text) WHERE %(notice)s::text IS N
 -- of rows.
 WITH pending AS (
     SELECT count(*) AS n, min(scheduled_at) AS oldest FROM {schedules}
-    WHERE status = 'pending' AND scheduled_at <= %(now)s
+    WHERE status = 'pending' AND scheduled_at <= %(now)s AND {scope_match()}
 ), retries AS (
     SELECT count(*) AS n, min(next_retry_at) AS oldest FROM {schedules}
-    WHERE next_retry_at <= %(now)s AND {waiting}
+    WHERE next_retry_at <= %(now)s AND {waiting} AND {scope_match()}
 )
 SELECT pending.n + retries.n AS due,
        LEAST(pending.oldest, retries.oldest) AS oldest_due_at,
@@ -268,9 +278,9 @@ SELECT pending.n + retries.n AS due,
        ) AS oldest_due_age_seconds,
        LEAST(
            (SELECT min(scheduled_at) FROM {schedules}
-            WHERE status = 'pending' AND scheduled_at > %(now)s),
+            WHERE status = 'pending' AND scheduled_at > %(now)s AND {scope_match()}),
            (SELECT min(next_retry_at) FROM {schedules}
-            WHERE next_retry_at > %(now)s AND {waiting})
+            WHERE next_retry_at > %(now)s AND {waiting} AND {scope_match()})
        ) AS next_due_at
 FROM pending, retries
 
@@ -280,15 +290,16 @@ FROM pending, retries
 -- next_at may be -infinity or BC: read leniently (a text, never a crash).
 SELECT now() AS now, id, flag_key, cron, timezone, next_at
 FROM {recurrences}
-WHERE cancelled_at IS NULL AND next_at <= now()
+WHERE cancelled_at IS NULL AND next_at <= now() AND {scope_match()}
 ORDER BY next_at, id
 LIMIT %(limit)s
 FOR NO KEY UPDATE SKIP LOCKED  -- a row referencing it (FOR KEY SHARE) never hides it
 
 -- name: materialise
+-- a schedule of a recurrence is in the recurrence's scope
 INSERT INTO {schedules}
-    (flag_key, scheduled_at, updates, expires_at, on_conflict, recurrence_id)
-SELECT r.flag_key, f.at, r.updates, f.at + r.expires_after, r.on_conflict, r.id
+    (flag_key, scheduled_at, updates, expires_at, on_conflict, recurrence_id{scope_columns()})
+SELECT r.flag_key, f.at, r.updates, f.at + r.expires_after, r.on_conflict, r.id{scope_columns(r)}
 FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(ats)s AS timestamptz[])) AS f(id, at)
 JOIN {recurrences} r ON r.id = f.id
 ON CONFLICT (recurrence_id, scheduled_at) WHERE recurrence_id IS NOT NULL DO NOTHING
@@ -386,7 +397,7 @@ CASE WHEN NOT {readable_time(scheduled_at)} THEN {unreadable_time(scheduled_at)}
 END AS defect,
 -- a conflict that has already happened (the tick will fail it with `conflict:`)
 CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
-    (SELECT left(k.message, {MAX_TEXT}) FROM flagsched_check_v2(id, CAST(NULL AS interval)) k
+    (SELECT left(k.message, {MAX_TEXT}) FROM {fn.check}(id, CAST(NULL AS interval)) k
      WHERE k.outcome = 'conflict')
 END AS conflict
 
@@ -455,7 +466,7 @@ WHERE id = %(i)s
 
 -- name: prunable_change
 -- A history row prune --history may delete: older than the cut-off, and not in the
--- conflict window (flagsched_check_v2) of any open schedule of its flag, under its key (an
+-- conflict window (stored/check.sql) of any open schedule of its flag, under its key (an
 -- index probe of idx_schedules_flag_open each): for a schedule that knows the snapshot its
 -- INSERT saw, a change that snapshot did not see; otherwise one written after the window
 -- start. Inside the EXISTS the unqualified columns of the rules are the schedule's.

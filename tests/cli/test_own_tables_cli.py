@@ -105,7 +105,8 @@ def test_the_first_applications_configuration_passes_the_checks_and_changes_noth
     migrated = invoke("migrate", url=upstream_url, env={"FLAGSCHED_CONFIG": config})
     assert migrated.code == 2
     (line,) = errors(migrated)
-    assert "running on your own tables ([flags]) is not available in this release yet" in line
+    assert "running on your own tables with [schedules]" in line
+    assert "is not available in this release yet" in line
     assert snapshot(upstream_url) == before
 
 
@@ -329,7 +330,9 @@ def test_quoted_mixed_case_names_in_another_schema(empty_database_url: str, tmp_
     flags = {"table": "app.FeatureFlag", "id": "Id", "key": "Name", "enabled": "isOn"}
     config = write(tmp_path, {"flags": flags})
     ran = invoke("--config", config, "migrate", "--check", url=empty_database_url)
-    assert ran.code == 0, ran.stderr
+    # the configuration fits; flagsched's schema beside it is not there yet: behind (exit 1)
+    assert ran.code == 1 and "matches the database" in ran.stdout, ran
+    assert "run `flagsched migrate`" in ran.stdout
     wrong_case = write(tmp_path, {"flags": {**flags, "table": "app.featureflag"}})
     ran = invoke("--config", wrong_case, "migrate", "--check", url=empty_database_url)
     assert errors(ran) == [

@@ -1,6 +1,7 @@
-"""Shipped migrations are frozen: every file under migrations/versions/ has its sha256 in
-shipped.sha256 (sha256sum's format), and must keep it. New logic goes into a new revision
-(a changed stored function under a new name, SPEC "Upgrades")."""
+"""Shipped migrations are frozen: every file under migrations/versions/, and every template of
+stored logic under flagsched/sql/stored/ (as `stored/<file>`: migration 0008 renders them),
+has its sha256 in shipped.sha256 (sha256sum's format), and must keep it. New logic goes into
+a new revision (a changed stored function under a new name, SPEC "Upgrades")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSIONS = ROOT / "migrations" / "versions"
+TEMPLATES = ROOT / "flagsched" / "sql" / "stored"
 SHIPPED = Path(__file__).with_name("shipped.sha256")
 
 
@@ -23,12 +25,16 @@ def shipped() -> dict[str, str]:
 
 
 def present() -> dict[str, str]:
-    """{file name: sha256} of what is under migrations/versions now (no bytecode caches)."""
-    return {
+    """{file name: sha256} of what is under migrations/versions now (no bytecode caches), and
+    of the stored templates (`stored/<file>`)."""
+    found = {
         path.relative_to(VERSIONS).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(VERSIONS.rglob("*"))
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
     }
+    for path in sorted(TEMPLATES.glob("*.sql")):
+        found[f"stored/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
 
 
 def test_no_shipped_migration_changed() -> None:
@@ -59,3 +65,22 @@ def test_the_shipped_revisions_are_there() -> None:
     frozen = shipped()
     for number in ("0001", "0002", "0003", "0004", "0005"):
         assert any(name.startswith(number) for name in frozen), number
+
+
+# What migration 0008 creates, as text: the templates are frozen above, and this pins what
+# the Python that renders them (flagsched/sql/stored.py) makes of them for the built-in
+# tables, so a change there cannot alter a shipped revision's objects unseen.
+RENDERED_0008 = "39809ac76d4d135f7082a546de82757ebfc31e5f4a1aae2b5e5efc32f9d31701"
+
+
+def test_the_objects_of_revision_0008_are_frozen() -> None:
+    import importlib
+
+    revision = importlib.import_module("flagsched.migrations.versions.0008_stored_templates")
+    from flagsched.sql import stored
+
+    text = "\n".join(create for _, create in stored.creates(revision.BUILT_IN))
+    assert hashlib.sha256(text.encode()).hexdigest() == RENDERED_0008, (
+        "migration 0008's stored objects render differently: restore flagsched/sql/stored.py "
+        "(a change belongs in new templates under new names)"
+    )

@@ -1,0 +1,476 @@
+"""Your own flags table (issue 18, second shape): the application's flags, flagsched's own
+schedules table in flagsched's schema, through the real entry point on a real PostgreSQL.
+`migrate` creates flagsched's schema beside the application's tables (and the record
+triggers on its flags table, nothing else of it); `process` claims, applies, records,
+retries and refuses on them as on the built-in tables. Three flags tables: the first
+application's (uuid ids, two environments as scopes, a zone-less updated_at, a table
+referencing flags by foreign key), one of quoted mixed-case names and text ids, and one of
+integer ids without a rollout or updated_at column."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import Ran, _command_env, invoke
+
+UPSTREAM = Path(__file__).resolve().parents[1] / "fixtures" / "upstream-schema.sql"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A flags table and the configuration that names it."""
+
+    name: str
+    setup: str  # SQL creating the application's tables, as the application has them
+    config: str  # the TOML file (SCOPE replaced by the deployment's scope)
+    flags: str  # the table, quoted, for the tests' own SQL
+    key: str
+    enabled: str
+    rollout: str | None
+    updated_at: str | None
+    scope_column: str | None  # the flags table's scope column, quoted
+    new_flag: str  # INSERT ... VALUES for one flag: {key} and {scope} replaced
+
+
+UPSTREAM_SHAPE = Shape(
+    name="upstream",
+    setup=UPSTREAM.read_text(),
+    config="""
+[flags]
+table = "public.feature_flags"
+id = "id"
+key = "flag_key"
+enabled = "enabled"
+rollout = "rollout_percentage"
+updated_at = "updated_at"
+scope = { environment = "SCOPE" }
+""",
+    flags="public.feature_flags",
+    key="flag_key",
+    enabled="enabled",
+    rollout="rollout_percentage",
+    updated_at="updated_at",
+    scope_column="environment",
+    new_flag="INSERT INTO public.feature_flags (flag_key, environment) VALUES ({key}, {scope})",
+)
+
+MIXED_CASE = Shape(
+    name="mixed-case-text-ids",
+    setup="""
+CREATE SCHEMA "App";
+CREATE TABLE "App"."Feature Flag" (
+    "Id" text PRIMARY KEY,
+    "Key" varchar(200) NOT NULL UNIQUE,
+    "IsOn" boolean NOT NULL DEFAULT false,
+    "Rollout" smallint NOT NULL DEFAULT 0 CHECK ("Rollout" <= 50),
+    "UpdatedAt" timestamptz NOT NULL DEFAULT now()
+);
+""",
+    config="""
+schema = "Flag Sched"
+[flags]
+table = "App.Feature Flag"
+id = "Id"
+key = "Key"
+enabled = "IsOn"
+rollout = "Rollout"
+updated_at = "UpdatedAt"
+""",
+    flags='"App"."Feature Flag"',
+    key='"Key"',
+    enabled='"IsOn"',
+    rollout='"Rollout"',
+    updated_at='"UpdatedAt"',
+    scope_column=None,
+    new_flag="""INSERT INTO "App"."Feature Flag" ("Id", "Key") VALUES ('id-' || {key}, {key})""",
+)
+
+NO_ROLLOUT = Shape(
+    name="integer-ids-no-rollout",
+    setup="""
+CREATE TABLE toggles (
+    id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    enabled boolean NOT NULL DEFAULT false
+);
+""",
+    config="""
+[flags]
+table = "toggles"
+id = "id"
+key = "name"
+enabled = "enabled"
+""",
+    flags="toggles",
+    key="name",
+    enabled="enabled",
+    rollout=None,
+    updated_at=None,
+    scope_column=None,
+    new_flag="INSERT INTO toggles (name) VALUES ({key})",
+)
+
+SHAPES = [UPSTREAM_SHAPE, MIXED_CASE, NO_ROLLOUT]
+
+
+@dataclass
+class Deployment:
+    """One shape's database and a deployment's configuration file on it."""
+
+    shape: Shape
+    url: str
+    config: str
+    scope: str | None
+    own: str  # flagsched's schema, quoted
+
+    def run(self, *args: str, env: dict[str, str] | None = None) -> Ran:
+        return invoke("--config", self.config, *args, env=env, url=self.url)
+
+    def sql(self, statement: str, params: Any = None) -> list[Any]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def add_flag(self, key: str, scope: str | None = None) -> None:
+        self.sql(
+            self.shape.new_flag.format(key="%(key)s", scope="%(scope)s"),
+            {"key": key, "scope": scope or self.scope},
+        )
+
+    def add_schedule(
+        self,
+        key: str,
+        updates: dict[str, Any],
+        *,
+        at: str = "now() - interval '1 minute'",
+        scope: str | None = None,
+    ) -> int:
+        columns, values = "", ""
+        if self.shape.scope_column is not None:
+            columns, values = ", environment", ", %(scope)s"
+        rows = self.sql(
+            f"INSERT INTO {self.own}.feature_flag_schedules "
+            f"(flag_key, scheduled_at, updates{columns}) "
+            f"VALUES (%(key)s, {at}, %(updates)s{values}) RETURNING id",
+            {"key": key, "updates": json.dumps(updates), "scope": scope or self.scope},
+        )
+        return int(rows[0][0])
+
+    def schedule(self, schedule_id: int) -> dict[str, Any]:
+        rows = self.sql(
+            f"SELECT to_jsonb(s) FROM {self.own}.feature_flag_schedules s WHERE id = %(i)s",
+            {"i": schedule_id},
+        )
+        found: dict[str, Any] = rows[0][0]
+        return found
+
+    def flag(self, key: str, scope: str | None = None) -> tuple[Any, ...]:
+        shape = self.shape
+        rollout = shape.rollout or "NULL"
+        where = f"{shape.key} = %(key)s"
+        if shape.scope_column is not None:
+            where += f" AND {shape.scope_column} = %(scope)s"
+        rows = self.sql(
+            f"SELECT {shape.enabled}, {rollout} FROM {shape.flags} WHERE {where}",
+            {"key": key, "scope": scope or self.scope},
+        )
+        return tuple(rows[0])
+
+
+def _config(tmp_path: Path, shape: Shape, scope: str | None) -> str:
+    path = tmp_path / f"{shape.name}-{scope or 'all'}.toml"
+    path.write_text(shape.config.replace("SCOPE", scope or ""))
+    return str(path)
+
+
+@pytest.fixture(params=SHAPES, ids=[s.name for s in SHAPES])
+def deployment(
+    request: pytest.FixtureRequest, empty_database_url: str, tmp_path: Path
+) -> Iterator[Deployment]:
+    """A migrated deployment of each shape (the production one where there are scopes)."""
+    yield _deploy(request.param, empty_database_url, tmp_path)
+
+
+def _deploy(shape: Shape, url: str, tmp_path: Path) -> Deployment:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(shape.setup)
+    scope = "production" if shape.scope_column else None
+    own = '"Flag Sched"' if shape is MIXED_CASE else "flagsched"
+    found = Deployment(shape, url, _config(tmp_path, shape, scope), scope, own)
+    migrated = found.run("migrate")
+    assert migrated.code == 0, migrated.stderr
+    return found
+
+
+def _app_tables(url: str) -> list[Any]:
+    """The application's tables as the catalog describes them, triggers aside."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, "
+            "pg_get_expr(d.adbin, d.adrelid) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+            "LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum "
+            "WHERE n.nspname IN ('public', 'App') ORDER BY 1, 2"
+        ).fetchall() + conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index i JOIN pg_class c "
+            "ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname IN ('public', 'App') ORDER BY 1"
+        ).fetchall()
+
+
+def test_migrate_adds_only_its_schema_and_the_record_triggers_and_is_idempotent(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(UPSTREAM_SHAPE.setup)
+    before = _app_tables(empty_database_url)
+    production = _config(tmp_path, UPSTREAM_SHAPE, "production")
+    staging = _config(tmp_path, UPSTREAM_SHAPE, "staging")
+    behind = invoke("--config", production, "migrate", "--check", url=empty_database_url)
+    assert behind.code == 1 and "run `flagsched migrate`" in behind.stdout, behind
+    for config in (production, staging, production):  # any deployment's file, any order
+        ran = invoke("--config", config, "migrate", url=empty_database_url)
+        assert ran.code == 0, ran.stderr
+    checked = invoke("--config", staging, "migrate", "--check", url=empty_database_url)
+    assert checked.code == 0, checked
+    assert _app_tables(empty_database_url) == before
+    with psycopg.connect(empty_database_url) as conn:
+        triggers = conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'public.feature_flags'::regclass "
+            "AND NOT tgisinternal ORDER BY 1"
+        ).fetchall()
+        functions = conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'flagsched'::regnamespace"
+        ).fetchone()
+    assert [t[0].rsplit("_", 1)[0] for t in triggers] == [
+        "flagsched_record_delete",
+        "flagsched_record_insert",
+        "flagsched_record_truncate",
+        "flagsched_record_update",
+        "flagsched_record_update_moved",
+    ]
+    assert functions == (8,)  # the two deployments share one set of stored objects
+
+
+def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
+    d = deployment
+    d.add_flag("new-checkout")
+    updates: dict[str, Any] = {"enabled": True}
+    if d.shape.rollout is not None:
+        updates["rollout_percentage"] = 25
+    schedule_id = d.add_schedule("new-checkout", updates)
+    if d.shape.updated_at is not None:
+        d.sql(f"UPDATE {d.shape.flags} SET {d.shape.updated_at} = '2001-01-01'")
+    ran = d.run("process")
+    assert ran.code == 0, ran.stderr
+    assert d.flag("new-checkout") == (True, 25 if d.shape.rollout else None)
+    row = d.schedule(schedule_id)
+    assert row["status"] == "applied" and row["applied_at"] is not None
+    assert [a["outcome"] for a in row["attempts"]] == ["applied"]
+    if d.shape.updated_at is not None:
+        (moved,) = d.sql(f"SELECT {d.shape.updated_at} > '2001-01-02' FROM {d.shape.flags}")
+        assert moved == (True,)
+    history = d.sql(
+        f"SELECT actor, schedule_ids, new_enabled FROM {d.own}.feature_flag_changes "
+        "WHERE old_enabled IS NOT NULL"
+    )
+    assert history == [("flagsched", [schedule_id], True)]
+
+
+def test_scopes_share_the_tables_without_touching_each_other(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(UPSTREAM_SHAPE.setup)
+    deployments = {
+        scope: Deployment(
+            UPSTREAM_SHAPE,
+            empty_database_url,
+            _config(tmp_path, UPSTREAM_SHAPE, scope),
+            scope,
+            "flagsched",
+        )
+        for scope in ("production", "staging")
+    }
+    for d in deployments.values():
+        assert d.run("migrate").code == 0
+        d.add_flag("new-checkout")
+    production, staging = deployments["production"], deployments["staging"]
+    first = production.add_schedule("new-checkout", {"enabled": True, "rollout_percentage": 10})
+    second = staging.add_schedule("new-checkout", {"rollout_percentage": 90})
+
+    ran = production.run("process")
+    assert ran.code == 0, ran.stderr
+    assert production.flag("new-checkout") == (True, 10)
+    assert staging.flag("new-checkout") == (False, 0)
+    assert production.schedule(first)["status"] == "applied"
+    assert staging.schedule(second)["status"] == "pending"
+
+    ran = staging.run("process")
+    assert ran.code == 0, ran.stderr
+    assert staging.flag("new-checkout") == (False, 90)
+    assert production.flag("new-checkout") == (True, 10)
+    assert staging.sql(
+        "SELECT environment, actor, new_rollout_percentage FROM flagsched.feature_flag_changes "
+        "WHERE old_enabled IS NOT NULL ORDER BY id"
+    ) == [("production", "flagsched", 10), ("staging", "flagsched", 90)]
+
+
+def test_a_rollout_change_on_a_table_without_rollout_fails_for_good_saying_why(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    d = _deploy(NO_ROLLOUT, empty_database_url, tmp_path)
+    d.add_flag("beta")
+    asked = d.add_schedule("beta", {"enabled": True, "rollout_percentage": 50})
+    later = d.add_schedule("beta", {"enabled": True}, at="now() - interval '30 seconds'")
+    ran = d.run("process")
+    assert ran.code == 1, ran.stderr
+    row = d.schedule(asked)
+    assert row["status"] == "failed" and row["next_retry_at"] is None
+    assert "no rollout column" in row["last_error"]
+    # failed for good: it holds nothing back, the enabled-only change behind it applies
+    assert d.schedule(later)["status"] == "applied"
+    assert d.flag("beta") == (True, None)
+
+
+def test_a_failing_write_is_retried_and_others_apply(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    d = _deploy(MIXED_CASE, empty_database_url, tmp_path)  # CHECK ("Rollout" <= 50)
+    d.add_flag("wide")
+    d.add_flag("narrow")
+    refused = d.add_schedule("wide", {"rollout_percentage": 80})
+    fine = d.add_schedule("narrow", {"rollout_percentage": 40})
+    ran = d.run("process")
+    assert ran.code == 0, ran.stderr
+    row = d.schedule(refused)
+    assert row["status"] == "failed" and row["retry_count"] == 1
+    assert row["next_retry_at"] is not None and "check constraint" in row["last_error"]
+    assert d.schedule(fine)["status"] == "applied"
+    assert d.flag("narrow") == (False, 40) and d.flag("wide") == (False, 0)
+
+
+def test_a_change_by_the_application_is_a_conflict(deployment: Deployment) -> None:
+    d = deployment
+    d.add_flag("checkout")
+    schedule_id = d.add_schedule("checkout", {"enabled": True})
+    d.sql(f"UPDATE {d.shape.flags} SET {d.shape.enabled} = true")  # someone else's change
+    d.sql(f"UPDATE {d.shape.flags} SET {d.shape.enabled} = false")
+    ran = d.run("process")
+    assert ran.code == 1, ran.stderr
+    row = d.schedule(schedule_id)
+    assert row["status"] == "failed" and row["last_error"].startswith("conflict: ")
+    assert d.flag("checkout")[0] is False
+
+
+def test_a_late_schedule_expires(deployment: Deployment) -> None:
+    d = deployment
+    d.add_flag("late")
+    schedule_id = d.add_schedule("late", {"enabled": True}, at="now() - interval '2 hours'")
+    ran = d.run("process", env={"FLAGSCHED_MAX_LATENESS": "60"})
+    assert ran.code == 1, ran.stderr
+    row = d.schedule(schedule_id)
+    assert row["status"] == "failed" and row["last_error"].startswith("expired: ")
+    assert d.flag("late")[0] is False
+
+
+def test_a_schedule_of_a_missing_flag_fails_for_good(deployment: Deployment) -> None:
+    d = deployment
+    schedule_id = d.add_schedule("nowhere", {"enabled": True})
+    ran = d.run("process")
+    assert ran.code == 1, ran.stderr
+    assert d.schedule(schedule_id)["status"] == "failed"
+
+
+def test_consecutive_steps_apply_in_order_in_one_tick(deployment: Deployment) -> None:
+    d = deployment
+    d.add_flag("ramp")
+    ids = [
+        d.add_schedule("ramp", {"enabled": bool(n % 2)}, at=f"now() - interval '{10 - n} minutes'")
+        for n in range(4)
+    ]
+    ran = d.run("process")
+    assert ran.code == 0, ran.stderr
+    assert [d.schedule(i)["status"] for i in ids] == ["applied"] * 4
+    assert d.flag("ramp")[0] is True
+    recorded = d.sql(
+        f"SELECT schedule_ids FROM {d.own}.feature_flag_changes "
+        "WHERE old_enabled IS NOT NULL ORDER BY id"
+    )
+    assert [ids for (ids,) in recorded] == [ids]  # one write, folded, naming all four
+
+
+def test_overlapping_ticks_apply_each_schedule_exactly_once(deployment: Deployment) -> None:
+    d = deployment
+    flags = [f"flag-{n}" for n in range(30)]
+    for key in flags:
+        d.add_flag(key)
+    for step in range(4):
+        for key in flags:
+            d.add_schedule(
+                key, {"enabled": bool(step % 2)}, at=f"now() - interval '{10 - step} minutes'"
+            )
+    env = _command_env(d.url, None)
+    ticks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flagsched", "--config", d.config, "process",
+             "--batch-size", "7", "--max-batches", "100"],
+            env={**_base_env(), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]  # fmt: skip
+    outcomes = [t.communicate(timeout=120) for t in ticks]
+    assert [t.returncode for t in ticks] == [0, 0, 0, 0], outcomes
+    attempts = d.sql(
+        f"SELECT status, jsonb_array_length(attempts) FROM {d.own}.feature_flag_schedules"
+    )
+    assert attempts == [("applied", 1)] * len(attempts) and len(attempts) == 120
+    named = d.sql(
+        f"SELECT count(i), count(DISTINCT i) FROM {d.own}.feature_flag_changes c, "
+        "unnest(c.schedule_ids) i"
+    )
+    assert named[0][0] == named[0][1] > 0  # no schedule named by two writes
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLAGSCHED_", "FLAG_SCHEDULE_")) and k != "DATABASE_URL"
+    }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["list"],
+        ["history"],
+        ["schedule", "new-checkout", "--at", "now", "--enable"],
+        ["cancel", "1"],
+        ["retry", "1"],
+        ["migrate", "--sql"],
+    ],
+)
+def test_commands_not_yet_built_for_your_tables_refuse_in_one_line(
+    empty_database_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    ran = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path).run(*command)
+    assert ran.code == 2, ran
+    assert ran.stderr.count("\n") == 1 and "not available in this release" in ran.stderr
+    assert "Traceback" not in ran.stderr and ran.stdout == ""
