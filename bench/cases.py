@@ -990,8 +990,6 @@ def settings_cost(b: Bench) -> Case:
     return case
 
 
-
-
 # -- 10. Migrate under load -----------------------------------------------------------------
 
 MIGRATE_FROM = "0003"
@@ -1291,8 +1289,10 @@ def agenda_vs_list(b: Bench) -> Case:
         b.cluster.drop(db)
     medians = {name: _median(t) for name, t in timings.items()}
     case.figures += [
-        Figure(f"`{name}`, {AGENDA_FLAGS * AGENDA_STEPS:,} open beside {history:,} applied",
-               f"median {medians[name] * 1000:.0f} ms")
+        Figure(
+            f"`{name}`, {AGENDA_FLAGS * AGENDA_STEPS:,} open beside {history:,} applied",
+            f"median {medians[name] * 1000:.0f} ms",
+        )
         for name in commands
     ]
     case.figures.append(
@@ -1317,6 +1317,113 @@ def agenda_vs_list(b: Bench) -> Case:
     return case
 
 
+# -- 12. Drain on your own flags table -----------------------------------------------------
+
+OWN_TEMPLATE = "flagsched_bench_own"
+UPSTREAM_SCHEMA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream-schema.sql"
+OWN_CONFIG = """
+[flags]
+table = "public.feature_flags"
+id = "id"
+key = "flag_key"
+enabled = "enabled"
+rollout = "rollout_percentage"
+updated_at = "updated_at"
+scope = { environment = "production" }
+"""
+
+
+def _prepare_own_template(b: Bench, config: Path) -> None:
+    """The first application's flags table (uuid ids, the flags of two environments, a
+    zone-less updated_at, the overrides table referencing flags), flagsched migrated beside
+    it for production, and the same 30,000 due schedules as case 1's in flagsched's own
+    schedules table, all of production."""
+    b.cluster.admin(f"CREATE DATABASE {OWN_TEMPLATE}")
+    url = b.cluster.url_for(OWN_TEMPLATE)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(UPSTREAM_SCHEMA.read_text())
+        conn.execute(
+            "INSERT INTO feature_flags (flag_key, environment) "
+            "SELECT 'flag-' || lpad(g::text, 5, '0'), e FROM generate_series(0, %(flags)s - 1) g, "
+            "unnest(ARRAY['production', 'staging']) e",
+            {"flags": DRAIN_FLAGS},
+        )
+    migrated = run(
+        flagsched_command("--config", str(config), "migrate"),
+        environment(url),
+        b.log("own-migrate"),
+    )
+    assert migrated.code == 0, migrated.log_lines()[-3:]
+    b.cluster.sql(
+        OWN_TEMPLATE,
+        """
+        INSERT INTO flagsched.feature_flag_schedules
+            (flag_key, scheduled_at, updates, status, environment)
+        SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'),
+               '2020-01-01T00:00:00Z'::timestamptz + g * interval '1 millisecond',
+               jsonb_build_object('enabled', (g / %(flags)s) %% 2 = 0,
+                                  'rollout_percentage', least(g / %(flags)s + 1, 100)),
+               'pending', 'production'
+        FROM generate_series(0, %(count)s - 1) AS g
+        """,
+        {"flags": DRAIN_FLAGS, "count": DRAIN_SCHEDULES},
+    )
+    b.cluster.vacuum(OWN_TEMPLATE)
+
+
+def own_flags_drain(b: Bench) -> Case:
+    case = Case("12. Drain on your own flags table")
+    config = b.workdir / "own.toml"
+    config.write_text(OWN_CONFIG)
+    _prepare_own_template(b, config)
+    runs = b.runs(7)
+    kinds = ["built-in", "own"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    problems: list[str] = []
+    for i in range(runs):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+            if kind == "built-in":
+                ran, db = _drain_once(b, "flagsched", f"own-drain-{kind}-{i}")
+                statuses = b.cluster.statuses(db)
+            else:
+                db = b.cluster.clone(OWN_TEMPLATE)
+                b.cluster.quiesce()
+                argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
+                ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"own-drain-{i}"))
+                statuses = dict(
+                    b.cluster.rows(
+                        db,
+                        "SELECT status, count(*) FROM flagsched.feature_flag_schedules GROUP BY 1",
+                    )
+                )
+            b.cluster.drop(db)
+            if ran.code != 0 or statuses != {"applied": DRAIN_SCHEDULES}:
+                problems.append(f"{kind} run {i}: exit {ran.code}, {statuses}")
+            times[kind].append(ran.seconds)
+            progress(f"own-table drain {kind} run {i + 1}/{runs}: {ran.seconds:.2f} s")
+    built_in, own = _median(times["built-in"]), _median(times["own"])
+    case.figures += [
+        Figure("built-in tables drain, median", f"{built_in:.2f} s"),
+        Figure("your own flags table drain, median", f"{own:.2f} s"),
+        _ratio_figure("own / built-in", own / built_in, 1.2),
+        Figure("every schedule applied once", "yes" if not problems else "NO", "yes", not problems),
+    ]
+    case.details += [
+        f"Case 1's drain ({DRAIN_SCHEDULES:,} due schedules over {DRAIN_FLAGS:,} flags, "
+        f"`flagsched process {' '.join(DRAIN_ARGS)}`) on the built-in tables, and the same "
+        "schedules in flagsched's own schedules table beside the first application's flags "
+        "table (tests/fixtures/upstream-schema.sql: uuid ids, the flags of two environments, "
+        f"{2 * DRAIN_FLAGS:,} rows, the production deployment's scope), {runs} runs each in "
+        "AB / BA order, each a whole process on a fresh copy.",
+        "",
+        "| run | built-in s | own s |",
+        "|---|---|---|",
+        *(f"| {i + 1} | {times['built-in'][i]:.2f} | {times['own'][i]:.2f} |" for i in range(runs)),
+    ]
+    case.details += [""] + [f"- problem: {p}" for p in problems]
+    return case
+
+
 CASES: list[Callable[[Bench], Case]] = [
     drain_throughput,
     claim_vs_history,
@@ -1329,4 +1436,5 @@ CASES: list[Callable[[Bench], Case]] = [
     settings_cost,
     migrate_under_load,
     agenda_vs_list,
+    own_flags_drain,
 ]
