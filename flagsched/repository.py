@@ -418,7 +418,7 @@ def backlog(conn: Conn, *, now: datetime) -> Backlog:
         conn,
         class_row(Backlog),
         statement("backlog"),
-        {"now": now, "scope": current().scope_parameter()},
+        {"now": now},
     )[0]
 
 
@@ -747,7 +747,7 @@ def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[DueRecurr
         conn,
         _DUE_RECURRENCE,
         statement("due_recurrences"),
-        {"limit": limit, "scope": current().scope_parameter()},
+        {"limit": limit},
     )
     now = rows[0][0] if rows else db_now(conn)
     return now, [due for _, due in rows]

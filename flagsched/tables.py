@@ -23,10 +23,6 @@ MAX_NAME_BYTES = 63
 
 ScopeValue = str | int | bool
 
-# The commands that run on an application's flags table in this release (issue 18 lands in
-# steps; the others refuse, exit 2).
-ADOPTED_COMMANDS: tuple[str, ...] = ("migrate", "process")
-
 
 @dataclass(frozen=True)
 class QualifiedName:
@@ -96,10 +92,9 @@ class Configuration:
     def not_available(self, command: str | None = None) -> str | None:
         """Why this release cannot run `command` with this configuration yet (None: it
         can). On an application's flags with flagsched's own schedules table (no
-        `[schedules]`), `migrate` and `process` run; the other commands, and every command
-        on an application's schedules table, are refused before touching the database
-        (`migrate` checks the configuration first): nothing half-built may touch an
-        application's tables."""
+        `[schedules]`) every command runs; every command on an application's schedules
+        table is refused before touching the database (`migrate` checks the configuration
+        first): nothing half-built may touch an application's tables."""
         if self.flags is None:
             if self.schema != DEFAULT_SCHEMA:
                 return (
@@ -113,11 +108,6 @@ class Configuration:
                 f"{self.where}: running on your own tables with [schedules] (the "
                 "application's schedules table) is not available in this release yet; "
                 "`flagsched migrate --check` checks the configuration against the database"
-            )
-        if command not in ADOPTED_COMMANDS:
-            return (
-                f"{self.where}: `flagsched {command}` on your own tables ([flags]) is not "
-                f"available in this release yet (available: {', '.join(ADOPTED_COMMANDS)})"
             )
         return None
 

@@ -22,9 +22,23 @@ from flagsched.cli.params import (
 )
 
 
+def _no_rollout_column(option: str) -> None:
+    """A flags table without a rollout column (your own, issue 18) takes no rollout change:
+    refused when written (exit 2), as the tick would fail it for good."""
+    from flagsched.repository import flags_have
+
+    if not flags_have("rollout"):
+        raise click.UsageError(
+            f"{option}: the flags table has no rollout column (no `rollout` in [flags] of the "
+            "configuration): only --enable / --disable can be scheduled"
+        )
+
+
 def _updates(enabled: bool | None, rollout: int | None) -> Any:
     from flagsched.model import InvalidUpdates, Updates
 
+    if rollout is not None:
+        _no_rollout_column("--rollout")
     change: dict[str, object] = {}
     if enabled is not None:
         change["enabled"] = enabled
@@ -169,6 +183,7 @@ def ramp(
     from flagsched import operators
     from flagsched.model import OnConflict, Updates
 
+    _no_rollout_column("--steps")
     last_step = every * (len(steps) - 1)
     reach = last_step if expires_after is None else last_step + expires_after
     check_reach(instant(start), reach, "--every")

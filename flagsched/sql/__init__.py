@@ -149,19 +149,46 @@ def names() -> list[str]:
 
 def _scope_match(tables: Tables, alias: str) -> str:
     """A row of flagsched's own tables is in this deployment's scope: its scope columns hold
-    the `scope` parameter's values (as text). `true` without a scope."""
-    prefix = f"{alias}." if alias else ""
-    terms = [
-        f"{prefix}{_ident(column)} = (CAST(%(scope)s AS jsonb) ->> {_lit(column)})"
-        for column, _ in tables.scope
-    ]
+    the scope's values (as text). `true` without a scope. Client-side statements spell the
+    values as literals (quoted by psycopg.sql): a statement is composed per mapping, and the
+    scope is part of it; only the stored functions, shared by every scope, take them as a
+    parameter."""
+    terms = [f"{_prefix(alias)}{_ident(c)} = {_lit(v)}" for c, v in tables.scope]
+    return "(" + " AND ".join(terms) + ")" if terms else "true"
+
+
+def _flag_in_scope(tables: Tables, alias: str) -> str:
+    """A row of the flags table is in this deployment's scope (its column as text)."""
+    terms = [f"CAST({_prefix(alias)}{_ident(c)} AS text) = {_lit(v)}" for c, v in tables.scope]
     return "(" + " AND ".join(terms) + ")" if terms else "true"
 
 
 def _scope_columns(tables: Tables, alias: str) -> str:
     """`, <scope columns>` (of `alias`) after a column list; nothing without a scope."""
-    prefix = f"{alias}." if alias else ""
-    return "".join(f", {prefix}{_ident(column)}" for column, _ in tables.scope)
+    return "".join(f", {_prefix(alias)}{_ident(column)}" for column, _ in tables.scope)
+
+
+def _scope_values(tables: Tables, alias: str) -> str:
+    """`, <scope values>` after a VALUES list of flagsched's own tables."""
+    return "".join(f", {_lit(value)}" for _, value in tables.scope)
+
+
+def _flag_rollout(tables: Tables, alias: str) -> str:
+    """A flags row's rollout; NULL when the table has none."""
+    if not tables.flags.has("rollout_percentage"):
+        return "CAST(NULL AS integer)"
+    return f"{_prefix(alias)}{_ident(tables.flags.column('rollout_percentage'))}"
+
+
+def _group_seq(tables: Tables, alias: str) -> str:
+    """The ramp groups' sequence, as nextval() reads its name (in flagsched's schema)."""
+    schema = tables.schedules.schema if tables.adopted else None
+    name = _ident("feature_flag_schedule_group_seq")
+    return _lit(f"{_ident(schema)}.{name}" if schema else "feature_flag_schedule_group_seq")
+
+
+def _prefix(alias: str) -> str:
+    return f"{alias}." if alias else ""
 
 
 def _ident(name: str) -> str:
@@ -172,8 +199,15 @@ def _lit(value: str) -> str:
     return sql.Literal(value).as_string(None)
 
 
-# Fragments that depend on the mapping (a scope's columns are configured).
-_COMPUTED = {"scope_match": _scope_match, "scope_columns": _scope_columns}
+# Fragments that depend on the mapping (a scope's columns and values, absent columns).
+_COMPUTED = {
+    "scope_match": _scope_match,
+    "flag_in_scope": _flag_in_scope,
+    "scope_columns": _scope_columns,
+    "scope_values": _scope_values,
+    "flag_rollout": _flag_rollout,
+    "group_seq": _group_seq,
+}
 
 
 def _expand(text: str, slots: Mapping[str, str], tables: Tables, depth: int = 0) -> str:

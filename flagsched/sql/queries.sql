@@ -320,7 +320,7 @@ SELECT id, flag_key, scheduled_at,
        next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
        updated_at, NOT {waiting_row} AS permanent
 FROM {schedules}
-WHERE {where}
+WHERE ({where}) AND {scope_match()}
 ORDER BY updated_at DESC, id DESC
 LIMIT %(limit)s
 
@@ -335,13 +335,14 @@ SELECT
   count(*) FILTER (WHERE status NOT IN ('pending', 'failed', 'applied', 'cancelled'))
     AS unknown
 FROM {schedules}
+WHERE {scope_match()}
 
 -- name: existing_flags
-SELECT {flags.key} FROM {flags} WHERE {flags.key} = ANY(%(keys)s)
+SELECT {flags.key} FROM {flags} WHERE {flags.key} = ANY(%(keys)s) AND {flag_in_scope()}
 
 -- name: list_schedules
 SELECT {schedule_fields} FROM {schedules}
-WHERE {where}
+WHERE ({where}) AND {scope_match()}
 ORDER BY scheduled_at, id
 LIMIT %(limit)s
 
@@ -349,7 +350,7 @@ LIMIT %(limit)s
 SELECT {schedule_fields},
        CASE WHEN jsonb_typeof(attempts) = 'array' THEN attempts ELSE '[]' END
            AS attempts
-FROM {schedules} WHERE id = %(i)s
+FROM {schedules} WHERE id = %(i)s AND {scope_match()}
 
 -- name: change_columns
 id, flag_key, changed_at, actor,
@@ -362,11 +363,11 @@ schedule_ids
 -- name: history
 -- Changes of flags, newest first (index scans on idx_changes_flag / _changed_at).
 SELECT {change_columns} FROM {changes}
-WHERE {where} ORDER BY {order} LIMIT %(limit)s
+WHERE ({where}) AND {scope_match()} ORDER BY {order} LIMIT %(limit)s
 
 -- name: changes_of
 SELECT {change_columns} FROM {changes}
-WHERE flag_key = %(k)s AND schedule_ids @> ARRAY[%(i)s::bigint]
+WHERE flag_key = %(k)s AND schedule_ids @> ARRAY[%(i)s::bigint] AND {scope_match()}
 ORDER BY changed_at, id
 
 -- name: recurrence_fields
@@ -374,13 +375,13 @@ id, flag_key, cron, timezone, updates, next_at, expires_after, on_conflict,
 cancelled_at, created_at
 
 -- name: list_recurrences
-SELECT {recurrence_fields} FROM {recurrences} WHERE {where}
+SELECT {recurrence_fields} FROM {recurrences} WHERE ({where}) AND {scope_match()}
 ORDER BY next_at NULLS LAST, id
 
 -- name: flags_now
 SELECT {flags.key} AS key, {flags.enabled} AS enabled,
-       {flags.rollout_percentage} AS rollout_percentage
-FROM {flags} WHERE {where} ORDER BY {flags.key}
+       {flag_rollout()} AS rollout_percentage
+FROM {flags} WHERE ({where}) AND {flag_in_scope()} ORDER BY {flags.key}
 
 -- name: ahead_fields
 id, flag_key, {clamped_time(scheduled_at)} AS scheduled_at, {shown_updates}, status,
@@ -405,7 +406,7 @@ END AS conflict
 -- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied
 -- history
 SELECT {ahead_fields} FROM {schedules}
-WHERE {where}
+WHERE ({where}) AND {scope_match()}
 ORDER BY scheduled_at, id
 LIMIT %(limit)s
 
@@ -414,16 +415,16 @@ LIMIT %(limit)s
 SELECT id, flag_key, cron, timezone, {shown_updates},
        {clamped_time(next_at)} AS next_at, expires_after
 FROM {recurrences}
-WHERE {where}
+WHERE ({where}) AND {scope_match()}
 ORDER BY next_at NULLS LAST, id
 
 -- ==================== operators =========================================================
 
 -- name: insert_schedule
 INSERT INTO {schedules}
-    (flag_key, scheduled_at, updates, max_retries, expires_at, on_conflict)
+    (flag_key, scheduled_at, updates, max_retries, expires_at, on_conflict{scope_columns()})
 SELECT %(k)s, t.at, CAST(%(u)s AS jsonb), coalesce(CAST(%(m)s AS integer), 3),
-       t.at + CAST(%(e)s AS interval), %(c)s
+       t.at + CAST(%(e)s AS interval), %(c)s{scope_values()}
 FROM (SELECT coalesce(CAST(%(at)s AS timestamptz), now()) AS at) AS t
 RETURNING id
 
@@ -431,21 +432,21 @@ RETURNING id
 -- Waits for a tick that holds it to commit.
 SELECT id, flag_key, scheduled_at, status, retry_count, max_retries, next_retry_at,
        {waiting} AS waiting
-FROM {schedules} WHERE id = %(i)s FOR UPDATE
+FROM {schedules} WHERE id = %(i)s AND {scope_match()} FOR UPDATE
 
 -- name: lock_later_open
 -- The open schedules after this one of its flag, in (scheduled_at, id) order: their row
 -- locks are waited for (a tick holding them commits first).
 SELECT l.id FROM {schedules} l JOIN {schedules} s
   ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
-WHERE s.id = %(i)s AND l.status IN ('pending', 'failed')
+WHERE s.id = %(i)s AND l.status IN ('pending', 'failed') AND {scope_match(l)}
 FOR UPDATE OF l
 
 -- name: later_applied_exists
 SELECT EXISTS (
     SELECT 1 FROM {schedules} l JOIN {schedules} s
       ON l.flag_key = s.flag_key AND (l.scheduled_at, l.id) > (s.scheduled_at, s.id)
-    WHERE s.id = %(i)s AND l.status = 'applied')
+    WHERE s.id = %(i)s AND l.status = 'applied' AND {scope_match(l)})
 
 -- name: reset_for_retry
 UPDATE {schedules}
@@ -473,7 +474,7 @@ WHERE id = %(i)s
 c.changed_at < now() - make_interval(secs => %(seconds)s)
 AND NOT EXISTS (
     SELECT 1 FROM {schedules} s
-    WHERE s.flag_key = c.flag_key
+    WHERE s.flag_key = c.flag_key AND {scope_match(s)}
       AND s.status IN ('pending', 'failed') AND (s.status <> 'failed' OR {waiting_row})
       AND CASE WHEN s.created_snapshot IS NOT NULL AND c.xact IS NOT NULL
                     AND NOT coalesce(s.reviewed_at <= now(), false)
@@ -489,25 +490,26 @@ AND NOT EXISTS (
 -- name: prune_history_batch
 WITH doomed AS (
     SELECT c.id FROM {changes} c
-    WHERE {prunable_change}
+    WHERE {prunable_change} AND {scope_match(c)}
     ORDER BY c.changed_at LIMIT %(limit)s
 )
 DELETE FROM {changes} c USING doomed d WHERE c.id = d.id RETURNING 1
 
 -- name: count_prunable_history
-SELECT count(*) FROM {changes} c WHERE {prunable_change}
+SELECT count(*) FROM {changes} c WHERE {prunable_change} AND {scope_match(c)}
 
 -- name: prunable
 (status = 'applied' AND applied_at < now() - make_interval(secs => %(seconds)s))
 OR (status = 'cancelled' AND updated_at < now() - make_interval(secs => %(seconds)s))
 
 -- name: count_prunable
-SELECT status, count(*) FROM {schedules} WHERE {prunable} GROUP BY status
+SELECT status, count(*) FROM {schedules} WHERE ({prunable}) AND {scope_match()}
+GROUP BY status
 
 -- name: prunable_batch
 -- Rows a tick holds are skipped; rows an application's foreign key keeps are passed over.
 SELECT id, status FROM {schedules}
-WHERE ({prunable}) AND id <> ALL (%(skip)s)
+WHERE ({prunable}) AND {scope_match()} AND id <> ALL (%(skip)s)
 LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 
 -- name: delete_schedules
@@ -517,31 +519,33 @@ DELETE FROM {schedules} WHERE id = ANY (%(ids)s)
 
 -- name: insert_ramp
 WITH g AS (
-    SELECT nextval('feature_flag_schedule_group_seq') AS id,
+    SELECT nextval({group_seq()}) AS id,
            coalesce(CAST(%(start)s AS timestamptz), now()) AS t0
 )
 INSERT INTO {schedules}
-    (flag_key, scheduled_at, updates, group_id, expires_at, on_conflict)
+    (flag_key, scheduled_at, updates, group_id, expires_at, on_conflict{scope_columns()})
 SELECT %(k)s, g.t0 + (u.n - 1) * CAST(%(every)s AS interval), CAST(u.updates AS jsonb),
        g.id, g.t0 + (u.n - 1) * CAST(%(every)s AS interval)
-             + CAST(%(expires)s AS interval), %(c)s
+             + CAST(%(expires)s AS interval), %(c)s{scope_values()}
 FROM g, unnest(CAST(%(updates)s AS text[])) WITH ORDINALITY AS u(updates, n)
 ORDER BY u.n
 RETURNING group_id, id, scheduled_at
 
 -- name: group_schedules
-SELECT id, status FROM {schedules} WHERE group_id = %(g)s ORDER BY scheduled_at, id
+SELECT id, status FROM {schedules} WHERE group_id = %(g)s AND {scope_match()}
+ORDER BY scheduled_at, id
 
 -- name: insert_recurrence
 INSERT INTO {recurrences}
-    (flag_key, cron, timezone, updates, next_at, expires_after, on_conflict)
+    (flag_key, cron, timezone, updates, next_at, expires_after, on_conflict{scope_columns()})
 VALUES (%(k)s, %(cron)s, %(tz)s, CAST(%(u)s AS jsonb), %(next)s,
-        CAST(%(e)s AS interval), %(c)s)
+        CAST(%(e)s AS interval), %(c)s{scope_values()})
 RETURNING id
 
 -- name: lock_recurrence
 -- Waits for a tick materialising it.
-SELECT {recurrence_fields} FROM {recurrences} WHERE id = %(i)s FOR UPDATE
+SELECT {recurrence_fields} FROM {recurrences} WHERE id = %(i)s AND {scope_match()}
+FOR UPDATE
 
 -- name: stop_recurrence
 UPDATE {recurrences} SET cancelled_at = now() WHERE id = %(i)s

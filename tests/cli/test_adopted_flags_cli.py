@@ -455,22 +455,112 @@ def _base_env() -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["status"],
-        ["list"],
-        ["history"],
-        ["schedule", "new-checkout", "--at", "now", "--enable"],
-        ["cancel", "1"],
-        ["retry", "1"],
-        ["migrate", "--sql"],
-    ],
-)
-def test_commands_not_yet_built_for_your_tables_refuse_in_one_line(
-    empty_database_url: str, tmp_path: Path, command: list[str]
+def test_migrate_sql_is_refused_on_your_tables_in_one_line(
+    empty_database_url: str, tmp_path: Path
 ) -> None:
-    ran = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path).run(*command)
+    ran = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path).run("migrate", "--sql")
     assert ran.code == 2, ran
     assert ran.stderr.count("\n") == 1 and "not available in this release" in ran.stderr
     assert "Traceback" not in ran.stderr and ran.stdout == ""
+
+
+def _json(ran: Ran) -> Any:
+    assert ran.code == 0, ran.stderr
+    return json.loads(ran.stdout)
+
+
+def test_every_command_works_in_its_own_scope(empty_database_url: str, tmp_path: Path) -> None:
+    production = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+    staging = Deployment(
+        UPSTREAM_SHAPE,
+        empty_database_url,
+        _config(tmp_path, UPSTREAM_SHAPE, "staging"),
+        "staging",
+        "flagsched",
+    )
+    for d in (production, staging):
+        d.add_flag("new-checkout")
+    made = production.run("schedule", "new-checkout", "--at", "now", "--enable", "--rollout", "30")
+    assert made.code == 0, made.stderr
+    mine = int(made.stdout)
+    theirs = int(staging.run("schedule", "new-checkout", "--at", "now", "--rollout", "70").stdout)
+    assert staging.schedule(theirs)["environment"] == "staging"
+
+    listed = _json(production.run("list", "--format", "json"))
+    assert [row["id"] for row in listed] == [mine]
+    assert production.run("show", str(theirs)).code == 1  # another scope's: unknown here
+    assert _json(production.run("show", str(mine), "--format", "json"))["status"] == "pending"
+    assert _json(production.run("status", "--format", "json"))["due"] == 1
+
+    assert production.run("process").code == 0
+    assert production.flag("new-checkout") == (True, 30)
+    assert staging.flag("new-checkout") == (False, 0)
+    history = _json(production.run("history", "--format", "json"))
+    assert [(h["schedule_ids"], h["new"]) for h in history if h["old"]] == [
+        ([mine], {"enabled": True, "rollout_percentage": 30})
+    ]
+    assert [h for h in _json(staging.run("history", "--format", "json")) if h["old"]] == []
+    shown = _json(production.run("show", str(mine), "--format", "json"))
+    assert [c["schedule_ids"] for c in shown["changes"]] == [[mine]]
+
+    ramp = production.run(
+        "ramp", "new-checkout", "--steps", "40,60", "--every", "1h", "--start", "now"
+    )
+    assert ramp.code == 0, ramp.stderr
+    steps = [int(i) for i in ramp.stdout.split()]
+    group = production.schedule(steps[0])["group_id"]
+    cancelled = production.run("cancel", "--group", str(group))
+    assert cancelled.code == 0, cancelled
+    assert [production.schedule(i)["status"] for i in steps] == ["cancelled", "cancelled"]
+    assert staging.run("cancel", str(steps[0])).code == 1  # not staging's to cancel
+
+    lost = production.run("schedule", "no-such-flag", "--at", "now", "--enable")
+    lost_id = int(lost.stdout)
+    assert production.run("process").code == 1
+    assert [r["id"] for r in _json(production.run("list-failed", "--format", "json"))] == [lost_id]
+    assert _json(staging.run("list-failed", "--format", "json")) == []
+    retried = production.run("retry", str(lost_id))
+    assert retried.code == 0, retried
+    assert production.schedule(lost_id)["status"] == "pending"
+
+    cron = production.run("schedule", "new-checkout", "--cron", "0 9 * * *", "--enable")
+    assert cron.code == 0, cron.stderr
+    assert len(_json(production.run("recurrences", "--format", "json"))) == 1
+    assert _json(staging.run("recurrences", "--format", "json")) == []
+    plan = _json(production.run("plan", "--at", "2099-01-01T00:00:00Z", "--format", "json"))
+    (checkout,) = [p for p in plan if p["flag_key"] == "new-checkout"]
+    assert checkout["now"] == {"enabled": True, "rollout_percentage": 30}  # production's row
+    assert production.run("agenda", "--format", "json").code == 0
+    assert production.run("prune", "--older-than", "1").code == 0
+
+
+def test_your_tables_without_a_rollout_take_no_rollout_change(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    d = _deploy(NO_ROLLOUT, empty_database_url, tmp_path)
+    d.add_flag("beta")
+    for command in (
+        ["schedule", "beta", "--at", "now", "--rollout", "5"],
+        ["ramp", "beta", "--steps", "10,20", "--every", "1h"],
+    ):
+        ran = d.run(*command)
+        assert ran.code == 2, ran
+        assert ran.stderr.count("\n") == 1 and "no rollout column" in ran.stderr
+    made = d.run("schedule", "beta", "--at", "now", "--enable")
+    assert made.code == 0, made.stderr
+    plan = _json(d.run("plan", "--at", "2099-01-01T00:00:00Z", "--format", "json"))
+    assert plan[0]["at"] == {"enabled": True, "rollout_percentage": None}
+    assert d.run("process").code == 0
+    assert d.flag("beta") == (True, None)
+    assert d.run("list").code == 0 and d.run("history").code == 0
+
+
+def test_a_ramp_in_a_schema_of_quoted_mixed_case_names(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    d = _deploy(MIXED_CASE, empty_database_url, tmp_path)
+    d.add_flag("Checkout Flow")
+    ran = d.run("ramp", "Checkout Flow", "--steps", "10,50", "--every", "1s", "--start", "now")
+    assert ran.code == 0, ran.stderr
+    ids = [int(i) for i in ran.stdout.split()]
+    assert len({d.schedule(i)["group_id"] for i in ids}) == 1

@@ -47,7 +47,7 @@ def test_tables_and_columns_are_quoted_identifiers_from_the_mapping() -> None:
 
 
 def test_slots_join_fragments_and_an_empty_list_means_true() -> None:
-    assert "WHERE true" in statement("list_recurrences", where=[])
+    assert "WHERE (true)" in statement("list_recurrences", where=[])
     both = statement("list_schedules", where=["with_status", "of_flag"])
     assert "(status = %(status)s) AND (flag_key = %(flag_key)s)" in both
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flagsched.model import MAX_TEXT, InvalidUpdates, Updates, clip
@@ -119,10 +119,16 @@ def test_huge_values_and_many_unknown_keys_give_a_short_reason() -> None:
 
 
 @given(st.text(max_size=3000), st.integers(min_value=0, max_value=2000))
+# hypothesis found it: a limit just past the note keeps one character of the text, so the
+# first ten characters of the result are not the text's (the kept part still is a prefix)
+@example(text="0" * 21, limit=20)
 def test_clip_bounds_any_text(text: str, limit: int) -> None:
     clipped = clip(text, limit)
     if len(text) <= limit:
         assert clipped == text
     else:
-        assert len(clipped) <= limit and clipped[:10] == text[: min(10, len(clipped))]
+        assert len(clipped) <= limit
+        tail = f"... ({len(text)} characters)"
+        kept = clipped.removesuffix(tail) if clipped.endswith(tail) else clipped
+        assert text.startswith(kept)
     assert len(clip(text)) <= MAX_TEXT
