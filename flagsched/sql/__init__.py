@@ -183,20 +183,24 @@ def _flag_rollout(tables: Tables, alias: str) -> str:
 def _group_seq(tables: Tables, alias: str) -> str:
     """The ramp groups' sequence, as nextval() reads its name (in flagsched's schema)."""
     schema = tables.schedules.schema if tables.adopted else None
-    name = _ident("feature_flag_schedule_group_seq")
-    return _lit(f"{_ident(schema)}.{name}" if schema else "feature_flag_schedule_group_seq")
+    name = "feature_flag_schedule_group_seq"
+    if schema:
+        name = sql.Identifier(schema, name).as_string(None)
+    return _lit(name)
 
 
 def _prefix(alias: str) -> str:
     return f"{alias}." if alias else ""
 
 
+# The computed fragments are parts of statements executed with psycopg parameters: a `%` in
+# a configured name or scope value is doubled (psycopg reads `%%` as `%`).
 def _ident(name: str) -> str:
-    return sql.Identifier(name).as_string(None)
+    return sql.Identifier(name).as_string(None).replace("%", "%%")
 
 
 def _lit(value: str) -> str:
-    return sql.Literal(value).as_string(None)
+    return sql.Literal(value).as_string(None).replace("%", "%%")
 
 
 # Fragments that depend on the mapping (a scope's columns and values, absent columns).
@@ -233,7 +237,10 @@ def _expand(text: str, slots: Mapping[str, str], tables: Tables, depth: int = 0)
     return _PLACEHOLDER.sub(one, text)
 
 
-def _compose(text: str, tables: Tables) -> sql.Composed:
+def _compose(text: str, tables: Tables, *, parameters: bool = False) -> sql.Composed:
+    """`text` with its placeholders as identifiers and literals. With `parameters` (a
+    statement executed with psycopg parameters), a `%` in a name or value is doubled, or
+    psycopg would read it as a placeholder (a configured name may hold any character)."""
     parts: list[sql.Composable] = []
     at = 0
     for m in _PLACEHOLDER.finditer(text):
@@ -256,6 +263,8 @@ def _compose(text: str, tables: Tables) -> sql.Composed:
             piece = sql.Literal(CONSTANTS[name])
         else:
             raise UnknownStatement(f"queries.sql: unknown placeholder {m.group(0)}")
+        if parameters:
+            piece = sql.SQL(piece.as_string(None).replace("%", "%%"))
         parts += [sql.SQL(text[at : m.start()]), piece]
         at = m.end()
     parts.append(sql.SQL(text[at:]))
@@ -268,7 +277,7 @@ def _statement(name: str, slots: tuple[tuple[str, str], ...], tables: Tables) ->
     if name not in texts:
         raise UnknownStatement(f"queries.sql has no statement {name!r}")
     expanded = _expand(texts[name], dict(slots), tables)
-    return _compose(expanded, tables).as_string(None)
+    return _compose(expanded, tables, parameters=True).as_string(None)
 
 
 def statement(name: str, *, tables: Tables | None = None, **slots: Sequence[str] | str) -> str:

@@ -172,10 +172,19 @@ def _expand(text: str, tables: Tables) -> str:
     raise ValueError("stored templates: fragments nest too deep (a cycle?)")
 
 
+_BODY = "\x00body\x00"  # the templates' `$$` while names are composed
+
+
 def render(name: str, tables: Tables) -> str:
     """The CREATE statement of routine `name` for `tables` (its own and the other routines'
-    names as `tables.fn` has them)."""
-    return _compose(_expand(template(name), tables), tables).as_string(None)
+    names as `tables.fn` has them). A function body is quoted with `$$` unless a configured
+    name holds `$$`: then with a tag the text does not hold (`$flagsched$`, ...)."""
+    text = _compose(_expand(template(name).replace("$$", _BODY), tables), tables)
+    rendered = text.as_string(None)
+    tag, n = "$$", 0
+    while tag in rendered:
+        tag, n = f"$flagsched{n or ''}$", n + 1
+    return rendered.replace(_BODY, tag)
 
 
 def _digest(text: str) -> str:

@@ -19,8 +19,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg import sql as pgsql
 
 from tests.conftest import Ran, _command_env, invoke
+from tests.unit.test_tables import toml
 
 UPSTREAM = Path(__file__).resolve().parents[1] / "fixtures" / "upstream-schema.sql"
 
@@ -564,3 +568,83 @@ def test_a_ramp_in_a_schema_of_quoted_mixed_case_names(
     assert ran.code == 0, ran.stderr
     ids = [int(i) for i in ran.stdout.split()]
     assert len({d.schedule(i)["group_id"] for i in ids}) == 1
+
+
+# A name PostgreSQL can hold: no NUL, no dot (the configuration's one separator), at most
+# 63 bytes, no leading or trailing space; quotes, spaces, case and any script allowed.
+_NAME = st.text(
+    st.characters(blacklist_categories=["Cs", "Cc"], blacklist_characters=".\x00"),
+    min_size=1,
+    max_size=12,
+).filter(lambda n: n == n.strip() and n.strip() != "")
+_SCOPE_VALUE = st.text(
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=12
+)
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    names=st.lists(_NAME, min_size=7, max_size=7, unique_by=str.lower),
+    scope=_SCOPE_VALUE,
+    key=st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
+                min_size=1, max_size=20),
+)  # fmt: skip
+def test_hostile_names_and_scope_values_are_quoted_everywhere(
+    empty_database_url: str, tmp_path: Path, names: list[str], scope: str, key: str
+) -> None:
+    """Every name flagsched composes (the schemas, the table, its columns, the scope column)
+    and the scope's value, however they are spelled, reach the database as identifiers and
+    literals: migrate, schedule, process and history work, and nothing else is touched."""
+    own, app, table, id_, key_col, on, env = names
+    q = {n: '"' + n.replace('"', '""') + '"' for n in names}
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {q[own]} CASCADE")
+        conn.execute(f"DROP SCHEMA IF EXISTS {q[app]} CASCADE")
+        conn.execute(f"CREATE SCHEMA {q[app]}")
+        conn.execute(
+            f"CREATE TABLE {q[app]}.{q[table]} ({q[id_]} bigint GENERATED ALWAYS AS IDENTITY "
+            f"PRIMARY KEY, {q[key_col]} text NOT NULL, {q[on]} boolean NOT NULL DEFAULT false, "
+            f"{q[env]} text NOT NULL, UNIQUE ({q[key_col]}, {q[env]}))"
+        )
+        conn.execute(  # no parameters: a `%` in a name would read as one
+            pgsql.SQL("INSERT INTO {}.{} ({}, {}) VALUES ({}, {}), ({}, {})").format(
+                pgsql.Identifier(app),
+                pgsql.Identifier(table),
+                pgsql.Identifier(key_col),
+                pgsql.Identifier(env),
+                *map(pgsql.Literal, (key, scope, key, scope + "-other")),
+            )
+        )
+    config = tmp_path / "hostile.toml"
+    config.write_text(
+        toml(
+            {
+                "schema": own,
+                "flags": {
+                    "table": f"{app}.{table}",
+                    "id": id_,
+                    "key": key_col,
+                    "enabled": on,
+                    "scope": {env: scope},
+                },
+            }
+        )
+    )
+    d = Deployment(MIXED_CASE, empty_database_url, str(config), scope, q[own])
+    for _ in range(2):
+        migrated = d.run("migrate")
+        assert migrated.code == 0, migrated.stderr
+    made = d.run("schedule", key, "--at", "now", "--enable")
+    assert made.code == 0, made.stderr
+    ran = d.run("process")
+    assert ran.code == 0, ran.stderr
+    with psycopg.connect(empty_database_url) as conn:
+        assert conn.execute(
+            f"SELECT {q[env]}, {q[on]} FROM {q[app]}.{q[table]} ORDER BY {q[env]}"
+        ).fetchall() == sorted([(scope, True), (scope + "-other", False)])
+    history = json.loads(d.run("history", "--format", "json").stdout)
+    assert [h["schedule_ids"] for h in history if h["old"]] == [[int(made.stdout)]]
