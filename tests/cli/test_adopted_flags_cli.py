@@ -648,3 +648,35 @@ def test_hostile_names_and_scope_values_are_quoted_everywhere(
         ).fetchall() == sorted([(scope, True), (scope + "-other", False)])
     history = json.loads(d.run("history", "--format", "json").stdout)
     assert [h["schedule_ids"] for h in history if h["old"]] == [[int(made.stdout)]]
+
+
+def test_migrates_of_several_deployments_at_once_all_succeed(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Two pods of each environment starting together: the migration lock serialises them,
+    the first creates, the others find everything in place."""
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(UPSTREAM_SHAPE.setup)
+    configs = [_config(tmp_path, UPSTREAM_SHAPE, s) for s in ("production", "staging")] * 2
+    env = {**_base_env(), **_command_env(empty_database_url, None)}
+    pods = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flagsched", "--config", config, "migrate"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for config in configs
+    ]
+    outcomes = [p.communicate(timeout=120) for p in pods]
+    assert [p.returncode for p in pods] == [0, 0, 0, 0], outcomes
+    with psycopg.connect(empty_database_url) as conn:
+        functions = conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'flagsched'::regnamespace"
+        ).fetchone()
+        triggers = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.feature_flags'::regclass "
+            "AND NOT tgisinternal"
+        ).fetchone()
+    assert (functions, triggers) == ((8,), (5,))

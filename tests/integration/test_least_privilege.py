@@ -19,16 +19,18 @@ from tests.conftest import Ran
 
 Sql = Callable[..., list[Any]]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
+OWN_DOCS = DOCS.with_name("own-tables.md")
+UPSTREAM = Path(__file__).resolve().parents[1] / "fixtures" / "upstream-schema.sql"
 PASSWORD = "s3cret-pw"  # the test server trusts 127.0.0.1; the URL carries one anyway
 DENIED = "42501"  # insufficient_privilege
 
 
-def docs_sql(name: str) -> str:
-    """The ```sql block right after `<!-- sql:NAME -->` in docs/deploy.md."""
+def docs_sql(name: str, docs: Path = DOCS) -> str:
+    """The ```sql block right after `<!-- sql:NAME -->` in docs/deploy.md (or `docs`)."""
     match = re.search(
-        rf"<!-- sql:{re.escape(name)} -->\s*```sql\n(.*?)```", DOCS.read_text(), re.DOTALL
+        rf"<!-- sql:{re.escape(name)} -->\s*```sql\n(.*?)```", docs.read_text(), re.DOTALL
     )
-    assert match, f"docs/deploy.md has no sql:{name} block"
+    assert match, f"{docs.name} has no sql:{name} block"
     return match.group(1)
 
 
@@ -421,3 +423,62 @@ def test_plan_and_agenda_need_the_flags_the_operator_may_read(
         database_url, "test_reader"))  # fmt: skip
     assert refused.code == 3 and "permission denied" in refused.stderr
     assert not (tmp_path / "no.html").exists()
+
+
+OWN_CONFIG = """
+[flags]
+table = "public.feature_flags"
+id = "id"
+key = "flag_key"
+enabled = "enabled"
+rollout = "rollout_percentage"
+updated_at = "updated_at"
+scope = { environment = "production" }
+"""
+
+
+def test_process_on_your_flags_table_works_with_only_its_documented_grants(
+    roles: None, empty_database_url: str, tmp_path: Path, flagsched: Callable[..., Ran]
+) -> None:
+    """docs/own-tables.md's grants for a tick beside the first application's flags table."""
+    config = tmp_path / "own.toml"
+    config.write_text(OWN_CONFIG)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(UPSTREAM.read_text())
+    assert flagsched("--config", str(config), "migrate", url=empty_database_url).code == 0
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(docs_sql("own-grants-process", OWN_DOCS))
+        conn.execute(
+            "INSERT INTO feature_flags (flag_key, environment) VALUES "
+            "('checkout', 'production'), ('checkout', 'staging'), ('window', 'production')"
+        )
+        conn.execute(
+            "INSERT INTO flagsched.feature_flag_schedules "
+            "(flag_key, scheduled_at, updates, environment) VALUES "
+            "('checkout', now() - interval '1 minute', "
+            "'{\"enabled\": true, \"rollout_percentage\": 20}', 'production'), "
+            "('ghost', now() - interval '1 minute', '{\"enabled\": true}', 'production')"
+        )
+        conn.execute(
+            "INSERT INTO flagsched.feature_flag_recurrences "
+            "(flag_key, cron, timezone, updates, next_at, environment) VALUES ('window', "
+            "'* * * * *', 'UTC', '{\"enabled\": true}', now() - interval '1 hour', 'production')"
+        )
+    worker = url_for(empty_database_url, "flagsched_worker")
+    preview = flagsched("--config", str(config), "process", "--dry-run", url=worker)
+    assert preview.code == 0, preview.stderr
+    ran = flagsched("--config", str(config), "process", url=worker)
+    assert ran.code == 1, ran.stderr  # the ghost failed for good; nothing was refused
+    assert "permission denied" not in ran.stderr + preview.stderr
+    with psycopg.connect(empty_database_url) as conn:
+        assert conn.execute(
+            "SELECT flag_key, environment, enabled, rollout_percentage FROM feature_flags "
+            "ORDER BY 1, 2"
+        ).fetchall() == [
+            ("checkout", "production", True, 20),
+            ("checkout", "staging", False, 0),
+            ("window", "production", True, 0),
+        ]
+        assert conn.execute(
+            "SELECT flag_key, status FROM flagsched.feature_flag_schedules ORDER BY 1"
+        ).fetchall() == [("checkout", "applied"), ("ghost", "failed"), ("window", "applied")]
