@@ -7,6 +7,7 @@ flagsched.render."""
 
 from __future__ import annotations
 
+import contextvars
 import signal
 import sys
 from typing import NoReturn
@@ -73,7 +74,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """One invocation, as its exit code. No traceback reaches an operator."""
+    """One invocation, as its exit code. No traceback reaches an operator. It runs in a copy
+    of the caller's context: the table mapping it chose (`flagsched.sql.use`) ends with it,
+    so in-process callers (the tests) never inherit another invocation's tables."""
+    return contextvars.copy_context().run(_run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         code = cli.main(args=argv, prog_name="flagsched", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -93,3 +93,9 @@ def test_outlook_reads_in_one_read_only_transaction(
     [flag] = seen.flags
     assert [s.schedule_id for s in flag.steps] == [sid]
     assert flag.at.rollout_percentage == 60
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

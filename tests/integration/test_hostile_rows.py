@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from flagsched.cli import main
 from flagsched.model import MAX_TEXT, Outcome, TickReport
-from tests.conftest import Ran
+from tests.conftest import Ran, _command_env
 
 Sql = Callable[..., list[Any]]
 Tick = Callable[..., TickReport]
@@ -51,8 +51,9 @@ class Command:
 
 @contextmanager
 def _environment(url: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("FLAGSCHED_DATABASE_URL", "FLAGSCHED_LOG_FORMAT")}
-    os.environ.update(FLAGSCHED_DATABASE_URL=url, FLAGSCHED_LOG_FORMAT="json")
+    variables = _command_env(url, None)  # with the configuration of the test's shape
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
@@ -699,3 +700,9 @@ def test_a_fractional_rollout_and_deep_attempts_are_shown(database_url: str) -> 
     assert shown.code == 0, shown.stderr
     assert "attempts: (unreadable JSON: nested too deeply)" in shown.stdout
     assert command(database_url, "show", str(fractional)).code == 0
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

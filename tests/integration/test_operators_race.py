@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -85,7 +86,10 @@ def test_a_command_waits_for_the_tick_and_sees_its_outcome(
     )
     conn, tx = hold(engine, sid)
     results: list[Any] = []
-    worker = threading.Thread(target=lambda: results.extend(command(database, [sid])))
+    worker = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(lambda: results.extend(command(database, [sid])),),
+    )
     worker.start()
     wait_for_a_blocked_backend(sql)  # the command is waiting for the tick's row lock
     conn.execute(
@@ -116,7 +120,7 @@ def _retry_during_a_slow_tick(
     )
     add_schedule("x", {"rollout_percentage": 20}, at="now() - interval '1 hour'")
     failing("x", sleep=2)
-    ticking = threading.Thread(target=run_tick)
+    ticking = threading.Thread(target=contextvars.copy_context().run, args=(run_tick,))
     ticking.start()
     for _ in range(200):
         if sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")[0][0]:
@@ -186,3 +190,9 @@ def test_a_url_libpq_would_misread_never_reaches_a_connect_message() -> None:
     with pytest.raises(DatabaseUnavailable) as caught:
         Database("postgresql://u:Pq/Zx@127.0.0.1:1/db").connect()
     assert "Pq" not in caught.value.message and "Zx" not in caught.value.message
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -98,8 +99,14 @@ def _insert(sql: Sql, s: dict[str, Any]) -> int:
 @example(  # a retry due now behind another one and a pending step, both scheduled later
     flags={"a": (False, 0), "b": (False, 0)},
     schedules=[
-        {"flag": "a", "minutes_ago": m, "kind": k, "updates": {"enabled": True},
-         "expires": e, "on_conflict": "fail"}
+        {
+            "flag": "a",
+            "minutes_ago": m,
+            "kind": k,
+            "updates": {"enabled": True},
+            "expires": e,
+            "on_conflict": "fail",
+        }
         for m, k, e in (
             (1, "pending", None),
             (1, "retry_due_scheduled_later", None),
@@ -257,3 +264,9 @@ def _outcome(status: str, error: str) -> str:
     if status == "failed":
         return "expires" if error.startswith("expired:") else "fails"
     return "held"
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

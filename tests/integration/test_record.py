@@ -3,6 +3,7 @@ conflicts, lateness, change notices."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import random
 import threading
@@ -294,7 +295,10 @@ def test_overlapping_ticks_write_each_change_once_in_history(
             rng=random.Random(),
         )
 
-    threads = [threading.Thread(target=drain) for _ in range(4)]
+    # each thread in a copy of this context: the test's table mapping (its shape)
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(drain,)) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -449,3 +453,9 @@ def test_retry_of_a_row_with_extreme_times_is_not_refused_as_busy(
     (done,) = operators.retry(database, [sid], force=True)
     assert done.ok, done.message
     assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=sid)[0][0] == "pending"
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import random
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from flagsched import materialise, tick
 from flagsched.db import Database, connection
 from flagsched.model import Outcome
+from tests.conftest import _command_env
 
 Sql = Callable[..., list[Any]]
 
@@ -46,7 +49,10 @@ def test_eight_overlapping_ticks_make_one_schedule_per_occurrence(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(8)]
+    # each thread in a copy of this context: the test's table mapping (its shape)
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(run,)) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -175,7 +181,7 @@ def test_sigterm_while_materialising_many_recurrences_ends_the_tick(
     total = 20_000
     _many_due_recurrences(sql, total)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSCHED_")}
-    env.update(FLAGSCHED_DATABASE_URL=database_url, FLAGSCHED_LOG_LEVEL="warning")
+    env.update(_command_env(database_url, {"FLAGSCHED_LOG_LEVEL": "warning"}))
     process = subprocess.Popen(
         [sys.executable, "-m", "flagsched", "process"],
         env=env,
@@ -248,3 +254,9 @@ def test_a_row_referencing_a_recurrence_does_not_hide_it(
         with connection(database) as conn:
             assert materialise.due_recurrences(database, conn) == 1
         app.commit()
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -195,3 +195,9 @@ def test_a_whole_tick_uses_only_named_statements(
     assert report.count(Outcome.APPLIED) == 1
     own = [q for q in sent if not q.startswith("BEGIN")]
     assert own and all(q in known for q in own), [q[:60] for q in own if q not in known]
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -8,10 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import pytest
 
 from flagsched import operators
 from flagsched.db import Database
 from flagsched.sql import statement
+from tests.conftest import _command_env
 
 Sql = Callable[..., list[Any]]
 
@@ -63,10 +65,16 @@ def test_status_json_keys_with_and_without_max_lag(
     from flagsched.cli import cli
 
     add_schedule("a", {"enabled": True}, status="weird")
-    monkeypatch.setenv("FLAGSCHED_DATABASE_URL", database_url)
-    monkeypatch.setenv("FLAGSCHED_LOG_FORMAT", "json")
+    for name, value in _command_env(database_url, None).items():  # the shape's configuration
+        monkeypatch.setenv(name, value)
     runner = CliRunner()
     full = runner.invoke(cli, ["status", "--format", "json"], standalone_mode=False)
     assert json.loads(full.output)["unknown"] == 1
     lag = runner.invoke(cli, ["status", "--format", "json", "--max-lag", "60"])
     assert lag.exit_code == 0 and "unknown" not in json.loads(lag.output)
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import random
 import threading
 from collections.abc import Callable
@@ -19,6 +20,12 @@ from flagsched.model import Outcome, TickReport
 
 Sql = Callable[..., list[Any]]
 Tick = Callable[..., TickReport]
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every tick test on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url
 
 
 def wait_for_lock_wait(engine: Engine, timeout: float = 30) -> None:
@@ -657,7 +664,10 @@ def test_concurrent_ticks_in_threads_apply_everything_once(
             )
         )
 
-    threads = [threading.Thread(target=drain) for _ in range(4)]
+    # each thread in a copy of this context: the table mapping of the test's shape
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(drain,)) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -706,7 +716,8 @@ def test_dry_run_locks_nothing_a_running_tick_would_skip(
     holder.execute(sa.text("LOCK TABLE feature_flags IN ACCESS EXCLUSIVE MODE"))
     plans: list[Any] = []
     previewing = threading.Thread(
-        target=lambda: plans.append(tick.preview(database, tick.TickOptions()))
+        target=contextvars.copy_context().run,
+        args=(lambda: plans.append(tick.preview(database, tick.TickOptions())),),
     )
     previewing.start()  # it claims, then waits on feature_flags (it reads which flags exist)
     try:
