@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import Ran
 
 Sql = Callable[..., list[Any]]
@@ -436,3 +438,9 @@ def test_plan_shows_a_conflict_that_has_already_happened(
     assert plan["f"]["at"] == {"enabled": True, "rollout_percentage": 0}
     assert [c["outcome"] for c in plan["g"]["changes"]] == ["applies"]  # on_conflict apply
     assert plan["g"]["at"] == {"enabled": True, "rollout_percentage": 50}
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -364,3 +364,9 @@ def test_every_time_option_reads_tz_wherever_it_stands(
         assert flagsched("history", *since).code == 0
     shown = listed(flagsched, "--from", local, "--tz", "Europe/Berlin", "--to", "2030-06-01T09:30")
     assert len(shown) == 3  # 07:00Z three times; the 08:00Z step is after --to (07:30Z)
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -3,6 +3,7 @@ before any database is touched; so is an empty flag key."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,3 +92,9 @@ def test_usage_errors_are_one_line_naming_the_help() -> None:
     assert_refused(ran)
     assert "not a finite number" in ran.stderr and "`flagsched status --help`" in ran.stderr
     assert_refused(invoke("no-such-command", url=CLOSED))
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -56,3 +56,9 @@ def test_a_refused_command_with_stderr_full_or_closed_keeps_its_exit_code() -> N
         assert run_process("process", url=closed_port, stderr=full).code == 3
         assert run_process("status", "--max-lag", "nan", url=closed_port, stderr=full).code == 2
     assert run_process("process", url=closed_port, close_stderr=True).code == 3
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.conftest import Ran
 
 Sql = Callable[..., list[Any]]
@@ -312,3 +314,9 @@ def test_every_limit_takes_the_one_bound_the_readme_states(flagsched: Callable[.
         assert flagsched(*command, "--limit", str(bound)).code == 0, command
         too_many = flagsched(*command, "--limit", str(bound + 1))
         assert too_many.code == 2 and "--limit" in too_many.stderr, command
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

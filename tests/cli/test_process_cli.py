@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Ran
+from tests.conftest import Ran, _command_env
 from tests.integration.conftest import FAILURE_TRIGGER
 
 Sql = Callable[..., list[Any]]
@@ -39,7 +39,7 @@ CREATE TRIGGER test_log_applied AFTER UPDATE ON feature_flag_schedules
 
 def spawn(url: str, *args: str, **settings: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSCHED_")}
-    env.update(FLAGSCHED_DATABASE_URL=url, FLAGSCHED_LOG_FORMAT="json", **settings)
+    env.update(_command_env(url, settings))  # with the configuration of the test's shape
     return subprocess.Popen(
         [sys.executable, "-m", "flagsched", "process", *args],
         env=env,
@@ -353,3 +353,9 @@ def test_a_second_signal_ends_a_stuck_tick_at_once_and_its_batch_rolls_back(
     row = sql("SELECT status, retry_count FROM feature_flag_schedules WHERE id = :i", i=stuck)[0]
     assert tuple(row) == ("pending", 0)  # rolled back: due again, no retry spent
     assert sql("SELECT enabled FROM feature_flags")[0][0] is False
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

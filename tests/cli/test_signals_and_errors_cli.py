@@ -48,3 +48,9 @@ def test_an_internal_error_is_one_line_and_its_traceback_is_logged_at_debug(
     else:
         assert [e["event"] for e in logged] == ["internal_error"]
         assert "Traceback" in logged[0]["exception"] and "_boom" in logged[0]["exception"]
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url

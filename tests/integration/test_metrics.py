@@ -127,3 +127,9 @@ def test_a_corrupt_metrics_file_is_replaced_with_one_warning(
     assert fresh["flagsched_last_success_timestamp_seconds"] > 0
     again = flagsched("process", "--metrics-file", str(path))
     assert "metrics_file_replaced" not in again.stderr  # warned once: the file reads back now
+
+
+@pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table (issue 18)."""
+    return shaped_database_url
