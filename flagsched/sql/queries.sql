@@ -114,6 +114,23 @@ cancelled_at IS NULL
 
 -- ==================== sessions and the schema ===========================================
 
+-- name: session_settings
+-- Every session setting a flagsched transaction runs with. Per transaction (SET LOCAL), not
+-- per session: behind a transaction-mode pooler each transaction may run on another server
+-- connection, and a startup parameter (`options`) is refused or dropped there. The
+-- timeouts are whole milliseconds ({lock_timeout_ms}, {statement_timeout_ms}: literals of
+-- the caller's `Database`). A crashed or stuck tick must never keep its claimed rows locked
+-- for long; JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
+SET LOCAL lock_timeout = {lock_timeout_ms};
+SET LOCAL statement_timeout = {statement_timeout_ms};
+SET LOCAL idle_in_transaction_session_timeout = 60000;
+SET LOCAL timezone = 'UTC';
+SET LOCAL jit = off
+
+-- name: begin
+-- A transaction and its settings as one simple-protocol query: one round trip.
+BEGIN; {session_settings}
+
 -- name: read_only
 SET TRANSACTION READ ONLY
 
