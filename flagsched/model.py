@@ -288,6 +288,31 @@ class Backlog:
     next_due_at: Time | None
 
 
+@dataclass(frozen=True, slots=True)
+class StateCounts:
+    """Schedules per state, as `status` counts them (a pass over the whole table)."""
+
+    scheduled: int
+    waiting_retry: int
+    failed: int
+    applied: int
+    cancelled: int
+    unknown: int  # a status outside the four
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """What `status` reports: the backlog at the database's `now` and, unless it ran as the
+    health check (`--max-lag`), the counts per state."""
+
+    due: int
+    oldest_due_at: Time | None
+    oldest_due_age_seconds: float | None
+    next_due_at: Time | None
+    now: datetime
+    counts: StateCounts | None = None
+
+
 class Outcome(StrEnum):
     APPLIED = "applied"
     RETRY = "retry"

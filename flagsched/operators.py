@@ -23,6 +23,7 @@ from flagsched.model import (
     ScheduleRow,
     ShownSchedule,
     Status,
+    StatusReport,
     Updates,
     clip,
 )
@@ -30,23 +31,23 @@ from flagsched.model import (
 PRUNE_BATCH = 5000
 
 
-def status(database: Database, *, counts: bool = True) -> dict[str, Any]:
+def status(database: Database, *, counts: bool = True) -> StatusReport:
     """The due count, the oldest due schedule's age and the next due time (index scans
     only); with `counts`, also the schedules per state (a pass over the whole table)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         due = repository.backlog(conn, now=now)
-        per_state = repository.state_counts(conn, now=now) if counts else {}
+        per_state = repository.state_counts(conn, now=now) if counts else None
     age = due.oldest_due_age_seconds
-    return {
-        "due": int(due.due),
-        **per_state,
-        "oldest_due_at": due.oldest_due_at,
-        "oldest_due_age_seconds": float(age) if age is not None else None,
-        "next_due_at": due.next_due_at,
-        "now": now,
-    }
+    return StatusReport(
+        due=int(due.due),
+        oldest_due_at=due.oldest_due_at,
+        oldest_due_age_seconds=float(age) if age is not None else None,
+        next_due_at=due.next_due_at,
+        now=now,
+        counts=per_state,
+    )
 
 
 @contextmanager

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from flagsched.model import row_dict
 
 if TYPE_CHECKING:
-    from flagsched.model import ChangeRow, FailedRow, RecurrenceRow, ScheduleRow, ShownSchedule
+    from flagsched.model import (
+        ChangeRow,
+        FailedRow,
+        RecurrenceRow,
+        ScheduleRow,
+        ShownSchedule,
+        StatusReport,
+    )
     from flagsched.operators import Outlook
     from flagsched.projection import State, Step
 
@@ -192,19 +199,30 @@ _STATES = [
 ]
 
 
-def status(report: dict[str, Any], fmt: str) -> str:
+def status_json(report: StatusReport) -> dict[str, Any]:
+    """`status --format json`: the backlog, the counts per state between (when counted)."""
+    return {
+        "due": report.due,
+        **(row_dict(report.counts) if report.counts is not None else {}),
+        "oldest_due_at": report.oldest_due_at,
+        "oldest_due_age_seconds": report.oldest_due_age_seconds,
+        "next_due_at": report.next_due_at,
+        "now": report.now,
+    }
+
+
+def status(report: StatusReport, fmt: str) -> str:
     """`status`: counts per state, the oldest due schedule's age, the next due time."""
     if fmt == "json":
-        return to_json(report)
-    age = report["oldest_due_age_seconds"]
+        return to_json(status_json(report))
+    fields = status_json(report)
+    age = report.oldest_due_age_seconds
     counts = table(
-        ["STATE", "COUNT"], [(label, report[key]) for label, key in _STATES if key in report]
+        ["STATE", "COUNT"], [(label, fields[key]) for label, key in _STATES if key in fields]
     )
-    oldest = (
-        "-" if age is None else f"{age:.0f}s ago ({iso(report['oldest_due_at'])})"
-    )
+    oldest = "-" if age is None else f"{age:.0f}s ago ({iso(report.oldest_due_at)})"
     return "\n".join(
-        [counts, f"oldest due: {oldest}", f"next due:   {iso(report['next_due_at']) or '-'}"]
+        [counts, f"oldest due: {oldest}", f"next due:   {iso(report.next_due_at) or '-'}"]
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.abc import Buffer
-from psycopg.rows import RowFactory, class_row, dict_row, kwargs_row
+from psycopg.rows import RowFactory, class_row, kwargs_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
 from flagsched.db import Conn, one_line
@@ -34,6 +34,7 @@ from flagsched.model import (
     Result,
     ScheduleRow,
     ShownSchedule,
+    StateCounts,
     Status,
     Updates,
     Verdict,
@@ -66,15 +67,6 @@ class _LenientInterval(IntervalLoader):
             return super().load(data)
         except psycopg.DataError:
             return bytes(data).decode()
-
-
-def _dicts(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Rows as dicts; a stored time or interval Python cannot hold (infinity, BC, past year
-    9999) comes back as PostgreSQL's text, so a command that shows rows reads any row."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.adapters.register_loader("timestamptz", _LenientTimestamptz)
-        cur.adapters.register_loader("interval", _LenientInterval)
-        return cur.execute(sql, params).fetchall()
 
 
 def _rows(
@@ -371,14 +363,9 @@ def backlog(conn: Conn, *, now: datetime) -> Backlog:
     return _rows(conn, class_row(Backlog), statement("backlog"), {"now": now})[0]
 
 
-def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
+def state_counts(conn: Conn, *, now: datetime) -> StateCounts:
     """Schedules per state (one pass over the table: for `status`, not for the tick)."""
-    row = _dicts(
-        conn,
-        statement("state_counts"),
-        {"now": now},
-    )[0]
-    return {k: int(v) for k, v in row.items()}
+    return _rows(conn, class_row(StateCounts), statement("state_counts"), {"now": now})[0]
 
 
 def existing_flags(conn: Conn, keys: Sequence[str]) -> set[str]:
