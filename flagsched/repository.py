@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg.abc import Buffer
@@ -42,7 +42,9 @@ from flagsched.model import (
 from flagsched.required import REQUIRED, Function, Required, Table
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
 from flagsched.sql import statement
-from flagsched.tables import CatalogColumn, CatalogTable, QualifiedName
+
+if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
+    from flagsched.tables import CatalogTable, QualifiedName
 
 _Row = TypeVar("_Row")
 
@@ -190,6 +192,8 @@ def ensure_schema(conn: Conn) -> None:
 
 def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     """What the catalog says of a configured table (None: no such relation)."""
+    from flagsched.tables import CatalogColumn, CatalogTable
+
     found = conn.execute(
         statement("catalog_table"), {"schema": name.schema, "name": name.name}
     ).fetchone()
