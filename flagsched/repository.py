@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -14,7 +14,7 @@ from psycopg.abc import Buffer
 from psycopg.rows import RowFactory, class_row, kwargs_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
-from flagsched.db import Conn, one_line
+from flagsched.db import Conn, one_line, sync_if_aborted
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
     ActiveRecurrence,
@@ -281,10 +281,20 @@ FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: a row of another table references i
 
 @contextmanager
 def savepoint(conn: Conn) -> Iterator[None]:
-    """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed."""
+    """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed.
+    Named statements, not psycopg's transaction block: in pipeline mode SAVEPOINT leaves with
+    the statement after it, and RELEASE with the next one that waits for a result."""
     try:
-        with conn.transaction():
+        conn.execute(statement("savepoint"))
+        try:
             yield
+        except BaseException:
+            with suppress(psycopg.Error):  # a connection gone has nothing to roll back
+                sync_if_aborted(conn)
+                conn.execute(statement("rollback_to_savepoint"))
+                conn.execute(statement("release_savepoint"))
+            raise
+        conn.execute(statement("release_savepoint"))
     except psycopg.Error as exc:
         raise StatementFailed(reason(exc), exc.sqlstate) from exc
 

@@ -117,19 +117,51 @@ cancelled_at IS NULL
 -- name: session_settings
 -- Every session setting a flagsched transaction runs with. Per transaction (SET LOCAL), not
 -- per session: behind a transaction-mode pooler each transaction may run on another server
--- connection, and a startup parameter (`options`) is refused or dropped there. The
--- timeouts are whole milliseconds ({lock_timeout_ms}, {statement_timeout_ms}: literals of
--- the caller's `Database`). A crashed or stuck tick must never keep its claimed rows locked
--- for long; JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
-SET LOCAL lock_timeout = {lock_timeout_ms};
-SET LOCAL statement_timeout = {statement_timeout_ms};
-SET LOCAL idle_in_transaction_session_timeout = 60000;
-SET LOCAL timezone = 'UTC';
+-- connection, and a startup parameter (`options`) is refused or dropped there.
+{set_lock_timeout}; {set_statement_timeout}; {set_idle_timeout}; {set_timezone}; {set_jit}
+
+-- name: set_lock_timeout
+-- The timeouts are whole milliseconds, literals of the caller's `Database`.
+SET LOCAL lock_timeout = {lock_timeout_ms}
+
+-- name: set_statement_timeout
+SET LOCAL statement_timeout = {statement_timeout_ms}
+
+-- name: set_idle_timeout
+-- A crashed or stuck tick must never keep its claimed rows locked for long.
+SET LOCAL idle_in_transaction_session_timeout = 60000
+
+-- name: set_timezone
+SET LOCAL timezone = 'UTC'
+
+-- name: set_jit
+-- JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
 SET LOCAL jit = off
 
+-- name: start_transaction
+BEGIN
+
 -- name: begin
--- A transaction and its settings as one simple-protocol query: one round trip.
-BEGIN; {session_settings}
+-- A transaction and its settings as one simple-protocol query: one round trip. (In
+-- pipeline mode, where a query holds one statement, they go one by one, unsent until
+-- the first statement that waits for its result.)
+{start_transaction}; {session_settings}
+
+-- name: commit
+COMMIT
+
+-- name: rollback
+ROLLBACK
+
+-- name: savepoint
+-- One name is enough: a savepoint of the same name inside another hides it until released.
+SAVEPOINT flagsched_write
+
+-- name: release_savepoint
+RELEASE SAVEPOINT flagsched_write
+
+-- name: rollback_to_savepoint
+ROLLBACK TO SAVEPOINT flagsched_write
 
 -- name: read_only
 SET TRANSACTION READ ONLY
