@@ -27,8 +27,9 @@ if TYPE_CHECKING:
         ShownSchedule,
         StatusReport,
     )
-    from flagsched.operators import Outlook
+    from flagsched.operators import Outlook, Pruned
     from flagsched.projection import State, Step
+    from flagsched.tick import Preview
 
 # Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
 # no encoder recursion, no page-long line.
@@ -157,13 +158,13 @@ def rows_or_empty(fmt: str, rows: Sequence[Any], empty: str) -> str | None:
     return None
 
 
-def dry_run(plan: Sequence[tuple[Any, str]]) -> str:
+def dry_run(plan: Sequence[Preview]) -> str:
     """What `process --dry-run` would do, one schedule a line."""
     if not plan:
         return "nothing is due"
     return table(
         ["ID", "FLAG", "SCHEDULED_AT", "WOULD"],
-        [(s.id, s.flag_key, s.scheduled_at, what) for s, what in plan],
+        [(p.schedule.id, p.schedule.flag_key, p.schedule.scheduled_at, p.would) for p in plan],
     )
 
 
@@ -342,15 +343,15 @@ def handled(result: Any) -> str:
     return f"{visible(result.subject or str(result.id))}: {visible(result.message)}"
 
 
-def pruned(counts: dict[str, int], *, dry_run: bool, history: bool) -> str:
+def pruned(counts: Pruned, *, dry_run: bool, history: bool) -> str:
     """`prune`: what was (or would be) deleted."""
     verb = "would delete" if dry_run else "deleted"
     line = (
-        f"{verb} {counts['applied'] + counts['cancelled']} schedules "
-        f"({counts['applied']} applied, {counts['cancelled']} cancelled)"
+        f"{verb} {counts.applied + counts.cancelled} schedules "
+        f"({counts.applied} applied, {counts.cancelled} cancelled)"
     )
     if history:
-        line += f" and {counts['history']} history entries"
+        line += f" and {counts.history} history entries"
     return line
 
 

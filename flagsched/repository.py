@@ -636,10 +636,10 @@ def insert_ramp(
     return int(rows[0][0]), made
 
 
-def group_schedules(conn: Conn, group_id: int) -> list[tuple[int, str]]:
-    """(id, status) of every schedule of a group, in (scheduled_at, id) order."""
+def group_schedules(conn: Conn, group_id: int) -> list[int]:
+    """The ids of every schedule of a group, in (scheduled_at, id) order."""
     rows = conn.execute(statement("group_schedules"), {"g": group_id}).fetchall()
-    return [(int(i), str(status)) for i, status in rows]
+    return [int(i) for (i,) in rows]
 
 
 def insert_recurrence(

@@ -568,7 +568,7 @@ ORDER BY u.n
 RETURNING group_id, id, scheduled_at
 
 -- name: group_schedules
-SELECT id, status FROM {schedules} WHERE group_id = %(g)s ORDER BY scheduled_at, id
+SELECT id FROM {schedules} WHERE group_id = %(g)s ORDER BY scheduled_at, id
 
 -- name: insert_recurrence
 INSERT INTO {recurrences}
