@@ -333,13 +333,13 @@ def _claim_plans(conn: Conn, limit: int) -> tuple[str, str]:
     revision = importlib.import_module(
         "flagsched.migrations.versions.0006_movable_claim_exact_history"
     )
-    statement = revision.claim_query(lock=True, limit="%(limit)s")
+    claim = revision.claim_query(lock=True, limit="%(limit)s")
     with conn.transaction(force_rollback=True):
-        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, {"limit": limit}).fetchall()
+        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + claim, {"limit": limit}).fetchall()
         custom = "\n".join(str(r[0]) for r in rows)
-    positional = statement.replace("%(limit)s", "$1")
+    positional = claim.replace("%(limit)s", "$1")
     with conn.transaction(force_rollback=True):
-        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.execute(statement("bench_generic_plans"))
         conn.execute(f"PREPARE bench_claim (bigint) AS {positional}")
         rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_claim ({limit})").fetchall()
         generic = "\n".join(str(r[0]) for r in rows)

@@ -725,6 +725,55 @@ SELECT max(length(last_error)) FROM feature_flag_schedules
 -- What a transaction's start cost when the settings travelled once per connection.
 BEGIN
 
+-- name: bench_no_statement_timeout
+SET statement_timeout = 0
+
+-- name: bench_attempts_flags
+-- `python -m bench.attempts`: one flag per schedule.
+INSERT INTO feature_flags (key) SELECT 'f' || n FROM generate_series(1, %(n)s) n
+
+-- name: bench_attempts_schedules
+-- Due schedules whose `attempts` arrays are near the 1 MB limit.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, attempts)
+SELECT 'f' || n, now() - interval '1 minute', '{"enabled": true}', a.v
+FROM generate_series(1, %(n)s) n,
+     (SELECT jsonb_agg(jsonb_build_object(
+         'attempt', i, 'at', '2026-01-01T00:00:00Z', 'outcome', 'retry',
+         'error', (SELECT string_agg(md5(random()::text || i || m), '')
+                   FROM generate_series(1, 28) m)) ORDER BY i) AS v
+      FROM generate_series(1, 1000) i) a
+
+-- name: bench_attempts_size
+SELECT avg(pg_column_size(attempts))::int FROM feature_flag_schedules
+
+-- name: bench_old_claim
+-- The claim as it was before migration 0006 (the "before" bench.attempts measures).
+SELECT * FROM flagsched_claim_v1(%(n)s, true)
+
+-- name: bench_old_record
+-- The record as it was before 0006 (the applied branch: what every row of the batch
+-- takes): a copy on purpose, the "before"; "after" is the statement `record` above.
+UPDATE feature_flag_schedules AS s
+SET status = 'applied', applied_at = %(now)s, next_retry_at = NULL, last_error = NULL,
+    updated_at = %(now)s,
+    attempts = CASE WHEN a.made = 0 THEN '[]'::jsonb ELSE s.attempts END
+        || jsonb_build_array(jsonb_build_object(
+        'attempt', a.made + 1, 'at', %(at)s::text, 'outcome', 'applied', 'error', NULL))
+FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(made)s AS integer[])) AS a(id, made)
+WHERE s.id = a.id
+
+-- name: bench_server_settings
+-- The server's settings docs/benchmarks.md records with the figures.
+SELECT name, setting || coalesce(unit, '') FROM pg_settings
+WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers', 'jit', 'max_wal_size')
+
+-- name: bench_server_version
+SHOW server_version
+
+-- name: bench_generic_plans
+-- For the claim's EXPLAIN with the plan a prepared statement settles on.
+SET LOCAL plan_cache_mode = force_generic_plan
+
 -- name: app_flag_update
 -- The application switching a flag (each statement on its own, in a loop).
 UPDATE feature_flags SET rollout_percentage = (rollout_percentage + 1) %% 101
