@@ -15,17 +15,19 @@ from flagsched.db import Conn, Database, begin, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import (
+    OnConflict,
+    Status,
+    Updates,
+    clip,
+)
+from flagsched.rows import (
     ChangeRow,
     FailedRow,
     LockedSchedule,
-    OnConflict,
     RecurrenceRow,
     ScheduleRow,
     ShownSchedule,
-    Status,
     StatusReport,
-    Updates,
-    clip,
 )
 
 PRUNE_BATCH = 5000
@@ -466,7 +468,7 @@ class Outlook:
     start: datetime
     until: datetime
     flags: list[Any]  # projection.FlagAhead, one per flag, by key
-    failed: list[Any]  # model.OpenSchedule
+    failed: list[Any]  # rows.OpenSchedule
     # More open schedules were due by `until` than are read: (how many were read, the
     # scheduled_at of the last one); changes of schedules due after it are left out.
     cut: tuple[int, datetime] | None = None

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from flagsched.model import row_dict
 
 if TYPE_CHECKING:
-    from flagsched.model import (
+    from flagsched.operators import Outlook, Pruned
+    from flagsched.projection import State, Step
+    from flagsched.rows import (
         ChangeRow,
         FailedRow,
         RecurrenceRow,
@@ -27,8 +29,6 @@ if TYPE_CHECKING:
         ShownSchedule,
         StatusReport,
     )
-    from flagsched.operators import Outlook, Pruned
-    from flagsched.projection import State, Step
     from flagsched.tick import Preview
 
 # Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:

@@ -17,24 +17,14 @@ from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 from flagsched.db import Conn, one_line, sync_if_aborted
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
-    ActiveRecurrence,
     Backlog,
     Change,
-    ChangeRow,
     Claimed,
     DueRecurrence,
-    FailedRow,
-    FlagRow,
-    LockedSchedule,
     MadeSchedule,
     OnConflict,
-    OpenSchedule,
     Outcome,
-    RecurrenceRow,
     Result,
-    ScheduleRow,
-    ShownSchedule,
-    StateCounts,
     Status,
     Updates,
     Verdict,
@@ -44,6 +34,18 @@ from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
 from flagsched.sql import statement
 
 if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
+    from flagsched.rows import (
+        ActiveRecurrence,
+        ChangeRow,
+        FailedRow,
+        FlagRow,
+        LockedSchedule,
+        OpenSchedule,
+        RecurrenceRow,
+        ScheduleRow,
+        ShownSchedule,
+        StateCounts,
+    )
     from flagsched.tables import CatalogTable, QualifiedName
 
 _Row = TypeVar("_Row")
@@ -353,6 +355,8 @@ def list_failed(
     limit: int,
 ) -> list[FailedRow]:
     """Failed schedules, most recently failed first; `permanent` filters by waiting/for good."""
+    from flagsched.rows import FailedRow
+
     where = ["failed"]
     if permanent is True:
         where.append("for_good")
@@ -379,6 +383,8 @@ def backlog(conn: Conn, *, now: datetime) -> Backlog:
 
 def state_counts(conn: Conn, *, now: datetime) -> StateCounts:
     """Schedules per state (one pass over the table: for `status`, not for the tick)."""
+    from flagsched.rows import StateCounts
+
     return _rows(conn, class_row(StateCounts), statement("state_counts"), {"now": now})[0]
 
 
@@ -417,6 +423,8 @@ def insert_schedule(
 
 def lock_schedule(conn: Conn, schedule_id: int) -> LockedSchedule | None:
     """Lock one schedule (waiting for a tick that holds it to commit) and return it."""
+    from flagsched.rows import LockedSchedule
+
     rows = _rows(
         conn,
         class_row(LockedSchedule),
@@ -470,6 +478,8 @@ def history(
 ) -> list[ChangeRow]:
     """Changes of flags, newest first (index scans on idx_changes_flag / _changed_at);
     `since_now`: changes from the database's now() on."""
+    from flagsched.rows import ChangeRow
+
     where = []
     if flag_key is not None:
         where.append("of_flag")
@@ -486,6 +496,8 @@ def history(
 
 def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
     """The history entries that applied this schedule, oldest first."""
+    from flagsched.rows import ChangeRow
+
     return _rows(
         conn,
         class_row(ChangeRow),
@@ -496,6 +508,8 @@ def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
 
 def show_schedule(conn: Conn, schedule_id: int) -> ShownSchedule | None:
     """One schedule with everything `show` prints but its changes."""
+    from flagsched.rows import ShownSchedule
+
     rows = _rows(
         conn,
         class_row(ShownSchedule),
@@ -588,6 +602,8 @@ def list_schedules(
 ) -> list[ScheduleRow]:
     """Schedules in (scheduled_at, id) order: the open ones unless `status` is given;
     `start` <= scheduled_at < `end`."""
+    from flagsched.rows import ScheduleRow
+
     where = ["open_schedule" if status is None else "with_status"]
     if flag_key is not None:
         where.append("of_flag")
@@ -671,15 +687,17 @@ def insert_recurrence(
 
 def list_recurrences(conn: Conn, *, include_cancelled: bool = False) -> list[RecurrenceRow]:
     """Recurrences, next occurrence first (stopped ones, next_at NULL, last)."""
+    from flagsched.rows import RecurrenceRow
+
     where = [] if include_cancelled else ["active_recurrence"]
     return _rows(conn, class_row(RecurrenceRow), statement("list_recurrences", where=where))
 
 
 def lock_recurrence(conn: Conn, recurrence_id: int) -> RecurrenceRow | None:
     """Lock one recurrence (waiting for a tick materialising it) and return it."""
-    rows = _rows(
-        conn, class_row(RecurrenceRow), statement("lock_recurrence"), {"i": recurrence_id}
-    )
+    from flagsched.rows import RecurrenceRow
+
+    rows = _rows(conn, class_row(RecurrenceRow), statement("lock_recurrence"), {"i": recurrence_id})
     return rows[0] if rows else None
 
 
@@ -727,6 +745,8 @@ def materialise(
 
 def flags_now(conn: Conn, *, keys: Sequence[str] | None = None) -> list[FlagRow]:
     """Flags as they are: every one, or those of `keys` (by the unique index on key)."""
+    from flagsched.rows import FlagRow
+
     return _rows(
         conn,
         class_row(FlagRow),
@@ -736,6 +756,8 @@ def flags_now(conn: Conn, *, keys: Sequence[str] | None = None) -> list[FlagRow]
 
 
 def _ahead(conn: Conn, where: str, params: Mapping[str, Any]) -> list[OpenSchedule]:
+    from flagsched.rows import OpenSchedule
+
     chosen = [where] if params.get("flag_key") is None else [where, "of_flag"]
     return _rows(conn, class_row(OpenSchedule), statement("schedules_ahead", where=chosen), params)
 
@@ -766,9 +788,7 @@ def schedules_ahead(
     blockers = [
         row
         for key in sorted({r.flag_key for r in early})
-        for row in _ahead(
-            conn, "open_of_key_after_until", {**params, "key": key, "limit": 1}
-        )
+        for row in _ahead(conn, "open_of_key_after_until", {**params, "key": key, "limit": 1})
     ]
     unique = {r.id: r for r in [*rows, *early, *blockers]}
     return sorted(unique.values(), key=lambda r: (r.scheduled_at, r.id))[:most]
@@ -788,6 +808,8 @@ def failed_between(
 
 def recurrences_ahead(conn: Conn, *, flag_key: str | None = None) -> list[ActiveRecurrence]:
     """Active recurrences (an index range of idx_recurrences_due), next occurrence first."""
+    from flagsched.rows import ActiveRecurrence
+
     where = ["active_recurrence"] if flag_key is None else ["active_recurrence", "of_flag"]
     return _rows(
         conn,

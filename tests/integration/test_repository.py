@@ -16,15 +16,17 @@ from flagsched.errors import StatementFailed
 from flagsched.model import (
     Backlog,
     Change,
-    ChangeRow,
     Claimed,
-    FailedRow,
     Outcome,
     Result,
-    ScheduleRow,
-    ShownSchedule,
     Updates,
     Verdict,
+)
+from flagsched.rows import (
+    ChangeRow,
+    FailedRow,
+    ScheduleRow,
+    ShownSchedule,
 )
 
 Sql = Callable[..., list[Any]]
