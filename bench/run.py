@@ -119,15 +119,15 @@ def print_table(cases: list[Case]) -> None:
 
 # What makes the tick fast (kept here so the figures and their explanation travel together).
 HOW = [
-    "How a batch stays close to the reference: three round trips, in psycopg's pipeline "
-    "mode (BEGIN, the session settings as SET LOCAL so they hold behind a transaction-mode "
-    "pooler (case 9), and the claim, `flagsched_claim_v2`, a stored function whose plan stays "
+    "How a batch stays close to the reference: seven round trips (BEGIN, carrying the "
+    "session settings as SET LOCAL in the same query so they hold behind a transaction-mode "
+    "pooler (case 9); the claim, `flagsched_claim_v2`, a stored function whose plan stays "
     "cached per server connection, which client-side prepared statements cannot be behind a "
     "pooler (case 1's reference uses psycopg's default prepared statements on a direct "
-    "connection; case 9 measures it without them); then "
-    "SAVEPOINT and one `flagsched_apply_v4` call that locks the free flags in key order, "
+    "connection; case 9 measures it without them); "
+    "SAVEPOINT; one `flagsched_apply_v4` call that locks the free flags in key order, "
     "decides each change (missing flag, expired, conflict) under those locks and writes "
-    "them set-based, each flag's changes folded; then RELEASE, one UPDATE recording every outcome "
+    "them set-based, each flag's changes folded; RELEASE; one UPDATE recording every outcome "
     "and attempt and sending the change notice; COMMIT). The history trigger on "
     "`feature_flags` fires for the reference's writes too; case 1 also measures flagsched "
     "with it disabled. The tick runs on psycopg 3 directly (SQLAlchemy, which only describes "

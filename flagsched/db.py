@@ -57,12 +57,6 @@ class Database:
         """A transaction's start and its settings as one simple-protocol query (one round trip)."""
         return statement("begin", literals=self._timeouts())
 
-    def begin_statements(self) -> list[str]:
-        """The same, one statement each: what pipeline mode sends (one statement a query)."""
-        names = ["start_transaction", "set_lock_timeout", "set_statement_timeout"]
-        names += ["set_idle_timeout", "set_timezone", "set_jit"]
-        return [statement(name, literals=self._timeouts()) for name in names]
-
     def _timeouts(self) -> dict[str, int]:
         # Whole milliseconds, rounded up: a tiny timeout must not become 0 (none).
         return {
@@ -186,38 +180,6 @@ def transaction(database: Database, conn: Conn, *, rollback: bool = False) -> It
             conn.rollback()
         else:
             conn.commit()
-
-
-@contextmanager
-def pipelined_transaction(database: Database, conn: Conn) -> Iterator[None]:
-    """`transaction`, pipelined (psycopg's pipeline mode): BEGIN and the settings leave with
-    the first statement that waits for its result, and COMMIT with whatever is still unsent
-    (the last writes), so a batch's transaction costs no round trip of its own. Still
-    nothing a transaction-mode pooler breaks: every statement is sent with its parameters
-    (no prepared statement: `prepare_threshold=None`), and nothing outlives the transaction.
-    Savepoints inside are `repository.savepoint`: psycopg's own transaction blocks wait for
-    every statement before them in pipeline mode."""
-    with database.errors(conn), conn.pipeline() as pipeline:
-        for part in database.begin_statements():
-            conn.execute(part)
-        try:
-            yield
-            conn.execute(statement("commit"))
-            pipeline.sync()
-        except BaseException:
-            with suppress(psycopg.Error):
-                sync_if_aborted(conn)
-                conn.execute(statement("rollback"))
-                pipeline.sync()
-            raise
-
-
-def sync_if_aborted(conn: Conn) -> None:
-    """After an error in pipeline mode the server skips every statement until a Sync: send
-    it, so the statements after (a ROLLBACK TO, a ROLLBACK) run."""
-    if conn.pgconn.pipeline_status == psycopg.pq.PipelineStatus.ABORTED:
-        with conn.pipeline() as pipeline:
-            pipeline.sync()
 
 
 def _rollback_quietly(conn: Conn) -> None:

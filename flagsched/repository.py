@@ -14,7 +14,7 @@ from psycopg.abc import Buffer
 from psycopg.rows import RowFactory, class_row, kwargs_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
-from flagsched.db import Conn, one_line, sync_if_aborted
+from flagsched.db import Conn, one_line
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
     Backlog,
@@ -284,15 +284,13 @@ FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: a row of another table references i
 @contextmanager
 def savepoint(conn: Conn) -> Iterator[None]:
     """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed.
-    Named statements, not psycopg's transaction block: in pipeline mode SAVEPOINT leaves with
-    the statement after it, and RELEASE with the next one that waits for a result."""
+    Its statements are named ones (queries.sql), like every other statement sent."""
     try:
         conn.execute(statement("savepoint"))
         try:
             yield
         except BaseException:
             with suppress(psycopg.Error):  # a connection gone has nothing to roll back
-                sync_if_aborted(conn)
                 conn.execute(statement("rollback_to_savepoint"))
                 conn.execute(statement("release_savepoint"))
             raise

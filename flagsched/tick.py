@@ -20,7 +20,7 @@ from itertools import groupby
 from typing import Any
 
 from flagsched import materialise, policy, repository
-from flagsched.db import Conn, Database, connection, pipelined_transaction, transaction
+from flagsched.db import Conn, Database, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
 from flagsched.model import (
@@ -98,7 +98,7 @@ def run(
                 if stop.requested:
                     break
                 try:
-                    with pipelined_transaction(database, conn):
+                    with transaction(database, conn):
                         results = _batch(conn, options, rng, stop)
                 except DatabaseError:
                     if stop.requested:  # our own cancel: the batch rolled back, stays due

@@ -142,16 +142,8 @@ SET LOCAL jit = off
 BEGIN
 
 -- name: begin
--- A transaction and its settings as one simple-protocol query: one round trip. (In
--- pipeline mode, where a query holds one statement, they go one by one, unsent until
--- the first statement that waits for its result.)
+-- A transaction and its settings as one simple-protocol query: one round trip.
 {start_transaction}; {session_settings}
-
--- name: commit
-COMMIT
-
--- name: rollback
-ROLLBACK
 
 -- name: savepoint
 -- One name is enough: a savepoint of the same name inside another hides it until released.
