@@ -15,38 +15,83 @@ from flagsched.db import Conn, Database, begin, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import (
-    ChangeRow,
-    FailedRow,
-    LockedSchedule,
     OnConflict,
-    RecurrenceRow,
-    ScheduleRow,
-    ShownSchedule,
     Status,
     Updates,
     clip,
+)
+from flagsched.rows import (
+    ChangeRow,
+    FailedRow,
+    LockedSchedule,
+    RecurrenceRow,
+    ScheduleRow,
+    ShownSchedule,
+    StatusReport,
 )
 
 PRUNE_BATCH = 5000
 
 
-def status(database: Database, *, counts: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Added:
+    """A schedule or recurrence added: its id, and whether its flag exists yet."""
+
+    id: int
+    flag_exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AddedRecurrence(Added):
+    """A recurrence added, with its first occurrence."""
+
+    next_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RampStep:
+    """One schedule of a ramp."""
+
+    id: int
+    scheduled_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AddedRamp:
+    """A ramp added: its group, its steps in order, whether its flag exists yet."""
+
+    group_id: int
+    steps: tuple[RampStep, ...]
+    flag_exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What `prune` deleted (with `dry_run`: would delete), and the batches it ran."""
+
+    applied: int = 0
+    cancelled: int = 0
+    history: int = 0
+    batches: int = 0
+
+
+def status(database: Database, *, counts: bool = True) -> StatusReport:
     """The due count, the oldest due schedule's age and the next due time (index scans
     only); with `counts`, also the schedules per state (a pass over the whole table)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         due = repository.backlog(conn, now=now)
-        per_state = repository.state_counts(conn, now=now) if counts else {}
+        per_state = repository.state_counts(conn, now=now) if counts else None
     age = due.oldest_due_age_seconds
-    return {
-        "due": int(due.due),
-        **per_state,
-        "oldest_due_at": due.oldest_due_at,
-        "oldest_due_age_seconds": float(age) if age is not None else None,
-        "next_due_at": due.next_due_at,
-        "now": now,
-    }
+    return StatusReport(
+        due=int(due.due),
+        oldest_due_at=due.oldest_due_at,
+        oldest_due_age_seconds=float(age) if age is not None else None,
+        next_due_at=due.next_due_at,
+        now=now,
+        counts=per_state,
+    )
 
 
 @contextmanager
@@ -66,8 +111,8 @@ def add_schedule(
     max_retries: int | None,
     expires_after: timedelta | None = None,
     on_conflict: OnConflict = OnConflict.FAIL,
-) -> tuple[int, bool]:
-    """Insert a pending schedule; returns (id, whether the flag exists yet)."""
+) -> Added:
+    """Insert a pending schedule."""
     with _adding(database, flag_key) as (conn, exists):
         new_id = repository.insert_schedule(
             conn,
@@ -85,7 +130,7 @@ def add_schedule(
         updates=updates.as_json(),
         flag_exists=exists,
     )
-    return new_id, exists
+    return Added(new_id, exists)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +243,7 @@ def cancel_group(database: Database, group_id: int) -> list[Handled]:
             return Handled(row.id, True, f"left as it is: already {row.status}")
         return cancel_one(conn, row)
 
-    return _each_locked(database, [i for i, _ in members], act)
+    return _each_locked(database, members, act)
 
 
 def cancel_recurrence(database: Database, recurrence_id: int) -> list[Handled]:
@@ -237,9 +282,8 @@ def add_ramp(
     every: timedelta,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
-) -> tuple[int, list[tuple[int, datetime]], bool]:
-    """All steps of a ramp in one transaction with one new group_id; returns (group_id,
-    [(schedule id, scheduled_at)] in order, whether the flag exists yet)."""
+) -> AddedRamp:
+    """All steps of a ramp in one transaction with one new group_id."""
     with _adding(database, flag_key) as (conn, exists):
         group_id, made = repository.insert_ramp(
             conn,
@@ -257,7 +301,7 @@ def add_ramp(
         schedule_ids=[i for i, _ in made],
         flag_exists=exists,
     )
-    return group_id, made, exists
+    return AddedRamp(group_id, tuple(RampStep(i, at) for i, at in made), exists)
 
 
 def add_recurrence(
@@ -269,9 +313,9 @@ def add_recurrence(
     updates: Updates,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
-) -> tuple[int, datetime, bool]:
-    """A new recurrence whose next_at is its first occurrence after the database's now;
-    returns (id, next_at, whether the flag exists yet). `cron` and `zone` are valid."""
+) -> AddedRecurrence:
+    """A new recurrence whose next_at is its first occurrence after the database's now.
+    `cron` and `zone` are valid."""
     from flagsched import recurring
     from flagsched.times import parse_zone
 
@@ -296,7 +340,7 @@ def add_recurrence(
         next_at=next_at,
         flag_exists=exists,
     )
-    return new_id, next_at, exists
+    return AddedRecurrence(new_id, exists, next_at)
 
 
 def list_failed(
@@ -330,10 +374,10 @@ def prune(
     dry_run: bool,
     history: bool = False,
     batch: int = PRUNE_BATCH,
-) -> tuple[Counter[str], int]:
+) -> Pruned:
     """Delete old applied and cancelled schedules (with their attempts) and, with `history`,
-    old feature_flag_changes rows, in batches, one transaction each; returns (deleted or,
-    with dry_run, deletable counts per status and "history", batches run)."""
+    old feature_flag_changes rows, in batches, one transaction each (with dry_run: only
+    count what would go)."""
     seconds = older_than_days * 86400
     total: Counter[str] = Counter()
     batches = 0
@@ -346,7 +390,7 @@ def prune(
                     counts["history"] = repository.count_prunable_history(
                         conn, older_than_seconds=seconds
                     )
-                return counts, 0
+                return Pruned(counts["applied"], counts["cancelled"], counts["history"])
         referenced: list[int] = []  # kept: an application's foreign key refers to them
         while True:
             with transaction(database, conn):
@@ -375,7 +419,7 @@ def prune(
         batches=batches,
         older_than_days=older_than_days,
     )
-    return total, batches
+    return Pruned(total["applied"], total["cancelled"], total["history"], batches)
 
 
 def show(database: Database, schedule_id: int) -> ShownSchedule | None:
@@ -424,7 +468,7 @@ class Outlook:
     start: datetime
     until: datetime
     flags: list[Any]  # projection.FlagAhead, one per flag, by key
-    failed: list[Any]  # model.OpenSchedule
+    failed: list[Any]  # rows.OpenSchedule
     # More open schedules were due by `until` than are read: (how many were read, the
     # scheduled_at of the last one); changes of schedules due after it are left out.
     cut: tuple[int, datetime] | None = None

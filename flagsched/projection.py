@@ -19,12 +19,14 @@ from enum import StrEnum
 
 from flagsched import recurring
 from flagsched.model import (
-    ActiveRecurrence,
-    FlagRow,
     InvalidUpdates,
-    OpenSchedule,
     Updates,
     clip,
+)
+from flagsched.rows import (
+    ActiveRecurrence,
+    FlagRow,
+    OpenSchedule,
 )
 from flagsched.times import InvalidTime, parse_zone
 

@@ -19,9 +19,17 @@ from typing import TYPE_CHECKING, Any
 from flagsched.model import row_dict
 
 if TYPE_CHECKING:
-    from flagsched.model import ChangeRow, FailedRow, RecurrenceRow, ScheduleRow, ShownSchedule
-    from flagsched.operators import Outlook
+    from flagsched.operators import Outlook, Pruned
     from flagsched.projection import State, Step
+    from flagsched.rows import (
+        ChangeRow,
+        FailedRow,
+        RecurrenceRow,
+        ScheduleRow,
+        ShownSchedule,
+        StatusReport,
+    )
+    from flagsched.tick import Preview
 
 # Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
 # no encoder recursion, no page-long line.
@@ -150,13 +158,13 @@ def rows_or_empty(fmt: str, rows: Sequence[Any], empty: str) -> str | None:
     return None
 
 
-def dry_run(plan: Sequence[tuple[Any, str]]) -> str:
+def dry_run(plan: Sequence[Preview]) -> str:
     """What `process --dry-run` would do, one schedule a line."""
     if not plan:
         return "nothing is due"
     return table(
         ["ID", "FLAG", "SCHEDULED_AT", "WOULD"],
-        [(s.id, s.flag_key, s.scheduled_at, what) for s, what in plan],
+        [(p.schedule.id, p.schedule.flag_key, p.schedule.scheduled_at, p.would) for p in plan],
     )
 
 
@@ -192,19 +200,30 @@ _STATES = [
 ]
 
 
-def status(report: dict[str, Any], fmt: str) -> str:
+def status_json(report: StatusReport) -> dict[str, Any]:
+    """`status --format json`: the backlog, the counts per state between (when counted)."""
+    return {
+        "due": report.due,
+        **(row_dict(report.counts) if report.counts is not None else {}),
+        "oldest_due_at": report.oldest_due_at,
+        "oldest_due_age_seconds": report.oldest_due_age_seconds,
+        "next_due_at": report.next_due_at,
+        "now": report.now,
+    }
+
+
+def status(report: StatusReport, fmt: str) -> str:
     """`status`: counts per state, the oldest due schedule's age, the next due time."""
     if fmt == "json":
-        return to_json(report)
-    age = report["oldest_due_age_seconds"]
+        return to_json(status_json(report))
+    fields = status_json(report)
+    age = report.oldest_due_age_seconds
     counts = table(
-        ["STATE", "COUNT"], [(label, report[key]) for label, key in _STATES if key in report]
+        ["STATE", "COUNT"], [(label, fields[key]) for label, key in _STATES if key in fields]
     )
-    oldest = (
-        "-" if age is None else f"{age:.0f}s ago ({iso(report['oldest_due_at'])})"
-    )
+    oldest = "-" if age is None else f"{age:.0f}s ago ({iso(report.oldest_due_at)})"
     return "\n".join(
-        [counts, f"oldest due: {oldest}", f"next due:   {iso(report['next_due_at']) or '-'}"]
+        [counts, f"oldest due: {oldest}", f"next due:   {iso(report.next_due_at) or '-'}"]
     )
 
 
@@ -324,15 +343,15 @@ def handled(result: Any) -> str:
     return f"{visible(result.subject or str(result.id))}: {visible(result.message)}"
 
 
-def pruned(counts: dict[str, int], *, dry_run: bool, history: bool) -> str:
+def pruned(counts: Pruned, *, dry_run: bool, history: bool) -> str:
     """`prune`: what was (or would be) deleted."""
     verb = "would delete" if dry_run else "deleted"
     line = (
-        f"{verb} {counts['applied'] + counts['cancelled']} schedules "
-        f"({counts['applied']} applied, {counts['cancelled']} cancelled)"
+        f"{verb} {counts.applied + counts.cancelled} schedules "
+        f"({counts.applied} applied, {counts.cancelled} cancelled)"
     )
     if history:
-        line += f" and {counts['history']} history entries"
+        line += f" and {counts.history} history entries"
     return line
 
 

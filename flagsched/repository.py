@@ -5,35 +5,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg.abc import Buffer
-from psycopg.rows import RowFactory, class_row, dict_row, kwargs_row
+from psycopg.rows import RowFactory, class_row, kwargs_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
 from flagsched.db import Conn, one_line
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
-    ActiveRecurrence,
     Backlog,
     Change,
-    ChangeRow,
     Claimed,
     DueRecurrence,
-    FailedRow,
-    FlagRow,
-    LockedSchedule,
     MadeSchedule,
     OnConflict,
-    OpenSchedule,
     Outcome,
-    RecurrenceRow,
     Result,
-    ScheduleRow,
-    ShownSchedule,
     Status,
     Updates,
     Verdict,
@@ -41,7 +32,21 @@ from flagsched.model import (
 from flagsched.required import REQUIRED, Function, Required, Table
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
 from flagsched.sql import statement
-from flagsched.tables import CatalogColumn, CatalogTable, QualifiedName
+
+if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
+    from flagsched.rows import (
+        ActiveRecurrence,
+        ChangeRow,
+        FailedRow,
+        FlagRow,
+        LockedSchedule,
+        OpenSchedule,
+        RecurrenceRow,
+        ScheduleRow,
+        ShownSchedule,
+        StateCounts,
+    )
+    from flagsched.tables import CatalogTable, QualifiedName
 
 _Row = TypeVar("_Row")
 
@@ -66,15 +71,6 @@ class _LenientInterval(IntervalLoader):
             return super().load(data)
         except psycopg.DataError:
             return bytes(data).decode()
-
-
-def _dicts(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Rows as dicts; a stored time or interval Python cannot hold (infinity, BC, past year
-    9999) comes back as PostgreSQL's text, so a command that shows rows reads any row."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.adapters.register_loader("timestamptz", _LenientTimestamptz)
-        cur.adapters.register_loader("interval", _LenientInterval)
-        return cur.execute(sql, params).fetchall()
 
 
 def _rows(
@@ -198,6 +194,8 @@ def ensure_schema(conn: Conn) -> None:
 
 def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     """What the catalog says of a configured table (None: no such relation)."""
+    from flagsched.tables import CatalogColumn, CatalogTable
+
     found = conn.execute(
         statement("catalog_table"), {"schema": name.schema, "name": name.name}
     ).fetchone()
@@ -285,10 +283,18 @@ FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: a row of another table references i
 
 @contextmanager
 def savepoint(conn: Conn) -> Iterator[None]:
-    """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed."""
+    """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed.
+    Its statements are named ones (queries.sql), like every other statement sent."""
     try:
-        with conn.transaction():
+        conn.execute(statement("savepoint"))
+        try:
             yield
+        except BaseException:
+            with suppress(psycopg.Error):  # a connection gone has nothing to roll back
+                conn.execute(statement("rollback_to_savepoint"))
+                conn.execute(statement("release_savepoint"))
+            raise
+        conn.execute(statement("release_savepoint"))
     except psycopg.Error as exc:
         raise StatementFailed(reason(exc), exc.sqlstate) from exc
 
@@ -347,6 +353,8 @@ def list_failed(
     limit: int,
 ) -> list[FailedRow]:
     """Failed schedules, most recently failed first; `permanent` filters by waiting/for good."""
+    from flagsched.rows import FailedRow
+
     where = ["failed"]
     if permanent is True:
         where.append("for_good")
@@ -371,14 +379,11 @@ def backlog(conn: Conn, *, now: datetime) -> Backlog:
     return _rows(conn, class_row(Backlog), statement("backlog"), {"now": now})[0]
 
 
-def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
+def state_counts(conn: Conn, *, now: datetime) -> StateCounts:
     """Schedules per state (one pass over the table: for `status`, not for the tick)."""
-    row = _dicts(
-        conn,
-        statement("state_counts"),
-        {"now": now},
-    )[0]
-    return {k: int(v) for k, v in row.items()}
+    from flagsched.rows import StateCounts
+
+    return _rows(conn, class_row(StateCounts), statement("state_counts"), {"now": now})[0]
 
 
 def existing_flags(conn: Conn, keys: Sequence[str]) -> set[str]:
@@ -416,6 +421,8 @@ def insert_schedule(
 
 def lock_schedule(conn: Conn, schedule_id: int) -> LockedSchedule | None:
     """Lock one schedule (waiting for a tick that holds it to commit) and return it."""
+    from flagsched.rows import LockedSchedule
+
     rows = _rows(
         conn,
         class_row(LockedSchedule),
@@ -469,6 +476,8 @@ def history(
 ) -> list[ChangeRow]:
     """Changes of flags, newest first (index scans on idx_changes_flag / _changed_at);
     `since_now`: changes from the database's now() on."""
+    from flagsched.rows import ChangeRow
+
     where = []
     if flag_key is not None:
         where.append("of_flag")
@@ -485,6 +494,8 @@ def history(
 
 def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
     """The history entries that applied this schedule, oldest first."""
+    from flagsched.rows import ChangeRow
+
     return _rows(
         conn,
         class_row(ChangeRow),
@@ -495,6 +506,8 @@ def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
 
 def show_schedule(conn: Conn, schedule_id: int) -> ShownSchedule | None:
     """One schedule with everything `show` prints but its changes."""
+    from flagsched.rows import ShownSchedule
+
     rows = _rows(
         conn,
         class_row(ShownSchedule),
@@ -587,6 +600,8 @@ def list_schedules(
 ) -> list[ScheduleRow]:
     """Schedules in (scheduled_at, id) order: the open ones unless `status` is given;
     `start` <= scheduled_at < `end`."""
+    from flagsched.rows import ScheduleRow
+
     where = ["open_schedule" if status is None else "with_status"]
     if flag_key is not None:
         where.append("of_flag")
@@ -635,10 +650,10 @@ def insert_ramp(
     return int(rows[0][0]), made
 
 
-def group_schedules(conn: Conn, group_id: int) -> list[tuple[int, str]]:
-    """(id, status) of every schedule of a group, in (scheduled_at, id) order."""
+def group_schedules(conn: Conn, group_id: int) -> list[int]:
+    """The ids of every schedule of a group, in (scheduled_at, id) order."""
     rows = conn.execute(statement("group_schedules"), {"g": group_id}).fetchall()
-    return [(int(i), str(status)) for i, status in rows]
+    return [int(i) for (i,) in rows]
 
 
 def insert_recurrence(
@@ -670,15 +685,17 @@ def insert_recurrence(
 
 def list_recurrences(conn: Conn, *, include_cancelled: bool = False) -> list[RecurrenceRow]:
     """Recurrences, next occurrence first (stopped ones, next_at NULL, last)."""
+    from flagsched.rows import RecurrenceRow
+
     where = [] if include_cancelled else ["active_recurrence"]
     return _rows(conn, class_row(RecurrenceRow), statement("list_recurrences", where=where))
 
 
 def lock_recurrence(conn: Conn, recurrence_id: int) -> RecurrenceRow | None:
     """Lock one recurrence (waiting for a tick materialising it) and return it."""
-    rows = _rows(
-        conn, class_row(RecurrenceRow), statement("lock_recurrence"), {"i": recurrence_id}
-    )
+    from flagsched.rows import RecurrenceRow
+
+    rows = _rows(conn, class_row(RecurrenceRow), statement("lock_recurrence"), {"i": recurrence_id})
     return rows[0] if rows else None
 
 
@@ -726,6 +743,8 @@ def materialise(
 
 def flags_now(conn: Conn, *, keys: Sequence[str] | None = None) -> list[FlagRow]:
     """Flags as they are: every one, or those of `keys` (by the unique index on key)."""
+    from flagsched.rows import FlagRow
+
     return _rows(
         conn,
         class_row(FlagRow),
@@ -735,6 +754,8 @@ def flags_now(conn: Conn, *, keys: Sequence[str] | None = None) -> list[FlagRow]
 
 
 def _ahead(conn: Conn, where: str, params: Mapping[str, Any]) -> list[OpenSchedule]:
+    from flagsched.rows import OpenSchedule
+
     chosen = [where] if params.get("flag_key") is None else [where, "of_flag"]
     return _rows(conn, class_row(OpenSchedule), statement("schedules_ahead", where=chosen), params)
 
@@ -765,9 +786,7 @@ def schedules_ahead(
     blockers = [
         row
         for key in sorted({r.flag_key for r in early})
-        for row in _ahead(
-            conn, "open_of_key_after_until", {**params, "key": key, "limit": 1}
-        )
+        for row in _ahead(conn, "open_of_key_after_until", {**params, "key": key, "limit": 1})
     ]
     unique = {r.id: r for r in [*rows, *early, *blockers]}
     return sorted(unique.values(), key=lambda r: (r.scheduled_at, r.id))[:most]
@@ -787,6 +806,8 @@ def failed_between(
 
 def recurrences_ahead(conn: Conn, *, flag_key: str | None = None) -> list[ActiveRecurrence]:
     """Active recurrences (an index range of idx_recurrences_due), next occurrence first."""
+    from flagsched.rows import ActiveRecurrence
+
     where = ["active_recurrence"] if flag_key is None else ["active_recurrence", "of_flag"]
     return _rows(
         conn,

@@ -429,7 +429,15 @@ def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None
     report.oldest_due_age_seconds = float(age) if age is not None else 0.0
 
 
-def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """--dry-run: what the tick would do with one schedule, in words."""
+
+    schedule: Claimed
+    would: str
+
+
+def preview(database: Database, options: TickOptions) -> list[Preview]:
     """--dry-run: what the next batch would do, from a claim that is rolled back."""
     with connection(database) as conn:
         with transaction(database, conn):
@@ -444,19 +452,19 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
     shown = {c.id for c in claimed}
     held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
     if now is None:
-        return [(r.schedule, _describe(r)) for r in held_back]
+        return [Preview(r.schedule, _describe(r)) for r in held_back]
     decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
     decided += held_back
-    plan = [(r.schedule, _describe(r)) for r in decided]
+    plan = [Preview(r.schedule, _describe(r)) for r in decided]
     for key, flag_steps in steps.items():
         for c, u in flag_steps:
             if key not in existing:
-                plan.append((c, f"fail for good: flag {key!r} does not exist"))
+                plan.append(Preview(c, f"fail for good: flag {key!r} does not exist"))
             elif c.id in checks:
-                plan.append((c, f"fail for good: {checks[c.id][1]}"))
+                plan.append(Preview(c, f"fail for good: {checks[c.id][1]}"))
             else:
-                plan.append((c, f"apply {u.as_json()}"))
-    return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
+                plan.append(Preview(c, f"apply {u.as_json()}"))
+    return sorted(plan, key=lambda p: (p.schedule.flag_key, p.schedule.scheduled_at, p.schedule.id))
 
 
 def _describe(result: Result) -> str:

@@ -7,6 +7,7 @@ flagsched.render."""
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 from typing import NoReturn
@@ -14,12 +15,47 @@ from typing import NoReturn
 import click
 
 from flagsched import logs
-from flagsched.cli import ahead, authoring, operate, read, tick
 from flagsched.cli.app import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_USAGE, App, redacted, say
 from flagsched.errors import ConfigError, FlagschedError
 
+# Every command, by name: the module (under flagsched.cli) and the function that define it.
+# Only the invoked command's module is imported (a cron run of `process` pays for no other).
+COMMANDS = {
+    "process": ("tick", "process"),
+    "schedule": ("authoring", "schedule"),
+    "ramp": ("authoring", "ramp"),
+    "retry": ("operate", "retry"),
+    "cancel": ("operate", "cancel"),
+    "prune": ("operate", "prune"),
+    "migrate": ("operate", "migrate"),
+    "list": ("read", "list_"),
+    "list-failed": ("read", "list_failed"),
+    "status": ("read", "status"),
+    "recurrences": ("read", "recurrences"),
+    "history": ("read", "history"),
+    "show": ("read", "show"),
+    "plan": ("ahead", "plan"),
+    "agenda": ("ahead", "agenda"),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """click's lazy group: the commands are named up front, and each is imported when asked
+    for (to run it, or for `--help`, which lists them all)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, name = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(f"flagsched.cli.{module}"), name)
+        assert isinstance(command, click.Command) and command.name == cmd_name
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flagsched")
 @click.option(
     "--config",
@@ -32,34 +68,13 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     """Apply scheduled feature-flag changes stored in PostgreSQL."""
     app = ctx.ensure_object(App)
     app.load_configuration(config_path)
+    if not app.configured:
+        return  # the built-in tables: nothing to refuse
     refused = app.configuration.not_available()
     # `migrate` checks a configuration with [flags] against the database before it refuses.
     adopted = app.configuration.flags is not None
     if refused and not (adopted and ctx.invoked_subcommand == "migrate"):
         raise ConfigError(refused)
-
-
-_signals_stop = tick.signals_stop  # the name the signal tests know
-
-# One module per command group; each command registered here, on the one group.
-for _command in (
-    tick.process,
-    authoring.schedule,
-    authoring.ramp,
-    operate.retry,
-    operate.cancel,
-    operate.prune,
-    operate.migrate,
-    read.list_,
-    read.list_failed,
-    read.status,
-    read.recurrences,
-    read.history,
-    read.show,
-    ahead.plan,
-    ahead.agenda,
-):
-    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -102,7 +102,7 @@ def schedule(
         except InvalidCron as exc:
             raise click.BadParameter(str(exc), param_hint="--cron") from None
         updates = _updates(enabled, rollout)
-        new_id, _, exists = operators.add_recurrence(
+        recurrence = operators.add_recurrence(
             app.database(),
             flag_key=flag_key,
             cron=cron,
@@ -111,13 +111,13 @@ def schedule(
             expires_after=expires_after,
             on_conflict=OnConflict(on_conflict),
         )
-        if not exists:
+        if not recurrence.flag_exists:
             _warn_missing_flag(flag_key, "each schedule it makes fails")
-        click.echo(new_id)
+        click.echo(recurrence.id)
         return EXIT_OK
     check_reach(instant(at), expires_after, "--expires-after")
     updates = _updates(enabled, rollout)
-    new_id, exists = operators.add_schedule(
+    added = operators.add_schedule(
         app.database(),
         flag_key=flag_key,
         at=instant(at),
@@ -126,9 +126,9 @@ def schedule(
         expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
     )
-    if not exists:
+    if not added.flag_exists:
         _warn_missing_flag(flag_key)
-    click.echo(new_id)
+    click.echo(added.id)
     return EXIT_OK
 
 
@@ -172,7 +172,7 @@ def ramp(
     last_step = every * (len(steps) - 1)
     reach = last_step if expires_after is None else last_step + expires_after
     check_reach(instant(start), reach, "--every")
-    group_id, made, exists = operators.add_ramp(
+    added = operators.add_ramp(
         app.database(),
         flag_key=flag_key,
         steps=[Updates(enabled=True if enable else None, rollout_percentage=n) for n in steps],
@@ -181,10 +181,11 @@ def ramp(
         expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
     )
-    if not exists:
+    if not added.flag_exists:
         _warn_missing_flag(flag_key, "each step fails")
-    for schedule_id, _ in made:
-        click.echo(schedule_id)
+    for step in added.steps:
+        click.echo(step.id)
+    group_id = added.group_id
     click.echo(
         f"flagsched: ramp group {group_id}; stop it with `flagsched cancel --group {group_id}`",
         err=True,

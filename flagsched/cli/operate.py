@@ -131,8 +131,6 @@ def prune(app: App, days: float, dry_run: bool, history: bool) -> int:
     """Delete applied and cancelled schedules older than DAYS, in small batches."""
     from flagsched import operators, render
 
-    counts, _ = operators.prune(
-        app.database(), older_than_days=days, dry_run=dry_run, history=history
-    )
-    click.echo(render.pruned(counts, dry_run=dry_run, history=history))
+    pruned = operators.prune(app.database(), older_than_days=days, dry_run=dry_run, history=history)
+    click.echo(render.pruned(pruned, dry_run=dry_run, history=history))
     return EXIT_OK

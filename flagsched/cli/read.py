@@ -63,7 +63,7 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
     # backlog (index scans) and leaves the counts per state out.
     report = operators.status(app.database(), counts=max_lag is None)
     click.echo(render.status(report, fmt))
-    lag = report["oldest_due_age_seconds"]
+    lag = report.oldest_due_age_seconds
     if max_lag is not None and lag is not None and lag > max_lag:
         say(f"flagsched: a due schedule has waited {lag:.0f}s (> {max_lag:g}s)")
         return EXIT_FAILED

@@ -6,7 +6,9 @@ A statement's text may hold placeholders in braces:
   as a quoted `psycopg.sql.Identifier`, so a mapped, quoted name (issue 18) changes no
   statement;
 - `{MAX_TEXT}`: a constant of `CONSTANTS`, composed as a `psycopg.sql.Literal`: a limit the
-  code also uses is defined once;
+  code also uses is defined once; `{lock_timeout_ms}`: a value the caller gives
+  (`statement(name, literals={...})`), composed the same way, for the few statements that
+  take no parameters (SET LOCAL cannot);
 - `{waiting_row}`, `{clamped_time(next_retry_at)}`: a named fragment of the same file (a rule
   used by several statements is spelled once); a fragment's `{arg}` is its argument;
 - `{where}`, `{order}`: a slot the caller fills with named fragments (`statement(name,
@@ -118,7 +120,7 @@ def _expand(text: str, slots: Mapping[str, str], depth: int = 0) -> str:
     return _PLACEHOLDER.sub(one, text)
 
 
-def _compose(text: str, tables: Tables) -> sql.Composed:
+def _compose(text: str, tables: Tables, literals: Mapping[str, object]) -> sql.Composed:
     parts: list[sql.Composable] = []
     at = 0
     for m in _PLACEHOLDER.finditer(text):
@@ -131,6 +133,8 @@ def _compose(text: str, tables: Tables) -> sql.Composed:
                 piece = sql.Identifier(table.schema, table.name)
             else:
                 piece = sql.Identifier(table.name)
+        elif argument is None and column is None and name in literals:
+            piece = sql.Literal(literals[name])
         elif argument is None and column is None and name in CONSTANTS:
             piece = sql.Literal(CONSTANTS[name])
         else:
@@ -142,21 +146,33 @@ def _compose(text: str, tables: Tables) -> sql.Composed:
 
 
 @cache
-def _statement(name: str, slots: tuple[tuple[str, str], ...], tables: Tables) -> str:
+def _statement(
+    name: str,
+    slots: tuple[tuple[str, str], ...],
+    tables: Tables,
+    literals: tuple[tuple[str, object], ...],
+) -> str:
     texts = _texts()
     if name not in texts:
         raise UnknownStatement(f"queries.sql has no statement {name!r}")
     expanded = _expand(texts[name], dict(slots))
-    return _compose(expanded, tables).as_string(None)
+    return _compose(expanded, tables, dict(literals)).as_string(None)
 
 
-def statement(name: str, *, tables: Tables = BUILT_IN, **slots: Sequence[str] | str) -> str:
+def statement(
+    name: str,
+    *,
+    tables: Tables = BUILT_IN,
+    literals: Mapping[str, int | str] | None = None,
+    **slots: Sequence[str] | str,
+) -> str:
     """The statement `name`, composed for `tables`; each slot is filled with the named
-    fragment given, or the named fragments of a list joined with AND (none: `true`)."""
+    fragment given, or the named fragments of a list joined with AND (none: `true`); each
+    `{name}` of `literals` is that value as an SQL literal."""
     filled: list[tuple[str, str]] = []
     for slot, value in sorted(slots.items()):
         if isinstance(value, str):
             filled.append((slot, f"{{{value}}}"))
         else:
             filled.append((slot, " AND ".join(f"({{{f}}})" for f in value) or "true"))
-    return _statement(name, tuple(filled), tables)
+    return _statement(name, tuple(filled), tables, tuple(sorted((literals or {}).items())))

@@ -114,6 +114,47 @@ cancelled_at IS NULL
 
 -- ==================== sessions and the schema ===========================================
 
+-- name: session_settings
+-- Every session setting a flagsched transaction runs with. Per transaction (SET LOCAL), not
+-- per session: behind a transaction-mode pooler each transaction may run on another server
+-- connection, and a startup parameter (`options`) is refused or dropped there.
+{set_lock_timeout}; {set_statement_timeout}; {set_idle_timeout}; {set_timezone}; {set_jit}
+
+-- name: set_lock_timeout
+-- The timeouts are whole milliseconds, literals of the caller's `Database`.
+SET LOCAL lock_timeout = {lock_timeout_ms}
+
+-- name: set_statement_timeout
+SET LOCAL statement_timeout = {statement_timeout_ms}
+
+-- name: set_idle_timeout
+-- A crashed or stuck tick must never keep its claimed rows locked for long.
+SET LOCAL idle_in_transaction_session_timeout = 60000
+
+-- name: set_timezone
+SET LOCAL timezone = 'UTC'
+
+-- name: set_jit
+-- JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
+SET LOCAL jit = off
+
+-- name: start_transaction
+BEGIN
+
+-- name: begin
+-- A transaction and its settings as one simple-protocol query: one round trip.
+{start_transaction}; {session_settings}
+
+-- name: savepoint
+-- One name is enough: a savepoint of the same name inside another hides it until released.
+SAVEPOINT flagsched_write
+
+-- name: release_savepoint
+RELEASE SAVEPOINT flagsched_write
+
+-- name: rollback_to_savepoint
+ROLLBACK TO SAVEPOINT flagsched_write
+
 -- name: read_only
 SET TRANSACTION READ ONLY
 
@@ -519,7 +560,7 @@ ORDER BY u.n
 RETURNING group_id, id, scheduled_at
 
 -- name: group_schedules
-SELECT id, status FROM {schedules} WHERE group_id = %(g)s ORDER BY scheduled_at, id
+SELECT id FROM {schedules} WHERE group_id = %(g)s ORDER BY scheduled_at, id
 
 -- name: insert_recurrence
 INSERT INTO {recurrences}
@@ -539,3 +580,277 @@ UPDATE {recurrences} SET cancelled_at = now() WHERE id = %(i)s
 UPDATE {schedules} SET status = 'cancelled', next_retry_at = NULL, updated_at = now()
 WHERE recurrence_id = %(i)s AND status IN ('pending', 'failed')
 RETURNING id
+
+-- ==================== the application's side: used by make bench and make demo =========
+-- Never sent by flagsched itself: test data, the checks the benchmark makes on what a run
+-- left, and the application's own writers (its flag UPDATEs, its schedule INSERTs, a
+-- trigger standing in for an outage). Named here so that bench/ and scripts/demo.py read
+-- their SQL through the same loader as flagsched does; the figures' reference drain
+-- (bench/reference.py) keeps its own statements on purpose: it is the yardstick, spelled
+-- apart from what it measures. `{hostile_rows}`-style names are literals the caller gives.
+
+-- name: bench_seed_flags
+-- One backlog shape for every drain: schedule g belongs to flag g % flags and is that
+-- flag's (g // flags)-th change, due in (scheduled_at, id) order. Every schedule sets both
+-- fields and rollout_percentage grows with the ordinal, so the last applied schedule of a
+-- flag is its final state and any out-of-order write shows as a rollout going down.
+INSERT INTO feature_flags (key)
+SELECT 'flag-' || lpad(g::text, 5, '0') FROM generate_series(0, %(flags)s - 1) AS g
+
+-- name: bench_seed_schedules
+INSERT INTO feature_flag_schedules
+    (flag_key, scheduled_at, updates, status, applied_at)
+SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'),
+       %(since)s::timestamptz + g * interval '1 millisecond',
+       jsonb_build_object('enabled', (g / %(flags)s) %% 2 = 0,
+                          'rollout_percentage', least(g / %(flags)s + 1, 100)),
+       %(status)s,
+       CASE WHEN %(status)s = 'applied' THEN %(since)s::timestamptz + g * interval '1 ms' END
+FROM generate_series(0, %(count)s - 1) AS g
+
+-- name: bench_seed_changes
+-- Flag history by another actor, all in the past (year 2000 on).
+INSERT INTO feature_flag_changes (flag_key, changed_at, actor, old_enabled,
+    old_rollout_percentage, new_enabled, new_rollout_percentage)
+SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'), timestamptz '2000-01-01'
+       + make_interval(secs => g), 'app_rw (seed)', false, 0, true, g %% 101
+FROM generate_series(1, %(count)s) g
+
+-- name: bench_seed_open
+-- Open schedules in the future, one in ten a failed one waiting for its retry.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status, retry_count,
+                                    next_retry_at)
+SELECT 'flag-' || lpad((g %% 10000)::text, 5, '0'),
+       now() + g * interval '1 second',
+       '{"rollout_percentage": 50}',
+       CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'pending' END,
+       CASE WHEN g %% 10 = 0 THEN 1 ELSE 0 END,
+       CASE WHEN g %% 10 = 0 THEN now() + interval '5 minutes' END
+FROM generate_series(1, %(count)s) AS g
+
+-- name: bench_seed_hostile
+-- {hostile_rows} due schedules whose `updates` hold a string of {hostile_size} characters.
+INSERT INTO feature_flags (key) VALUES ('hostile'), ('fine');
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+SELECT 'hostile', now() - interval '1 minute' + g * interval '1 ms',
+       jsonb_build_object('enabled', repeat(chr(97 + g % 26), {hostile_size}))
+FROM generate_series(1, {hostile_rows}) g
+
+-- name: bench_record_off
+-- The drain with the record's triggers off: what feature_flag_changes costs (0006: update_*).
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_insert;
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_update_v2;
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_update_moved;
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_delete
+
+-- name: bench_failing_trigger
+-- Transient failures from the database side: every flag whose number ends in 0 (10 %)
+-- refuses to be updated, as a trigger raising an error would.
+CREATE FUNCTION bench_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'bench: injected transient failure for %', NEW.key;
+END $$;
+CREATE TRIGGER bench_refuse BEFORE UPDATE ON feature_flags
+    FOR EACH ROW WHEN (right(NEW.key, 1) = '0') EXECUTE FUNCTION bench_refuse()
+
+-- name: bench_audit_triggers
+-- Proof of exactly-once from inside the database: every write of status 'applied' to a
+-- schedule, and every write to a flag in commit order (a flag row stays locked until
+-- commit).
+CREATE TABLE bench_applications (schedule_id bigint NOT NULL);
+CREATE TABLE bench_flag_writes (
+    seq bigserial PRIMARY KEY, flag_key text NOT NULL, rollout integer NOT NULL);
+CREATE FUNCTION bench_audit_schedules() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_applications SELECT id FROM new_rows WHERE status = 'applied';
+    RETURN NULL;
+END $$;
+CREATE FUNCTION bench_audit_flags() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_flag_writes (flag_key, rollout)
+        SELECT key, rollout_percentage FROM new_rows ORDER BY key;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_audit_schedules AFTER UPDATE ON feature_flag_schedules
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION bench_audit_schedules();
+CREATE TRIGGER bench_audit_flags AFTER UPDATE ON feature_flags
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_audit_flags()
+
+-- name: bench_statuses
+SELECT status, count(*) FROM feature_flag_schedules GROUP BY status
+
+-- name: bench_final_state_errors
+-- Flags whose state is not the one their last applied schedule set.
+SELECT count(*) FROM feature_flags f
+JOIN (SELECT DISTINCT ON (flag_key) flag_key, updates
+      FROM feature_flag_schedules WHERE status = 'applied'
+      ORDER BY flag_key, scheduled_at DESC, id DESC) AS last
+  ON last.flag_key = f.key
+WHERE f.enabled IS DISTINCT FROM (last.updates->>'enabled')::boolean
+   OR f.rollout_percentage
+      IS DISTINCT FROM (last.updates->>'rollout_percentage')::integer
+
+-- name: bench_injected_waiting
+SELECT count(*) FROM feature_flag_schedules WHERE status = 'failed'
+AND retry_count = 1 AND next_retry_at > now() AND last_error LIKE '%injected%'
+
+-- name: bench_refusing_flags_enabled
+SELECT count(*) FROM feature_flags WHERE right(key, 1) = '0' AND enabled
+
+-- name: bench_applications
+SELECT count(*), count(DISTINCT schedule_id) FROM bench_applications
+
+-- name: bench_order_violations
+SELECT count(*) FROM (
+    SELECT rollout, lag(rollout) OVER (PARTITION BY flag_key ORDER BY seq) AS prev
+    FROM bench_flag_writes) AS w
+WHERE prev >= rollout
+
+-- name: bench_smallest_updates
+SELECT min(octet_length(CAST(updates AS text))) FROM feature_flag_schedules
+
+-- name: bench_longest_error
+SELECT max(length(last_error)) FROM feature_flag_schedules
+
+-- name: bench_bare_begin
+-- What a transaction's start cost when the settings travelled once per connection.
+BEGIN
+
+-- name: bench_no_statement_timeout
+SET statement_timeout = 0
+
+-- name: bench_attempts_flags
+-- `python -m bench.attempts`: one flag per schedule.
+INSERT INTO feature_flags (key) SELECT 'f' || n FROM generate_series(1, %(n)s) n
+
+-- name: bench_attempts_schedules
+-- Due schedules whose `attempts` arrays are near the 1 MB limit.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, attempts)
+SELECT 'f' || n, now() - interval '1 minute', '{"enabled": true}', a.v
+FROM generate_series(1, %(n)s) n,
+     (SELECT jsonb_agg(jsonb_build_object(
+         'attempt', i, 'at', '2026-01-01T00:00:00Z', 'outcome', 'retry',
+         'error', (SELECT string_agg(md5(random()::text || i || m), '')
+                   FROM generate_series(1, 28) m)) ORDER BY i) AS v
+      FROM generate_series(1, 1000) i) a
+
+-- name: bench_attempts_size
+SELECT avg(pg_column_size(attempts))::int FROM feature_flag_schedules
+
+-- name: bench_old_claim
+-- The claim as it was before migration 0006 (the "before" bench.attempts measures).
+SELECT * FROM flagsched_claim_v1(%(n)s, true)
+
+-- name: bench_old_record
+-- The record as it was before 0006 (the applied branch: what every row of the batch
+-- takes): a copy on purpose, the "before"; "after" is the statement `record` above.
+UPDATE feature_flag_schedules AS s
+SET status = 'applied', applied_at = %(now)s, next_retry_at = NULL, last_error = NULL,
+    updated_at = %(now)s,
+    attempts = CASE WHEN a.made = 0 THEN '[]'::jsonb ELSE s.attempts END
+        || jsonb_build_array(jsonb_build_object(
+        'attempt', a.made + 1, 'at', %(at)s::text, 'outcome', 'applied', 'error', NULL))
+FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(made)s AS integer[])) AS a(id, made)
+WHERE s.id = a.id
+
+-- name: bench_server_settings
+-- The server's settings docs/benchmarks.md records with the figures.
+SELECT name, setting || coalesce(unit, '') FROM pg_settings
+WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers', 'jit', 'max_wal_size')
+
+-- name: bench_server_version
+SHOW server_version
+
+-- name: bench_generic_plans
+-- For the claim's EXPLAIN with the plan a prepared statement settles on.
+SET LOCAL plan_cache_mode = force_generic_plan
+
+-- name: app_flag_update
+-- The application switching a flag (each statement on its own, in a loop).
+UPDATE feature_flags SET rollout_percentage = (rollout_percentage + 1) %% 101
+WHERE key = 'flag-' || lpad((%(n)s %% 1000)::text, 5, '0')
+
+-- name: app_schedule_insert
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+VALUES ('flag-00001', now() + interval '1 day', '{"enabled": true}')
+
+-- name: demo_database
+CREATE DATABASE demo
+
+-- name: demo_seed
+-- `make demo`: three flags and nine schedules, and an outage search-v2's updates run into.
+INSERT INTO feature_flags (key, enabled, rollout_percentage) VALUES
+    ('new-checkout', false, 0), ('dark-mode', false, 0), ('search-v2', false, 0);
+
+-- A rollout ramp that is overdue: all four steps land in one tick, in order.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) VALUES
+    ('new-checkout', now() - interval '40 minutes', '{"enabled": true, "rollout_percentage": 10}'),
+    ('new-checkout', now() - interval '30 minutes', '{"rollout_percentage": 25}'),
+    ('new-checkout', now() - interval '20 minutes', '{"rollout_percentage": 50}'),
+    ('new-checkout', now() - interval '10 minutes', '{"rollout_percentage": 100}'),
+    ('dark-mode',    now() - interval '5 minutes',  '{"enabled": true}'),
+    -- due tomorrow: left alone
+    ('dark-mode',    now() + interval '1 day',      '{"enabled": false}'),
+    -- a flag that was deleted: fails for good at once
+    ('legacy-banner', now() - interval '1 minute',  '{"enabled": false}'),
+    -- a typo an application made: fails for good, touches no flag
+    ('dark-mode',    now() - interval '1 minute',   '{"rollout_percentage": "fifty"}'),
+    -- search-v2's database trigger fails for now (an outage): retried with backoff
+    ('search-v2',    now() - interval '2 minutes',  '{"enabled": true, "rollout_percentage": 5}');
+
+-- Simulate a transient failure from the database side for search-v2.
+CREATE TABLE demo_outage (key text PRIMARY KEY);
+INSERT INTO demo_outage VALUES ('search-v2');
+CREATE FUNCTION demo_outage() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM demo_outage WHERE key = NEW.key) THEN
+        RAISE EXCEPTION 'search backend unavailable (simulated outage)';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER demo_outage BEFORE UPDATE ON feature_flags
+    FOR EACH ROW EXECUTE FUNCTION demo_outage()
+
+-- name: demo_seeded
+SELECT id, flag_key, scheduled_at, updates FROM feature_flag_schedules ORDER BY id
+
+-- name: demo_outage_ends
+DELETE FROM demo_outage
+
+-- name: demo_outage_again
+INSERT INTO demo_outage VALUES ('search-v2')
+
+-- name: demo_retries_due_now
+-- Time moved forward: the retries waiting are due.
+UPDATE feature_flag_schedules SET next_retry_at = now()
+WHERE status = 'failed' AND next_retry_at IS NOT NULL
+
+-- name: demo_add_maintenance_flag
+INSERT INTO feature_flags (key) VALUES ('maintenance-mode')
+
+-- name: demo_last_group
+SELECT max(group_id) FROM feature_flag_schedules
+
+-- name: demo_cron_was_down
+-- Cron was down for three weeks.
+UPDATE feature_flag_recurrences SET next_at = next_at - interval '21 days'
+
+-- name: demo_switch_off_in_psql
+UPDATE feature_flags SET enabled = false WHERE key = 'search-v2'
+
+-- name: demo_late_change
+-- A change that expired an hour ago.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, expires_at)
+VALUES ('dark-mode', now() - interval '2 hours', '{"rollout_percentage": 50}',
+        now() - interval '1 hour')
+
+-- name: demo_conflicted
+SELECT id FROM feature_flag_schedules WHERE last_error LIKE 'conflict:%'
+
+-- name: demo_flags
+SELECT key, enabled, rollout_percentage, updated_at FROM feature_flags ORDER BY key
+
+-- name: demo_schedules
+SELECT id, flag_key, status, retry_count, applied_at, last_error
+FROM feature_flag_schedules ORDER BY id
