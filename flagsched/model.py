@@ -164,6 +164,11 @@ class Claimed:
     # large to ship), decided by the claim's SQL; such a row fails for good, unattempted.
     defect: str | None = None
     attempts_made: int = 0  # attempts already kept with it (its retry_count resets on retry)
+    # Four eyes (migration 0009): a tick already found it awaiting approval (claimed again
+    # only once past its lateness), it was scheduled with --approval, it was approved.
+    awaiting: bool = False
+    needs_approval: bool = False
+    approved: bool = False
 
 
 # A stored time as read back: a datetime, or PostgreSQL's text of one Python cannot hold
@@ -204,6 +209,38 @@ class ScheduleRow(FailedRow):
     on_conflict: str
     recurrence_id: int | None
     reviewed_at: Time | None
+    approval_asked: bool  # scheduled with --approval (or made by a recurrence that was)
+    created_by: str | None  # the login that inserted it (NULL: inserted before 0009)
+    awaiting_approval: bool  # open, due, and a tick found it waiting for an approval
+    # Judged by the command (the policy against the flag as it is now), and the verdicts.
+    needs_approval: bool = False
+    approvals: tuple[ApprovalRow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRow:
+    """One verdict on a schedule (feature_flag_approvals): who (a database login), when."""
+
+    schedule_id: int
+    verdict: str  # approved, rejected
+    by: str
+    at: Time
+    note: str | None
+
+    def shown(self) -> dict[str, Any]:
+        """As `show` and `list` print it: {verdict, by, at, note}."""
+        return {"verdict": self.verdict, "by": self.by, "at": self.at, "note": self.note}
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalSubject:
+    """What `approve` checks of a schedule it holds the lock of."""
+
+    created_by: str | None
+    needs_approval: bool  # scheduled with --approval
+    awaiting: bool
+    me: str  # this session's login
+    approved: str | None  # "who at when" of an earlier approval
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +260,7 @@ class ChangeRow:
 class ShownSchedule(ScheduleRow):
     """`show ID`: the schedule, the attempts kept with it, the changes it made."""
 
-    attempts: object
+    attempts: object = None
     changes: tuple[ChangeRow, ...] = ()
 
 
@@ -293,6 +330,9 @@ class Outcome(StrEnum):
     RETRY = "retry"
     FAILED = "failed"
     HELD_BACK = "held_back"
+    # Due, needing an approval it has not got: not attempted, no retry spent; it holds its
+    # flag's later schedules back until approved, rejected or expired.
+    AWAITING_APPROVAL = "awaiting_approval"
 
 
 class Verdict(StrEnum):
@@ -357,6 +397,10 @@ class TickReport:
     interrupted_by: int | None = None  # signal number
     due_backlog: int | None = None  # due schedules left when the tick ended
     oldest_due_age_seconds: float | None = None
+    # Four eyes: due schedules waiting for an approval when the tick ended, and how long the
+    # oldest has waited (since a tick first found it so).
+    awaiting_approval: int | None = None
+    oldest_awaiting_approval_seconds: float | None = None
 
     def add(self, results: list[Result], *, batch: bool = True) -> list[Result]:
         """Count one batch (or, with `batch` false, schedules reported without a claim);

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from flagsched import repository
 from flagsched.db import Conn, Database, begin, connection, transaction
@@ -17,6 +17,7 @@ from flagsched.logs import get_logger
 from flagsched.model import (
     ChangeRow,
     FailedRow,
+    InvalidUpdates,
     LockedSchedule,
     OnConflict,
     RecurrenceRow,
@@ -26,6 +27,7 @@ from flagsched.model import (
     Updates,
     clip,
 )
+from flagsched.tables import ApprovalPolicy
 
 PRUNE_BATCH = 5000
 
@@ -66,6 +68,7 @@ def add_schedule(
     max_retries: int | None,
     expires_after: timedelta | None = None,
     on_conflict: OnConflict = OnConflict.FAIL,
+    needs_approval: bool = False,
 ) -> tuple[int, bool]:
     """Insert a pending schedule; returns (id, whether the flag exists yet)."""
     with _adding(database, flag_key) as (conn, exists):
@@ -77,6 +80,7 @@ def add_schedule(
             max_retries=max_retries,
             expires_after=expires_after,
             on_conflict=on_conflict,
+            needs_approval=needs_approval,
         )
     get_logger().info(
         "schedule_added",
@@ -201,6 +205,100 @@ def cancel_group(database: Database, group_id: int) -> list[Handled]:
     return _each_locked(database, [i for i, _ in members], act)
 
 
+CHECK_VIOLATION = "23514"  # the database refused an approval by the creator
+
+
+def _open_or_refused(row: LockedSchedule) -> Handled | None:
+    """A verdict is given on an open schedule (pending, or failed waiting for a retry)."""
+    if row.status == Status.PENDING or (row.status == Status.FAILED and row.waiting):
+        return None
+    if row.status == Status.FAILED:
+        return Handled(row.id, False, "refused: it failed for good")
+    return Handled(row.id, False, f"refused: it is {row.status}")
+
+
+def _approve_act(note: str | None) -> Callable[[Any, LockedSchedule], Handled]:
+    log = get_logger()
+
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        refused = _open_or_refused(row)
+        if refused is not None:
+            return refused
+        subject = repository.approval_subject(conn, row.id)
+        if subject.approved is not None:
+            return Handled(row.id, False, f"refused: already approved by {subject.approved}")
+        if subject.created_by == subject.me:
+            return Handled(
+                row.id,
+                False,
+                f"refused: four eyes: {subject.me} created it, so another login must approve it",
+            )
+        try:
+            with repository.savepoint(conn):
+                by = repository.add_verdict(conn, row.id, "approved", note)
+        except StatementFailed as exc:
+            if exc.sqlstate != CHECK_VIOLATION:
+                raise
+            return Handled(row.id, False, f"refused: {exc.message}")
+        repository.clear_awaiting(conn, row.id)
+        log.info(
+            "schedule_approved",
+            schedule_id=row.id,
+            flag_key=clip(row.flag_key),
+            approved_by=by,
+            created_by=subject.created_by,
+            was_awaiting=subject.awaiting,
+        )
+        then = "it applies at the next tick" if subject.awaiting else "it applies when due"
+        return Handled(row.id, True, f"approved by {by}; {then}")
+
+    return act
+
+
+def approve(database: Database, ids: list[int], *, note: str | None = None) -> list[Handled]:
+    """Approve schedules as this login (never one it created): each applies when due."""
+    return _each_locked(database, ids, _approve_act(note))
+
+
+def approve_group(database: Database, group_id: int, *, note: str | None = None) -> list[Handled]:
+    """Approve every open schedule of a group (a ramp is approved as a whole)."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        members = repository.group_schedules(conn, group_id)
+    if not members:
+        return [Handled(group_id, False, "refused: no such group", subject=f"group {group_id}")]
+    approve_one = _approve_act(note)
+
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        if row.status in (Status.APPLIED, Status.CANCELLED):
+            return Handled(row.id, True, f"left as it is: already {row.status}")
+        return approve_one(conn, row)
+
+    return _each_locked(database, [i for i, _ in members], act)
+
+
+def reject(database: Database, ids: list[int], *, note: str) -> list[Handled]:
+    """Reject schedules: each is cancelled, the verdict says who (this login) and why."""
+    log = get_logger()
+
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        refused = _open_or_refused(row)
+        if refused is not None:
+            return refused
+        by = repository.add_verdict(conn, row.id, "rejected", note)
+        repository.mark_rejected(conn, row.id)
+        log.info(
+            "schedule_rejected",
+            schedule_id=row.id,
+            flag_key=clip(row.flag_key),
+            rejected_by=by,
+            note=clip(note),
+        )
+        return Handled(row.id, True, f"rejected by {by}: cancelled")
+
+    return _each_locked(database, ids, act)
+
+
 def cancel_recurrence(database: Database, recurrence_id: int) -> list[Handled]:
     """Stop a recurrence (it makes no more schedules) and cancel the schedules it made that
     are not yet applied."""
@@ -237,6 +335,7 @@ def add_ramp(
     every: timedelta,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
+    needs_approval: bool = False,
 ) -> tuple[int, list[tuple[int, datetime]], bool]:
     """All steps of a ramp in one transaction with one new group_id; returns (group_id,
     [(schedule id, scheduled_at)] in order, whether the flag exists yet)."""
@@ -249,6 +348,7 @@ def add_ramp(
             steps=steps,
             expires_after=expires_after,
             on_conflict=on_conflict,
+            needs_approval=needs_approval,
         )
     get_logger().info(
         "ramp_added",
@@ -269,6 +369,7 @@ def add_recurrence(
     updates: Updates,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
+    needs_approval: bool = False,
 ) -> tuple[int, datetime, bool]:
     """A new recurrence whose next_at is its first occurrence after the database's now;
     returns (id, next_at, whether the flag exists yet). `cron` and `zone` are valid."""
@@ -286,6 +387,7 @@ def add_recurrence(
             next_at=next_at,
             expires_after=expires_after,
             on_conflict=on_conflict,
+            needs_approval=needs_approval,
         )
     get_logger().info(
         "recurrence_added",
@@ -309,11 +411,54 @@ def list_failed(
         return repository.list_failed(conn, permanent=permanent, flag_key=flag_key, limit=limit)
 
 
-def list_schedules(database: Database, **filters: Any) -> list[ScheduleRow]:
-    """`flagsched list`: see repository.list_schedules for the filters."""
+def list_schedules(
+    database: Database, *, policy: ApprovalPolicy | None = None, **filters: Any
+) -> list[ScheduleRow]:
+    """`flagsched list`: see repository.list_schedules for the filters; each row with its
+    verdicts and whether it needs approval (`policy` judged against the flags as they are)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
-        return repository.list_schedules(conn, **filters)
+        rows = repository.list_schedules(conn, **filters)
+        return _with_approvals(conn, rows, policy or ApprovalPolicy())
+
+
+_Row = TypeVar("_Row", bound=ScheduleRow)
+
+
+def _with_approvals(conn: Conn, rows: list[_Row], policy: ApprovalPolicy) -> list[_Row]:
+    """Rows with `needs_approval` (asked for, or the policy judged now against each flag as
+    it is) and `approvals` (the verdicts, oldest first)."""
+    if not rows:
+        return rows
+    from flagsched import approval
+
+    verdicts = repository.approvals_of(conn, [r.id for r in rows])
+    # The flags are read only when the policy reads their values (a reader login may not
+    # read them: `list` and `show` need no grant on feature_flags otherwise).
+    keys = sorted({r.flag_key for r in rows}) if approval.depends_on_state(policy) else []
+    flags = {
+        f.key: approval.FlagState(f.enabled, f.rollout_percentage)
+        for f in (repository.flags_now(conn, keys=keys) if keys else [])
+    }
+    judged = []
+    for row in rows:
+        try:
+            change = Updates.parse(row.updates)
+        except InvalidUpdates:  # it fails for good when due: no approval can matter
+            needs = row.approval_asked
+        else:
+            needs = (
+                approval.reason(
+                    policy,
+                    row.flag_key,
+                    flags.get(row.flag_key),
+                    change,
+                    explicit=row.approval_asked,
+                )
+                is not None
+            )
+        judged.append(replace(row, needs_approval=needs, approvals=verdicts.get(row.id, ())))
+    return judged
 
 
 def recurrences(database: Database) -> list[RecurrenceRow]:
@@ -378,14 +523,18 @@ def prune(
     return total, batches
 
 
-def show(database: Database, schedule_id: int) -> ShownSchedule | None:
-    """One schedule, its attempts and the history entries that applied it (None: unknown)."""
+def show(
+    database: Database, schedule_id: int, *, policy: ApprovalPolicy | None = None
+) -> ShownSchedule | None:
+    """One schedule, its attempts, its verdicts and the history entries that applied it
+    (None: unknown)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         row = repository.show_schedule(conn, schedule_id)
         if row is None:
             return None
         changes = repository.changes_of(conn, schedule_id, row.flag_key)
+        (row,) = _with_approvals(conn, [row], policy or ApprovalPolicy())
     return replace(row, changes=tuple(changes))
 
 

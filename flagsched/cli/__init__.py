@@ -48,6 +48,8 @@ for _command in (
     authoring.ramp,
     operate.retry,
     operate.cancel,
+    operate.approve,
+    operate.reject,
     operate.prune,
     operate.migrate,
     read.list_,
