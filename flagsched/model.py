@@ -454,6 +454,10 @@ class OpenSchedule:
     # a change of its flag by another writer already recorded in its window: the tick will
     # fail it for good (on_conflict fail); the message the tick would write
     conflict: str | None = None
+    # Four eyes: asked for with --approval; a tick found it awaiting approval; approved.
+    needs_approval: bool = False
+    awaiting: bool = False
+    approved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,3 +471,4 @@ class ActiveRecurrence:
     updates: object
     next_at: datetime | None
     expires_after: object  # a timedelta, or PostgreSQL's text of one Python cannot hold
+    needs_approval: bool = False  # each schedule it makes needs approval

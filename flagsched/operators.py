@@ -590,6 +590,7 @@ def outlook(
     every_flag: bool = False,
     with_failed: bool = False,
     max_lateness_seconds: float | None = None,
+    policy: ApprovalPolicy | None = None,
 ) -> Outlook:
     """One read-only transaction: the flags, their open schedules and recurrences, folded by
     `projection.project` up to `until` (None: `start` + `span`, or the database's now with
@@ -634,6 +635,7 @@ def outlook(
         now=now,
         until=end,
         start=begins,
+        policy=policy,
     )
     if flag_key is not None:
         ahead = [a for a in ahead if a.flag_key == flag_key] or [

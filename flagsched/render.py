@@ -428,8 +428,17 @@ def agenda_json(step: Step) -> dict[str, Any]:
         "flag_key": step.flag_key,
         **change_json(step),
         "group_id": step.group_id,
-        "status": step.kind.value,
+        "status": _status(step),
     }
+
+
+def _status(step: Step) -> str:
+    """Where a change comes from, or that it waits for a second person."""
+    from flagsched.projection import AWAITING_APPROVAL, Outcome
+
+    if step.outcome is Outcome.HELD and (step.error or "").startswith(AWAITING_APPROVAL):
+        return "awaiting_approval"
+    return step.kind.value
 
 
 def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
@@ -441,7 +450,7 @@ def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
                 s.flag_key,
                 _source(s),
                 compact(s.stored, 60),
-                s.kind.value,
+                _status(s).replace("_", " "),
                 "" if s.group_id is None else f"ramp {s.group_id}",
                 _outcome(s),
             )

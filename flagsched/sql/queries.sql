@@ -435,7 +435,11 @@ END AS defect,
 CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
     (SELECT left(k.message, {MAX_TEXT}) FROM flagsched_check_v2(id, CAST(NULL AS interval)) k
      WHERE k.outcome = 'conflict')
-END AS conflict
+END AS conflict,
+-- four eyes: asked for, a tick found it awaiting, approved (idx_approvals_schedule)
+needs_approval, awaiting_approval_since IS NOT NULL AS awaiting,
+EXISTS (SELECT 1 FROM {approvals} a WHERE a.schedule_id = {schedules}.id
+        AND a.verdict = 'approved') AS approved
 
 -- name: schedules_ahead
 -- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied
@@ -448,7 +452,7 @@ LIMIT %(limit)s
 -- name: recurrences_ahead
 -- an index range of idx_recurrences_due
 SELECT id, flag_key, cron, timezone, {shown_updates},
-       {clamped_time(next_at)} AS next_at, expires_after
+       {clamped_time(next_at)} AS next_at, expires_after, needs_approval
 FROM {recurrences}
 WHERE {where}
 ORDER BY next_at NULLS LAST, id

@@ -421,3 +421,39 @@ def test_the_metric_counts_due_schedules_awaiting_approval(
     # It counts as due, but not towards the oldest due age: a person is what it waits for.
     assert values["flagsched_due_backlog"] == 1
     assert values["flagsched_oldest_due_age_seconds"] == 0
+
+
+def test_plan_and_agenda_show_a_change_awaiting_approval(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    tick: Callable[..., TickReport],
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    add_flag("shown")
+    made = new_id(
+        flagsched("schedule", "shown", "--at", "now", "--enable", "--approval",
+                  url=people[ALICE])
+    )  # fmt: skip
+    later = add_schedule("shown", {"rollout_percentage": 5}, at="now() + interval '1 hour'")
+    tick()
+    plan = json.loads(flagsched("plan", "--at", "2999-01-01T00:00:00Z", "--format", "json").stdout)
+    (only,) = [f for f in plan if f["flag_key"] == "shown"]
+    assert [(c["schedule_id"], c["outcome"]) for c in only["changes"]] == [
+        (made, "held"),
+        (later, "held"),
+    ]
+    assert only["changes"][0]["error"].startswith("awaiting approval")
+    assert only["at"] == only["now"]
+    agenda = json.loads(flagsched("agenda", "--format", "json").stdout)
+    assert [(e["schedule_id"], e["status"]) for e in agenda] == [
+        (made, "awaiting_approval"),
+        (later, "pending"),
+    ]
+    table = flagsched("agenda").stdout
+    assert "awaiting approval" in table
+    # Approved: the plan applies both.
+    assert flagsched("approve", str(made), url=people[BOB]).code == 0
+    plan = json.loads(flagsched("plan", "--at", "2999-01-01T00:00:00Z", "--format", "json").stdout)
+    (only,) = [f for f in plan if f["flag_key"] == "shown"]
+    assert [c["outcome"] for c in only["changes"]] == ["applies", "applies"]
