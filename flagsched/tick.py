@@ -27,6 +27,7 @@ from flagsched.model import (
     MAX_TEXT,
     Change,
     Claimed,
+    FlagRow,
     InvalidUpdates,
     Outcome,
     Result,
@@ -248,7 +249,7 @@ def _approvals(
         ).items()
         if verdict is Verdict.EXPIRED
     } if stale else set()
-    states: dict[str, approval.FlagState | None] = {}
+    found: dict[str, FlagRow] = {}
     held: dict[str, str] = {}
     if approval.depends_on_state(policy_) and not lock:
         found = {f.key: f for f in repository.flags_now(conn, keys=sorted(judged))}
@@ -261,10 +262,10 @@ def _approvals(
                         found |= repository.lock_flags(conn, [key], wait=True)
                 except StatementFailed as exc:
                     held[key] = f"its flag is held ({exc.message})"
-        states = {
-            key: approval.FlagState(row.enabled, row.rollout_percentage)
-            for key, row in found.items()
-        }
+    states = {
+        key: approval.FlagState(row.enabled, row.rollout_percentage)
+        for key, row in found.items()
+    }
     decided: list[Result] = []
     kept: dict[str, list[Step]] = {}
     for key, flag_steps in steps.items():

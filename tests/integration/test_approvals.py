@@ -457,3 +457,84 @@ def test_plan_and_agenda_show_a_change_awaiting_approval(
     plan = json.loads(flagsched("plan", "--at", "2999-01-01T00:00:00Z", "--format", "json").stdout)
     (only,) = [f for f in plan if f["flag_key"] == "shown"]
     assert [c["outcome"] for c in only["changes"]] == ["applies", "applies"]
+
+
+def test_dry_run_says_what_awaits_approval_and_changes_nothing(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "flagsched.toml"
+    config.write_text("[approval]\nenabling = true\n")
+    add_flag("dry")
+    waiting = add_schedule("dry", {"enabled": True})
+    ran = flagsched("process", "--dry-run", env={"FLAGSCHED_CONFIG": str(config)})
+    assert ran.code == 0, ran.stderr
+    (line,) = [x for x in ran.stdout.splitlines() if x.startswith(str(waiting))]
+    assert "await approval (it switches the flag on)" in line
+    assert row(sql, waiting)["awaiting"] is False
+
+
+def test_an_approver_login_approves_but_cannot_schedule_or_touch_flags(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    database_url: str,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    sql("DROP ROLE IF EXISTS test_carol")
+    sql(f"CREATE ROLE test_carol LOGIN PASSWORD '{PASSWORD}' IN ROLE flagsched_approver")
+    try:
+        carol = url_for(database_url, "test_carol")
+        add_flag("c")
+        made = add_schedule("c", {"enabled": True})
+        ran = flagsched("approve", str(made), url=carol)
+        assert ran.code == 0, ran.stdout + ran.stderr
+        refused = flagsched("schedule", "c", "--at", "now", "--disable", url=carol)
+        assert refused.code == 3 and "permission denied" in refused.stderr
+        with psycopg.connect(carol, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("UPDATE feature_flags SET enabled = true")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("UPDATE feature_flag_schedules SET updates = '{}'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("DELETE FROM feature_flag_approvals")
+        # A verdict names its login, whatever the INSERT says.
+        by = sql("SELECT decided_by FROM feature_flag_approvals WHERE schedule_id = :i", i=made)
+        assert [r[0] for r in by] == ["test_carol"]
+    finally:
+        sql("DROP OWNED BY test_carol")
+        sql("DROP ROLE test_carol")
+
+
+def test_a_flag_another_session_holds_is_judged_later_with_no_retry_spent(
+    database_url: str,
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    flag: Callable[[str], tuple[bool, int]],
+) -> None:
+    add_flag("busy")
+    add_flag("free")
+    held = add_schedule("busy", {"rollout_percentage": 10})
+    free = add_schedule("free", {"rollout_percentage": 10})
+    policy = ApprovalPolicy(rollout_increase_over=50)
+    with psycopg.connect(database_url) as app:  # the application holds the flag's row
+        app.execute("SELECT 1 FROM feature_flags WHERE key = 'busy' FOR UPDATE")
+        report = tick(policy)
+        app.rollback()
+    assert report.count(Outcome.HELD_BACK) == 1
+    assert row(sql, held) | {"created_by": None} == {
+        "status": "pending",
+        "retry_count": 0,
+        "awaiting": False,
+        "created_by": None,
+        "last_error": None,
+    }
+    assert row(sql, free)["status"] == "applied"
+    tick(policy)
+    assert flag("busy") == (False, 10)
