@@ -190,17 +190,24 @@ def _cancel_act() -> Callable[[Any, LockedSchedule], Handled]:
 
 def cancel_group(database: Database, group_id: int) -> list[Handled]:
     """Cancel every schedule of a group not yet applied (a ramp stops where it is)."""
+    return _each_of_group(database, group_id, _cancel_act())
+
+
+def _each_of_group(
+    database: Database, group_id: int, act_on_one: Callable[[Any, LockedSchedule], Handled]
+) -> list[Handled]:
+    """`act_on_one` on every schedule of a group still open, each under its row lock; those
+    already applied or cancelled are left as they are."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         members = repository.group_schedules(conn, group_id)
     if not members:
         return [Handled(group_id, False, "refused: no such group", subject=f"group {group_id}")]
-    cancel_one = _cancel_act()
 
     def act(conn: Any, row: LockedSchedule) -> Handled:
         if row.status in (Status.APPLIED, Status.CANCELLED):
             return Handled(row.id, True, f"left as it is: already {row.status}")
-        return cancel_one(conn, row)
+        return act_on_one(conn, row)
 
     return _each_locked(database, [i for i, _ in members], act)
 
@@ -262,19 +269,7 @@ def approve(database: Database, ids: list[int], *, note: str | None = None) -> l
 
 def approve_group(database: Database, group_id: int, *, note: str | None = None) -> list[Handled]:
     """Approve every open schedule of a group (a ramp is approved as a whole)."""
-    with begin(database) as conn:
-        repository.ensure_schema(conn)
-        members = repository.group_schedules(conn, group_id)
-    if not members:
-        return [Handled(group_id, False, "refused: no such group", subject=f"group {group_id}")]
-    approve_one = _approve_act(note)
-
-    def act(conn: Any, row: LockedSchedule) -> Handled:
-        if row.status in (Status.APPLIED, Status.CANCELLED):
-            return Handled(row.id, True, f"left as it is: already {row.status}")
-        return approve_one(conn, row)
-
-    return _each_locked(database, [i for i, _ in members], act)
+    return _each_of_group(database, group_id, _approve_act(note))
 
 
 def reject(database: Database, ids: list[int], *, note: str) -> list[Handled]:

@@ -428,11 +428,11 @@ def agenda_json(step: Step) -> dict[str, Any]:
         "flag_key": step.flag_key,
         **change_json(step),
         "group_id": step.group_id,
-        "status": _status(step),
+        "status": agenda_status(step),
     }
 
 
-def _status(step: Step) -> str:
+def agenda_status(step: Step) -> str:
     """Where a change comes from, or that it waits for a second person."""
     from flagsched.projection import AWAITING_APPROVAL, Outcome
 
@@ -450,7 +450,7 @@ def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
                 s.flag_key,
                 _source(s),
                 compact(s.stored, 60),
-                _status(s).replace("_", " "),
+                agenda_status(s).replace("_", " "),
                 "" if s.group_id is None else f"ramp {s.group_id}",
                 _outcome(s),
             )
