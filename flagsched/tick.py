@@ -151,7 +151,7 @@ def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag)
     fail = _Failures(now, options, rng)
     results, steps = _plan(claimed, fail)
     waiting, steps = _approvals(conn, steps, options)
-    results += waiting
+    results = _held_behind(results, waiting) + waiting
     repository.mark_awaiting(
         conn,
         [
@@ -238,17 +238,6 @@ def _approvals(
     judged = {key: s for key, s in steps.items() if _may_need_approval(policy_, key, s)}
     if not judged:
         return [], steps
-    # A schedule found awaiting before is claimed again only once past its lateness: it
-    # goes on to the write, which fails it for good as `expired:` (the same check, the same
-    # transaction's now()). Anything else found awaiting (none should be) waits on.
-    stale = [s.id for flag_steps in judged.values() for s, _ in flag_steps if s.awaiting]
-    expired = {
-        i
-        for i, (verdict, _) in repository.safety_checks(
-            conn, stale, max_lateness_seconds=options.max_lateness
-        ).items()
-        if verdict is Verdict.EXPIRED
-    } if stale else set()
     found: dict[str, FlagRow] = {}
     held: dict[str, str] = {}
     if approval.depends_on_state(policy_) and not lock:
@@ -266,33 +255,40 @@ def _approvals(
         key: approval.FlagState(row.enabled, row.rollout_percentage)
         for key, row in found.items()
     }
+    # A change past its lateness never awaits: it goes on to the write, which fails it for
+    # good as `expired:` (the same check, the same transaction's now()), and the flag's next
+    # change is judged against the state it leaves. Only the changes that would await are
+    # checked (a schedule found awaiting before is claimed again only once past it).
+    expired: set[int] = set()
+    checked: set[int] = set()
+    while True:
+        first = {
+            key: found_first
+            for key, flag_steps in judged.items()
+            if key not in held
+            and (found_first := _first_awaiting(policy_, key, states.get(key), flag_steps, expired))
+        }
+        waiting_ids = {judged[key][index][0].id for key, (index, _) in first.items()} - checked
+        if not waiting_ids:
+            break
+        checked |= waiting_ids
+        late = repository.safety_checks(
+            conn, sorted(waiting_ids), max_lateness_seconds=options.max_lateness
+        )
+        newly = {i for i, (verdict, _) in late.items() if verdict is Verdict.EXPIRED}
+        if not newly:
+            break
+        expired |= newly
     decided: list[Result] = []
     kept: dict[str, list[Step]] = {}
     for key, flag_steps in steps.items():
-        if key not in judged:
-            kept[key] = flag_steps
-            continue
         if key in held:
             decided += [Result(s, Outcome.HELD_BACK, error=held[key]) for s, _ in flag_steps]
             continue
-        first = approval.first_awaiting(
-            policy_,
-            key,
-            states.get(key),
-            [
-                approval.Step(
-                    u,
-                    explicit=s.needs_approval,
-                    approved=s.approved or s.id in expired,
-                    applies=s.id not in expired,
-                )
-                for s, u in flag_steps
-            ],
-        )
-        if first is None:
+        if key not in first:
             kept[key] = flag_steps
             continue
-        index, why = first
+        index, why = first[key]
         waiting = flag_steps[index][0]
         decided.append(Result(waiting, Outcome.AWAITING_APPROVAL, error=why))
         behind = f"held back: schedule {waiting.id} of this flag awaits approval"
@@ -300,6 +296,64 @@ def _approvals(
         if index:
             kept[key] = flag_steps[:index]
     return decided, kept
+
+
+def _first_awaiting(
+    policy_: ApprovalPolicy,
+    key: str,
+    state: approval.FlagState | None,
+    flag_steps: list[Step],
+    expired: set[int],
+) -> tuple[int, str] | None:
+    """The first of a flag's changes that awaits approval (`approval.first_awaiting`); an
+    expired one is let through, changing nothing."""
+    return approval.first_awaiting(
+        policy_,
+        key,
+        state,
+        [
+            approval.Step(
+                u,
+                explicit=s.needs_approval or s.awaiting,
+                approved=s.approved or s.id in expired,
+                applies=s.id not in expired,
+            )
+            for s, u in flag_steps
+        ],
+    )
+
+
+def _held_behind(decided: list[Result], waiting: list[Result]) -> list[Result]:
+    """A change that _plan failed for its invalid `updates` but that comes after one of its
+    flag awaiting approval is held back instead, as behind any open schedule (a stored
+    defect still fails it, unattempted, wherever it stands)."""
+    first = {
+        r.schedule.flag_key: (r.schedule.scheduled_at, r.schedule.id)
+        for r in waiting
+        if r.outcome is Outcome.AWAITING_APPROVAL
+    }
+    if not first:
+        return decided
+
+    def behind(r: Result) -> bool:
+        s = r.schedule
+        return (
+            r.outcome is Outcome.FAILED
+            and s.defect is None
+            and s.flag_key in first
+            and (s.scheduled_at, s.id) > first[s.flag_key]
+        )
+
+    return [
+        Result(
+            r.schedule,
+            Outcome.HELD_BACK,
+            error=f"held back: a schedule of this flag awaits approval ({r.error})",
+        )
+        if behind(r)
+        else r
+        for r in decided
+    ]
 
 
 def _may_need_approval(policy_: ApprovalPolicy, key: str, flag_steps: list[Step]) -> bool:
@@ -569,7 +623,7 @@ def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str
             if now is not None:
                 decided, steps = _plan(claimed, _Failures(now, options, random.Random(0)))
                 waiting, steps = _approvals(conn, steps, options, lock=False)
-                decided += waiting
+                decided = _held_behind(decided, waiting) + waiting
     shown = {c.id for c in claimed}
     held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
     if now is None:

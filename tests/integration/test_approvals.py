@@ -538,3 +538,23 @@ def test_a_flag_another_session_holds_is_judged_later_with_no_retry_spent(
     assert row(sql, free)["status"] == "applied"
     tick(policy)
     assert flag("busy") == (False, 10)
+
+
+def test_an_invalid_change_behind_one_awaiting_approval_is_held_back_not_failed(
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    add_flag("v")
+    waiting = add_schedule("v", {"enabled": True}, at="now() - interval '3 minutes'")
+    invalid = add_schedule("v", {"rollout_percentage": 1.5}, at="now() - interval '2 minutes'")
+    sql("UPDATE feature_flag_schedules SET needs_approval = true WHERE id = :i", i=waiting)
+    report = tick()
+    assert report.count(Outcome.AWAITING_APPROVAL) == 1
+    assert report.count(Outcome.FAILED) == 0
+    assert (row(sql, invalid)["status"], row(sql, invalid)["retry_count"]) == ("pending", 0)
+    # Its turn comes once the one before it is decided: then it fails on its own.
+    sql("UPDATE feature_flag_schedules SET status = 'cancelled' WHERE id = :i", i=waiting)
+    assert tick().count(Outcome.FAILED) == 1
+    assert row(sql, invalid)["status"] == "failed"
