@@ -68,7 +68,7 @@ class SchedulesTable:
 
 @dataclass(frozen=True)
 class ApprovalPolicy:
-    """`[approval]`: which changes need a second person (stored; acted on in a later release)."""
+    """`[approval]`: which changes need a second person (judged by flagsched.approval)."""
 
     flags: tuple[str, ...] = ()
     rollout_increase_over: int | None = None
