@@ -558,3 +558,22 @@ def test_an_invalid_change_behind_one_awaiting_approval_is_held_back_not_failed(
     sql("UPDATE feature_flag_schedules SET status = 'cancelled' WHERE id = :i", i=waiting)
     assert tick().count(Outcome.FAILED) == 1
     assert row(sql, invalid)["status"] == "failed"
+
+
+def test_prune_deletes_a_schedules_verdicts_with_it(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    add_flag("p")
+    old = add_schedule("p", {"enabled": True})
+    assert flagsched("approve", str(old), url=people[BOB]).code == 0
+    tick()
+    sql("UPDATE feature_flag_schedules SET applied_at = now() - interval '40 days'")
+    ran = flagsched("prune", "--older-than", "30", url=people[ALICE])
+    assert ran.code == 0, ran.stderr
+    assert sql("SELECT count(*) FROM feature_flag_schedules")[0][0] == 0
+    assert sql("SELECT count(*) FROM feature_flag_approvals")[0][0] == 0
