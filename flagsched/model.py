@@ -164,6 +164,11 @@ class Claimed:
     # large to ship), decided by the claim's SQL; such a row fails for good, unattempted.
     defect: str | None = None
     attempts_made: int = 0  # attempts already kept with it (its retry_count resets on retry)
+    # Four eyes (migration 0008): a tick already found it awaiting approval (claimed again
+    # only once past its lateness), it was scheduled with --approval, it was approved.
+    awaiting: bool = False
+    needs_approval: bool = False
+    approved: bool = False
 
 
 # A stored time as read back: a datetime, or PostgreSQL's text of one Python cannot hold
@@ -212,6 +217,9 @@ class Outcome(StrEnum):
     RETRY = "retry"
     FAILED = "failed"
     HELD_BACK = "held_back"
+    # Due, needing an approval it has not got: not attempted, no retry spent; it holds its
+    # flag's later schedules back until approved, rejected or expired.
+    AWAITING_APPROVAL = "awaiting_approval"
 
 
 class Verdict(StrEnum):
@@ -276,6 +284,10 @@ class TickReport:
     interrupted_by: int | None = None  # signal number
     due_backlog: int | None = None  # due schedules left when the tick ended
     oldest_due_age_seconds: float | None = None
+    # Four eyes: due schedules waiting for an approval when the tick ended, and how long the
+    # oldest has waited (since a tick first found it so).
+    awaiting_approval: int | None = None
+    oldest_awaiting_approval_seconds: float | None = None
 
     def add(self, results: list[Result], *, batch: bool = True) -> list[Result]:
         """Count one batch (or, with `batch` false, schedules reported without a claim);

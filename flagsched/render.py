@@ -197,6 +197,7 @@ _STATES = [
     ("applied", "applied"),
     ("cancelled", "cancelled"),
     ("unknown (a status outside the four)", "unknown"),
+    ("awaiting approval (due, counted in due)", "awaiting_approval"),
 ]
 
 
@@ -227,13 +228,33 @@ def status(report: StatusReport, fmt: str) -> str:
     )
 
 
+def _with_verdicts(row: ScheduleRow) -> dict[str, Any]:
+    """A schedule for JSON: its fields, `approvals` as [{verdict, by, at, note}]."""
+    return {**row_dict(row), "approvals": [a.shown() for a in row.approvals]}
+
+
+def _approval_state(row: ScheduleRow) -> str:
+    """A table's word on a schedule's approval."""
+    approved = [a for a in row.approvals if a.verdict == "approved"]
+    rejected = [a for a in row.approvals if a.verdict == "rejected"]
+    if rejected:
+        return f"rejected by {rejected[-1].by}"
+    if approved:
+        return f"approved by {approved[0].by}"
+    if row.awaiting_approval:
+        return "awaiting approval"
+    return "needs approval" if row.needs_approval else "-"
+
+
 def schedules(rows: Sequence[ScheduleRow], fmt: str, zone: tzinfo | None = None) -> str:
     """`list`: schedules in (scheduled_at, id) order."""
-    text = rows_or_empty(fmt, rows, "no schedules")
+    text = rows_or_empty(fmt, [_with_verdicts(r) for r in rows], "no schedules")
     if text is not None:
         return text
 
     def state(row: ScheduleRow) -> str:
+        if row.awaiting_approval:
+            return "awaiting approval"
         if row.status != "failed":
             return str(row.status)
         if row.permanent:
@@ -241,7 +262,7 @@ def schedules(rows: Sequence[ScheduleRow], fmt: str, zone: tzinfo | None = None)
         return f"retrying at {shown(row.next_retry_at, zone)}"
 
     return table(
-        ["ID", "FLAG", "SCHEDULED_AT", "STATUS", "CHANGE", "GROUP", "EXPIRES_AT"],
+        ["ID", "FLAG", "SCHEDULED_AT", "STATUS", "CHANGE", "GROUP", "EXPIRES_AT", "APPROVAL"],
         [
             (
                 r.id,
@@ -251,6 +272,7 @@ def schedules(rows: Sequence[ScheduleRow], fmt: str, zone: tzinfo | None = None)
                 change(r.updates),
                 r.group_id if r.recurrence_id is None else f"r{r.recurrence_id}",
                 shown(r.expires_at, zone),
+                _approval_state(r),
             )
             for r in rows
         ],
@@ -314,10 +336,22 @@ def changes(rows: Sequence[ChangeRow], fmt: str = "table", zone: tzinfo | None =
 def schedule(row: ShownSchedule, fmt: str) -> str:
     """`show ID`: the schedule's fields, every attempt, the changes it made."""
     if fmt == "json":
-        return to_json({**row_dict(row), "changes": [row_dict(c) for c in row.changes]})
+        return to_json({**_with_verdicts(row), "changes": [row_dict(c) for c in row.changes]})
     fields = table(
         ["FIELD", "VALUE"],
-        [(k, v) for k, v in row_dict(row).items() if k not in ("attempts", "changes")],
+        [
+            (k, v)
+            for k, v in row_dict(row).items()
+            if k not in ("attempts", "changes", "approvals")
+        ],
+    )
+    verdicts = (
+        table(
+            ["VERDICT", "BY", "AT", "NOTE"],
+            [(a.verdict, a.by, iso(a.at), a.note) for a in row.approvals],
+        )
+        if row.approvals
+        else "no approvals"
     )
     attempts = row.attempts
     if not isinstance(attempts, list):  # unreadable (nested too deeply): a note, as in JSON
@@ -335,7 +369,7 @@ def schedule(row: ShownSchedule, fmt: str) -> str:
     else:
         tried = "no attempts yet"
     made = changes(row.changes) if row.changes else "no changes made"
-    return "\n\n".join([fields, tried, made])
+    return "\n\n".join([fields, verdicts, tried, made])
 
 
 def handled(result: Any) -> str:
@@ -413,8 +447,17 @@ def agenda_json(step: Step) -> dict[str, Any]:
         "flag_key": step.flag_key,
         **change_json(step),
         "group_id": step.group_id,
-        "status": step.kind.value,
+        "status": agenda_status(step),
     }
+
+
+def agenda_status(step: Step) -> str:
+    """Where a change comes from, or that it waits for a second person."""
+    from flagsched.projection import AWAITING_APPROVAL, Outcome
+
+    if step.outcome is Outcome.HELD and (step.error or "").startswith(AWAITING_APPROVAL):
+        return "awaiting_approval"
+    return step.kind.value
 
 
 def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
@@ -426,7 +469,7 @@ def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
                 s.flag_key,
                 _source(s),
                 compact(s.stored, 60),
-                s.kind.value,
+                agenda_status(s).replace("_", " "),
                 "" if s.group_id is None else f"ramp {s.group_id}",
                 _outcome(s),
             )

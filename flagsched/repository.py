@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,6 +37,8 @@ from flagsched.sql import statement
 if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
     from flagsched.rows import (
         ActiveRecurrence,
+        ApprovalRow,
+        ApprovalSubject,
         ChangeRow,
         FailedRow,
         FlagRow,
@@ -170,7 +173,12 @@ def missing_objects(conn: Conn, objects: Sequence[Required] = REQUIRED) -> list[
     _refuse_sql_ascii(encoding)
     missing = [lookups[n - 1] for n in positions]
     gone = {relation for kind, relation, _, _ in missing if kind == "relation"}
-    return [s for kind, relation, _, s in missing if kind != "column" or relation not in gone]
+    named = [
+        s
+        for kind, relation, _, s in missing
+        if kind not in ("column", "trigger") or relation not in gone
+    ]
+    return list(dict.fromkeys(named))  # a table listed twice is named once
 
 
 _SHOWN_MISSING = 5  # a message names at most this many, then says how many more
@@ -223,21 +231,120 @@ def db_now(conn: Conn) -> datetime:
     return value
 
 
-def claim(conn: Conn, *, limit: int, lock: bool = True) -> tuple[datetime | None, list[Claimed]]:
+def claim(
+    conn: Conn, *, limit: int, lock: bool = True, max_lateness_seconds: float | None = None
+) -> tuple[datetime | None, list[Claimed]]:
     """Lock and return up to `limit` schedules due at the database's now(), ordered by flag
-    then (scheduled_at, id), with that now() (None when nothing was claimed). Without
-    `lock`, the same rows read in a read-only transaction, locking none (a preview)."""
+    then (scheduled_at, id), with that now() (None when nothing was claimed). A schedule
+    awaiting approval is not due until it is past its lateness (`max_lateness_seconds`, or
+    its expires_at). Without `lock`, the same rows read in a read-only transaction, locking
+    none (a preview)."""
     if not lock:
         read_only(conn)
-    rows = _rows(conn, _CLAIMED, statement("claim"), {"limit": limit, "lock": lock}, lenient=False)
+    rows = _rows(
+        conn,
+        _CLAIMED,
+        statement("claim"),
+        {"limit": limit, "lock": lock, "lateness": max_lateness_seconds},
+        lenient=False,
+    )
     return (rows[0][0] if rows else None), [claimed for _, claimed in rows]
 
 
-def held_back(conn: Conn, *, limit: int) -> list[Claimed]:
+def held_back(
+    conn: Conn, *, limit: int, max_lateness_seconds: float | None = None
+) -> list[Claimed]:
     """Up to `limit` due schedules held back behind an earlier open schedule of their flag
-    that is not due (flagsched_held_back_v1, migration 0006): never claimed, locked by
-    nothing, only reported. Ordered by flag, then (scheduled_at, id)."""
-    return _rows(conn, _HELD_BACK, statement("held_back"), {"limit": limit}, lenient=False)
+    that is not due, or awaiting approval (flagsched_held_back_v2, migration 0008): never
+    claimed, locked by nothing, only reported. Ordered by flag, then (scheduled_at, id)."""
+    return _rows(
+        conn,
+        _HELD_BACK,
+        statement("held_back"),
+        {"limit": limit, "lateness": max_lateness_seconds},
+        lenient=False,
+    )
+
+
+def lock_flags(conn: Conn, keys: Sequence[str], *, wait: bool) -> dict[str, FlagRow]:
+    """Four eyes: lock these flags as the write locks them (FOR NO KEY UPDATE, in key order)
+    and read their values. Without `wait`, flags another session holds are left out; with
+    it (one flag), a lock not granted within lock_timeout fails the statement."""
+    from flagsched.rows import FlagRow
+
+    if wait:
+        found = [
+            row
+            for key in keys
+            for row in _rows(
+                conn, class_row(FlagRow), statement("lock_flag_waiting"), {"key": key}
+            )
+        ]
+    else:
+        found = _rows(conn, class_row(FlagRow), statement("lock_flags"), {"keys": list(keys)})
+    return {row.key: row for row in found}
+
+
+def mark_awaiting(conn: Conn, ids: Sequence[int], *, now: datetime) -> None:
+    """These due schedules await approval from `now` on: the claim passes them over."""
+    if ids:
+        conn.execute(statement("mark_awaiting"), {"ids": list(ids), "now": now})
+
+
+def awaiting_backlog(conn: Conn, *, now: datetime) -> tuple[int, datetime | None]:
+    """How many schedules due at `now` await approval, and since when the oldest does."""
+    row = _rows(
+        conn, class_row(_AwaitingBacklog), statement("awaiting_backlog"), {"now": now}
+    )[0]
+    oldest = row.oldest if isinstance(row.oldest, datetime) else None
+    return int(row.n), oldest
+
+
+@dataclass(frozen=True, slots=True)
+class _AwaitingBacklog:
+    n: int
+    oldest: datetime | str | None
+
+
+def approvals_of(conn: Conn, ids: Sequence[int]) -> dict[int, tuple[ApprovalRow, ...]]:
+    """The verdicts on these schedules, oldest first, by schedule id."""
+    from flagsched.rows import ApprovalRow
+
+    found: dict[int, list[ApprovalRow]] = {}
+    if ids:
+        for row in _rows(
+            conn, class_row(ApprovalRow), statement("approvals_of"), {"ids": list(ids)}
+        ):
+            found.setdefault(row.schedule_id, []).append(row)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def approval_subject(conn: Conn, schedule_id: int) -> ApprovalSubject:
+    """What `approve` checks of a schedule it holds the lock of."""
+    from flagsched.rows import ApprovalSubject
+
+    return _rows(
+        conn, class_row(ApprovalSubject), statement("approval_subject"), {"i": schedule_id}
+    )[0]
+
+
+def add_verdict(conn: Conn, schedule_id: int, verdict: str, note: str | None) -> str:
+    """Record a verdict by this login (session_user, set by the database); returns it.
+    The database refuses an approval by the schedule's creator (check_violation)."""
+    row = conn.execute(
+        statement("add_verdict"), {"i": schedule_id, "verdict": verdict, "note": note}
+    ).fetchone()
+    return "" if row is None else str(row[0])
+
+
+def clear_awaiting(conn: Conn, schedule_id: int) -> None:
+    """Approved: the claim takes the schedule again."""
+    conn.execute(statement("clear_awaiting"), {"i": schedule_id})
+
+
+def mark_rejected(conn: Conn, schedule_id: int) -> None:
+    """Rejected: cancelled (the verdict says who and why)."""
+    conn.execute(statement("mark_rejected"), {"i": schedule_id})
 
 
 def apply(
@@ -401,9 +508,10 @@ def insert_schedule(
     max_retries: int | None,
     expires_after: timedelta | None = None,
     on_conflict: OnConflict = OnConflict.FAIL,
+    needs_approval: bool = False,
 ) -> int:
     """A new pending schedule; `at` None means the database's now(); expires_at is
-    scheduled_at + expires_after."""
+    scheduled_at + expires_after; `needs_approval`: a second person must approve it."""
     new_id = _scalar(
         conn,
         statement("insert_schedule"),
@@ -414,6 +522,7 @@ def insert_schedule(
             "m": max_retries,
             "e": expires_after,
             "c": on_conflict.value,
+            "approval": needs_approval,
         },
     )
     return int(new_id)
@@ -632,6 +741,7 @@ def insert_ramp(
     steps: Sequence[Updates],
     expires_after: timedelta | None,
     on_conflict: OnConflict,
+    needs_approval: bool = False,
 ) -> tuple[int, list[tuple[int, datetime]]]:
     """One pending schedule per step, every `every` from `start` (None: now()), sharing one
     new group_id; returns (group_id, [(id, scheduled_at)] in step order)."""
@@ -644,6 +754,7 @@ def insert_ramp(
             "updates": [json.dumps(u.as_json()) for u in steps],
             "expires": expires_after,
             "c": on_conflict.value,
+            "approval": needs_approval,
         },
     ).fetchall()
     made = sorted(((int(i), at) for _, i, at in rows), key=lambda r: (r[1], r[0]))
@@ -666,6 +777,7 @@ def insert_recurrence(
     next_at: datetime,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
+    needs_approval: bool = False,
 ) -> int:
     new_id = _scalar(
         conn,
@@ -678,6 +790,7 @@ def insert_recurrence(
             "next": next_at,
             "e": expires_after,
             "c": on_conflict.value,
+            "approval": needs_approval,
         },
     )
     return int(new_id)

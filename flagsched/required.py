@@ -102,9 +102,18 @@ REQUIRED: tuple[Required, ...] = (
             "created_at",
         ),
     ),
-    # Migration 0006 (its predecessors of 0004 stay for the previous release, unused here).
-    Function("flagsched_claim_v2", ("integer", "boolean")),
-    Function("flagsched_held_back_v1", ("integer",)),
+    # Four eyes (migration 0008): its columns listed after the older ones, so a schema an
+    # older release left is told first what that release lacked.
+    Table("feature_flag_schedules", ("needs_approval", "created_by", "awaiting_approval_since")),
+    Table("feature_flag_recurrences", ("needs_approval",)),
+    Table(
+        "feature_flag_approvals",
+        ("id", "schedule_id", "verdict", "decided_by", "decided_at", "note"),
+    ),
+    # Migration 0008 (0006's flagsched_claim_v2 and flagsched_held_back_v1 stay for the
+    # previous release, unused here): the claim and the report that know approvals.
+    Function("flagsched_claim_v3", ("integer", "boolean", "interval")),
+    Function("flagsched_held_back_v2", ("integer", "interval")),
     # Migration 0007 (0006's apply function stays for the previous release).
     Function(
         "flagsched_apply_v4",
@@ -121,4 +130,9 @@ REQUIRED: tuple[Required, ...] = (
         Trigger("feature_flags", f"flagsched_record_{event}")
         for event in ("insert", "update", "delete", "truncate")
     ),
+    # Four eyes: the creator of a schedule is the login that inserted it, noted by the
+    # database (also for rows applications insert); a verdict is its login's own.
+    Trigger("feature_flag_schedules", "flagsched_note_creator"),
+    Trigger("feature_flag_recurrences", "flagsched_note_creator"),
+    Trigger("feature_flag_approvals", "flagsched_check_approval"),
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from flagsched.model import Time
 
@@ -39,6 +40,38 @@ class ScheduleRow(FailedRow):
     on_conflict: str
     recurrence_id: int | None
     reviewed_at: Time | None
+    approval_asked: bool  # scheduled with --approval (or made by a recurrence that was)
+    created_by: str | None  # the login that inserted it (NULL: inserted before approvals)
+    awaiting_approval: bool  # open, due, and a tick found it waiting for an approval
+    # Judged by the command (the policy against the flag as it is now), and the verdicts.
+    needs_approval: bool = False
+    approvals: tuple[ApprovalRow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRow:
+    """One verdict on a schedule (feature_flag_approvals): who (a database login), when."""
+
+    schedule_id: int
+    verdict: str  # approved, rejected
+    by: str
+    at: Time
+    note: str | None
+
+    def shown(self) -> dict[str, Any]:
+        """As `show` and `list` print it: {verdict, by, at, note}."""
+        return {"verdict": self.verdict, "by": self.by, "at": self.at, "note": self.note}
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalSubject:
+    """What `approve` checks of a schedule it holds the lock of."""
+
+    created_by: str | None
+    needs_approval: bool  # scheduled with --approval
+    awaiting: bool
+    me: str  # this session's login
+    approved: str | None  # "who at when" of an earlier approval
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +91,7 @@ class ChangeRow:
 class ShownSchedule(ScheduleRow):
     """`show ID`: the schedule, the attempts kept with it, the changes it made."""
 
-    attempts: object
+    attempts: object = None
     changes: tuple[ChangeRow, ...] = ()
 
 
@@ -102,6 +135,7 @@ class StateCounts:
     applied: int
     cancelled: int
     unknown: int  # a status outside the four
+    awaiting_approval: int  # due, counted in due too: waiting for a second person
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +186,10 @@ class OpenSchedule:
     # a change of its flag by another writer already recorded in its window: the tick will
     # fail it for good (on_conflict fail); the message the tick would write
     conflict: str | None = None
+    # Four eyes: asked for with --approval; a tick found it awaiting approval; approved.
+    needs_approval: bool = False
+    awaiting: bool = False
+    approved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +203,4 @@ class ActiveRecurrence:
     updates: object
     next_at: datetime | None
     expires_after: object  # a timedelta, or PostgreSQL's text of one Python cannot hold
+    needs_approval: bool = False  # each schedule it makes needs approval

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from typing import Any
 
+from flagsched.approval import ApprovalPolicy
 from flagsched.errors import ConfigError
 from flagsched.sql import BUILT_IN, TableMap, Tables
 
@@ -64,15 +65,6 @@ class SchedulesTable:
     created_by: str | None = None
     cancelled_by: str | None = None
     cancelled_at: str | None = None
-
-
-@dataclass(frozen=True)
-class ApprovalPolicy:
-    """`[approval]`: which changes need a second person (stored; acted on in a later release)."""
-
-    flags: tuple[str, ...] = ()
-    rollout_increase_over: int | None = None
-    enabling: bool = False
 
 
 @dataclass(frozen=True)

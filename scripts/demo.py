@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,21 @@ from scripts import pgserver
 
 # `make demo` leaves the agenda page here (build/ is ignored by git).
 AGENDA_PAGE = Path("build") / "agenda.html"
+
+
+def _docs_sql(name: str) -> str:
+    """The ```sql block after `<!-- sql:NAME -->` in docs/deploy.md: the demo sets up roles
+    and grants exactly as the documentation says."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    found = re.search(rf"<!-- sql:{re.escape(name)} -->\s*```sql\n(.*?)```", text, re.DOTALL)
+    if found is None:
+        raise SystemExit(f"docs/deploy.md has no sql:{name} block")
+    return found.group(1)
+
+
+def as_login(url: str, login: str) -> str:
+    """The demo database's URL as another login (the throwaway server trusts local logins)."""
+    return sa.make_url(url).set(username=login).render_as_string(hide_password=False)
 
 
 def _scalar(engine: sa.Engine, name: str) -> object:
@@ -41,10 +57,19 @@ def main() -> int:
         env = {**os.environ, "FLAGSCHED_DATABASE_URL": url, "FLAGSCHED_LOG_FORMAT": "console"}
         engine = make_engine(url)
 
-        def flagsched(*args: str) -> None:
-            print(f"$ flagsched {' '.join(args)}", flush=True)
+        def flagsched(*args: str, login: str | None = None, config: Path | None = None) -> None:
+            """The real CLI; `login`: as that database login (a person), `config`: with that
+            configuration file."""
+            shown = f"FLAGSCHED_CONFIG={config} " if config else ""
+            where = dict(env)
+            if login is not None:
+                where["FLAGSCHED_DATABASE_URL"] = as_login(url, login)
+                shown = f"[{login}] {shown}"
+            if config is not None:
+                where["FLAGSCHED_CONFIG"] = str(config)
+            print(f"{shown}$ flagsched {' '.join(args)}", flush=True)
             code = subprocess.run(
-                [sys.executable, "-m", "flagsched", *args], env=env, check=False
+                [sys.executable, "-m", "flagsched", *args], env=where, check=False
             ).returncode
             print(f"(exit {code})", flush=True)
 
@@ -148,6 +173,37 @@ def main() -> int:
         flagsched("plan", "--at", (soon + timedelta(days=2)).isoformat(), "--tz", "Europe/Berlin")
         AGENDA_PAGE.parent.mkdir(exist_ok=True)
         flagsched("agenda", "--tz", "Europe/Berlin", "--html", str(AGENDA_PAGE))
+        banner(
+            "Four eyes: payments changes need a second person. Two people, one database "
+            "login each (docs/deploy.md: roles and grants)"
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text(_docs_sql("roles")))
+            conn.execute(sa.text(statement("demo_two_people")))
+        with engine.begin() as conn:
+            conn.execute(sa.text(_docs_sql("grants-operator") + _docs_sql("grants-approver")))
+        sql("demo_add_payments_flag")
+        policy = AGENDA_PAGE.parent / "flagsched.toml"
+        policy.write_text(
+            '[approval]\nflags = ["payments-*"]\nrollout_increase_over = 50\nenabling = true\n'
+        )
+        print(policy.read_text(), end="", flush=True)
+        flagsched(
+            "schedule", "payments-v2", "--at", "now", "--enable", "--rollout", "100",
+            login="alice", config=policy,
+        )  # fmt: skip
+        banner("Tick 4: the change is due, but nobody else has approved it: it waits")
+        flagsched("process", config=policy)
+        flagsched("status", config=policy)
+        flagsched("list", "--flag", "payments-v2", config=policy)
+        waiting = str(_scalar(engine, "demo_last_schedule"))
+        banner("alice tries to approve her own change: refused")
+        flagsched("approve", waiting, login="alice", config=policy)
+        banner("bob approves it; the next tick applies it")
+        flagsched("approve", waiting, "--note", "checked with the payments team", login="bob",
+                  config=policy)  # fmt: skip
+        flagsched("process", config=policy)
+        flagsched("show", waiting, config=policy)
         banner("The flags now")
         show("demo_flags")
         banner("The schedules now")

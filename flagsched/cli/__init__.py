@@ -1,9 +1,9 @@
 """The command line: one click group. Settings and logging are configured once, on first
 use; this is the only place that exits, turning results and errors into exit codes. The
 commands live in one module per group: tick (process), authoring (schedule, ramp),
-operate (retry, cancel, prune, migrate), read (list, list-failed, status, recurrences,
-history, show), ahead (plan, agenda); their parameters in params, their output in
-flagsched.render."""
+operate (retry, cancel, approve, reject, prune, migrate), read (list, list-failed, status,
+recurrences, history, show), ahead (plan, agenda); their parameters in params, their output
+in flagsched.render."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ COMMANDS = {
     "ramp": ("authoring", "ramp"),
     "retry": ("operate", "retry"),
     "cancel": ("operate", "cancel"),
+    "approve": ("operate", "approve"),
+    "reject": ("operate", "reject"),
     "prune": ("operate", "prune"),
     "migrate": ("operate", "migrate"),
     "list": ("read", "list_"),

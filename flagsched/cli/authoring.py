@@ -21,6 +21,13 @@ from flagsched.cli.params import (
     tz_option,
 )
 
+APPROVAL = click.option(
+    "--approval",
+    "needs_approval",
+    is_flag=True,
+    help="A second person must approve it (`flagsched approve`) before it applies.",
+)
+
 
 def _updates(enabled: bool | None, rollout: int | None) -> Any:
     from flagsched.model import InvalidUpdates, Updates
@@ -68,6 +75,7 @@ def _warn_missing_flag(flag_key: str, what: str = "the schedule fails") -> None:
 @click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
 @EXPIRES
 @ON_CONFLICT
+@APPROVAL
 @pass_app
 def schedule(
     app: App,
@@ -81,6 +89,7 @@ def schedule(
     max_retries: int | None,
     expires_after: timedelta | None,
     on_conflict: str,
+    needs_approval: bool,
 ) -> int:
     """Add a pending schedule (prints its id), or with --cron a recurrence (prints its id)."""
     from flagsched import operators
@@ -110,6 +119,7 @@ def schedule(
             updates=updates,
             expires_after=expires_after,
             on_conflict=OnConflict(on_conflict),
+            needs_approval=needs_approval,
         )
         if not recurrence.flag_exists:
             _warn_missing_flag(flag_key, "each schedule it makes fails")
@@ -125,6 +135,7 @@ def schedule(
         max_retries=max_retries,
         expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
+        needs_approval=needs_approval,
     )
     if not added.flag_exists:
         _warn_missing_flag(flag_key)
@@ -153,6 +164,7 @@ def schedule(
 @click.option("--enable", is_flag=True, help="Each step also sets enabled true.")
 @EXPIRES
 @ON_CONFLICT
+@APPROVAL
 @pass_app
 def ramp(
     app: App,
@@ -164,6 +176,7 @@ def ramp(
     enable: bool,
     expires_after: timedelta | None,
     on_conflict: str,
+    needs_approval: bool,
 ) -> int:
     """Add a rollout ramp: one schedule per step, one group; prints the ids in order."""
     from flagsched import operators
@@ -180,12 +193,18 @@ def ramp(
         every=every,
         expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
+        needs_approval=needs_approval,
     )
     if not added.flag_exists:
         _warn_missing_flag(flag_key, "each step fails")
     for step in added.steps:
         click.echo(step.id)
     group_id = added.group_id
+    if needs_approval:
+        click.echo(
+            f"flagsched: approve it with `flagsched approve --group {group_id}` (another login)",
+            err=True,
+        )
     click.echo(
         f"flagsched: ramp group {group_id}; stop it with `flagsched cancel --group {group_id}`",
         err=True,

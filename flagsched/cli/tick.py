@@ -122,6 +122,7 @@ def process(
         retry_max_delay=settings.retry_max_delay,
         max_retries_override=settings.max_retries_override,
         max_lateness=settings.max_lateness,
+        approval=app.configuration.approval,
     )
     database = app.database()
     if dry_run:

@@ -62,6 +62,7 @@ class Tables:
     schedules: TableMap = TableMap("feature_flag_schedules")
     changes: TableMap = TableMap("feature_flag_changes")
     recurrences: TableMap = TableMap("feature_flag_recurrences")
+    approvals: TableMap = TableMap("feature_flag_approvals")  # four eyes (migration 0008)
 
     def table(self, logical: str) -> TableMap | None:
         found = getattr(self, logical, None)

@@ -21,6 +21,10 @@
 -- scans and sorts every open row: 2x slower beside 200,000 applied rows).
 status IN ('pending', 'failed') AND (status <> 'failed' OR {waiting_row})
 
+-- name: awaiting_approval
+-- Four eyes: open, due, and waiting for an approval it has not got (a tick marked it).
+(awaiting_approval_since IS NOT NULL AND {open_schedule})
+
 -- name: time_min
 -- The readable time range: years 1..9999, what Python holds (the claim,
 -- flagsched_claim_v2 of migration 0006, clamps to the same).
@@ -56,7 +60,8 @@ AS updates
 id, flag_key, scheduled_at, {shown_updates}, status, retry_count, max_retries,
 next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
 updated_at, (status = 'failed' AND NOT {waiting}) AS permanent,
-group_id, expires_at, on_conflict, recurrence_id, reviewed_at
+group_id, expires_at, on_conflict, recurrence_id, reviewed_at,
+needs_approval AS approval_asked, created_by, {awaiting_approval} AS awaiting_approval
 
 -- ==================== filters the callers choose ========================================
 
@@ -233,13 +238,36 @@ SELECT now()
 -- ==================== the tick ==========================================================
 
 -- name: claim
--- flagsched_claim_v2 (migration 0006): a stored function, so its plan is cached per
--- server connection even behind a pooler (no client-side prepared statements). It claims
--- only schedules that can move: none held back behind an open one not due.
-SELECT * FROM flagsched_claim_v2(%(limit)s, %(lock)s)
+-- flagsched_claim_v3 (migration 0009; 0006's flagsched_claim_v2 plus approvals): a stored
+-- function, so its plan is cached per server connection even behind a pooler (no
+-- client-side prepared statements). It claims only schedules that can move: none held back
+-- behind an open one not due, none awaiting approval (unless past its lateness).
+SELECT * FROM flagsched_claim_v3(%(limit)s, %(lock)s, make_interval(secs => %(lateness)s))
 
 -- name: held_back
-SELECT * FROM flagsched_held_back_v1(%(limit)s)
+SELECT * FROM flagsched_held_back_v2(%(limit)s, make_interval(secs => %(lateness)s))
+
+-- name: lock_flags
+-- Four eyes: the flags whose changes the tick judges, locked as flagsched_apply_v4 locks
+-- them (the same order, the same strength), so the policy is judged against the flag as
+-- it is when the change is written; the flags another session holds are left out.
+SELECT {flags.key} AS key, {flags.enabled} AS enabled,
+       {flags.rollout_percentage} AS rollout_percentage
+FROM {flags} WHERE {flags.key} = ANY(%(keys)s)
+ORDER BY {flags.key}
+FOR NO KEY UPDATE SKIP LOCKED
+
+-- name: lock_flag_waiting
+-- The same for one flag another session held: waited for (up to lock_timeout).
+SELECT {flags.key} AS key, {flags.enabled} AS enabled,
+       {flags.rollout_percentage} AS rollout_percentage
+FROM {flags} WHERE {flags.key} = %(key)s
+FOR NO KEY UPDATE
+
+-- name: mark_awaiting
+-- Due, needing an approval it has not got: the claim passes it over from now on.
+UPDATE {schedules} SET awaiting_approval_since = %(now)s
+WHERE id = ANY(%(ids)s) AND awaiting_approval_since IS NULL
 
 -- name: apply
 -- flagsched_apply_v4 (migration 0007): lock, decide, write set-based; a failed write fails
@@ -294,12 +322,17 @@ SELECT pg_notify({NOTIFY_CHANNEL}, %(notice)s::text) WHERE %(notice)s::text IS N
 -- name: backlog
 -- Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at
 -- the end of every tick and for `status --max-lag`, every minute, on tables of millions
--- of rows.
+-- of rows. A schedule awaiting approval counts as due but not towards the oldest due
+-- age: a person, not the tick, is what it waits for (flagsched_awaiting_approval says so).
 WITH pending AS (
-    SELECT count(*) AS n, min(scheduled_at) AS oldest FROM {schedules}
+    SELECT count(*) AS n,
+           min(scheduled_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
+    FROM {schedules}
     WHERE status = 'pending' AND scheduled_at <= %(now)s
 ), retries AS (
-    SELECT count(*) AS n, min(next_retry_at) AS oldest FROM {schedules}
+    SELECT count(*) AS n,
+           min(next_retry_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
+    FROM {schedules}
     WHERE next_retry_at <= %(now)s AND {waiting}
 )
 SELECT pending.n + retries.n AS due,
@@ -314,6 +347,19 @@ SELECT pending.n + retries.n AS due,
             WHERE next_retry_at > %(now)s AND {waiting})
        ) AS next_due_at
 FROM pending, retries
+
+-- name: awaiting_backlog
+-- The due schedules awaiting approval, and since when the oldest waits: a tick marks them
+-- only when due, so the due indexes find them (idx_schedules_pending_due,
+-- idx_schedules_next_retry_at), as `backlog` reads them.
+SELECT count(*) AS n, min(awaiting_approval_since) AS oldest FROM (
+    SELECT awaiting_approval_since FROM {schedules}
+    WHERE status = 'pending' AND scheduled_at <= %(now)s
+      AND awaiting_approval_since IS NOT NULL
+    UNION ALL
+    SELECT awaiting_approval_since FROM {schedules}
+    WHERE next_retry_at <= %(now)s AND {waiting} AND awaiting_approval_since IS NOT NULL
+) AS a
 
 -- ==================== recurrences: materialise ==========================================
 
@@ -363,7 +409,8 @@ SELECT
   count(*) FILTER (WHERE status = 'applied') AS applied,
   count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
   count(*) FILTER (WHERE status NOT IN ('pending', 'failed', 'applied', 'cancelled'))
-    AS unknown
+    AS unknown,
+  count(*) FILTER (WHERE {awaiting_approval}) AS awaiting_approval
 FROM {schedules}
 
 -- name: existing_flags
@@ -429,7 +476,11 @@ END AS defect,
 CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
     (SELECT left(k.message, {MAX_TEXT}) FROM flagsched_check_v2(id, CAST(NULL AS interval)) k
      WHERE k.outcome = 'conflict')
-END AS conflict
+END AS conflict,
+-- four eyes: asked for, a tick found it awaiting, approved (idx_approvals_schedule)
+needs_approval, awaiting_approval_since IS NOT NULL AS awaiting,
+EXISTS (SELECT 1 FROM {approvals} a WHERE a.schedule_id = {schedules}.id
+        AND a.verdict = 'approved') AS approved
 
 -- name: schedules_ahead
 -- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied
@@ -442,7 +493,7 @@ LIMIT %(limit)s
 -- name: recurrences_ahead
 -- an index range of idx_recurrences_due
 SELECT id, flag_key, cron, timezone, {shown_updates},
-       {clamped_time(next_at)} AS next_at, expires_after
+       {clamped_time(next_at)} AS next_at, expires_after, needs_approval
 FROM {recurrences}
 WHERE {where}
 ORDER BY next_at NULLS LAST, id
@@ -451,9 +502,9 @@ ORDER BY next_at NULLS LAST, id
 
 -- name: insert_schedule
 INSERT INTO {schedules}
-    (flag_key, scheduled_at, updates, max_retries, expires_at, on_conflict)
+    (flag_key, scheduled_at, updates, max_retries, expires_at, on_conflict, needs_approval)
 SELECT %(k)s, t.at, CAST(%(u)s AS jsonb), coalesce(CAST(%(m)s AS integer), 3),
-       t.at + CAST(%(e)s AS interval), %(c)s
+       t.at + CAST(%(e)s AS interval), %(c)s, %(approval)s
 FROM (SELECT coalesce(CAST(%(at)s AS timestamptz), now()) AS at) AS t
 RETURNING id
 
@@ -488,6 +539,40 @@ SET status = 'pending', retry_count = 0, next_retry_at = NULL, updated_at = now(
              AND greatest(scheduled_at, reviewed_at) BETWEEN '0001-01-01' AND now()
         THEN expires_at + (now() - greatest(scheduled_at, reviewed_at))
         ELSE expires_at END
+WHERE id = %(i)s
+
+-- name: approvals_of
+-- The verdicts on these schedules, oldest first (idx_approvals_schedule).
+SELECT schedule_id, verdict, decided_by AS by, decided_at AS at,
+       left(note, {MAX_TEXT}) AS note
+FROM {approvals} WHERE schedule_id = ANY(%(ids)s)
+ORDER BY schedule_id, id
+
+-- name: add_verdict
+-- Who and when are the database's (the trigger flagsched_check_approval_v1 sets
+-- session_user and now(), and refuses an approval by the schedule's creator).
+INSERT INTO {approvals} (schedule_id, verdict, decided_by, note)
+VALUES (%(i)s, %(verdict)s, session_user, %(note)s)
+RETURNING decided_by, decided_at
+
+-- name: approval_subject
+-- What `approve` needs to know of a locked schedule: its creator, whether it needs
+-- approval by itself, and an earlier approval.
+SELECT s.created_by, s.needs_approval, s.awaiting_approval_since IS NOT NULL AS awaiting,
+       session_user AS me,
+       (SELECT a.decided_by || ' at ' || CAST(a.decided_at AS text) FROM {approvals} a
+        WHERE a.schedule_id = s.id AND a.verdict = 'approved' ORDER BY a.id LIMIT 1)
+           AS approved
+FROM {schedules} s WHERE s.id = %(i)s
+
+-- name: clear_awaiting
+-- Approved: the next tick claims it (and applies it, its flag's turn permitting).
+UPDATE {schedules} SET awaiting_approval_since = NULL, updated_at = now()
+WHERE id = %(i)s
+
+-- name: mark_rejected
+UPDATE {schedules} SET status = 'cancelled', next_retry_at = NULL,
+    awaiting_approval_since = NULL, updated_at = now()
 WHERE id = %(i)s
 
 -- name: mark_cancelled
@@ -541,6 +626,8 @@ WHERE ({prunable}) AND id <> ALL (%(skip)s)
 LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 
 -- name: delete_schedules
+-- A schedule's verdicts (four eyes) go with it.
+WITH verdicts AS (DELETE FROM {approvals} WHERE schedule_id = ANY (%(ids)s))
 DELETE FROM {schedules} WHERE id = ANY (%(ids)s)
 
 -- ==================== authoring =========================================================
@@ -551,10 +638,10 @@ WITH g AS (
            coalesce(CAST(%(start)s AS timestamptz), now()) AS t0
 )
 INSERT INTO {schedules}
-    (flag_key, scheduled_at, updates, group_id, expires_at, on_conflict)
+    (flag_key, scheduled_at, updates, group_id, expires_at, on_conflict, needs_approval)
 SELECT %(k)s, g.t0 + (u.n - 1) * CAST(%(every)s AS interval), CAST(u.updates AS jsonb),
        g.id, g.t0 + (u.n - 1) * CAST(%(every)s AS interval)
-             + CAST(%(expires)s AS interval), %(c)s
+             + CAST(%(expires)s AS interval), %(c)s, %(approval)s
 FROM g, unnest(CAST(%(updates)s AS text[])) WITH ORDINALITY AS u(updates, n)
 ORDER BY u.n
 RETURNING group_id, id, scheduled_at
@@ -564,9 +651,9 @@ SELECT id FROM {schedules} WHERE group_id = %(g)s ORDER BY scheduled_at, id
 
 -- name: insert_recurrence
 INSERT INTO {recurrences}
-    (flag_key, cron, timezone, updates, next_at, expires_after, on_conflict)
+    (flag_key, cron, timezone, updates, next_at, expires_after, on_conflict, needs_approval)
 VALUES (%(k)s, %(cron)s, %(tz)s, CAST(%(u)s AS jsonb), %(next)s,
-        CAST(%(e)s AS interval), %(c)s)
+        CAST(%(e)s AS interval), %(c)s, %(approval)s)
 RETURNING id
 
 -- name: lock_recurrence
@@ -831,6 +918,17 @@ INSERT INTO feature_flags (key) VALUES ('maintenance-mode')
 
 -- name: demo_last_group
 SELECT max(group_id) FROM feature_flag_schedules
+
+-- name: demo_two_people
+-- Four eyes: two people, one login each, both may operate and approve (docs/deploy.md).
+CREATE ROLE alice LOGIN IN ROLE flagsched_operator, flagsched_approver;
+CREATE ROLE bob LOGIN IN ROLE flagsched_operator, flagsched_approver
+
+-- name: demo_add_payments_flag
+INSERT INTO feature_flags (key) VALUES ('payments-v2')
+
+-- name: demo_last_schedule
+SELECT max(id) FROM feature_flag_schedules
 
 -- name: demo_cron_was_down
 -- Cron was down for three weeks.

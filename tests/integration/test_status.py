@@ -59,6 +59,7 @@ def test_max_lag_computes_only_what_the_health_check_needs(
         "applied",
         "cancelled",
         "unknown",
+        "awaiting_approval",
         "oldest_due_at",
         "oldest_due_age_seconds",
         "next_due_at",
