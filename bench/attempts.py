@@ -16,56 +16,28 @@ from flagsched import migrate, repository
 from flagsched.db import Conn
 from flagsched.model import Outcome, Result
 from flagsched.schema import make_engine
+from flagsched.sql import statement
 from scripts import pgserver
-
-# The record as it was before 0006 (the applied branch: what every row of the batch takes):
-# a copy on purpose, the "before" this script measures; "after" is the repository's record
-# (flagsched/sql/queries.sql).
-OLD_RECORD = """
-    UPDATE feature_flag_schedules AS s
-    SET status = 'applied', applied_at = %(now)s, next_retry_at = NULL, last_error = NULL,
-        updated_at = %(now)s,
-        attempts = CASE WHEN a.made = 0 THEN '[]'::jsonb ELSE s.attempts END
-            || jsonb_build_array(jsonb_build_object(
-            'attempt', a.made + 1, 'at', %(at)s::text, 'outcome', 'applied', 'error', NULL))
-    FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(made)s AS integer[])) AS a(id, made)
-    WHERE s.id = a.id
-"""
 
 
 def _seed(conn: Conn, rows: int) -> int:
-    conn.execute(
-        "INSERT INTO feature_flags (key) SELECT 'f' || n FROM generate_series(1, %(n)s) n",
-        {"n": rows},
-    )
-    conn.execute(
-        """
-        INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, attempts)
-        SELECT 'f' || n, now() - interval '1 minute', '{"enabled": true}', a.v
-        FROM generate_series(1, %(n)s) n,
-             (SELECT jsonb_agg(jsonb_build_object(
-                 'attempt', i, 'at', '2026-01-01T00:00:00Z', 'outcome', 'retry',
-                 'error', (SELECT string_agg(md5(random()::text || i || m), '')
-                           FROM generate_series(1, 28) m)) ORDER BY i) AS v
-              FROM generate_series(1, 1000) i) a
-        """,
-        {"n": rows},
-    )
+    conn.execute(statement("bench_attempts_flags"), {"n": rows})
+    conn.execute(statement("bench_attempts_schedules"), {"n": rows})
     conn.commit()
-    size = conn.execute("SELECT avg(pg_column_size(attempts))::int FROM feature_flag_schedules")
+    size = conn.execute(statement("bench_attempts_size"))
     return int(size.fetchone()[0])  # type: ignore[index]
 
 
 def _old(conn: Conn, rows: int) -> tuple[float, float]:
     with conn.transaction(force_rollback=True):
         started = time.perf_counter()
-        claimed = conn.execute("SELECT * FROM flagsched_claim_v1(%(n)s, true)", {"n": rows})
+        claimed = conn.execute(statement("bench_old_claim"), {"n": rows})
         found = claimed.fetchall()
         claim = time.perf_counter() - started
         now = found[0][0]
         started = time.perf_counter()
         conn.execute(
-            OLD_RECORD,
+            statement("bench_old_record"),
             {
                 "now": now,
                 "at": now.astimezone(UTC).isoformat(),
@@ -94,7 +66,7 @@ def main() -> None:
         url = server.url()
         migrate.upgrade(make_engine(url))
         with psycopg.connect(url) as conn:
-            conn.execute("SET statement_timeout = 0")
+            conn.execute(statement("bench_no_statement_timeout"))
             size = _seed(conn, rows)
             print(f"{rows} schedules, attempts of {size:,} bytes each as stored")
             for label, run in (("before", _old), ("after", _new)):

@@ -29,14 +29,10 @@ from bench.cluster import (
     run_measuring_memory,
 )
 from flagsched.db import Conn, Database, connection
+from flagsched.sql import statement
 
 DRAIN_FLAGS, DRAIN_SCHEDULES = 10_000, 30_000
 DRAIN_ARGS = ("--batch-size", "100", "--max-batches", "1000")
-# The same drain with the record's triggers off (what feature_flag_changes costs).
-RECORD_OFF = ";".join(
-    f"ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_{event}"
-    for event in ("insert", "update_v2", "update_moved", "delete")  # 0006: update_*
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +131,7 @@ def _drain_once(b: Bench, kind: str, label: str, setup: str = "") -> tuple[Ran, 
     b.cluster.quiesce()
     url = b.cluster.url_for(db)
     if kind == "record-off":
-        b.cluster.sql(db, RECORD_OFF)
+        b.cluster.sql(db, statement("bench_record_off"))
     if kind == "reference":
         # The best plain code: set-based raw psycopg with psycopg's default prepared
         # statements on a direct connection (not pooler-safe; flagsched is held to pooler
@@ -337,13 +333,13 @@ def _claim_plans(conn: Conn, limit: int) -> tuple[str, str]:
     revision = importlib.import_module(
         "flagsched.migrations.versions.0006_movable_claim_exact_history"
     )
-    statement = revision.claim_query(lock=True, limit="%(limit)s")
+    claim = revision.claim_query(lock=True, limit="%(limit)s")
     with conn.transaction(force_rollback=True):
-        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, {"limit": limit}).fetchall()
+        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + claim, {"limit": limit}).fetchall()
         custom = "\n".join(str(r[0]) for r in rows)
-    positional = statement.replace("%(limit)s", "$1")
+    positional = claim.replace("%(limit)s", "$1")
     with conn.transaction(force_rollback=True):
-        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.execute(statement("bench_generic_plans"))
         conn.execute(f"PREPARE bench_claim (bigint) AS {positional}")
         rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_claim ({limit})").fetchall()
         generic = "\n".join(str(r[0]) for r in rows)
@@ -507,17 +503,6 @@ def _heaviest_imports(found: list[Imported], count: int = 6) -> list[str]:
 
 # -- 4. Failure path ------------------------------------------------------------------------
 
-# Transient failures from the database side: every flag whose number ends in 0 (10 %) refuses
-# to be updated, as a trigger raising an error would.
-FAILING_TRIGGER = """
-CREATE FUNCTION bench_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'bench: injected transient failure for %', NEW.key;
-END $$;
-CREATE TRIGGER bench_refuse BEFORE UPDATE ON feature_flags
-    FOR EACH ROW WHEN (right(NEW.key, 1) = '0') EXECUTE FUNCTION bench_refuse();
-"""
-
 
 def failure_path(b: Bench) -> Case:
     case = Case("4. Failure path")
@@ -532,16 +517,10 @@ def failure_path(b: Bench) -> Case:
     cpus: list[float] = []
     problems: list[str] = []
     for i in range(runs):
-        ran, db = _drain_once(b, "flagsched", f"failure-{i}", FAILING_TRIGGER)
+        ran, db = _drain_once(b, "flagsched", f"failure-{i}", statement("bench_failing_trigger"))
         statuses = b.cluster.statuses(db)
-        waiting = b.cluster.value(
-            db,
-            "SELECT count(*) FROM feature_flag_schedules WHERE status = 'failed' "
-            "AND retry_count = 1 AND next_retry_at > now() AND last_error LIKE '%injected%'",
-        )
-        touched = b.cluster.value(
-            db, "SELECT count(*) FROM feature_flags WHERE right(key, 1) = '0' AND enabled"
-        )
+        waiting = b.cluster.value(db, statement("bench_injected_waiting"))
+        touched = b.cluster.value(db, statement("bench_refusing_flags_enabled"))
         b.cluster.drop(db)
         if ran.code != 0 or statuses != expected or waiting != failing_flags or touched:
             problems.append(
@@ -586,30 +565,6 @@ def failure_path(b: Bench) -> Case:
 
 # -- 5. Overlap -----------------------------------------------------------------------------
 
-# Proof of exactly-once from inside the database: every write of status 'applied' to a
-# schedule, and every write to a flag in commit order (a flag row stays locked until commit).
-AUDIT_TRIGGERS = """
-CREATE TABLE bench_applications (schedule_id bigint NOT NULL);
-CREATE TABLE bench_flag_writes (
-    seq bigserial PRIMARY KEY, flag_key text NOT NULL, rollout integer NOT NULL);
-CREATE FUNCTION bench_audit_schedules() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO bench_applications SELECT id FROM new_rows WHERE status = 'applied';
-    RETURN NULL;
-END $$;
-CREATE FUNCTION bench_audit_flags() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO bench_flag_writes (flag_key, rollout)
-        SELECT key, rollout_percentage FROM new_rows ORDER BY key;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER bench_audit_schedules AFTER UPDATE ON feature_flag_schedules
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
-    EXECUTE FUNCTION bench_audit_schedules();
-CREATE TRIGGER bench_audit_flags AFTER UPDATE ON feature_flags
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_audit_flags();
-"""
-
 
 def overlap(b: Bench) -> Case:
     case = Case("5. Overlap")
@@ -627,7 +582,7 @@ def overlap(b: Bench) -> Case:
     all_ok = True
     for n in (1, 2, 4):
         db = b.cluster.clone(DRAIN_TEMPLATE)
-        b.cluster.sql(db, AUDIT_TRIGGERS)
+        b.cluster.sql(db, statement("bench_audit_triggers"))
         b.cluster.quiesce()
         url = b.cluster.url_for(db)
         procs = [
@@ -640,16 +595,8 @@ def overlap(b: Bench) -> Case:
         wall = max(r.seconds for r in done)
         applied_each = [len(_json_events(r, "schedule_applied")) for r in done]
         logged_ids = [e["schedule_id"] for r in done for e in _json_events(r, "schedule_applied")]
-        applications, distinct = b.cluster.rows(
-            db, "SELECT count(*), count(DISTINCT schedule_id) FROM bench_applications"
-        )[0]
-        violations = b.cluster.value(
-            db,
-            """SELECT count(*) FROM (
-                   SELECT rollout, lag(rollout) OVER (PARTITION BY flag_key ORDER BY seq) AS prev
-                   FROM bench_flag_writes) AS w
-               WHERE prev >= rollout""",
-        )
+        applications, distinct = b.cluster.rows(db, statement("bench_applications"))[0]
+        violations = b.cluster.value(db, statement("bench_order_violations"))
         wrong = b.cluster.final_state_errors(db)
         statuses = b.cluster.statuses(db)
         b.cluster.drop(db)
@@ -736,19 +683,12 @@ def hostile_memory(b: Bench) -> Case:
     none of them whole, so the tick stays under the CronJob's 256 MiB whatever rows hold."""
     case = Case("7. Memory with hostile rows")
     with b.database() as db:
-        b.cluster.sql(
-            db,
-            """
-            INSERT INTO feature_flags (key) VALUES ('hostile'), ('fine');
-            INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
-            SELECT 'hostile', now() - interval '1 minute' + g * interval '1 ms',
-                   jsonb_build_object('enabled', repeat(chr(97 + g % 26), %(size)s))
-            FROM generate_series(1, %(rows)s) g;
-            """.replace("%(size)s", str(HOSTILE_BYTES - 20)).replace("%(rows)s", str(HOSTILE_ROWS)),
+        seed = statement(
+            "bench_seed_hostile",
+            literals={"hostile_size": HOSTILE_BYTES - 20, "hostile_rows": HOSTILE_ROWS},
         )
-        size = b.cluster.rows(
-            db, "SELECT min(octet_length(CAST(updates AS text))) FROM feature_flag_schedules"
-        )[0][0]
+        b.cluster.sql(db, seed)
+        size = b.cluster.value(db, statement("bench_smallest_updates"))
         url = b.cluster.url_for(db)
         ran = run_measuring_memory(
             flagsched_command("process", "--batch-size", str(HOSTILE_ROWS)),
@@ -756,9 +696,7 @@ def hostile_memory(b: Bench) -> Case:
             b.log("memory-hostile"),
         )
         failed = len(_json_events(ran, "schedule_failed"))
-        longest = b.cluster.rows(db, "SELECT max(length(last_error)) FROM feature_flag_schedules")[
-            0
-        ][0]
+        longest = b.cluster.value(db, statement("bench_longest_error"))
         if ran.code != 1 or failed != HOSTILE_ROWS:
             raise RuntimeError(f"hostile memory run: exit {ran.code}, {failed} failed")
     peak = ran.max_rss_mb
@@ -781,18 +719,6 @@ def hostile_memory(b: Bench) -> Case:
 
 
 # -- 8. `flagsched list` beside applied history --------------------------------------------
-
-_OPEN_SQL = """
-INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status, retry_count,
-                                    next_retry_at)
-SELECT 'flag-' || lpad((g %% 10000)::text, 5, '0'),
-       now() + g * interval '1 second',
-       '{"rollout_percentage": 50}',
-       CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'pending' END,
-       CASE WHEN g %% 10 = 0 THEN 1 ELSE 0 END,
-       CASE WHEN g %% 10 = 0 THEN now() + interval '5 minutes' END
-FROM generate_series(1, %(count)s) AS g
-"""
 
 
 def list_vs_history(b: Bench) -> Case:
@@ -818,7 +744,7 @@ def list_vs_history(b: Bench) -> Case:
     for level in (0, history):
         db = b.cluster.clone(TEMPLATE)
         b.cluster.seed(db, flags=DRAIN_FLAGS, history=level)
-        b.cluster.sql(db, _OPEN_SQL, {"count": open_rows})
+        b.cluster.sql(db, statement("bench_seed_open"), {"count": open_rows})
         b.cluster.vacuum(db)
         databases[level] = db
         progress(f"list: seeded {level:,} applied rows")
@@ -920,7 +846,7 @@ def settings_cost(b: Bench) -> Case:
     rounds, per_round = b.runs(6), 2000
     with b.database() as db:
         database = Database(b.cluster.url_for(db))
-        bare, ours = "BEGIN", database.begin_sql()
+        bare, ours = statement("bench_bare_begin"), database.begin_sql()
         seconds: dict[str, list[float]] = {bare: [], ours: []}
         with connection(database) as conn:
             for i in range(rounds):
@@ -998,14 +924,8 @@ MIGRATE_SCHEDULES, MIGRATE_APPLIED = 1_000_000, 900_000
 # What an application does meanwhile, each statement on its own (autocommit), one after
 # another: switch a flag, and add a schedule.
 _APP_WRITES = {
-    "flag UPDATE": (
-        "UPDATE feature_flags SET rollout_percentage = (rollout_percentage + 1) %% 101 "
-        "WHERE key = 'flag-' || lpad((%(n)s %% 1000)::text, 5, '0')"
-    ),
-    "schedule INSERT": (
-        "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) "
-        "VALUES ('flag-00001', now() + interval '1 day', '{\"enabled\": true}')"
-    ),
+    "flag UPDATE": statement("app_flag_update"),
+    "schedule INSERT": statement("app_schedule_insert"),
 }
 
 # The migration as it ran before revisions got a transaction each: alembic inside one
@@ -1058,7 +978,7 @@ class _Revisions(threading.Thread):
     def run(self) -> None:
         with psycopg.connect(self.url, autocommit=True) as conn:
             while not self.stop.is_set():
-                row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                row = conn.execute(statement("schema_revision")).fetchone()
                 version = str(row[0]) if row else ""
                 if not self.seen or self.seen[-1][1] != version:
                     self.seen.append((time.perf_counter(), version))
@@ -1112,7 +1032,7 @@ def _migrate_under_load(b: Bench, mode: str) -> dict[str, Any]:
         for thread in threads:
             thread.stop.set()
             thread.join(timeout=60)
-        at = b.cluster.value(db, "SELECT version_num FROM alembic_version")
+        at = b.cluster.value(db, statement("schema_revision"))
     order = [MIGRATE_FROM, *_revisions_after(MIGRATE_FROM)]
     result: dict[str, Any] = {"seconds": ran.seconds, "code": ran.code, "at": at}
     result["errors"] = [str(w.error) for w in writers.values() if w.error]

@@ -1,9 +1,10 @@
 """The benchmark's PostgreSQL, its databases and data, and flagsched run as a real process.
 
-The SQL here (and the seeds, triggers and checks in bench/cases.py) makes and inspects
-test data, or plays the application's own writers: none of it is a statement flagsched
-sends. Those are named in flagsched/sql/queries.sql, and the cases reach them through the
-repository or the `flagsched` command; bench/reference.py keeps its own on purpose."""
+The SQL that makes and inspects test data, or plays the application's own writers, is named
+in flagsched/sql/queries.sql (its section "the application's side"), read by the same loader
+as flagsched's own statements; what is left here is the harness's upkeep of whole databases
+(CREATE / DROP DATABASE from a template, CHECKPOINT, VACUUM ANALYZE). bench/reference.py
+keeps its own statements on purpose: it is the yardstick."""
 
 from __future__ import annotations
 
@@ -20,29 +21,11 @@ from typing import Any
 
 import psycopg
 
+from flagsched.sql import statement
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "bench_migrated"
 DRAIN_TEMPLATE = "bench_drain"
-
-# One backlog shape for every drain: schedule g belongs to flag g % flags and is that flag's
-# (g // flags)-th change, due in (scheduled_at, id) order. Every schedule sets both fields and
-# rollout_percentage grows with the ordinal, so the last applied schedule of a flag is its
-# final state and any out-of-order write shows as a rollout going down.
-_FLAGS_SQL = """
-INSERT INTO feature_flags (key)
-SELECT 'flag-' || lpad(g::text, 5, '0') FROM generate_series(0, %(flags)s - 1) AS g
-"""
-_SCHEDULES_SQL = """
-INSERT INTO feature_flag_schedules
-    (flag_key, scheduled_at, updates, status, applied_at)
-SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'),
-       %(since)s::timestamptz + g * interval '1 millisecond',
-       jsonb_build_object('enabled', (g / %(flags)s) %% 2 = 0,
-                          'rollout_percentage', least(g / %(flags)s + 1, 100)),
-       %(status)s,
-       CASE WHEN %(status)s = 'applied' THEN %(since)s::timestamptz + g * interval '1 ms' END
-FROM generate_series(0, %(count)s - 1) AS g
-"""
 
 
 class Cluster:
@@ -104,10 +87,10 @@ class Cluster:
         """`flags` flags; `history` applied schedules, then `schedules` due ones, all past."""
         with psycopg.connect(self.url_for(database)) as conn:
             if flags:
-                conn.execute(_FLAGS_SQL, {"flags": flags})
+                conn.execute(statement("bench_seed_flags"), {"flags": flags})
             if history:
                 conn.execute(
-                    _SCHEDULES_SQL,
+                    statement("bench_seed_schedules"),
                     {
                         "flags": flag_span,
                         "count": history,
@@ -117,7 +100,7 @@ class Cluster:
                 )
             if schedules:
                 conn.execute(
-                    _SCHEDULES_SQL,
+                    statement("bench_seed_schedules"),
                     {
                         "flags": flag_span,
                         "count": schedules,
@@ -131,38 +114,16 @@ class Cluster:
         if count:
             self.sql(
                 database,
-                """
-                INSERT INTO feature_flag_changes (flag_key, changed_at, actor, old_enabled,
-                    old_rollout_percentage, new_enabled, new_rollout_percentage)
-                SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'), timestamptz '2000-01-01'
-                       + make_interval(secs => g), 'app_rw (seed)', false, 0, true, g %% 101
-                FROM generate_series(1, %(count)s) g
-                """,
+                statement("bench_seed_changes"),
                 {"flags": flag_span, "count": count},
             )
 
     def final_state_errors(self, database: str) -> int:
         """Flags whose state is not the one their last applied schedule set."""
-        return int(
-            self.value(
-                database,
-                """
-                SELECT count(*) FROM feature_flags f
-                JOIN (SELECT DISTINCT ON (flag_key) flag_key, updates
-                      FROM feature_flag_schedules WHERE status = 'applied'
-                      ORDER BY flag_key, scheduled_at DESC, id DESC) AS last
-                  ON last.flag_key = f.key
-                WHERE f.enabled IS DISTINCT FROM (last.updates->>'enabled')::boolean
-                   OR f.rollout_percentage
-                      IS DISTINCT FROM (last.updates->>'rollout_percentage')::integer
-                """,
-            )
-        )
+        return int(self.value(database, statement("bench_final_state_errors")))
 
     def statuses(self, database: str) -> dict[str, int]:
-        rows = self.rows(
-            database, "SELECT status, count(*) FROM feature_flag_schedules GROUP BY status"
-        )
+        rows = self.rows(database, statement("bench_statuses"))
         return {str(status): int(count) for status, count in rows}
 
 

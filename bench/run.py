@@ -74,13 +74,10 @@ def _load() -> str:
 def describe_machine(cluster: Cluster, load_before: str) -> list[tuple[str, str]]:
     import psycopg
 
-    settings = dict(
-        cluster.admin(
-            "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN "
-            "('fsync', 'synchronous_commit', 'shared_buffers', 'jit', 'max_wal_size')"
-        )
-    )
-    server = cluster.admin("SHOW server_version")[0][0]
+    from flagsched.sql import statement
+
+    settings = dict(cluster.admin(statement("bench_server_settings")))
+    server = cluster.admin(statement("bench_server_version"))[0][0]
     os_name = platform.freedesktop_os_release().get("PRETTY_NAME", platform.system())
     return [
         ("date", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),

@@ -22,6 +22,7 @@ from psycopg.types.json import set_json_loads
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
 from flagsched.model import Unreadable
+from flagsched.sql import statement
 from flagsched.urls import database_url_problem, describe_database, url_secrets
 from flagsched.urls import one_line as one_line  # where the repository finds it
 
@@ -48,28 +49,20 @@ class Database:
     statement_timeout: float | None = 30
     application_name: str = APPLICATION_NAME
 
-    def settings(self) -> list[tuple[str, str]]:
-        """Every session setting a flagsched transaction runs with, as (name, SQL value)."""
-        return [
-            # Whole milliseconds, rounded up: a tiny timeout must not become 0 (none).
-            ("lock_timeout", str(math.ceil(self.lock_timeout * 1000))),
-            ("statement_timeout", str(math.ceil((self.statement_timeout or 0) * 1000))),
-            # A crashed or stuck tick must never keep its claimed rows locked for long.
-            ("idle_in_transaction_session_timeout", "60000"),
-            ("timezone", "'UTC'"),
-            # JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
-            ("jit", "off"),
-        ]
-
     def settings_sql(self) -> str:
-        """The settings as SET LOCAL statements. Per transaction, not per session: behind a
-        transaction-mode pooler each transaction may run on another server connection, and a
-        startup parameter (`options`) is refused or dropped there."""
-        return "; ".join(f"SET LOCAL {name} = {value}" for name, value in self.settings())
+        """The session settings as SET LOCAL statements (queries.sql `session_settings`)."""
+        return statement("session_settings", literals=self._timeouts())
 
     def begin_sql(self) -> str:
-        """BEGIN and the settings as one simple-protocol query: one round trip."""
-        return f"BEGIN; {self.settings_sql()}"
+        """A transaction's start and its settings as one simple-protocol query (one round trip)."""
+        return statement("begin", literals=self._timeouts())
+
+    def _timeouts(self) -> dict[str, int]:
+        # Whole milliseconds, rounded up: a tiny timeout must not become 0 (none).
+        return {
+            "lock_timeout_ms": math.ceil(self.lock_timeout * 1000),
+            "statement_timeout_ms": math.ceil((self.statement_timeout or 0) * 1000),
+        }
 
     def connect(self, *, autocommit: bool = True) -> Conn:
         """A new connection; transactions are explicit (`transaction`) unless autocommit=False

@@ -13,8 +13,6 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from flagsched.render import visible
-
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -33,6 +31,8 @@ def _isoformat(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 def _visible(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """On a terminal, stored text (a flag key with ESC in it) is shown escaped, never obeyed
     (JSON escapes control characters itself)."""
+    from flagsched.render import visible  # console only: a cron run (JSON) never needs it
+
     for key, value in event.items():
         if isinstance(value, str):
             event[key] = visible(value)

@@ -60,6 +60,17 @@ def registry_for(
             "Age of the oldest due schedule at the end.",
             report.oldest_due_age_seconds or 0.0,
         )
+    if report.awaiting_approval is not None:
+        gauge(
+            "flagsched_awaiting_approval",
+            "Due schedules waiting for a second person's approval when the tick ended.",
+            report.awaiting_approval,
+        )
+        gauge(
+            "flagsched_oldest_awaiting_approval_seconds",
+            "How long the oldest due schedule awaiting approval has waited (0: none).",
+            report.oldest_awaiting_approval_seconds or 0.0,
+        )
     return registry
 
 

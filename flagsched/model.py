@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -164,6 +164,11 @@ class Claimed:
     # large to ship), decided by the claim's SQL; such a row fails for good, unattempted.
     defect: str | None = None
     attempts_made: int = 0  # attempts already kept with it (its retry_count resets on retry)
+    # Four eyes (migration 0008): a tick already found it awaiting approval (claimed again
+    # only once past its lateness), it was scheduled with --approval, it was approved.
+    awaiting: bool = False
+    needs_approval: bool = False
+    approved: bool = False
 
 
 # A stored time as read back: a datetime, or PostgreSQL's text of one Python cannot hold
@@ -174,87 +179,6 @@ Time = datetime | str
 def row_dict(row: Any) -> dict[str, Any]:
     """A typed row's fields as a dict, in column order (for JSON output)."""
     return {name: getattr(row, name) for name in row.__dataclass_fields__}
-
-
-@dataclass(frozen=True, slots=True)
-class FailedRow:
-    """A schedule as `list-failed` shows it. `permanent`: failed for good."""
-
-    id: int
-    flag_key: str
-    scheduled_at: Time
-    updates: object
-    status: str
-    retry_count: int
-    max_retries: int
-    next_retry_at: Time | None
-    last_error: str | None
-    applied_at: Time | None
-    created_at: Time
-    updated_at: Time
-    permanent: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduleRow(FailedRow):
-    """A schedule as `list` and `show` show it: list-failed's fields and the authoring ones."""
-
-    group_id: int | None
-    expires_at: Time | None
-    on_conflict: str
-    recurrence_id: int | None
-    reviewed_at: Time | None
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeRow:
-    """One entry of the record (feature_flag_changes) as `history` and `show` show it."""
-
-    id: int
-    flag_key: str
-    changed_at: Time
-    actor: str | None
-    old: object  # {"enabled", "rollout_percentage"} before, or None (the flag was made)
-    new: object
-    schedule_ids: list[int]
-
-
-@dataclass(frozen=True, slots=True)
-class ShownSchedule(ScheduleRow):
-    """`show ID`: the schedule, the attempts kept with it, the changes it made."""
-
-    attempts: object
-    changes: tuple[ChangeRow, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LockedSchedule:
-    """A schedule an operator command holds the row lock of."""
-
-    id: int
-    flag_key: str
-    scheduled_at: Time
-    status: str
-    retry_count: int
-    max_retries: int
-    next_retry_at: Time | None
-    waiting: bool  # failed and waiting for a retry
-
-
-@dataclass(frozen=True, slots=True)
-class RecurrenceRow:
-    """A recurrence as `recurrences` shows it."""
-
-    id: int
-    flag_key: str
-    cron: str
-    timezone: str
-    updates: object
-    next_at: Time | None
-    expires_after: timedelta | str | None  # or PostgreSQL's text of one Python cannot hold
-    on_conflict: str
-    cancelled_at: Time | None
-    created_at: Time
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +217,9 @@ class Outcome(StrEnum):
     RETRY = "retry"
     FAILED = "failed"
     HELD_BACK = "held_back"
+    # Due, needing an approval it has not got: not attempted, no retry spent; it holds its
+    # flag's later schedules back until approved, rejected or expired.
+    AWAITING_APPROVAL = "awaiting_approval"
 
 
 class Verdict(StrEnum):
@@ -357,6 +284,10 @@ class TickReport:
     interrupted_by: int | None = None  # signal number
     due_backlog: int | None = None  # due schedules left when the tick ended
     oldest_due_age_seconds: float | None = None
+    # Four eyes: due schedules waiting for an approval when the tick ended, and how long the
+    # oldest has waited (since a tick first found it so).
+    awaiting_approval: int | None = None
+    oldest_awaiting_approval_seconds: float | None = None
 
     def add(self, results: list[Result], *, batch: bool = True) -> list[Result]:
         """Count one batch (or, with `batch` false, schedules reported without a claim);
@@ -373,53 +304,3 @@ class TickReport:
 
     def count(self, outcome: Outcome) -> int:
         return self.counts.get(outcome.value, 0)
-
-
-# --- seeing ahead: the rows `plan` and `agenda` read (repository, class_row) -------------
-
-
-@dataclass(frozen=True, slots=True)
-class FlagRow:
-    """A flag as it is now."""
-
-    key: str
-    enabled: bool
-    rollout_percentage: int
-
-
-@dataclass(frozen=True, slots=True)
-class OpenSchedule:
-    """A schedule `plan` and `agenda` fold: open (pending, or failed waiting for a retry), or
-    failed for good (shown on the page, never folded). Times are clamped into years
-    1..9999; `defect` says why the stored row cannot be read as it is (the tick fails such
-    a row for good, unattempted)."""
-
-    id: int
-    flag_key: str
-    scheduled_at: datetime
-    updates: object
-    status: str
-    next_retry_at: datetime | None
-    expires_at: datetime | None
-    reviewed_at: datetime | None
-    group_id: int | None
-    recurrence_id: int | None
-    waiting: bool  # failed and waiting for a retry
-    last_error: str | None
-    defect: str | None
-    # a change of its flag by another writer already recorded in its window: the tick will
-    # fail it for good (on_conflict fail); the message the tick would write
-    conflict: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ActiveRecurrence:
-    """A recurrence not cancelled; `next_at` clamped into years 1..9999 (None: stopped)."""
-
-    id: int
-    flag_key: str
-    cron: str
-    timezone: str
-    updates: object
-    next_at: datetime | None
-    expires_after: object  # a timedelta, or PostgreSQL's text of one Python cannot hold

@@ -8,45 +8,92 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from flagsched import repository
+from flagsched.approval import ApprovalPolicy
 from flagsched.db import Conn, Database, begin, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import (
-    ChangeRow,
-    FailedRow,
-    LockedSchedule,
+    InvalidUpdates,
     OnConflict,
-    RecurrenceRow,
-    ScheduleRow,
-    ShownSchedule,
     Status,
     Updates,
     clip,
+)
+from flagsched.rows import (
+    ChangeRow,
+    FailedRow,
+    LockedSchedule,
+    RecurrenceRow,
+    ScheduleRow,
+    ShownSchedule,
+    StatusReport,
 )
 
 PRUNE_BATCH = 5000
 
 
-def status(database: Database, *, counts: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Added:
+    """A schedule or recurrence added: its id, and whether its flag exists yet."""
+
+    id: int
+    flag_exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AddedRecurrence(Added):
+    """A recurrence added, with its first occurrence."""
+
+    next_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RampStep:
+    """One schedule of a ramp."""
+
+    id: int
+    scheduled_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AddedRamp:
+    """A ramp added: its group, its steps in order, whether its flag exists yet."""
+
+    group_id: int
+    steps: tuple[RampStep, ...]
+    flag_exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What `prune` deleted (with `dry_run`: would delete), and the batches it ran."""
+
+    applied: int = 0
+    cancelled: int = 0
+    history: int = 0
+    batches: int = 0
+
+
+def status(database: Database, *, counts: bool = True) -> StatusReport:
     """The due count, the oldest due schedule's age and the next due time (index scans
     only); with `counts`, also the schedules per state (a pass over the whole table)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         now = repository.db_now(conn)
         due = repository.backlog(conn, now=now)
-        per_state = repository.state_counts(conn, now=now) if counts else {}
+        per_state = repository.state_counts(conn, now=now) if counts else None
     age = due.oldest_due_age_seconds
-    return {
-        "due": int(due.due),
-        **per_state,
-        "oldest_due_at": due.oldest_due_at,
-        "oldest_due_age_seconds": float(age) if age is not None else None,
-        "next_due_at": due.next_due_at,
-        "now": now,
-    }
+    return StatusReport(
+        due=int(due.due),
+        oldest_due_at=due.oldest_due_at,
+        oldest_due_age_seconds=float(age) if age is not None else None,
+        next_due_at=due.next_due_at,
+        now=now,
+        counts=per_state,
+    )
 
 
 @contextmanager
@@ -66,8 +113,9 @@ def add_schedule(
     max_retries: int | None,
     expires_after: timedelta | None = None,
     on_conflict: OnConflict = OnConflict.FAIL,
-) -> tuple[int, bool]:
-    """Insert a pending schedule; returns (id, whether the flag exists yet)."""
+    needs_approval: bool = False,
+) -> Added:
+    """Insert a pending schedule."""
     with _adding(database, flag_key) as (conn, exists):
         new_id = repository.insert_schedule(
             conn,
@@ -77,6 +125,7 @@ def add_schedule(
             max_retries=max_retries,
             expires_after=expires_after,
             on_conflict=on_conflict,
+            needs_approval=needs_approval,
         )
     get_logger().info(
         "schedule_added",
@@ -85,7 +134,7 @@ def add_schedule(
         updates=updates.as_json(),
         flag_exists=exists,
     )
-    return new_id, exists
+    return Added(new_id, exists)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,19 +235,108 @@ def _cancel_act() -> Callable[[Any, LockedSchedule], Handled]:
 
 def cancel_group(database: Database, group_id: int) -> list[Handled]:
     """Cancel every schedule of a group not yet applied (a ramp stops where it is)."""
+    return _each_of_group(database, group_id, _cancel_act())
+
+
+def _each_of_group(
+    database: Database, group_id: int, act_on_one: Callable[[Any, LockedSchedule], Handled]
+) -> list[Handled]:
+    """`act_on_one` on every schedule of a group still open, each under its row lock; those
+    already applied or cancelled are left as they are."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         members = repository.group_schedules(conn, group_id)
     if not members:
         return [Handled(group_id, False, "refused: no such group", subject=f"group {group_id}")]
-    cancel_one = _cancel_act()
 
     def act(conn: Any, row: LockedSchedule) -> Handled:
         if row.status in (Status.APPLIED, Status.CANCELLED):
             return Handled(row.id, True, f"left as it is: already {row.status}")
-        return cancel_one(conn, row)
+        return act_on_one(conn, row)
 
-    return _each_locked(database, [i for i, _ in members], act)
+    return _each_locked(database, members, act)
+
+
+CHECK_VIOLATION = "23514"  # the database refused an approval by the creator
+
+
+def _open_or_refused(row: LockedSchedule) -> Handled | None:
+    """A verdict is given on an open schedule (pending, or failed waiting for a retry)."""
+    if row.status == Status.PENDING or (row.status == Status.FAILED and row.waiting):
+        return None
+    if row.status == Status.FAILED:
+        return Handled(row.id, False, "refused: it failed for good")
+    return Handled(row.id, False, f"refused: it is {row.status}")
+
+
+def _approve_act(note: str | None) -> Callable[[Any, LockedSchedule], Handled]:
+    log = get_logger()
+
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        refused = _open_or_refused(row)
+        if refused is not None:
+            return refused
+        subject = repository.approval_subject(conn, row.id)
+        if subject.approved is not None:
+            return Handled(row.id, False, f"refused: already approved by {subject.approved}")
+        if subject.created_by == subject.me:
+            return Handled(
+                row.id,
+                False,
+                f"refused: four eyes: {subject.me} created it, so another login must approve it",
+            )
+        try:
+            with repository.savepoint(conn):
+                by = repository.add_verdict(conn, row.id, "approved", note)
+        except StatementFailed as exc:
+            if exc.sqlstate != CHECK_VIOLATION:
+                raise
+            return Handled(row.id, False, f"refused: {exc.message}")
+        repository.clear_awaiting(conn, row.id)
+        log.info(
+            "schedule_approved",
+            schedule_id=row.id,
+            flag_key=clip(row.flag_key),
+            approved_by=by,
+            created_by=subject.created_by,
+            was_awaiting=subject.awaiting,
+        )
+        then = "it applies at the next tick" if subject.awaiting else "it applies when due"
+        return Handled(row.id, True, f"approved by {by}; {then}")
+
+    return act
+
+
+def approve(database: Database, ids: list[int], *, note: str | None = None) -> list[Handled]:
+    """Approve schedules as this login (never one it created): each applies when due."""
+    return _each_locked(database, ids, _approve_act(note))
+
+
+def approve_group(database: Database, group_id: int, *, note: str | None = None) -> list[Handled]:
+    """Approve every open schedule of a group (a ramp is approved as a whole)."""
+    return _each_of_group(database, group_id, _approve_act(note))
+
+
+def reject(database: Database, ids: list[int], *, note: str) -> list[Handled]:
+    """Reject schedules: each is cancelled, the verdict says who (this login) and why."""
+    log = get_logger()
+
+    def act(conn: Any, row: LockedSchedule) -> Handled:
+        refused = _open_or_refused(row)
+        if refused is not None:
+            return refused
+        by = repository.add_verdict(conn, row.id, "rejected", note)
+        repository.mark_rejected(conn, row.id)
+        log.info(
+            "schedule_rejected",
+            schedule_id=row.id,
+            flag_key=clip(row.flag_key),
+            rejected_by=by,
+            note=clip(note),
+        )
+        return Handled(row.id, True, f"rejected by {by}: cancelled")
+
+    return _each_locked(database, ids, act)
 
 
 def cancel_recurrence(database: Database, recurrence_id: int) -> list[Handled]:
@@ -237,9 +375,9 @@ def add_ramp(
     every: timedelta,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
-) -> tuple[int, list[tuple[int, datetime]], bool]:
-    """All steps of a ramp in one transaction with one new group_id; returns (group_id,
-    [(schedule id, scheduled_at)] in order, whether the flag exists yet)."""
+    needs_approval: bool = False,
+) -> AddedRamp:
+    """All steps of a ramp in one transaction with one new group_id."""
     with _adding(database, flag_key) as (conn, exists):
         group_id, made = repository.insert_ramp(
             conn,
@@ -249,6 +387,7 @@ def add_ramp(
             steps=steps,
             expires_after=expires_after,
             on_conflict=on_conflict,
+            needs_approval=needs_approval,
         )
     get_logger().info(
         "ramp_added",
@@ -257,7 +396,7 @@ def add_ramp(
         schedule_ids=[i for i, _ in made],
         flag_exists=exists,
     )
-    return group_id, made, exists
+    return AddedRamp(group_id, tuple(RampStep(i, at) for i, at in made), exists)
 
 
 def add_recurrence(
@@ -269,9 +408,10 @@ def add_recurrence(
     updates: Updates,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
-) -> tuple[int, datetime, bool]:
-    """A new recurrence whose next_at is its first occurrence after the database's now;
-    returns (id, next_at, whether the flag exists yet). `cron` and `zone` are valid."""
+    needs_approval: bool = False,
+) -> AddedRecurrence:
+    """A new recurrence whose next_at is its first occurrence after the database's now.
+    `cron` and `zone` are valid."""
     from flagsched import recurring
     from flagsched.times import parse_zone
 
@@ -286,6 +426,7 @@ def add_recurrence(
             next_at=next_at,
             expires_after=expires_after,
             on_conflict=on_conflict,
+            needs_approval=needs_approval,
         )
     get_logger().info(
         "recurrence_added",
@@ -296,7 +437,7 @@ def add_recurrence(
         next_at=next_at,
         flag_exists=exists,
     )
-    return new_id, next_at, exists
+    return AddedRecurrence(new_id, exists, next_at)
 
 
 def list_failed(
@@ -309,11 +450,54 @@ def list_failed(
         return repository.list_failed(conn, permanent=permanent, flag_key=flag_key, limit=limit)
 
 
-def list_schedules(database: Database, **filters: Any) -> list[ScheduleRow]:
-    """`flagsched list`: see repository.list_schedules for the filters."""
+def list_schedules(
+    database: Database, *, policy: ApprovalPolicy | None = None, **filters: Any
+) -> list[ScheduleRow]:
+    """`flagsched list`: see repository.list_schedules for the filters; each row with its
+    verdicts and whether it needs approval (`policy` judged against the flags as they are)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
-        return repository.list_schedules(conn, **filters)
+        rows = repository.list_schedules(conn, **filters)
+        return _with_approvals(conn, rows, policy or ApprovalPolicy())
+
+
+_Row = TypeVar("_Row", bound=ScheduleRow)
+
+
+def _with_approvals(conn: Conn, rows: list[_Row], policy: ApprovalPolicy) -> list[_Row]:
+    """Rows with `needs_approval` (asked for, or the policy judged now against each flag as
+    it is) and `approvals` (the verdicts, oldest first)."""
+    if not rows:
+        return rows
+    from flagsched import approval
+
+    verdicts = repository.approvals_of(conn, [r.id for r in rows])
+    # The flags are read only when the policy reads their values (a reader login may not
+    # read them: `list` and `show` need no grant on feature_flags otherwise).
+    keys = sorted({r.flag_key for r in rows}) if approval.depends_on_state(policy) else []
+    flags = {
+        f.key: approval.FlagState(f.enabled, f.rollout_percentage)
+        for f in (repository.flags_now(conn, keys=keys) if keys else [])
+    }
+    judged = []
+    for row in rows:
+        try:
+            change = Updates.parse(row.updates)
+        except InvalidUpdates:  # it fails for good when due: no approval can matter
+            needs = row.approval_asked
+        else:
+            needs = (
+                approval.reason(
+                    policy,
+                    row.flag_key,
+                    flags.get(row.flag_key),
+                    change,
+                    explicit=row.approval_asked,
+                )
+                is not None
+            )
+        judged.append(replace(row, needs_approval=needs, approvals=verdicts.get(row.id, ())))
+    return judged
 
 
 def recurrences(database: Database) -> list[RecurrenceRow]:
@@ -330,10 +514,10 @@ def prune(
     dry_run: bool,
     history: bool = False,
     batch: int = PRUNE_BATCH,
-) -> tuple[Counter[str], int]:
+) -> Pruned:
     """Delete old applied and cancelled schedules (with their attempts) and, with `history`,
-    old feature_flag_changes rows, in batches, one transaction each; returns (deleted or,
-    with dry_run, deletable counts per status and "history", batches run)."""
+    old feature_flag_changes rows, in batches, one transaction each (with dry_run: only
+    count what would go)."""
     seconds = older_than_days * 86400
     total: Counter[str] = Counter()
     batches = 0
@@ -346,7 +530,7 @@ def prune(
                     counts["history"] = repository.count_prunable_history(
                         conn, older_than_seconds=seconds
                     )
-                return counts, 0
+                return Pruned(counts["applied"], counts["cancelled"], counts["history"])
         referenced: list[int] = []  # kept: an application's foreign key refers to them
         while True:
             with transaction(database, conn):
@@ -375,17 +559,21 @@ def prune(
         batches=batches,
         older_than_days=older_than_days,
     )
-    return total, batches
+    return Pruned(total["applied"], total["cancelled"], total["history"], batches)
 
 
-def show(database: Database, schedule_id: int) -> ShownSchedule | None:
-    """One schedule, its attempts and the history entries that applied it (None: unknown)."""
+def show(
+    database: Database, schedule_id: int, *, policy: ApprovalPolicy | None = None
+) -> ShownSchedule | None:
+    """One schedule, its attempts, its verdicts and the history entries that applied it
+    (None: unknown)."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
         row = repository.show_schedule(conn, schedule_id)
         if row is None:
             return None
         changes = repository.changes_of(conn, schedule_id, row.flag_key)
+        (row,) = _with_approvals(conn, [row], policy or ApprovalPolicy())
     return replace(row, changes=tuple(changes))
 
 
@@ -424,7 +612,7 @@ class Outlook:
     start: datetime
     until: datetime
     flags: list[Any]  # projection.FlagAhead, one per flag, by key
-    failed: list[Any]  # model.OpenSchedule
+    failed: list[Any]  # rows.OpenSchedule
     # More open schedules were due by `until` than are read: (how many were read, the
     # scheduled_at of the last one); changes of schedules due after it are left out.
     cut: tuple[int, datetime] | None = None
@@ -441,6 +629,7 @@ def outlook(
     every_flag: bool = False,
     with_failed: bool = False,
     max_lateness_seconds: float | None = None,
+    policy: ApprovalPolicy | None = None,
 ) -> Outlook:
     """One read-only transaction: the flags, their open schedules and recurrences, folded by
     `projection.project` up to `until` (None: `start` + `span`, or the database's now with
@@ -485,6 +674,7 @@ def outlook(
         now=now,
         until=end,
         start=begins,
+        policy=policy,
     )
     if flag_key is not None:
         ahead = [a for a in ahead if a.flag_key == flag_key] or [

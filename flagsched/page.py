@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flagsched.projection import FlagAhead, Kind, Outcome, State, Step
-from flagsched.render import compact, iso, write_atomically
+from flagsched.render import agenda_status, compact, iso, write_atomically
 from flagsched.times import format_time, zone_name
 
 WIDTH = 1000  # the SVG's user units across the window
@@ -170,7 +170,8 @@ def _lane(
     for step in steps:
         shown = _when(step.at, zone)
         change = compact(step.stored, 60)
-        title = f"{_source(step)}: {change} at {shown} ({step.kind.value}, {_outcome(step)})"
+        status = agenda_status(step)  # where it comes from, or awaiting_approval
+        title = f"{_source(step)}: {change} at {shown} ({status}, {_outcome(step)})"
         y = _y(step.after.rollout_percentage) if step.after is not None else TOP + LANE
         markers.append(
             Marker(
@@ -186,12 +187,12 @@ def _lane(
                         "" if step.recurrence_id is None else str(step.recurrence_id)
                     ),
                     "group-id": "" if step.group_id is None else str(step.group_id),
-                    "status": step.kind.value,
+                    "status": status,
                     "outcome": step.outcome.value,
                 },
             )
         )
-        rows.append(Row(shown, _source(step), change, step.kind.value, _outcome(step)))
+        rows.append(Row(shown, _source(step), change, status, _outcome(step)))
     failed_markers = [
         Marker(
             x=scale.x(row.scheduled_at),

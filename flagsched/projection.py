@@ -5,28 +5,36 @@ occurrences onto the flags as they are now, following the tick's rules: per flag
 a retry at its `next_retry_at`, lateness and expiry judged when the change could apply.
 `plan` and `agenda` are two readings of its result. No I/O, no clock: `now` is passed in.
 
-A change whose moment cannot be foreseen (an `_Item` whose `ready_at` is None) is `held`, and
-holds every change of its flag behind it: no state does that yet; a schedule "awaiting
-approval" will be one (`_schedule_item` gives it no `ready_at`)."""
+A change whose moment cannot be foreseen is `held`, and holds every change of its flag
+behind it: a change awaiting approval (four eyes: asked for with --approval, or the
+`[approval]` policy judged, as the tick judges it, against the state the flag has when the
+change comes due) that has none. It waits until someone approves it, or until it expires
+(its expires_at, or FLAGSCHED_MAX_LATENESS): then it `expires` and frees its flag."""
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from flagsched import recurring
+from flagsched import approval, recurring
+from flagsched.approval import ApprovalPolicy
 from flagsched.model import (
-    ActiveRecurrence,
-    FlagRow,
     InvalidUpdates,
-    OpenSchedule,
     Updates,
     clip,
 )
+from flagsched.rows import (
+    ActiveRecurrence,
+    FlagRow,
+    OpenSchedule,
+)
 from flagsched.times import InvalidTime, parse_zone
+
+# The error of a held change that waits for a second person (agenda's status says so too).
+AWAITING_APPROVAL = "awaiting approval"
 
 # A recurrence firing every minute makes 10,080 occurrences a week; past this many per
 # recurrence and projection the rest are left out (each sets the same values again).
@@ -128,6 +136,9 @@ class _Item:
     late_from: datetime  # lateness counts from here (scheduled_at, or the last retry)
     defect: str | None
     conflict: str | None = None  # already in conflict: the tick fails it for good
+    # Four eyes: asked for (--approval, or a tick already found it awaiting), approved.
+    needs_approval: bool = False
+    approved: bool = False
 
 
 def _change(stored: object) -> tuple[Updates | None, str | None]:
@@ -157,6 +168,8 @@ def _schedule_item(row: OpenSchedule) -> _Item:
         late_from=late_from,
         defect=row.defect,
         conflict=row.conflict,
+        needs_approval=row.needs_approval or row.awaiting,
+        approved=row.approved,
     )
 
 
@@ -275,6 +288,7 @@ def _recurrence_items(
                 expires_at=expires_at,
                 late_from=at,
                 defect=None,
+                needs_approval=r.needs_approval,
             )
         )
     return items
@@ -298,6 +312,7 @@ def _walk(
     max_lateness: timedelta | None,
     now: datetime,
     until: datetime,
+    policy: ApprovalPolicy | None = None,
 ) -> FlagAhead:
     """The tick's per-flag order, replayed in time: at each moment the first open change of
     the flag (by (scheduled_at, id)) is the only one that may apply; a recurrence's
@@ -316,6 +331,7 @@ def _walk(
             admitted += 1
 
     steps: list[Step] = []
+    pushed = len(arrivals)  # heap tie-breakers of changes put back (awaiting, then expiring)
     admit(t)
     while queue or admitted < len(arrivals):
         arriving = _exists(arrivals[admitted], now) if admitted < len(arrivals) else None
@@ -329,6 +345,16 @@ def _walk(
             break  # the head cannot be foreseen, or comes after the horizon
         heapq.heappop(queue)
         t = ready
+        why = _awaits(policy, key, head, state)
+        if why is not None:  # not applied: it waits for a person, or until it expires
+            expiry = _expiry(head, max_lateness)
+            if expiry is not None and max(expiry + _TICK, t) <= until:
+                late = replace(head, ready_at=max(expiry + _TICK, t), approved=True)
+                heapq.heappush(queue, (head.order, pushed, late))
+                pushed += 1
+                continue
+            steps.append(_held(key, head, t, state, f"{AWAITING_APPROVAL}: {why}"))
+            break
         step, state = _judge(key, head, ready, state, max_lateness)
         steps.append(step)
     for _, _, item in sorted(queue, key=lambda q: q[0]):  # still open at the horizon
@@ -336,6 +362,33 @@ def _walk(
         if own is not None and own <= until:
             steps.append(_held(key, item, max(own, now), state))
     return FlagAhead(key, now_state, state, tuple(steps))
+
+
+def _awaits(
+    policy: ApprovalPolicy | None, key: str, item: _Item, state: State | None
+) -> str | None:
+    """Why the change, its turn come, waits for an approval it has not got (None: it does
+    not), judged as the tick judges it: against the flag's state then. A change that fails
+    for good anyway (invalid, a stored defect) is not judged."""
+    change, _ = _change(item.stored)
+    if item.approved or change is None or item.defect is not None:
+        return None
+    before = None if state is None else approval.FlagState(state.enabled, state.rollout_percentage)
+    return approval.reason(
+        policy or ApprovalPolicy(), key, before, change, explicit=item.needs_approval
+    )
+
+
+def _expiry(item: _Item, max_lateness: timedelta | None) -> datetime | None:
+    """The last moment the change may still apply (None: it never expires)."""
+    if item.expires_at is not None:
+        return item.expires_at
+    if max_lateness is None:
+        return None
+    try:
+        return item.late_from + max_lateness
+    except OverflowError:
+        return None
 
 
 def _exists(item: _Item, now: datetime) -> datetime:
@@ -368,9 +421,11 @@ def _judge(
     return _step(key, item, at, change, outcome, error, state), state
 
 
-def _held(key: str, item: _Item, at: datetime, state: State | None) -> Step:
+def _held(
+    key: str, item: _Item, at: datetime, state: State | None, why: str | None = None
+) -> Step:
     change, _ = _change(item.stored)
-    return _step(key, item, at, change, Outcome.HELD, None, state)
+    return _step(key, item, at, change, Outcome.HELD, why, state)
 
 
 def _step(
@@ -407,6 +462,7 @@ def project(
     now: datetime,
     until: datetime,
     start: datetime | None = None,
+    policy: ApprovalPolicy | None = None,
 ) -> list[FlagAhead]:
     """Every flag named by `flags`, a schedule or a recurrence, by key: its state now, at
     `until`, and the changes that come after `now` up to `until`. A change already due
@@ -441,7 +497,15 @@ def project(
                 )
             )
     return [
-        _walk(key, states.get(key), queue, max_lateness=max_lateness, now=now, until=until)
+        _walk(
+            key,
+            states.get(key),
+            queue,
+            max_lateness=max_lateness,
+            now=now,
+            until=until,
+            policy=policy,
+        )
         for key, queue in sorted(queues.items())
     ]
 

@@ -19,9 +19,17 @@ from typing import TYPE_CHECKING, Any
 from flagsched.model import row_dict
 
 if TYPE_CHECKING:
-    from flagsched.model import ChangeRow, FailedRow, RecurrenceRow, ScheduleRow, ShownSchedule
-    from flagsched.operators import Outlook
+    from flagsched.operators import Outlook, Pruned
     from flagsched.projection import State, Step
+    from flagsched.rows import (
+        ChangeRow,
+        FailedRow,
+        RecurrenceRow,
+        ScheduleRow,
+        ShownSchedule,
+        StatusReport,
+    )
+    from flagsched.tick import Preview
 
 # Deeper JSON values (a stored `updates` may nest a thousand levels) are shown as a note:
 # no encoder recursion, no page-long line.
@@ -150,13 +158,13 @@ def rows_or_empty(fmt: str, rows: Sequence[Any], empty: str) -> str | None:
     return None
 
 
-def dry_run(plan: Sequence[tuple[Any, str]]) -> str:
+def dry_run(plan: Sequence[Preview]) -> str:
     """What `process --dry-run` would do, one schedule a line."""
     if not plan:
         return "nothing is due"
     return table(
         ["ID", "FLAG", "SCHEDULED_AT", "WOULD"],
-        [(s.id, s.flag_key, s.scheduled_at, what) for s, what in plan],
+        [(p.schedule.id, p.schedule.flag_key, p.schedule.scheduled_at, p.would) for p in plan],
     )
 
 
@@ -189,32 +197,64 @@ _STATES = [
     ("applied", "applied"),
     ("cancelled", "cancelled"),
     ("unknown (a status outside the four)", "unknown"),
+    ("awaiting approval (due, counted in due)", "awaiting_approval"),
 ]
 
 
-def status(report: dict[str, Any], fmt: str) -> str:
+def status_json(report: StatusReport) -> dict[str, Any]:
+    """`status --format json`: the backlog, the counts per state between (when counted)."""
+    return {
+        "due": report.due,
+        **(row_dict(report.counts) if report.counts is not None else {}),
+        "oldest_due_at": report.oldest_due_at,
+        "oldest_due_age_seconds": report.oldest_due_age_seconds,
+        "next_due_at": report.next_due_at,
+        "now": report.now,
+    }
+
+
+def status(report: StatusReport, fmt: str) -> str:
     """`status`: counts per state, the oldest due schedule's age, the next due time."""
     if fmt == "json":
-        return to_json(report)
-    age = report["oldest_due_age_seconds"]
+        return to_json(status_json(report))
+    fields = status_json(report)
+    age = report.oldest_due_age_seconds
     counts = table(
-        ["STATE", "COUNT"], [(label, report[key]) for label, key in _STATES if key in report]
+        ["STATE", "COUNT"], [(label, fields[key]) for label, key in _STATES if key in fields]
     )
-    oldest = (
-        "-" if age is None else f"{age:.0f}s ago ({iso(report['oldest_due_at'])})"
-    )
+    oldest = "-" if age is None else f"{age:.0f}s ago ({iso(report.oldest_due_at)})"
     return "\n".join(
-        [counts, f"oldest due: {oldest}", f"next due:   {iso(report['next_due_at']) or '-'}"]
+        [counts, f"oldest due: {oldest}", f"next due:   {iso(report.next_due_at) or '-'}"]
     )
+
+
+def _with_verdicts(row: ScheduleRow) -> dict[str, Any]:
+    """A schedule for JSON: its fields, `approvals` as [{verdict, by, at, note}]."""
+    return {**row_dict(row), "approvals": [a.shown() for a in row.approvals]}
+
+
+def _approval_state(row: ScheduleRow) -> str:
+    """A table's word on a schedule's approval."""
+    approved = [a for a in row.approvals if a.verdict == "approved"]
+    rejected = [a for a in row.approvals if a.verdict == "rejected"]
+    if rejected:
+        return f"rejected by {rejected[-1].by}"
+    if approved:
+        return f"approved by {approved[0].by}"
+    if row.awaiting_approval:
+        return "awaiting approval"
+    return "needs approval" if row.needs_approval else "-"
 
 
 def schedules(rows: Sequence[ScheduleRow], fmt: str, zone: tzinfo | None = None) -> str:
     """`list`: schedules in (scheduled_at, id) order."""
-    text = rows_or_empty(fmt, rows, "no schedules")
+    text = rows_or_empty(fmt, [_with_verdicts(r) for r in rows], "no schedules")
     if text is not None:
         return text
 
     def state(row: ScheduleRow) -> str:
+        if row.awaiting_approval:
+            return "awaiting approval"
         if row.status != "failed":
             return str(row.status)
         if row.permanent:
@@ -222,7 +262,7 @@ def schedules(rows: Sequence[ScheduleRow], fmt: str, zone: tzinfo | None = None)
         return f"retrying at {shown(row.next_retry_at, zone)}"
 
     return table(
-        ["ID", "FLAG", "SCHEDULED_AT", "STATUS", "CHANGE", "GROUP", "EXPIRES_AT"],
+        ["ID", "FLAG", "SCHEDULED_AT", "STATUS", "CHANGE", "GROUP", "EXPIRES_AT", "APPROVAL"],
         [
             (
                 r.id,
@@ -232,6 +272,7 @@ def schedules(rows: Sequence[ScheduleRow], fmt: str, zone: tzinfo | None = None)
                 change(r.updates),
                 r.group_id if r.recurrence_id is None else f"r{r.recurrence_id}",
                 shown(r.expires_at, zone),
+                _approval_state(r),
             )
             for r in rows
         ],
@@ -295,10 +336,22 @@ def changes(rows: Sequence[ChangeRow], fmt: str = "table", zone: tzinfo | None =
 def schedule(row: ShownSchedule, fmt: str) -> str:
     """`show ID`: the schedule's fields, every attempt, the changes it made."""
     if fmt == "json":
-        return to_json({**row_dict(row), "changes": [row_dict(c) for c in row.changes]})
+        return to_json({**_with_verdicts(row), "changes": [row_dict(c) for c in row.changes]})
     fields = table(
         ["FIELD", "VALUE"],
-        [(k, v) for k, v in row_dict(row).items() if k not in ("attempts", "changes")],
+        [
+            (k, v)
+            for k, v in row_dict(row).items()
+            if k not in ("attempts", "changes", "approvals")
+        ],
+    )
+    verdicts = (
+        table(
+            ["VERDICT", "BY", "AT", "NOTE"],
+            [(a.verdict, a.by, iso(a.at), a.note) for a in row.approvals],
+        )
+        if row.approvals
+        else "no approvals"
     )
     attempts = row.attempts
     if not isinstance(attempts, list):  # unreadable (nested too deeply): a note, as in JSON
@@ -316,7 +369,7 @@ def schedule(row: ShownSchedule, fmt: str) -> str:
     else:
         tried = "no attempts yet"
     made = changes(row.changes) if row.changes else "no changes made"
-    return "\n\n".join([fields, tried, made])
+    return "\n\n".join([fields, verdicts, tried, made])
 
 
 def handled(result: Any) -> str:
@@ -324,15 +377,15 @@ def handled(result: Any) -> str:
     return f"{visible(result.subject or str(result.id))}: {visible(result.message)}"
 
 
-def pruned(counts: dict[str, int], *, dry_run: bool, history: bool) -> str:
+def pruned(counts: Pruned, *, dry_run: bool, history: bool) -> str:
     """`prune`: what was (or would be) deleted."""
     verb = "would delete" if dry_run else "deleted"
     line = (
-        f"{verb} {counts['applied'] + counts['cancelled']} schedules "
-        f"({counts['applied']} applied, {counts['cancelled']} cancelled)"
+        f"{verb} {counts.applied + counts.cancelled} schedules "
+        f"({counts.applied} applied, {counts.cancelled} cancelled)"
     )
     if history:
-        line += f" and {counts['history']} history entries"
+        line += f" and {counts.history} history entries"
     return line
 
 
@@ -394,8 +447,17 @@ def agenda_json(step: Step) -> dict[str, Any]:
         "flag_key": step.flag_key,
         **change_json(step),
         "group_id": step.group_id,
-        "status": step.kind.value,
+        "status": agenda_status(step),
     }
+
+
+def agenda_status(step: Step) -> str:
+    """Where a change comes from, or that it waits for a second person."""
+    from flagsched.projection import AWAITING_APPROVAL, Outcome
+
+    if step.outcome is Outcome.HELD and (step.error or "").startswith(AWAITING_APPROVAL):
+        return "awaiting_approval"
+    return step.kind.value
 
 
 def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
@@ -407,7 +469,7 @@ def _steps(steps: Sequence[Step], zone: tzinfo | None) -> str:
                 s.flag_key,
                 _source(s),
                 compact(s.stored, 60),
-                s.kind.value,
+                agenda_status(s).replace("_", " "),
                 "" if s.group_id is None else f"ramp {s.group_id}",
                 _outcome(s),
             )

@@ -5,35 +5,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg.abc import Buffer
-from psycopg.rows import RowFactory, class_row, dict_row, kwargs_row
+from psycopg.rows import RowFactory, class_row, kwargs_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
 from flagsched.db import Conn, one_line
 from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
-    ActiveRecurrence,
     Backlog,
     Change,
-    ChangeRow,
     Claimed,
     DueRecurrence,
-    FailedRow,
-    FlagRow,
-    LockedSchedule,
     MadeSchedule,
     OnConflict,
-    OpenSchedule,
     Outcome,
-    RecurrenceRow,
     Result,
-    ScheduleRow,
-    ShownSchedule,
     Status,
     Updates,
     Verdict,
@@ -41,7 +33,23 @@ from flagsched.model import (
 from flagsched.required import REQUIRED, Function, Required, Table, required
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
 from flagsched.sql import Tables, current, statement, stored
-from flagsched.tables import CatalogColumn, CatalogTable, QualifiedName
+
+if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
+    from flagsched.rows import (
+        ActiveRecurrence,
+        ApprovalRow,
+        ApprovalSubject,
+        ChangeRow,
+        FailedRow,
+        FlagRow,
+        LockedSchedule,
+        OpenSchedule,
+        RecurrenceRow,
+        ScheduleRow,
+        ShownSchedule,
+        StateCounts,
+    )
+    from flagsched.tables import CatalogTable, QualifiedName
 
 _Row = TypeVar("_Row")
 
@@ -66,15 +74,6 @@ class _LenientInterval(IntervalLoader):
             return super().load(data)
         except psycopg.DataError:
             return bytes(data).decode()
-
-
-def _dicts(conn: Conn, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Rows as dicts; a stored time or interval Python cannot hold (infinity, BC, past year
-    9999) comes back as PostgreSQL's text, so a command that shows rows reads any row."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.adapters.register_loader("timestamptz", _LenientTimestamptz)
-        cur.adapters.register_loader("interval", _LenientInterval)
-        return cur.execute(sql, params).fetchall()
 
 
 def _rows(
@@ -174,7 +173,12 @@ def missing_objects(conn: Conn, objects: Sequence[Required] = REQUIRED) -> list[
     _refuse_sql_ascii(encoding)
     missing = [lookups[n - 1] for n in positions]
     gone = {relation for kind, relation, _, _ in missing if kind == "relation"}
-    return [s for kind, relation, _, s in missing if kind != "column" or relation not in gone]
+    named = [
+        s
+        for kind, relation, _, s in missing
+        if kind not in ("column", "trigger") or relation not in gone
+    ]
+    return list(dict.fromkeys(named))  # a table listed twice is named once
 
 
 _SHOWN_MISSING = 5  # a message names at most this many, then says how many more
@@ -200,6 +204,8 @@ def ensure_schema(conn: Conn) -> None:
 
 def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     """What the catalog says of a configured table (None: no such relation)."""
+    from flagsched.tables import CatalogColumn, CatalogTable
+
     found = conn.execute(
         statement("catalog_table"), {"schema": name.schema, "name": name.name}
     ).fetchone()
@@ -258,33 +264,129 @@ def flags_have(column: str) -> bool:
     return current().flags.has(logical)
 
 
-def claim(conn: Conn, *, limit: int, lock: bool = True) -> tuple[datetime | None, list[Claimed]]:
+def claim(
+    conn: Conn, *, limit: int, lock: bool = True, max_lateness_seconds: float | None = None
+) -> tuple[datetime | None, list[Claimed]]:
     """Lock and return up to `limit` schedules due at the database's now(), ordered by flag
-    then (scheduled_at, id), with that now() (None when nothing was claimed). Without
-    `lock`, the same rows read in a read-only transaction, locking none (a preview)."""
+    then (scheduled_at, id), with that now() (None when nothing was claimed). A schedule
+    awaiting approval is not due until it is past its lateness (`max_lateness_seconds`, or
+    its expires_at). Without `lock`, the same rows read in a read-only transaction, locking
+    none (a preview)."""
     if not lock:
         read_only(conn)
     rows = _rows(
         conn,
         _CLAIMED,
         statement("claim"),
-        {"limit": limit, "lock": lock, "scope": current().scope_parameter()},
+        {
+            "limit": limit,
+            "lock": lock,
+            "scope": current().scope_parameter(),
+            "lateness": max_lateness_seconds,
+        },
         lenient=False,
     )
     return (rows[0][0] if rows else None), [claimed for _, claimed in rows]
 
 
-def held_back(conn: Conn, *, limit: int) -> list[Claimed]:
+def held_back(
+    conn: Conn, *, limit: int, max_lateness_seconds: float | None = None
+) -> list[Claimed]:
     """Up to `limit` due schedules held back behind an earlier open schedule of their flag
-    that is not due (stored/held_back.sql): never claimed, locked by nothing, only
-    reported. Ordered by flag, then (scheduled_at, id)."""
+    that is not due, or awaiting approval (stored/held_back.sql): never claimed, locked by
+    nothing, only reported. Ordered by flag, then (scheduled_at, id)."""
     return _rows(
         conn,
         _HELD_BACK,
         statement("held_back"),
-        {"limit": limit, "scope": current().scope_parameter()},
+        {
+            "limit": limit,
+            "scope": current().scope_parameter(),
+            "lateness": max_lateness_seconds,
+        },
         lenient=False,
     )
+
+
+def lock_flags(conn: Conn, keys: Sequence[str], *, wait: bool) -> dict[str, FlagRow]:
+    """Four eyes: lock these flags as the write locks them (FOR NO KEY UPDATE, in key order)
+    and read their values. Without `wait`, flags another session holds are left out; with
+    it (one flag), a lock not granted within lock_timeout fails the statement."""
+    from flagsched.rows import FlagRow
+
+    if wait:
+        found = [
+            row
+            for key in keys
+            for row in _rows(
+                conn, class_row(FlagRow), statement("lock_flag_waiting"), {"key": key}
+            )
+        ]
+    else:
+        found = _rows(conn, class_row(FlagRow), statement("lock_flags"), {"keys": list(keys)})
+    return {row.key: row for row in found}
+
+
+def mark_awaiting(conn: Conn, ids: Sequence[int], *, now: datetime) -> None:
+    """These due schedules await approval from `now` on: the claim passes them over."""
+    if ids:
+        conn.execute(statement("mark_awaiting"), {"ids": list(ids), "now": now})
+
+
+def awaiting_backlog(conn: Conn, *, now: datetime) -> tuple[int, datetime | None]:
+    """How many schedules due at `now` await approval, and since when the oldest does."""
+    row = _rows(
+        conn, class_row(_AwaitingBacklog), statement("awaiting_backlog"), {"now": now}
+    )[0]
+    oldest = row.oldest if isinstance(row.oldest, datetime) else None
+    return int(row.n), oldest
+
+
+@dataclass(frozen=True, slots=True)
+class _AwaitingBacklog:
+    n: int
+    oldest: datetime | str | None
+
+
+def approvals_of(conn: Conn, ids: Sequence[int]) -> dict[int, tuple[ApprovalRow, ...]]:
+    """The verdicts on these schedules, oldest first, by schedule id."""
+    from flagsched.rows import ApprovalRow
+
+    found: dict[int, list[ApprovalRow]] = {}
+    if ids:
+        for row in _rows(
+            conn, class_row(ApprovalRow), statement("approvals_of"), {"ids": list(ids)}
+        ):
+            found.setdefault(row.schedule_id, []).append(row)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def approval_subject(conn: Conn, schedule_id: int) -> ApprovalSubject:
+    """What `approve` checks of a schedule it holds the lock of."""
+    from flagsched.rows import ApprovalSubject
+
+    return _rows(
+        conn, class_row(ApprovalSubject), statement("approval_subject"), {"i": schedule_id}
+    )[0]
+
+
+def add_verdict(conn: Conn, schedule_id: int, verdict: str, note: str | None) -> str:
+    """Record a verdict by this login (session_user, set by the database); returns it.
+    The database refuses an approval by the schedule's creator (check_violation)."""
+    row = conn.execute(
+        statement("add_verdict"), {"i": schedule_id, "verdict": verdict, "note": note}
+    ).fetchone()
+    return "" if row is None else str(row[0])
+
+
+def clear_awaiting(conn: Conn, schedule_id: int) -> None:
+    """Approved: the claim takes the schedule again."""
+    conn.execute(statement("clear_awaiting"), {"i": schedule_id})
+
+
+def mark_rejected(conn: Conn, schedule_id: int) -> None:
+    """Rejected: cancelled (the verdict says who and why)."""
+    conn.execute(statement("mark_rejected"), {"i": schedule_id})
 
 
 def apply(
@@ -331,10 +433,18 @@ FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: a row of another table references i
 
 @contextmanager
 def savepoint(conn: Conn) -> Iterator[None]:
-    """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed."""
+    """A savepoint; a driver error inside rolls back to it and becomes a StatementFailed.
+    Its statements are named ones (queries.sql), like every other statement sent."""
     try:
-        with conn.transaction():
+        conn.execute(statement("savepoint"))
+        try:
             yield
+        except BaseException:
+            with suppress(psycopg.Error):  # a connection gone has nothing to roll back
+                conn.execute(statement("rollback_to_savepoint"))
+                conn.execute(statement("release_savepoint"))
+            raise
+        conn.execute(statement("release_savepoint"))
     except psycopg.Error as exc:
         raise StatementFailed(reason(exc), exc.sqlstate) from exc
 
@@ -393,6 +503,8 @@ def list_failed(
     limit: int,
 ) -> list[FailedRow]:
     """Failed schedules, most recently failed first; `permanent` filters by waiting/for good."""
+    from flagsched.rows import FailedRow
+
     where = ["failed"]
     if permanent is True:
         where.append("for_good")
@@ -422,14 +534,11 @@ def backlog(conn: Conn, *, now: datetime) -> Backlog:
     )[0]
 
 
-def state_counts(conn: Conn, *, now: datetime) -> dict[str, int]:
+def state_counts(conn: Conn, *, now: datetime) -> StateCounts:
     """Schedules per state (one pass over the table: for `status`, not for the tick)."""
-    row = _dicts(
-        conn,
-        statement("state_counts"),
-        {"now": now},
-    )[0]
-    return {k: int(v) for k, v in row.items()}
+    from flagsched.rows import StateCounts
+
+    return _rows(conn, class_row(StateCounts), statement("state_counts"), {"now": now})[0]
 
 
 def existing_flags(conn: Conn, keys: Sequence[str]) -> set[str]:
@@ -447,9 +556,10 @@ def insert_schedule(
     max_retries: int | None,
     expires_after: timedelta | None = None,
     on_conflict: OnConflict = OnConflict.FAIL,
+    needs_approval: bool = False,
 ) -> int:
     """A new pending schedule; `at` None means the database's now(); expires_at is
-    scheduled_at + expires_after."""
+    scheduled_at + expires_after; `needs_approval`: a second person must approve it."""
     new_id = _scalar(
         conn,
         statement("insert_schedule"),
@@ -460,6 +570,7 @@ def insert_schedule(
             "m": max_retries,
             "e": expires_after,
             "c": on_conflict.value,
+            "approval": needs_approval,
         },
     )
     return int(new_id)
@@ -467,6 +578,8 @@ def insert_schedule(
 
 def lock_schedule(conn: Conn, schedule_id: int) -> LockedSchedule | None:
     """Lock one schedule (waiting for a tick that holds it to commit) and return it."""
+    from flagsched.rows import LockedSchedule
+
     rows = _rows(
         conn,
         class_row(LockedSchedule),
@@ -520,6 +633,8 @@ def history(
 ) -> list[ChangeRow]:
     """Changes of flags, newest first (index scans on idx_changes_flag / _changed_at);
     `since_now`: changes from the database's now() on."""
+    from flagsched.rows import ChangeRow
+
     where = []
     if flag_key is not None:
         where.append("of_flag")
@@ -536,6 +651,8 @@ def history(
 
 def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
     """The history entries that applied this schedule, oldest first."""
+    from flagsched.rows import ChangeRow
+
     return _rows(
         conn,
         class_row(ChangeRow),
@@ -546,6 +663,8 @@ def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
 
 def show_schedule(conn: Conn, schedule_id: int) -> ShownSchedule | None:
     """One schedule with everything `show` prints but its changes."""
+    from flagsched.rows import ShownSchedule
+
     rows = _rows(
         conn,
         class_row(ShownSchedule),
@@ -638,6 +757,8 @@ def list_schedules(
 ) -> list[ScheduleRow]:
     """Schedules in (scheduled_at, id) order: the open ones unless `status` is given;
     `start` <= scheduled_at < `end`."""
+    from flagsched.rows import ScheduleRow
+
     where = ["open_schedule" if status is None else "with_status"]
     if flag_key is not None:
         where.append("of_flag")
@@ -668,6 +789,7 @@ def insert_ramp(
     steps: Sequence[Updates],
     expires_after: timedelta | None,
     on_conflict: OnConflict,
+    needs_approval: bool = False,
 ) -> tuple[int, list[tuple[int, datetime]]]:
     """One pending schedule per step, every `every` from `start` (None: now()), sharing one
     new group_id; returns (group_id, [(id, scheduled_at)] in step order)."""
@@ -680,16 +802,17 @@ def insert_ramp(
             "updates": [json.dumps(u.as_json()) for u in steps],
             "expires": expires_after,
             "c": on_conflict.value,
+            "approval": needs_approval,
         },
     ).fetchall()
     made = sorted(((int(i), at) for _, i, at in rows), key=lambda r: (r[1], r[0]))
     return int(rows[0][0]), made
 
 
-def group_schedules(conn: Conn, group_id: int) -> list[tuple[int, str]]:
-    """(id, status) of every schedule of a group, in (scheduled_at, id) order."""
+def group_schedules(conn: Conn, group_id: int) -> list[int]:
+    """The ids of every schedule of a group, in (scheduled_at, id) order."""
     rows = conn.execute(statement("group_schedules"), {"g": group_id}).fetchall()
-    return [(int(i), str(status)) for i, status in rows]
+    return [int(i) for (i,) in rows]
 
 
 def insert_recurrence(
@@ -702,6 +825,7 @@ def insert_recurrence(
     next_at: datetime,
     expires_after: timedelta | None,
     on_conflict: OnConflict,
+    needs_approval: bool = False,
 ) -> int:
     new_id = _scalar(
         conn,
@@ -714,6 +838,7 @@ def insert_recurrence(
             "next": next_at,
             "e": expires_after,
             "c": on_conflict.value,
+            "approval": needs_approval,
         },
     )
     return int(new_id)
@@ -721,15 +846,17 @@ def insert_recurrence(
 
 def list_recurrences(conn: Conn, *, include_cancelled: bool = False) -> list[RecurrenceRow]:
     """Recurrences, next occurrence first (stopped ones, next_at NULL, last)."""
+    from flagsched.rows import RecurrenceRow
+
     where = [] if include_cancelled else ["active_recurrence"]
     return _rows(conn, class_row(RecurrenceRow), statement("list_recurrences", where=where))
 
 
 def lock_recurrence(conn: Conn, recurrence_id: int) -> RecurrenceRow | None:
     """Lock one recurrence (waiting for a tick materialising it) and return it."""
-    rows = _rows(
-        conn, class_row(RecurrenceRow), statement("lock_recurrence"), {"i": recurrence_id}
-    )
+    from flagsched.rows import RecurrenceRow
+
+    rows = _rows(conn, class_row(RecurrenceRow), statement("lock_recurrence"), {"i": recurrence_id})
     return rows[0] if rows else None
 
 
@@ -780,6 +907,8 @@ def materialise(
 
 def flags_now(conn: Conn, *, keys: Sequence[str] | None = None) -> list[FlagRow]:
     """Flags as they are: every one, or those of `keys` (by the unique index on key)."""
+    from flagsched.rows import FlagRow
+
     return _rows(
         conn,
         class_row(FlagRow),
@@ -789,6 +918,8 @@ def flags_now(conn: Conn, *, keys: Sequence[str] | None = None) -> list[FlagRow]
 
 
 def _ahead(conn: Conn, where: str, params: Mapping[str, Any]) -> list[OpenSchedule]:
+    from flagsched.rows import OpenSchedule
+
     chosen = [where] if params.get("flag_key") is None else [where, "of_flag"]
     return _rows(conn, class_row(OpenSchedule), statement("schedules_ahead", where=chosen), params)
 
@@ -819,9 +950,7 @@ def schedules_ahead(
     blockers = [
         row
         for key in sorted({r.flag_key for r in early})
-        for row in _ahead(
-            conn, "open_of_key_after_until", {**params, "key": key, "limit": 1}
-        )
+        for row in _ahead(conn, "open_of_key_after_until", {**params, "key": key, "limit": 1})
     ]
     unique = {r.id: r for r in [*rows, *early, *blockers]}
     return sorted(unique.values(), key=lambda r: (r.scheduled_at, r.id))[:most]
@@ -841,6 +970,8 @@ def failed_between(
 
 def recurrences_ahead(conn: Conn, *, flag_key: str | None = None) -> list[ActiveRecurrence]:
     """Active recurrences (an index range of idx_recurrences_due), next occurrence first."""
+    from flagsched.rows import ActiveRecurrence
+
     where = ["active_recurrence"] if flag_key is None else ["active_recurrence", "of_flag"]
     return _rows(
         conn,

@@ -105,8 +105,17 @@ REQUIRED: tuple[Required, ...] = (
             "created_at",
         ),
     ),
-    # Migration 0008, from the templates of flagsched/sql/stored/ (0006's and 0007's
-    # predecessors stay for the previous release, unused here).
+    # Four eyes (migration 0008): its columns listed after the older ones, so a schema an
+    # older release left is told first what that release lacked.
+    Table("feature_flag_schedules", ("needs_approval", "created_by", "awaiting_approval_since")),
+    Table("feature_flag_recurrences", ("needs_approval",)),
+    Table(
+        "feature_flag_approvals",
+        ("id", "schedule_id", "verdict", "decided_by", "decided_at", "note"),
+    ),
+    # Migration 0009, from the templates of flagsched/sql/stored/ (0006's and 0007's
+    # predecessors stay for the previous release, unused here): the claim and the report
+    # know approvals.
     *(
         Function(BUILT_IN.fn.column(routine), ARGUMENTS[routine])
         for routine in ROUTINES
@@ -119,6 +128,11 @@ REQUIRED: tuple[Required, ...] = (
         Trigger("feature_flags", f"flagsched_record_{event}")
         for event in ("insert", "update", "delete", "truncate")
     ),
+    # Four eyes: the creator of a schedule is the login that inserted it, noted by the
+    # database (also for rows applications insert); a verdict is its login's own.
+    Trigger("feature_flag_schedules", "flagsched_note_creator"),
+    Trigger("feature_flag_recurrences", "flagsched_note_creator"),
+    Trigger("feature_flag_approvals", "flagsched_check_approval"),
 )
 
 
@@ -146,7 +160,11 @@ def required(tables: Tables) -> tuple[Required, ...]:
         for c in ("id", "key", "enabled", "rollout_percentage", "updated_at")
         if flags.has(c)
     ) + tuple(c for c in scope if c not in {flags.column(c) for c in ("id", "key")})
-    own = {t.name: t for t in REQUIRED if isinstance(t, Table)}
+    own: dict[str, Table] = {}
+    for t in REQUIRED:  # a table listed twice (columns of a later migration): one entry
+        if isinstance(t, Table):
+            before = own.get(t.name)
+            own[t.name] = Table(t.name, (before.columns if before else ()) + t.columns)
     seq = own["feature_flag_schedule_group_seq"]
     return (
         Table(_relation(flags), flag_columns),
@@ -154,6 +172,7 @@ def required(tables: Tables) -> tuple[Required, ...]:
         Table(_relation(TableMap(seq.name, schema=tables.schedules.schema))),
         Table(_relation(tables.changes), own["feature_flag_changes"].columns + scope),
         Table(_relation(tables.recurrences), own["feature_flag_recurrences"].columns + scope),
+        Table(_relation(tables.approvals), own["feature_flag_approvals"].columns),
         *(
             Function(
                 f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column(routine))}",

@@ -98,6 +98,12 @@ feature_flag_schedules = sa.Table(
         nullable=True,
         server_default=sa.text("pg_current_snapshot()"),
     ),
+    # Four eyes (migration 0008): asked for with --approval; the login that inserted it
+    # (set by the trigger flagsched_note_creator); since when a tick found it due and
+    # waiting for an approval it has not got.
+    sa.Column("needs_approval", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_by", sa.Text, nullable=True),
+    sa.Column("awaiting_approval_since", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("max_retries >= 0 AND max_retries <= 10", name="max_retries_check"),
     sa.CheckConstraint("on_conflict IN ('fail', 'apply')", name="on_conflict_check"),
     sa.Index("idx_schedules_next_retry_at", "next_retry_at"),
@@ -153,11 +159,32 @@ feature_flag_recurrences = sa.Table(
     sa.Column(
         "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
+    # Four eyes (migration 0008): each schedule it makes needs approval; who made it.
+    sa.Column("needs_approval", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_by", sa.Text, nullable=True),
     sa.CheckConstraint("on_conflict IN ('fail', 'apply')", name="recurrence_on_conflict_check"),
     sa.Index("idx_recurrences_due", "next_at", postgresql_where=sa.text("cancelled_at IS NULL")),
 )
 
 group_seq = sa.Sequence("feature_flag_schedule_group_seq", metadata=metadata)
+
+# Four eyes (migration 0008): every verdict on a schedule; who and when are the database's
+# (session_user and now(), set by the trigger flagsched_check_approval).
+feature_flag_approvals = sa.Table(
+    "feature_flag_approvals",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    # No foreign key: applications may TRUNCATE their schedules; prune deletes verdicts too.
+    sa.Column("schedule_id", sa.BigInteger, nullable=False),
+    sa.Column("verdict", sa.Text, nullable=False),
+    sa.Column("decided_by", sa.Text, nullable=False),
+    sa.Column(
+        "decided_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.CheckConstraint("verdict IN ('approved', 'rejected')", name="verdict_check"),
+    sa.Index("idx_approvals_schedule", "schedule_id", "id"),
+)
 
 # Append-only: one row per change of a flag's enabled / rollout_percentage, by any writer
 # (statement-level triggers on feature_flags, migration 0004).

@@ -77,9 +77,11 @@ class Settings(BaseSettings):
     @field_validator("ping_url")
     @classmethod
     def _http_only(cls, value: str | None) -> str | None:
-        from flagsched.ping import check_url
+        if value is None:
+            return None
+        from flagsched.ping import check_url  # urllib.request: only when there is a ping
 
-        return None if value is None else check_url(value)
+        return check_url(value)
 
     @property
     def max_retries_override(self) -> int | None:

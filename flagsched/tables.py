@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from typing import Any
 
+from flagsched.approval import ApprovalPolicy
 from flagsched.errors import ConfigError
 from flagsched.sql import BUILT_IN, TableMap, Tables
 
@@ -67,15 +68,6 @@ class SchedulesTable:
 
 
 @dataclass(frozen=True)
-class ApprovalPolicy:
-    """`[approval]`: which changes need a second person (stored; acted on in a later release)."""
-
-    flags: tuple[str, ...] = ()
-    rollout_increase_over: int | None = None
-    enabling: bool = False
-
-
-@dataclass(frozen=True)
 class Configuration:
     """The whole file; `Configuration()` is "no configuration": the built-in tables."""
 
@@ -108,6 +100,16 @@ class Configuration:
                 f"{self.where}: running on your own tables with [schedules] (the "
                 "application's schedules table) is not available in this release yet; "
                 "`flagsched migrate --check` checks the configuration against the database"
+            )
+        if command in ("approve", "reject"):
+            return (
+                f"{self.where}: `flagsched {command}` (four eyes) on your own tables ([flags]) "
+                "is not available in this release yet: approvals run on the built-in tables only"
+            )
+        if self.approval != ApprovalPolicy():
+            return (
+                f"{self.where}: [approval] (four eyes) with [flags] (your own tables) is not "
+                "available in this release yet: approvals run on the built-in tables only"
             )
         return None
 
@@ -162,6 +164,7 @@ def _adopted_tables(configuration: Configuration) -> Tables:
         schedules=schedules,
         changes=TableMap(BUILT_IN.changes.name, schema=own),
         recurrences=TableMap(BUILT_IN.recurrences.name, schema=own),
+        approvals=TableMap(BUILT_IN.approvals.name, schema=own),
         scope=tuple((column, _scope_text(value)) for column, value in flags.scope),
     )
     # the stored objects' names depend on the scope's columns, never on its values

@@ -14,12 +14,13 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import groupby
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flagsched import materialise, policy, repository
+from flagsched import approval, materialise, policy, repository
+from flagsched.approval import ApprovalPolicy
 from flagsched.db import Conn, Database, connection, transaction
 from flagsched.errors import DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
@@ -37,6 +38,9 @@ from flagsched.model import (
     clip,
 )
 
+if TYPE_CHECKING:
+    from flagsched.rows import FlagRow
+
 
 @dataclass(frozen=True, slots=True)
 class TickOptions:
@@ -45,6 +49,7 @@ class TickOptions:
     retry_max_delay: float = 3600.0
     max_retries_override: int | None = None
     max_lateness: float | None = None  # seconds (FLAGSCHED_MAX_LATENESS)
+    approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)  # [approval]
 
 
 class StopFlag:
@@ -133,17 +138,31 @@ def run(
         interrupted=stop.requested,
         due_backlog=report.due_backlog,
         oldest_due_age_seconds=report.oldest_due_age_seconds,
+        awaiting_approval=report.awaiting_approval,
     )
     return report
 
 
 def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
     """Claim, decide, write, record: one batch, in the caller's transaction."""
-    now, claimed = repository.claim(conn, limit=options.batch_size)
+    now, claimed = repository.claim(
+        conn, limit=options.batch_size, max_lateness_seconds=options.max_lateness
+    )
     if now is None:
         return []
     fail = _Failures(now, options, rng)
     results, steps = _plan(claimed, fail, rollout_column=repository.flags_have("rollout"))
+    waiting, steps = _approvals(conn, steps, options)
+    results = _held_behind(results, waiting) + waiting
+    repository.mark_awaiting(
+        conn,
+        [
+            r.schedule.id
+            for r in waiting
+            if r.outcome is Outcome.AWAITING_APPROVAL and not r.schedule.awaiting
+        ],
+        now=now,
+    )
     changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
     if changes:
         verdicts = _write(conn, changes, stop, options.max_lateness)
@@ -216,6 +235,148 @@ NO_ROLLOUT_COLUMN = (
     "updates sets rollout_percentage, but the flags table has no rollout column "
     "(no `rollout` in [flags] of the configuration): only enabled can be scheduled"
 )
+
+
+def _approvals(
+    conn: Conn, steps: dict[str, list[Step]], options: TickOptions, *, lock: bool = True
+) -> tuple[list[Result], dict[str, list[Step]]]:
+    """Four eyes, before the write: each flag whose changes may need approval is locked as
+    the write locks it and read, and its changes judged in order (`approval`, pure) against
+    the state the earlier ones leave. The first that needs an approval it has not got is
+    not attempted and awaits it (no retry spent); the flag's later changes are held back.
+    A flag another session holds is waited for (lock_timeout); still held, its changes
+    are held back. Returns those results, and the steps that go on to the write. Without
+    `lock` (--dry-run) the flags are read as they are, locking nothing."""
+    policy_ = options.approval
+    judged = {key: s for key, s in steps.items() if _may_need_approval(policy_, key, s)}
+    if not judged:
+        return [], steps
+    found: dict[str, FlagRow] = {}
+    held: dict[str, str] = {}
+    if approval.depends_on_state(policy_) and not lock:
+        found = {f.key: f for f in repository.flags_now(conn, keys=sorted(judged))}
+    elif approval.depends_on_state(policy_):
+        found = repository.lock_flags(conn, sorted(judged), wait=False)
+        for key in sorted(judged):
+            if key not in found:  # held by another session, or missing
+                try:
+                    with repository.savepoint(conn):
+                        found |= repository.lock_flags(conn, [key], wait=True)
+                except StatementFailed as exc:
+                    held[key] = f"its flag is held ({exc.message})"
+    states = {
+        key: approval.FlagState(row.enabled, row.rollout_percentage)
+        for key, row in found.items()
+    }
+    # A change past its lateness never awaits: it goes on to the write, which fails it for
+    # good as `expired:` (the same check, the same transaction's now()), and the flag's next
+    # change is judged against the state it leaves. Only the changes that would await are
+    # checked (a schedule found awaiting before is claimed again only once past it).
+    expired: set[int] = set()
+    checked: set[int] = set()
+    while True:
+        first = {
+            key: found_first
+            for key, flag_steps in judged.items()
+            if key not in held
+            and (found_first := _first_awaiting(policy_, key, states.get(key), flag_steps, expired))
+        }
+        waiting_ids = {judged[key][index][0].id for key, (index, _) in first.items()} - checked
+        if not waiting_ids:
+            break
+        checked |= waiting_ids
+        late = repository.safety_checks(
+            conn, sorted(waiting_ids), max_lateness_seconds=options.max_lateness
+        )
+        newly = {i for i, (verdict, _) in late.items() if verdict is Verdict.EXPIRED}
+        if not newly:
+            break
+        expired |= newly
+    decided: list[Result] = []
+    kept: dict[str, list[Step]] = {}
+    for key, flag_steps in steps.items():
+        if key in held:
+            decided += [Result(s, Outcome.HELD_BACK, error=held[key]) for s, _ in flag_steps]
+            continue
+        if key not in first:
+            kept[key] = flag_steps
+            continue
+        index, why = first[key]
+        waiting = flag_steps[index][0]
+        decided.append(Result(waiting, Outcome.AWAITING_APPROVAL, error=why))
+        behind = f"held back: schedule {waiting.id} of this flag awaits approval"
+        decided += [Result(s, Outcome.HELD_BACK, error=behind) for s, _ in flag_steps[index + 1 :]]
+        if index:
+            kept[key] = flag_steps[:index]
+    return decided, kept
+
+
+def _first_awaiting(
+    policy_: ApprovalPolicy,
+    key: str,
+    state: approval.FlagState | None,
+    flag_steps: list[Step],
+    expired: set[int],
+) -> tuple[int, str] | None:
+    """The first of a flag's changes that awaits approval (`approval.first_awaiting`); an
+    expired one is let through, changing nothing."""
+    return approval.first_awaiting(
+        policy_,
+        key,
+        state,
+        [
+            approval.Step(
+                u,
+                explicit=s.needs_approval or s.awaiting,
+                approved=s.approved or s.id in expired,
+                applies=s.id not in expired,
+            )
+            for s, u in flag_steps
+        ],
+    )
+
+
+def _held_behind(decided: list[Result], waiting: list[Result]) -> list[Result]:
+    """A change that _plan failed for its invalid `updates` but that comes after one of its
+    flag awaiting approval is held back instead, as behind any open schedule (a stored
+    defect still fails it, unattempted, wherever it stands)."""
+    first = {
+        r.schedule.flag_key: (r.schedule.scheduled_at, r.schedule.id)
+        for r in waiting
+        if r.outcome is Outcome.AWAITING_APPROVAL
+    }
+    if not first:
+        return decided
+
+    def behind(r: Result) -> bool:
+        s = r.schedule
+        return (
+            r.outcome is Outcome.FAILED
+            and s.defect is None
+            and s.flag_key in first
+            and (s.scheduled_at, s.id) > first[s.flag_key]
+        )
+
+    return [
+        Result(
+            r.schedule,
+            Outcome.HELD_BACK,
+            error=f"held back: a schedule of this flag awaits approval ({r.error})",
+        )
+        if behind(r)
+        else r
+        for r in decided
+    ]
+
+
+def _may_need_approval(policy_: ApprovalPolicy, key: str, flag_steps: list[Step]) -> bool:
+    """Could any of these changes need approval (a flag judged, and locked to be)?"""
+    return (
+        any(s.needs_approval or s.awaiting for s, _ in flag_steps)
+        or approval.matching_pattern(policy_, key) is not None
+        or (approval.depends_on_state(policy_) and not all(s.approved for s, _ in flag_steps))
+    )
+
 
 Verdicts = dict[int, tuple[Verdict, str | None]]  # change index -> why it did not apply
 
@@ -401,6 +562,13 @@ def _log_result(log: Any, result: Result) -> None:
             max_retries=limit,
             error=result.error,
         )
+    elif result.outcome is Outcome.AWAITING_APPROVAL:
+        log.warning(
+            "schedule_awaiting_approval",
+            **fields,
+            reason=result.error,
+            hint=f"a second person approves it: flagsched approve {schedule.id}",
+        )
     else:
         log.info(
             "schedule_held_back",
@@ -425,7 +593,9 @@ def _held_back(database: Database, conn: Conn, options: TickOptions) -> list[Res
     claim never takes them (they would take a batch's places), so they are read here,
     locking nothing, up to a batch's worth, and reported once per tick."""
     with transaction(database, conn):
-        held = repository.held_back(conn, limit=options.batch_size)
+        held = repository.held_back(
+            conn, limit=options.batch_size, max_lateness_seconds=options.max_lateness
+        )
     return [Result(schedule, Outcome.HELD_BACK) for schedule in held]
 
 
@@ -434,46 +604,73 @@ def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None
     with transaction(database, conn):
         now = repository.db_now(conn)
         backlog = repository.backlog(conn, now=now)
+        awaiting, since = repository.awaiting_backlog(conn, now=now)
+    report.awaiting_approval = awaiting
+    report.oldest_awaiting_approval_seconds = (
+        max((now - since).total_seconds(), 0.0) if since is not None else 0.0
+    )
     report.due_backlog = int(backlog.due)
     age = backlog.oldest_due_age_seconds
     report.oldest_due_age_seconds = float(age) if age is not None else 0.0
 
 
-def preview(database: Database, options: TickOptions) -> list[tuple[Claimed, str]]:
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """--dry-run: what the tick would do with one schedule, in words."""
+
+    schedule: Claimed
+    would: str
+
+
+def preview(database: Database, options: TickOptions) -> list[Preview]:
     """--dry-run: what the next batch would do, from a claim that is rolled back."""
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
         with transaction(database, conn, rollback=True):  # nothing claimed is kept
-            now, claimed = repository.claim(conn, limit=options.batch_size, lock=False)
-            held = repository.held_back(conn, limit=options.batch_size)
+            now, claimed = repository.claim(
+                conn,
+                limit=options.batch_size,
+                lock=False,
+                max_lateness_seconds=options.max_lateness,
+            )
+            held = repository.held_back(
+                conn, limit=options.batch_size, max_lateness_seconds=options.max_lateness
+            )
             existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
             checks = repository.safety_checks(
                 conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
             )
+            if now is not None:
+                decided, steps = _plan(
+                    claimed,
+                    _Failures(now, options, random.Random(0)),
+                    rollout_column=repository.flags_have("rollout"),
+                )
+                waiting, steps = _approvals(conn, steps, options, lock=False)
+                decided = _held_behind(decided, waiting) + waiting
     shown = {c.id for c in claimed}
     held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
     if now is None:
-        return [(r.schedule, _describe(r)) for r in held_back]
-    decided, steps = _plan(
-        claimed,
-        _Failures(now, options, random.Random(0)),
-        rollout_column=repository.flags_have("rollout"),
-    )
+        return [Preview(r.schedule, _describe(r)) for r in held_back]
     decided += held_back
-    plan = [(r.schedule, _describe(r)) for r in decided]
+    plan = [Preview(r.schedule, _describe(r)) for r in decided]
     for key, flag_steps in steps.items():
         for c, u in flag_steps:
             if key not in existing:
-                plan.append((c, f"fail for good: flag {key!r} does not exist"))
+                plan.append(Preview(c, f"fail for good: flag {key!r} does not exist"))
             elif c.id in checks:
-                plan.append((c, f"fail for good: {checks[c.id][1]}"))
+                plan.append(Preview(c, f"fail for good: {checks[c.id][1]}"))
             else:
-                plan.append((c, f"apply {u.as_json()}"))
-    return sorted(plan, key=lambda p: (p[0].flag_key, p[0].scheduled_at, p[0].id))
+                plan.append(Preview(c, f"apply {u.as_json()}"))
+    return sorted(plan, key=lambda p: (p.schedule.flag_key, p.schedule.scheduled_at, p.schedule.id))
 
 
 def _describe(result: Result) -> str:
+    if result.outcome is Outcome.AWAITING_APPROVAL:
+        return f"await approval ({result.error})"
+    if result.outcome is Outcome.HELD_BACK and result.error:
+        return f"held back ({result.error})"
     if result.outcome is Outcome.HELD_BACK:
         return "held back (an earlier schedule of this flag is still open)"
     return f"fail for good: {result.error}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -12,49 +13,32 @@ import psycopg
 import sqlalchemy as sa
 
 from flagsched.schema import make_engine
+from flagsched.sql import statement
 from scripts import pgserver
 
 # `make demo` leaves the agenda page here (build/ is ignored by git).
 AGENDA_PAGE = Path("build") / "agenda.html"
 
-SEED = """
-INSERT INTO feature_flags (key, enabled, rollout_percentage) VALUES
-    ('new-checkout', false, 0), ('dark-mode', false, 0), ('search-v2', false, 0);
 
--- A rollout ramp that is overdue: all four steps land in one tick, in order.
-INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) VALUES
-    ('new-checkout', now() - interval '40 minutes', '{"enabled": true, "rollout_percentage": 10}'),
-    ('new-checkout', now() - interval '30 minutes', '{"rollout_percentage": 25}'),
-    ('new-checkout', now() - interval '20 minutes', '{"rollout_percentage": 50}'),
-    ('new-checkout', now() - interval '10 minutes', '{"rollout_percentage": 100}'),
-    ('dark-mode',    now() - interval '5 minutes',  '{"enabled": true}'),
-    -- due tomorrow: left alone
-    ('dark-mode',    now() + interval '1 day',      '{"enabled": false}'),
-    -- a flag that was deleted: fails for good at once
-    ('legacy-banner', now() - interval '1 minute',  '{"enabled": false}'),
-    -- a typo an application made: fails for good, touches no flag
-    ('dark-mode',    now() - interval '1 minute',   '{"rollout_percentage": "fifty"}'),
-    -- search-v2's database trigger fails for now (an outage): retried with backoff
-    ('search-v2',    now() - interval '2 minutes',  '{"enabled": true, "rollout_percentage": 5}');
-
--- Simulate a transient failure from the database side for search-v2.
-CREATE TABLE demo_outage (key text PRIMARY KEY);
-INSERT INTO demo_outage VALUES ('search-v2');
-CREATE FUNCTION demo_outage() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM demo_outage WHERE key = NEW.key) THEN
-        RAISE EXCEPTION 'search backend unavailable (simulated outage)';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER demo_outage BEFORE UPDATE ON feature_flags
-    FOR EACH ROW EXECUTE FUNCTION demo_outage();
-"""
+def _docs_sql(name: str) -> str:
+    """The ```sql block after `<!-- sql:NAME -->` in docs/deploy.md: the demo sets up roles
+    and grants exactly as the documentation says."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    found = re.search(rf"<!-- sql:{re.escape(name)} -->\s*```sql\n(.*?)```", text, re.DOTALL)
+    if found is None:
+        raise SystemExit(f"docs/deploy.md has no sql:{name} block")
+    return found.group(1)
 
 
-def _scalar(engine: sa.Engine, query: str) -> object:
+def as_login(url: str, login: str) -> str:
+    """The demo database's URL as another login (the throwaway server trusts local logins)."""
+    return sa.make_url(url).set(username=login).render_as_string(hide_password=False)
+
+
+def _scalar(engine: sa.Engine, name: str) -> object:
+    """The value of queries.sql's statement `name`."""
     with engine.connect() as conn:
-        return conn.execute(sa.text(query)).scalar()
+        return conn.execute(sa.text(statement(name))).scalar()
 
 
 def banner(text: str) -> None:
@@ -68,25 +52,35 @@ def main() -> int:
             isolation_level="AUTOCOMMIT"
         )
         with admin.connect() as conn:
-            conn.execute(sa.text("CREATE DATABASE demo"))
+            conn.execute(sa.text(statement("demo_database")))
         url = server.url(database="demo")
         env = {**os.environ, "FLAGSCHED_DATABASE_URL": url, "FLAGSCHED_LOG_FORMAT": "console"}
         engine = make_engine(url)
 
-        def flagsched(*args: str) -> None:
-            print(f"$ flagsched {' '.join(args)}", flush=True)
+        def flagsched(*args: str, login: str | None = None, config: Path | None = None) -> None:
+            """The real CLI; `login`: as that database login (a person), `config`: with that
+            configuration file."""
+            shown = f"FLAGSCHED_CONFIG={config} " if config else ""
+            where = dict(env)
+            if login is not None:
+                where["FLAGSCHED_DATABASE_URL"] = as_login(url, login)
+                shown = f"[{login}] {shown}"
+            if config is not None:
+                where["FLAGSCHED_CONFIG"] = str(config)
+            print(f"{shown}$ flagsched {' '.join(args)}", flush=True)
             code = subprocess.run(
-                [sys.executable, "-m", "flagsched", *args], env=env, check=False
+                [sys.executable, "-m", "flagsched", *args], env=where, check=False
             ).returncode
             print(f"(exit {code})", flush=True)
 
-        def sql(statement: str) -> None:
+        def sql(name: str) -> None:
+            """Run queries.sql's statement `name` (the application's side)."""
             with engine.begin() as conn:
-                conn.execute(sa.text(statement))
+                conn.execute(sa.text(statement(name)))
 
-        def show(query: str) -> None:
+        def show(name: str) -> None:
             with engine.connect() as conn:
-                result = conn.execute(sa.text(query))
+                result = conn.execute(sa.text(statement(name)))
                 from flagsched.render import table
 
                 print(table(list(result.keys()), [tuple(r) for r in result]), flush=True)
@@ -94,17 +88,14 @@ def main() -> int:
         banner("A throwaway PostgreSQL is up; migrate it")
         flagsched("migrate")
         banner("Seed three flags and nine schedules")
-        sql(SEED)
-        show("SELECT id, flag_key, scheduled_at, updates FROM feature_flag_schedules ORDER BY id")
+        sql("demo_seed")
+        show("demo_seeded")
         banner("Tick 1: the ramp lands in order, bad ones fail for good, search-v2 will retry")
         flagsched("process")
         flagsched("list-failed")
         banner("The outage ends; move time forward so search-v2's retry is due")
-        sql("DELETE FROM demo_outage")
-        sql(
-            "UPDATE feature_flag_schedules SET next_retry_at = now() "
-            "WHERE status = 'failed' AND next_retry_at IS NOT NULL"
-        )
+        sql("demo_outage_ends")
+        sql("demo_retries_due_now")
         banner("Tick 2: search-v2 succeeds on its retry")
         flagsched("process")
         flagsched("list-failed", "--format", "json", "--permanent")
@@ -120,12 +111,12 @@ def main() -> int:
         ):
             flagsched("status")
         banner("Authoring: a ramp for search-v2, one step every 10 minutes, as one group")
-        sql("INSERT INTO feature_flags (key) VALUES ('maintenance-mode')")
+        sql("demo_add_maintenance_flag")
         flagsched("ramp", "search-v2", "--steps", "25,50,100", "--every", "10m")
         flagsched("list", "--flag", "search-v2", "--tz", "Europe/Berlin")
         banner("Stop the ramp where it is: its steps not yet applied are cancelled")
         flagsched("process")
-        group = _scalar(engine, "SELECT max(group_id) FROM feature_flag_schedules")
+        group = _scalar(engine, "demo_last_group")
         flagsched("cancel", "--group", str(group))
         banner("A recurring window: maintenance mode on at 02:00 and off at 04:00 Berlin time")
         flagsched(
@@ -146,7 +137,7 @@ def main() -> int:
             "Cron was down for three weeks: each window fires once, for its latest occurrence; "
             "one more than an hour past its time (--expires-after 1h) fails, never switching late"
         )
-        sql("UPDATE feature_flag_recurrences SET next_at = next_at - interval '21 days'")
+        sql("demo_cron_was_down")
         flagsched("process")
         flagsched("list", "--flag", "maintenance-mode", "--status", "applied")
         flagsched("recurrences")
@@ -156,21 +147,15 @@ def main() -> int:
         banner("An incident: someone turns search-v2 off in psql after a change was scheduled")
         flagsched("schedule", "search-v2", "--at", "now", "--rollout", "50")
         with psycopg.connect(url, autocommit=True, application_name="psql") as conn:
-            conn.execute("UPDATE feature_flags SET enabled = false WHERE key = 'search-v2'")
+            conn.execute(statement("demo_switch_off_in_psql"))
         banner("A change that comes too late: it expired an hour ago")
-        sql(
-            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, expires_at) "
-            "VALUES ('dark-mode', now() - interval '2 hours', '{\"rollout_percentage\": 50}', "
-            "now() - interval '1 hour')"
-        )
+        sql("demo_late_change")
         banner("Tick 3: the scheduled change is in conflict, the late one expired; both fail")
         flagsched("process")
         flagsched("list-failed", "--permanent")
         flagsched("history", "search-v2")
         banner("The on-call engineer reviews the conflict and says: apply it anyway")
-        conflicted = _scalar(
-            engine, "SELECT id FROM feature_flag_schedules WHERE last_error LIKE 'conflict:%'"
-        )
+        conflicted = _scalar(engine, "demo_conflicted")
         flagsched("retry", str(conflicted))
         flagsched("process")
         banner("Seeing ahead: a ramp for dark-mode, and search-v2's backend down again")
@@ -179,7 +164,7 @@ def main() -> int:
             "ramp", "dark-mode", "--steps", "10,25,50,100", "--every", "1d",
             "--start", soon.isoformat(),
         )  # fmt: skip
-        sql("INSERT INTO demo_outage VALUES ('search-v2')")
+        sql("demo_outage_again")
         flagsched("schedule", "search-v2", "--at", "now", "--rollout", "75")
         flagsched("process")
         flagsched("schedule", "search-v2", "--at", (soon + timedelta(days=1)).isoformat(),
@@ -188,13 +173,41 @@ def main() -> int:
         flagsched("plan", "--at", (soon + timedelta(days=2)).isoformat(), "--tz", "Europe/Berlin")
         AGENDA_PAGE.parent.mkdir(exist_ok=True)
         flagsched("agenda", "--tz", "Europe/Berlin", "--html", str(AGENDA_PAGE))
-        banner("The flags now")
-        show("SELECT key, enabled, rollout_percentage, updated_at FROM feature_flags ORDER BY key")
-        banner("The schedules now")
-        show(
-            "SELECT id, flag_key, status, retry_count, applied_at, last_error "
-            "FROM feature_flag_schedules ORDER BY id"
+        banner(
+            "Four eyes: payments changes need a second person. Two people, one database "
+            "login each (docs/deploy.md: roles and grants)"
         )
+        with admin.connect() as conn:
+            conn.execute(sa.text(_docs_sql("roles")))
+            conn.execute(sa.text(statement("demo_two_people")))
+        with engine.begin() as conn:
+            conn.execute(sa.text(_docs_sql("grants-operator") + _docs_sql("grants-approver")))
+        sql("demo_add_payments_flag")
+        policy = AGENDA_PAGE.parent / "flagsched.toml"
+        policy.write_text(
+            '[approval]\nflags = ["payments-*"]\nrollout_increase_over = 50\nenabling = true\n'
+        )
+        print(policy.read_text(), end="", flush=True)
+        flagsched(
+            "schedule", "payments-v2", "--at", "now", "--enable", "--rollout", "100",
+            login="alice", config=policy,
+        )  # fmt: skip
+        banner("Tick 4: the change is due, but nobody else has approved it: it waits")
+        flagsched("process", config=policy)
+        flagsched("status", config=policy)
+        flagsched("list", "--flag", "payments-v2", config=policy)
+        waiting = str(_scalar(engine, "demo_last_schedule"))
+        banner("alice tries to approve her own change: refused")
+        flagsched("approve", waiting, login="alice", config=policy)
+        banner("bob approves it; the next tick applies it")
+        flagsched("approve", waiting, "--note", "checked with the payments team", login="bob",
+                  config=policy)  # fmt: skip
+        flagsched("process", config=policy)
+        flagsched("show", waiting, config=policy)
+        banner("The flags now")
+        show("demo_flags")
+        banner("The schedules now")
+        show("demo_schedules")
         engine.dispose()
         admin.dispose()
     finally:

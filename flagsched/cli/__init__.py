@@ -1,13 +1,14 @@
 """The command line: one click group. Settings and logging are configured once, on first
 use; this is the only place that exits, turning results and errors into exit codes. The
 commands live in one module per group: tick (process), authoring (schedule, ramp),
-operate (retry, cancel, prune, migrate), read (list, list-failed, status, recurrences,
-history, show), ahead (plan, agenda); their parameters in params, their output in
-flagsched.render."""
+operate (retry, cancel, approve, reject, prune, migrate), read (list, list-failed, status,
+recurrences, history, show), ahead (plan, agenda); their parameters in params, their output
+in flagsched.render."""
 
 from __future__ import annotations
 
 import contextvars
+import importlib
 import signal
 import sys
 from typing import NoReturn
@@ -15,12 +16,49 @@ from typing import NoReturn
 import click
 
 from flagsched import logs
-from flagsched.cli import ahead, authoring, operate, read, tick
 from flagsched.cli.app import EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_USAGE, App, redacted, say
 from flagsched.errors import ConfigError, FlagschedError
 
+# Every command, by name: the module (under flagsched.cli) and the function that define it.
+# Only the invoked command's module is imported (a cron run of `process` pays for no other).
+COMMANDS = {
+    "process": ("tick", "process"),
+    "schedule": ("authoring", "schedule"),
+    "ramp": ("authoring", "ramp"),
+    "retry": ("operate", "retry"),
+    "cancel": ("operate", "cancel"),
+    "approve": ("operate", "approve"),
+    "reject": ("operate", "reject"),
+    "prune": ("operate", "prune"),
+    "migrate": ("operate", "migrate"),
+    "list": ("read", "list_"),
+    "list-failed": ("read", "list_failed"),
+    "status": ("read", "status"),
+    "recurrences": ("read", "recurrences"),
+    "history": ("read", "history"),
+    "show": ("read", "show"),
+    "plan": ("ahead", "plan"),
+    "agenda": ("ahead", "agenda"),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """click's lazy group: the commands are named up front, and each is imported when asked
+    for (to run it, or for `--help`, which lists them all)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, name = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(f"flagsched.cli.{module}"), name)
+        assert isinstance(command, click.Command) and command.name == cmd_name
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flagsched")
 @click.option(
     "--config",
@@ -33,6 +71,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     """Apply scheduled feature-flag changes stored in PostgreSQL."""
     app = ctx.ensure_object(App)
     app.load_configuration(config_path)
+    if not app.configured:
+        return  # the built-in tables: nothing to refuse
     command = ctx.invoked_subcommand
     refused = app.configuration.not_available(command)
     # `migrate` checks a configuration with [flags] against the database before it refuses.
@@ -43,29 +83,6 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
         from flagsched import sql
 
         sql.use(app.configuration.tables())
-
-
-_signals_stop = tick.signals_stop  # the name the signal tests know
-
-# One module per command group; each command registered here, on the one group.
-for _command in (
-    tick.process,
-    authoring.schedule,
-    authoring.ramp,
-    operate.retry,
-    operate.cancel,
-    operate.prune,
-    operate.migrate,
-    read.list_,
-    read.list_failed,
-    read.status,
-    read.recurrences,
-    read.history,
-    read.show,
-    ahead.plan,
-    ahead.agenda,
-):
-    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

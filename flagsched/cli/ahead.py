@@ -32,6 +32,7 @@ def plan(app: App, at: datetime | Now, flag_key: str | None, zone: tzinfo | None
         flag_key=flag_key,
         every_flag=True,
         max_lateness_seconds=app.settings.max_lateness,
+        policy=app.configuration.approval,
     )
     _say_cut(seen)
     click.echo(render.plan(seen, fmt, zone))
@@ -83,6 +84,7 @@ def agenda(
         flag_key=flag_key,
         with_failed=html_path is not None,
         max_lateness_seconds=app.settings.max_lateness,
+        policy=app.configuration.approval,
     )
     _say_cut(seen)
     steps = projection.agenda(seen.flags, start=seen.start)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import click
 
 from flagsched import logs
 from flagsched.db import Database
 from flagsched.settings import Settings, load_settings
-from flagsched.tables import Configuration
+
+if TYPE_CHECKING:
+    from flagsched.tables import Configuration
 
 # Exit codes (SPEC): 0 ok, 1 something failed / refused / behind, 2 usage or configuration,
 # 3 could not run. A tick stopped by SIGTERM or SIGINT exits 128 + signal (143, 130).
@@ -25,16 +27,32 @@ class App:
 
     def __init__(self) -> None:
         self._settings: Settings | None = None
-        self.configuration = Configuration()
+        self._configuration: Configuration | None = None
 
     def load_configuration(self, path: str | None) -> None:
         """Read the configuration: `--config PATH`, else FLAGSCHED_CONFIG, else none (the
         built-in tables). A bad file is a ConfigError (exit 2)."""
-        from flagsched import tables
         from flagsched.settings import config_path
 
         path = path or config_path()
-        self.configuration = tables.load(path) if path else Configuration()
+        if path:
+            from flagsched import tables
+
+            self._configuration = tables.load(path)
+
+    @property
+    def configured(self) -> bool:
+        """Whether a configuration file was read (else the built-in tables)."""
+        return self._configuration is not None
+
+    @property
+    def configuration(self) -> Configuration:
+        """The configuration read, or `Configuration()`: the built-in tables."""
+        if self._configuration is None:
+            from flagsched.tables import Configuration
+
+            self._configuration = Configuration()
+        return self._configuration
 
     @property
     def settings(self) -> Settings:

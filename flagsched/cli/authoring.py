@@ -21,6 +21,13 @@ from flagsched.cli.params import (
     tz_option,
 )
 
+APPROVAL = click.option(
+    "--approval",
+    "needs_approval",
+    is_flag=True,
+    help="A second person must approve it (`flagsched approve`) before it applies.",
+)
+
 
 def _no_rollout_column(option: str) -> None:
     """A flags table without a rollout column (your own, issue 18) takes no rollout change:
@@ -31,6 +38,18 @@ def _no_rollout_column(option: str) -> None:
         raise click.UsageError(
             f"{option}: the flags table has no rollout column (no `rollout` in [flags] of the "
             "configuration): only --enable / --disable can be scheduled"
+        )
+
+
+def _no_approval_on_own_tables(needs_approval: bool) -> None:
+    """Four eyes on your own tables (issue 18) is not available in this release yet:
+    --approval there is refused before anything is written (exit 2)."""
+    from flagsched.sql import current
+
+    if needs_approval and current().adopted:
+        raise click.UsageError(
+            "--approval: approvals (four eyes) on your own tables are not available in this "
+            "release yet (docs/own-tables.md)"
         )
 
 
@@ -82,6 +101,7 @@ def _warn_missing_flag(flag_key: str, what: str = "the schedule fails") -> None:
 @click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
 @EXPIRES
 @ON_CONFLICT
+@APPROVAL
 @pass_app
 def schedule(
     app: App,
@@ -95,6 +115,7 @@ def schedule(
     max_retries: int | None,
     expires_after: timedelta | None,
     on_conflict: str,
+    needs_approval: bool,
 ) -> int:
     """Add a pending schedule (prints its id), or with --cron a recurrence (prints its id)."""
     from flagsched import operators
@@ -102,6 +123,7 @@ def schedule(
 
     if (at is None) == (cron_text is None):
         raise click.UsageError("give exactly one of --at TIME and --cron EXPR")
+    _no_approval_on_own_tables(needs_approval)
     if enable and disable:
         raise click.UsageError("--enable and --disable exclude each other")
     enabled = True if enable else False if disable else None
@@ -116,7 +138,7 @@ def schedule(
         except InvalidCron as exc:
             raise click.BadParameter(str(exc), param_hint="--cron") from None
         updates = _updates(enabled, rollout)
-        new_id, _, exists = operators.add_recurrence(
+        recurrence = operators.add_recurrence(
             app.database(),
             flag_key=flag_key,
             cron=cron,
@@ -124,14 +146,15 @@ def schedule(
             updates=updates,
             expires_after=expires_after,
             on_conflict=OnConflict(on_conflict),
+            needs_approval=needs_approval,
         )
-        if not exists:
+        if not recurrence.flag_exists:
             _warn_missing_flag(flag_key, "each schedule it makes fails")
-        click.echo(new_id)
+        click.echo(recurrence.id)
         return EXIT_OK
     check_reach(instant(at), expires_after, "--expires-after")
     updates = _updates(enabled, rollout)
-    new_id, exists = operators.add_schedule(
+    added = operators.add_schedule(
         app.database(),
         flag_key=flag_key,
         at=instant(at),
@@ -139,10 +162,11 @@ def schedule(
         max_retries=max_retries,
         expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
+        needs_approval=needs_approval,
     )
-    if not exists:
+    if not added.flag_exists:
         _warn_missing_flag(flag_key)
-    click.echo(new_id)
+    click.echo(added.id)
     return EXIT_OK
 
 
@@ -167,6 +191,7 @@ def schedule(
 @click.option("--enable", is_flag=True, help="Each step also sets enabled true.")
 @EXPIRES
 @ON_CONFLICT
+@APPROVAL
 @pass_app
 def ramp(
     app: App,
@@ -178,16 +203,18 @@ def ramp(
     enable: bool,
     expires_after: timedelta | None,
     on_conflict: str,
+    needs_approval: bool,
 ) -> int:
     """Add a rollout ramp: one schedule per step, one group; prints the ids in order."""
     from flagsched import operators
     from flagsched.model import OnConflict, Updates
 
+    _no_approval_on_own_tables(needs_approval)
     _no_rollout_column("--steps")
     last_step = every * (len(steps) - 1)
     reach = last_step if expires_after is None else last_step + expires_after
     check_reach(instant(start), reach, "--every")
-    group_id, made, exists = operators.add_ramp(
+    added = operators.add_ramp(
         app.database(),
         flag_key=flag_key,
         steps=[Updates(enabled=True if enable else None, rollout_percentage=n) for n in steps],
@@ -195,11 +222,18 @@ def ramp(
         every=every,
         expires_after=expires_after,
         on_conflict=OnConflict(on_conflict),
+        needs_approval=needs_approval,
     )
-    if not exists:
+    if not added.flag_exists:
         _warn_missing_flag(flag_key, "each step fails")
-    for schedule_id, _ in made:
-        click.echo(schedule_id)
+    for step in added.steps:
+        click.echo(step.id)
+    group_id = added.group_id
+    if needs_approval:
+        click.echo(
+            f"flagsched: approve it with `flagsched approve --group {group_id}` (another login)",
+            err=True,
+        )
     click.echo(
         f"flagsched: ramp group {group_id}; stop it with `flagsched cancel --group {group_id}`",
         err=True,

@@ -1,4 +1,4 @@
-"""Operator commands that change state: retry, cancel, prune, migrate."""
+"""Operator commands that change state: retry, cancel, approve, reject, prune, migrate."""
 
 from __future__ import annotations
 
@@ -138,6 +138,56 @@ def cancel(
 
 
 @click.command()
+@click.argument("ids", nargs=-1, type=SCHEDULE_ID)
+@click.option(
+    "--group", "groups", type=SCHEDULE_ID, multiple=True, metavar="G", help="A ramp's group."
+)
+@click.option("--note", metavar="TEXT", help="Why (kept with the approval).")
+@pass_app
+def approve(app: App, ids: tuple[int, ...], groups: tuple[int, ...], note: str | None) -> int:
+    """Approve schedules (or a ramp's group) as this database login: a second person's
+    yes. A login never approves a schedule it created."""
+    from flagsched import operators
+
+    if not (ids or groups):
+        raise click.UsageError("give schedule ids or --group G")
+    database = app.database()
+    results = operators.approve(database, list(ids), note=_note(note)) if ids else []
+    for group_id in dict.fromkeys(groups):
+        results += operators.approve_group(database, group_id, note=_note(note))
+    return _report_each(results)
+
+
+@click.command()
+@click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
+@click.option("--note", metavar="TEXT", required=True, help="Why (kept with the verdict).")
+@pass_app
+def reject(app: App, ids: tuple[int, ...], note: str) -> int:
+    """Reject schedules: each is cancelled, and the record says who (this login) and why."""
+    from flagsched import operators
+
+    text = _note(note)
+    if text is None:
+        raise click.BadParameter("say why: the note must not be empty", param_hint="--note")
+    return _report_each(operators.reject(app.database(), list(ids), note=text))
+
+
+MAX_NOTE = 1000
+
+
+def _note(note: str | None) -> str | None:
+    """A note as kept: one line, at most MAX_NOTE characters; empty is none."""
+    if note is None or not note.strip():
+        return None
+    text = " ".join(note.split())
+    if len(text) > MAX_NOTE or "\x00" in text:
+        raise click.BadParameter(
+            f"at most {MAX_NOTE} characters, no NUL character", param_hint="--note"
+        )
+    return text
+
+
+@click.command()
 @click.option(
     "--older-than",
     "days",
@@ -153,8 +203,6 @@ def prune(app: App, days: float, dry_run: bool, history: bool) -> int:
     """Delete applied and cancelled schedules older than DAYS, in small batches."""
     from flagsched import operators, render
 
-    counts, _ = operators.prune(
-        app.database(), older_than_days=days, dry_run=dry_run, history=history
-    )
-    click.echo(render.pruned(counts, dry_run=dry_run, history=history))
+    pruned = operators.prune(app.database(), older_than_days=days, dry_run=dry_run, history=history)
+    click.echo(render.pruned(pruned, dry_run=dry_run, history=history))
     return EXIT_OK

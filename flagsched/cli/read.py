@@ -63,7 +63,7 @@ def status(app: App, fmt: str, max_lag: float | None) -> int:
     # backlog (index scans) and leaves the counts per state out.
     report = operators.status(app.database(), counts=max_lag is None)
     click.echo(render.status(report, fmt))
-    lag = report["oldest_due_age_seconds"]
+    lag = report.oldest_due_age_seconds
     if max_lag is not None and lag is not None and lag > max_lag:
         say(f"flagsched: a due schedule has waited {lag:.0f}s (> {max_lag:g}s)")
         return EXIT_FAILED
@@ -102,6 +102,7 @@ def list_(
     bounds = {k: DB_NOW if v is NOW else v for k, v in given.items() if v is not None}
     rows = operators.list_schedules(
         app.database(),
+        policy=app.configuration.approval,
         flag_key=flag_key,
         status=None if status is None else Status(status),
         limit=limit,
@@ -157,10 +158,10 @@ def history(
 @FORMAT
 @pass_app
 def show(app: App, schedule_id: int, fmt: str) -> int:
-    """One schedule: its state, every attempt, and the changes it made."""
+    """One schedule: its state, every attempt, its approvals, and the changes it made."""
     from flagsched import operators, render
 
-    row = operators.show(app.database(), schedule_id)
+    row = operators.show(app.database(), schedule_id, policy=app.configuration.approval)
     if row is None:
         say(f"flagsched: no schedule {schedule_id}")
         return EXIT_FAILED

@@ -69,10 +69,12 @@ def _pinged(command: Callable[..., int]) -> Callable[..., int]:
 
 
 def _ping_url(value: str | None) -> str | None:
-    from flagsched.ping import check_url
+    if value is None:
+        return None
+    from flagsched.ping import check_url  # urllib.request: only when there is a ping
 
     try:
-        return None if value is None else check_url(value)
+        return check_url(value)
     except ValueError as exc:  # the message never quotes the URL: it may hold a token
         raise click.BadParameter(str(exc), param_hint="--ping-url") from None
 
@@ -110,7 +112,7 @@ def process(
     pushgateway: str | None,
 ) -> int:
     """Run one tick: apply the schedules that are due."""
-    from flagsched import render, tick
+    from flagsched import tick
     from flagsched.model import Outcome
 
     settings = app.settings
@@ -120,9 +122,12 @@ def process(
         retry_max_delay=settings.retry_max_delay,
         max_retries_override=settings.max_retries_override,
         max_lateness=settings.max_lateness,
+        approval=app.configuration.approval,
     )
     database = app.database()
     if dry_run:
+        from flagsched import render
+
         click.echo(render.dry_run(tick.preview(database, options)))
         return EXIT_OK
     stop = tick.StopFlag()

@@ -6,7 +6,9 @@ A statement's text may hold placeholders in braces:
   as a quoted `psycopg.sql.Identifier`, so a mapped, quoted name (issue 18) changes no
   statement;
 - `{MAX_TEXT}`: a constant of `CONSTANTS`, composed as a `psycopg.sql.Literal`: a limit the
-  code also uses is defined once;
+  code also uses is defined once; `{lock_timeout_ms}`: a value the caller gives
+  (`statement(name, literals={...})`), composed the same way, for the few statements that
+  take no parameters (SET LOCAL cannot);
 - `{waiting_row}`, `{clamped_time(next_retry_at)}`: a named fragment of the same file (a rule
   used by several statements is spelled once); a fragment's `{arg}` is its argument;
 - `{where}`, `{order}`: a slot the caller fills with named fragments (`statement(name,
@@ -58,7 +60,7 @@ class TableMap:
 
 
 # The stored objects (flagsched/sql/stored/*.sql) by logical name, as the built-in tables
-# have them: created by migration 0008 from the templates. A later release that changes a
+# have them: created by migration 0009 from the templates. A later release that changes a
 # template ships a new file and a new name here (`_v3` -> `_v4`), keeping the old.
 BUILT_IN_ROUTINES: tuple[tuple[str, str], ...] = (
     ("kept_attempts", "flagsched_kept_attempts_v3"),
@@ -78,6 +80,7 @@ class Tables:
     schedules: TableMap = TableMap("feature_flag_schedules")
     changes: TableMap = TableMap("feature_flag_changes")
     recurrences: TableMap = TableMap("feature_flag_recurrences")
+    approvals: TableMap = TableMap("feature_flag_approvals")  # four eyes (migration 0008)
     # The stored objects' names (`{fn.claim}`), in `fn.schema` (None: the search_path).
     fn: TableMap = TableMap("", BUILT_IN_ROUTINES)
     # This deployment's scope: (column, value as text), the flags' rows it works on; in
@@ -237,10 +240,18 @@ def _expand(text: str, slots: Mapping[str, str], tables: Tables, depth: int = 0)
     return _PLACEHOLDER.sub(one, text)
 
 
-def _compose(text: str, tables: Tables, *, parameters: bool = False) -> sql.Composed:
-    """`text` with its placeholders as identifiers and literals. With `parameters` (a
-    statement executed with psycopg parameters), a `%` in a name or value is doubled, or
-    psycopg would read it as a placeholder (a configured name may hold any character)."""
+def _compose(
+    text: str,
+    tables: Tables,
+    literals: Mapping[str, object] | None = None,
+    *,
+    parameters: bool = False,
+) -> sql.Composed:
+    """`text` with its placeholders as identifiers and literals (`literals`: values the
+    caller gives). With `parameters` (a statement executed with psycopg parameters), a `%`
+    in a name or value is doubled, or psycopg would read it as a placeholder (a configured
+    name may hold any character)."""
+    literals = literals or {}
     parts: list[sql.Composable] = []
     at = 0
     for m in _PLACEHOLDER.finditer(text):
@@ -259,6 +270,8 @@ def _compose(text: str, tables: Tables, *, parameters: bool = False) -> sql.Comp
                 piece = sql.Identifier(table.schema, table.name)
             else:
                 piece = sql.Identifier(table.name)
+        elif argument is None and column is None and name in literals:
+            piece = sql.Literal(literals[name])
         elif argument is None and column is None and name in CONSTANTS:
             piece = sql.Literal(CONSTANTS[name])
         else:
@@ -272,22 +285,38 @@ def _compose(text: str, tables: Tables, *, parameters: bool = False) -> sql.Comp
 
 
 @cache
-def _statement(name: str, slots: tuple[tuple[str, str], ...], tables: Tables) -> str:
+def _statement(
+    name: str,
+    slots: tuple[tuple[str, str], ...],
+    tables: Tables,
+    literals: tuple[tuple[str, object], ...],
+) -> str:
     texts = _texts()
     if name not in texts:
         raise UnknownStatement(f"queries.sql has no statement {name!r}")
     expanded = _expand(texts[name], dict(slots), tables)
-    return _compose(expanded, tables, parameters=True).as_string(None)
+    return _compose(expanded, tables, dict(literals), parameters=True).as_string(None)
 
 
-def statement(name: str, *, tables: Tables | None = None, **slots: Sequence[str] | str) -> str:
+def statement(
+    name: str,
+    *,
+    tables: Tables | None = None,
+    literals: Mapping[str, int | str] | None = None,
+    **slots: Sequence[str] | str,
+) -> str:
     """The statement `name`, composed for `tables` (default: the current mapping); each slot
     is filled with the named fragment given, or the named fragments of a list joined with AND
-    (none: `true`)."""
+    (none: `true`); each `{name}` of `literals` is that value as an SQL literal."""
     filled: list[tuple[str, str]] = []
     for slot, value in sorted(slots.items()):
         if isinstance(value, str):
             filled.append((slot, f"{{{value}}}"))
         else:
             filled.append((slot, " AND ".join(f"({{{f}}})" for f in value) or "true"))
-    return _statement(name, tuple(filled), current() if tables is None else tables)
+    return _statement(
+        name,
+        tuple(filled),
+        current() if tables is None else tables,
+        tuple(sorted((literals or {}).items())),
+    )

@@ -3,7 +3,7 @@
 -- `{flags.key}` are tables and columns of the table mapping, `{MAX_TEXT}` a constant,
 -- `{waiting_row}` a fragment below, `{where}` a slot the caller fills with fragments.
 -- Stored logic (the claim, the write, the checks) lives in the templates of stored/,
--- created by migration 0008 (built-in tables) or `flagsched migrate` (your own tables) and
+-- created by migration 0009 (built-in tables) or `flagsched migrate` (your own tables) and
 -- called by name: `{fn.claim}` is the mapping's name for it.
 -- A line starting with "-- " directly inside a statement is dropped with the comments.
 
@@ -22,6 +22,10 @@
 -- (scheduled_at, id) order (with `status = 'pending' OR ...` the planner ORs two bitmap
 -- scans and sorts every open row: 2x slower beside 200,000 applied rows).
 status IN ('pending', 'failed') AND (status <> 'failed' OR {waiting_row})
+
+-- name: awaiting_approval
+-- Four eyes: open, due, and waiting for an approval it has not got (a tick marked it).
+(awaiting_approval_since IS NOT NULL AND {open_schedule})
 
 -- name: time_min
 -- The readable time range: years 1..9999, what Python holds (the claim,
@@ -58,7 +62,8 @@ AS updates
 id, flag_key, scheduled_at, {shown_updates}, status, retry_count, max_retries,
 next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
 updated_at, (status = 'failed' AND NOT {waiting}) AS permanent,
-group_id, expires_at, on_conflict, recurrence_id, reviewed_at
+group_id, expires_at, on_conflict, recurrence_id, reviewed_at,
+needs_approval AS approval_asked, created_by, {awaiting_approval} AS awaiting_approval
 
 -- ==================== filters the callers choose ========================================
 
@@ -115,6 +120,47 @@ cancelled_at IS NULL
 {flags.key} = ANY(%(keys)s)
 
 -- ==================== sessions and the schema ===========================================
+
+-- name: session_settings
+-- Every session setting a flagsched transaction runs with. Per transaction (SET LOCAL), not
+-- per session: behind a transaction-mode pooler each transaction may run on another server
+-- connection, and a startup parameter (`options`) is refused or dropped there.
+{set_lock_timeout}; {set_statement_timeout}; {set_idle_timeout}; {set_timezone}; {set_jit}
+
+-- name: set_lock_timeout
+-- The timeouts are whole milliseconds, literals of the caller's `Database`.
+SET LOCAL lock_timeout = {lock_timeout_ms}
+
+-- name: set_statement_timeout
+SET LOCAL statement_timeout = {statement_timeout_ms}
+
+-- name: set_idle_timeout
+-- A crashed or stuck tick must never keep its claimed rows locked for long.
+SET LOCAL idle_in_transaction_session_timeout = 60000
+
+-- name: set_timezone
+SET LOCAL timezone = 'UTC'
+
+-- name: set_jit
+-- JIT compiles the claim (its cost estimate is high) for ~30 ms: never worth it.
+SET LOCAL jit = off
+
+-- name: start_transaction
+BEGIN
+
+-- name: begin
+-- A transaction and its settings as one simple-protocol query: one round trip.
+{start_transaction}; {session_settings}
+
+-- name: savepoint
+-- One name is enough: a savepoint of the same name inside another hides it until released.
+SAVEPOINT flagsched_write
+
+-- name: release_savepoint
+RELEASE SAVEPOINT flagsched_write
+
+-- name: rollback_to_savepoint
+ROLLBACK TO SAVEPOINT flagsched_write
 
 -- name: read_only
 SET TRANSACTION READ ONLY
@@ -202,13 +248,39 @@ SELECT now()
 -- ==================== the tick ==========================================================
 
 -- name: claim
--- stored/claim.sql: a stored function, so its plan is cached per server connection even
--- behind a pooler (no client-side prepared statements). It claims only schedules that can
--- move: none held back behind an open one not due. `scope`: the deployment's scope values.
-SELECT * FROM {fn.claim}(%(limit)s, %(lock)s, CAST(%(scope)s AS jsonb))
+-- stored/claim.sql (0006's flagsched_claim_v2 plus the scope and approvals): a stored
+-- function, so its plan is cached per server connection even behind a pooler (no
+-- client-side prepared statements). It claims only schedules that can move: none held back
+-- behind an open one not due, none awaiting approval (unless past its lateness).
+-- `scope`: the deployment's scope values; `lateness`: the maximum lateness, in seconds.
+SELECT * FROM {fn.claim}(%(limit)s, %(lock)s, CAST(%(scope)s AS jsonb),
+                         make_interval(secs => %(lateness)s))
 
 -- name: held_back
-SELECT * FROM {fn.held_back}(%(limit)s, CAST(%(scope)s AS jsonb))
+SELECT * FROM {fn.held_back}(%(limit)s, CAST(%(scope)s AS jsonb),
+                             make_interval(secs => %(lateness)s))
+
+-- name: lock_flags
+-- Four eyes: the flags whose changes the tick judges, locked as stored/apply.sql locks
+-- them (the same order, the same strength), so the policy is judged against the flag as
+-- it is when the change is written; the flags another session holds are left out.
+SELECT {flags.key} AS key, {flags.enabled} AS enabled,
+       {flags.rollout_percentage} AS rollout_percentage
+FROM {flags} WHERE {flags.key} = ANY(%(keys)s) AND {flag_in_scope()}
+ORDER BY {flags.key}
+FOR NO KEY UPDATE SKIP LOCKED
+
+-- name: lock_flag_waiting
+-- The same for one flag another session held: waited for (up to lock_timeout).
+SELECT {flags.key} AS key, {flags.enabled} AS enabled,
+       {flags.rollout_percentage} AS rollout_percentage
+FROM {flags} WHERE {flags.key} = %(key)s AND {flag_in_scope()}
+FOR NO KEY UPDATE
+
+-- name: mark_awaiting
+-- Due, needing an approval it has not got: the claim passes it over from now on.
+UPDATE {schedules} SET awaiting_approval_since = %(now)s
+WHERE id = ANY(%(ids)s) AND awaiting_approval_since IS NULL
 
 -- name: apply
 -- stored/apply.sql: lock, decide, write set-based; a failed write fails the statement (the
@@ -263,12 +335,17 @@ SELECT pg_notify({NOTIFY_CHANNEL}, %(notice)s::text) WHERE %(notice)s::text IS N
 -- name: backlog
 -- Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at
 -- the end of every tick and for `status --max-lag`, every minute, on tables of millions
--- of rows.
+-- of rows. A schedule awaiting approval counts as due but not towards the oldest due
+-- age: a person, not the tick, is what it waits for (flagsched_awaiting_approval says so).
 WITH pending AS (
-    SELECT count(*) AS n, min(scheduled_at) AS oldest FROM {schedules}
+    SELECT count(*) AS n,
+           min(scheduled_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
+    FROM {schedules}
     WHERE status = 'pending' AND scheduled_at <= %(now)s AND {scope_match()}
 ), retries AS (
-    SELECT count(*) AS n, min(next_retry_at) AS oldest FROM {schedules}
+    SELECT count(*) AS n,
+           min(next_retry_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
+    FROM {schedules}
     WHERE next_retry_at <= %(now)s AND {waiting} AND {scope_match()}
 )
 SELECT pending.n + retries.n AS due,
@@ -283,6 +360,20 @@ SELECT pending.n + retries.n AS due,
             WHERE next_retry_at > %(now)s AND {waiting} AND {scope_match()})
        ) AS next_due_at
 FROM pending, retries
+
+-- name: awaiting_backlog
+-- The due schedules awaiting approval, and since when the oldest waits: a tick marks them
+-- only when due, so the due indexes find them (idx_schedules_pending_due,
+-- idx_schedules_next_retry_at), as `backlog` reads them.
+SELECT count(*) AS n, min(awaiting_approval_since) AS oldest FROM (
+    SELECT awaiting_approval_since FROM {schedules}
+    WHERE status = 'pending' AND scheduled_at <= %(now)s
+      AND awaiting_approval_since IS NOT NULL AND {scope_match()}
+    UNION ALL
+    SELECT awaiting_approval_since FROM {schedules}
+    WHERE next_retry_at <= %(now)s AND {waiting} AND awaiting_approval_since IS NOT NULL
+      AND {scope_match()}
+) AS a
 
 -- ==================== recurrences: materialise ==========================================
 
@@ -333,7 +424,8 @@ SELECT
   count(*) FILTER (WHERE status = 'applied') AS applied,
   count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
   count(*) FILTER (WHERE status NOT IN ('pending', 'failed', 'applied', 'cancelled'))
-    AS unknown
+    AS unknown,
+  count(*) FILTER (WHERE {awaiting_approval}) AS awaiting_approval
 FROM {schedules}
 WHERE {scope_match()}
 
@@ -400,7 +492,11 @@ END AS defect,
 CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
     (SELECT left(k.message, {MAX_TEXT}) FROM {fn.check}(id, CAST(NULL AS interval)) k
      WHERE k.outcome = 'conflict')
-END AS conflict
+END AS conflict,
+-- four eyes: asked for, a tick found it awaiting, approved (idx_approvals_schedule)
+needs_approval, awaiting_approval_since IS NOT NULL AS awaiting,
+EXISTS (SELECT 1 FROM {approvals} a WHERE a.schedule_id = {schedules}.id
+        AND a.verdict = 'approved') AS approved
 
 -- name: schedules_ahead
 -- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied
@@ -413,7 +509,7 @@ LIMIT %(limit)s
 -- name: recurrences_ahead
 -- an index range of idx_recurrences_due
 SELECT id, flag_key, cron, timezone, {shown_updates},
-       {clamped_time(next_at)} AS next_at, expires_after
+       {clamped_time(next_at)} AS next_at, expires_after, needs_approval
 FROM {recurrences}
 WHERE ({where}) AND {scope_match()}
 ORDER BY next_at NULLS LAST, id
@@ -422,9 +518,10 @@ ORDER BY next_at NULLS LAST, id
 
 -- name: insert_schedule
 INSERT INTO {schedules}
-    (flag_key, scheduled_at, updates, max_retries, expires_at, on_conflict{scope_columns()})
+    (flag_key, scheduled_at, updates, max_retries, expires_at, on_conflict, needs_approval
+     {scope_columns()})
 SELECT %(k)s, t.at, CAST(%(u)s AS jsonb), coalesce(CAST(%(m)s AS integer), 3),
-       t.at + CAST(%(e)s AS interval), %(c)s{scope_values()}
+       t.at + CAST(%(e)s AS interval), %(c)s, %(approval)s{scope_values()}
 FROM (SELECT coalesce(CAST(%(at)s AS timestamptz), now()) AS at) AS t
 RETURNING id
 
@@ -459,6 +556,40 @@ SET status = 'pending', retry_count = 0, next_retry_at = NULL, updated_at = now(
              AND greatest(scheduled_at, reviewed_at) BETWEEN '0001-01-01' AND now()
         THEN expires_at + (now() - greatest(scheduled_at, reviewed_at))
         ELSE expires_at END
+WHERE id = %(i)s
+
+-- name: approvals_of
+-- The verdicts on these schedules, oldest first (idx_approvals_schedule).
+SELECT schedule_id, verdict, decided_by AS by, decided_at AS at,
+       left(note, {MAX_TEXT}) AS note
+FROM {approvals} WHERE schedule_id = ANY(%(ids)s)
+ORDER BY schedule_id, id
+
+-- name: add_verdict
+-- Who and when are the database's (the trigger flagsched_check_approval_v1 sets
+-- session_user and now(), and refuses an approval by the schedule's creator).
+INSERT INTO {approvals} (schedule_id, verdict, decided_by, note)
+VALUES (%(i)s, %(verdict)s, session_user, %(note)s)
+RETURNING decided_by, decided_at
+
+-- name: approval_subject
+-- What `approve` needs to know of a locked schedule: its creator, whether it needs
+-- approval by itself, and an earlier approval.
+SELECT s.created_by, s.needs_approval, s.awaiting_approval_since IS NOT NULL AS awaiting,
+       session_user AS me,
+       (SELECT a.decided_by || ' at ' || CAST(a.decided_at AS text) FROM {approvals} a
+        WHERE a.schedule_id = s.id AND a.verdict = 'approved' ORDER BY a.id LIMIT 1)
+           AS approved
+FROM {schedules} s WHERE s.id = %(i)s
+
+-- name: clear_awaiting
+-- Approved: the next tick claims it (and applies it, its flag's turn permitting).
+UPDATE {schedules} SET awaiting_approval_since = NULL, updated_at = now()
+WHERE id = %(i)s
+
+-- name: mark_rejected
+UPDATE {schedules} SET status = 'cancelled', next_retry_at = NULL,
+    awaiting_approval_since = NULL, updated_at = now()
 WHERE id = %(i)s
 
 -- name: mark_cancelled
@@ -513,6 +644,8 @@ WHERE ({prunable}) AND {scope_match()} AND id <> ALL (%(skip)s)
 LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 
 -- name: delete_schedules
+-- A schedule's verdicts (four eyes) go with it.
+WITH verdicts AS (DELETE FROM {approvals} WHERE schedule_id = ANY (%(ids)s))
 DELETE FROM {schedules} WHERE id = ANY (%(ids)s)
 
 -- ==================== authoring =========================================================
@@ -523,23 +656,25 @@ WITH g AS (
            coalesce(CAST(%(start)s AS timestamptz), now()) AS t0
 )
 INSERT INTO {schedules}
-    (flag_key, scheduled_at, updates, group_id, expires_at, on_conflict{scope_columns()})
+    (flag_key, scheduled_at, updates, group_id, expires_at, on_conflict, needs_approval
+     {scope_columns()})
 SELECT %(k)s, g.t0 + (u.n - 1) * CAST(%(every)s AS interval), CAST(u.updates AS jsonb),
        g.id, g.t0 + (u.n - 1) * CAST(%(every)s AS interval)
-             + CAST(%(expires)s AS interval), %(c)s{scope_values()}
+             + CAST(%(expires)s AS interval), %(c)s, %(approval)s{scope_values()}
 FROM g, unnest(CAST(%(updates)s AS text[])) WITH ORDINALITY AS u(updates, n)
 ORDER BY u.n
 RETURNING group_id, id, scheduled_at
 
 -- name: group_schedules
-SELECT id, status FROM {schedules} WHERE group_id = %(g)s AND {scope_match()}
+SELECT id FROM {schedules} WHERE group_id = %(g)s AND {scope_match()}
 ORDER BY scheduled_at, id
 
 -- name: insert_recurrence
 INSERT INTO {recurrences}
-    (flag_key, cron, timezone, updates, next_at, expires_after, on_conflict{scope_columns()})
+    (flag_key, cron, timezone, updates, next_at, expires_after, on_conflict, needs_approval
+     {scope_columns()})
 VALUES (%(k)s, %(cron)s, %(tz)s, CAST(%(u)s AS jsonb), %(next)s,
-        CAST(%(e)s AS interval), %(c)s{scope_values()})
+        CAST(%(e)s AS interval), %(c)s, %(approval)s{scope_values()})
 RETURNING id
 
 -- name: lock_recurrence
@@ -554,3 +689,288 @@ UPDATE {recurrences} SET cancelled_at = now() WHERE id = %(i)s
 UPDATE {schedules} SET status = 'cancelled', next_retry_at = NULL, updated_at = now()
 WHERE recurrence_id = %(i)s AND status IN ('pending', 'failed')
 RETURNING id
+
+-- ==================== the application's side: used by make bench and make demo =========
+-- Never sent by flagsched itself: test data, the checks the benchmark makes on what a run
+-- left, and the application's own writers (its flag UPDATEs, its schedule INSERTs, a
+-- trigger standing in for an outage). Named here so that bench/ and scripts/demo.py read
+-- their SQL through the same loader as flagsched does; the figures' reference drain
+-- (bench/reference.py) keeps its own statements on purpose: it is the yardstick, spelled
+-- apart from what it measures. `{hostile_rows}`-style names are literals the caller gives.
+
+-- name: bench_seed_flags
+-- One backlog shape for every drain: schedule g belongs to flag g % flags and is that
+-- flag's (g // flags)-th change, due in (scheduled_at, id) order. Every schedule sets both
+-- fields and rollout_percentage grows with the ordinal, so the last applied schedule of a
+-- flag is its final state and any out-of-order write shows as a rollout going down.
+INSERT INTO feature_flags (key)
+SELECT 'flag-' || lpad(g::text, 5, '0') FROM generate_series(0, %(flags)s - 1) AS g
+
+-- name: bench_seed_schedules
+INSERT INTO feature_flag_schedules
+    (flag_key, scheduled_at, updates, status, applied_at)
+SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'),
+       %(since)s::timestamptz + g * interval '1 millisecond',
+       jsonb_build_object('enabled', (g / %(flags)s) %% 2 = 0,
+                          'rollout_percentage', least(g / %(flags)s + 1, 100)),
+       %(status)s,
+       CASE WHEN %(status)s = 'applied' THEN %(since)s::timestamptz + g * interval '1 ms' END
+FROM generate_series(0, %(count)s - 1) AS g
+
+-- name: bench_seed_changes
+-- Flag history by another actor, all in the past (year 2000 on).
+INSERT INTO feature_flag_changes (flag_key, changed_at, actor, old_enabled,
+    old_rollout_percentage, new_enabled, new_rollout_percentage)
+SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'), timestamptz '2000-01-01'
+       + make_interval(secs => g), 'app_rw (seed)', false, 0, true, g %% 101
+FROM generate_series(1, %(count)s) g
+
+-- name: bench_seed_open
+-- Open schedules in the future, one in ten a failed one waiting for its retry.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status, retry_count,
+                                    next_retry_at)
+SELECT 'flag-' || lpad((g %% 10000)::text, 5, '0'),
+       now() + g * interval '1 second',
+       '{"rollout_percentage": 50}',
+       CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'pending' END,
+       CASE WHEN g %% 10 = 0 THEN 1 ELSE 0 END,
+       CASE WHEN g %% 10 = 0 THEN now() + interval '5 minutes' END
+FROM generate_series(1, %(count)s) AS g
+
+-- name: bench_seed_hostile
+-- {hostile_rows} due schedules whose `updates` hold a string of {hostile_size} characters.
+INSERT INTO feature_flags (key) VALUES ('hostile'), ('fine');
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+SELECT 'hostile', now() - interval '1 minute' + g * interval '1 ms',
+       jsonb_build_object('enabled', repeat(chr(97 + g % 26), {hostile_size}))
+FROM generate_series(1, {hostile_rows}) g
+
+-- name: bench_record_off
+-- The drain with the record's triggers off: what feature_flag_changes costs (0006: update_*).
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_insert;
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_update_v2;
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_update_moved;
+ALTER TABLE feature_flags DISABLE TRIGGER flagsched_record_delete
+
+-- name: bench_failing_trigger
+-- Transient failures from the database side: every flag whose number ends in 0 (10 %)
+-- refuses to be updated, as a trigger raising an error would.
+CREATE FUNCTION bench_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'bench: injected transient failure for %', NEW.key;
+END $$;
+CREATE TRIGGER bench_refuse BEFORE UPDATE ON feature_flags
+    FOR EACH ROW WHEN (right(NEW.key, 1) = '0') EXECUTE FUNCTION bench_refuse()
+
+-- name: bench_audit_triggers
+-- Proof of exactly-once from inside the database: every write of status 'applied' to a
+-- schedule, and every write to a flag in commit order (a flag row stays locked until
+-- commit).
+CREATE TABLE bench_applications (schedule_id bigint NOT NULL);
+CREATE TABLE bench_flag_writes (
+    seq bigserial PRIMARY KEY, flag_key text NOT NULL, rollout integer NOT NULL);
+CREATE FUNCTION bench_audit_schedules() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_applications SELECT id FROM new_rows WHERE status = 'applied';
+    RETURN NULL;
+END $$;
+CREATE FUNCTION bench_audit_flags() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_flag_writes (flag_key, rollout)
+        SELECT key, rollout_percentage FROM new_rows ORDER BY key;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_audit_schedules AFTER UPDATE ON feature_flag_schedules
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION bench_audit_schedules();
+CREATE TRIGGER bench_audit_flags AFTER UPDATE ON feature_flags
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_audit_flags()
+
+-- name: bench_statuses
+SELECT status, count(*) FROM feature_flag_schedules GROUP BY status
+
+-- name: bench_final_state_errors
+-- Flags whose state is not the one their last applied schedule set.
+SELECT count(*) FROM feature_flags f
+JOIN (SELECT DISTINCT ON (flag_key) flag_key, updates
+      FROM feature_flag_schedules WHERE status = 'applied'
+      ORDER BY flag_key, scheduled_at DESC, id DESC) AS last
+  ON last.flag_key = f.key
+WHERE f.enabled IS DISTINCT FROM (last.updates->>'enabled')::boolean
+   OR f.rollout_percentage
+      IS DISTINCT FROM (last.updates->>'rollout_percentage')::integer
+
+-- name: bench_injected_waiting
+SELECT count(*) FROM feature_flag_schedules WHERE status = 'failed'
+AND retry_count = 1 AND next_retry_at > now() AND last_error LIKE '%injected%'
+
+-- name: bench_refusing_flags_enabled
+SELECT count(*) FROM feature_flags WHERE right(key, 1) = '0' AND enabled
+
+-- name: bench_applications
+SELECT count(*), count(DISTINCT schedule_id) FROM bench_applications
+
+-- name: bench_order_violations
+SELECT count(*) FROM (
+    SELECT rollout, lag(rollout) OVER (PARTITION BY flag_key ORDER BY seq) AS prev
+    FROM bench_flag_writes) AS w
+WHERE prev >= rollout
+
+-- name: bench_smallest_updates
+SELECT min(octet_length(CAST(updates AS text))) FROM feature_flag_schedules
+
+-- name: bench_longest_error
+SELECT max(length(last_error)) FROM feature_flag_schedules
+
+-- name: bench_bare_begin
+-- What a transaction's start cost when the settings travelled once per connection.
+BEGIN
+
+-- name: bench_no_statement_timeout
+SET statement_timeout = 0
+
+-- name: bench_attempts_flags
+-- `python -m bench.attempts`: one flag per schedule.
+INSERT INTO feature_flags (key) SELECT 'f' || n FROM generate_series(1, %(n)s) n
+
+-- name: bench_attempts_schedules
+-- Due schedules whose `attempts` arrays are near the 1 MB limit.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, attempts)
+SELECT 'f' || n, now() - interval '1 minute', '{"enabled": true}', a.v
+FROM generate_series(1, %(n)s) n,
+     (SELECT jsonb_agg(jsonb_build_object(
+         'attempt', i, 'at', '2026-01-01T00:00:00Z', 'outcome', 'retry',
+         'error', (SELECT string_agg(md5(random()::text || i || m), '')
+                   FROM generate_series(1, 28) m)) ORDER BY i) AS v
+      FROM generate_series(1, 1000) i) a
+
+-- name: bench_attempts_size
+SELECT avg(pg_column_size(attempts))::int FROM feature_flag_schedules
+
+-- name: bench_old_claim
+-- The claim as it was before migration 0006 (the "before" bench.attempts measures).
+SELECT * FROM flagsched_claim_v1(%(n)s, true)
+
+-- name: bench_old_record
+-- The record as it was before 0006 (the applied branch: what every row of the batch
+-- takes): a copy on purpose, the "before"; "after" is the statement `record` above.
+UPDATE feature_flag_schedules AS s
+SET status = 'applied', applied_at = %(now)s, next_retry_at = NULL, last_error = NULL,
+    updated_at = %(now)s,
+    attempts = CASE WHEN a.made = 0 THEN '[]'::jsonb ELSE s.attempts END
+        || jsonb_build_array(jsonb_build_object(
+        'attempt', a.made + 1, 'at', %(at)s::text, 'outcome', 'applied', 'error', NULL))
+FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(made)s AS integer[])) AS a(id, made)
+WHERE s.id = a.id
+
+-- name: bench_server_settings
+-- The server's settings docs/benchmarks.md records with the figures.
+SELECT name, setting || coalesce(unit, '') FROM pg_settings
+WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers', 'jit', 'max_wal_size')
+
+-- name: bench_server_version
+SHOW server_version
+
+-- name: bench_generic_plans
+-- For the claim's EXPLAIN with the plan a prepared statement settles on.
+SET LOCAL plan_cache_mode = force_generic_plan
+
+-- name: app_flag_update
+-- The application switching a flag (each statement on its own, in a loop).
+UPDATE feature_flags SET rollout_percentage = (rollout_percentage + 1) %% 101
+WHERE key = 'flag-' || lpad((%(n)s %% 1000)::text, 5, '0')
+
+-- name: app_schedule_insert
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates)
+VALUES ('flag-00001', now() + interval '1 day', '{"enabled": true}')
+
+-- name: demo_database
+CREATE DATABASE demo
+
+-- name: demo_seed
+-- `make demo`: three flags and nine schedules, and an outage search-v2's updates run into.
+INSERT INTO feature_flags (key, enabled, rollout_percentage) VALUES
+    ('new-checkout', false, 0), ('dark-mode', false, 0), ('search-v2', false, 0);
+
+-- A rollout ramp that is overdue: all four steps land in one tick, in order.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates) VALUES
+    ('new-checkout', now() - interval '40 minutes', '{"enabled": true, "rollout_percentage": 10}'),
+    ('new-checkout', now() - interval '30 minutes', '{"rollout_percentage": 25}'),
+    ('new-checkout', now() - interval '20 minutes', '{"rollout_percentage": 50}'),
+    ('new-checkout', now() - interval '10 minutes', '{"rollout_percentage": 100}'),
+    ('dark-mode',    now() - interval '5 minutes',  '{"enabled": true}'),
+    -- due tomorrow: left alone
+    ('dark-mode',    now() + interval '1 day',      '{"enabled": false}'),
+    -- a flag that was deleted: fails for good at once
+    ('legacy-banner', now() - interval '1 minute',  '{"enabled": false}'),
+    -- a typo an application made: fails for good, touches no flag
+    ('dark-mode',    now() - interval '1 minute',   '{"rollout_percentage": "fifty"}'),
+    -- search-v2's database trigger fails for now (an outage): retried with backoff
+    ('search-v2',    now() - interval '2 minutes',  '{"enabled": true, "rollout_percentage": 5}');
+
+-- Simulate a transient failure from the database side for search-v2.
+CREATE TABLE demo_outage (key text PRIMARY KEY);
+INSERT INTO demo_outage VALUES ('search-v2');
+CREATE FUNCTION demo_outage() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM demo_outage WHERE key = NEW.key) THEN
+        RAISE EXCEPTION 'search backend unavailable (simulated outage)';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER demo_outage BEFORE UPDATE ON feature_flags
+    FOR EACH ROW EXECUTE FUNCTION demo_outage()
+
+-- name: demo_seeded
+SELECT id, flag_key, scheduled_at, updates FROM feature_flag_schedules ORDER BY id
+
+-- name: demo_outage_ends
+DELETE FROM demo_outage
+
+-- name: demo_outage_again
+INSERT INTO demo_outage VALUES ('search-v2')
+
+-- name: demo_retries_due_now
+-- Time moved forward: the retries waiting are due.
+UPDATE feature_flag_schedules SET next_retry_at = now()
+WHERE status = 'failed' AND next_retry_at IS NOT NULL
+
+-- name: demo_add_maintenance_flag
+INSERT INTO feature_flags (key) VALUES ('maintenance-mode')
+
+-- name: demo_last_group
+SELECT max(group_id) FROM feature_flag_schedules
+
+-- name: demo_two_people
+-- Four eyes: two people, one login each, both may operate and approve (docs/deploy.md).
+CREATE ROLE alice LOGIN IN ROLE flagsched_operator, flagsched_approver;
+CREATE ROLE bob LOGIN IN ROLE flagsched_operator, flagsched_approver
+
+-- name: demo_add_payments_flag
+INSERT INTO feature_flags (key) VALUES ('payments-v2')
+
+-- name: demo_last_schedule
+SELECT max(id) FROM feature_flag_schedules
+
+-- name: demo_cron_was_down
+-- Cron was down for three weeks.
+UPDATE feature_flag_recurrences SET next_at = next_at - interval '21 days'
+
+-- name: demo_switch_off_in_psql
+UPDATE feature_flags SET enabled = false WHERE key = 'search-v2'
+
+-- name: demo_late_change
+-- A change that expired an hour ago.
+INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, expires_at)
+VALUES ('dark-mode', now() - interval '2 hours', '{"rollout_percentage": 50}',
+        now() - interval '1 hour')
+
+-- name: demo_conflicted
+SELECT id FROM feature_flag_schedules WHERE last_error LIKE 'conflict:%'
+
+-- name: demo_flags
+SELECT key, enabled, rollout_percentage, updated_at FROM feature_flags ORDER BY key
+
+-- name: demo_schedules
+SELECT id, flag_key, status, retry_count, applied_at, last_error
+FROM feature_flag_schedules ORDER BY id

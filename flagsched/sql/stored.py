@@ -4,7 +4,7 @@ table mapping (`Tables`): the files under `stored/`, with the placeholders of qu
 `stored/fragments.sql`, and a few that depend on the mapping (the scope, the columns a flags
 table may lack) defined here.
 
-The built-in tables get them from migration 0008, under the fixed names of
+The built-in tables get them from migration 0009, under the fixed names of
 `BUILT_IN_ROUTINES`; an application's tables (issue 18) get them from `flagsched migrate`,
 in flagsched's own schema, named with a digest of their rendered text
 (`flagsched_claim_v3_1a2b3c4d`): two mappings, or two releases whose text differs, live
@@ -26,7 +26,7 @@ from psycopg import sql as psql
 
 from flagsched.sql import BUILT_IN_ROUTINES, TableMap, Tables, _compose
 
-# In dependency order: a template may call only those before it. Migration 0008 creates
+# In dependency order: a template may call only those before it. Migration 0009 creates
 # these for the built-in tables (whose record triggers are 0006's).
 ROUTINES: tuple[str, ...] = ("kept_attempts", "check", "claim", "held_back", "apply")
 # An application's tables also get the record triggers' functions (issue 18).
@@ -47,8 +47,8 @@ _ADOPTED_BASES: tuple[tuple[str, str], ...] = (
 ARGUMENTS: dict[str, tuple[str, ...]] = {
     "kept_attempts": ("jsonb",),
     "check": ("bigint", "interval"),
-    "claim": ("integer", "boolean", "jsonb"),
-    "held_back": ("integer", "jsonb"),
+    "claim": ("integer", "boolean", "jsonb", "interval"),
+    "held_back": ("integer", "jsonb", "interval"),
     "apply": ("bigint[]", "text[]", "boolean[]", "integer[]", "interval", "boolean", "jsonb"),
     "record_moved": (),
     "record_change": (),
@@ -206,7 +206,7 @@ def adopted_routines(tables: Tables, schema: str) -> TableMap:
 
 def creates(tables: Tables, routines: tuple[str, ...] = ROUTINES) -> list[tuple[str, str]]:
     """(signature, CREATE statement) of every routine of `tables`, in dependency order: what
-    migration 0008 (built-in) or `flagsched migrate` (adopted, `ADOPTED_ROUTINES`) runs."""
+    migration 0009 (built-in) or `flagsched migrate` (adopted, `ADOPTED_ROUTINES`) runs."""
     return [(signature(routine, tables), render(routine, tables)) for routine in routines]
 
 

@@ -680,3 +680,67 @@ def test_migrates_of_several_deployments_at_once_all_succeed(
             "AND NOT tgisinternal"
         ).fetchone()
     assert (functions, triggers) == ((8,), (5,))
+
+
+def test_approvals_on_your_tables_are_refused_in_one_line(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Four eyes on your own tables is not available yet: `--approval` there, and a
+    configuration with both [flags] and [approval], are refused (exit 2, one line) before
+    anything is written; the same commands without them run."""
+    d = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+    d.add_flag("new-checkout")
+    for command in (
+        ["schedule", "new-checkout", "--at", "now", "--enable", "--approval"],
+        ["schedule", "new-checkout", "--cron", "0 9 * * *", "--enable", "--approval"],
+        ["ramp", "new-checkout", "--steps", "10,20", "--every", "1h", "--approval"],
+    ):
+        ran = d.run(*command)
+        assert ran.code == 2, ran
+        assert ran.stderr.count("\n") == 1 and "not available in this release" in ran.stderr
+        assert "--approval" in ran.stderr and "Traceback" not in ran.stderr
+    assert d.sql(f"SELECT count(*) FROM {d.own}.feature_flag_schedules") == [(0,)]
+    assert d.sql(f"SELECT count(*) FROM {d.own}.feature_flag_recurrences") == [(0,)]
+    for command in (["approve", "1"], ["reject", "1", "--note", "no"]):
+        ran = d.run(*command)
+        assert ran.code == 2, ran
+        assert ran.stderr.count("\n") == 1 and f"`flagsched {command[0]}`" in ran.stderr
+        assert "not available in this release yet" in ran.stderr
+    with_policy = tmp_path / "with-approval.toml"
+    with_policy.write_text(Path(d.config).read_text() + '\n[approval]\nflags = ["new-*"]\n')
+    for command in (["process"], ["status"], ["schedule", "new-checkout", "--at", "now"]):
+        ran = invoke("--config", str(with_policy), *command, url=empty_database_url)
+        assert ran.code == 2, ran
+        assert ran.stderr.count("\n") == 1 and "[approval]" in ran.stderr, ran.stderr
+        assert "not available in this release yet" in ran.stderr
+    assert d.sql(f"SELECT count(*) FROM {d.own}.feature_flag_schedules") == [(0,)]
+    assert d.run("schedule", "new-checkout", "--at", "now", "--enable").code == 0
+
+
+def test_the_claims_approval_rule_holds_on_your_tables(deployment: Deployment) -> None:
+    """The templated claim applies approvals' rule on flagsched's own schedules table beside
+    your flags too (its approval columns are there): a schedule awaiting approval is never
+    claimed and holds its flag's later schedules back until it is past its lateness, then it
+    fails for good as `expired:` and the next one applies."""
+    d = deployment
+    d.add_flag("new-checkout")
+    waiting = d.add_schedule("new-checkout", {"enabled": True}, at="now() - interval '2 minutes'")
+    behind = d.add_schedule("new-checkout", {"enabled": False})
+    d.sql(
+        f"UPDATE {d.own}.feature_flag_schedules SET awaiting_approval_since = now() "
+        "WHERE id = %(i)s",
+        {"i": waiting},
+    )
+    assert d.run("process").code == 0
+    assert d.schedule(waiting)["status"] == "pending"
+    assert d.schedule(behind)["status"] == "pending"
+    assert d.flag("new-checkout")[0] is False
+    d.sql(
+        f"UPDATE {d.own}.feature_flag_schedules SET expires_at = now() - interval '1 minute' "
+        "WHERE id = %(i)s",
+        {"i": waiting},
+    )
+    assert d.run("process").code == 1  # one failed for good
+    row = d.schedule(waiting)
+    assert row["status"] == "failed" and row["last_error"].startswith("expired:"), row
+    assert d.schedule(behind)["status"] == "applied"

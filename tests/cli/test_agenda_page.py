@@ -128,6 +128,7 @@ def agenda_page(
         ("search-v2", True, 5),
         ("maintenance-mode", False, 0),
         ("payments", True, 100),
+        ("checkout-eu", False, 0),
         (HOSTILE, False, 0),
     ):
         add_flag(key, enabled=on, rollout=rollout)
@@ -176,6 +177,15 @@ def agenda_page(
             "schedule", "maintenance-mode", "--cron", cron, "--tz", "Europe/Berlin", change
         )
         assert ran.code == 0, ran.stderr
+    # Four eyes: it will wait for a second person, and hold the change behind it.
+    ran = flagsched(
+        "schedule", "checkout-eu", "--at", "now", "--enable", "--approval", "--tz", "UTC"
+    )
+    assert ran.code == 0, ran.stderr
+    ids["awaiting"] = int(ran.stdout.split()[0])
+    ids["behind_awaiting"] = add_schedule(
+        "checkout-eu", {"rollout_percentage": 30}, at="now() + interval '4 hours'"
+    )
     ids["hostile"] = add_schedule(HOSTILE, {"enabled": True}, at="now() + interval '5 hours'")
     ids["huge"] = add_schedule(
         HOSTILE, {"rollout_percentage": 10**30}, at="now() + interval '6 hours'"
@@ -253,13 +263,23 @@ def test_the_page_in_headless_chromium_draws_what_agenda_json_says(
     ]
     assert sorted(normal(m) for m in markers) == sorted(normal(e) for e in entries)
     assert len(entries) >= 4 + 2 + 14  # ramp, search-v2, two daily recurrences for 7 days
-    assert {e["status"] for e in entries} == {"pending", "retrying", "recurring"}
+    assert {e["status"] for e in entries} == {
+        "pending",
+        "retrying",
+        "recurring",
+        "awaiting_approval",
+    }
     assert {e["outcome"] for e in entries} >= {"applies", "held", "fails"}
     assert sorted(json.loads(flags)) == sorted(
-        ["new-checkout", "search-v2", "maintenance-mode", "payments", HOSTILE]
+        ["new-checkout", "search-v2", "maintenance-mode", "payments", "checkout-eu", HOSTILE]
     )
     assert [f["scheduleId"] for f in json.loads(failed)] == [str(ids["failed"])]
     assert [e["outcome"] for e in entries if e["schedule_id"] == ids["behind"]] == ["held"]
+    waiting = [(e["status"], e["outcome"]) for e in entries if e["schedule_id"] == ids["awaiting"]]
+    assert waiting == [("awaiting_approval", "held")]
+    assert [e["outcome"] for e in entries if e["schedule_id"] == ids["behind_awaiting"]] == [
+        "held"
+    ]
     for name in ("ramp", "retrying", "held", "behind", "hostile", "huge"):
         assert f"schedule {ids[name]}" in text
     assert "+01:00" in text or "+02:00" in text  # times in Europe/Berlin

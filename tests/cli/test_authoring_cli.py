@@ -230,6 +230,7 @@ def test_list_shows_open_schedules_in_order_with_filters_and_both_formats(
         "CHANGE",
         "GROUP",
         "EXPIRES_AT",
+        "APPROVAL",
     ]
     assert "retrying at 2020-06-01T00:02:00Z" in lines[1]
     assert "2030-01-01T09:00:00Z" in lines[2] and '{"rollout_percentage":25}' in lines[2]

@@ -341,8 +341,8 @@ def test_quoted_mixed_case_names_in_another_schema(empty_database_url: str, tmp_
 
 
 def test_without_flags_nothing_changes(empty_database_url: str, tmp_path: Path) -> None:
-    """Only [approval] (stored, not acted on yet) and the default schema: the built-in tables,
-    as without a file."""
+    """Only [approval] and the default schema: the built-in tables, as without a file (the
+    policy acts on them: issue 20)."""
     config = write(
         tmp_path,
         'schema = "flagsched"\n[approval]\nflags = ["payments-*"]\n'
@@ -361,7 +361,10 @@ def test_without_flags_nothing_changes(empty_database_url: str, tmp_path: Path) 
     ran = invoke("process", url=empty_database_url, env=env)
     assert ran.code == 0, ran.stderr
     with psycopg.connect(empty_database_url) as conn:
-        assert conn.execute("SELECT enabled FROM feature_flags").fetchall() == [(True,)]
+        # The policy names the flag: the change awaits a second person's approval.
+        assert conn.execute("SELECT enabled FROM feature_flags").fetchall() == [(False,)]
+        awaiting = "SELECT awaiting_approval_since IS NOT NULL FROM feature_flag_schedules"
+        assert conn.execute(awaiting).fetchall() == [(True,)]
 
 
 @pytest.mark.parametrize(

@@ -355,6 +355,34 @@ def test_a_second_signal_ends_a_stuck_tick_at_once_and_its_batch_rolls_back(
     assert sql("SELECT enabled FROM feature_flags")[0][0] is False
 
 
+def test_every_command_is_found_by_its_name_and_a_tick_imports_only_its_own() -> None:
+    """The group imports a command's module only when that command runs (cold start); every
+    name it lists resolves to the command of that name."""
+    import click
+
+    from flagsched.cli import COMMANDS, cli
+
+    ctx = click.Context(cli)
+    assert cli.list_commands(ctx) == sorted(COMMANDS)
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name
+    assert cli.get_command(ctx, "no-such-command") is None
+    probe = (
+        "import sys\n"
+        "from flagsched.cli import run\n"
+        "run(['process', '--help'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('flagsched.cli.', 'flagsched.rows',"
+        " 'flagsched.tables', 'flagsched.ping', 'urllib.request'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSCHED_")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    loaded = done.stdout.strip().splitlines()[-1]
+    assert loaded == "['flagsched.cli.app', 'flagsched.cli.params', 'flagsched.cli.tick']"
+
+
 @pytest.fixture
 def database_url(shaped_database_url: str) -> str:
     """Every test here on the built-in tables and on your own flags table (issue 18)."""

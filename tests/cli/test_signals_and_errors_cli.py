@@ -8,7 +8,8 @@ import signal
 
 import pytest
 
-from flagsched import cli, operators
+from flagsched import operators
+from flagsched.cli.tick import signals_stop
 from flagsched.tick import StopFlag
 from tests.conftest import invoke
 
@@ -19,7 +20,7 @@ def test_the_first_signal_asks_to_stop_and_restores_the_default_for_the_second(
 ) -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     stop = StopFlag()
-    with cli._signals_stop(stop):
+    with signals_stop(stop):
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
         os.kill(os.getpid(), signum)  # handled before the next line runs
         assert stop.signum == signum

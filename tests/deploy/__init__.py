@@ -26,7 +26,10 @@ def parse_flagsched_args(args: list[str]) -> None:
     from flagsched.cli import cli
 
     try:
-        cli.commands[args[0]].make_context(args[0], list(args[1:]))
+        command = cli.get_command(click.Context(cli), args[0])
+        if command is None:
+            raise KeyError(args[0])
+        command.make_context(args[0], list(args[1:]))
     except (KeyError, click.ClickException) as exc:
         message = exc.format_message() if isinstance(exc, click.ClickException) else repr(exc)
         pytest.fail(f"`flagsched {shlex.join(args)}`: {message}")

@@ -16,15 +16,17 @@ from flagsched.errors import StatementFailed
 from flagsched.model import (
     Backlog,
     Change,
-    ChangeRow,
     Claimed,
-    FailedRow,
     Outcome,
     Result,
-    ScheduleRow,
-    ShownSchedule,
     Updates,
     Verdict,
+)
+from flagsched.rows import (
+    ChangeRow,
+    FailedRow,
+    ScheduleRow,
+    ShownSchedule,
 )
 
 Sql = Callable[..., list[Any]]
@@ -170,7 +172,8 @@ def test_held_back_rows_are_typed_claims_never_attempted(
 def test_a_whole_tick_uses_only_named_statements(
     database: Database, add_flag: Any, add_schedule: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every statement a tick sends is one of queries.sql's (or a transaction's own)."""
+    """Every statement a tick sends is one of queries.sql's, a transaction's start included
+    (composed with this database's timeouts)."""
     import psycopg
 
     from flagsched.sql import names, statement
@@ -179,8 +182,9 @@ def test_a_whole_tick_uses_only_named_statements(
     for name in names():
         try:
             known.add(statement(name))
-        except Exception:  # a fragment or a statement whose slots vary
+        except Exception:  # a fragment, or a statement whose slots or literals vary
             continue
+    known.add(database.begin_sql())
     sent: list[str] = []
     real = psycopg.Connection.execute
 
@@ -195,6 +199,21 @@ def test_a_whole_tick_uses_only_named_statements(
     assert report.count(Outcome.APPLIED) == 1
     own = [q for q in sent if not q.startswith("BEGIN")]
     assert own and all(q in known for q in own), [q[:60] for q in own if q not in known]
+
+
+def test_a_savepoint_undoes_only_its_own_writes(
+    database: Database, add_flag: Any, sql: Sql
+) -> None:
+    add_flag("a")
+    add_flag("b")
+    with connection(database) as conn, transaction(database, conn):
+        conn.execute("UPDATE feature_flags SET enabled = true WHERE key = 'a'")
+        with pytest.raises(StatementFailed, match="division by zero"), repository.savepoint(conn):
+            conn.execute("UPDATE feature_flags SET enabled = true WHERE key = 'b'")
+            conn.execute("SELECT 1 / 0")
+        conn.execute("UPDATE feature_flags SET rollout_percentage = 5 WHERE key = 'b'")
+    rows = sql("SELECT key, enabled, rollout_percentage FROM feature_flags ORDER BY key")
+    assert [tuple(r) for r in rows] == [("a", True, 0), ("b", False, 5)]
 
 
 @pytest.fixture

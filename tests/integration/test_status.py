@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from flagsched import operators
+from flagsched import operators, render
 from flagsched.db import Database
 from flagsched.sql import statement
 from tests.conftest import _command_env
@@ -51,10 +51,33 @@ def test_max_lag_computes_only_what_the_health_check_needs(
     add_schedule("a", {"enabled": True}, at="now() - interval '10 minutes'")
     add_schedule("a", {"enabled": True}, status="applied")
     full = operators.status(database)
-    assert full["applied"] == 1 and full["unknown"] == 0 and full["due"] == 1
+    assert full.counts is not None
+    assert full.counts.applied == 1 and full.counts.unknown == 0 and full.due == 1
+    assert list(render.status_json(full)) == [  # the JSON keys, in the order shipped
+        "due",
+        "scheduled",
+        "waiting_retry",
+        "failed",
+        "applied",
+        "cancelled",
+        "unknown",
+        "awaiting_approval",
+        "oldest_due_at",
+        "oldest_due_age_seconds",
+        "next_due_at",
+        "now",
+    ]
     check = operators.status(database, counts=False)
-    assert set(check) == {"due", "oldest_due_at", "oldest_due_age_seconds", "next_due_at", "now"}
-    assert check["due"] == 1 and 590 < check["oldest_due_age_seconds"] < 700
+    assert check.counts is None
+    assert set(render.status_json(check)) == {
+        "due",
+        "oldest_due_at",
+        "oldest_due_age_seconds",
+        "next_due_at",
+        "now",
+    }
+    age = check.oldest_due_age_seconds
+    assert check.due == 1 and age is not None and 590 < age < 700
 
 
 def test_status_json_keys_with_and_without_max_lag(

@@ -641,7 +641,7 @@ def test_dry_run_changes_nothing(
         "SELECT * FROM feature_flags"
     )
     assert before == after
-    what = sorted(w for _, w in plan)
+    what = sorted(p.would for p in plan)
     assert what[0] == "apply {'enabled': True}"
     assert any("does not exist" in w for w in what)
     assert any("enabled must be true or false" in w for w in what)
@@ -740,4 +740,4 @@ def test_dry_run_locks_nothing_a_running_tick_would_skip(
         holder.rollback()
         holder.close()
         previewing.join()
-    assert [s.id for s, _ in plans[0]] == due
+    assert [p.schedule.id for p in plans[0]] == due

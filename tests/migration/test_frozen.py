@@ -1,5 +1,5 @@
 """Shipped migrations are frozen: every file under migrations/versions/, and every template of
-stored logic under flagsched/sql/stored/ (as `stored/<file>`: migration 0008 renders them),
+stored logic under flagsched/sql/stored/ (as `stored/<file>`: migration 0009 renders them),
 has its sha256 in shipped.sha256 (sha256sum's format), and must keep it. New logic goes into
 a new revision (a changed stored function under a new name, SPEC "Upgrades")."""
 
@@ -67,20 +67,20 @@ def test_the_shipped_revisions_are_there() -> None:
         assert any(name.startswith(number) for name in frozen), number
 
 
-# What migration 0008 creates, as text: the templates are frozen above, and this pins what
+# What migration 0009 creates, as text: the templates are frozen above, and this pins what
 # the Python that renders them (flagsched/sql/stored.py) makes of them for the built-in
 # tables, so a change there cannot alter a shipped revision's objects unseen.
-RENDERED_0008 = "39809ac76d4d135f7082a546de82757ebfc31e5f4a1aae2b5e5efc32f9d31701"
+RENDERED_0009 = "9bc650dd67527957cb60cf94124e255f652efdf098f4c4e0e7883c0c6cb076e2"
 
 
-def test_the_objects_of_revision_0008_are_frozen() -> None:
+def test_the_objects_of_revision_0009_are_frozen() -> None:
     import importlib
 
-    revision = importlib.import_module("flagsched.migrations.versions.0008_stored_templates")
+    revision = importlib.import_module("flagsched.migrations.versions.0009_stored_templates")
     from flagsched.sql import stored
 
     text = "\n".join(create for _, create in stored.creates(revision.BUILT_IN))
-    assert hashlib.sha256(text.encode()).hexdigest() == RENDERED_0008, (
-        "migration 0008's stored objects render differently: restore flagsched/sql/stored.py "
+    assert hashlib.sha256(text.encode()).hexdigest() == RENDERED_0009, (
+        "migration 0009's stored objects render differently: restore flagsched/sql/stored.py "
         "(a change belongs in new templates under new names)"
     )

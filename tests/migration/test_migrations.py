@@ -49,6 +49,9 @@ SPEC_COLUMNS = {
         ("recurrence_id", "bigint", "YES", None),
         ("created_xact", "xid8", "YES", "pg_current_xact_id()"),
         ("created_snapshot", "pg_snapshot", "YES", "pg_current_snapshot()"),
+        ("needs_approval", "boolean", "NO", "false"),
+        ("created_by", "text", "YES", None),
+        ("awaiting_approval_since", "timestamp with time zone", "YES", None),
     ],
     "feature_flag_recurrences": [
         ("id", "bigint", "NO", None),
@@ -61,6 +64,16 @@ SPEC_COLUMNS = {
         ("on_conflict", "text", "NO", "'fail'"),
         ("cancelled_at", "timestamp with time zone", "YES", None),
         ("created_at", "timestamp with time zone", "NO", "now()"),
+        ("needs_approval", "boolean", "NO", "false"),
+        ("created_by", "text", "YES", None),
+    ],
+    "feature_flag_approvals": [
+        ("id", "bigint", "NO", None),
+        ("schedule_id", "bigint", "NO", None),
+        ("verdict", "text", "NO", None),
+        ("decided_by", "text", "NO", None),
+        ("decided_at", "timestamp with time zone", "NO", "now()"),
+        ("note", "text", "YES", None),
     ],
     "feature_flag_changes": [
         ("id", "bigint", "NO", None),

@@ -105,10 +105,10 @@ def test_a_later_release_that_replaces_the_history_trigger_serves_this_release(
             "function flagsched_check_v3(bigint, interval)",
         ),
         (  # the same name with another signature is not the function this release calls
-            "DROP FUNCTION flagsched_claim_v3(integer, boolean, jsonb); "
+            "DROP FUNCTION flagsched_claim_v3(integer, boolean, jsonb, interval); "
             "CREATE FUNCTION flagsched_claim_v3(p_limit integer) RETURNS integer "
             "LANGUAGE sql AS $$ SELECT 1 $$",
-            "function flagsched_claim_v3(integer, boolean, jsonb)",
+            "function flagsched_claim_v3(integer, boolean, jsonb, interval)",
         ),
         (  # no history trigger for UPDATEs at all (of any release)
             "DROP TRIGGER flagsched_record_update_v2 ON feature_flags; "

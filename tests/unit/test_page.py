@@ -10,9 +10,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from flagsched import page, render
-from flagsched.model import FlagRow, OpenSchedule
 from flagsched.operators import Outlook
 from flagsched.projection import agenda, project
+from flagsched.rows import FlagRow, OpenSchedule
 
 NOW = datetime(2026, 10, 24, 12, 0, tzinfo=UTC)  # the day before Europe/Berlin's fold
 

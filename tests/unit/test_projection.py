@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flagsched import recurring
-from flagsched.model import ActiveRecurrence, FlagRow, OpenSchedule, Updates
+from flagsched.model import Updates
 from flagsched.projection import (
     MAX_TOTAL_OCCURRENCES,
     FlagAhead,
@@ -21,6 +21,7 @@ from flagsched.projection import (
     agenda,
     project,
 )
+from flagsched.rows import ActiveRecurrence, FlagRow, OpenSchedule
 
 NOW = datetime(2026, 3, 28, 12, 0, tzinfo=UTC)  # a day before Europe/Berlin's DST gap
 H = timedelta(hours=1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from flagsched import sql
+from flagsched.db import Database
 from flagsched.sql import BUILT_IN, TableMap, Tables, UnknownStatement, statement
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,10 +22,15 @@ _SLOTS: dict[str, dict[str, list[str] | str]] = {
     "schedules_ahead": {"where": ["open_due_until"]},
     "recurrences_ahead": {"where": ["active_recurrence"]},
 }
+# Statements that take values as literals (no parameters: SET LOCAL takes none).
+_LITERALS = {"lock_timeout_ms": 5000, "statement_timeout_ms": 30000}
+_WITH_LITERALS = ("session_settings", "begin")
 
 
 def statement_or_empty(name: str) -> str:
     try:
+        if name in _WITH_LITERALS:
+            return statement(name, literals=_LITERALS)
         return statement(name, **_SLOTS.get(name, {}))  # type: ignore[arg-type]
     except UnknownStatement:
         return ""  # a fragment taking an argument
@@ -66,8 +72,21 @@ def test_the_rules_are_spelled_once_in_queries_sql() -> None:
     assert source.count("8192") == 0  # UPDATES_MAX_BYTES comes from Python, once
 
 
+def test_the_session_settings_are_literals_of_the_database() -> None:
+    begin = Database("postgresql://u@h/d", lock_timeout=0.0001, statement_timeout=None)
+    text = begin.begin_sql()
+    assert text.startswith("BEGIN;")
+    assert "SET LOCAL lock_timeout = 1;" in text  # rounded up: never 0 (none)
+    assert "SET LOCAL statement_timeout = 0;" in text
+    assert begin.settings_sql() in text and "BEGIN" not in begin.settings_sql()
+    with pytest.raises(UnknownStatement):
+        statement("begin")  # its literals left out
+
+
 def test_no_other_module_of_flagsched_spells_a_statement() -> None:
-    spelled = re.compile(r"""["'](\s*)(SELECT|INSERT INTO|UPDATE \w+ SET|DELETE FROM)\b""")
+    spelled = re.compile(
+        r"""["'](\s*)(SELECT|INSERT INTO|UPDATE \w+ SET|DELETE FROM|BEGIN|SET LOCAL|SAVEPOINT)\b"""
+    )
     offenders = [
         str(path.relative_to(ROOT))
         for path in (ROOT / "flagsched").rglob("*.py")

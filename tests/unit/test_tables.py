@@ -14,10 +14,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from flagsched.approval import ApprovalPolicy
 from flagsched.errors import ConfigError
 from flagsched.sql import BUILT_IN, statement
 from flagsched.tables import (
-    ApprovalPolicy,
     CatalogColumn,
     CatalogTable,
     Configuration,

@@ -10,14 +10,14 @@ LANGUAGE sql STABLE SECURITY INVOKER AS $$
         SELECT 1 AS rank, 'expired'::text AS outcome,
                'expired: ' || {late(s.expires_at)} || ' past its expires_at '
                || {iso(s.expires_at)} AS message
-        WHERE s.expires_at < now()
+        WHERE {expired_by_date(s)}
         UNION ALL
         SELECT 2, 'expired',
-               'expired: ' || {late({due_since()})}
+               'expired: ' || {late({due_since(s)})}
                || ' late, more than the maximum lateness of '
                || justify_interval(p_max_lateness)::text || ' (due since '
-               || {iso({due_since()})} || ')'
-        WHERE s.expires_at IS NULL AND {due_since()} < now() - p_max_lateness
+               || {iso({due_since(s)})} || ')'
+        WHERE {expired_by_lateness(s)}
         UNION ALL
         SELECT 3, 'conflict',
                'conflict: flag ' || quote_literal(s.flag_key) || ' was changed by '

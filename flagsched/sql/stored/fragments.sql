@@ -1,5 +1,5 @@
 -- Fragments of the stored templates (flagsched/sql/stored.py): `{name(arg)}` in a template
--- is the fragment `name` with `{arg}` replaced. Shipped with revision 0008: frozen like a
+-- is the fragment `name` with `{arg}` replaced. Shipped with revision 0009: frozen like a
 -- migration (tests/migration/shipped.sha256); a change is a new file and new object names.
 
 -- name: time_min
@@ -16,8 +16,8 @@ CASE WHEN {arg} < {time_min()} THEN {time_min()} WHEN {arg} > {time_max()} THEN 
 {arg}.status IN ('pending', 'failed') AND ({arg}.status = 'pending' OR ({arg}.next_retry_at IS NOT NULL AND {arg}.retry_count <= {arg}.max_retries))
 
 -- name: due
--- open schedule e is due now
-CASE WHEN e.status = 'pending' THEN e.scheduled_at <= now() ELSE e.next_retry_at <= now() OR e.next_retry_at > {time_max()} END
+-- open schedule e is due now (approval (0008): and not stuck awaiting one)
+(CASE WHEN e.status = 'pending' THEN e.scheduled_at <= now() ELSE e.next_retry_at <= now() OR e.next_retry_at > {time_max()} END AND NOT {awaiting_stuck(e)})
 
 -- name: earlier_open_head
 -- the start of "an earlier open schedule of {arg}'s flag exists" ({arg} is a row of this
@@ -47,13 +47,33 @@ CASE WHEN isfinite({arg}) THEN to_char({arg} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"H
 CASE WHEN isfinite({arg}) THEN justify_interval(date_trunc('second', now() - {arg}))::text ELSE 'forever' END
 
 -- name: reviewed
-CASE WHEN s.reviewed_at <= now() THEN s.reviewed_at END
+CASE WHEN {arg}.reviewed_at <= now() THEN {arg}.reviewed_at END
 
 -- name: due_since
-greatest(s.scheduled_at, {reviewed()})
+greatest({arg}.scheduled_at, {reviewed({arg})})
+
+-- name: expired_by_date
+-- schedule {arg} is past its expires_at (the check's `expired`, first rule)
+{arg}.expires_at < now()
+
+-- name: expired_by_lateness
+-- schedule {arg} has no expires_at and is due since longer than the maximum lateness
+-- (p_max_lateness; the check's `expired`, second rule)
+{arg}.expires_at IS NULL AND {due_since({arg})} < now() - p_max_lateness
+
+-- name: past_lateness
+-- schedule {arg} is past its lateness: exactly when the check says `expired`
+(coalesce({expired_by_date({arg})}, false) OR coalesce({expired_by_lateness({arg})}, false))
+
+-- name: awaiting_stuck
+-- approval (0008), the one rule: open schedule {arg} awaits approval and is not yet past
+-- its lateness, so it cannot move (never due, never claimed; it holds its flag's later
+-- schedules back); past its lateness it is claimed like any due row, and the check fails
+-- it for good as `expired:`
+({arg}.awaiting_approval_since IS NOT NULL AND NOT {past_lateness({arg})})
 
 -- name: window_start
-greatest(CASE WHEN s.created_at <= now() THEN s.created_at ELSE '-infinity'::timestamptz END, {reviewed()})
+greatest(CASE WHEN s.created_at <= now() THEN s.created_at ELSE '-infinity'::timestamptz END, {reviewed(s)})
 
 -- name: by_snapshot
 (s.created_snapshot IS NOT NULL AND NOT coalesce(s.reviewed_at <= now(), false) AND pg_snapshot_xmax(s.created_snapshot) <= pg_snapshot_xmax(pg_current_snapshot()))
@@ -70,7 +90,8 @@ CASE WHEN {by_snapshot()} AND c.xact IS NOT NULL
 coalesce(nullif(current_setting('role'), 'none'), session_user) || coalesce(' (' || nullif(current_setting('application_name', true), '') || ')', '')
 
 -- name: claimed_columns
-s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retries, s.next_retry_at, s.attempts
+-- approval (0008): the last two
+s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retries, s.next_retry_at, s.attempts, s.awaiting_approval_since, s.needs_approval
 
 -- name: claim_query
 -- the claim's statement, locking with {arg} (empty: the same read locking nothing)
@@ -85,6 +106,7 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
         SELECT {claimed_columns()} FROM {schedules} s
         WHERE s.status = 'failed' AND s.next_retry_at <= now()
           AND s.retry_count <= s.max_retries AND {scope_of(s)}
+          AND NOT {awaiting_stuck(s)}  -- approval (0008)
           AND NOT {earlier_open(s)}
         ORDER BY s.next_retry_at, s.id
         LIMIT p_limit - (SELECT count(*) FROM untimed)
@@ -92,6 +114,7 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
     ), leaders AS (  -- due pending schedules first in their flag: one place per flag first
         SELECT {claimed_columns()} FROM {schedules} s
         WHERE s.status = 'pending' AND s.scheduled_at <= now() AND {scope_of(s)}
+          AND NOT {awaiting_stuck(s)}  -- approval (0008)
           AND NOT {earlier_open(s)}
         ORDER BY s.scheduled_at, s.id
         LIMIT p_limit - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
@@ -103,6 +126,7 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
             (SELECT s.id, s.scheduled_at FROM {schedules} s
              WHERE s.status = 'pending' AND s.scheduled_at <= now() AND {scope_of(s)}
                AND s.id NOT IN (SELECT id FROM leaders)
+               AND NOT {awaiting_stuck(s)}  -- approval (0008)
                AND NOT {earlier_open_not_due(s)}
              ORDER BY s.scheduled_at, s.id
              LIMIT p_limit - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
@@ -112,6 +136,7 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
              WHERE s.status = 'failed' AND s.next_retry_at <= now()
                AND s.retry_count <= s.max_retries AND {scope_of(s)}
                AND s.id NOT IN (SELECT id FROM retries)
+               AND NOT {awaiting_stuck(s)}  -- approval (0008)
                AND NOT {earlier_open_not_due(s)}
              ORDER BY s.scheduled_at, s.id
              LIMIT p_limit - (SELECT count(*) FROM untimed) - (SELECT count(*) FROM retries)
@@ -126,6 +151,7 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
           AND CASE WHEN s.status = 'pending' THEN s.scheduled_at <= now()
                    ELSE s.status = 'failed' AND s.next_retry_at <= now()
                         AND s.retry_count <= s.max_retries END
+          AND NOT {awaiting_stuck(s)}  -- approval (0008)
         {arg}
     ), claimed AS (
         SELECT * FROM untimed UNION ALL SELECT * FROM retries UNION ALL SELECT * FROM leaders
@@ -155,7 +181,9 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
                                       CAST(CAST(k.kept -> -1 -> 'attempt' AS numeric)
                                            AS integer))
                         ELSE jsonb_array_length(k.kept) END
-            FROM (SELECT {fn.kept_attempts}(c.attempts) AS kept OFFSET 0) k)
+            FROM (SELECT {fn.kept_attempts}(c.attempts) AS kept OFFSET 0) k),
+           -- approval (0008): what the tick judges approval by
+           c.awaiting_approval_since IS NOT NULL, c.needs_approval, ap.approved
     FROM claimed c
     CROSS JOIN LATERAL (SELECT octet_length(CAST(c.updates AS text)) AS size) z
     CROSS JOIN LATERAL (
@@ -164,7 +192,16 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
             {earlier_open_head(c)} AND NOT (e.id IN (SELECT id FROM claimed))
             OFFSET 0) AS blocked
     ) b
+    CROSS JOIN LATERAL (
+        -- approval (0008): an approved verdict exists; a per-row probe of
+        -- idx_approvals_schedule (OFFSET 0: as a hashed subplan in the select list it made
+        -- the kept attempts above decompress ~3x as often)
+        SELECT EXISTS (
+            SELECT 1 FROM {approvals} a
+            WHERE a.schedule_id = c.id AND a.verdict = 'approved'
+            OFFSET 0) AS approved
+    ) ap
     ORDER BY c.flag_key, c.scheduled_at, c.id
 
 -- name: due_s
-CASE WHEN s.status = 'pending' THEN s.scheduled_at <= now() ELSE s.next_retry_at <= now() OR s.next_retry_at > {time_max()} END
+(CASE WHEN s.status = 'pending' THEN s.scheduled_at <= now() ELSE s.next_retry_at <= now() OR s.next_retry_at > {time_max()} END AND NOT {awaiting_stuck(s)})

@@ -6,21 +6,26 @@ flagsched_kept_attempts_v3 behave as 0006's and 0007's claim_v2, held_back_v1, a
 check_v2 and kept_attempts_v2, from the same templates an application's own tables are
 served from (flagsched migrate renders them for that mapping in flagsched's schema). The
 claim, held_back and apply take the deployment's scope (`p_scope jsonb`; the built-in
-tables have none: `{}`). The previous objects stay for the previous release. The template
+tables have none: `{}`). The claim and held_back also know approvals (issue 20, migration
+0008's columns and table): a schedule awaiting approval is not due until it is past its
+lateness (`p_max_lateness interval`, the rule `awaiting_stuck` of stored/fragments.sql),
+so they are flagsched_claim_v3(integer, boolean, jsonb, interval) and
+flagsched_held_back_v2(integer, jsonb, interval). The previous objects stay for the
+previous release. The template
 files are frozen with this revision (tests/migration/shipped.sha256), and so is the text
 rendered here (tests/migration/test_frozen.py pins its digest): a later change is a new
 file under a new name.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 from alembic import op
 
 from flagsched.sql import TableMap, Tables, stored
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
