@@ -218,18 +218,21 @@ def _deploy(shape: Shape, url: str, tmp_path: Path) -> Deployment:
 def _app_tables(url: str) -> list[Any]:
     """The application's tables as the catalog describes them, triggers aside."""
     with psycopg.connect(url) as conn:
-        return conn.execute(
-            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, "
-            "pg_get_expr(d.adbin, d.adrelid) FROM pg_class c "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
-            "LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum "
-            "WHERE n.nspname IN ('public', 'App') ORDER BY 1, 2"
-        ).fetchall() + conn.execute(
-            "SELECT pg_get_indexdef(indexrelid) FROM pg_index i JOIN pg_class c "
-            "ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname IN ('public', 'App') ORDER BY 1"
-        ).fetchall()
+        return (
+            conn.execute(
+                "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, "
+                "pg_get_expr(d.adbin, d.adrelid) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+                "LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum "
+                "WHERE n.nspname IN ('public', 'App') ORDER BY 1, 2"
+            ).fetchall()
+            + conn.execute(
+                "SELECT pg_get_indexdef(indexrelid) FROM pg_index i JOIN pg_class c "
+                "ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname IN ('public', 'App') ORDER BY 1"
+            ).fetchall()
+        )
 
 
 def test_migrate_adds_only_its_schema_and_the_record_triggers_and_is_idempotent(
@@ -744,3 +747,33 @@ def test_the_claims_approval_rule_holds_on_your_tables(deployment: Deployment) -
     row = d.schedule(waiting)
     assert row["status"] == "failed" and row["last_error"].startswith("expired:"), row
     assert d.schedule(behind)["status"] == "applied"
+
+
+def test_migrate_and_overlapping_ticks_through_a_transaction_pooler(
+    empty_database_url: str, tmp_path: Path, pgbouncer: Any
+) -> None:
+    """Your own tables behind PgBouncer in transaction mode (a pool of two server
+    connections): migrate (its lock is transaction-scoped), four overlapping ticks, reads."""
+    d = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+    pooled = Deployment(d.shape, pgbouncer.url(empty_database_url), d.config, d.scope, d.own)
+    assert pooled.run("migrate").code == 0
+    for n in range(20):
+        d.add_flag(f"f{n}")
+        for step in range(3):
+            d.add_schedule(f"f{n}", {"rollout_percentage": step * 10 + 5})
+    env = {**_base_env(), **_command_env(pooled.url, None)}
+    ticks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flagsched", "--config", d.config, "process",
+             "--batch-size", "5", "--max-batches", "50"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(4)
+    ]  # fmt: skip
+    outcomes = [t.communicate(timeout=120) for t in ticks]
+    assert [t.returncode for t in ticks] == [0, 0, 0, 0], outcomes
+    assert d.sql(
+        "SELECT status, jsonb_array_length(attempts), count(*) "
+        f"FROM {d.own}.feature_flag_schedules GROUP BY 1, 2"
+    ) == [("applied", 1, 60)]
+    assert _json(pooled.run("status", "--format", "json"))["due"] == 0
