@@ -211,7 +211,7 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     ).fetchone()
     if found is None:
         return None
-    oid, kind, shown = found
+    oid, kind, shown, schema = found
     columns = _rows(conn, class_row(CatalogColumn), statement("catalog_columns"), {"oid": oid})
     unique = conn.execute(statement("catalog_unique_indexes"), {"oid": oid}).fetchall()
     return CatalogTable(
@@ -219,6 +219,7 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
         kind=kind,
         columns=tuple(columns),
         unique=tuple(frozenset(index) for (index,) in unique),
+        schema=schema,
     )
 
 

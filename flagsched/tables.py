@@ -437,6 +437,7 @@ class CatalogColumn:
     name: str
     base_type: str  # pg_type.typname of the type (a domain's base type): int8, text, ...
     shown_type: str  # format_type(): "character varying(40)", "timestamp without time zone"
+    not_null: bool = True  # NOT NULL (itself, or its domain)
 
 
 @dataclass(frozen=True)
@@ -447,6 +448,7 @@ class CatalogTable:
     kind: str  # pg_class.relkind
     columns: tuple[CatalogColumn, ...]
     unique: tuple[frozenset[str], ...]  # key columns of each valid, non-partial unique index
+    schema: str = ""  # the schema it is in, as the database resolved it
 
     def column(self, name: str) -> CatalogColumn | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -456,6 +458,9 @@ class CatalogTable:
 ID_TYPES = {"int8": "integer", "int4": "integer", "uuid": "uuid", "text": "text", "varchar": "text"}
 TEXT = frozenset({"text", "varchar"})
 INTEGER = frozenset({"int2", "int4", "int8"})
+# A rollout is recorded (history, the apply's arrays) as an integer: a bigint column could
+# hold a value the record cannot, and an application's write of it would fail in the trigger.
+ROLLOUT = frozenset({"int2", "int4"})
 TIMESTAMP = frozenset({"timestamp", "timestamptz"})
 BOOLEAN = frozenset({"bool"})
 JSONB = frozenset({"jsonb"})
@@ -537,9 +542,17 @@ def check(
         assert flags is not None
         flag_id = column("flags", "id", f.id, flags, ID_TYPES)
         key = column("flags", "key", f.key, flags, TEXT)
+        # A row without an id or a key cannot be named, and its history could not be
+        # recorded: the record trigger would fail the application's own write of it.
+        for option, found_column in (("id", flag_id), ("key", key)):
+            if found_column is not None and not found_column.not_null:
+                problems.append(
+                    f"{where}: [flags] {option} = {found_column.name!r}: "
+                    f"{flags.shown}.{found_column.name} may be NULL: it must be NOT NULL"
+                )
         column("flags", "enabled", f.enabled, flags, BOOLEAN)
         if f.rollout is not None:
-            column("flags", "rollout", f.rollout, flags, INTEGER)
+            column("flags", "rollout", f.rollout, flags, ROLLOUT)
         if f.updated_at is not None:
             column("flags", "updated_at", f.updated_at, flags, TIMESTAMP)
         scope = [name for name, _ in f.scope]
@@ -563,6 +576,15 @@ def check(
             problems.append(
                 f"{where}: [flags] key = {f.key!r}: not unique {within}: no unique index or "
                 f"constraint of {flags.shown} lies within ({columns})"
+            )
+
+    # flagsched's own tables and functions never go beside the application's: its schema
+    # holds tables of flagsched's names, which an application schema may hold already.
+    for section, found_table in (("flags", flags), ("schedules", schedules)):
+        if found_table is not None and found_table.schema == config.schema:
+            problems.append(
+                f"{where}: schema = {config.schema!r}: it holds the [{section}] table "
+                f"{found_table.shown}; flagsched needs a schema of its own"
             )
 
     s = config.schedules

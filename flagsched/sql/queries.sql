@@ -203,7 +203,7 @@ SELECT current_setting('server_encoding'), ARRAY(
 -- A configured table (issue 18) as the search_path resolves it: no quoting in the
 -- configuration, each part quoted here; NULL when there is no such relation.
 SELECT c.oid AS oid, CAST(c.relkind AS text) AS kind,
-       n.nspname || '.' || c.relname AS shown
+       n.nspname || '.' || c.relname AS shown, CAST(n.nspname AS text) AS schema
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass(
     CASE WHEN CAST(%(schema)s AS text) IS NULL THEN quote_ident(%(name)s)
@@ -212,7 +212,8 @@ WHERE c.oid = to_regclass(
 -- name: catalog_columns
 -- Its columns with their types (a domain as its base type).
 SELECT a.attname AS name, b.typname AS base_type,
-       format_type(a.atttypid, a.atttypmod) AS shown_type
+       format_type(a.atttypid, a.atttypmod) AS shown_type,
+       (a.attnotnull OR t.typnotnull) AS not_null
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql as pgsql
 
@@ -596,6 +596,7 @@ _SCOPE_VALUE = st.text(
     key=st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
                 min_size=1, max_size=20),
 )  # fmt: skip
+@example(names=["0", "1", "2", "3", "00", "000", "0000"], scope="0", key="-0")
 def test_hostile_names_and_scope_values_are_quoted_everywhere(
     empty_database_url: str, tmp_path: Path, names: list[str], scope: str, key: str
 ) -> None:
@@ -641,7 +642,7 @@ def test_hostile_names_and_scope_values_are_quoted_everywhere(
     for _ in range(2):
         migrated = d.run("migrate")
         assert migrated.code == 0, migrated.stderr
-    made = d.run("schedule", key, "--at", "now", "--enable")
+    made = d.run("schedule", "--at", "now", "--enable", "--", key)  # a key may start with -
     assert made.code == 0, made.stderr
     ran = d.run("process")
     assert ran.code == 0, ran.stderr

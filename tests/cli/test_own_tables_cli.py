@@ -168,9 +168,7 @@ SCHEDULES = "public.feature_flag_schedules"
             {"flags__updated_at": "rollout_percentage", "flags__rollout": "flag_key"},
             [
                 "[flags] rollout = 'flag_key': public.feature_flags.flag_key is text, "
-                "expected integer or bigint or smallint".replace(
-                    "integer or bigint or smallint", "smallint or integer or bigint"
-                ),
+                "expected smallint or integer",
                 "[flags] updated_at = 'rollout_percentage': "
                 "public.feature_flags.rollout_percentage is integer, expected timestamp or "
                 "timestamptz",
@@ -186,6 +184,8 @@ SCHEDULES = "public.feature_flag_schedules"
         (
             {"flags__key": "description"},
             [
+                "[flags] key = 'description': public.feature_flags.description may be NULL: "
+                "it must be NOT NULL",
                 "[flags] key = 'description': not unique within the scope (environment): no "
                 "unique index or constraint of public.feature_flags lies within "
                 "(description, environment)"
@@ -324,7 +324,7 @@ def test_quoted_mixed_case_names_in_another_schema(empty_database_url: str, tmp_
     _alter(
         empty_database_url,
         "CREATE SCHEMA app",
-        'CREATE TABLE app."FeatureFlag" ("Id" bigint PRIMARY KEY, "Name" text UNIQUE, '
+        'CREATE TABLE app."FeatureFlag" ("Id" bigint PRIMARY KEY, "Name" text NOT NULL UNIQUE, '
         '"isOn" boolean)',
     )
     flags = {"table": "app.FeatureFlag", "id": "Id", "key": "Name", "enabled": "isOn"}

@@ -437,3 +437,59 @@ def test_messages_are_in_the_order_of_the_file() -> None:
     problems = check(SCOPED, flags, None)
     keys = [re.search(r"\] ([^\s:=]+)", p).group(1) for p in problems]  # type: ignore[union-attr]
     assert keys == ["id", "key", "enabled", "scope.env"]
+
+
+def test_an_id_or_key_that_may_be_null_is_refused() -> None:
+    """A unique index allows NULLs: a nullable key passes the uniqueness check, but a flag
+    without a key cannot be named, and the history trigger would fail the application's own
+    write of such a row."""
+    flags = CatalogTable(
+        shown="public.t",
+        kind="r",
+        columns=(
+            CatalogColumn("id", "uuid", "uuid", not_null=False),
+            CatalogColumn("flag_key", "text", "text", not_null=False),
+            CatalogColumn("enabled", "bool", "boolean", not_null=False),  # allowed
+            CatalogColumn("env", "text", "text", not_null=False),  # allowed
+        ),
+        unique=(frozenset({"id"}), frozenset({"flag_key", "env"})),
+    )
+    assert check(SCOPED, flags, None) == [
+        "configuration own.toml: [flags] id = 'id': public.t.id may be NULL: it must be NOT NULL",
+        "configuration own.toml: [flags] key = 'flag_key': public.t.flag_key may be NULL: it "
+        "must be NOT NULL",
+    ]
+
+
+@pytest.mark.parametrize(("base_type", "fits"), [("int2", True), ("int4", True), ("int8", False)])
+def test_a_rollout_column_holds_what_the_record_holds(base_type: str, fits: bool) -> None:
+    """flagsched records a rollout as an integer: a bigint column is refused."""
+    config = parse(
+        '[flags]\ntable = "t"\nid = "id"\nkey = "flag_key"\nenabled = "enabled"\nrollout = "r"\n',
+        source="own.toml",
+    )
+    flags = _table({**FLAG_COLUMNS, "r": base_type}, [{"id"}, {"flag_key"}])
+    assert (check(config, flags, None) == []) is fits
+
+
+def test_flagsched_needs_a_schema_of_its_own() -> None:
+    """`schema` naming the schema the application's flags table is in is refused: flagsched
+    would create its tables (feature_flag_schedules, ...) beside the application's."""
+    config = parse(
+        'schema = "public"\n[flags]\ntable = "t"\nid = "id"\nkey = "flag_key"\n'
+        'enabled = "enabled"\n',
+        source="own.toml",
+    )
+    flags = CatalogTable(
+        shown="public.t",
+        kind="r",
+        columns=tuple(CatalogColumn(n, t, t) for n, t in FLAG_COLUMNS.items()),
+        unique=(frozenset({"id"}), frozenset({"flag_key"})),
+        schema="public",
+    )
+    assert check(config, flags, None) == [
+        "configuration own.toml: schema = 'public': it holds the [flags] table public.t; "
+        "flagsched needs a schema of its own"
+    ]
+    elsewhere = CatalogTable(flags.shown, flags.kind, flags.columns, flags.unique, "app")
+    assert check(config, elsewhere, None) == []
