@@ -277,8 +277,18 @@ def _approve_act(note: str | None) -> Callable[[Any, LockedSchedule], Handled]:
         if refused is not None:
             return refused
         subject = repository.approval_subject(conn, row.id)
-        if subject.approved is not None:
+        release = subject.awaiting and subject.created_by != subject.me
+        if subject.approved is not None and not release:
             return Handled(row.id, False, f"refused: already approved by {subject.approved}")
+        if subject.approved is not None:
+            # Approved (a verdict inserted in psql) but still marked awaiting, which the claim
+            # passes over: without this it would wait, approved, until it expired.
+            repository.clear_awaiting(conn, row.id)
+            return Handled(
+                row.id,
+                True,
+                f"already approved by {subject.approved}; released: it applies at the next tick",
+            )
         if subject.created_by == subject.me:
             return Handled(
                 row.id,

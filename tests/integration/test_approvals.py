@@ -577,3 +577,46 @@ def test_prune_deletes_a_schedules_verdicts_with_it(
     assert ran.code == 0, ran.stderr
     assert sql("SELECT count(*) FROM feature_flag_schedules")[0][0] == 0
     assert sql("SELECT count(*) FROM feature_flag_approvals")[0][0] == 0
+
+
+def test_approve_releases_an_approved_schedule_a_tick_still_holds_as_awaiting(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    flag: Callable[[str], tuple[bool, int]],
+) -> None:
+    """A verdict inserted in psql (the database checks it: not by the creator) approves the
+    schedule but leaves it marked awaiting, which the claim passes over: `approve` must not
+    refuse it as "already approved" and leave it stuck until it expires, but release it."""
+    add_flag("stuck")
+    made = new_id(
+        flagsched("schedule", "stuck", "--at", "now", "--enable", "--approval",
+                  url=people[ALICE])
+    )  # fmt: skip
+    tick()
+    assert row(sql, made)["awaiting"] is True
+    with psycopg.connect(people[BOB], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO feature_flag_approvals (schedule_id, verdict, decided_by) "
+            "VALUES (%s, 'approved', %s)",
+            (made, BOB),
+        )
+    tick()
+    assert row(sql, made)["awaiting"] is True  # approved, yet the claim passes it over
+    # Its creator cannot release it: four eyes hold for the release too.
+    own = flagsched("approve", str(made), url=people[ALICE])
+    assert own.code == 1
+    assert row(sql, made)["awaiting"] is True
+
+    ran = flagsched("approve", str(made), url=people[BOB])
+    assert ran.code == 0, ran.stdout + ran.stderr
+    assert ran.stdout.startswith(f"{made}: already approved by {BOB} at "), ran.stdout
+    assert ran.stdout.rstrip().endswith("released: it applies at the next tick"), ran.stdout
+    assert row(sql, made)["awaiting"] is False
+    assert tick().count(Outcome.APPLIED) == 1
+    assert flag("stuck") == (True, 0)
+    # Once released, a second `approve` is refused as before.
+    again = flagsched("approve", str(made), url=people[BOB])
+    assert again.code == 1
