@@ -620,3 +620,44 @@ def test_approve_releases_an_approved_schedule_a_tick_still_holds_as_awaiting(
     # Once released, a second `approve` is refused as before.
     again = flagsched("approve", str(made), url=people[BOB])
     assert again.code == 1
+
+
+def test_plan_gives_the_policys_reason_for_a_change_it_found_awaiting(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    tmp_path: Path,
+) -> None:
+    """A change awaiting approval by the policy alone was never scheduled with --approval:
+    plan and agenda must not say it was. If the flag has since changed so that the policy
+    no longer asks for one, it still waits (a tick found it so), and they say that."""
+    config = tmp_path / "flagsched.toml"
+    config.write_text("[approval]\nenabling = true\nrollout_increase_over = 50\n")
+    env = {"FLAGSCHED_CONFIG": str(config)}
+    add_flag("switch")
+    add_flag("jump")
+    switch = add_schedule("switch", {"enabled": True})
+    jump = add_schedule("jump", {"rollout_percentage": 80})
+    assert flagsched("process", env=env).code == 0
+    assert row(sql, switch)["awaiting"] and row(sql, jump)["awaiting"]
+
+    def errors() -> dict[int, str]:
+        ran = flagsched("plan", "--at", "2999-01-01T00:00:00Z", "--format", "json", env=env)
+        assert ran.code == 0, ran.stderr
+        return {
+            c["schedule_id"]: c["error"]
+            for f in json.loads(ran.stdout)
+            for c in f["changes"]
+            if c["schedule_id"] in (switch, jump)
+        }
+
+    assert errors() == {
+        switch: "awaiting approval: it switches the flag on",
+        jump: "awaiting approval: it raises the rollout by 80 points, more than 50",
+    }
+    agenda = flagsched("agenda", "--from", "2000-01-01T00:00:00Z", env=env).stdout
+    assert "scheduled with --approval" not in agenda
+    # The application moves the flag: the policy no longer asks, the mark still holds it.
+    sql("UPDATE feature_flags SET rollout_percentage = 60 WHERE key = 'jump'")
+    assert errors()[jump] == "awaiting approval: a tick found it needing approval when it was due"
