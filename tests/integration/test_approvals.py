@@ -661,3 +661,33 @@ def test_plan_gives_the_policys_reason_for_a_change_it_found_awaiting(
     # The application moves the flag: the policy no longer asks, the mark still holds it.
     sql("UPDATE feature_flags SET rollout_percentage = 60 WHERE key = 'jump'")
     assert errors()[jump] == "awaiting approval: a tick found it needing approval when it was due"
+
+
+def test_tick_finished_counts_the_changes_this_tick_found_awaiting(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    """docs/operations.md: tick_finished's `awaiting_approval` is an outcome count, like
+    `applied` or `held_back` (and flagsched_tick_schedules{outcome="awaiting_approval"}):
+    the changes this tick found due and unapproved for the first time, not every change
+    still waiting (that is the metric flagsched_awaiting_approval)."""
+    env = {"FLAGSCHED_LOG_FORMAT": "json"}
+    for key in ("one", "two"):
+        add_flag(key)
+        made = add_schedule(key, {"enabled": True})
+        sql("UPDATE feature_flag_schedules SET needs_approval = true WHERE id = :i", i=made)
+
+    def finished() -> dict[str, Any]:
+        ran = flagsched("process", env=env)
+        assert ran.code == 0, ran.stderr
+        events = [json.loads(line) for line in ran.stderr.splitlines() if line.startswith("{")]
+        (event,) = [e for e in events if e["event"] == "tick_finished"]
+        assert isinstance(event, dict)
+        return event
+
+    assert finished()["awaiting_approval"] == 2
+    again = finished()
+    assert again["awaiting_approval"] == 0  # nothing new found: both were marked before
+    assert again["due_backlog"] == 2
