@@ -691,3 +691,41 @@ def test_tick_finished_counts_the_changes_this_tick_found_awaiting(
     again = finished()
     assert again["awaiting_approval"] == 0  # nothing new found: both were marked before
     assert again["due_backlog"] == 2
+
+
+def test_approve_group_refuses_a_group_someone_slipped_another_change_into(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+) -> None:
+    """An operator may INSERT group_id (docs/deploy.md), so they can add a change of any
+    flag to someone else's ramp. `approve --group G` approves "a ramp": it must not approve
+    such a stowaway with it, unseen; it refuses the group, and each id can be approved."""
+    add_flag("ramped")
+    add_flag("payments-core")
+    ran = flagsched("ramp", "ramped", "--steps", "10,50", "--every", "1h",
+                    "--start", "2999-01-01T00:00:00Z", "--approval", url=people[BOB])  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    group = int(ran.stderr.split("--group ")[1].split("`")[0])
+    with psycopg.connect(people[ALICE], autocommit=True) as conn:
+        row_ = conn.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, group_id) "
+            "VALUES ('payments-core', '2999-01-01', '{\"enabled\": true}', %s) RETURNING id",
+            (group,),
+        ).fetchone()
+        assert row_ is not None
+        stowaway = int(row_[0])
+
+    refused = flagsched("approve", "--group", str(group))  # a third login: the test's own
+    assert refused.code == 1, refused.stdout + refused.stderr
+    assert refused.stdout.startswith(f"group {group}: refused: "), refused.stdout
+    assert "payments-core" in refused.stdout and str(stowaway) in refused.stdout
+    assert sql("SELECT count(*) FROM feature_flag_approvals")[0][0] == 0  # nothing approved
+
+    assert flagsched("approve", str(stowaway)).code == 0  # by id, seen: fine
+    # A ramp as made (one flag, one creator) is still approved as a group.
+    ran = flagsched("ramp", "ramped", "--steps", "60,70", "--every", "1h",
+                    "--start", "2999-02-01T00:00:00Z", "--approval", url=people[BOB])  # fmt: skip
+    other = ran.stderr.split("--group ")[1].split("`")[0]
+    assert flagsched("approve", "--group", other).code == 0
