@@ -729,3 +729,37 @@ def test_approve_group_refuses_a_group_someone_slipped_another_change_into(
                     "--start", "2999-02-01T00:00:00Z", "--approval", url=people[BOB])  # fmt: skip
     other = ran.stderr.split("--group ")[1].split("`")[0]
     assert flagsched("approve", "--group", other).code == 0
+
+
+def test_an_unreadable_awaiting_since_does_not_hide_the_oldest_wait(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    tmp_path: Path,
+) -> None:
+    """Every value PostgreSQL can store must be survivable: awaiting_approval_since at
+    -infinity (or BC) is the oldest wait there is, so the metric must not fall to 0 (which
+    silences FlagschedAwaitingApproval for the genuine waits beside it)."""
+    path = tmp_path / "flagsched.prom"
+
+    def oldest() -> float:
+        assert flagsched("process", "--metrics-file", str(path)).code == 0
+        for line in path.read_text().splitlines():
+            if line.startswith("flagsched_oldest_awaiting_approval_seconds "):
+                return float(line.split()[1])
+        raise AssertionError("no metric")
+
+    for key in ("m1", "m2"):
+        add_flag(key)
+        made = add_schedule(key, {"enabled": True})
+        sql("UPDATE feature_flag_schedules SET needs_approval = true WHERE id = :i", i=made)
+    oldest()  # both found awaiting
+    sql("UPDATE feature_flag_schedules SET awaiting_approval_since = now() - interval '2 hours'")
+    assert 7000 < oldest() < 7300
+    for value in ("-infinity", "0044-01-01 BC"):
+        sql(
+            "UPDATE feature_flag_schedules SET awaiting_approval_since = :v WHERE flag_key = 'm1'",
+            v=value,
+        )
+        assert oldest() > 7300, value
