@@ -277,8 +277,18 @@ def _approve_act(note: str | None) -> Callable[[Any, LockedSchedule], Handled]:
         if refused is not None:
             return refused
         subject = repository.approval_subject(conn, row.id)
-        if subject.approved is not None:
+        release = subject.awaiting and subject.created_by != subject.me
+        if subject.approved is not None and not release:
             return Handled(row.id, False, f"refused: already approved by {subject.approved}")
+        if subject.approved is not None:
+            # Approved (a verdict inserted in psql) but still marked awaiting, which the claim
+            # passes over: without this it would wait, approved, until it expired.
+            repository.clear_awaiting(conn, row.id)
+            return Handled(
+                row.id,
+                True,
+                f"already approved by {subject.approved}; released: it applies at the next tick",
+            )
         if subject.created_by == subject.me:
             return Handled(
                 row.id,
@@ -313,8 +323,40 @@ def approve(database: Database, ids: list[int], *, note: str | None = None) -> l
 
 
 def approve_group(database: Database, group_id: int, *, note: str | None = None) -> list[Handled]:
-    """Approve every open schedule of a group (a ramp is approved as a whole)."""
+    """Approve every open schedule of a group (a ramp is approved as a whole). A ramp is one
+    flag's, made by one login: a group holding more (an operator may INSERT any group_id)
+    is refused whole, so nothing slipped into it is approved unseen; approve those by id."""
+    mixed = _mixed_group(database, group_id)
+    if mixed is not None:
+        return [Handled(group_id, False, f"refused: {mixed}", subject=f"group {group_id}")]
     return _each_of_group(database, group_id, _approve_act(note))
+
+
+def _mixed_group(database: Database, group_id: int) -> str | None:
+    """Why a group is not one ramp (None: its schedules share one flag and one creator)."""
+    with begin(database) as conn:
+        repository.ensure_schema(conn)
+        shown = [
+            s
+            for s in (
+                repository.show_schedule(conn, i)
+                for i in repository.group_schedules(conn, group_id)
+            )
+            if s is not None
+        ]
+    kinds: dict[tuple[str, str | None], list[int]] = {}
+    for s in shown:
+        kinds.setdefault((s.flag_key, s.created_by), []).append(s.id)
+    if len(kinds) <= 1:
+        return None
+    parts = "; ".join(
+        f"{clip(key, 100)} by {by or 'unknown'}: {', '.join(map(str, ids))}"
+        for (key, by), ids in kinds.items()
+    )
+    return clip(
+        f"it is not one ramp, its schedules are of more than one flag or creator ({parts}): "
+        "approve them by id"
+    )
 
 
 def reject(database: Database, ids: list[int], *, note: str) -> list[Handled]:

@@ -136,8 +136,9 @@ class _Item:
     late_from: datetime  # lateness counts from here (scheduled_at, or the last retry)
     defect: str | None
     conflict: str | None = None  # already in conflict: the tick fails it for good
-    # Four eyes: asked for (--approval, or a tick already found it awaiting), approved.
+    # Four eyes: asked for with --approval, a tick already found it awaiting, approved.
     needs_approval: bool = False
+    awaiting: bool = False
     approved: bool = False
 
 
@@ -168,7 +169,8 @@ def _schedule_item(row: OpenSchedule) -> _Item:
         late_from=late_from,
         defect=row.defect,
         conflict=row.conflict,
-        needs_approval=row.needs_approval or row.awaiting,
+        needs_approval=row.needs_approval,
+        awaiting=row.awaiting,
         approved=row.approved,
     )
 
@@ -374,9 +376,12 @@ def _awaits(
     if item.approved or change is None or item.defect is not None:
         return None
     before = None if state is None else approval.FlagState(state.enabled, state.rollout_percentage)
-    return approval.reason(
+    why = approval.reason(
         policy or ApprovalPolicy(), key, before, change, explicit=item.needs_approval
     )
+    if why is None and item.awaiting:  # the policy no longer asks, but the tick's mark holds
+        return "a tick found it needing approval when it was due"
+    return why
 
 
 def _expiry(item: _Item, max_lateness: timedelta | None) -> datetime | None:

@@ -339,7 +339,13 @@ def awaiting_backlog(conn: Conn, *, now: datetime) -> tuple[int, datetime | None
     row = _rows(
         conn, class_row(_AwaitingBacklog), statement("awaiting_backlog"), {"now": now}
     )[0]
-    oldest = row.oldest if isinstance(row.oldest, datetime) else None
+    oldest = row.oldest
+    if isinstance(oldest, str):
+        # Outside Python's years (a value someone stored): -infinity or BC is the longest
+        # wait there is, and must not read as none (that would silence the alert); a time
+        # after year 9999 has not begun.
+        early = oldest.startswith("-") or oldest.endswith("BC")
+        oldest = datetime(1, 1, 1, tzinfo=UTC) if early else None
     return int(row.n), oldest
 
 

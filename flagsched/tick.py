@@ -138,7 +138,7 @@ def run(
         interrupted=stop.requested,
         due_backlog=report.due_backlog,
         oldest_due_age_seconds=report.oldest_due_age_seconds,
-        awaiting_approval=report.awaiting_approval,
+        awaiting_approval=report.count(Outcome.AWAITING_APPROVAL),
     )
     return report
 

@@ -577,3 +577,189 @@ def test_prune_deletes_a_schedules_verdicts_with_it(
     assert ran.code == 0, ran.stderr
     assert sql("SELECT count(*) FROM feature_flag_schedules")[0][0] == 0
     assert sql("SELECT count(*) FROM feature_flag_approvals")[0][0] == 0
+
+
+def test_approve_releases_an_approved_schedule_a_tick_still_holds_as_awaiting(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    flag: Callable[[str], tuple[bool, int]],
+) -> None:
+    """A verdict inserted in psql (the database checks it: not by the creator) approves the
+    schedule but leaves it marked awaiting, which the claim passes over: `approve` must not
+    refuse it as "already approved" and leave it stuck until it expires, but release it."""
+    add_flag("stuck")
+    made = new_id(
+        flagsched("schedule", "stuck", "--at", "now", "--enable", "--approval",
+                  url=people[ALICE])
+    )  # fmt: skip
+    tick()
+    assert row(sql, made)["awaiting"] is True
+    with psycopg.connect(people[BOB], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO feature_flag_approvals (schedule_id, verdict, decided_by) "
+            "VALUES (%s, 'approved', %s)",
+            (made, BOB),
+        )
+    tick()
+    assert row(sql, made)["awaiting"] is True  # approved, yet the claim passes it over
+    # Its creator cannot release it: four eyes hold for the release too.
+    own = flagsched("approve", str(made), url=people[ALICE])
+    assert own.code == 1
+    assert row(sql, made)["awaiting"] is True
+
+    ran = flagsched("approve", str(made), url=people[BOB])
+    assert ran.code == 0, ran.stdout + ran.stderr
+    assert ran.stdout.startswith(f"{made}: already approved by {BOB} at "), ran.stdout
+    assert ran.stdout.rstrip().endswith("released: it applies at the next tick"), ran.stdout
+    assert row(sql, made)["awaiting"] is False
+    assert tick().count(Outcome.APPLIED) == 1
+    assert flag("stuck") == (True, 0)
+    # Once released, a second `approve` is refused as before.
+    again = flagsched("approve", str(made), url=people[BOB])
+    assert again.code == 1
+
+
+def test_plan_gives_the_policys_reason_for_a_change_it_found_awaiting(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    tmp_path: Path,
+) -> None:
+    """A change awaiting approval by the policy alone was never scheduled with --approval:
+    plan and agenda must not say it was. If the flag has since changed so that the policy
+    no longer asks for one, it still waits (a tick found it so), and they say that."""
+    config = tmp_path / "flagsched.toml"
+    config.write_text("[approval]\nenabling = true\nrollout_increase_over = 50\n")
+    env = {"FLAGSCHED_CONFIG": str(config)}
+    add_flag("switch")
+    add_flag("jump")
+    switch = add_schedule("switch", {"enabled": True})
+    jump = add_schedule("jump", {"rollout_percentage": 80})
+    assert flagsched("process", env=env).code == 0
+    assert row(sql, switch)["awaiting"] and row(sql, jump)["awaiting"]
+
+    def errors() -> dict[int, str]:
+        ran = flagsched("plan", "--at", "2999-01-01T00:00:00Z", "--format", "json", env=env)
+        assert ran.code == 0, ran.stderr
+        return {
+            c["schedule_id"]: c["error"]
+            for f in json.loads(ran.stdout)
+            for c in f["changes"]
+            if c["schedule_id"] in (switch, jump)
+        }
+
+    assert errors() == {
+        switch: "awaiting approval: it switches the flag on",
+        jump: "awaiting approval: it raises the rollout by 80 points, more than 50",
+    }
+    agenda = flagsched("agenda", "--from", "2000-01-01T00:00:00Z", env=env).stdout
+    assert "scheduled with --approval" not in agenda
+    # The application moves the flag: the policy no longer asks, the mark still holds it.
+    sql("UPDATE feature_flags SET rollout_percentage = 60 WHERE key = 'jump'")
+    assert errors()[jump] == "awaiting approval: a tick found it needing approval when it was due"
+
+
+def test_tick_finished_counts_the_changes_this_tick_found_awaiting(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+) -> None:
+    """docs/operations.md: tick_finished's `awaiting_approval` is an outcome count, like
+    `applied` or `held_back` (and flagsched_tick_schedules{outcome="awaiting_approval"}):
+    the changes this tick found due and unapproved for the first time, not every change
+    still waiting (that is the metric flagsched_awaiting_approval)."""
+    env = {"FLAGSCHED_LOG_FORMAT": "json"}
+    for key in ("one", "two"):
+        add_flag(key)
+        made = add_schedule(key, {"enabled": True})
+        sql("UPDATE feature_flag_schedules SET needs_approval = true WHERE id = :i", i=made)
+
+    def finished() -> dict[str, Any]:
+        ran = flagsched("process", env=env)
+        assert ran.code == 0, ran.stderr
+        events = [json.loads(line) for line in ran.stderr.splitlines() if line.startswith("{")]
+        (event,) = [e for e in events if e["event"] == "tick_finished"]
+        assert isinstance(event, dict)
+        return event
+
+    assert finished()["awaiting_approval"] == 2
+    again = finished()
+    assert again["awaiting_approval"] == 0  # nothing new found: both were marked before
+    assert again["due_backlog"] == 2
+
+
+def test_approve_group_refuses_a_group_someone_slipped_another_change_into(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+) -> None:
+    """An operator may INSERT group_id (docs/deploy.md), so they can add a change of any
+    flag to someone else's ramp. `approve --group G` approves "a ramp": it must not approve
+    such a stowaway with it, unseen; it refuses the group, and each id can be approved."""
+    add_flag("ramped")
+    add_flag("payments-core")
+    ran = flagsched("ramp", "ramped", "--steps", "10,50", "--every", "1h",
+                    "--start", "2999-01-01T00:00:00Z", "--approval", url=people[BOB])  # fmt: skip
+    assert ran.code == 0, ran.stderr
+    group = int(ran.stderr.split("--group ")[1].split("`")[0])
+    with psycopg.connect(people[ALICE], autocommit=True) as conn:
+        row_ = conn.execute(
+            "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, group_id) "
+            "VALUES ('payments-core', '2999-01-01', '{\"enabled\": true}', %s) RETURNING id",
+            (group,),
+        ).fetchone()
+        assert row_ is not None
+        stowaway = int(row_[0])
+
+    refused = flagsched("approve", "--group", str(group))  # a third login: the test's own
+    assert refused.code == 1, refused.stdout + refused.stderr
+    assert refused.stdout.startswith(f"group {group}: refused: "), refused.stdout
+    assert "payments-core" in refused.stdout and str(stowaway) in refused.stdout
+    assert sql("SELECT count(*) FROM feature_flag_approvals")[0][0] == 0  # nothing approved
+
+    assert flagsched("approve", str(stowaway)).code == 0  # by id, seen: fine
+    # A ramp as made (one flag, one creator) is still approved as a group.
+    ran = flagsched("ramp", "ramped", "--steps", "60,70", "--every", "1h",
+                    "--start", "2999-02-01T00:00:00Z", "--approval", url=people[BOB])  # fmt: skip
+    other = ran.stderr.split("--group ")[1].split("`")[0]
+    assert flagsched("approve", "--group", other).code == 0
+
+
+def test_an_unreadable_awaiting_since_does_not_hide_the_oldest_wait(
+    flagsched: Callable[..., Ran],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    add_schedule: Callable[..., int],
+    tmp_path: Path,
+) -> None:
+    """Every value PostgreSQL can store must be survivable: awaiting_approval_since at
+    -infinity (or BC) is the oldest wait there is, so the metric must not fall to 0 (which
+    silences FlagschedAwaitingApproval for the genuine waits beside it)."""
+    path = tmp_path / "flagsched.prom"
+
+    def oldest() -> float:
+        assert flagsched("process", "--metrics-file", str(path)).code == 0
+        for line in path.read_text().splitlines():
+            if line.startswith("flagsched_oldest_awaiting_approval_seconds "):
+                return float(line.split()[1])
+        raise AssertionError("no metric")
+
+    for key in ("m1", "m2"):
+        add_flag(key)
+        made = add_schedule(key, {"enabled": True})
+        sql("UPDATE feature_flag_schedules SET needs_approval = true WHERE id = :i", i=made)
+    oldest()  # both found awaiting
+    sql("UPDATE feature_flag_schedules SET awaiting_approval_since = now() - interval '2 hours'")
+    assert 7000 < oldest() < 7300
+    for value in ("-infinity", "0044-01-01 BC"):
+        sql(
+            "UPDATE feature_flag_schedules SET awaiting_approval_since = :v WHERE flag_key = 'm1'",
+            v=value,
+        )
+        assert oldest() > 7300, value
