@@ -16,6 +16,18 @@
 -- name: waiting
 (status = 'failed' AND {waiting_row})
 
+-- name: approved
+-- Four eyes: an approval of schedule {arg} counts when another login than its creator gave
+-- it after the row was inserted (a verdict left by a deleted row of the same id does not
+-- carry over) and nobody rejected it. The claim (flagsched/sql/stored/fragments.sql,
+-- claim_query) counts it the same way.
+(EXISTS (SELECT 1 FROM {approvals} a
+         WHERE a.schedule_id = {arg}.id AND a.verdict = 'approved'
+           AND a.decided_by IS DISTINCT FROM {arg}.created_by
+           AND a.decided_at >= {arg}.created_at)
+ AND NOT EXISTS (SELECT 1 FROM {approvals} a
+                 WHERE a.schedule_id = {arg}.id AND a.verdict = 'rejected'))
+
 -- name: open_schedule
 -- Open: pending, or failed and waiting for a retry. Spelled so that only the indexes of
 -- open rows (status IN ('pending', 'failed')) match it, so idx_schedules_open serves it in
@@ -496,8 +508,7 @@ CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
 END AS conflict,
 -- four eyes: asked for, a tick found it awaiting, approved (idx_approvals_schedule)
 needs_approval, awaiting_approval_since IS NOT NULL AS awaiting,
-EXISTS (SELECT 1 FROM {approvals} a WHERE a.schedule_id = {schedules}.id
-        AND a.verdict = 'approved') AS approved
+{approved({schedules})} AS approved
 
 -- name: schedules_ahead
 -- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied

@@ -106,11 +106,19 @@ def upgrade() -> None:
         f"""
         CREATE FUNCTION {APPROVAL_FUNCTION}() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-        -- A verdict is the login's own (session_user), now; nobody approves a schedule
-        -- they created (four eyes), however the row is inserted.
+        -- A verdict is the login's own (session_user), at this moment (clock_timestamp:
+        -- after the schedule's INSERT committed, which the claim relies on); it is given on
+        -- a schedule that exists (an approval written ahead for an id not yet taken would
+        -- approve whatever row gets that id); nobody approves a schedule they created (four
+        -- eyes), however the row is inserted.
         BEGIN
             NEW.decided_by := session_user;
-            NEW.decided_at := now();
+            NEW.decided_at := clock_timestamp();
+            IF NOT EXISTS (SELECT 1 FROM feature_flag_schedules s WHERE s.id = NEW.schedule_id)
+            THEN
+                RAISE EXCEPTION 'four eyes: there is no schedule %', NEW.schedule_id
+                    USING ERRCODE = 'foreign_key_violation';
+            END IF;
             IF NEW.verdict = 'approved' AND EXISTS (
                 SELECT 1 FROM feature_flag_schedules s
                 WHERE s.id = NEW.schedule_id AND s.created_by = session_user) THEN

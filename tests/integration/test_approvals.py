@@ -763,3 +763,69 @@ def test_an_unreadable_awaiting_since_does_not_hide_the_oldest_wait(
             v=value,
         )
         assert oldest() > 7300, value
+
+
+def test_an_approval_written_ahead_for_an_id_not_yet_taken_is_refused(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    flag: Callable[[str], tuple[bool, int]],
+) -> None:
+    """Found by the adversarial pass: bob wrote an approval for the next id, then scheduled
+    a change that got it, and it applied with nobody else's approval. A verdict on an id no
+    schedule has is refused; and a verdict left over from a deleted row of the same id does
+    not carry over to a row inserted later."""
+    add_flag("f3")
+    (next_id,) = sql("SELECT max(id) + 1000 FROM feature_flag_schedules")[0]
+    with (
+        psycopg.connect(people[BOB], autocommit=True) as conn,
+        pytest.raises(psycopg.errors.ForeignKeyViolation, match="no schedule"),
+    ):
+        conn.execute(
+            "INSERT INTO feature_flag_approvals (schedule_id, verdict, decided_by) "
+            "VALUES (%s, 'approved', 'x')",
+            (next_id or 1000,),
+        )
+    # A verdict left over (an application deleted the row without prune): alice approved
+    # an old row of this id; bob's new row with the same id is not approved by it.
+    old = new_id(
+        flagsched("schedule", "f3", "--at", "now", "--enable", "--approval", url=people[BOB])
+    )
+    assert flagsched("approve", str(old), url=people[ALICE]).code == 0
+    sql("DELETE FROM feature_flag_schedules WHERE id = :i", i=old)
+    sql(
+        "INSERT INTO feature_flag_schedules (id, flag_key, scheduled_at, updates, "
+        "needs_approval, created_at) OVERRIDING SYSTEM VALUE "
+        "VALUES (:i, 'f3', now(), '{\"enabled\": true}', true, now() + interval '1 second')",
+        i=old,
+    )
+    report = tick()
+    assert report.count(Outcome.AWAITING_APPROVAL) == 1
+    assert flag("f3") == (False, 0)
+    assert row(sql, old)["status"] == "pending"
+
+
+def test_a_rejection_stands_even_if_the_row_is_made_pending_again(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    flag: Callable[[str], tuple[bool, int]],
+) -> None:
+    """Found by the adversarial pass: approved by bob, rejected by another login, then set
+    back to pending by someone with UPDATE on the table: it applied. A rejection vetoes."""
+    add_flag("search")
+    made = new_id(
+        flagsched("schedule", "search", "--at", "now", "--rollout", "90", "--approval",
+                  url=people[ALICE])
+    )  # fmt: skip
+    assert flagsched("approve", str(made), url=people[BOB]).code == 0
+    assert flagsched("reject", str(made), "--note", "no", url=people[BOB]).code == 0
+    sql("UPDATE feature_flag_schedules SET status = 'pending' WHERE id = :i", i=made)
+    report = tick()
+    assert report.count(Outcome.APPLIED) == 0
+    assert report.count(Outcome.AWAITING_APPROVAL) == 1
+    assert flag("search") == (False, 0)

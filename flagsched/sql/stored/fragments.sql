@@ -90,8 +90,8 @@ CASE WHEN {by_snapshot()} AND c.xact IS NOT NULL
 coalesce(nullif(current_setting('role'), 'none'), session_user) || coalesce(' (' || nullif(current_setting('application_name', true), '') || ')', '')
 
 -- name: claimed_columns
--- approval (0008): the last two
-s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retries, s.next_retry_at, s.attempts, s.awaiting_approval_since, s.needs_approval
+-- approval (0008): the last four
+s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retries, s.next_retry_at, s.attempts, s.awaiting_approval_since, s.needs_approval, s.created_by, s.created_at
 
 -- name: claim_query
 -- the claim's statement, locking with {arg} (empty: the same read locking nothing)
@@ -196,9 +196,17 @@ s.id, s.flag_key, s.scheduled_at, s.updates, s.status, s.retry_count, s.max_retr
         -- approval (0008): an approved verdict exists; a per-row probe of
         -- idx_approvals_schedule (OFFSET 0: as a hashed subplan in the select list it made
         -- the kept attempts above decompress ~3x as often)
+        -- counted as queries.sql's fragment `approved` counts it: an approval by another
+        -- login than the creator, given after the row was inserted (a verdict left by a
+        -- deleted row of the same id does not carry over), and no rejection
         SELECT EXISTS (
             SELECT 1 FROM {approvals} a
             WHERE a.schedule_id = c.id AND a.verdict = 'approved'
+              AND a.decided_by IS DISTINCT FROM c.created_by AND a.decided_at >= c.created_at
+            OFFSET 0)
+           AND NOT EXISTS (
+            SELECT 1 FROM {approvals} a
+            WHERE a.schedule_id = c.id AND a.verdict = 'rejected'
             OFFSET 0) AS approved
     ) ap
     ORDER BY c.flag_key, c.scheduled_at, c.id
