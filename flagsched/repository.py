@@ -16,7 +16,7 @@ from psycopg.rows import RowFactory, class_row, kwargs_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
 from flagsched.db import Conn, one_line
-from flagsched.errors import SchemaNotCurrent, StatementFailed, UnsupportedDatabase
+from flagsched.errors import DatabaseError, SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
     Backlog,
     Change,
@@ -729,8 +729,8 @@ def prune_batch(
             conn.execute(statement("delete_schedules"), {"ids": [r[0] for r in rows]})
         deleted = rows
     except StatementFailed as exc:
-        if exc.sqlstate != FOREIGN_KEY_VIOLATION:
-            raise
+        if exc.sqlstate != FOREIGN_KEY_VIOLATION:  # a missing privilege, a read-only database
+            raise DatabaseError(f"database error: {exc.message}") from exc
         deleted = []
         for schedule_id, status in rows:  # one by one, keeping the referenced ones
             try:
@@ -739,7 +739,7 @@ def prune_batch(
                 deleted.append((schedule_id, status))
             except StatementFailed as one:
                 if one.sqlstate != FOREIGN_KEY_VIOLATION:
-                    raise
+                    raise DatabaseError(f"database error: {one.message}") from one
                 referenced.append(int(schedule_id))
     for _, status in deleted:
         counts[str(status)] = counts.get(str(status), 0) + 1

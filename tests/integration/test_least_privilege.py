@@ -384,6 +384,25 @@ def test_retry_and_cancel_without_update_privilege_could_not_run_not_busy(
     assert state(sql, failed)[0] == "failed" and state(sql, pending)[0] == "pending"
 
 
+def test_prune_without_delete_privilege_could_not_run(
+    flagsched: Callable[..., Ran],
+    database_url: str,
+    grant: Callable[[str], None],
+    sql: Sql,
+    add_flag: Any,
+    add_schedule: Any,
+) -> None:
+    """Found by the adversarial pass: prune as a login that may not delete said so and exited
+    1 ("some items refused"); a missing privilege is exit 3, and nothing is deleted."""
+    grant("process")
+    add_flag("a")
+    old = add_schedule("a", {"enabled": True}, status="applied")
+    sql("UPDATE feature_flag_schedules SET applied_at = now() - interval '30 days'")
+    ran = flagsched("prune", "--older-than", "1", url=url_for(database_url, "flagsched_worker"))
+    _one_line_could_not_run(ran, "permission denied for table")
+    assert state(sql, old)[0] == "applied"
+
+
 def test_retry_and_cancel_on_a_read_only_database_could_not_run_not_busy(
     flagsched: Callable[..., Ran], sql: Sql, add_flag: Any, add_schedule: Any
 ) -> None:
