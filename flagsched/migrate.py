@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Engine
 from flagsched import repository
 from flagsched.db import Database
 from flagsched.db import begin as db_begin
-from flagsched.errors import UnsupportedDatabase
+from flagsched.errors import ConfigError, UnsupportedDatabase
 from flagsched.schema import begin, connect
 from flagsched.tables import Configuration, check
 
@@ -92,9 +92,42 @@ def adopt(database: Database, configuration: Configuration) -> list[str]:
     """Create flagsched's schema, tables, stored objects and record triggers beside an
     application's tables (issue 18), what is missing of them, in one transaction under the
     migration lock: idempotent, and safe when several run at once. Returns what it made."""
+    tables = configuration.tables()
     with db_begin(database) as conn:
         repository.take_migration_lock(conn)
-        return repository.adopt(conn, configuration.tables())
+        refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
+        if refused is not None:
+            raise ConfigError(refused)
+        return repository.adopt(conn, tables)
+
+
+def _serves_another(
+    configuration: Configuration, found: list[repository.RecordTrigger]
+) -> str | None:
+    """Why flagsched's schema cannot serve this configuration (None: it can). One schema
+    keeps one flags table's schedules and history: a second flags table's deployment would
+    claim, count and prune the first one's rows. And one flags table carries one family of
+    record triggers: a second family (another mapping of its columns, or another release's
+    rendering) would record every change twice."""
+    from flagsched.sql import stored
+
+    ours = {name for name, _ in stored.triggers(configuration.tables())}
+    record = [t for t in found if t.name.startswith(stored.RECORD_FAMILIES)]
+    elsewhere = sorted({t.relation for t in record if not t.here})
+    if elsewhere:
+        return (
+            f"{configuration.where}: schema = {configuration.schema!r} already serves the "
+            f"flags table {elsewhere[0]}: give this configuration a schema of its own"
+        )
+    other = sorted(t.name for t in record if t.here and t.name not in ours)
+    if other:
+        return (
+            f"{configuration.where}: the flags table already has flagsched's record triggers "
+            f"of another mapping of its columns or another release ({', '.join(other)}): "
+            "deployments of one flags table map the same columns; to change the mapping, "
+            "drop those triggers first (docs/own-tables.md)"
+        )
+    return None
 
 
 def adopted_missing(database: Database, configuration: Configuration) -> list[str]:

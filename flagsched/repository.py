@@ -232,19 +232,44 @@ def adopt(conn: Conn, tables: Tables) -> list[str]:
     triggers."""
     made: list[str] = []
     conn.execute(stored.own_tables(tables))
+    relation = _flags_relation(tables)
     for signature, create in stored.creates(tables, stored.ADOPTED_ROUTINES):
         if _scalar(conn, statement("routine_missing"), {"signature": signature}):
             conn.execute(create)
             made.append(f"function {signature}")
-    flags = tables.flags
-    relation = ".".join(
-        '"' + part.replace('"', '""') + '"' for part in (flags.schema, flags.name) if part
-    )
     for name, create in stored.triggers(tables):
         if _scalar(conn, statement("trigger_missing"), {"relation": relation, "name": name}):
             conn.execute(create)
             made.append(f"trigger {name}")
     return made
+
+
+def _flags_relation(tables: Tables) -> str:
+    """The flags table's name as to_regclass reads it (each part quoted)."""
+    flags = tables.flags
+    return ".".join(
+        '"' + part.replace('"', '""') + '"' for part in (flags.schema, flags.name) if part
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordTrigger:
+    """A trigger whose function lives in flagsched's schema: on which table, its name, and
+    whether that table is this configuration's flags table."""
+
+    relation: str
+    name: str
+    here: bool
+
+
+def triggers_in_schema(conn: Conn, tables: Tables) -> list[RecordTrigger]:
+    """The triggers flagsched's schema (`tables.fn.schema`) serves, on any table."""
+    return _rows(
+        conn,
+        class_row(RecordTrigger),
+        statement("record_triggers_in_schema"),
+        {"schema": tables.fn.schema, "relation": _flags_relation(tables)},
+    )
 
 
 def take_migration_lock(conn: Conn) -> None:

@@ -252,6 +252,19 @@ SELECT NOT EXISTS (
     SELECT FROM pg_trigger
     WHERE tgrelid = to_regclass(%(relation)s) AND tgname = %(name)s)
 
+-- name: record_triggers_in_schema
+-- Triggers whose functions live in flagsched's schema %(schema)s, on whichever table, and
+-- whether that table is this configuration's flags table (%(relation)s).
+SELECT CAST(tn.nspname || '.' || c.relname AS text) AS relation,
+       CAST(t.tgname AS text) AS name, t.tgrelid = to_regclass(%(relation)s) AS here
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace tn ON tn.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = t.tgfoid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = %(schema)s AND NOT t.tgisinternal
+ORDER BY 1, 2
+
 -- name: migration_lock
 SELECT pg_advisory_xact_lock(%(key)s)
 

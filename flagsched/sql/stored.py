@@ -263,6 +263,10 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
 )
 
 
+# The record trigger families' name prefixes (each trigger's name ends in its digest).
+RECORD_FAMILIES: tuple[str, ...] = tuple(family for family, *_ in _TRIGGERS)
+
+
 def triggers(tables: Tables) -> list[tuple[str, str]]:
     """(trigger name, CREATE TRIGGER statement) of the record triggers on the flags table."""
     made = []

@@ -778,3 +778,38 @@ def test_migrate_and_overlapping_ticks_through_a_transaction_pooler(
         f"FROM {d.own}.feature_flag_schedules GROUP BY 1, 2"
     ) == [("applied", 1, 60)]
     assert _json(pooled.run("status", "--format", "json"))["due"] == 0
+
+
+def test_one_schema_serves_one_flags_table_with_one_mapping(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Found by the adversarial pass. A second flags table's deployment in the same
+    flagsched schema would claim, count and prune the first one's schedules; a second
+    mapping of the same flags table (here: without its rollout column) would add a second
+    family of record triggers, recording every change twice. `migrate` refuses both (exit
+    2, one line) and changes nothing; a second environment of the same mapping is welcome."""
+    d = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+    d.sql("CREATE TABLE public.nk (id integer PRIMARY KEY, k text NOT NULL UNIQUE, "
+          "on_ boolean NOT NULL DEFAULT false)")  # fmt: skip
+    other_table = tmp_path / "nk.toml"
+    other_table.write_text('[flags]\ntable = "public.nk"\nid = "id"\nkey = "k"\nenabled = "on_"\n')
+    other_mapping = tmp_path / "no-rollout.toml"
+    other_mapping.write_text(
+        Path(d.config).read_text().replace('rollout = "rollout_percentage"\n', "")
+    )
+    before = _app_tables(empty_database_url)
+    triggers = "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal"
+    (count,) = d.sql(triggers)
+    for config, said in (
+        (other_table, "already serves the flags table public.feature_flags"),
+        (other_mapping, "record triggers of another mapping"),
+    ):
+        ran = invoke("--config", str(config), "migrate", url=empty_database_url)
+        assert ran.code == 2, ran
+        assert ran.stderr.count("\n") == 1 and said in ran.stderr, ran.stderr
+        assert "Traceback" not in ran.stderr
+    assert d.sql(triggers) == [count]
+    assert _app_tables(empty_database_url) == before
+    staging = _config(tmp_path, UPSTREAM_SHAPE, "staging")
+    assert invoke("--config", staging, "migrate", url=empty_database_url).code == 0
+    assert d.sql(triggers) == [count]
