@@ -212,6 +212,14 @@ class Backlog:
     next_due_at: Time | None
 
 
+@dataclass(frozen=True, slots=True)
+class AwaitingBacklog:
+    """Due schedules awaiting approval, and how long the oldest has waited (index scans)."""
+
+    n: int
+    oldest_age_seconds: Decimal | None  # None: none awaits
+
+
 class Outcome(StrEnum):
     APPLIED = "applied"
     RETRY = "retry"

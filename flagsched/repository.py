@@ -18,6 +18,7 @@ from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 from flagsched.db import Conn, one_line
 from flagsched.errors import DatabaseError, SchemaNotCurrent, StatementFailed, UnsupportedDatabase
 from flagsched.model import (
+    AwaitingBacklog,
     Backlog,
     Change,
     Claimed,
@@ -359,25 +360,11 @@ def mark_awaiting(conn: Conn, ids: Sequence[int], *, now: datetime) -> None:
         conn.execute(statement("mark_awaiting"), {"ids": list(ids), "now": now})
 
 
-def awaiting_backlog(conn: Conn, *, now: datetime) -> tuple[int, datetime | None]:
-    """How many schedules due at `now` await approval, and since when the oldest does."""
-    row = _rows(
-        conn, class_row(_AwaitingBacklog), statement("awaiting_backlog"), {"now": now}
+def awaiting_backlog(conn: Conn, *, now: datetime) -> AwaitingBacklog:
+    """How many schedules due at `now` await approval, and how long the oldest has waited."""
+    return _rows(
+        conn, class_row(AwaitingBacklog), statement("awaiting_backlog"), {"now": now}
     )[0]
-    oldest = row.oldest
-    if isinstance(oldest, str):
-        # Outside Python's years (a value someone stored): -infinity or BC is the longest
-        # wait there is, and must not read as none (that would silence the alert); a time
-        # after year 9999 has not begun.
-        early = oldest.startswith("-") or oldest.endswith("BC")
-        oldest = datetime(1, 1, 1, tzinfo=UTC) if early else None
-    return int(row.n), oldest
-
-
-@dataclass(frozen=True, slots=True)
-class _AwaitingBacklog:
-    n: int
-    oldest: datetime | str | None
 
 
 def approvals_of(conn: Conn, ids: Sequence[int]) -> dict[int, tuple[ApprovalRow, ...]]:

@@ -604,11 +604,11 @@ def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None
     with transaction(database, conn):
         now = repository.db_now(conn)
         backlog = repository.backlog(conn, now=now)
-        awaiting, since = repository.awaiting_backlog(conn, now=now)
-    report.awaiting_approval = awaiting
-    report.oldest_awaiting_approval_seconds = (
-        max((now - since).total_seconds(), 0.0) if since is not None else 0.0
-    )
+        awaiting = repository.awaiting_backlog(conn, now=now)
+    report.awaiting_approval = awaiting.n
+    waited = awaiting.oldest_age_seconds
+    # a time after year 9999 (stored by someone) has not begun: no wait yet
+    report.oldest_awaiting_approval_seconds = max(float(waited), 0.0) if waited else 0.0
     report.due_backlog = int(backlog.due)
     age = backlog.oldest_due_age_seconds
     report.oldest_due_age_seconds = float(age) if age is not None else 0.0

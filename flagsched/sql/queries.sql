@@ -391,7 +391,12 @@ FROM pending, retries
 -- The due schedules awaiting approval, and since when the oldest waits: a tick marks them
 -- only when due, so the due indexes find them (idx_schedules_pending_due,
 -- idx_schedules_next_retry_at), as `backlog` reads them.
-SELECT count(*) AS n, min(awaiting_approval_since) AS oldest FROM (
+-- The oldest wait's age in seconds counts as `backlog`'s does: a time before year 1 (a
+-- value someone stored: -infinity, BC) from year 1, the longest wait there is, never none.
+SELECT count(*) AS n,
+       EXTRACT(EPOCH FROM CAST(%(now)s AS timestamptz)
+           - {clamped_time(min(awaiting_approval_since))}) AS oldest_age_seconds
+FROM (
     SELECT awaiting_approval_since FROM {schedules}
     WHERE status = 'pending' AND scheduled_at <= %(now)s
       AND awaiting_approval_since IS NOT NULL AND {scope_match()}
