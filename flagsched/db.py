@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import orjson
 import psycopg
 from psycopg.types.json import set_json_loads
+from psycopg.types.string import TextLoader
 
 from flagsched.errors import DatabaseError, DatabaseUnavailable, FlagschedError
 from flagsched.model import Unreadable
@@ -81,6 +82,9 @@ class Database:
         except (psycopg.Error, ValueError) as exc:
             raise self.error(exc, connecting=True) from None
         set_json_loads(_json_loads, conn)  # every claimed schedule's `updates`
+        # An application's uuid ids (schedules, flags) are read as text: flagsched passes them
+        # back as it read them and prints them as they are.
+        conn.adapters.register_loader("uuid", TextLoader)
         return conn
 
     def error(

@@ -60,5 +60,3 @@ class StatementFailed(FlagschedError):
     def busy(self) -> bool:
         """Only a lock not granted in time: anything else is not worth trying again."""
         return self.sqlstate == LOCK_NOT_AVAILABLE
-
-

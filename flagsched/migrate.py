@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sqlalchemy import event as sa_event
@@ -14,7 +15,7 @@ from flagsched.db import Database
 from flagsched.db import begin as db_begin
 from flagsched.errors import ConfigError, UnsupportedDatabase
 from flagsched.schema import begin, connect
-from flagsched.tables import Configuration, check
+from flagsched.tables import SCHEDULE_OPTIONAL, Configuration, check
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -98,7 +99,19 @@ def adopt(database: Database, configuration: Configuration) -> list[str]:
         refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
         if refused is not None:
             raise ConfigError(refused)
-        return repository.adopt(conn, tables)
+        facts: dict[str, str] = {}
+        if configuration.schedules is not None and tables.app_schedules is not None:
+            # the view over the application's schedules table reads the built-in columns
+            # it has, and keeps the others in flagsched's state table; the domain of its id
+            # is its id's type (both as the catalog says now: migrate checked it first)
+            found = repository.catalog_table(conn, configuration.schedules.table)
+            assert found is not None
+            id_column = found.column(configuration.schedules.id)
+            assert id_column is not None
+            facts["id_base_type"] = id_column.shown_type
+            absent = tuple(c for c in SCHEDULE_OPTIONAL if found.column(c) is None)
+            tables = replace(tables, app_schedules=replace(tables.app_schedules, absent=absent))
+        return repository.adopt(conn, tables, facts)
 
 
 def _serves_another(

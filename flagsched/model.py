@@ -147,11 +147,28 @@ def _show(value: object) -> str:
         return type(value).__name__
 
 
+# A schedule's id as its table has it: an integer (flagsched's own schedules table, or an
+# application's integer ids), or the text of an application's uuid or text id (read as text:
+# flagsched.db), passed back to the database as it was read.
+ScheduleId = int | str
+
+
+def schedule_id(value: object) -> ScheduleId:
+    """A schedule id as the database returned it (an integer stays one; anything else is
+    its text)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def id_order(value: ScheduleId) -> tuple[int, str]:
+    """A sort key for ids of one table: integers by value, text ids by their text."""
+    return (value, "") if isinstance(value, int) else (0, value)
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A schedule claimed by a tick, with what the claim learned about its flag."""
 
-    id: int
+    id: ScheduleId
     flag_key: str
     scheduled_at: datetime
     updates: object
@@ -196,7 +213,7 @@ class DueRecurrence:
 class MadeSchedule:
     """A schedule a recurrence's occurrence became."""
 
-    id: int
+    id: ScheduleId
     recurrence_id: int
     flag_key: str
     scheduled_at: datetime
@@ -286,7 +303,7 @@ class TickReport:
     """Counts per outcome over every batch of one `flagsched process` run."""
 
     counts: Counter[str] = field(default_factory=Counter)
-    held_back_ids: set[int] = field(default_factory=set)
+    held_back_ids: set[ScheduleId] = field(default_factory=set)
     batches: int = 0
     duration_seconds: float = 0.0
     interrupted_by: int | None = None  # signal number

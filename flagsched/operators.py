@@ -18,6 +18,7 @@ from flagsched.logs import get_logger
 from flagsched.model import (
     InvalidUpdates,
     OnConflict,
+    ScheduleId,
     Status,
     Updates,
     clip,
@@ -39,7 +40,7 @@ PRUNE_BATCH = 5000
 class Added:
     """A schedule or recurrence added: its id, and whether its flag exists yet."""
 
-    id: int
+    id: ScheduleId
     flag_exists: bool
 
 
@@ -54,7 +55,7 @@ class AddedRecurrence(Added):
 class RampStep:
     """One schedule of a ramp."""
 
-    id: int
+    id: ScheduleId
     scheduled_at: datetime
 
 
@@ -141,13 +142,13 @@ def add_schedule(
 class Handled:
     """What an operator command did with one id."""
 
-    id: int
+    id: ScheduleId
     ok: bool
     message: str
     subject: str | None = None  # what the line is about when not schedule `id`
 
 
-def _each_locked(database: Database, ids: list[int], act: Any) -> list[Handled]:
+def _each_locked(database: Database, ids: list[ScheduleId], act: Any) -> list[Handled]:
     """Run `act(conn, row)` per id, each in its own savepoint under the row's lock; a row a
     running tick holds is waited for (up to lock_timeout), so the tick's outcome is seen."""
     results: list[Handled] = []
@@ -170,7 +171,7 @@ def _each_locked(database: Database, ids: list[int], act: Any) -> list[Handled]:
     return results
 
 
-def _busy(item: int, exc: StatementFailed, what: str, subject: str | None = None) -> Handled:
+def _busy(item: ScheduleId, exc: StatementFailed, what: str, subject: str | None = None) -> Handled:
     """A lock not granted in time is a refusal worth repeating; any other failed statement
     (a read-only database, a missing privilege) stops the command: it could not run."""
     if not exc.busy:
@@ -178,7 +179,7 @@ def _busy(item: int, exc: StatementFailed, what: str, subject: str | None = None
     return Handled(item, False, f"refused: busy, try again ({exc.message})", subject)
 
 
-def retry(database: Database, ids: list[int], *, force: bool = False) -> list[Handled]:
+def retry(database: Database, ids: list[ScheduleId], *, force: bool = False) -> list[Handled]:
     """Failed schedules become pending again with retry_count 0."""
     log = get_logger()
 
@@ -209,7 +210,7 @@ def retry(database: Database, ids: list[int], *, force: bool = False) -> list[Ha
     return _each_locked(database, ids, act)
 
 
-def cancel(database: Database, ids: list[int]) -> list[Handled]:
+def cancel(database: Database, ids: list[ScheduleId]) -> list[Handled]:
     """Pending or failed schedules become cancelled."""
     return _each_locked(database, ids, _cancel_act())
 
@@ -317,7 +318,7 @@ def _approve_act(note: str | None) -> Callable[[Any, LockedSchedule], Handled]:
     return act
 
 
-def approve(database: Database, ids: list[int], *, note: str | None = None) -> list[Handled]:
+def approve(database: Database, ids: list[ScheduleId], *, note: str | None = None) -> list[Handled]:
     """Approve schedules as this login (never one it created): each applies when due."""
     return _each_locked(database, ids, _approve_act(note))
 
@@ -344,7 +345,7 @@ def _mixed_group(database: Database, group_id: int) -> str | None:
             )
             if s is not None
         ]
-    kinds: dict[tuple[str, str | None], list[int]] = {}
+    kinds: dict[tuple[str, str | None], list[ScheduleId]] = {}
     for s in shown:
         kinds.setdefault((s.flag_key, s.created_by), []).append(s.id)
     if len(kinds) <= 1:
@@ -359,7 +360,7 @@ def _mixed_group(database: Database, group_id: int) -> str | None:
     )
 
 
-def reject(database: Database, ids: list[int], *, note: str) -> list[Handled]:
+def reject(database: Database, ids: list[ScheduleId], *, note: str) -> list[Handled]:
     """Reject schedules: each is cancelled, the verdict says who (this login) and why."""
     log = get_logger()
 
@@ -573,7 +574,7 @@ def prune(
                         conn, older_than_seconds=seconds
                     )
                 return Pruned(counts["applied"], counts["cancelled"], counts["history"])
-        referenced: list[int] = []  # kept: an application's foreign key refers to them
+        referenced: list[ScheduleId] = []  # kept: an application's foreign key refers to them
         while True:
             with transaction(database, conn):
                 deleted, kept = repository.prune_batch(
@@ -605,7 +606,7 @@ def prune(
 
 
 def show(
-    database: Database, schedule_id: int, *, policy: ApprovalPolicy | None = None
+    database: Database, schedule_id: ScheduleId, *, policy: ApprovalPolicy | None = None
 ) -> ShownSchedule | None:
     """One schedule, its attempts, its verdicts and the history entries that applied it
     (None: unknown)."""

@@ -23,8 +23,10 @@ from flagsched import approval, recurring
 from flagsched.approval import ApprovalPolicy
 from flagsched.model import (
     InvalidUpdates,
+    ScheduleId,
     Updates,
     clip,
+    id_order,
 )
 from flagsched.rows import (
     ActiveRecurrence,
@@ -101,7 +103,7 @@ class Step:
     scheduled_at: datetime
     flag_key: str
     kind: Kind
-    schedule_id: int | None
+    schedule_id: ScheduleId | None
     recurrence_id: int | None
     group_id: int | None
     stored: object  # `updates` as stored (for a valid one, the values it sets)
@@ -125,10 +127,11 @@ class FlagAhead:
 class _Item:
     """A change in its flag's queue before it is judged."""
 
-    order: tuple[datetime, int, int]  # (scheduled_at, 0, id) or (occurrence, 1, recurrence)
+    # (scheduled_at, 0, id) or (occurrence, 1, recurrence), ids as model.id_order sorts them
+    order: tuple[datetime, int, tuple[int, str]]
     ready_at: datetime | None  # when it is due on its own; None: cannot be foreseen
     kind: Kind
-    schedule_id: int | None
+    schedule_id: ScheduleId | None
     recurrence_id: int | None
     group_id: int | None
     stored: object
@@ -158,7 +161,7 @@ def _schedule_item(row: OpenSchedule) -> _Item:
         # it for good (it would otherwise hold its flag back for ever)
         ready = _EARLIEST
     return _Item(
-        order=(row.scheduled_at, 0, row.id),
+        order=(row.scheduled_at, 0, id_order(row.id)),
         ready_at=ready,
         kind=Kind.RETRYING if retrying else Kind.PENDING,
         schedule_id=row.id,
@@ -280,7 +283,7 @@ def _recurrence_items(
                 expires_at = _EARLIEST if expires_after < timedelta(0) else None
         items.append(
             _Item(
-                order=(at, 1, r.id),
+                order=(at, 1, id_order(r.id)),
                 ready_at=at,
                 kind=Kind.RECURRING,
                 schedule_id=None,
@@ -322,7 +325,7 @@ def _walk(
     never holds back a change that was already free to apply before it existed."""
     state = now_state
     arrivals = sorted(items, key=lambda i: (_exists(i, now), i.order))
-    queue: list[tuple[tuple[datetime, int, int], int, _Item]] = []
+    queue: list[tuple[tuple[datetime, int, tuple[int, str]], int, _Item]] = []
     admitted, t = 0, now
 
     def admit(upto: datetime) -> None:
@@ -426,9 +429,7 @@ def _judge(
     return _step(key, item, at, change, outcome, error, state), state
 
 
-def _held(
-    key: str, item: _Item, at: datetime, state: State | None, why: str | None = None
-) -> Step:
+def _held(key: str, item: _Item, at: datetime, state: State | None, why: str | None = None) -> Step:
     change, _ = _change(item.stored)
     return _step(key, item, at, change, Outcome.HELD, why, state)
 

@@ -339,11 +339,7 @@ def schedule(row: ShownSchedule, fmt: str) -> str:
         return to_json({**_with_verdicts(row), "changes": [row_dict(c) for c in row.changes]})
     fields = table(
         ["FIELD", "VALUE"],
-        [
-            (k, v)
-            for k, v in row_dict(row).items()
-            if k not in ("attempts", "changes", "approvals")
-        ],
+        [(k, v) for k, v in row_dict(row).items() if k not in ("attempts", "changes", "approvals")],
     )
     verdicts = (
         table(

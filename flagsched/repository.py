@@ -27,13 +27,16 @@ from flagsched.model import (
     OnConflict,
     Outcome,
     Result,
+    ScheduleId,
     Status,
     Updates,
     Verdict,
+    id_order,
+    schedule_id,
 )
 from flagsched.required import REQUIRED, Function, Required, Table, required
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
-from flagsched.sql import Tables, current, statement, stored
+from flagsched.sql import TableMap, Tables, current, statement, stored
 
 if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
     from flagsched.rows import (
@@ -224,7 +227,7 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     )
 
 
-def adopt(conn: Conn, tables: Tables) -> list[str]:
+def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str] | None = None) -> list[str]:
     """Create what flagsched keeps beside an application's tables (issue 18): its schema and
     own tables (IF NOT EXISTS), the stored objects of this mapping that are missing (their
     names carry a digest of their text: present means identical), and the record triggers
@@ -232,7 +235,7 @@ def adopt(conn: Conn, tables: Tables) -> list[str]:
     The caller holds the migration lock; never alters an application table but for the
     triggers."""
     made: list[str] = []
-    conn.execute(stored.own_tables(tables))
+    conn.execute(stored.own_tables(tables, facts))
     relation = _flags_relation(tables)
     for signature, create in stored.creates(tables, stored.ADOPTED_ROUTINES):
         if _scalar(conn, statement("routine_missing"), {"signature": signature}):
@@ -242,14 +245,36 @@ def adopt(conn: Conn, tables: Tables) -> list[str]:
         if _scalar(conn, statement("trigger_missing"), {"relation": relation, "name": name}):
             conn.execute(create)
             made.append(f"trigger {name}")
+    if tables.app_schedules is not None:
+        name, create = stored.schedule_trigger(tables)
+        relation = _relation(tables.app_schedules)
+        if _scalar(conn, statement("trigger_missing"), {"relation": relation, "name": name}):
+            conn.execute(create)
+            made.append(f"trigger {name}")
+        # rows the application's table held before (and any the trigger did not see): a
+        # state row each, without a creator or a snapshot (their conflict window starts
+        # at their created_at)
+        conn.execute(statement("note_unseen_schedules", where=[]))
     return made
+
+
+def note_unseen_schedules(conn: Conn) -> None:
+    """On an application's schedules table, a state row for each open row that has none
+    (inserted while flagsched's trigger was not there or not firing, e.g. a restore with
+    triggers disabled), so the view (and the tick) sees it. A no-op on other shapes."""
+    if current().app_schedules is not None:
+        conn.execute(statement("note_unseen_schedules", where="open_app_row"))
 
 
 def _flags_relation(tables: Tables) -> str:
     """The flags table's name as to_regclass reads it (each part quoted)."""
-    flags = tables.flags
+    return _relation(tables.flags)
+
+
+def _relation(table: TableMap) -> str:
+    """A table's name as to_regclass reads it (each part quoted)."""
     return ".".join(
-        '"' + part.replace('"', '""') + '"' for part in (flags.schema, flags.name) if part
+        '"' + part.replace('"', '""') + '"' for part in (table.schema, table.name) if part
     )
 
 
@@ -345,16 +370,14 @@ def lock_flags(conn: Conn, keys: Sequence[str], *, wait: bool) -> dict[str, Flag
         found = [
             row
             for key in keys
-            for row in _rows(
-                conn, class_row(FlagRow), statement("lock_flag_waiting"), {"key": key}
-            )
+            for row in _rows(conn, class_row(FlagRow), statement("lock_flag_waiting"), {"key": key})
         ]
     else:
         found = _rows(conn, class_row(FlagRow), statement("lock_flags"), {"keys": list(keys)})
     return {row.key: row for row in found}
 
 
-def mark_awaiting(conn: Conn, ids: Sequence[int], *, now: datetime) -> None:
+def mark_awaiting(conn: Conn, ids: Sequence[ScheduleId], *, now: datetime) -> None:
     """These due schedules await approval from `now` on: the claim passes them over."""
     if ids:
         conn.execute(statement("mark_awaiting"), {"ids": list(ids), "now": now})
@@ -362,16 +385,16 @@ def mark_awaiting(conn: Conn, ids: Sequence[int], *, now: datetime) -> None:
 
 def awaiting_backlog(conn: Conn, *, now: datetime) -> AwaitingBacklog:
     """How many schedules due at `now` await approval, and how long the oldest has waited."""
-    return _rows(
-        conn, class_row(AwaitingBacklog), statement("awaiting_backlog"), {"now": now}
-    )[0]
+    return _rows(conn, class_row(AwaitingBacklog), statement("awaiting_backlog"), {"now": now})[0]
 
 
-def approvals_of(conn: Conn, ids: Sequence[int]) -> dict[int, tuple[ApprovalRow, ...]]:
+def approvals_of(
+    conn: Conn, ids: Sequence[ScheduleId]
+) -> dict[ScheduleId, tuple[ApprovalRow, ...]]:
     """The verdicts on these schedules, oldest first, by schedule id."""
     from flagsched.rows import ApprovalRow
 
-    found: dict[int, list[ApprovalRow]] = {}
+    found: dict[ScheduleId, list[ApprovalRow]] = {}
     if ids:
         for row in _rows(
             conn, class_row(ApprovalRow), statement("approvals_of"), {"ids": list(ids)}
@@ -380,7 +403,7 @@ def approvals_of(conn: Conn, ids: Sequence[int]) -> dict[int, tuple[ApprovalRow,
     return {k: tuple(v) for k, v in found.items()}
 
 
-def approval_subject(conn: Conn, schedule_id: int) -> ApprovalSubject:
+def approval_subject(conn: Conn, schedule_id: ScheduleId) -> ApprovalSubject:
     """What `approve` checks of a schedule it holds the lock of."""
     from flagsched.rows import ApprovalSubject
 
@@ -389,7 +412,7 @@ def approval_subject(conn: Conn, schedule_id: int) -> ApprovalSubject:
     )[0]
 
 
-def add_verdict(conn: Conn, schedule_id: int, verdict: str, note: str | None) -> str:
+def add_verdict(conn: Conn, schedule_id: ScheduleId, verdict: str, note: str | None) -> str:
     """Record a verdict by this login (session_user, set by the database); returns it.
     The database refuses an approval by the schedule's creator (check_violation)."""
     row = conn.execute(
@@ -398,12 +421,12 @@ def add_verdict(conn: Conn, schedule_id: int, verdict: str, note: str | None) ->
     return "" if row is None else str(row[0])
 
 
-def clear_awaiting(conn: Conn, schedule_id: int) -> None:
+def clear_awaiting(conn: Conn, schedule_id: ScheduleId) -> None:
     """Approved: the claim takes the schedule again."""
     conn.execute(statement("clear_awaiting"), {"i": schedule_id})
 
 
-def mark_rejected(conn: Conn, schedule_id: int) -> None:
+def mark_rejected(conn: Conn, schedule_id: ScheduleId) -> None:
     """Rejected: cancelled (the verdict says who and why)."""
     conn.execute(statement("mark_rejected"), {"i": schedule_id})
 
@@ -437,14 +460,14 @@ def apply(
 
 
 def safety_checks(
-    conn: Conn, ids: Sequence[int], *, max_lateness_seconds: float | None
-) -> dict[int, tuple[Verdict, str]]:
+    conn: Conn, ids: Sequence[ScheduleId], *, max_lateness_seconds: float | None
+) -> dict[ScheduleId, tuple[Verdict, str]]:
     """The expired / conflict verdicts the write would reach now (for --dry-run; no lock)."""
     rows = conn.execute(
         statement("safety_checks"),
         {"ids": list(ids), "lateness": max_lateness_seconds},
     ).fetchall()
-    return {int(i): (Verdict(outcome), str(message)) for i, outcome, message in rows}
+    return {schedule_id(i): (Verdict(outcome), str(message)) for i, outcome, message in rows}
 
 
 FOREIGN_KEY_VIOLATION = "23503"  # SQLSTATE: a row of another table references it
@@ -576,7 +599,7 @@ def insert_schedule(
     expires_after: timedelta | None = None,
     on_conflict: OnConflict = OnConflict.FAIL,
     needs_approval: bool = False,
-) -> int:
+) -> ScheduleId:
     """A new pending schedule; `at` None means the database's now(); expires_at is
     scheduled_at + expires_after; `needs_approval`: a second person must approve it."""
     new_id = _scalar(
@@ -592,23 +615,41 @@ def insert_schedule(
             "approval": needs_approval,
         },
     )
-    return int(new_id)
+    return schedule_id(new_id)
 
 
-def lock_schedule(conn: Conn, schedule_id: int) -> LockedSchedule | None:
-    """Lock one schedule (waiting for a tick that holds it to commit) and return it."""
-    from flagsched.rows import LockedSchedule
+# What the database says of an id that cannot be one of the table's (not a uuid, a number
+# out of range, too long): that no schedule has it.
+_NOT_AN_ID = frozenset({"22P02", "22003", "22001"})
 
-    rows = _rows(
-        conn,
-        class_row(LockedSchedule),
-        statement("lock_schedule"),
-        {"i": schedule_id},
-    )
+
+def _by_id(
+    conn: Conn, factory: RowFactory[_Row], name: str, schedule_id: ScheduleId
+) -> _Row | None:
+    """The row statement `name` returns for one schedule id an operator gave. On an
+    application's schedules table the id is text the database reads as the id's type; an id
+    of the wrong form is an id no schedule has (in a savepoint: the transaction goes on)."""
+    if current().app_schedules is None or isinstance(schedule_id, int):
+        rows = _rows(conn, factory, statement(name), {"i": schedule_id})
+        return rows[0] if rows else None
+    try:
+        with savepoint(conn):
+            rows = _rows(conn, factory, statement(name), {"i": schedule_id})
+    except StatementFailed as exc:
+        if exc.sqlstate in _NOT_AN_ID:
+            return None
+        raise
     return rows[0] if rows else None
 
 
-def newer_applied_exists(conn: Conn, schedule_id: int) -> bool:
+def lock_schedule(conn: Conn, schedule_id: ScheduleId) -> LockedSchedule | None:
+    """Lock one schedule (waiting for a tick that holds it to commit) and return it."""
+    from flagsched.rows import LockedSchedule
+
+    return _by_id(conn, class_row(LockedSchedule), "lock_schedule", schedule_id)
+
+
+def newer_applied_exists(conn: Conn, schedule_id: ScheduleId) -> bool:
     """Has a later schedule of the same flag, in (scheduled_at, id) order, been applied?
     Later schedules a tick has claimed but not committed count: their row locks are waited
     for first (up to lock_timeout; past it the statement fails and the caller says busy),
@@ -625,7 +666,7 @@ def newer_applied_exists(conn: Conn, schedule_id: int) -> bool:
     return found is True
 
 
-def reset_for_retry(conn: Conn, schedule_id: int) -> None:
+def reset_for_retry(conn: Conn, schedule_id: ScheduleId) -> None:
     """failed -> pending with retry_count 0; last_error stays until it applies. A retry is a
     review: conflicts count from now on, and lateness (and an expires_at, shifted by as much
     as the schedule was late) restarts here."""
@@ -635,7 +676,7 @@ def reset_for_retry(conn: Conn, schedule_id: int) -> None:
     )
 
 
-def mark_cancelled(conn: Conn, schedule_id: int) -> None:
+def mark_cancelled(conn: Conn, schedule_id: ScheduleId) -> None:
     conn.execute(statement("mark_cancelled"), {"i": schedule_id})
 
 
@@ -668,7 +709,7 @@ def history(
     )
 
 
-def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
+def changes_of(conn: Conn, schedule_id: ScheduleId, flag_key: str) -> list[ChangeRow]:
     """The history entries that applied this schedule, oldest first."""
     from flagsched.rows import ChangeRow
 
@@ -680,17 +721,11 @@ def changes_of(conn: Conn, schedule_id: int, flag_key: str) -> list[ChangeRow]:
     )
 
 
-def show_schedule(conn: Conn, schedule_id: int) -> ShownSchedule | None:
+def show_schedule(conn: Conn, schedule_id: ScheduleId) -> ShownSchedule | None:
     """One schedule with everything `show` prints but its changes."""
     from flagsched.rows import ShownSchedule
 
-    rows = _rows(
-        conn,
-        class_row(ShownSchedule),
-        statement("show_schedule"),
-        {"i": schedule_id},
-    )
-    return rows[0] if rows else None
+    return _by_id(conn, class_row(ShownSchedule), "show_schedule", schedule_id)
 
 
 def prune_history_batch(conn: Conn, *, older_than_seconds: float, limit: int) -> int:
@@ -722,8 +757,8 @@ def count_prunable(conn: Conn, *, older_than_seconds: float) -> dict[str, int]:
 
 
 def prune_batch(
-    conn: Conn, *, older_than_seconds: float, limit: int, skip: Sequence[int] = ()
-) -> tuple[dict[str, int], list[int]]:
+    conn: Conn, *, older_than_seconds: float, limit: int, skip: Sequence[ScheduleId] = ()
+) -> tuple[dict[str, int], list[ScheduleId]]:
     """Delete up to `limit` old applied/cancelled schedules (not those in `skip`); rows a
     tick holds are skipped. Returns the counts per status, and the ids an application's
     foreign key still references (kept: deleting them fails, and would roll the whole batch
@@ -733,7 +768,7 @@ def prune_batch(
         {"seconds": older_than_seconds, "limit": limit, "skip": list(skip)},
     ).fetchall()
     counts: dict[str, int] = {}
-    referenced: list[int] = []
+    referenced: list[ScheduleId] = []
     if not rows:
         return counts, referenced
     try:
@@ -744,15 +779,15 @@ def prune_batch(
         if exc.sqlstate != FOREIGN_KEY_VIOLATION:  # a missing privilege, a read-only database
             raise DatabaseError(f"database error: {exc.message}") from exc
         deleted = []
-        for schedule_id, status in rows:  # one by one, keeping the referenced ones
+        for one_id, status in rows:  # one by one, keeping the referenced ones
             try:
                 with savepoint(conn):
-                    conn.execute(statement("delete_schedules"), {"ids": [schedule_id]})
-                deleted.append((schedule_id, status))
+                    conn.execute(statement("delete_schedules"), {"ids": [one_id]})
+                deleted.append((one_id, status))
             except StatementFailed as one:
                 if one.sqlstate != FOREIGN_KEY_VIOLATION:
                     raise DatabaseError(f"database error: {one.message}") from one
-                referenced.append(int(schedule_id))
+                referenced.append(schedule_id(one_id))
     for _, status in deleted:
         counts[str(status)] = counts.get(str(status), 0) + 1
     return counts, referenced
@@ -809,7 +844,7 @@ def insert_ramp(
     expires_after: timedelta | None,
     on_conflict: OnConflict,
     needs_approval: bool = False,
-) -> tuple[int, list[tuple[int, datetime]]]:
+) -> tuple[int, list[tuple[ScheduleId, datetime]]]:
     """One pending schedule per step, every `every` from `start` (None: now()), sharing one
     new group_id; returns (group_id, [(id, scheduled_at)] in step order)."""
     rows = conn.execute(
@@ -824,14 +859,14 @@ def insert_ramp(
             "approval": needs_approval,
         },
     ).fetchall()
-    made = sorted(((int(i), at) for _, i, at in rows), key=lambda r: (r[1], r[0]))
+    made = sorted(((schedule_id(i), at) for _, i, at in rows), key=lambda r: (r[1], id_order(r[0])))
     return int(rows[0][0]), made
 
 
-def group_schedules(conn: Conn, group_id: int) -> list[int]:
+def group_schedules(conn: Conn, group_id: int) -> list[ScheduleId]:
     """The ids of every schedule of a group, in (scheduled_at, id) order."""
     rows = conn.execute(statement("group_schedules"), {"g": group_id}).fetchall()
-    return [int(i) for (i,) in rows]
+    return [schedule_id(i) for (i,) in rows]
 
 
 def insert_recurrence(
@@ -879,11 +914,11 @@ def lock_recurrence(conn: Conn, recurrence_id: int) -> RecurrenceRow | None:
     return rows[0] if rows else None
 
 
-def cancel_recurrence(conn: Conn, recurrence_id: int) -> list[int]:
+def cancel_recurrence(conn: Conn, recurrence_id: int) -> list[ScheduleId]:
     """Stop a recurrence and cancel its schedules not yet applied; returns their ids."""
     conn.execute(statement("stop_recurrence"), {"i": recurrence_id})
     rows = conn.execute(statement("cancel_recurrence_schedules"), {"i": recurrence_id}).fetchall()
-    return sorted(int(r[0]) for r in rows)
+    return sorted((schedule_id(r[0]) for r in rows), key=id_order)
 
 
 def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[DueRecurrence]]:

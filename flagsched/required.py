@@ -13,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flagsched.sql import BUILT_IN, TableMap, Tables
-from flagsched.sql.stored import ADOPTED_ROUTINES, ARGUMENTS, ROUTINES
+from flagsched.sql.stored import (
+    ADOPTED_ROUTINES,
+    ARGUMENTS,
+    ROUTINES,
+    SCHEDULE_TRIGGER,
+    arguments,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +122,7 @@ REQUIRED: tuple[Required, ...] = (
     # Migration 0009, from the templates of flagsched/sql/stored/ (0006's and 0007's
     # predecessors stay for the previous release, unused here): the claim and the report
     # know approvals.
-    *(
-        Function(BUILT_IN.fn.column(routine), ARGUMENTS[routine])
-        for routine in ROUTINES
-    ),
+    *(Function(BUILT_IN.fn.column(routine), ARGUMENTS[routine]) for routine in ROUTINES),
     # The record's triggers by family: `flagsched_record_update` is met by any trigger of
     # that name or named `flagsched_record_update_...` (this release's _v2 and _moved). A
     # later release that changes the record replaces its trigger (two would record each
@@ -176,12 +179,24 @@ def required(tables: Tables) -> tuple[Required, ...]:
         *(
             Function(
                 f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column(routine))}",
-                ARGUMENTS[routine],
+                arguments(routine, tables),
             )
             for routine in ADOPTED_ROUTINES
         ),
+        *_app_schedules(tables),
         *(
             Trigger(_relation(flags), f"flagsched_record_{event}")
             for event in ("insert", "update", "delete", "truncate")
         ),
+    )
+
+
+def _app_schedules(tables: Tables) -> tuple[Required, ...]:
+    """On an application's schedules table (shape 3): flagsched's state table and the
+    trigger that notes each row inserted."""
+    if tables.app_schedules is None:
+        return ()
+    return (
+        Table(_relation(tables.state), ("id", "attempts", "created_snapshot")),
+        Trigger(_relation(tables.app_schedules), SCHEDULE_TRIGGER),
     )

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from flagsched.model import Time
+from flagsched.model import ScheduleId, Time
 
 
 @dataclass(frozen=True, slots=True)
 class FailedRow:
     """A schedule as `list-failed` shows it. `permanent`: failed for good."""
 
-    id: int
+    id: ScheduleId
     flag_key: str
     scheduled_at: Time
     updates: object
@@ -52,7 +52,7 @@ class ScheduleRow(FailedRow):
 class ApprovalRow:
     """One verdict on a schedule (feature_flag_approvals): who (a database login), when."""
 
-    schedule_id: int
+    schedule_id: ScheduleId
     verdict: str  # approved, rejected
     by: str
     at: Time
@@ -84,7 +84,7 @@ class ChangeRow:
     actor: str | None
     old: object  # {"enabled", "rollout_percentage"} before, or None (the flag was made)
     new: object
-    schedule_ids: list[int]
+    schedule_ids: list[ScheduleId]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +99,7 @@ class ShownSchedule(ScheduleRow):
 class LockedSchedule:
     """A schedule an operator command holds the row lock of."""
 
-    id: int
+    id: ScheduleId
     flag_key: str
     scheduled_at: Time
     status: str
@@ -170,7 +170,7 @@ class OpenSchedule:
     1..9999; `defect` says why the stored row cannot be read as it is (the tick fails such
     a row for good, unattempted)."""
 
-    id: int
+    id: ScheduleId
     flag_key: str
     scheduled_at: datetime
     updates: object

@@ -95,12 +95,6 @@ class Configuration:
                     "tables live in the search_path"
                 )
             return None
-        if self.schedules is not None:
-            return (
-                f"{self.where}: running on your own tables with [schedules] (the "
-                "application's schedules table) is not available in this release yet; "
-                "`flagsched migrate --check` checks the configuration against the database"
-            )
         if command in ("approve", "reject"):
             return (
                 f"{self.where}: `flagsched {command}` (four eyes) on your own tables ([flags]) "
@@ -145,7 +139,8 @@ def _adopted_tables(configuration: Configuration) -> Tables:
     else:
         absent.append("updated_at")
     own = configuration.schema
-    schedules = TableMap(BUILT_IN.schedules.name, schema=own)
+    app_schedules: TableMap | None = None
+    members = BUILT_IN.members
     if configuration.schedules is not None:
         s = configuration.schedules
         optional = {
@@ -158,13 +153,18 @@ def _adopted_tables(configuration: Configuration) -> Tables:
         }
         schedule_columns = [("id", s.id), ("updates", s.updates)]
         schedule_columns += [(k, v) for k, v in optional.items() if v is not None]
-        schedules = TableMap(s.table.name, tuple(schedule_columns), s.table.schema)
+        app_schedules = TableMap(s.table.name, tuple(schedule_columns), s.table.schema)
+        members = (s.updates_enabled, s.updates_rollout)
     mapping = Tables(
         flags=TableMap(flags.table.name, tuple(flag_columns), flags.table.schema, tuple(absent)),
-        schedules=schedules,
+        # flagsched's own schedules table, or its view over the application's (shape 3)
+        schedules=TableMap(BUILT_IN.schedules.name, schema=own),
         changes=TableMap(BUILT_IN.changes.name, schema=own),
         recurrences=TableMap(BUILT_IN.recurrences.name, schema=own),
         approvals=TableMap(BUILT_IN.approvals.name, schema=own),
+        app_schedules=app_schedules,
+        state=TableMap(BUILT_IN.state.name, schema=own),
+        members=members,
         scope=tuple((column, _scope_text(value)) for column, value in flags.scope),
     )
     # the stored objects' names depend on the scope's columns, never on its values
@@ -598,6 +598,11 @@ def check(
             )
         if s.flag_key is not None:
             column("schedules", "flag_key", s.flag_key, schedules, TEXT)
+            if f.scope:
+                problems.append(
+                    f"{where}: [schedules] flag_key = {s.flag_key!r}: with a [flags] scope a "
+                    "key names a flag of every scope; reference flags by flag_id"
+                )
         elif s.flag_id is not None:
             ref = column("schedules", "flag_id", s.flag_id, schedules, ID_TYPES)
             if (

@@ -31,6 +31,7 @@ from flagsched.model import (
     InvalidUpdates,
     Outcome,
     Result,
+    ScheduleId,
     TickReport,
     Updates,
     Verdict,
@@ -265,15 +266,14 @@ def _approvals(
                 except StatementFailed as exc:
                     held[key] = f"its flag is held ({exc.message})"
     states = {
-        key: approval.FlagState(row.enabled, row.rollout_percentage)
-        for key, row in found.items()
+        key: approval.FlagState(row.enabled, row.rollout_percentage) for key, row in found.items()
     }
     # A change past its lateness never awaits: it goes on to the write, which fails it for
     # good as `expired:` (the same check, the same transaction's now()), and the flag's next
     # change is judged against the state it leaves. Only the changes that would await are
     # checked (a schedule found awaiting before is claimed again only once past it).
-    expired: set[int] = set()
-    checked: set[int] = set()
+    expired: set[ScheduleId] = set()
+    checked: set[ScheduleId] = set()
     while True:
         first = {
             key: found_first
@@ -316,7 +316,7 @@ def _first_awaiting(
     key: str,
     state: approval.FlagState | None,
     flag_steps: list[Step],
-    expired: set[int],
+    expired: set[ScheduleId],
 ) -> tuple[int, str] | None:
     """The first of a flag's changes that awaits approval (`approval.first_awaiting`); an
     expired one is let through, changing nothing."""

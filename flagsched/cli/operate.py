@@ -9,8 +9,9 @@ import click
 
 from flagsched import logs
 from flagsched.cli.app import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, pass_app, say
-from flagsched.cli.params import MAX_PRUNE_DAYS, SCHEDULE_ID, FiniteFloat
+from flagsched.cli.params import GROUP_ID, MAX_PRUNE_DAYS, SCHEDULE_ID, FiniteFloat
 from flagsched.errors import ConfigError
+from flagsched.model import ScheduleId
 
 
 @click.command()
@@ -98,7 +99,7 @@ def _report_each(results: list[Any]) -> int:
 @click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
 @click.option("--force", is_flag=True, help="Retry even when a later schedule was applied.")
 @pass_app
-def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
+def retry(app: App, ids: tuple[ScheduleId, ...], force: bool) -> int:
     """Make failed schedules pending again (retry_count back to 0)."""
     from flagsched import operators
 
@@ -108,12 +109,12 @@ def retry(app: App, ids: tuple[int, ...], force: bool) -> int:
 @click.command()
 @click.argument("ids", nargs=-1, type=SCHEDULE_ID)
 @click.option(
-    "--group", "groups", type=SCHEDULE_ID, multiple=True, metavar="G", help="A ramp's group."
+    "--group", "groups", type=GROUP_ID, multiple=True, metavar="G", help="A ramp's group."
 )
 @click.option(
     "--recurrence",
     "recurrence_ids",
-    type=SCHEDULE_ID,
+    type=GROUP_ID,
     multiple=True,
     metavar="R",
     help="A recurrence.",
@@ -140,11 +141,13 @@ def cancel(
 @click.command()
 @click.argument("ids", nargs=-1, type=SCHEDULE_ID)
 @click.option(
-    "--group", "groups", type=SCHEDULE_ID, multiple=True, metavar="G", help="A ramp's group."
+    "--group", "groups", type=GROUP_ID, multiple=True, metavar="G", help="A ramp's group."
 )
 @click.option("--note", metavar="TEXT", help="Why (kept with the approval).")
 @pass_app
-def approve(app: App, ids: tuple[int, ...], groups: tuple[int, ...], note: str | None) -> int:
+def approve(
+    app: App, ids: tuple[ScheduleId, ...], groups: tuple[int, ...], note: str | None
+) -> int:
     """Approve schedules (or a ramp's group) as this database login: a second person's
     yes. A login never approves a schedule it created."""
     from flagsched import operators
@@ -162,7 +165,7 @@ def approve(app: App, ids: tuple[int, ...], groups: tuple[int, ...], note: str |
 @click.argument("ids", nargs=-1, required=True, type=SCHEDULE_ID)
 @click.option("--note", metavar="TEXT", required=True, help="Why (kept with the verdict).")
 @pass_app
-def reject(app: App, ids: tuple[int, ...], note: str) -> int:
+def reject(app: App, ids: tuple[ScheduleId, ...], note: str) -> int:
     """Reject schedules: each is cancelled, and the record says who (this login) and why."""
     from flagsched import operators
 

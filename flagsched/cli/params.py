@@ -31,7 +31,30 @@ class FiniteFloat(click.FloatRange):
 
 
 COUNT = click.IntRange(1, PG_INT_MAX)  # limits and counts: what PostgreSQL's integers hold
-SCHEDULE_ID = click.IntRange(1, BIGINT_MAX)
+GROUP_ID = click.IntRange(1, BIGINT_MAX)  # a ramp's group and a recurrence: flagsched's
+
+
+class ScheduleIdType(click.ParamType):  # type: ignore[type-arg]
+    """A schedule's id as its table has it: a positive bigint on flagsched's own schedules
+    table; on an application's (`[schedules]`) any non-empty text, passed to the database as
+    text, which reads it as the id's type (uuid, text, an integer): an id of the wrong form
+    for that type is an id no schedule has."""
+
+    name = "id"
+
+    def convert(self, value: object, param: Param, ctx: Ctx) -> int | str:
+        from flagsched import sql
+
+        if isinstance(value, int) or sql.current().app_schedules is None:
+            number: int = GROUP_ID.convert(value, param, ctx)  # type: ignore[arg-type]
+            return number
+        text = str(value)
+        if not text or "\x00" in text or len(text) > 1000:
+            _fail(f"{text[:40]!r} is not a schedule id", param, ctx)
+        return text
+
+
+SCHEDULE_ID = ScheduleIdType()
 # --limit of list, list-failed and history: one bound, the README's (what LIMIT accepts).
 LIMIT = COUNT
 

@@ -19,6 +19,7 @@ from flagsched.cli.params import (
     instant,
     tz_option,
 )
+from flagsched.model import ScheduleId
 
 
 @click.command("list-failed")
@@ -157,7 +158,7 @@ def history(
 @click.argument("schedule_id", metavar="ID", type=SCHEDULE_ID)
 @FORMAT
 @pass_app
-def show(app: App, schedule_id: int, fmt: str) -> int:
+def show(app: App, schedule_id: ScheduleId, fmt: str) -> int:
     """One schedule: its state, every attempt, its approvals, and the changes it made."""
     from flagsched import operators, render
 

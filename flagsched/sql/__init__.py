@@ -87,6 +87,18 @@ class Tables:
     # flagsched's own tables the same columns hold the value as text. A value is never part
     # of a statement's text: it is the `scope` parameter (`scope_parameter`).
     scope: tuple[tuple[str, str], ...] = ()
+    # The application's schedules table (`[schedules]`, shape 3), None otherwise. Its
+    # logical columns: id, flag_id or flag_key, updates, error, created_by, cancelled_by,
+    # cancelled_at (those configured), and the built-in names it has (`absent`: those it
+    # lacks, known to `flagsched migrate` only). flagsched reads and writes it through
+    # `schedules`, then a view in flagsched's schema (stored/own_schedules.sql) over it, the
+    # flags and `state` (what flagsched keeps of each of its rows): every statement stays
+    # the same on every shape.
+    app_schedules: TableMap | None = None
+    state: TableMap = TableMap("feature_flag_schedule_state")
+    # The members of `updates` that set enabled and the rollout, as the application spells
+    # them (the view shows them under the built-in names).
+    members: tuple[str, str] = ("enabled", "rollout_percentage")
 
     def table(self, logical: str) -> TableMap | None:
         found = getattr(self, logical, None)
@@ -97,12 +109,26 @@ class Tables:
         """Runs on an application's tables (flagsched's own in `schedules.schema`)."""
         return self != BUILT_IN
 
+    @property
+    def schedule_id_type(self) -> str:
+        """The type of a schedule id, as a cast names it: bigint, or on an application's
+        schedules table the domain over its id's type that `flagsched migrate` creates in
+        flagsched's schema (so no statement and no stored function depends on which type
+        that is: uuid, text or an integer)."""
+        if self.app_schedules is None:
+            return "bigint"
+        return sql.Identifier(self.state.schema or "public", SCHEDULE_ID_DOMAIN).as_string(None)
+
     def scope_parameter(self) -> str:
         """The scope values as the stored functions take them (`p_scope jsonb`)."""
         return json.dumps(dict(self.scope), sort_keys=True)
 
 
 BUILT_IN = Tables()
+
+# On an application's schedules table: the domain naming its id's type (see
+# `Tables.schedule_id_type`).
+SCHEDULE_ID_DOMAIN = "feature_flag_schedule_id"
 
 # The mapping of this invocation: set once by the CLI from the configuration (`use`), read
 # by every statement. A context variable rather than an argument threaded through every
@@ -120,6 +146,7 @@ def use(tables: Tables) -> Token[Tables]:
 def current() -> Tables:
     """The mapping statements are composed with now."""
     return _current.get()
+
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # {name}, {table.column}, {fragment(argument)}: anything else in braces (a JSON or array
@@ -192,6 +219,21 @@ def _group_seq(tables: Tables, alias: str) -> str:
     return _lit(name)
 
 
+def _schedule_id_type(tables: Tables, alias: str) -> str:
+    """The type of a schedule id (`Tables.schedule_id_type`), for a cast."""
+    return tables.schedule_id_type.replace("%", "%%")
+
+
+def _recurrence_unique(tables: Tables, alias: str) -> str:
+    """Materialising an occurrence twice makes one schedule: the unique index of flagsched's
+    own schedules table decides (ON CONFLICT); over an application's schedules table (a
+    view, where ON CONFLICT cannot be written) its INSTEAD OF INSERT trigger does, under the
+    recurrence's row lock (stored/own_schedules.sql)."""
+    if tables.app_schedules is not None:
+        return ""
+    return "ON CONFLICT (recurrence_id, scheduled_at) WHERE recurrence_id IS NOT NULL DO NOTHING"
+
+
 def _prefix(alias: str) -> str:
     return f"{alias}." if alias else ""
 
@@ -214,6 +256,8 @@ _COMPUTED = {
     "scope_values": _scope_values,
     "flag_rollout": _flag_rollout,
     "group_seq": _group_seq,
+    "schedule_id_type": _schedule_id_type,
+    "recurrence_unique": _recurrence_unique,
 }
 
 
@@ -260,9 +304,7 @@ def _compose(
         if argument is None and name == "fn" and column is not None:
             real = tables.fn.column(column)
             schema = tables.fn.schema
-            piece: sql.Composable = (
-                sql.Identifier(schema, real) if schema else sql.Identifier(real)
-            )
+            piece: sql.Composable = sql.Identifier(schema, real) if schema else sql.Identifier(real)
         elif argument is None and table is not None:
             if column is not None:
                 piece = sql.Identifier(table.column(column))

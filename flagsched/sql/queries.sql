@@ -252,6 +252,19 @@ SELECT NOT EXISTS (
     SELECT FROM pg_trigger
     WHERE tgrelid = to_regclass(%(relation)s) AND tgname = %(name)s)
 
+-- name: open_app_row
+s.status IN ('pending', 'failed')
+
+-- name: note_unseen_schedules
+-- On an application's schedules table (shape 3): a state row for each row (`where`: of
+-- those) that has none, as stored/own_schedules.sql's trigger would have made it but
+-- without a creator or a snapshot. Read by the application's status index for open rows.
+INSERT INTO {state} (id, created_xact, created_snapshot)
+SELECT s.{app_schedules.id}, NULL, NULL FROM {app_schedules} s
+WHERE ({where})
+  AND NOT EXISTS (SELECT 1 FROM {state} x WHERE x.id = s.{app_schedules.id})
+ON CONFLICT (id) DO NOTHING
+
 -- name: record_triggers_in_schema
 -- Triggers whose functions live in flagsched's schema %(schema)s, on whichever table, and
 -- whether that table is this configuration's flags table (%(relation)s).
@@ -306,19 +319,19 @@ FOR NO KEY UPDATE
 -- name: mark_awaiting
 -- Due, needing an approval it has not got: the claim passes it over from now on.
 UPDATE {schedules} SET awaiting_approval_since = %(now)s
-WHERE id = ANY(%(ids)s) AND awaiting_approval_since IS NULL
+WHERE id = ANY(CAST(%(ids)s AS {schedule_id_type()}[])) AND awaiting_approval_since IS NULL
 
 -- name: apply
 -- stored/apply.sql: lock, decide, write set-based; a failed write fails the statement (the
 -- tick's one fallback takes over).
 SELECT item, outcome, message FROM {fn.apply}(
-    CAST(%(ids)b AS bigint[]), CAST(%(keys)b AS text[]),
+    CAST(%(ids)b AS {schedule_id_type()}[]), CAST(%(keys)b AS text[]),
     CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
     make_interval(secs => %(lateness)s), %(wait)s, CAST(%(scope)s AS jsonb))
 
 -- name: safety_checks
 SELECT i.id, k.outcome, k.message
-FROM unnest(CAST(%(ids)b AS bigint[])) AS i(id)
+FROM unnest(CAST(%(ids)b AS {schedule_id_type()}[])) AS i(id)
 CROSS JOIN LATERAL {fn.check}(i.id, make_interval(secs => %(lateness)s)) k
 
 -- name: record
@@ -345,11 +358,11 @@ WITH recorded AS (
     FROM (
         SELECT a.id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
                NULL::text AS last_error, NULL::integer AS max_retries, a.made
-        FROM unnest(CAST(%(applied)b AS bigint[]), CAST(%(applied_made)b AS integer[]))
+        FROM unnest(CAST(%(applied)b AS {schedule_id_type()}[]), CAST(%(applied_made)b AS integer[]))
              AS a(id, made)
         UNION ALL
         SELECT f.id, f.outcome, f.next_retry_at, f.last_error, f.max_retries, f.made
-        FROM unnest(CAST(%(failed)b AS bigint[]), CAST(%(outcomes)b AS text[]),
+        FROM unnest(CAST(%(failed)b AS {schedule_id_type()}[]), CAST(%(outcomes)b AS text[]),
                     CAST(%(next)b AS timestamptz[]), CAST(%(errors)b AS text[]),
                     CAST(%(max)b AS integer[]), CAST(%(failed_made)b AS integer[]))
              AS f(id, outcome, next_retry_at, last_error, max_retries, made)
@@ -424,7 +437,7 @@ INSERT INTO {schedules}
 SELECT r.flag_key, f.at, r.updates, f.at + r.expires_after, r.on_conflict, r.id{scope_columns(r)}
 FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(ats)s AS timestamptz[])) AS f(id, at)
 JOIN {recurrences} r ON r.id = f.id
-ON CONFLICT (recurrence_id, scheduled_at) WHERE recurrence_id IS NOT NULL DO NOTHING
+{recurrence_unique()}
 RETURNING id, recurrence_id, flag_key, scheduled_at
 
 -- name: advance_recurrences
@@ -481,7 +494,9 @@ CASE WHEN old_enabled IS NULL THEN NULL ELSE jsonb_build_object(
     'enabled', old_enabled, 'rollout_percentage', old_rollout_percentage) END AS old,
 CASE WHEN new_enabled IS NULL THEN NULL ELSE jsonb_build_object(
     'enabled', new_enabled, 'rollout_percentage', new_rollout_percentage) END AS new,
-schedule_ids
+-- as JSON: numbers for integer ids, strings for uuid and text ones (an application's ids
+-- are of a domain whose array type the driver does not know)
+to_jsonb(schedule_ids) AS schedule_ids
 
 -- name: history
 -- Changes of flags, newest first (index scans on idx_changes_flag / _changed_at).
@@ -490,7 +505,8 @@ WHERE ({where}) AND {scope_match()} ORDER BY {order} LIMIT %(limit)s
 
 -- name: changes_of
 SELECT {change_columns} FROM {changes}
-WHERE flag_key = %(k)s AND schedule_ids @> ARRAY[%(i)s::bigint] AND {scope_match()}
+WHERE flag_key = %(k)s AND schedule_ids @> ARRAY[CAST(%(i)s AS {schedule_id_type()})]
+  AND {scope_match()}
 ORDER BY changed_at, id
 
 -- name: recurrence_fields
@@ -592,7 +608,7 @@ WHERE id = %(i)s
 -- The verdicts on these schedules, oldest first (idx_approvals_schedule).
 SELECT schedule_id, verdict, decided_by AS by, decided_at AS at,
        left(note, {MAX_TEXT}) AS note
-FROM {approvals} WHERE schedule_id = ANY(%(ids)s)
+FROM {approvals} WHERE schedule_id = ANY(CAST(%(ids)s AS {schedule_id_type()}[]))
 ORDER BY schedule_id, id
 
 -- name: add_verdict
@@ -670,13 +686,14 @@ GROUP BY status
 -- name: prunable_batch
 -- Rows a tick holds are skipped; rows an application's foreign key keeps are passed over.
 SELECT id, status FROM {schedules}
-WHERE ({prunable}) AND {scope_match()} AND id <> ALL (%(skip)s)
+WHERE ({prunable}) AND {scope_match()} AND id <> ALL (CAST(%(skip)s AS {schedule_id_type()}[]))
 LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 
 -- name: delete_schedules
 -- A schedule's verdicts (four eyes) go with it.
-WITH verdicts AS (DELETE FROM {approvals} WHERE schedule_id = ANY (%(ids)s))
-DELETE FROM {schedules} WHERE id = ANY (%(ids)s)
+WITH verdicts AS (DELETE FROM {approvals}
+                  WHERE schedule_id = ANY (CAST(%(ids)s AS {schedule_id_type()}[])))
+DELETE FROM {schedules} WHERE id = ANY (CAST(%(ids)s AS {schedule_id_type()}[]))
 
 -- ==================== authoring =========================================================
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import cache
 from importlib.resources import files
@@ -83,8 +83,11 @@ def _quoted(name: str) -> str:
     return psql.Identifier(name).as_string(None)
 
 
-def _computed(tables: Tables) -> dict[str, Callable[[list[str]], str]]:
-    """The fragments that depend on the mapping."""
+def _computed(
+    tables: Tables, facts: Mapping[str, str] | None = None
+) -> dict[str, Callable[[list[str]], str]]:
+    """The fragments that depend on the mapping (and, for stored/own_schedules.sql, on
+    `facts` of the catalog only `flagsched migrate` reads: `id_base_type`)."""
     scope = [column for column, _ in tables.scope]
     flags = tables.flags
 
@@ -134,7 +137,7 @@ def _computed(tables: Tables) -> dict[str, Callable[[list[str]], str]]:
     def schema_name(args: list[str]) -> str:
         return _quoted(tables.schedules.schema or "public")
 
-    return {
+    computed: dict[str, Callable[[list[str]], str]] = {
         "rollout": rollout,
         "scope_columns": scope_columns,
         "scope_values": scope_values,
@@ -146,15 +149,156 @@ def _computed(tables: Tables) -> dict[str, Callable[[list[str]], str]]:
         "same_scope": same_scope,
         "set_rollout": set_rollout,
         "set_updated_at": set_updated_at,
+        "schedule_id_type": lambda args: tables.schedule_id_type,
     }
+    if tables.app_schedules is not None:
+        computed.update(_app_schedules_computed(tables, tables.app_schedules, facts or {}))
+    return computed
+
+
+# The built-in columns an application's schedules table may have (each read and written when
+# it does, else kept in flagsched's state table), with the type the view shows and the value
+# an INSERT that names none gets.
+_OPTIONAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("retry_count", "integer", "0"),
+    ("max_retries", "integer", "3"),
+    ("next_retry_at", "timestamptz", "NULL"),
+    ("last_error", "text", "NULL"),
+    ("applied_at", "timestamptz", "NULL"),
+    ("created_at", "timestamptz", "now()"),
+    ("updated_at", "timestamptz", "now()"),
+)
+
+
+def _app_schedules_computed(
+    tables: Tables, app: TableMap, facts: Mapping[str, str]
+) -> dict[str, Callable[[list[str]], str]]:
+    """stored/own_schedules.sql's fragments: the view over an application's schedules table
+    and the writes through it, for the columns that table has."""
+    scope = [column for column, _ in tables.scope]
+    present = [(c, t, d) for c, t, d in _OPTIONAL_COLUMNS if app.has(c)]
+    flags = tables.flags
+
+    def col(logical: str) -> str:
+        return _quoted(app.column(logical))
+
+    def by_flag_id() -> bool:
+        return dict(app.columns).get("flag_id") is not None
+
+    def view_column(args: list[str]) -> str:
+        (name,) = args
+        kind = dict((c, t) for c, t, _ in _OPTIONAL_COLUMNS)[name]
+        return f"CAST(s.{_quoted(name)} AS {kind})" if app.has(name) else f"x.{_quoted(name)}"
+
+    def flag_of_match(args: list[str]) -> str:
+        column = flags.column("id") if by_flag_id() else flags.column("key")
+        return f"f.{_quoted(column)} = p_ref"
+
+    def flag_ref_type(args: list[str]) -> str:
+        if not by_flag_id():
+            return "text"
+        flag_table = (
+            f"{_quoted(flags.schema)}.{_quoted(flags.name)}"
+            if flags.schema
+            else _quoted(flags.name)
+        )
+        return f"{flag_table}.{_quoted(flags.column('id'))}%TYPE"
+
+    def insert_columns(args: list[str]) -> str:
+        names = [col("flag_id") if by_flag_id() else col("flag_key")]
+        names += ["scheduled_at", "status", col("updates")]
+        names += [_quoted(c) for c, _, _ in present]
+        names += [col(k) for k in ("created_by", "error") if k in dict(app.columns)]
+        return ", ".join(names)
+
+    def insert_values(args: list[str]) -> str:
+        values = ["flag" if by_flag_id() else "NEW.flag_key"]
+        values += [
+            "NEW.scheduled_at",
+            "coalesce(NEW.status, 'pending')",
+            f"{_schema(tables)}.flagsched_updates_out_v1(NEW.updates, "
+            f"{members()[0]}, {members()[1]})",
+        ]
+        values += [
+            f"coalesce(NEW.{_quoted(c)}, {d})" if d != "NULL" else f"NEW.{_quoted(c)}"
+            for c, _, d in present
+        ]
+        if "created_by" in dict(app.columns):
+            values.append("session_user")
+        if "error" in dict(app.columns):
+            values.append("NEW.last_error")
+        return ", ".join(values)
+
+    def app_set(args: list[str]) -> str:
+        sets = [
+            f"{_quoted(c)} = CASE WHEN NEW.{_quoted(c)} IS DISTINCT FROM OLD.{_quoted(c)} "
+            f"THEN NEW.{_quoted(c)} ELSE s.{_quoted(c)} END"
+            for c, _, _ in present
+        ]
+        columns = dict(app.columns)
+        if "error" in columns:
+            sets.append(
+                f"{col('error')} = CASE WHEN NEW.last_error IS DISTINCT FROM OLD.last_error "
+                f"THEN NEW.last_error ELSE s.{col('error')} END"
+            )
+        becomes_cancelled = "NEW.status = 'cancelled' AND OLD.status IS DISTINCT FROM 'cancelled'"
+        if "cancelled_by" in columns:
+            sets.append(
+                f"{col('cancelled_by')} = CASE WHEN {becomes_cancelled} THEN session_user "
+                f"ELSE s.{col('cancelled_by')} END"
+            )
+        if "cancelled_at" in columns:
+            sets.append(
+                f"{col('cancelled_at')} = CASE WHEN {becomes_cancelled} THEN now() "
+                f"ELSE s.{col('cancelled_at')} END"
+            )
+        return "".join(f",\n                {one}" for one in sets)
+
+    def members() -> tuple[str, str]:
+        return _literal(tables.members[0]), _literal(tables.members[1])
+
+    def view_scope_columns(args: list[str]) -> str:
+        return "".join(f", f.{_quoted(c)}" for c in scope)
+
+    def flag_of_scope_columns(args: list[str]) -> str:
+        return "".join(f", {_quoted(c)} text" for c in scope)
+
+    def flag_of_scope_values(args: list[str]) -> str:
+        return "".join(f", CAST(f.{_quoted(c)} AS text)" for c in scope)
+
+    def new_in_scope(args: list[str]) -> str:
+        terms = [f"CAST(f.{_quoted(c)} AS text) = NEW.{_quoted(c)}" for c in scope]
+        return "(" + " AND ".join(terms) + ")" if terms else "true"
+
+    return {
+        "id_domain": lambda args: tables.schedule_id_type,
+        "id_base_type": lambda args: facts.get("id_base_type", "bigint"),
+        "member_enabled": lambda args: members()[0],
+        "member_rollout": lambda args: members()[1],
+        "view_column": view_column,
+        "view_scope_columns": view_scope_columns,
+        "flag_of_match": flag_of_match,
+        "flag_ref_type": flag_ref_type,
+        "flag_ref": lambda args: col("flag_id") if by_flag_id() else col("flag_key"),
+        "flag_of_scope_columns": flag_of_scope_columns,
+        "flag_of_scope_values": flag_of_scope_values,
+        "new_in_scope": new_in_scope,
+        "insert_columns": insert_columns,
+        "insert_values": insert_values,
+        "app_set": app_set,
+    }
+
+
+def _schema(tables: Tables) -> str:
+    return _quoted(tables.schedules.schema or "public")
 
 
 def _literal(value: str) -> str:
     return psql.Literal(value).as_string(None)
 
 
-def _expand(text: str, tables: Tables) -> str:
-    fragments, computed = _fragments(), _computed(tables)
+def _expand(text: str, tables: Tables, facts: Mapping[str, str] | None = None) -> str:
+    fragments, computed = _fragments(), _computed(tables, facts)
 
     def one(m: re.Match[str]) -> str:
         name, argument = m.group(1), m.group(2).strip()
@@ -175,11 +319,35 @@ def _expand(text: str, tables: Tables) -> str:
 _BODY = "\x00body\x00"  # the templates' `$$` while names are composed
 
 
-def render(name: str, tables: Tables) -> str:
+# On an application's schedules table a schedule id is of the domain `Tables.schedule_id_type`
+# names, not bigint: the frozen templates' spellings of a schedule id's type, each replaced
+# when they are rendered for that shape (each must occur exactly once).
+_SCHEDULE_ID_TYPES: dict[str, tuple[str, ...]] = {
+    "claim": ("RETURNS TABLE (now timestamptz, id bigint,",),
+    "held_back": ("RETURNS TABLE (id bigint,",),
+    "check": ("p_id bigint,",),
+    "apply": ("p_ids bigint[],",),
+    "record_change": ("'{}'::bigint[]", "jsonb_array_elements_text(e.value)::bigint)"),
+}
+
+
+def _template_for(name: str, tables: Tables) -> str:
+    text = template(name)
+    if tables.app_schedules is None:
+        return text
+    for spelled in _SCHEDULE_ID_TYPES.get(name, ()):
+        if text.count(spelled) != 1:
+            raise ValueError(f"stored/{name}.sql: {spelled!r} is not there exactly once")
+        text = text.replace(spelled, spelled.replace("bigint", "{schedule_id_type()}"))
+    return text
+
+
+def render(name: str, tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     """The CREATE statement of routine `name` for `tables` (its own and the other routines'
     names as `tables.fn` has them). A function body is quoted with `$$` unless a configured
     name holds `$$`: then with a tag the text does not hold (`$flagsched$`, ...)."""
-    text = _compose(_expand(template(name).replace("$$", _BODY), tables), tables)
+    source = _template_for(name, tables).replace("$$", _BODY)
+    text = _compose(_expand(source, tables, facts), tables)
     rendered = text.as_string(None)
     tag, n = "$$", 0
     while tag in rendered:
@@ -210,8 +378,12 @@ def creates(tables: Tables, routines: tuple[str, ...] = ROUTINES) -> list[tuple[
     return [(signature(routine, tables), render(routine, tables)) for routine in routines]
 
 
-def own_tables(tables: Tables) -> str:
-    """The DDL of flagsched's own schema and tables beside an application's (idempotent)."""
+def own_tables(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
+    """The DDL of flagsched's own schema and tables beside an application's (idempotent):
+    on an application's schedules table too (`[schedules]`), the view over it and what
+    goes with it (stored/own_schedules.sql; `facts`: `id_base_type`, its id's type)."""
+    if tables.app_schedules is not None:
+        return render("own_schedules", tables, facts)
     return render("own_tables", tables)
 
 
@@ -280,9 +452,34 @@ def triggers(tables: Tables) -> list[tuple[str, str]]:
     return made
 
 
+# The one trigger flagsched puts on an application's schedules table (shape 3): it notes each
+# row inserted (stored/own_schedules.sql, flagsched_schedule_noted_v1).
+SCHEDULE_TRIGGER = "flagsched_note_schedule"
+
+
+def schedule_trigger(tables: Tables) -> tuple[str, str]:
+    """(name, CREATE TRIGGER statement) of the trigger on the application's schedules table."""
+    text = (
+        f"CREATE TRIGGER {SCHEDULE_TRIGGER} AFTER INSERT ON {{app_schedules}} "
+        "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION "
+        f"{_schema(tables)}.flagsched_schedule_noted_v1()"
+    )
+    return SCHEDULE_TRIGGER, _compose(text, tables).as_string(None)
+
+
 def signature(routine: str, tables: Tables) -> str:
     """`name(types)` as `to_regprocedure` reads it, schema-qualified when adopted."""
     real = tables.fn.column(routine)
     # the built-in names are plain lower-case words (no quoting, as messages show them)
     name = real if tables.fn.schema is None else f"{_quoted(tables.fn.schema)}.{_quoted(real)}"
-    return f"{name}({', '.join(ARGUMENTS[routine])})"
+    return f"{name}({', '.join(arguments(routine, tables))})"
+
+
+def arguments(routine: str, tables: Tables) -> tuple[str, ...]:
+    """A routine's argument types for `tables`: `ARGUMENTS`, a schedule id of the domain on
+    an application's schedules table (`_SCHEDULE_ID_TYPES`)."""
+    types = ARGUMENTS[routine]
+    if tables.app_schedules is None:
+        return types
+    domain = tables.schedule_id_type
+    return tuple({"bigint": domain, "bigint[]": f"{domain}[]"}.get(t, t) for t in types)

@@ -277,9 +277,7 @@ def test_the_page_in_headless_chromium_draws_what_agenda_json_says(
     assert [e["outcome"] for e in entries if e["schedule_id"] == ids["behind"]] == ["held"]
     waiting = [(e["status"], e["outcome"]) for e in entries if e["schedule_id"] == ids["awaiting"]]
     assert waiting == [("awaiting_approval", "held")]
-    assert [e["outcome"] for e in entries if e["schedule_id"] == ids["behind_awaiting"]] == [
-        "held"
-    ]
+    assert [e["outcome"] for e in entries if e["schedule_id"] == ids["behind_awaiting"]] == ["held"]
     for name in ("ramp", "retrying", "held", "behind", "hostile", "huge"):
         assert f"schedule {ids[name]}" in text
     assert "+01:00" in text or "+02:00" in text  # times in Europe/Berlin

@@ -188,7 +188,7 @@ SCHEDULES = "public.feature_flag_schedules"
                 "it must be NOT NULL",
                 "[flags] key = 'description': not unique within the scope (environment): no "
                 "unique index or constraint of public.feature_flags lies within "
-                "(description, environment)"
+                "(description, environment)",
             ],
         ),
         (

@@ -136,8 +136,15 @@ def _insert(sql: Sql, s: dict[str, Any]) -> int:
 @example(  # four eyes: an unapproved step holds the next; an expired one frees the flag
     flags={"a": (False, 0), "b": (False, 0)},
     schedules=[
-        {"flag": "a", "minutes_ago": m, "kind": "pending", "updates": u, "expires": e,
-         "on_conflict": "apply", "approval": False}
+        {
+            "flag": "a",
+            "minutes_ago": m,
+            "kind": "pending",
+            "updates": u,
+            "expires": e,
+            "on_conflict": "apply",
+            "approval": False,
+        }
         for m, u, e in (
             (9, {"rollout_percentage": 25}, "past"),
             (8, {"rollout_percentage": 25}, None),

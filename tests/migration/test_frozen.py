@@ -46,8 +46,7 @@ def test_no_shipped_migration_changed() -> None:
     )
     removed = sorted(set(frozen) - set(now))
     assert not removed, (
-        f"shipped migration(s) removed: {', '.join(removed)}. A shipped revision stays: "
-        "restore it."
+        f"shipped migration(s) removed: {', '.join(removed)}. A shipped revision stays: restore it."
     )
 
 

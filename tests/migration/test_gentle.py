@@ -71,9 +71,7 @@ def test_a_failing_revision_leaves_the_revisions_before_it_done(empty_database_u
 
 
 def _migrate_processes(url: str, count: int) -> list[subprocess.Popen[str]]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("FLAGSCHED_", "DATABASE_URL"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLAGSCHED_", "DATABASE_URL"))}
     env.update(FLAGSCHED_DATABASE_URL=url, FLAGSCHED_LOG_FORMAT="json", FLAGSCHED_LOCK_TIMEOUT="60")
     return [
         subprocess.Popen(

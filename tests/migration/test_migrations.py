@@ -314,10 +314,8 @@ def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
         "flagsched_check_v2(bigint, interval)",
         "flagsched_kept_attempts_v1(jsonb)",
         "flagsched_kept_attempts_v2(jsonb)",
-        "flagsched_apply_v2(bigint[], text[], boolean[], integer[], boolean[], interval, "
-        "boolean)",
-        "flagsched_apply_v3(bigint[], text[], boolean[], integer[], boolean[], interval, "
-        "boolean)",
+        "flagsched_apply_v2(bigint[], text[], boolean[], integer[], boolean[], interval, boolean)",
+        "flagsched_apply_v3(bigint[], text[], boolean[], integer[], boolean[], interval, boolean)",
         "flagsched_record_change_v1()",
         "flagsched_record_change_v2()",
         "flagsched_record_moved_v1()",
