@@ -1344,6 +1344,99 @@ def own_flags_drain(b: Bench) -> Case:
     return case
 
 
+# -- 13. Drain on the first application's schedules table --------------------------------
+
+APP_TEMPLATE = "flagsched_bench_app"
+APP_CONFIG = (
+    OWN_CONFIG
+    + """
+[schedules]
+table = "public.feature_flag_schedules"
+id = "id"
+flag_id = "flag_id"
+updates = "updates"
+updates_enabled = "enabled"
+updates_rollout = "rolloutPercentage"
+error = "error_message"
+created_by = "created_by"
+cancelled_by = "cancelled_by"
+cancelled_at = "cancelled_at"
+"""
+)
+
+
+def _prepare_app_template(b: Bench, config: Path) -> None:
+    """The first application's tables exactly (flags of two environments, its schedules
+    table with uuid ids and foreign keys), flagsched migrated onto them for production, and
+    case 1's 30,000 due schedules written by the application into its own schedules table."""
+    b.cluster.admin(f"CREATE DATABASE {APP_TEMPLATE}")
+    url = b.cluster.url_for(APP_TEMPLATE)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(UPSTREAM_SCHEMA.read_text())
+        conn.execute(statement("bench_upstream_flags"), {"flags": DRAIN_FLAGS})
+    migrated = run(
+        flagsched_command("--config", str(config), "migrate"),
+        environment(url),
+        b.log("app-migrate"),
+    )
+    assert migrated.code == 0, migrated.log_lines()[-3:]
+    b.cluster.sql(
+        APP_TEMPLATE,
+        statement("bench_upstream_schedules"),
+        {"flags": DRAIN_FLAGS, "count": DRAIN_SCHEDULES},
+    )
+    b.cluster.vacuum(APP_TEMPLATE)
+
+
+def app_schedules_drain(b: Bench) -> Case:
+    case = Case("13. Drain on the first application's schedules table")
+    config = b.workdir / "app.toml"
+    config.write_text(APP_CONFIG)
+    _prepare_app_template(b, config)
+    runs = b.runs(7)
+    kinds = ["built-in", "app"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    problems: list[str] = []
+    for i in range(runs):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+            if kind == "built-in":
+                ran, db = _drain_once(b, "flagsched", f"app-drain-{kind}-{i}")
+                statuses = b.cluster.statuses(db)
+            else:
+                db = b.cluster.clone(APP_TEMPLATE)
+                b.cluster.quiesce()
+                argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
+                ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"app-drain-{i}"))
+                statuses = dict(b.cluster.rows(db, statement("bench_upstream_statuses")))
+            b.cluster.drop(db)
+            if ran.code != 0 or statuses != {"applied": DRAIN_SCHEDULES}:
+                problems.append(f"{kind} run {i}: exit {ran.code}, {statuses}")
+            times[kind].append(ran.seconds)
+            progress(f"app-table drain {kind} run {i + 1}/{runs}: {ran.seconds:.2f} s")
+    built_in, app = _median(times["built-in"]), _median(times["app"])
+    case.figures += [
+        Figure("built-in tables drain, median", f"{built_in:.2f} s"),
+        Figure("the application's schedules table drain, median", f"{app:.2f} s"),
+        _ratio_figure("application's tables / built-in", app / built_in, 1.2),
+        Figure("every schedule applied once", "yes" if not problems else "NO", "yes", not problems),
+    ]
+    case.details += [
+        f"Case 1's drain ({DRAIN_SCHEDULES:,} due schedules over {DRAIN_FLAGS:,} flags, "
+        f"`flagsched process {' '.join(DRAIN_ARGS)}`) on the built-in tables, and the same "
+        "schedules written by the first application into its own schedules table "
+        "(tests/fixtures/upstream-schema.sql exactly: uuid ids, `flag_id` with a foreign key, "
+        "camelCase `updates`, the flags of two environments, only its own indexes), which "
+        "flagsched reads and writes through its view, for the production deployment; "
+        f"{runs} runs each in AB / BA order, each a whole process on a fresh copy.",
+        "",
+        "| run | built-in s | application's s |",
+        "|---|---|---|",
+        *(f"| {i + 1} | {times['built-in'][i]:.2f} | {times['app'][i]:.2f} |" for i in range(runs)),
+    ]
+    case.details += [""] + [f"- problem: {p}" for p in problems]
+    return case
+
+
 CASES: list[Callable[[Bench], Case]] = [
     drain_throughput,
     claim_vs_history,
@@ -1357,4 +1450,5 @@ CASES: list[Callable[[Bench], Case]] = [
     migrate_under_load,
     agenda_vs_list,
     own_flags_drain,
+    app_schedules_drain,
 ]

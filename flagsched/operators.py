@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from flagsched import repository
 from flagsched.approval import ApprovalPolicy
 from flagsched.db import Conn, Database, begin, connection, transaction
-from flagsched.errors import DatabaseError, StatementFailed
+from flagsched.errors import DatabaseError, FlagschedError, StatementFailed
 from flagsched.logs import get_logger
 from flagsched.model import (
     InvalidUpdates,
@@ -32,6 +32,7 @@ from flagsched.rows import (
     ShownSchedule,
     StatusReport,
 )
+from flagsched.sql import current
 
 PRUNE_BATCH = 5000
 
@@ -102,7 +103,16 @@ def _adding(database: Database, flag_key: str) -> Iterator[tuple[Conn, bool]]:
     """One transaction that adds something for `flag_key`, and whether that flag exists."""
     with begin(database) as conn:
         repository.ensure_schema(conn)
-        yield conn, flag_key in repository.existing_flags(conn, [flag_key])
+        exists = flag_key in repository.existing_flags(conn, [flag_key])
+        if not exists and current().app_schedules is not None:
+            # an application's schedules table references its flags: a schedule of a flag
+            # that does not exist cannot be written there (on flagsched's own table it can,
+            # and fails for good at its tick unless the flag appears first)
+            raise FlagschedError(
+                f"flag {clip(flag_key, 80)!r} does not exist in this deployment's flags: "
+                "your schedules table refers to flags that exist; add the flag first"
+            )
+        yield conn, exists
 
 
 def add_schedule(

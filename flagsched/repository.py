@@ -254,7 +254,7 @@ def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str] | None = None) ->
         # rows the application's table held before (and any the trigger did not see): a
         # state row each, without a creator or a snapshot (their conflict window starts
         # at their created_at)
-        conn.execute(statement("note_unseen_schedules", where=[]))
+        conn.execute(statement("note_every_schedule"))
     return made
 
 
@@ -263,7 +263,7 @@ def note_unseen_schedules(conn: Conn) -> None:
     (inserted while flagsched's trigger was not there or not firing, e.g. a restore with
     triggers disabled), so the view (and the tick) sees it. A no-op on other shapes."""
     if current().app_schedules is not None:
-        conn.execute(statement("note_unseen_schedules", where="open_app_row"))
+        conn.execute(statement("note_unseen_schedules"))
 
 
 def _flags_relation(tables: Tables) -> str:

@@ -98,6 +98,7 @@ def run(
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
+            repository.note_unseen_schedules(conn)  # an application's rows no trigger noted
         with stop.hooked(lambda: repository.cancel_running_statement(conn)):
             _materialise(database, conn, stop)  # before the claim, its own transactions
             for _ in range(options.max_batches):

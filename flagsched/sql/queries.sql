@@ -252,18 +252,23 @@ SELECT NOT EXISTS (
     SELECT FROM pg_trigger
     WHERE tgrelid = to_regclass(%(relation)s) AND tgname = %(name)s)
 
--- name: open_app_row
-s.status IN ('pending', 'failed')
-
--- name: note_unseen_schedules
--- On an application's schedules table (shape 3): a state row for each row (`where`: of
+-- name: note_schedules
+-- On an application's schedules table (shape 3): a state row for each row ({arg}: of
 -- those) that has none, as stored/own_schedules.sql's trigger would have made it but
--- without a creator or a snapshot. Read by the application's status index for open rows.
+-- without a creator or a snapshot (its conflict window starts at its created_at).
 INSERT INTO {state} (id, created_xact, created_snapshot)
 SELECT s.{app_schedules.id}, NULL, NULL FROM {app_schedules} s
-WHERE ({where})
+WHERE ({arg})
   AND NOT EXISTS (SELECT 1 FROM {state} x WHERE x.id = s.{app_schedules.id})
 ON CONFLICT (id) DO NOTHING
+
+-- name: note_unseen_schedules
+-- Each tick: the open rows (the application's status index).
+{note_schedules(s.status IN ('pending', 'failed'))}
+
+-- name: note_every_schedule
+-- `flagsched migrate`: the rows the table held before.
+{note_schedules(true)}
 
 -- name: record_triggers_in_schema
 -- Triggers whose functions live in flagsched's schema %(schema)s, on whichever table, and
@@ -909,6 +914,29 @@ SET status = 'applied', applied_at = %(now)s, next_retry_at = NULL, last_error =
         'attempt', a.made + 1, 'at', %(at)s::text, 'outcome', 'applied', 'error', NULL))
 FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(made)s AS integer[])) AS a(id, made)
 WHERE s.id = a.id
+
+-- name: bench_upstream_flags
+-- The first application's flags (tests/fixtures/upstream-schema.sql), each key in both of
+-- its environments.
+INSERT INTO public.feature_flags (flag_key, environment)
+SELECT 'flag-' || lpad(g::text, 5, '0'), e
+FROM generate_series(0, %(flags)s - 1) g, unnest(ARRAY['production', 'staging']) e
+
+-- name: bench_upstream_schedules
+-- bench_seed_schedules' backlog as the first application's admin API writes it: into its
+-- own schedules table, a flag by its uuid, camelCase members, production's flags.
+INSERT INTO public.feature_flag_schedules (flag_id, scheduled_at, updates, status, created_by)
+SELECT f.id, '2020-01-01T00:00:00Z'::timestamptz + g * interval '1 millisecond',
+       jsonb_build_object('enabled', (g / %(flags)s) %% 2 = 0,
+                          'rolloutPercentage', least(g / %(flags)s + 1, 100)),
+       'pending', 'admin-api'
+FROM generate_series(0, %(count)s - 1) AS g
+JOIN public.feature_flags f
+  ON f.flag_key = 'flag-' || lpad((g %% %(flags)s)::text, 5, '0')
+ AND f.environment = 'production'
+
+-- name: bench_upstream_statuses
+SELECT status, count(*) FROM public.feature_flag_schedules GROUP BY 1
 
 -- name: bench_server_settings
 -- The server's settings docs/benchmarks.md records with the figures.

@@ -123,7 +123,37 @@ enabled = "enabled"
     new_flag="INSERT INTO toggles (name) VALUES ({key})",
 )
 
-SHAPES = [UPSTREAM_SHAPE, MIXED_CASE, NO_ROLLOUT]
+# The first application's flags AND schedules tables (shape 3): flagsched reads and writes
+# its schedules table (uuid ids, `flag_id`, camelCase `updates`, `error_message`,
+# `created_by`, `cancelled_by`, `cancelled_at`) through a view in its schema, which the
+# tests' SQL below names as it names flagsched's own schedules table.
+UPSTREAM_SCHEDULES = Shape(
+    name="upstream-schedules",
+    setup=UPSTREAM.read_text(),
+    config=UPSTREAM_SHAPE.config
+    + """
+[schedules]
+table = "public.feature_flag_schedules"
+id = "id"
+flag_id = "flag_id"
+updates = "updates"
+updates_enabled = "enabled"
+updates_rollout = "rolloutPercentage"
+error = "error_message"
+created_by = "created_by"
+cancelled_by = "cancelled_by"
+cancelled_at = "cancelled_at"
+""",
+    flags=UPSTREAM_SHAPE.flags,
+    key=UPSTREAM_SHAPE.key,
+    enabled=UPSTREAM_SHAPE.enabled,
+    rollout=UPSTREAM_SHAPE.rollout,
+    updated_at=UPSTREAM_SHAPE.updated_at,
+    scope_column=UPSTREAM_SHAPE.scope_column,
+    new_flag=UPSTREAM_SHAPE.new_flag,
+)
+
+SHAPES = [UPSTREAM_SHAPE, MIXED_CASE, NO_ROLLOUT, UPSTREAM_SCHEDULES]
 
 
 @dataclass
@@ -157,7 +187,7 @@ class Deployment:
         *,
         at: str = "now() - interval '1 minute'",
         scope: str | None = None,
-    ) -> int:
+    ) -> int | str:
         columns, values = "", ""
         if self.shape.scope_column is not None:
             columns, values = ", environment", ", %(scope)s"
@@ -167,9 +197,10 @@ class Deployment:
             f"VALUES (%(key)s, {at}, %(updates)s{values}) RETURNING id",
             {"key": key, "updates": json.dumps(updates), "scope": scope or self.scope},
         )
-        return int(rows[0][0])
+        found: int | str = rows[0][0] if isinstance(rows[0][0], int) else str(rows[0][0])
+        return found
 
-    def schedule(self, schedule_id: int) -> dict[str, Any]:
+    def schedule(self, schedule_id: int | str) -> dict[str, Any]:
         rows = self.sql(
             f"SELECT to_jsonb(s) FROM {self.own}.feature_flag_schedules s WHERE id = %(i)s",
             {"i": schedule_id},
@@ -288,7 +319,7 @@ def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
         (moved,) = d.sql(f"SELECT {d.shape.updated_at} > '2001-01-02' FROM {d.shape.flags}")
         assert moved == (True,)
     history = d.sql(
-        f"SELECT actor, schedule_ids, new_enabled FROM {d.own}.feature_flag_changes "
+        f"SELECT actor, to_jsonb(schedule_ids), new_enabled FROM {d.own}.feature_flag_changes "
         "WHERE old_enabled IS NOT NULL"
     )
     assert history == [("flagsched", [schedule_id], True)]
@@ -411,7 +442,7 @@ def test_consecutive_steps_apply_in_order_in_one_tick(deployment: Deployment) ->
     assert [d.schedule(i)["status"] for i in ids] == ["applied"] * 4
     assert d.flag("ramp")[0] is True
     recorded = d.sql(
-        f"SELECT schedule_ids FROM {d.own}.feature_flag_changes "
+        f"SELECT to_jsonb(schedule_ids) FROM {d.own}.feature_flag_changes "
         "WHERE old_enabled IS NOT NULL ORDER BY id"
     )
     assert [ids for (ids,) in recorded] == [ids]  # one write, folded, naming all four

@@ -146,6 +146,9 @@ def test_agenda_lists_the_window_in_time_order_with_recurrences_expanded(
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed, not left
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_hostile_rows_are_shown_never_a_crash(
     flagsched: Callable[..., Ran],
     add_flag: Callable[..., None],

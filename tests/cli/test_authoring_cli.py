@@ -183,6 +183,9 @@ def test_cancel_group_stops_a_ramp_where_it_is(
     assert flagsched("cancel", str(steps[0])).code == 1  # plain ids still work (and refuse)
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_list_shows_open_schedules_in_order_with_filters_and_both_formats(
     flagsched: Callable[..., Ran], add_flag: Any, add_schedule: Any, sql: Sql
 ) -> None:
@@ -294,6 +297,9 @@ def test_recurrence_is_added_listed_materialised_and_cancelled(
     )
 
 
+@pytest.mark.not_app_schedules(
+    "an occurrence of a missing flag makes no schedule there (tests/cli/test_adopted_flags_cli.py)"
+)
 def test_a_recurrence_on_a_missing_flag_makes_schedules_that_fail_for_good(
     flagsched: Callable[..., Ran], sql: Sql
 ) -> None:
@@ -305,6 +311,9 @@ def test_a_recurrence_on_a_missing_flag_makes_schedules_that_fail_for_good(
     assert row[0] == "failed" and row[1] is None and "ghost" in row[2]
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_values_python_cannot_hold_never_stop_list_or_recurrences(
     flagsched: Callable[..., Ran], add_schedule: Any, sql: Sql
 ) -> None:
@@ -344,6 +353,7 @@ def test_every_time_option_reads_tz_wherever_it_stands(
 ) -> None:
     """TIME is read in --tz whether --tz comes before or after it on the command line."""
     local, utc = "2030-06-01T09:00", "2030-06-01T07:00:00Z"
+    sql("INSERT INTO feature_flags (key) VALUES ('a')")
     for order in (
         ("--at", local, "--tz", "Europe/Berlin"),
         ("--tz", "Europe/Berlin", "--at", local),

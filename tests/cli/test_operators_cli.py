@@ -113,6 +113,9 @@ def test_schedule_adds_a_pending_schedule(
     assert sql("SELECT enabled FROM feature_flags")[0][0] is False
 
 
+@pytest.mark.not_app_schedules(
+    "`schedule` refuses a missing flag there (tests/cli/test_adopted_flags_cli.py)"
+)
 def test_schedule_warns_but_schedules_for_a_missing_flag(
     flagsched: Callable[..., Ran], sql: Sql
 ) -> None:
@@ -215,6 +218,9 @@ def test_cancel(flagsched: Callable[..., Ran], add_flag: Any, add_schedule: Any,
     assert sql("SELECT enabled FROM feature_flags")[0][0] is False
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_prune_deletes_old_history_in_batches_and_keeps_failed(
     flagsched: Callable[..., Ran], sql: Sql
 ) -> None:
@@ -241,6 +247,9 @@ def test_prune_deletes_old_history_in_batches_and_keeps_failed(
         assert flagsched("prune", "--older-than", bad).code == 2
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_stored_control_characters_are_shown_escaped_never_raw(
     flagsched: Callable[..., Ran], add_schedule: Any, sql: Sql
 ) -> None:
@@ -271,6 +280,9 @@ def test_stored_control_characters_are_shown_escaped_never_raw(
     assert json.loads(flagsched("list-failed", "--format", "json").stdout)[0]["flag_key"] == key
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_after_retry_the_applied_event_is_not_a_first_attempt_as_the_runbook_says(
     flagsched: Callable[..., Ran], add_flag: Any, add_schedule: Any
 ) -> None:

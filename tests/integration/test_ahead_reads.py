@@ -40,6 +40,7 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+@pytest.mark.not_app_schedules("it checks the plans against the built-in tables' own indexes")
 def test_the_reads_use_the_open_indexes_beside_many_applied_schedules(
     database: Database, sql: Sql, monkeypatch: pytest.MonkeyPatch
 ) -> None:

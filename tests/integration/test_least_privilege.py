@@ -156,7 +156,7 @@ def test_process_applies_due_schedules_with_only_its_grants(
     # flag's changes folded into one entry naming both schedules (issue 17: the fallback
     # goes flag by flag, no longer change by change).
     recorded = sql(
-        "SELECT flag_key, actor, schedule_ids FROM feature_flag_changes "
+        "SELECT flag_key, actor, to_jsonb(schedule_ids) FROM feature_flag_changes "
         "WHERE cardinality(schedule_ids) > 0 ORDER BY flag_key, id"
     )
     assert [tuple(r) for r in recorded] == [

@@ -23,6 +23,9 @@ def samples(text: str) -> dict[str, float]:
     return found
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_metrics_file_after_a_tick_and_after_a_run_that_could_not_tick(
     flagsched: Callable[..., Ran], add_flag: Any, add_schedule: Any, tmp_path: Path
 ) -> None:

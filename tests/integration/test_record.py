@@ -26,7 +26,7 @@ def changes(sql: Sql, key: str, *, updates_only: bool = True) -> list[dict[str, 
     """The flag's history rows, oldest first (by default without the INSERT that made it)."""
     rows = sql(
         "SELECT actor, old_enabled, old_rollout_percentage, new_enabled, "
-        "new_rollout_percentage, schedule_ids FROM feature_flag_changes "
+        "new_rollout_percentage, to_jsonb(schedule_ids) AS schedule_ids FROM feature_flag_changes "
         "WHERE flag_key = :k AND (old_enabled IS NOT NULL OR NOT :u) ORDER BY id",
         k=key,
         u=updates_only,
@@ -262,6 +262,9 @@ def test_history_command_in_both_formats(
     assert flagsched("history", "nothing-here").stdout.strip() == "no changes recorded"
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_each_committed_batch_that_changed_flags_notifies_once(
     database_url: str, run_tick: Tick, add_flag: Any, add_schedule: Any
 ) -> None:
@@ -303,7 +306,9 @@ def test_overlapping_ticks_write_each_change_once_in_history(
         t.start()
     for t in threads:
         t.join()
-    ids = [i for (row,) in sql("SELECT schedule_ids FROM feature_flag_changes") for i in row]
+    ids = [
+        i for (row,) in sql("SELECT to_jsonb(schedule_ids) FROM feature_flag_changes") for i in row
+    ]
     applied = sql("SELECT count(*) FROM feature_flag_schedules WHERE status = 'applied'")[0][0]
     assert applied == 600
     # Every applied schedule named once in history, or not at all when its write changed
@@ -356,6 +361,7 @@ def test_a_change_whose_transaction_began_before_the_schedule_still_conflicts(
     assert "(slowapp)" in schedule(sid)["last_error"]
 
 
+@pytest.mark.not_app_schedules("the application's foreign key deletes a flag's schedules with it")
 def test_deleting_and_recreating_the_flag_is_a_conflict_and_truncate_is_recorded(
     database_url: str, add_flag: Any, add_schedule: Any, run_tick: Tick, schedule: Any, sql: Sql
 ) -> None:

@@ -118,6 +118,7 @@ def _many_due_recurrences(sql: Sql, count: int) -> None:
     """`count` recurrences each firing exactly once however long the test takes (yearly,
     due for more than a year: the missed occurrences collapse into one, the next is months
     away; an every-minute cron would fire again when a minute passes between two ticks)."""
+    sql("INSERT INTO feature_flags (key) SELECT 'r' || g FROM generate_series(1, :n) AS g", n=count)
     sql(
         """INSERT INTO feature_flag_recurrences (flag_key, cron, timezone, updates, next_at)
            SELECT 'r' || g, '0 0 1 1 *', 'UTC', '{"enabled": true}',

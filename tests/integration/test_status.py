@@ -25,6 +25,7 @@ def _nodes(plan: dict[str, Any]) -> list[str]:
     return found
 
 
+@pytest.mark.not_app_schedules("it checks the plans against the built-in tables' own indexes")
 def test_the_backlog_query_is_index_scans_only(database_url: str, sql: Sql) -> None:
     """With sequential scans priced out, the planner still finds an index path for every
     table access: the query has one (it does not need a pass over the table)."""
@@ -45,6 +46,9 @@ def test_the_backlog_query_is_index_scans_only(database_url: str, sql: Sql) -> N
     assert any("Index" in n for n in nodes), nodes
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_max_lag_computes_only_what_the_health_check_needs(
     database: Database, add_schedule: Any
 ) -> None:
@@ -80,6 +84,9 @@ def test_max_lag_computes_only_what_the_health_check_needs(
     assert check.due == 1 and age is not None and 590 < age < 700
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_status_json_keys_with_and_without_max_lag(
     database_url: str, add_schedule: Any, monkeypatch: Any
 ) -> None:

@@ -167,6 +167,9 @@ def test_max_retries_zero_fails_for_good_at_once(
     assert schedule(sid)["next_retry_at"] is None
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_missing_flag_and_invalid_updates_fail_for_good_at_once(
     run_tick: Tick, add_flag: Any, add_schedule: Any, schedule: Any, flag: Any
 ) -> None:
@@ -546,6 +549,7 @@ def test_a_held_flag_whose_write_outlasts_the_statement_timeout_is_a_retry(
     assert schedule(later)["status"] == "pending" and flag("slow") == (False, 0)
 
 
+@pytest.mark.not_app_schedules("the application's foreign key deletes a flag's schedules with it")
 def test_a_flag_deleted_after_the_claim_fails_for_good(
     run_tick: Tick,
     add_flag: Any,
@@ -626,6 +630,9 @@ def test_future_and_other_states_are_not_claimed(
     ]
 
 
+@pytest.mark.not_app_schedules(
+    "a schedule of a missing flag: an application's foreign key keeps it out"
+)
 def test_dry_run_changes_nothing(
     database: Database, add_flag: Any, add_schedule: Any, sql: Sql
 ) -> None:
@@ -704,6 +711,9 @@ def test_a_schedule_held_back_in_several_batches_is_counted_and_logged_once(
     assert schedule(s2)["status"] == "pending"
 
 
+@pytest.mark.not_app_schedules(
+    "there every read of the schedules reads the flags table too, which it holds locked"
+)
 def test_dry_run_locks_nothing_a_running_tick_would_skip(
     database_url: str, engine: Engine, add_flag: Any, add_schedule: Any
 ) -> None:

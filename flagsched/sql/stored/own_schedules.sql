@@ -148,7 +148,11 @@ BEGIN
         END IF;
         SELECT f.{flags.id} INTO flag FROM {flags} f
         WHERE f.{flags.key} = NEW.flag_key AND {new_in_scope()};
-        IF NOT FOUND THEN
+        IF NOT FOUND AND NEW.recurrence_id IS NOT NULL THEN
+            -- an occurrence of a recurrence whose flag is gone makes no schedule (it could
+            -- not refer to the flag); the recurrence goes on to its next occurrence
+            RETURN NULL;
+        ELSIF NOT FOUND THEN
             RAISE EXCEPTION 'flag % is not among this deployment''s flags', NEW.flag_key
                 USING ERRCODE = 'foreign_key_violation';
         END IF;
