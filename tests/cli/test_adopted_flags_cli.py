@@ -294,6 +294,30 @@ def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
     assert history == [("flagsched", [schedule_id], True)]
 
 
+@pytest.mark.parametrize("shape", [UPSTREAM_SHAPE, MIXED_CASE], ids=["zone-less", "timestamptz"])
+def test_updated_at_is_what_the_columns_default_writes_in_the_logins_time_zone(
+    shape: Shape, empty_database_url: str, tmp_path: Path
+) -> None:
+    # flagsched's transactions run in UTC (SET LOCAL); the application's sessions in the
+    # database's zone, where a zone-less column's DEFAULT now() is 14 hours ahead of UTC.
+    name = psycopg.conninfo.conninfo_to_dict(empty_database_url)["dbname"]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {name} SET timezone = 'Pacific/Kiritimati'")
+    d = _deploy(shape, empty_database_url, tmp_path)
+    assert shape.updated_at is not None
+    d.add_flag("new-checkout")
+    d.add_schedule("new-checkout", {"enabled": True})
+    ran = d.run("process")
+    assert ran.code == 0, ran.stderr
+    d.add_flag("witness")  # the application's own write: its DEFAULT now()
+    ((written, witness),) = d.sql(
+        f"SELECT max({shape.updated_at}) FILTER (WHERE {shape.key} = 'new-checkout'), "
+        f"max({shape.updated_at}) FILTER (WHERE {shape.key} = 'witness') FROM {shape.flags}"
+    )
+    assert written <= witness
+    assert (witness - written).total_seconds() < 60, (written, witness)
+
+
 def test_scopes_share_the_tables_without_touching_each_other(
     empty_database_url: str, tmp_path: Path
 ) -> None:
