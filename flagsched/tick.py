@@ -662,7 +662,7 @@ def preview(database: Database, options: TickOptions) -> list[Preview]:
             elif c.id in checks:
                 plan.append(Preview(c, f"fail for good: {checks[c.id][1]}"))
             else:
-                plan.append(Preview(c, f"apply {u.as_json()}"))
+                plan.append(Preview(c, f"apply: {u.words()}"))
     return sorted(plan, key=lambda p: (p.schedule.flag_key, p.schedule.scheduled_at, p.schedule.id))
 
 

@@ -476,11 +476,15 @@ SELECT {schedule_fields},
 FROM {schedules} WHERE id = %(i)s AND {scope_match()}
 
 -- name: change_columns
+-- old NULL: the flag was made; new NULL: it was deleted. An application's nullable column
+-- may hold NULL in a flag that exists: a side with either value set is shown.
 id, flag_key, changed_at, actor,
-CASE WHEN old_enabled IS NULL THEN NULL ELSE jsonb_build_object(
-    'enabled', old_enabled, 'rollout_percentage', old_rollout_percentage) END AS old,
-CASE WHEN new_enabled IS NULL THEN NULL ELSE jsonb_build_object(
-    'enabled', new_enabled, 'rollout_percentage', new_rollout_percentage) END AS new,
+CASE WHEN old_enabled IS NULL AND old_rollout_percentage IS NULL THEN NULL
+     ELSE jsonb_build_object('enabled', old_enabled,
+                             'rollout_percentage', old_rollout_percentage) END AS old,
+CASE WHEN new_enabled IS NULL AND new_rollout_percentage IS NULL THEN NULL
+     ELSE jsonb_build_object('enabled', new_enabled,
+                             'rollout_percentage', new_rollout_percentage) END AS new,
 schedule_ids
 
 -- name: history

@@ -642,7 +642,7 @@ def test_dry_run_changes_nothing(
     )
     assert before == after
     what = sorted(p.would for p in plan)
-    assert what[0] == "apply {'enabled': True}"
+    assert what[0] == "apply: on"
     assert any("does not exist" in w for w in what)
     assert any("enabled must be true or false" in w for w in what)
 
