@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -218,7 +218,10 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     return CatalogTable(
         shown=shown,
         kind=kind,
-        columns=tuple(columns),
+        # an enum's labels arrive as a list: a tuple keeps the frozen row hashable
+        columns=tuple(
+            c if c.labels is None else replace(c, labels=tuple(c.labels)) for c in columns
+        ),
         unique=tuple(frozenset(index) for (index,) in unique),
         schema=schema,
     )

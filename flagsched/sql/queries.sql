@@ -222,10 +222,13 @@ WHERE c.oid = to_regclass(
          ELSE quote_ident(%(schema)s) || '.' || quote_ident(%(name)s) END)
 
 -- name: catalog_columns
--- Its columns with their types (a domain as its base type).
+-- Its columns with their types (a domain as its base type), and an enum's labels.
 SELECT a.attname AS name, b.typname AS base_type,
        format_type(a.atttypid, a.atttypmod) AS shown_type,
-       (a.attnotnull OR t.typnotnull) AS not_null
+       (a.attnotnull OR t.typnotnull) AS not_null,
+       CASE WHEN b.typtype = 'e' THEN ARRAY(
+           SELECT CAST(e.enumlabel AS text) FROM pg_enum e
+           WHERE e.enumtypid = b.oid ORDER BY e.enumsortorder) END AS labels
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
