@@ -159,12 +159,13 @@ def rows_or_empty(fmt: str, rows: Sequence[Any], empty: str) -> str | None:
 
 
 def dry_run(plan: Sequence[Preview]) -> str:
-    """What `process --dry-run` would do, one schedule a line."""
+    """What `process --dry-run` would do, one schedule (or due occurrence of a recurrence,
+    no schedule yet: ID `-`) a line."""
     if not plan:
         return "nothing is due"
     return table(
         ["ID", "FLAG", "SCHEDULED_AT", "WOULD"],
-        [(p.schedule.id, p.schedule.flag_key, p.schedule.scheduled_at, p.would) for p in plan],
+        [("-" if p.id is None else p.id, p.flag_key, p.scheduled_at, p.would) for p in plan],
     )
 
 

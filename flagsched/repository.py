@@ -902,6 +902,19 @@ def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[DueRecurr
     return now, [due for _, due in rows]
 
 
+def due_recurrences_preview(conn: Conn, *, limit: int) -> tuple[datetime, list[RecurrenceRow]]:
+    """--dry-run: up to `limit` active recurrences whose next_at <= now(), locking nothing,
+    with that now()."""
+    from flagsched.rows import RecurrenceRow
+
+    def row(now: datetime, **columns: Any) -> tuple[datetime, RecurrenceRow]:
+        return now, RecurrenceRow(**columns)
+
+    rows = _rows(conn, kwargs_row(row), statement("due_recurrences_preview"), {"limit": limit})
+    now = rows[0][0] if rows else db_now(conn)
+    return now, [due for _, due in rows]
+
+
 def materialise(
     conn: Conn,
     fired: Sequence[tuple[int, datetime]],

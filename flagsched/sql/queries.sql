@@ -420,6 +420,15 @@ ORDER BY next_at, id
 LIMIT %(limit)s
 FOR NO KEY UPDATE SKIP LOCKED  -- a row referencing it (FOR KEY SHARE) never hides it
 
+-- name: due_recurrences_preview
+-- --dry-run: the recurrences a tick would materialise now, read without a lock (the
+-- preview changes nothing and holds back no tick); next_at read leniently as above.
+SELECT now() AS now, {recurrence_fields}
+FROM {recurrences}
+WHERE cancelled_at IS NULL AND next_at <= now() AND {scope_match()}
+ORDER BY next_at, id
+LIMIT %(limit)s
+
 -- name: materialise
 -- a schedule of a recurrence is in the recurrence's scope
 INSERT INTO {schedules}

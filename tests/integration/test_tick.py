@@ -740,4 +740,4 @@ def test_dry_run_locks_nothing_a_running_tick_would_skip(
         holder.rollback()
         holder.close()
         previewing.join()
-    assert [p.schedule.id for p in plans[0]] == due
+    assert [p.id for p in plans[0]] == due
