@@ -27,10 +27,10 @@ class ApprovalPolicy:
 
 @dataclass(frozen=True, slots=True)
 class FlagState:
-    """A flag's values as the policy reads them."""
+    """A flag's values as the policy reads them (None: unset, see rows.FlagRow)."""
 
-    enabled: bool
-    rollout_percentage: int
+    enabled: bool | None
+    rollout_percentage: int | None
 
     def after(self, change: Updates) -> FlagState:
         return FlagState(
@@ -83,7 +83,7 @@ def reason(
         return "it switches the flag on"
     limit = policy.rollout_increase_over
     if limit is not None and change.rollout_percentage is not None:
-        increase = change.rollout_percentage - before.rollout_percentage
+        increase = change.rollout_percentage - (before.rollout_percentage or 0)  # unset: 0
         if increase > limit:
             return f"it raises the rollout by {increase} points, more than {limit}"
     return None

@@ -94,6 +94,13 @@ class Updates:
     def as_json(self) -> dict[str, Any]:
         return {k: v for k in ALLOWED_KEYS if (v := getattr(self, k)) is not None}
 
+    def words(self) -> str:
+        """The change for a person: `on, rollout 25%`, `off`, `rollout 10%`."""
+        parts = [] if self.enabled is None else ["on" if self.enabled else "off"]
+        if self.rollout_percentage is not None:
+            parts.append(f"rollout {self.rollout_percentage}%")
+        return ", ".join(parts) or "nothing"
+
 
 def percentage(value: object) -> int | None:
     """The one rule for rollout_percentage: a JSON number whose value is an integer 0..100,

@@ -74,8 +74,9 @@ class _Scale:
         return round(min(max(offset, 0.0), 1.0) * WIDTH, 2)
 
 
-def _y(percentage: int) -> float:
-    return round(TOP + LANE * (1 - percentage / 100), 2)
+def _y(percentage: int | None) -> float:
+    # an unset rollout (a nullable column, or none) is drawn on the 0 line
+    return round(TOP + LANE * (1 - (percentage or 0) / 100), 2)
 
 
 def _when(at: datetime, zone: tzinfo | None) -> str:
@@ -89,7 +90,9 @@ def _when(at: datetime, zone: tzinfo | None) -> str:
 def _state(state: State | None) -> str:
     if state is None:
         return "no such flag"
-    return f"{'enabled' if state.enabled else 'disabled'}, rollout {state.rollout_percentage} %"
+    on_off = {True: "enabled", False: "disabled", None: "enabled unset"}[state.enabled]
+    percent = "unset" if state.rollout_percentage is None else f"{state.rollout_percentage} %"
+    return f"{on_off}, rollout {percent}"
 
 
 def _source(step: Step) -> str:

@@ -75,8 +75,8 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class State:
-    enabled: bool
-    rollout_percentage: int
+    enabled: bool | None  # None: unset (see FlagRow)
+    rollout_percentage: int | None
 
     def folded(self, change: Updates) -> State:
         return State(

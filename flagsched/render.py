@@ -159,12 +159,13 @@ def rows_or_empty(fmt: str, rows: Sequence[Any], empty: str) -> str | None:
 
 
 def dry_run(plan: Sequence[Preview]) -> str:
-    """What `process --dry-run` would do, one schedule a line."""
+    """What `process --dry-run` would do, one schedule (or due occurrence of a recurrence,
+    no schedule yet: ID `-`) a line."""
     if not plan:
         return "nothing is due"
     return table(
         ["ID", "FLAG", "SCHEDULED_AT", "WOULD"],
-        [(p.schedule.id, p.schedule.flag_key, p.schedule.scheduled_at, p.would) for p in plan],
+        [("-" if p.id is None else p.id, p.flag_key, p.scheduled_at, p.would) for p in plan],
     )
 
 
@@ -304,11 +305,19 @@ def recurrences(rows: Sequence[RecurrenceRow], fmt: str, zone: tzinfo | None = N
     )
 
 
+def flag_values(enabled: object, rollout: object) -> str:
+    """A flag's values in a cell: `on 25%`; a value an application's nullable column leaves
+    unset (or a flags table without a rollout column) is `unset`: `off, rollout unset`."""
+    on_off = "on" if enabled is True else "off" if enabled is False else "enabled unset"
+    percent = "rollout unset" if rollout is None else f"{compact(rollout)}%"
+    unset = enabled is None or rollout is None
+    return f"{on_off}, {percent}" if unset else f"{on_off} {percent}"
+
+
 def _values(state: Any) -> str:
     if not isinstance(state, dict):
         return "-"
-    enabled = "on" if state.get("enabled") else "off"
-    return f"{enabled} {state.get('rollout_percentage')}%"
+    return flag_values(state.get("enabled"), state.get("rollout_percentage"))
 
 
 def changes(rows: Sequence[ChangeRow], fmt: str = "table", zone: tzinfo | None = None) -> str:
@@ -409,7 +418,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 def _state(state: State | None) -> str:
     if state is None:
         return "(no such flag)"
-    return f"{'on' if state.enabled else 'off'} {state.rollout_percentage}%"
+    return flag_values(state.enabled, state.rollout_percentage)
 
 
 def _source(step: Step) -> str:

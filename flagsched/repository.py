@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -221,7 +221,10 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     return CatalogTable(
         shown=shown,
         kind=kind,
-        columns=tuple(columns),
+        # an enum's labels arrive as a list: a tuple keeps the frozen row hashable
+        columns=tuple(
+            c if c.labels is None else replace(c, labels=tuple(c.labels)) for c in columns
+        ),
         unique=tuple(frozenset(index) for (index,) in unique),
         schema=schema,
     )
@@ -930,6 +933,19 @@ def due_recurrences(conn: Conn, *, limit: int) -> tuple[datetime, list[DueRecurr
         statement("due_recurrences"),
         {"limit": limit},
     )
+    now = rows[0][0] if rows else db_now(conn)
+    return now, [due for _, due in rows]
+
+
+def due_recurrences_preview(conn: Conn, *, limit: int) -> tuple[datetime, list[RecurrenceRow]]:
+    """--dry-run: up to `limit` active recurrences whose next_at <= now(), locking nothing,
+    with that now()."""
+    from flagsched.rows import RecurrenceRow
+
+    def row(now: datetime, **columns: Any) -> tuple[datetime, RecurrenceRow]:
+        return now, RecurrenceRow(**columns)
+
+    rows = _rows(conn, kwargs_row(row), statement("due_recurrences_preview"), {"limit": limit})
     now = rows[0][0] if rows else db_now(conn)
     return now, [due for _, due in rows]
 

@@ -156,11 +156,12 @@ class StatusReport:
 
 @dataclass(frozen=True, slots=True)
 class FlagRow:
-    """A flag as it is now."""
+    """A flag as it is now. None: unset (a nullable column of an application's flags
+    table), or a flags table without a rollout column."""
 
     key: str
-    enabled: bool
-    rollout_percentage: int
+    enabled: bool | None
+    rollout_percentage: int | None
 
 
 @dataclass(frozen=True, slots=True)

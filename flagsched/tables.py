@@ -378,6 +378,8 @@ def _scope(value: object) -> tuple[tuple[str, ScopeValue], ...]:
             raise ValueError(
                 f"{column}: must be a string, an integer or a boolean, got {_kind(wanted)}"
             )
+        if isinstance(wanted, str) and "\x00" in wanted:  # no PostgreSQL text holds one
+            raise ValueError(f"{column}: must not hold a NUL character")
         pairs.append((name, wanted))
     return tuple(pairs)
 
@@ -438,6 +440,8 @@ class CatalogColumn:
     base_type: str  # pg_type.typname of the type (a domain's base type): int8, text, ...
     shown_type: str  # format_type(): "character varying(40)", "timestamp without time zone"
     not_null: bool = True  # NOT NULL (itself, or its domain)
+    # An enum's labels (of the column's type, or its domain's base type); None: no enum.
+    labels: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -650,12 +654,20 @@ def check(
 def scope_value_problem(value: ScopeValue, column: CatalogColumn) -> str | None:
     """Why a scope value cannot be compared with its column (None: it can). A boolean
     needs a boolean column, an integer an integer column; a string is the column's input
-    (text, an enum, ...), so not an integer's or a boolean's."""
+    (text, an enum, ...), so not an integer's or a boolean's, and an enum's only when it is
+    one of its labels."""
     if isinstance(value, bool):
         wanted, fits = "a boolean", column.base_type in BOOLEAN
     elif isinstance(value, int):
         wanted, fits = "an integer", column.base_type in INTEGER
     else:
+        if column.labels is not None and value not in column.labels:
+            # its input would fail every statement comparing the scope (22P02)
+            return (
+                f"not a label of the enum {column.shown_type} "
+                f"({_one_line(', '.join(repr(label) for label in column.labels[:10]))}"
+                f"{', ...' if len(column.labels) > 10 else ''})"
+            )
         wanted = "a string"
         fits = column.base_type not in INTEGER | BOOLEAN
     return None if fits else f"{wanted}, but the column is {column.shown_type}"

@@ -40,7 +40,7 @@ from flagsched.model import (
 )
 
 if TYPE_CHECKING:
-    from flagsched.rows import FlagRow
+    from flagsched.rows import FlagRow, RecurrenceRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,18 +617,30 @@ def _measure_backlog(database: Database, conn: Conn, report: TickReport) -> None
 
 @dataclass(frozen=True, slots=True)
 class Preview:
-    """--dry-run: what the tick would do with one schedule, in words."""
+    """--dry-run: what the tick would do with one schedule, or with a due occurrence of a
+    recurrence (`recurrence_id`; `id` None: no schedule made yet), in words."""
 
-    schedule: Claimed
+    id: int | None
+    flag_key: str
+    scheduled_at: datetime
     would: str
+    recurrence_id: int | None = None
+
+    @classmethod
+    def of(cls, schedule: Claimed, would: str) -> Preview:
+        return cls(schedule.id, schedule.flag_key, schedule.scheduled_at, would)
 
 
 def preview(database: Database, options: TickOptions) -> list[Preview]:
-    """--dry-run: what the next batch would do, from a claim that is rolled back."""
+    """--dry-run: the due occurrences of recurrences the tick would first turn into
+    schedules, then what the next batch would do, from a claim that is rolled back."""
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
         with transaction(database, conn, rollback=True):  # nothing claimed is kept
+            occurring = _occurrences(
+                *repository.due_recurrences_preview(conn, limit=materialise.BATCH)
+            )
             now, claimed = repository.claim(
                 conn,
                 limit=options.batch_size,
@@ -653,18 +665,47 @@ def preview(database: Database, options: TickOptions) -> list[Preview]:
     shown = {c.id for c in claimed}
     held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]
     if now is None:
-        return [Preview(r.schedule, _describe(r)) for r in held_back]
+        return occurring + [Preview.of(r.schedule, _describe(r)) for r in held_back]
     decided += held_back
-    plan = [Preview(r.schedule, _describe(r)) for r in decided]
+    plan = [Preview.of(r.schedule, _describe(r)) for r in decided]
     for key, flag_steps in steps.items():
         for c, u in flag_steps:
             if key not in existing:
-                plan.append(Preview(c, f"fail for good: flag {key!r} does not exist"))
+                plan.append(Preview.of(c, f"fail for good: flag {key!r} does not exist"))
             elif c.id in checks:
-                plan.append(Preview(c, f"fail for good: {checks[c.id][1]}"))
+                plan.append(Preview.of(c, f"fail for good: {checks[c.id][1]}"))
             else:
-                plan.append(Preview(c, f"apply {u.as_json()}"))
-    return sorted(plan, key=lambda p: (p.schedule.flag_key, p.schedule.scheduled_at, p.schedule.id))
+                plan.append(Preview.of(c, f"apply: {u.words()}"))
+    plan.sort(key=lambda p: (p.flag_key, p.scheduled_at, p.id or 0))
+    return occurring + plan
+
+
+def _occurrences(now: datetime, due: Sequence[RecurrenceRow]) -> list[Preview]:
+    """What the tick's first step would make of the due recurrences (materialise.py's rule:
+    the latest occurrence not after now; one that cannot be computed stops its recurrence),
+    computed without writing. The schedule made is then claimed by the tick like any other,
+    so its outcome is not known before it exists."""
+    if not due:
+        return []
+    from flagsched import recurring  # croniter only when something is due
+
+    shown: list[Preview] = []
+    for row in due:
+        since = row.next_at if isinstance(row.next_at, datetime) else None
+        occurrence = recurring.due(row.cron, row.timezone, since, now)
+        if occurrence.fire_at is not None:
+            try:
+                change = Updates.parse(row.updates).words()
+            except InvalidUpdates as exc:
+                change = f"updates that will fail for good: {exc}"
+            would = f"materialise recurrence {row.id} into a schedule to apply: {change}"
+            shown.append(Preview(None, row.flag_key, occurrence.fire_at, would, row.id))
+        elif occurrence.next_at is None:
+            error = occurrence.error or "no next occurrence"
+            shown.append(
+                Preview(None, row.flag_key, now, f"stop recurrence {row.id}: {error}", row.id)
+            )
+    return shown
 
 
 def _describe(result: Result) -> str:

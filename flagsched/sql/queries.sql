@@ -222,10 +222,13 @@ WHERE c.oid = to_regclass(
          ELSE quote_ident(%(schema)s) || '.' || quote_ident(%(name)s) END)
 
 -- name: catalog_columns
--- Its columns with their types (a domain as its base type).
+-- Its columns with their types (a domain as its base type), and an enum's labels.
 SELECT a.attname AS name, b.typname AS base_type,
        format_type(a.atttypid, a.atttypmod) AS shown_type,
-       (a.attnotnull OR t.typnotnull) AS not_null
+       (a.attnotnull OR t.typnotnull) AS not_null,
+       CASE WHEN b.typtype = 'e' THEN ARRAY(
+           SELECT CAST(e.enumlabel AS text) FROM pg_enum e
+           WHERE e.enumtypid = b.oid ORDER BY e.enumsortorder) END AS labels
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -435,6 +438,15 @@ ORDER BY next_at, id
 LIMIT %(limit)s
 FOR NO KEY UPDATE SKIP LOCKED  -- a row referencing it (FOR KEY SHARE) never hides it
 
+-- name: due_recurrences_preview
+-- --dry-run: the recurrences a tick would materialise now, read without a lock (the
+-- preview changes nothing and holds back no tick); next_at read leniently as above.
+SELECT now() AS now, {recurrence_fields}
+FROM {recurrences}
+WHERE cancelled_at IS NULL AND next_at <= now() AND {scope_match()}
+ORDER BY next_at, id
+LIMIT %(limit)s
+
 -- name: materialise
 -- a schedule of a recurrence is in the recurrence's scope
 INSERT INTO {schedules}
@@ -494,11 +506,15 @@ SELECT {schedule_fields},
 FROM {schedules} WHERE id = %(i)s AND {scope_match()}
 
 -- name: change_columns
+-- old NULL: the flag was made; new NULL: it was deleted. An application's nullable column
+-- may hold NULL in a flag that exists: a side with either value set is shown.
 id, flag_key, changed_at, actor,
-CASE WHEN old_enabled IS NULL THEN NULL ELSE jsonb_build_object(
-    'enabled', old_enabled, 'rollout_percentage', old_rollout_percentage) END AS old,
-CASE WHEN new_enabled IS NULL THEN NULL ELSE jsonb_build_object(
-    'enabled', new_enabled, 'rollout_percentage', new_rollout_percentage) END AS new,
+CASE WHEN old_enabled IS NULL AND old_rollout_percentage IS NULL THEN NULL
+     ELSE jsonb_build_object('enabled', old_enabled,
+                             'rollout_percentage', old_rollout_percentage) END AS old,
+CASE WHEN new_enabled IS NULL AND new_rollout_percentage IS NULL THEN NULL
+     ELSE jsonb_build_object('enabled', new_enabled,
+                             'rollout_percentage', new_rollout_percentage) END AS new,
 -- as JSON: numbers for integer ids, strings for uuid and text ones (an application's ids
 -- are of a domain whose array type the driver does not know)
 to_jsonb(schedule_ids) AS schedule_ids

@@ -115,8 +115,28 @@ def _computed(
     def set_updated_at(args: list[str]) -> str:
         if not flags.has("updated_at"):
             return ""
-        # now() into a zone-less column is the session's local time, as its DEFAULT now()
-        return f",\n                {_quoted(flags.column('updated_at'))} = now()"
+        column = _quoted(flags.column("updated_at"))
+        if not tables.adopted:  # the built-in column is timestamptz (0009's text is frozen)
+            return f",\n                {column} = now()"
+        # A zone-less column gets the local time of the login's own zone, as the column's
+        # DEFAULT now() in the application's sessions: not of the transaction's zone, which
+        # flagsched sets to UTC (SET LOCAL). `reset_val` is the zone the session started
+        # with (the role's, else the database's, else the server's setting, or PGTZ), which
+        # SET LOCAL does not change. The mapping is built before any connection and does not
+        # know the column's type, so one text serves both: `+ interval '0'` gives the base
+        # type (a domain over timestamp counts as timestamp), and the local time is written
+        # as the instant whose wall clock it is in the transaction's zone, which the
+        # column's assignment cast turns back into that wall clock. A `timestamptz` column
+        # (an instant, no zone to choose) keeps now().
+        return (
+            f",\n                {column} = CASE"
+            f"\n                    WHEN pg_typeof(f.{column} + interval '0')"
+            " = 'timestamp without time zone'::regtype"
+            "\n                    THEN (now() AT TIME ZONE (SELECT s.reset_val"
+            " FROM pg_catalog.pg_settings s WHERE s.name = 'TimeZone'))"
+            " AT TIME ZONE current_setting('TimeZone')"
+            "\n                    ELSE now() END"
+        )
 
     def rollout(args: list[str]) -> str:  # a flags row's rollout (NULL: the table has none)
         (alias,) = args

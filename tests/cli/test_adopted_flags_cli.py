@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,34 @@ cancelled_at = "cancelled_at"
 )
 
 SHAPES = [UPSTREAM_SHAPE, MIXED_CASE, NO_ROLLOUT, UPSTREAM_SCHEDULES]
+
+# A flags table whose enabled and rollout columns may be NULL (passes `migrate --check`).
+NULLABLE = Shape(
+    name="nullable-values",
+    setup="""
+CREATE TABLE flags (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    is_on boolean,
+    pct integer
+);
+""",
+    config="""
+[flags]
+table = "flags"
+id = "id"
+key = "name"
+enabled = "is_on"
+rollout = "pct"
+""",
+    flags="flags",
+    key="name",
+    enabled="is_on",
+    rollout="pct",
+    updated_at=None,
+    scope_column=None,
+    new_flag="INSERT INTO flags (name) VALUES ({key})",
+)
 
 
 @dataclass
@@ -323,6 +352,57 @@ def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
         "WHERE old_enabled IS NOT NULL"
     )
     assert history == [("flagsched", [schedule_id], True)]
+
+
+@pytest.mark.parametrize("shape", [UPSTREAM_SHAPE, MIXED_CASE], ids=["zone-less", "timestamptz"])
+def test_updated_at_is_what_the_columns_default_writes_in_the_logins_time_zone(
+    shape: Shape, empty_database_url: str, tmp_path: Path
+) -> None:
+    # flagsched's transactions run in UTC (SET LOCAL); the application's sessions in the
+    # database's zone, where a zone-less column's DEFAULT now() is 14 hours ahead of UTC.
+    name = psycopg.conninfo.conninfo_to_dict(empty_database_url)["dbname"]
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {name} SET timezone = 'Pacific/Kiritimati'")
+    d = _deploy(shape, empty_database_url, tmp_path)
+    assert shape.updated_at is not None
+    d.add_flag("new-checkout")
+    d.add_schedule("new-checkout", {"enabled": True})
+    ran = d.run("process")
+    assert ran.code == 0, ran.stderr
+    d.add_flag("witness")  # the application's own write: its DEFAULT now()
+    ((written, witness),) = d.sql(
+        f"SELECT max({shape.updated_at}) FILTER (WHERE {shape.key} = 'new-checkout'), "
+        f"max({shape.updated_at}) FILTER (WHERE {shape.key} = 'witness') FROM {shape.flags}"
+    )
+    assert written <= witness
+    assert (witness - written).total_seconds() < 60, (written, witness)
+
+
+def test_unset_values_of_nullable_columns_show_as_words(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    d = _deploy(NULLABLE, empty_database_url, tmp_path)
+    d.add_flag("unset")  # both values NULL
+    d.add_flag("half")
+    d.sql("UPDATE flags SET pct = 5 WHERE name = 'half'")  # enabled still NULL
+    d.add_schedule("unset", {"enabled": True})
+    d.add_schedule("half", {"rollout_percentage": 7}, at="now() + interval '1 hour'")
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    page = tmp_path / "agenda.html"
+
+    dry = d.run("process", "--dry-run")
+    plan = d.run("plan", "--at", later)
+    agenda = d.run("agenda", "--to", later, "--html", str(page))
+    history = d.run("history")
+    for ran in (dry, plan, agenda, history):
+        assert ran.code == 0, ran.stderr
+        assert "None" not in ran.stdout and "{'" not in ran.stdout, ran.stdout
+    assert "apply: on" in dry.stdout
+    assert "enabled unset, rollout unset" in plan.stdout
+    assert "enabled unset, 7%" in plan.stdout
+    assert "enabled unset, 5%" in history.stdout  # the application's write, recorded
+    text = page.read_text()
+    assert "None" not in text and "enabled unset, rollout unset" in text
 
 
 def test_scopes_share_the_tables_without_touching_each_other(

@@ -401,3 +401,53 @@ def test_a_missing_file_is_named_and_the_option_beats_the_variable(tmp_path: Pat
     assert ran.code == 0 and "CREATE TABLE" in ran.stdout
     ran = invoke("migrate", "--sql", env={"FLAGSCHED_CONFIG": missing})
     assert ran.code == 2
+
+
+def _own_flags(scope: str) -> str:
+    """Shape 2 (no [schedules]) on the first application's flags, scoped by `tier`."""
+    return (
+        '[flags]\ntable = "public.feature_flags"\nid = "id"\nkey = "flag_key"\n'
+        f'enabled = "enabled"\nrollout = "rollout_percentage"\nscope = {{ tier = {scope} }}\n'
+    )
+
+
+@pytest.mark.parametrize("command", [["migrate", "--check"], ["migrate"]])
+def test_a_scope_value_that_is_no_label_of_its_enum_column_is_refused(
+    upstream_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    _alter(
+        upstream_url,
+        "CREATE TYPE tier AS ENUM ('production', 'staging')",
+        "ALTER TABLE feature_flags ADD COLUMN tier tier NOT NULL DEFAULT 'production'",
+        "UPDATE feature_flags SET tier = 'staging' WHERE environment = 'staging'",
+        "CREATE UNIQUE INDEX feature_flags_key_tier ON feature_flags (flag_key, tier)",
+    )
+    before = snapshot(upstream_url)
+    config = write(tmp_path, _own_flags('"prod"'))
+    ran = invoke("--config", config, *command, url=upstream_url)
+    assert ran.code == 2
+    assert errors(ran) == [
+        f"configuration {config}: [flags] scope.tier = 'prod': not a label of the enum tier "
+        "('production', 'staging')"
+    ]
+    assert ran.stdout == ""
+    assert snapshot(upstream_url) == before
+    config = write(tmp_path, _own_flags('"staging"'))
+    assert invoke("--config", config, *command, url=upstream_url).code == (
+        1 if "--check" in command else 0  # fits: flagsched's objects are missing / made
+    )
+
+
+@pytest.mark.parametrize("command", [["migrate", "--check"], ["migrate"], ["process"]])
+def test_a_scope_value_holding_a_nul_is_refused_before_connecting(
+    upstream_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    before = snapshot(upstream_url)
+    config = write(tmp_path, _own_flags('"production\\u0000"'))
+    ran = invoke("--config", config, *command, url=upstream_url)
+    assert ran.code == 2
+    assert errors(ran) == [
+        f"configuration {config}: flags.scope: tier: must not hold a NUL character"
+    ]
+    assert ran.stdout == ""
+    assert snapshot(upstream_url) == before

@@ -156,7 +156,7 @@ def test_every_operator_command_through_the_pooler(
     ghost = run("schedule", "ghost", "--at", "now", "--enable")
     assert ghost.code == 0, ghost.stderr
     dry = run("process", "--dry-run")
-    assert (dry.code, "apply {'rollout_percentage': 40}" in dry.stdout) == (0, True), dry.stderr
+    assert (dry.code, "apply: rollout 40%" in dry.stdout) == (0, True), dry.stderr
     ticked = run("process")
     assert ticked.code == 1, ticked.stderr  # the ghost flag's schedule failed for good
     assert sql("SELECT rollout_percentage FROM feature_flags WHERE key = 'a'")[0][0] == 40

@@ -106,7 +106,7 @@ def test_dry_run_shows_and_changes_nothing(
     before = sql("SELECT * FROM feature_flag_schedules ORDER BY id")
     ran = flagsched("process", "--dry-run")
     assert ran.code == 0
-    assert "apply {'rollout_percentage': 30}" in ran.stdout
+    assert "apply: rollout 30%" in ran.stdout
     assert "fail for good: flag 'ghost' does not exist" in ran.stdout
     assert sql("SELECT * FROM feature_flag_schedules ORDER BY id") == before
     empty = flagsched("process", "--dry-run", "--batch-size", "1")

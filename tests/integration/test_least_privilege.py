@@ -15,11 +15,10 @@ import sqlalchemy as sa
 
 from flagsched.schema import make_engine
 from scripts import pgserver
-from tests.conftest import Ran
+from tests.conftest import Ran, invoke
 
 Sql = Callable[..., list[Any]]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
-OWN_DOCS = DOCS.with_name("own-tables.md")
 UPSTREAM = Path(__file__).resolve().parents[1] / "fixtures" / "upstream-schema.sql"
 PASSWORD = "s3cret-pw"  # the test server trusts 127.0.0.1; the URL carries one anyway
 DENIED = "42501"  # insufficient_privilege
@@ -456,17 +455,74 @@ scope = { environment = "production" }
 """
 
 
-def test_process_on_your_flags_table_works_with_only_its_documented_grants(
-    roles: None, empty_database_url: str, tmp_path: Path, flagsched: Callable[..., Ran]
-) -> None:
-    """docs/own-tables.md's grants for a tick beside the first application's flags table."""
+@pytest.fixture
+def own(roles: None, empty_database_url: str, tmp_path: Path) -> Iterator[OwnDeployment]:
+    """Shape 2 beside the first application's flags table, migrated by the superuser, with
+    EXECUTE revoked from PUBLIC on flagsched's functions (a hardened database): the
+    documented grants must suffice."""
     config = tmp_path / "own.toml"
     config.write_text(OWN_CONFIG)
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute(UPSTREAM.read_text())
-    assert flagsched("--config", str(config), "migrate", url=empty_database_url).code == 0
+    migrated = invoke("--config", str(config), "migrate", url=empty_database_url)
+    assert migrated.code == 0, migrated.stderr
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
-        conn.execute(docs_sql("own-grants-process", OWN_DOCS))
+        conn.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA flagsched FROM PUBLIC")
+    yield OwnDeployment(empty_database_url, str(config))
+
+
+class OwnDeployment:
+    def __init__(self, url: str, config: str) -> None:
+        self.url, self.config = url, config
+
+    def grant(self, block: str) -> None:
+        """Run docs/deploy.md's shape-2 block of that role (to that role only)."""
+        text = docs_sql(f"own-grants-{block}")
+        assert set(re.findall(r"\bTO (\w+)", text)) == {f"flagsched_{block}"}
+        self.sql(text)
+
+    def sql(self, statement: str, params: Any = None) -> list[Any]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def run(self, login: str, *args: str) -> Ran:
+        return invoke("--config", self.config, *args, url=url_for(self.url, login))
+
+    def attempt(self, login: str, statement: str) -> str | None:
+        """None when `statement` ran as `login`, else its SQLSTATE."""
+        try:
+            with psycopg.connect(url_for(self.url, login)) as conn:
+                conn.execute(statement)
+        except psycopg.Error as exc:
+            return exc.sqlstate
+        return None
+
+    def add_schedule(self, key: str, updates: str, at: str = "now() - interval '1 minute'",
+                     status: str = "pending") -> int:  # fmt: skip
+        (row,) = self.sql(
+            "INSERT INTO flagsched.feature_flag_schedules "
+            "(flag_key, scheduled_at, updates, status, environment) "
+            f"VALUES (%(k)s, {at}, %(u)s, %(s)s, 'production') RETURNING id",
+            {"k": key, "u": updates, "s": status},
+        )
+        return int(row[0])
+
+    def status(self, schedule_id: int) -> str:
+        (row,) = self.sql(
+            "SELECT status FROM flagsched.feature_flag_schedules WHERE id = %(i)s",
+            {"i": schedule_id},
+        )
+        return str(row[0])
+
+
+def test_process_on_your_flags_table_works_with_only_its_documented_grants(
+    own: OwnDeployment,
+) -> None:
+    """docs/deploy.md's shape-2 grants for a tick beside the first application's flags table."""
+    own.grant("process")
+    empty_database_url = own.url
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO feature_flags (flag_key, environment) VALUES "
             "('checkout', 'production'), ('checkout', 'staging'), ('window', 'production')"
@@ -483,10 +539,9 @@ def test_process_on_your_flags_table_works_with_only_its_documented_grants(
             "(flag_key, cron, timezone, updates, next_at, environment) VALUES ('window', "
             "'* * * * *', 'UTC', '{\"enabled\": true}', now() - interval '1 hour', 'production')"
         )
-    worker = url_for(empty_database_url, "flagsched_worker")
-    preview = flagsched("--config", str(config), "process", "--dry-run", url=worker)
+    preview = own.run("flagsched_worker", "process", "--dry-run")
     assert preview.code == 0, preview.stderr
-    ran = flagsched("--config", str(config), "process", url=worker)
+    ran = own.run("flagsched_worker", "process")
     assert ran.code == 1, ran.stderr  # the ghost failed for good; nothing was refused
     assert "permission denied" not in ran.stderr + preview.stderr
     with psycopg.connect(empty_database_url) as conn:
@@ -501,3 +556,147 @@ def test_process_on_your_flags_table_works_with_only_its_documented_grants(
         assert conn.execute(
             "SELECT flag_key, status FROM flagsched.feature_flag_schedules ORDER BY 1"
         ).fetchall() == [("checkout", "applied"), ("ghost", "failed"), ("window", "applied")]
+    # The same login serves the health check.
+    health = own.run("flagsched_worker", "status", "--max-lag", "3600")
+    assert health.code == 0, health.stderr
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM public.feature_flags",
+        "INSERT INTO public.feature_flags (flag_key) VALUES ('x')",
+        "UPDATE public.feature_flags SET flag_key = 'renamed'",
+        "UPDATE public.feature_flags SET environment = 'staging'",
+        "DELETE FROM flagsched.feature_flag_schedules",
+        "UPDATE flagsched.feature_flag_schedules SET updates = '{}'",
+        "UPDATE flagsched.feature_flag_schedules SET environment = 'staging'",
+        "INSERT INTO flagsched.feature_flag_schedules (flag_key, scheduled_at, updates, status) "
+        "VALUES ('x', now(), '{}', 'applied')",
+        "DELETE FROM flagsched.feature_flag_changes",
+        "INSERT INTO flagsched.feature_flag_changes (flag_key, actor) VALUES ('a', 'forged')",
+        "UPDATE flagsched.feature_flag_recurrences SET cron = '* * * * *'",
+        "CREATE TABLE flagsched.intruder (x int)",
+        "ALTER TABLE public.feature_flags ADD COLUMN x int",
+    ],
+)
+def test_process_role_on_your_flags_table_can_do_nothing_else(
+    own: OwnDeployment, statement: str
+) -> None:
+    own.grant("process")
+    assert own.attempt("flagsched_worker", statement) == DENIED
+
+
+def test_reader_on_your_flags_table_reads_and_changes_nothing(own: OwnDeployment) -> None:
+    own.grant("reader")
+    own.sql("INSERT INTO feature_flags (flag_key, environment) VALUES ('a', 'production')")
+    own.sql("UPDATE feature_flags SET enabled = true WHERE flag_key = 'a'")
+    due = own.add_schedule("a", '{"enabled": false}')
+    failed = own.add_schedule("a", '{"rollout_percentage": 5}', status="failed")
+    own.sql(
+        "INSERT INTO flagsched.feature_flag_recurrences "
+        "(flag_key, cron, timezone, updates, next_at, environment) VALUES ('a', "
+        "'0 9 * * *', 'UTC', '{\"enabled\": true}', now() + interval '1 day', 'production')"
+    )
+    status = own.run("test_reader", "status", "--format", "json")
+    assert status.code == 0, status.stderr
+    assert json.loads(status.stdout)["due"] == 1
+    listed = own.run("test_reader", "list-failed", "--format", "json")
+    assert listed.code == 0, listed.stderr
+    assert [row["id"] for row in json.loads(listed.stdout)] == [failed]
+    history = own.run("test_reader", "history", "a", "--format", "json")
+    assert history.code == 0, history.stderr
+    assert [e["new"]["enabled"] for e in json.loads(history.stdout)] == [True, False]
+    for command in (
+        ("show", str(failed)),
+        ("list",),
+        ("list", "--status", "failed"),
+        ("recurrences",),
+    ):
+        ran = own.run("test_reader", *command)
+        assert ran.code == 0, (command, ran.stderr)
+
+    tick = own.run("test_reader", "process")
+    assert tick.code == 3 and "permission denied" in tick.stderr, tick
+    assert own.status(due) == "pending"
+    for statement in (
+        "SELECT count(*) FROM public.feature_flags",
+        "UPDATE flagsched.feature_flag_schedules SET status = 'cancelled'",
+        "DELETE FROM flagsched.feature_flag_changes",
+    ):
+        assert own.attempt("test_reader", statement) == DENIED, statement
+
+
+def test_operator_on_your_flags_table_runs_its_commands_but_never_touches_flags(
+    own: OwnDeployment, tmp_path: Path
+) -> None:
+    own.grant("operator")
+    own.sql(
+        "INSERT INTO feature_flags (flag_key, environment) VALUES "
+        "('a', 'production'), ('a', 'staging')"
+    )
+    failed = own.add_schedule("a", '{"enabled": true}', status="failed")
+    doomed = own.add_schedule("other", '{"enabled": true}')
+    old = own.add_schedule("a", '{"rollout_percentage": 5}', at="now() - interval '9 days'")
+    own.sql(
+        "UPDATE flagsched.feature_flag_schedules SET status = 'applied', "
+        "applied_at = now() - interval '8 days' WHERE id = %(i)s",
+        {"i": old},
+    )
+
+    def run(*args: str) -> Ran:
+        ran = own.run("flagsched_oncall", *args)
+        assert ran.code == 0, (args, ran.stdout, ran.stderr)
+        return ran
+
+    new_id = int(run("schedule", "a", "--at", "now", "--rollout", "20").stdout.strip())
+    assert own.sql(
+        "SELECT status, environment FROM flagsched.feature_flag_schedules WHERE id = %(i)s",
+        {"i": new_id},
+    ) == [("pending", "production")]
+    run("retry", str(failed))
+    assert own.status(failed) == "pending"
+    run("cancel", str(doomed))
+    assert own.status(doomed) == "cancelled"
+    own.sql("UPDATE flagsched.feature_flag_changes SET changed_at = now() - interval '8 days'")
+    run("prune", "--older-than", "7", "--history")
+    assert own.sql("SELECT count(*) FROM flagsched.feature_flag_schedules WHERE id = %(i)s",
+                   {"i": old}) == [(0,)]  # fmt: skip
+    assert own.sql(  # the staging flag's history is another deployment's
+        "SELECT environment FROM flagsched.feature_flag_changes"
+    ) == [("staging",)]
+    ramp = run("ramp", "a", "--steps", "10,50", "--every", "1h", "--enable")
+    (group,) = own.sql(
+        "SELECT group_id FROM flagsched.feature_flag_schedules WHERE id = %(i)s",
+        {"i": int(ramp.stdout.split()[0])},
+    )[0]
+    run("cancel", "--group", str(group))
+    recurring = run(
+        "schedule", "a", "--cron", "0 2 * * *", "--tz", "Europe/Berlin", "--enable",
+        "--expires-after", "1h", "--on-conflict", "apply",
+    )  # fmt: skip
+    for command in (
+        ("status",),
+        ("list-failed",),
+        ("history",),
+        ("show", str(new_id)),
+        ("list",),
+        ("recurrences",),
+        ("plan", "--at", "2100-01-01T00:00:00Z"),
+        ("agenda", "--html", str(tmp_path / "agenda.html")),
+    ):
+        run(*command)
+    run("cancel", "--recurrence", recurring.stdout.strip())
+    assert own.sql(
+        "SELECT flag_key, environment, enabled, rollout_percentage FROM feature_flags "
+        "ORDER BY 1, 2"
+    ) == [("a", "production", False, 0), ("a", "staging", False, 0)]
+    for statement in (
+        "UPDATE public.feature_flags SET enabled = true",
+        "INSERT INTO public.feature_flags (flag_key) VALUES ('x')",
+        "DELETE FROM public.feature_flags",
+        "UPDATE flagsched.feature_flag_schedules SET updates = '{}'",
+        "UPDATE flagsched.feature_flag_schedules SET environment = 'staging'",
+        "DROP TABLE flagsched.feature_flag_schedules",
+    ):
+        assert own.attempt("flagsched_oncall", statement) == DENIED, statement

@@ -7,6 +7,7 @@ import json
 import random
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 from flagsched import materialise, tick
 from flagsched.db import Database, connection
 from flagsched.model import Outcome
-from tests.conftest import _command_env
+from tests.conftest import _command_env, invoke
 
 Sql = Callable[..., list[Any]]
 
@@ -261,3 +262,38 @@ def test_a_row_referencing_a_recurrence_does_not_hide_it(
 def database_url(shaped_database_url: str) -> str:
     """Every test here on the built-in tables and on your own flags table (issue 18)."""
     return shaped_database_url
+
+
+def test_dry_run_shows_the_due_occurrences_it_would_materialise_without_writing(
+    database: Database, database_url: str, sql: Sql, add_flag: Any
+) -> None:
+    """Found by the adversarial pass: with only a recurrence due, `process --dry-run` said
+    "nothing is due" (the tick's first step, materialising, was not previewed)."""
+    add_flag("a")
+    yearly = add_recurrence(sql, "a", "0 0 1 1 *", behind="400 days")  # missed ones collapse
+    broken = add_recurrence(sql, "a", "every tuesday", behind="1 minute")
+
+    def state() -> list[Any]:
+        return sql("SELECT * FROM feature_flag_recurrences ORDER BY id") + sql(
+            "SELECT * FROM feature_flag_schedules ORDER BY id"
+        )
+
+    before = state()
+    plan = tick.preview(database, tick.TickOptions())
+    ran = invoke("process", "--dry-run", url=database_url)
+    assert state() == before
+    (year,) = sql("SELECT CAST(extract(year FROM now()) AS integer)")[0]
+    assert [(p.id, p.recurrence_id, p.flag_key, p.would) for p in plan] == [
+        (None, yearly, "a", f"materialise recurrence {yearly} into a schedule to apply: on"),
+        (None, broken, "a", f"stop recurrence {broken}: 'every tuesday' is not a 5-field "
+         "cron expression (minute hour day month weekday, e.g. '0 2 * * *')"),
+    ]  # fmt: skip
+    assert plan[0].scheduled_at == datetime(year, 1, 1, tzinfo=UTC)
+    assert ran.code == 0, ran.stderr
+    assert "nothing is due" not in ran.stdout
+    assert f"materialise recurrence {yearly} into a schedule to apply: on" in ran.stdout
+
+    # The tick makes exactly what the preview showed.
+    tick.run(database, tick.TickOptions(), rng=random.Random(0))
+    made = sql("SELECT recurrence_id, scheduled_at, status FROM feature_flag_schedules")
+    assert [tuple(r) for r in made] == [(yearly, plan[0].scheduled_at, "applied")]

@@ -649,7 +649,7 @@ def test_dry_run_changes_nothing(
     )
     assert before == after
     what = sorted(p.would for p in plan)
-    assert what[0] == "apply {'enabled': True}"
+    assert what[0] == "apply: on"
     assert any("does not exist" in w for w in what)
     assert any("enabled must be true or false" in w for w in what)
 
@@ -750,4 +750,4 @@ def test_dry_run_locks_nothing_a_running_tick_would_skip(
         holder.rollback()
         holder.close()
         previewing.join()
-    assert [p.schedule.id for p in plans[0]] == due
+    assert [p.id for p in plans[0]] == due

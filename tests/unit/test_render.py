@@ -24,3 +24,12 @@ def test_a_cell_too_deep_is_a_note_and_long_text_is_cut() -> None:
         deep = [deep]
     assert render.compact(deep) == f"(nested {render.MAX_DEPTH + 6} levels deep: not shown)"
     assert render.compact({"enabled": "x" * 100}, width=20) == '{"enabled":"xxxxx...'
+
+
+def test_a_flags_unset_values_are_words_never_none() -> None:
+    # an application's nullable enabled / rollout columns (your own tables) may hold NULL
+    assert render.flag_values(True, 25) == "on 25%"
+    assert render.flag_values(False, 0) == "off 0%"
+    assert render.flag_values(None, 5) == "enabled unset, 5%"
+    assert render.flag_values(True, None) == "on, rollout unset"
+    assert render.flag_values(None, None) == "enabled unset, rollout unset"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,7 @@ FLAGS = '[flags]\ntable = "t"\nid = "id"\nkey = "k"\nenabled = "e"\n'
         (FLAGS + "scope = {}", "flags.scope: names no column"),
         (FLAGS + "scope = { env = 1.5 }", "env: must be a string, an integer or a boolean"),
         (FLAGS + "scope = 'production'", "flags.scope: must be a table of column = value"),
+        (FLAGS + 'scope = { env = "prod\\u0000" }', "flags.scope: env: must not hold a NUL"),
         (FLAGS + "[schedules]\ntable='s'\nid='id'\nupdates='u'", "schedules.flag_id: give exactly"),
         (
             FLAGS + "[schedules]\ntable='s'\nid='i'\nupdates='u'\nflag_id='f'\nflag_key='k'",
@@ -326,7 +328,12 @@ _names = st.text(
 
 
 @settings(max_examples=200, deadline=None)
-@given(_names, _names, _names, st.one_of(st.text(), st.integers(), st.booleans()))
+@given(
+    _names,
+    _names,
+    _names,
+    st.one_of(st.text(st.characters(blacklist_characters="\x00")), st.integers(), st.booleans()),
+)
 def test_names_and_scope_values_are_kept_exactly(
     schema: str, table: str, key: str, scope_value: Any
 ) -> None:
@@ -425,6 +432,18 @@ def test_a_scope_value_must_be_comparable_with_its_column(
 ) -> None:
     column = CatalogColumn("env", base_type, base_type)
     assert (scope_value_problem(value, column) is None) is fits
+
+
+def test_a_string_scope_value_of_an_enum_must_be_one_of_its_labels() -> None:
+    # a domain over an enum has its base type's labels (the catalog read gives them)
+    column = CatalogColumn("env", "env_kind", "env_domain", labels=("production", "staging"))
+    assert scope_value_problem("staging", column) is None
+    assert scope_value_problem("Production", column) == (
+        "not a label of the enum env_domain ('production', 'staging')"
+    )
+    many = replace(column, labels=tuple(f"e{n}" for n in range(12)))
+    problem = scope_value_problem("x", many)
+    assert problem is not None and problem.endswith("'e9', ...)")
 
 
 def test_no_flags_section_checks_nothing() -> None:

@@ -132,3 +132,9 @@ def test_clip_bounds_any_text(text: str, limit: int) -> None:
         kept = clipped.removesuffix(tail) if clipped.endswith(tail) else clipped
         assert text.startswith(kept)
     assert len(clip(text)) <= MAX_TEXT
+
+
+def test_a_change_in_words_is_a_readable_line_not_a_dict() -> None:
+    assert Updates(enabled=True, rollout_percentage=25).words() == "on, rollout 25%"
+    assert Updates(enabled=False).words() == "off"
+    assert Updates(rollout_percentage=0).words() == "rollout 0%"
