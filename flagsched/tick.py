@@ -620,7 +620,7 @@ class Preview:
     """--dry-run: what the tick would do with one schedule, or with a due occurrence of a
     recurrence (`recurrence_id`; `id` None: no schedule made yet), in words."""
 
-    id: int | None
+    id: ScheduleId | None
     flag_key: str
     scheduled_at: datetime
     would: str
