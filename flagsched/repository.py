@@ -33,7 +33,7 @@ from flagsched.model import (
 )
 from flagsched.required import REQUIRED, Function, Required, Table, required
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
-from flagsched.sql import Tables, current, statement, stored
+from flagsched.sql import TableMap, Tables, current, statement, stored
 
 if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
     from flagsched.rows import (
@@ -227,30 +227,39 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
 def adopt(conn: Conn, tables: Tables) -> list[str]:
     """Create what flagsched keeps beside an application's tables (issue 18): its schema and
     own tables (IF NOT EXISTS), the stored objects of this mapping that are missing (their
-    names carry a digest of their text: present means identical), and the record triggers
-    on the flags table that are missing (by name). Returns what it created, for the log.
-    The caller holds the migration lock; never alters an application table but for the
-    triggers."""
+    names carry a digest of their text: present means identical), and the triggers that are
+    missing (by name): the record triggers on the flags table, four eyes' on flagsched's own
+    tables (also on tables an earlier release made without them). Returns what it created,
+    for the log. The caller holds the migration lock; never alters an application table but
+    for the record triggers."""
     made: list[str] = []
     conn.execute(stored.own_tables(tables))
-    relation = _flags_relation(tables)
     for signature, create in stored.creates(tables, stored.ADOPTED_ROUTINES):
         if _scalar(conn, statement("routine_missing"), {"signature": signature}):
             conn.execute(create)
             made.append(f"function {signature}")
-    for name, create in stored.triggers(tables):
-        if _scalar(conn, statement("trigger_missing"), {"relation": relation, "name": name}):
-            conn.execute(create)
-            made.append(f"trigger {name}")
+    for trigger in stored.triggers(tables):
+        table = tables.table(trigger.table)
+        assert table is not None, trigger.table
+        relation = _relation(table)
+        if _scalar(
+            conn, statement("trigger_missing"), {"relation": relation, "name": trigger.name}
+        ):
+            conn.execute(trigger.create)
+            made.append(f"trigger {trigger.name}")
     return made
 
 
-def _flags_relation(tables: Tables) -> str:
-    """The flags table's name as to_regclass reads it (each part quoted)."""
-    flags = tables.flags
+def _relation(table: TableMap) -> str:
+    """A table's name as to_regclass reads it (each part quoted)."""
     return ".".join(
-        '"' + part.replace('"', '""') + '"' for part in (flags.schema, flags.name) if part
+        '"' + part.replace('"', '""') + '"' for part in (table.schema, table.name) if part
     )
+
+
+def _flags_relation(tables: Tables) -> str:
+    """The flags table's name as to_regclass reads it."""
+    return _relation(tables.flags)
 
 
 @dataclass(frozen=True, slots=True)

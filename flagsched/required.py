@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flagsched.sql import BUILT_IN, TableMap, Tables
-from flagsched.sql.stored import ADOPTED_ROUTINES, ARGUMENTS, ROUTINES
+from flagsched.sql.stored import ADOPTED_ROUTINES, APPROVAL_TRIGGERS, ARGUMENTS, ROUTINES
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,8 @@ def required(tables: Tables) -> tuple[Required, ...]:
     """What this release uses on `tables`: `REQUIRED` for the built-in tables; on an
     application's (issue 18) its flags table's configured columns, flagsched's own tables in
     its schema (the built-in columns plus the scope's), the stored objects of that mapping
-    (by their digest names) and the record triggers on the flags table, by family."""
+    (by their digest names), the record triggers on the flags table and four eyes' on
+    flagsched's own tables (issue 20), by family."""
     if not tables.adopted:
         return REQUIRED
     flags = tables.flags
@@ -184,4 +185,11 @@ def required(tables: Tables) -> tuple[Required, ...]:
             Trigger(_relation(flags), f"flagsched_record_{event}")
             for event in ("insert", "update", "delete", "truncate")
         ),
+        *(Trigger(_relation(_table(tables, t)), family) for t, family in APPROVAL_TRIGGERS),
     )
+
+
+def _table(tables: Tables, logical: str) -> TableMap:
+    found = tables.table(logical)
+    assert found is not None, logical
+    return found

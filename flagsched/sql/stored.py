@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.resources import files
 
@@ -29,18 +29,27 @@ from flagsched.sql import BUILT_IN_ROUTINES, TableMap, Tables, _compose
 # In dependency order: a template may call only those before it. Migration 0009 creates
 # these for the built-in tables (whose record triggers are 0006's).
 ROUTINES: tuple[str, ...] = ("kept_attempts", "check", "claim", "held_back", "apply")
-# An application's tables also get the record triggers' functions (issue 18).
+# An application's tables also get the record triggers' functions (issue 18), and four
+# eyes' (issue 20: migration 0008's triggers, which the built-in tables have from it). Each
+# routine's digest covers only the names of those before it: one added at the end leaves the
+# names of the earlier ones as a previous release computed them.
 ADOPTED_ROUTINES: tuple[str, ...] = (
     *ROUTINES,
     "record_moved",
     "record_change",
     "record_truncate",
+    "note_creator",
+    "note_recurrence_creator",
+    "check_approval",
 )
 # The base names of the routines only adopted shapes have (suffixed with their digest).
 _ADOPTED_BASES: tuple[tuple[str, str], ...] = (
     ("record_moved", "flagsched_record_moved_v2"),
     ("record_change", "flagsched_record_change_v3"),
     ("record_truncate", "flagsched_record_truncate_v2"),
+    ("note_creator", "flagsched_note_creator_v1"),
+    ("note_recurrence_creator", "flagsched_note_recurrence_creator_v1"),
+    ("check_approval", "flagsched_check_approval_v1"),
 )
 
 # Each routine's argument types, as `to_regprocedure` reads them (the required-objects check).
@@ -53,6 +62,9 @@ ARGUMENTS: dict[str, tuple[str, ...]] = {
     "record_moved": (),
     "record_change": (),
     "record_truncate": (),
+    "note_creator": (),
+    "note_recurrence_creator": (),
+    "check_approval": (),
 }
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -215,11 +227,15 @@ def own_tables(tables: Tables) -> str:
     return render("own_tables", tables)
 
 
-# The record triggers on an application's flags table: (family, timing, event, transition
-# tables, condition, function). Named `<family>_<digest of the function's name>`, so the
-# required-objects check (by family) finds them and a second migrate finds them by name.
-_TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
+# flagsched's triggers beside an application's tables: (table, family, timing, event,
+# transition tables, condition, function). Named `<family>_<digest of the function's name>`,
+# so the required-objects check (by family) finds them and a second migrate finds them by
+# name. On the flags table the record triggers (issue 18); on flagsched's own schedules,
+# recurrences and approvals tables four eyes' (issue 20, as migration 0008 has them on the
+# built-in tables: the creator noted on INSERT, a verdict checked).
+_TRIGGERS: tuple[tuple[str, str, str, str, str, str, str], ...] = (
     (
+        "flags",
         "flagsched_record_insert",
         "AFTER",
         "INSERT",
@@ -228,6 +244,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "record_change",
     ),
     (
+        "flags",
         "flagsched_record_update",
         "AFTER",
         "UPDATE",
@@ -237,6 +254,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
     ),
     # row-level AFTER triggers of a statement fire before its statement-level ones
     (
+        "flags",
         "flagsched_record_update_moved",
         "AFTER",
         "UPDATE",
@@ -245,6 +263,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "record_moved",
     ),
     (
+        "flags",
         "flagsched_record_delete",
         "AFTER",
         "DELETE",
@@ -253,6 +272,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "record_change",
     ),
     (
+        "flags",
         "flagsched_record_truncate",
         "BEFORE",
         "TRUNCATE",
@@ -260,23 +280,58 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "FOR EACH STATEMENT",
         "record_truncate",
     ),
+    ("schedules", "flagsched_note_creator", "BEFORE", "INSERT", "", "FOR EACH ROW", "note_creator"),
+    (
+        "recurrences",
+        "flagsched_note_creator",
+        "BEFORE",
+        "INSERT",
+        "",
+        "FOR EACH ROW",
+        "note_recurrence_creator",
+    ),
+    (
+        "approvals",
+        "flagsched_check_approval",
+        "BEFORE",
+        "INSERT",
+        "",
+        "FOR EACH ROW",
+        "check_approval",
+    ),
 )
 
 
 # The record trigger families' name prefixes (each trigger's name ends in its digest).
-RECORD_FAMILIES: tuple[str, ...] = tuple(family for family, *_ in _TRIGGERS)
+RECORD_FAMILIES: tuple[str, ...] = tuple(
+    family for table, family, *_ in _TRIGGERS if table == "flags"
+)
+# Four eyes' triggers by table and family (the required-objects check).
+APPROVAL_TRIGGERS: tuple[tuple[str, str], ...] = tuple(
+    (table, family) for table, family, *_ in _TRIGGERS if table != "flags"
+)
 
 
-def triggers(tables: Tables) -> list[tuple[str, str]]:
-    """(trigger name, CREATE TRIGGER statement) of the record triggers on the flags table."""
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """One of flagsched's triggers beside an application's tables."""
+
+    table: str  # the logical table it is on (`flags`, `schedules`, ...: `Tables.table`)
+    name: str
+    create: str  # its CREATE TRIGGER statement
+
+
+def triggers(tables: Tables) -> list[Trigger]:
+    """flagsched's triggers of an adopted mapping: the record triggers on the flags table,
+    four eyes' on flagsched's own tables."""
     made = []
-    for family, timing, event, transition, each, routine in _TRIGGERS:
+    for table, family, timing, event, transition, each, routine in _TRIGGERS:
         name = f"{family}_{_digest(tables.fn.column(routine))}"
         text = (
-            f"CREATE TRIGGER {_quoted(name)} {timing} {event} ON {{flags}} {transition} "
+            f"CREATE TRIGGER {_quoted(name)} {timing} {event} ON {{{table}}} {transition} "
             f"{each} EXECUTE FUNCTION {{fn.{routine}}}()"
         )
-        made.append((name, _compose(text, tables).as_string(None)))
+        made.append(Trigger(table, name, _compose(text, tables).as_string(None)))
     return made
 
 

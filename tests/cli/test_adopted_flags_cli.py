@@ -266,7 +266,69 @@ def test_migrate_adds_only_its_schema_and_the_record_triggers_and_is_idempotent(
         "flagsched_record_update",
         "flagsched_record_update_moved",
     ]
-    assert functions == (8,)  # the two deployments share one set of stored objects
+    assert functions == (11,)  # the two deployments share one set of stored objects
+    assert _four_eyes_triggers(empty_database_url, "flagsched") == FOUR_EYES_TRIGGERS
+
+
+# Four eyes' triggers on flagsched's own tables (issue 20), as migration 0008 has them on the
+# built-in tables: (table, trigger family, function family).
+FOUR_EYES_TRIGGERS = [
+    ("feature_flag_approvals", "flagsched_check_approval", "flagsched_check_approval_v1"),
+    ("feature_flag_recurrences", "flagsched_note_creator", "flagsched_note_recurrence_creator_v1"),
+    ("feature_flag_schedules", "flagsched_note_creator", "flagsched_note_creator_v1"),
+]
+
+
+def _four_eyes_triggers(url: str, schema: str) -> list[tuple[str, str, str]]:
+    """The triggers on flagsched's own tables in `schema` (names without their digest)."""
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT c.relname, t.tgname, p.proname FROM pg_trigger t "
+            "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid "
+            "WHERE c.relnamespace = to_regnamespace(%s) AND NOT t.tgisinternal ORDER BY 1, 2",
+            (pgsql.Identifier(schema).as_string(None),),
+        ).fetchall()
+    return [(table, name.rsplit("_", 1)[0], fn.rsplit("_", 1)[0]) for table, name, fn in found]
+
+
+def test_migrate_adds_four_eyes_to_the_tables_an_earlier_release_made(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A deployment migrated by the previous release has flagsched's tables without four
+    eyes' triggers (own_tables.sql creates them IF NOT EXISTS): every command refuses the
+    schema (exit 3, naming what is missing), `migrate --check` says it is behind (exit 1),
+    and `migrate` adds the functions and triggers, once: a second run creates nothing."""
+    d = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+    d.add_flag("new-checkout")
+    kept = d.add_schedule("new-checkout", {"enabled": True}, at="now() + interval '1 hour'")
+    functions = d.sql(
+        "SELECT CAST(oid AS regprocedure) FROM pg_proc WHERE pronamespace = "
+        "'flagsched'::regnamespace AND proname ~ '^flagsched_(note|check_approval)'"
+    )
+    assert len(functions) == 3
+    for (function,) in functions:  # the previous release's schema
+        d.sql(f"DROP FUNCTION {function} CASCADE")
+    assert _four_eyes_triggers(d.url, "flagsched") == []
+
+    refused = d.run("list")
+    assert refused.code == 3, refused
+    assert refused.stderr.count("\n") == 1 and "flagsched_note_creator" in refused.stderr
+    assert "run `flagsched migrate`" in refused.stderr
+    behind = d.run("migrate", "--check")
+    assert behind.code == 1 and "run `flagsched migrate`" in behind.stdout, behind
+
+    migrated = d.run("migrate")
+    assert migrated.code == 0, migrated.stderr
+    # three functions, three triggers
+    assert json.loads(migrated.stderr.splitlines()[-1])["created"] == 6
+    assert _four_eyes_triggers(d.url, "flagsched") == FOUR_EYES_TRIGGERS
+    again = d.run("migrate")
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stderr.splitlines()[-1])["created"] == 0
+    assert _four_eyes_triggers(d.url, "flagsched") == FOUR_EYES_TRIGGERS
+    assert d.run("migrate", "--check").code == 0
+    assert d.schedule(kept)["status"] == "pending"  # the rows an earlier release left stay
+    assert d.run("list").code == 0
 
 
 def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
@@ -683,7 +745,7 @@ def test_migrates_of_several_deployments_at_once_all_succeed(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.feature_flags'::regclass "
             "AND NOT tgisinternal"
         ).fetchone()
-    assert (functions, triggers) == ((8,), (5,))
+    assert (functions, triggers) == ((11,), (5,))
 
 
 def test_approvals_on_your_tables_are_refused_in_one_line(
