@@ -84,9 +84,10 @@ class Configuration:
     def not_available(self, command: str | None = None) -> str | None:
         """Why this release cannot run `command` with this configuration yet (None: it
         can). On an application's flags with flagsched's own schedules table (no
-        `[schedules]`) every command runs; every command on an application's schedules
-        table is refused before touching the database (`migrate` checks the configuration
-        first): nothing half-built may touch an application's tables."""
+        `[schedules]`) every command runs, approvals (four eyes, `[approval]`) included;
+        every command on an application's schedules table is refused before touching the
+        database (`migrate` checks the configuration first): nothing half-built may touch
+        an application's tables."""
         if self.flags is None:
             if self.schema != DEFAULT_SCHEMA:
                 return (
@@ -100,16 +101,6 @@ class Configuration:
                 f"{self.where}: running on your own tables with [schedules] (the "
                 "application's schedules table) is not available in this release yet; "
                 "`flagsched migrate --check` checks the configuration against the database"
-            )
-        if command in ("approve", "reject"):
-            return (
-                f"{self.where}: `flagsched {command}` (four eyes) on your own tables ([flags]) "
-                "is not available in this release yet: approvals run on the built-in tables only"
-            )
-        if self.approval != ApprovalPolicy():
-            return (
-                f"{self.where}: [approval] (four eyes) with [flags] (your own tables) is not "
-                "available in this release yet: approvals run on the built-in tables only"
             )
         return None
 
