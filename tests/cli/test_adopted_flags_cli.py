@@ -914,12 +914,12 @@ def test_approvals_stay_within_their_scope(
     with psycopg.connect(people[BOB].url, autocommit=True) as conn:
         row = conn.execute(
             "INSERT INTO flagsched.feature_flag_schedules "
-            "(flag_key, scheduled_at, updates, recurrence_id, environment) "
-            "VALUES ('new-checkout', now(), '{\"enabled\": true}', %s, 'staging') "
+            "(flag_key, scheduled_at, updates, recurrence_id, environment, created_by) "
+            "VALUES ('new-checkout', now(), '{\"enabled\": true}', %s, 'staging', %s) "
             "RETURNING created_by, needs_approval",
-            (recurrence,),
+            (recurrence, ALICE),
         ).fetchone()
-    assert row == (BOB, False)
+    assert row == (BOB, False)  # whatever the INSERT said
 
 
 def test_the_claims_approval_rule_holds_on_your_tables(deployment: Deployment) -> None:
