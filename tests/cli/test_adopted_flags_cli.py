@@ -538,15 +538,16 @@ def _json(ran: Ran) -> Any:
     return json.loads(ran.stdout)
 
 
+def _staging(production: Deployment, tmp_path: Path, url: str | None = None) -> Deployment:
+    """The staging deployment beside the first application's production one (as the login
+    of `url`, when given)."""
+    config = _config(tmp_path, UPSTREAM_SHAPE, "staging")
+    return Deployment(UPSTREAM_SHAPE, url or production.url, config, "staging", production.own)
+
+
 def test_every_command_works_in_its_own_scope(empty_database_url: str, tmp_path: Path) -> None:
     production = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
-    staging = Deployment(
-        UPSTREAM_SHAPE,
-        empty_database_url,
-        _config(tmp_path, UPSTREAM_SHAPE, "staging"),
-        "staging",
-        "flagsched",
-    )
+    staging = _staging(production, tmp_path)
     for d in (production, staging):
         d.add_flag("new-checkout")
     made = production.run("schedule", "new-checkout", "--at", "now", "--enable", "--rollout", "30")
@@ -884,17 +885,9 @@ def test_approvals_stay_within_their_scope(
     (no verdict written); a schedule citing another scope's recurrence is not that
     recurrence creator's (its own inserter's: four eyes still hold for it)."""
     production = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
-    staging = Deployment(
-        UPSTREAM_SHAPE,
-        empty_database_url,
-        _config(tmp_path, UPSTREAM_SHAPE, "staging"),
-        "staging",
-        "flagsched",
-    )
+    staging = _staging(production, tmp_path)
     people = _people(production)
-    bob_staging = Deployment(
-        UPSTREAM_SHAPE, people[BOB].url, staging.config, "staging", "flagsched"
-    )
+    bob_staging = _staging(production, tmp_path, url=people[BOB].url)
     for d in (production, staging):
         d.add_flag("new-checkout")
     made = people[ALICE].run("schedule", "new-checkout", "--at", "now", "--enable", "--approval")
