@@ -124,7 +124,7 @@ def _serves_another(
     rendering) would record every change twice."""
     from flagsched.sql import stored
 
-    ours = {name for name, _ in stored.triggers(configuration.tables())}
+    ours = {t.name for t in stored.triggers(configuration.tables())}
     record = [t for t in found if t.name.startswith(stored.RECORD_FAMILIES)]
     elsewhere = sorted({t.relation for t in record if not t.here})
     if elsewhere:

@@ -233,27 +233,27 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
 def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str] | None = None) -> list[str]:
     """Create what flagsched keeps beside an application's tables (issue 18): its schema and
     own tables (IF NOT EXISTS), the stored objects of this mapping that are missing (their
-    names carry a digest of their text: present means identical), and the record triggers
-    on the flags table that are missing (by name). Returns what it created, for the log.
-    The caller holds the migration lock; never alters an application table but for the
-    triggers."""
+    names carry a digest of their text: present means identical), and the triggers that are
+    missing (by name): the record triggers on the flags table, four eyes' on flagsched's own
+    tables (also on tables an earlier release made without them). Returns what it created,
+    for the log. The caller holds the migration lock; never alters an application table but
+    for the record triggers."""
     made: list[str] = []
     conn.execute(stored.own_tables(tables, facts))
-    relation = _flags_relation(tables)
     for signature, create in stored.creates(tables, stored.ADOPTED_ROUTINES):
         if _scalar(conn, statement("routine_missing"), {"signature": signature}):
             conn.execute(create)
             made.append(f"function {signature}")
-    for name, create in stored.triggers(tables):
-        if _scalar(conn, statement("trigger_missing"), {"relation": relation, "name": name}):
-            conn.execute(create)
-            made.append(f"trigger {name}")
+    for trigger in stored.triggers(tables):
+        table = tables.table(trigger.table)
+        assert table is not None, trigger.table
+        relation = _relation(table)
+        if _scalar(
+            conn, statement("trigger_missing"), {"relation": relation, "name": trigger.name}
+        ):
+            conn.execute(trigger.create)
+            made.append(f"trigger {trigger.name}")
     if tables.app_schedules is not None:
-        name, create = stored.schedule_trigger(tables)
-        relation = _relation(tables.app_schedules)
-        if _scalar(conn, statement("trigger_missing"), {"relation": relation, "name": name}):
-            conn.execute(create)
-            made.append(f"trigger {name}")
         # rows the application's table held before (and any the trigger did not see): a
         # state row each, without a creator or a snapshot (their conflict window starts
         # at their created_at)
@@ -269,16 +269,16 @@ def note_unseen_schedules(conn: Conn) -> None:
         conn.execute(statement("note_unseen_schedules"))
 
 
-def _flags_relation(tables: Tables) -> str:
-    """The flags table's name as to_regclass reads it (each part quoted)."""
-    return _relation(tables.flags)
-
-
 def _relation(table: TableMap) -> str:
     """A table's name as to_regclass reads it (each part quoted)."""
     return ".".join(
         '"' + part.replace('"', '""') + '"' for part in (table.schema, table.name) if part
     )
+
+
+def _flags_relation(tables: Tables) -> str:
+    """The flags table's name as to_regclass reads it."""
+    return _relation(tables.flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,7 +523,7 @@ def record(
     if not applied and not failed:
         return
     conn.execute(
-        statement("record"),
+        statement("record_app" if current().app_schedules is not None else "record"),
         {
             "applied": [c.id for c in applied],
             "applied_made": [c.attempts_made for c in applied],

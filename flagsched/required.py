@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from flagsched.sql import BUILT_IN, TableMap, Tables
 from flagsched.sql.stored import (
     ADOPTED_ROUTINES,
+    APPROVAL_TRIGGERS,
     ARGUMENTS,
     ROUTINES,
     SCHEDULE_TRIGGER,
@@ -153,7 +154,8 @@ def required(tables: Tables) -> tuple[Required, ...]:
     """What this release uses on `tables`: `REQUIRED` for the built-in tables; on an
     application's (issue 18) its flags table's configured columns, flagsched's own tables in
     its schema (the built-in columns plus the scope's), the stored objects of that mapping
-    (by their digest names) and the record triggers on the flags table, by family."""
+    (by their digest names), the record triggers on the flags table and four eyes' on
+    flagsched's own tables (issue 20), by family."""
     if not tables.adopted:
         return REQUIRED
     flags = tables.flags
@@ -188,6 +190,13 @@ def required(tables: Tables) -> tuple[Required, ...]:
             Trigger(_relation(flags), f"flagsched_record_{event}")
             for event in ("insert", "update", "delete", "truncate")
         ),
+        *(
+            Trigger(_relation(_table(tables, t)), family)
+            for t, family in APPROVAL_TRIGGERS
+            # over an application's schedules table (a view) its own trigger notes the
+            # creator (`_app_schedules`)
+            if not (t == "schedules" and tables.app_schedules is not None)
+        ),
     )
 
 
@@ -200,3 +209,9 @@ def _app_schedules(tables: Tables) -> tuple[Required, ...]:
         Table(_relation(tables.state), ("id", "attempts", "created_snapshot")),
         Trigger(_relation(tables.app_schedules), SCHEDULE_TRIGGER),
     )
+
+
+def _table(tables: Tables, logical: str) -> TableMap:
+    found = tables.table(logical)
+    assert found is not None, logical
+    return found

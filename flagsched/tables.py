@@ -84,9 +84,10 @@ class Configuration:
     def not_available(self, command: str | None = None) -> str | None:
         """Why this release cannot run `command` with this configuration yet (None: it
         can). On an application's flags with flagsched's own schedules table (no
-        `[schedules]`) every command runs; every command on an application's schedules
-        table is refused before touching the database (`migrate` checks the configuration
-        first): nothing half-built may touch an application's tables."""
+        `[schedules]`) every command runs, approvals (four eyes, `[approval]`) included;
+        every command on an application's schedules table is refused before touching the
+        database (`migrate` checks the configuration first): nothing half-built may touch
+        an application's tables."""
         if self.flags is None:
             if self.schema != DEFAULT_SCHEMA:
                 return (
@@ -95,16 +96,6 @@ class Configuration:
                     "tables live in the search_path"
                 )
             return None
-        if command in ("approve", "reject"):
-            return (
-                f"{self.where}: `flagsched {command}` (four eyes) on your own tables ([flags]) "
-                "is not available in this release yet: approvals run on the built-in tables only"
-            )
-        if self.approval != ApprovalPolicy():
-            return (
-                f"{self.where}: [approval] (four eyes) with [flags] (your own tables) is not "
-                "available in this release yet: approvals run on the built-in tables only"
-            )
         return None
 
     def tables(self) -> Tables:
@@ -169,7 +160,10 @@ def _adopted_tables(configuration: Configuration) -> Tables:
     )
     # the stored objects' names depend on the scope's columns, never on its values
     unscoped = replace(mapping, scope=tuple((column, "") for column, _ in mapping.scope))
-    return replace(mapping, fn=stored.adopted_routines(unscoped, own))
+    routines = stored.adopted_routines(unscoped, own)
+    if app_schedules is not None:  # rendered by `flagsched migrate` (own_schedules.sql)
+        routines = replace(routines, columns=(*routines.columns, ("record_app", stored.RECORD_APP)))
+    return replace(mapping, fn=routines)
 
 
 # ==================== parsing: TOML -> Configuration =====================================

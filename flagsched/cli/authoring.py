@@ -41,18 +41,6 @@ def _no_rollout_column(option: str) -> None:
         )
 
 
-def _no_approval_on_own_tables(needs_approval: bool) -> None:
-    """Four eyes on your own tables (issue 18) is not available in this release yet:
-    --approval there is refused before anything is written (exit 2)."""
-    from flagsched.sql import current
-
-    if needs_approval and current().adopted:
-        raise click.UsageError(
-            "--approval: approvals (four eyes) on your own tables are not available in this "
-            "release yet (docs/own-tables.md)"
-        )
-
-
 def _updates(enabled: bool | None, rollout: int | None) -> Any:
     from flagsched.model import InvalidUpdates, Updates
 
@@ -123,7 +111,6 @@ def schedule(
 
     if (at is None) == (cron_text is None):
         raise click.UsageError("give exactly one of --at TIME and --cron EXPR")
-    _no_approval_on_own_tables(needs_approval)
     if enable and disable:
         raise click.UsageError("--enable and --disable exclude each other")
     enabled = True if enable else False if disable else None
@@ -209,7 +196,6 @@ def ramp(
     from flagsched import operators
     from flagsched.model import OnConflict, Updates
 
-    _no_approval_on_own_tables(needs_approval)
     _no_rollout_column("--steps")
     last_step = every * (len(steps) - 1)
     reach = last_step if expires_after is None else last_step + expires_after

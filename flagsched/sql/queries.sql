@@ -342,42 +342,64 @@ SELECT i.id, k.outcome, k.message
 FROM unnest(CAST(%(ids)b AS {schedule_id_type()}[])) AS i(id)
 CROSS JOIN LATERAL {fn.check}(i.id, make_interval(secs => %(lateness)s)) k
 
+-- name: record_new
+-- Each schedule's outcome: its new values, computed once (`new`), then written by `record`
+-- (flagsched's own schedules table) or `record_app` (an application's, where flagsched's
+-- view cannot take a set-based UPDATE).
+WITH v AS (
+    SELECT a.id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
+           NULL::text AS last_error, NULL::integer AS max_retries, a.made
+    FROM unnest(CAST(%(applied)b AS {schedule_id_type()}[]), CAST(%(applied_made)b AS integer[]))
+         AS a(id, made)
+    UNION ALL
+    SELECT f.id, f.outcome, f.next_retry_at, f.last_error, f.max_retries, f.made
+    FROM unnest(CAST(%(failed)b AS {schedule_id_type()}[]), CAST(%(outcomes)b AS text[]),
+                CAST(%(next)b AS timestamptz[]), CAST(%(errors)b AS text[]),
+                CAST(%(max)b AS integer[]), CAST(%(failed_made)b AS integer[]))
+         AS f(id, outcome, next_retry_at, last_error, max_retries, made)
+), new AS (
+    SELECT s.id,
+           CASE WHEN v.outcome = 'applied' THEN 'applied' ELSE 'failed' END AS status,
+           CASE WHEN v.outcome = 'applied' THEN CAST(%(now)s AS timestamptz) END AS applied_at,
+           -- saturates: a retry_count at the integer limit stays there (no overflow)
+           s.retry_count + CASE
+               WHEN v.outcome = 'applied' OR s.retry_count = {INT_MAX} THEN 0 ELSE 1 END
+               AS retry_count,
+           coalesce(v.max_retries, s.max_retries) AS max_retries,
+           v.next_retry_at,
+           CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END AS last_error,
+           CAST(%(now)s AS timestamptz) AS updated_at,
+           -- the claim numbered the attempts kept, and the row stayed locked since:
+           -- none kept means start again from []; otherwise the last few are kept
+           -- (stored/kept_attempts.sql, bounded: it reads no TOAST of a value too
+           -- large to keep), so a row's cost is bounded whatever it held
+           CASE WHEN v.made = 0 THEN '[]'::jsonb
+                ELSE {fn.kept_attempts}(s.attempts) END
+               || jsonb_build_array(jsonb_build_object(
+               'attempt', v.made + 1, 'at', %(at)s::text,
+               'outcome', v.outcome, 'error', v.last_error)) AS attempts
+    FROM {schedules} AS s JOIN v ON s.id = v.id
+)
+
 -- name: record
-WITH recorded AS (
+{record_new}, recorded AS (
     UPDATE {schedules} AS s
-    SET status = CASE WHEN v.outcome = 'applied' THEN 'applied' ELSE 'failed' END,
-        applied_at = CASE WHEN v.outcome = 'applied' THEN %(now)s::timestamptz END,
-        -- saturates: a retry_count at the integer limit stays there (no overflow)
-        retry_count = s.retry_count + CASE
-            WHEN v.outcome = 'applied' OR s.retry_count = {INT_MAX} THEN 0 ELSE 1 END,
-        max_retries = coalesce(v.max_retries, s.max_retries),
-        next_retry_at = v.next_retry_at,
-        last_error = CASE WHEN v.outcome = 'applied' THEN NULL ELSE v.last_error END,
-        updated_at = %(now)s,
-        -- the claim numbered the attempts kept, and the row stayed locked since:
-        -- none kept means start again from []; otherwise the last few are kept
-        -- (stored/kept_attempts.sql, bounded: it reads no TOAST of a value too
-        -- large to keep), so a row's cost is bounded whatever it held
-        attempts = CASE WHEN v.made = 0 THEN '[]'::jsonb
-                        ELSE {fn.kept_attempts}(s.attempts) END
-            || jsonb_build_array(jsonb_build_object(
-            'attempt', v.made + 1, 'at', %(at)s::text,
-            'outcome', v.outcome, 'error', v.last_error))
-    FROM (
-        SELECT a.id, 'applied' AS outcome, NULL::timestamptz AS next_retry_at,
-               NULL::text AS last_error, NULL::integer AS max_retries, a.made
-        FROM unnest(CAST(%(applied)b AS {schedule_id_type()}[]), CAST(%(applied_made)b AS integer[]))
-             AS a(id, made)
-        UNION ALL
-        SELECT f.id, f.outcome, f.next_retry_at, f.last_error, f.max_retries, f.made
-        FROM unnest(CAST(%(failed)b AS {schedule_id_type()}[]), CAST(%(outcomes)b AS text[]),
-                    CAST(%(next)b AS timestamptz[]), CAST(%(errors)b AS text[]),
-                    CAST(%(max)b AS integer[]), CAST(%(failed_made)b AS integer[]))
-             AS f(id, outcome, next_retry_at, last_error, max_retries, made)
-    ) AS v
-    WHERE s.id = v.id
+    SET status = n.status, applied_at = n.applied_at, retry_count = n.retry_count,
+        max_retries = n.max_retries, next_retry_at = n.next_retry_at,
+        last_error = n.last_error, updated_at = n.updated_at, attempts = n.attempts
+    FROM new AS n
+    WHERE s.id = n.id
 )
 SELECT pg_notify({NOTIFY_CHANNEL}, %(notice)s::text) WHERE %(notice)s::text IS NOT NULL
+
+-- name: record_app
+-- stored/own_schedules.sql: both rows of each schedule, set-based, and the notice.
+{record_new}
+SELECT {fn.record_app}(
+    array_agg(n.id), array_agg(n.status), array_agg(n.applied_at), array_agg(n.retry_count),
+    array_agg(n.max_retries), array_agg(n.next_retry_at), array_agg(n.last_error),
+    array_agg(n.updated_at), array_agg(n.attempts), %(notice)s::text)
+FROM new AS n
 
 -- name: backlog
 -- Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.resources import files
 
@@ -29,18 +29,27 @@ from flagsched.sql import BUILT_IN_ROUTINES, TableMap, Tables, _compose
 # In dependency order: a template may call only those before it. Migration 0009 creates
 # these for the built-in tables (whose record triggers are 0006's).
 ROUTINES: tuple[str, ...] = ("kept_attempts", "check", "claim", "held_back", "apply")
-# An application's tables also get the record triggers' functions (issue 18).
+# An application's tables also get the record triggers' functions (issue 18), and four
+# eyes' (issue 20: migration 0008's triggers, which the built-in tables have from it). Each
+# routine's digest covers only the names of those before it: one added at the end leaves the
+# names of the earlier ones as a previous release computed them.
 ADOPTED_ROUTINES: tuple[str, ...] = (
     *ROUTINES,
     "record_moved",
     "record_change",
     "record_truncate",
+    "note_creator",
+    "note_recurrence_creator",
+    "check_approval",
 )
 # The base names of the routines only adopted shapes have (suffixed with their digest).
 _ADOPTED_BASES: tuple[tuple[str, str], ...] = (
     ("record_moved", "flagsched_record_moved_v2"),
     ("record_change", "flagsched_record_change_v3"),
     ("record_truncate", "flagsched_record_truncate_v2"),
+    ("note_creator", "flagsched_note_creator_v1"),
+    ("note_recurrence_creator", "flagsched_note_recurrence_creator_v1"),
+    ("check_approval", "flagsched_check_approval_v1"),
 )
 
 # Each routine's argument types, as `to_regprocedure` reads them (the required-objects check).
@@ -53,6 +62,9 @@ ARGUMENTS: dict[str, tuple[str, ...]] = {
     "record_moved": (),
     "record_change": (),
     "record_truncate": (),
+    "note_creator": (),
+    "note_recurrence_creator": (),
+    "check_approval": (),
 }
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -274,6 +286,12 @@ def _app_schedules_computed(
             )
         return "".join(f",\n                {one}" for one in sets)
 
+    def record_app_set(args: list[str]) -> str:
+        sets = [f"{_quoted(c)} = v.{_quoted(c)}" for c, _, _ in present if c != "created_at"]
+        if "error" in dict(app.columns):
+            sets.append(f"{col('error')} = v.last_error")
+        return "".join(f",\n        {one}" for one in sets)
+
     def members() -> tuple[str, str]:
         return _literal(tables.members[0]), _literal(tables.members[1])
 
@@ -285,6 +303,10 @@ def _app_schedules_computed(
 
     def flag_of_scope_values(args: list[str]) -> str:
         return "".join(f", CAST(f.{_quoted(c)} AS text)" for c in scope)
+
+    def recurrence_in_scope(args: list[str]) -> str:
+        terms = [f"r.{_quoted(c)} = NEW.{_quoted(c)}" for c in scope]
+        return "(" + " AND ".join(terms) + ")" if terms else "true"
 
     def new_in_scope(args: list[str]) -> str:
         terms = [f"CAST(f.{_quoted(c)} AS text) = NEW.{_quoted(c)}" for c in scope]
@@ -303,9 +325,11 @@ def _app_schedules_computed(
         "flag_of_scope_columns": flag_of_scope_columns,
         "flag_of_scope_values": flag_of_scope_values,
         "new_in_scope": new_in_scope,
+        "recurrence_in_scope": recurrence_in_scope,
         "insert_columns": insert_columns,
         "insert_values": insert_values,
         "app_set": app_set,
+        "record_app_set": record_app_set,
     }
 
 
@@ -351,14 +375,33 @@ _SCHEDULE_ID_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+# On an application's schedules table the claim reads its rows through flagsched's view, on
+# the application's own indexes (none of them partial): left to itself the planner hashes
+# every due row to sort them, where walking the scheduled_at index stops at the batch's
+# limit; and re-planning the view's joins at each claim costs more than running them. So
+# that claim is planned once per session, without hash joins (measured: docs/benchmarks.md,
+# case 13).
+_APP_SCHEDULES_SETTINGS: dict[str, tuple[str, str]] = {
+    "claim": (
+        "SET jit = off AS",
+        "SET jit = off SET enable_hashjoin = off SET plan_cache_mode = force_generic_plan AS",
+    ),
+}
+
+
 def _template_for(name: str, tables: Tables) -> str:
     text = template(name)
     if tables.app_schedules is None:
         return text
-    for spelled in _SCHEDULE_ID_TYPES.get(name, ()):
+    replacements = [
+        (s, s.replace("bigint", "{schedule_id_type()}")) for s in _SCHEDULE_ID_TYPES.get(name, ())
+    ]
+    if name in _APP_SCHEDULES_SETTINGS:
+        replacements.append(_APP_SCHEDULES_SETTINGS[name])
+    for spelled, instead in replacements:
         if text.count(spelled) != 1:
             raise ValueError(f"stored/{name}.sql: {spelled!r} is not there exactly once")
-        text = text.replace(spelled, spelled.replace("bigint", "{schedule_id_type()}"))
+        text = text.replace(spelled, instead)
     return text
 
 
@@ -407,11 +450,15 @@ def own_tables(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     return render("own_tables", tables)
 
 
-# The record triggers on an application's flags table: (family, timing, event, transition
-# tables, condition, function). Named `<family>_<digest of the function's name>`, so the
-# required-objects check (by family) finds them and a second migrate finds them by name.
-_TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
+# flagsched's triggers beside an application's tables: (table, family, timing, event,
+# transition tables, condition, function). Named `<family>_<digest of the function's name>`,
+# so the required-objects check (by family) finds them and a second migrate finds them by
+# name. On the flags table the record triggers (issue 18); on flagsched's own schedules,
+# recurrences and approvals tables four eyes' (issue 20, as migration 0008 has them on the
+# built-in tables: the creator noted on INSERT, a verdict checked).
+_TRIGGERS: tuple[tuple[str, str, str, str, str, str, str], ...] = (
     (
+        "flags",
         "flagsched_record_insert",
         "AFTER",
         "INSERT",
@@ -420,6 +467,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "record_change",
     ),
     (
+        "flags",
         "flagsched_record_update",
         "AFTER",
         "UPDATE",
@@ -429,6 +477,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
     ),
     # row-level AFTER triggers of a statement fire before its statement-level ones
     (
+        "flags",
         "flagsched_record_update_moved",
         "AFTER",
         "UPDATE",
@@ -437,6 +486,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "record_moved",
     ),
     (
+        "flags",
         "flagsched_record_delete",
         "AFTER",
         "DELETE",
@@ -445,6 +495,7 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "record_change",
     ),
     (
+        "flags",
         "flagsched_record_truncate",
         "BEFORE",
         "TRUNCATE",
@@ -452,39 +503,82 @@ _TRIGGERS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "FOR EACH STATEMENT",
         "record_truncate",
     ),
+    ("schedules", "flagsched_note_creator", "BEFORE", "INSERT", "", "FOR EACH ROW", "note_creator"),
+    (
+        "recurrences",
+        "flagsched_note_creator",
+        "BEFORE",
+        "INSERT",
+        "",
+        "FOR EACH ROW",
+        "note_recurrence_creator",
+    ),
+    (
+        "approvals",
+        "flagsched_check_approval",
+        "BEFORE",
+        "INSERT",
+        "",
+        "FOR EACH ROW",
+        "check_approval",
+    ),
 )
 
 
 # The record trigger families' name prefixes (each trigger's name ends in its digest).
-RECORD_FAMILIES: tuple[str, ...] = tuple(family for family, *_ in _TRIGGERS)
+RECORD_FAMILIES: tuple[str, ...] = tuple(
+    family for table, family, *_ in _TRIGGERS if table == "flags"
+)
+# Four eyes' triggers by table and family (the required-objects check).
+APPROVAL_TRIGGERS: tuple[tuple[str, str], ...] = tuple(
+    (table, family) for table, family, *_ in _TRIGGERS if table != "flags"
+)
 
 
-def triggers(tables: Tables) -> list[tuple[str, str]]:
-    """(trigger name, CREATE TRIGGER statement) of the record triggers on the flags table."""
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """One of flagsched's triggers beside an application's tables."""
+
+    table: str  # the logical table it is on (`flags`, `schedules`, ...: `Tables.table`)
+    name: str
+    create: str  # its CREATE TRIGGER statement
+
+
+def triggers(tables: Tables) -> list[Trigger]:
+    """flagsched's triggers of an adopted mapping: the record triggers on the flags table,
+    four eyes' on flagsched's own tables."""
     made = []
-    for family, timing, event, transition, each, routine in _TRIGGERS:
+    for table, family, timing, event, transition, each, routine in _TRIGGERS:
+        if table == "schedules" and tables.app_schedules is not None:
+            continue  # a view: the application's table's own trigger notes the creator
         name = f"{family}_{_digest(tables.fn.column(routine))}"
         text = (
-            f"CREATE TRIGGER {_quoted(name)} {timing} {event} ON {{flags}} {transition} "
+            f"CREATE TRIGGER {_quoted(name)} {timing} {event} ON {{{table}}} {transition} "
             f"{each} EXECUTE FUNCTION {{fn.{routine}}}()"
         )
-        made.append((name, _compose(text, tables).as_string(None)))
+        made.append(Trigger(table, name, _compose(text, tables).as_string(None)))
+    if tables.app_schedules is not None:
+        made.append(_schedule_trigger(tables))
     return made
 
+
+# The record's write on an application's schedules table (queries.sql `record_app`), in
+# flagsched's schema (stored/own_schedules.sql).
+RECORD_APP = "flagsched_schedules_record_v1"
 
 # The one trigger flagsched puts on an application's schedules table (shape 3): it notes each
 # row inserted (stored/own_schedules.sql, flagsched_schedule_noted_v1).
 SCHEDULE_TRIGGER = "flagsched_note_schedule"
 
 
-def schedule_trigger(tables: Tables) -> tuple[str, str]:
-    """(name, CREATE TRIGGER statement) of the trigger on the application's schedules table."""
+def _schedule_trigger(tables: Tables) -> Trigger:
+    """The trigger on the application's schedules table."""
     text = (
         f"CREATE TRIGGER {SCHEDULE_TRIGGER} AFTER INSERT ON {{app_schedules}} "
         "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION "
         f"{_schema(tables)}.flagsched_schedule_noted_v1()"
     )
-    return SCHEDULE_TRIGGER, _compose(text, tables).as_string(None)
+    return Trigger("app_schedules", SCHEDULE_TRIGGER, _compose(text, tables).as_string(None))
 
 
 def signature(routine: str, tables: Tables) -> str:

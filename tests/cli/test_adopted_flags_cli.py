@@ -326,7 +326,69 @@ def test_migrate_adds_only_its_schema_and_the_record_triggers_and_is_idempotent(
         "flagsched_record_update",
         "flagsched_record_update_moved",
     ]
-    assert functions == (8,)  # the two deployments share one set of stored objects
+    assert functions == (11,)  # the two deployments share one set of stored objects
+    assert _four_eyes_triggers(empty_database_url, "flagsched") == FOUR_EYES_TRIGGERS
+
+
+# Four eyes' triggers on flagsched's own tables (issue 20), as migration 0008 has them on the
+# built-in tables: (table, trigger family, function family).
+FOUR_EYES_TRIGGERS = [
+    ("feature_flag_approvals", "flagsched_check_approval", "flagsched_check_approval_v1"),
+    ("feature_flag_recurrences", "flagsched_note_creator", "flagsched_note_recurrence_creator_v1"),
+    ("feature_flag_schedules", "flagsched_note_creator", "flagsched_note_creator_v1"),
+]
+
+
+def _four_eyes_triggers(url: str, schema: str) -> list[tuple[str, str, str]]:
+    """The triggers on flagsched's own tables in `schema` (names without their digest)."""
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT c.relname, t.tgname, p.proname FROM pg_trigger t "
+            "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid "
+            "WHERE c.relnamespace = to_regnamespace(%s) AND NOT t.tgisinternal ORDER BY 1, 2",
+            (pgsql.Identifier(schema).as_string(None),),
+        ).fetchall()
+    return [(table, name.rsplit("_", 1)[0], fn.rsplit("_", 1)[0]) for table, name, fn in found]
+
+
+def test_migrate_adds_four_eyes_to_the_tables_an_earlier_release_made(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A deployment migrated by the previous release has flagsched's tables without four
+    eyes' triggers (own_tables.sql creates them IF NOT EXISTS): every command refuses the
+    schema (exit 3, naming what is missing), `migrate --check` says it is behind (exit 1),
+    and `migrate` adds the functions and triggers, once: a second run creates nothing."""
+    d = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+    d.add_flag("new-checkout")
+    kept = d.add_schedule("new-checkout", {"enabled": True}, at="now() + interval '1 hour'")
+    functions = d.sql(
+        "SELECT CAST(oid AS regprocedure) FROM pg_proc WHERE pronamespace = "
+        "'flagsched'::regnamespace AND proname ~ '^flagsched_(note|check_approval)'"
+    )
+    assert len(functions) == 3
+    for (function,) in functions:  # the previous release's schema
+        d.sql(f"DROP FUNCTION {function} CASCADE")
+    assert _four_eyes_triggers(d.url, "flagsched") == []
+
+    refused = d.run("list")
+    assert refused.code == 3, refused
+    assert refused.stderr.count("\n") == 1 and "flagsched_note_creator" in refused.stderr
+    assert "run `flagsched migrate`" in refused.stderr
+    behind = d.run("migrate", "--check")
+    assert behind.code == 1 and "run `flagsched migrate`" in behind.stdout, behind
+
+    migrated = d.run("migrate")
+    assert migrated.code == 0, migrated.stderr
+    # three functions, three triggers
+    assert json.loads(migrated.stderr.splitlines()[-1])["created"] == 6
+    assert _four_eyes_triggers(d.url, "flagsched") == FOUR_EYES_TRIGGERS
+    again = d.run("migrate")
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stderr.splitlines()[-1])["created"] == 0
+    assert _four_eyes_triggers(d.url, "flagsched") == FOUR_EYES_TRIGGERS
+    assert d.run("migrate", "--check").code == 0
+    assert d.schedule(kept)["status"] == "pending"  # the rows an earlier release left stay
+    assert d.run("list").code == 0
 
 
 def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
@@ -587,15 +649,16 @@ def _json(ran: Ran) -> Any:
     return json.loads(ran.stdout)
 
 
+def _staging(production: Deployment, tmp_path: Path, url: str | None = None) -> Deployment:
+    """The staging deployment beside the first application's production one (as the login
+    of `url`, when given)."""
+    config = _config(tmp_path, UPSTREAM_SHAPE, "staging")
+    return Deployment(UPSTREAM_SHAPE, url or production.url, config, "staging", production.own)
+
+
 def test_every_command_works_in_its_own_scope(empty_database_url: str, tmp_path: Path) -> None:
     production = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
-    staging = Deployment(
-        UPSTREAM_SHAPE,
-        empty_database_url,
-        _config(tmp_path, UPSTREAM_SHAPE, "staging"),
-        "staging",
-        "flagsched",
-    )
+    staging = _staging(production, tmp_path)
     for d in (production, staging):
         d.add_flag("new-checkout")
     made = production.run("schedule", "new-checkout", "--at", "now", "--enable", "--rollout", "30")
@@ -794,42 +857,171 @@ def test_migrates_of_several_deployments_at_once_all_succeed(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.feature_flags'::regclass "
             "AND NOT tgisinternal"
         ).fetchone()
-    assert (functions, triggers) == ((8,), (5,))
+    assert (functions, triggers) == ((11,), (5,))
 
 
-def test_approvals_on_your_tables_are_refused_in_one_line(
-    empty_database_url: str, tmp_path: Path
-) -> None:
-    """Four eyes on your own tables is not available yet: `--approval` there, and a
-    configuration with both [flags] and [approval], are refused (exit 2, one line) before
-    anything is written; the same commands without them run."""
-    d = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+ALICE, BOB = "test_own_alice", "test_own_bob"
+
+
+@pytest.fixture(scope="module")
+def two_logins(pg: Any) -> Iterator[None]:
+    """Two people, one login each (roles are cluster-wide: made and dropped here)."""
+    from tests.integration.test_least_privilege import PASSWORD
+
+    with psycopg.connect(pg.url(database="postgres"), autocommit=True) as conn:
+        for login in (ALICE, BOB):
+            conn.execute(f"CREATE ROLE {login} LOGIN PASSWORD '{PASSWORD}'")
+    try:
+        yield
+    finally:
+        with psycopg.connect(pg.url(database="postgres"), autocommit=True) as conn:
+            for login in (ALICE, BOB):
+                conn.execute(f"DROP ROLE IF EXISTS {login}")
+
+
+def _people(d: Deployment) -> dict[str, Deployment]:
+    """Each person's deployment (the same configuration, their own login). Test scaffolding,
+    not the documented least privilege (tests/integration/test_approvals.py runs on those):
+    everything in flagsched's schema, and reading the flags table."""
+    from tests.integration.test_least_privilege import url_for
+
+    logins = ", ".join((ALICE, BOB))
+    schema = d.shape.flags.rsplit(".", 1)[0] if "." in d.shape.flags else "public"
+    d.sql(
+        f"GRANT USAGE ON SCHEMA {schema}, {d.own} TO {logins}; "
+        f"GRANT SELECT ON {d.shape.flags} TO {logins}; "
+        f"GRANT ALL ON ALL TABLES IN SCHEMA {d.own} TO {logins}; "
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA {d.own} TO {logins}"
+    )
+    return {
+        login: Deployment(d.shape, url_for(d.url, login), d.config, d.scope, d.own)
+        for login in (ALICE, BOB)
+    }
+
+
+def _approval_verdict(conn: psycopg.Connection[Any], own: str, schedule_id: int) -> None:
+    conn.execute(
+        f"INSERT INTO {own}.feature_flag_approvals (schedule_id, verdict, decided_by) "
+        "VALUES (%s, 'approved', 'someone else')",
+        (schedule_id,),
+    )
+
+
+def test_approvals_work_on_your_tables(deployment: Deployment, two_logins: None) -> None:
+    """Four eyes on your own flags table (issue 20 on shape 2), on each flags table: the
+    database notes who inserted a schedule (also a recurrence's, and the schedules it
+    makes), refuses a verdict by its creator and one on an id no schedule has (in psql too),
+    a tick holds an unapproved change, a second login's approval lets it apply, a rejection
+    cancels it, and the [approval] policy holds rows the application inserted."""
+    d = deployment
+    people = _people(d)
+    alice, bob = people[ALICE], people[BOB]
     d.add_flag("new-checkout")
-    for command in (
-        ["schedule", "new-checkout", "--at", "now", "--enable", "--approval"],
-        ["schedule", "new-checkout", "--cron", "0 9 * * *", "--enable", "--approval"],
-        ["ramp", "new-checkout", "--steps", "10,20", "--every", "1h", "--approval"],
+    made = alice.run("schedule", "new-checkout", "--at", "now", "--enable", "--approval")
+    assert made.code == 0, made.stderr
+    made_id = int(made.stdout)
+    assert (d.schedule(made_id)["created_by"], d.schedule(made_id)["needs_approval"]) == (
+        ALICE,
+        True,
+    )
+    own = alice.run("approve", str(made_id))
+    assert own.code == 1
+    assert own.stdout.strip() == (
+        f"{made_id}: refused: four eyes: {ALICE} created it, so another login must approve it"
+    )
+    with (
+        psycopg.connect(alice.url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.CheckViolation, match="four eyes"),
     ):
-        ran = d.run(*command)
-        assert ran.code == 2, ran
-        assert ran.stderr.count("\n") == 1 and "not available in this release" in ran.stderr
-        assert "--approval" in ran.stderr and "Traceback" not in ran.stderr
-    assert d.sql(f"SELECT count(*) FROM {d.own}.feature_flag_schedules") == [(0,)]
-    assert d.sql(f"SELECT count(*) FROM {d.own}.feature_flag_recurrences") == [(0,)]
-    for command in (["approve", "1"], ["reject", "1", "--note", "no"]):
-        ran = d.run(*command)
-        assert ran.code == 2, ran
-        assert ran.stderr.count("\n") == 1 and f"`flagsched {command[0]}`" in ran.stderr
-        assert "not available in this release yet" in ran.stderr
-    with_policy = tmp_path / "with-approval.toml"
-    with_policy.write_text(Path(d.config).read_text() + '\n[approval]\nflags = ["new-*"]\n')
-    for command in (["process"], ["status"], ["schedule", "new-checkout", "--at", "now"]):
-        ran = invoke("--config", str(with_policy), *command, url=empty_database_url)
-        assert ran.code == 2, ran
-        assert ran.stderr.count("\n") == 1 and "[approval]" in ran.stderr, ran.stderr
-        assert "not available in this release yet" in ran.stderr
-    assert d.sql(f"SELECT count(*) FROM {d.own}.feature_flag_schedules") == [(0,)]
-    assert d.run("schedule", "new-checkout", "--at", "now", "--enable").code == 0
+        _approval_verdict(conn, d.own, made_id)
+    with (
+        psycopg.connect(bob.url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.ForeignKeyViolation, match="no schedule"),
+    ):
+        _approval_verdict(conn, d.own, made_id + 1000)
+
+    assert d.run("process").code == 0
+    assert d.schedule(made_id)["status"] == "pending"
+    assert d.schedule(made_id)["awaiting_approval_since"] is not None
+    assert d.flag("new-checkout")[0] is False
+    assert _json(d.run("status", "--format", "json"))["awaiting_approval"] == 1
+    approved = bob.run("approve", str(made_id), "--note", "looks right")
+    assert approved.code == 0, approved.stderr
+    assert approved.stdout.strip() == f"{made_id}: approved by {BOB}; it applies at the next tick"
+    assert d.run("process").code == 0
+    assert d.flag("new-checkout")[0] is True
+    shown = _json(d.run("show", str(made_id), "--format", "json"))
+    assert shown["created_by"] == ALICE
+    assert [(a["verdict"], a["by"], a["note"]) for a in shown["approvals"]] == [
+        ("approved", BOB, "looks right")
+    ]
+
+    # A recurrence's creator is the creator of every schedule it makes.
+    cron = alice.run("schedule", "new-checkout", "--cron", "* * * * *", "--disable", "--approval")
+    assert cron.code == 0, cron.stderr
+    recurrence = int(cron.stdout)
+    d.sql(f"UPDATE {d.own}.feature_flag_recurrences SET next_at = now() - interval '1 minute'")
+    assert d.run("process").code == 0
+    (materialised,) = d.sql(
+        f"SELECT id, created_by, needs_approval FROM {d.own}.feature_flag_schedules "
+        "WHERE recurrence_id = %(r)s",
+        {"r": recurrence},
+    )
+    assert materialised[1:] == (ALICE, True)
+    rejected = bob.run("reject", str(materialised[0]), "--note", "not now")
+    assert rejected.code == 0, rejected.stderr
+    assert d.schedule(materialised[0])["status"] == "cancelled"
+    assert d.flag("new-checkout")[0] is True
+
+    # The policy holds what the application inserts (here the test's own login).
+    policy = Path(d.config).with_name(f"{d.shape.name}-policy.toml")
+    policy.write_text(Path(d.config).read_text() + '\n[approval]\nflags = ["payments-*"]\n')
+    d.add_flag("payments-eu")
+    risky = d.add_schedule("payments-eu", {"enabled": True})
+    ticked = invoke("--config", str(policy), "process", url=d.url)
+    assert ticked.code == 0 and "schedule_awaiting_approval" in ticked.stderr, ticked.stderr
+    assert d.flag("payments-eu")[0] is False
+    assert bob.run("approve", str(risky)).code == 0
+    assert invoke("--config", str(policy), "process", url=d.url).code == 0
+    assert d.flag("payments-eu")[0] is True
+
+
+def test_approvals_stay_within_their_scope(
+    empty_database_url: str, tmp_path: Path, two_logins: None
+) -> None:
+    """Deployments of two environments share flagsched's schema and its approvals table:
+    with staging's configuration a production schedule is unknown to `approve` and `reject`
+    (no verdict written); a schedule citing another scope's recurrence is not that
+    recurrence creator's (its own inserter's: four eyes still hold for it)."""
+    production = _deploy(UPSTREAM_SHAPE, empty_database_url, tmp_path)
+    staging = _staging(production, tmp_path)
+    people = _people(production)
+    bob_staging = _staging(production, tmp_path, url=people[BOB].url)
+    for d in (production, staging):
+        d.add_flag("new-checkout")
+    made = people[ALICE].run("schedule", "new-checkout", "--at", "now", "--enable", "--approval")
+    made_id = int(made.stdout)
+    for command in (["approve", str(made_id)], ["reject", str(made_id), "--note", "no"]):
+        ran = bob_staging.run(*command)
+        assert (ran.code, ran.stdout.strip()) == (1, f"{made_id}: refused: no such schedule")
+    assert production.sql("SELECT count(*) FROM flagsched.feature_flag_approvals") == [(0,)]
+    assert people[BOB].run("approve", str(made_id)).code == 0  # production's configuration
+    assert production.run("process").code == 0
+    assert (production.flag("new-checkout")[0], staging.flag("new-checkout")[0]) == (True, False)
+
+    cron = people[ALICE].run(
+        "schedule", "new-checkout", "--cron", "0 9 * * *", "--enable", "--approval"
+    )
+    recurrence = int(cron.stdout)
+    with psycopg.connect(people[BOB].url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO flagsched.feature_flag_schedules "
+            "(flag_key, scheduled_at, updates, recurrence_id, environment, created_by) "
+            "VALUES ('new-checkout', now(), '{\"enabled\": true}', %s, 'staging', %s) "
+            "RETURNING created_by, needs_approval",
+            (recurrence, ALICE),
+        ).fetchone()
+    assert row == (BOB, False)  # whatever the INSERT said
 
 
 def test_the_claims_approval_rule_holds_on_your_tables(deployment: Deployment) -> None:

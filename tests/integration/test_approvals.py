@@ -2,7 +2,9 @@
 with the documented operator and approver grants (docs/deploy.md): who created a schedule
 is the login that inserted it, noted by the database; nobody approves their own; an approved
 change applies at the next tick; an unapproved one waits (no retry spent), holds its flag's
-later changes back and expires like any late change."""
+later changes back and expires like any late change. On the built-in tables and on your own
+flags table (shape 2, `shaped_database_url`: the grants of docs/own-tables.md and
+docs/deploy.md for it, the triggers `flagsched migrate` renders in flagsched's schema)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from flagsched.approval import ApprovalPolicy
 from flagsched.model import Outcome, TickReport
 from flagsched.schema import make_engine
 from scripts import pgserver
-from tests.conftest import Ran
-from tests.integration.test_least_privilege import PASSWORD, docs_sql, url_for
+from tests.conftest import OWN_CONFIGS, Ran
+from tests.integration.test_least_privilege import OWN_DOCS, PASSWORD, docs_sql, url_for
 
 Sql = Callable[..., list[Any]]
 ALICE, BOB = "test_alice", "test_bob"
@@ -59,12 +61,36 @@ def logins(pg: pgserver.Postgresql) -> Iterator[None]:
 
 
 @pytest.fixture
+def database_url(shaped_database_url: str) -> str:
+    """Every test here on the built-in tables and on your own flags table."""
+    return shaped_database_url
+
+
+@pytest.fixture
 def people(logins: None, sql: Sql, database_url: str) -> Iterator[dict[str, str]]:
-    """The documented operator and approver grants in this test's database; each person's
-    URL."""
-    sql(docs_sql("grants-operator"))
-    sql(docs_sql("grants-approver"))
+    """The documented operator and approver grants in this test's database (those for your
+    own flags table on shape 2); each person's URL."""
+    if database_url in OWN_CONFIGS:
+        sql(docs_sql("own-grants-operator", OWN_DOCS))
+        sql(docs_sql("own-grants-approver"))
+    else:
+        sql(docs_sql("grants-operator"))
+        sql(docs_sql("grants-approver"))
     yield {name: url_for(database_url, name) for name in (ALICE, BOB)}
+
+
+@pytest.fixture
+def with_policy(database_url: str, tmp_path: Path) -> Callable[[str], dict[str, str]]:
+    """with_policy("[approval] ..."): the environment naming a configuration with that
+    policy, for this test's tables (on shape 2 its [flags] too)."""
+
+    def env(policy: str) -> dict[str, str]:
+        config = tmp_path / "flagsched.toml"
+        own = OWN_CONFIGS.get(database_url)
+        config.write_text((Path(own).read_text() + "\n" if own else "") + policy)
+        return {"FLAGSCHED_CONFIG": str(config)}
+
+    return env
 
 
 @pytest.fixture
@@ -227,11 +253,9 @@ def test_policy_by_pattern_holds_a_row_an_application_inserted(
     add_flag: Callable[..., None],
     add_schedule: Callable[..., int],
     flag: Callable[[str], tuple[bool, int]],
-    tmp_path: Path,
+    with_policy: Callable[[str], dict[str, str]],
 ) -> None:
-    config = tmp_path / "flagsched.toml"
-    config.write_text('[approval]\nflags = ["payments-*"]\n')
-    env = {"FLAGSCHED_CONFIG": str(config)}
+    env = with_policy('[approval]\nflags = ["payments-*"]\n')
     add_flag("payments-eu")
     add_flag("catalog")
     # The application's own login (here the test's) inserts directly, as it always has.
@@ -464,13 +488,11 @@ def test_dry_run_says_what_awaits_approval_and_changes_nothing(
     sql: Sql,
     add_flag: Callable[..., None],
     add_schedule: Callable[..., int],
-    tmp_path: Path,
+    with_policy: Callable[[str], dict[str, str]],
 ) -> None:
-    config = tmp_path / "flagsched.toml"
-    config.write_text("[approval]\nenabling = true\n")
     add_flag("dry")
     waiting = add_schedule("dry", {"enabled": True})
-    ran = flagsched("process", "--dry-run", env={"FLAGSCHED_CONFIG": str(config)})
+    ran = flagsched("process", "--dry-run", env=with_policy("[approval]\nenabling = true\n"))
     assert ran.code == 0, ran.stderr
     (line,) = [x for x in ran.stdout.splitlines() if x.startswith(str(waiting))]
     assert "await approval (it switches the flag on)" in line
@@ -627,14 +649,12 @@ def test_plan_gives_the_policys_reason_for_a_change_it_found_awaiting(
     sql: Sql,
     add_flag: Callable[..., None],
     add_schedule: Callable[..., int],
-    tmp_path: Path,
+    with_policy: Callable[[str], dict[str, str]],
 ) -> None:
     """A change awaiting approval by the policy alone was never scheduled with --approval:
     plan and agenda must not say it was. If the flag has since changed so that the policy
     no longer asks for one, it still waits (a tick found it so), and they say that."""
-    config = tmp_path / "flagsched.toml"
-    config.write_text("[approval]\nenabling = true\nrollout_increase_over = 50\n")
-    env = {"FLAGSCHED_CONFIG": str(config)}
+    env = with_policy("[approval]\nenabling = true\nrollout_increase_over = 50\n")
     add_flag("switch")
     add_flag("jump")
     switch = add_schedule("switch", {"enabled": True})

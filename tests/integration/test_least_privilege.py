@@ -688,8 +688,7 @@ def test_operator_on_your_flags_table_runs_its_commands_but_never_touches_flags(
         run(*command)
     run("cancel", "--recurrence", recurring.stdout.strip())
     assert own.sql(
-        "SELECT flag_key, environment, enabled, rollout_percentage FROM feature_flags "
-        "ORDER BY 1, 2"
+        "SELECT flag_key, environment, enabled, rollout_percentage FROM feature_flags ORDER BY 1, 2"
     ) == [("a", "production", False, 0), ("a", "staging", False, 0)]
     for statement in (
         "UPDATE public.feature_flags SET enabled = true",

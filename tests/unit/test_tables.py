@@ -138,6 +138,20 @@ def test_an_empty_file_and_approval_only_keep_the_built_in_tables() -> None:
     assert only.approval.flags == ("a*",)
 
 
+def test_approvals_run_on_your_flags_table_but_not_on_your_schedules_table() -> None:
+    """Four eyes on shape 2 (issue 20): [approval] beside [flags], approve and reject run;
+    with [schedules] every command is still refused."""
+    flags = toml({"flags": WORKED_EXAMPLE["flags"], "approval": WORKED_EXAMPLE["approval"]})
+    own = parse(flags)
+    assert own.approval == ApprovalPolicy(("payments-*", "checkout"), 50, True)
+    for command in (None, "approve", "reject", "process", "schedule", "migrate"):
+        assert own.not_available(command) is None, command
+    both = parse(toml(WORKED_EXAMPLE))
+    for command in ("approve", "reject", "process"):
+        reason = both.not_available(command)
+        assert reason is not None and "[schedules]" in reason, command
+
+
 def test_another_schema_without_flags_is_not_available_yet() -> None:
     reason = parse('schema = "elsewhere"').not_available()
     assert reason is not None and "'elsewhere'" in reason

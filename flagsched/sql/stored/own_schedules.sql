@@ -138,6 +138,8 @@ RETURNS trigger LANGUAGE plpgsql SECURITY INVOKER AS $$
 DECLARE
     made {id_domain()};
     flag {flags}.{flags.id}%TYPE;
+    creator text;
+    approval boolean;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         IF NEW.recurrence_id IS NOT NULL AND EXISTS (
@@ -165,13 +167,22 @@ BEGIN
             VALUES (NEW.id, {insert_values()})
             RETURNING {app_schedules.id} INTO made;
         END IF;
+        -- four eyes, as the built-in tables' creator trigger: an occurrence of a recurrence
+        -- (of this scope) was created by the recurrence's creator, and needs approval when
+        -- the recurrence does; the creator is otherwise the login (noted by the trigger on
+        -- the application's table), and nothing awaits approval yet
+        IF NEW.recurrence_id IS NOT NULL THEN
+            SELECT r.created_by, r.needs_approval INTO creator, approval
+            FROM {recurrences} r WHERE r.id = NEW.recurrence_id AND {recurrence_in_scope()};
+        END IF;
         UPDATE {state} x
-        SET on_conflict = coalesce(NEW.on_conflict, 'fail'), expires_at = NEW.expires_at,
+        SET created_by = coalesce(creator, x.created_by),
+            needs_approval = coalesce(NEW.needs_approval, false) OR coalesce(approval, false),
+            awaiting_approval_since = NULL,
+            on_conflict = coalesce(NEW.on_conflict, 'fail'), expires_at = NEW.expires_at,
             group_id = NEW.group_id, reviewed_at = NEW.reviewed_at,
             attempts = coalesce(NEW.attempts, '[]'), recurrence_id = NEW.recurrence_id,
             recurrence_at = CASE WHEN NEW.recurrence_id IS NOT NULL THEN NEW.scheduled_at END,
-            needs_approval = coalesce(NEW.needs_approval, false),
-            awaiting_approval_since = NEW.awaiting_approval_since,
             retry_count = coalesce(NEW.retry_count, 0),
             max_retries = coalesce(NEW.max_retries, 3), next_retry_at = NEW.next_retry_at,
             last_error = NEW.last_error, applied_at = NEW.applied_at,
@@ -224,6 +235,38 @@ DROP TRIGGER IF EXISTS flagsched_schedules_write ON {schedules};
 CREATE TRIGGER flagsched_schedules_write INSTEAD OF INSERT OR UPDATE OR DELETE
     ON {schedules} FOR EACH ROW EXECUTE FUNCTION
     {schedules_schema()}.flagsched_schedules_write_v1();
+
+-- The record of a tick's batch (queries.sql `record_app`; the trigger above writes one row
+-- at a time): each schedule's outcome into the application's row (the built-in columns it
+-- has, its `error`) and the state row, set-based, and the batch's notice (delivered at
+-- commit).
+CREATE OR REPLACE FUNCTION {fn.record_app}(
+    p_ids {id_domain()}[], p_status text[], p_applied_at timestamptz[],
+    p_retry_count integer[], p_max_retries integer[], p_next_retry_at timestamptz[],
+    p_last_error text[], p_updated_at timestamptz[], p_attempts jsonb[], p_notice text)
+RETURNS void LANGUAGE plpgsql SECURITY INVOKER AS $$
+BEGIN
+    UPDATE {app_schedules} s
+    SET status = v.status{record_app_set()}
+    FROM unnest(p_ids, p_status, p_applied_at, p_retry_count, p_max_retries,
+                p_next_retry_at, p_last_error, p_updated_at)
+         AS v(id, status, applied_at, retry_count, max_retries, next_retry_at, last_error,
+              updated_at)
+    WHERE s.{app_schedules.id} = v.id;
+    UPDATE {state} x
+    SET attempts = v.attempts, retry_count = v.retry_count, max_retries = v.max_retries,
+        next_retry_at = v.next_retry_at, last_error = v.last_error,
+        applied_at = v.applied_at, updated_at = v.updated_at
+    FROM unnest(p_ids, p_attempts, p_retry_count, p_max_retries, p_next_retry_at,
+                p_last_error, p_applied_at, p_updated_at)
+         AS v(id, attempts, retry_count, max_retries, next_retry_at, last_error, applied_at,
+              updated_at)
+    WHERE x.id = v.id;
+    IF p_notice IS NOT NULL THEN
+        PERFORM pg_notify({NOTIFY_CHANNEL}, p_notice);
+    END IF;
+END
+$$;
 
 -- Each row the application's table gets, however it got it: a state row with its creator
 -- (the login, `session_user`) and the inserting transaction and snapshot (the conflict
