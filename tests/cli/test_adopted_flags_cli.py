@@ -155,6 +155,12 @@ cancelled_at = "cancelled_at"
 )
 
 SHAPES = [UPSTREAM_SHAPE, MIXED_CASE, NO_ROLLOUT, UPSTREAM_SCHEDULES]
+# flagsched's own schedules table: a schedule of a missing flag can be there, and ids are
+# integers (the application's schedules table has its own tests below)
+OWN_SCHEDULES = [s for s in SHAPES if s is not UPSTREAM_SCHEDULES]
+on_own_schedules = pytest.mark.parametrize(
+    "deployment", OWN_SCHEDULES, ids=[s.name for s in OWN_SCHEDULES], indirect=True
+)
 
 # A flags table whose enabled and rollout columns may be NULL (passes `migrate --check`).
 NULLABLE = Shape(
@@ -564,6 +570,7 @@ def test_a_late_schedule_expires(deployment: Deployment) -> None:
     assert d.flag("late")[0] is False
 
 
+@on_own_schedules
 def test_a_schedule_of_a_missing_flag_fails_for_good(deployment: Deployment) -> None:
     d = deployment
     schedule_id = d.add_schedule("nowhere", {"enabled": True})
@@ -907,6 +914,7 @@ def _approval_verdict(conn: psycopg.Connection[Any], own: str, schedule_id: int)
     )
 
 
+@on_own_schedules
 def test_approvals_work_on_your_tables(deployment: Deployment, two_logins: None) -> None:
     """Four eyes on your own flags table (issue 20 on shape 2), on each flags table: the
     database notes who inserted a schedule (also a recurrence's, and the schedules it
@@ -1116,3 +1124,278 @@ def test_one_schema_serves_one_flags_table_with_one_mapping(
     staging = _config(tmp_path, UPSTREAM_SHAPE, "staging")
     assert invoke("--config", staging, "migrate", url=empty_database_url).code == 0
     assert d.sql(triggers) == [count]
+
+
+# --- Shape 3: the first application's schedules table -------------------------------------
+
+
+def _upstream_deployments(url: str, tmp_path: Path) -> tuple[Deployment, Deployment]:
+    """The first application's tables with flagsched on its flags and schedules, one
+    deployment per environment (the production one migrated first, then staging's)."""
+    production = _deploy(UPSTREAM_SCHEDULES, url, tmp_path)
+    staging_config = _config(tmp_path, UPSTREAM_SCHEDULES, "staging")
+    staging = Deployment(UPSTREAM_SCHEDULES, url, staging_config, "staging", "flagsched")
+    migrated = staging.run("migrate")
+    assert migrated.code == 0, migrated.stderr
+    return production, staging
+
+
+def _api_schedule(d: Deployment, key: str, updates: dict[str, Any], *, at: str, scope: str) -> str:
+    """A schedule as the application's admin API writes it: into its own table, the flag by
+    its uuid, camelCase members, its own created_by."""
+    rows = d.sql(
+        "INSERT INTO public.feature_flag_schedules (flag_id, scheduled_at, updates, created_by) "
+        f"SELECT id, {at}, %(u)s, 'admin-api' FROM public.feature_flags "
+        "WHERE flag_key = %(k)s AND environment = %(e)s RETURNING id",
+        {"u": json.dumps(updates), "k": key, "e": scope},
+    )
+    return str(rows[0][0])
+
+
+def test_migrate_on_the_applications_schedules_changes_only_its_schema_and_triggers(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """On the first application's two tables `migrate` (both environments' files, in any
+    order, again) adds flagsched's schema and three kinds of trigger: the record triggers on
+    the flags table and the one noting each schedule row inserted. Columns, defaults,
+    indexes and constraints of the application stay exactly as they were, and so do its
+    rows; rows its table held before get flagsched's state and are seen."""
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(UPSTREAM_SCHEDULES.setup)
+        conn.execute(
+            "INSERT INTO feature_flags (flag_key, environment) VALUES ('old', 'production')"
+        )
+        conn.execute(
+            "INSERT INTO feature_flag_schedules (flag_id, scheduled_at, updates) "
+            "SELECT id, now() + interval '1 day', '{\"rolloutPercentage\": 5}' "
+            "FROM feature_flags"
+        )
+    before = _app_tables(empty_database_url)
+    rows_before = _rows(empty_database_url)
+    production = _config(tmp_path, UPSTREAM_SCHEDULES, "production")
+    staging = _config(tmp_path, UPSTREAM_SCHEDULES, "staging")
+    for config in (production, staging, production):
+        ran = invoke("--config", config, "migrate", url=empty_database_url)
+        assert ran.code == 0, ran.stderr
+    assert invoke("--config", staging, "migrate", "--check", url=empty_database_url).code == 0
+    assert _app_tables(empty_database_url) == before
+    assert _rows(empty_database_url) == rows_before
+    with psycopg.connect(empty_database_url) as conn:
+        triggers = conn.execute(
+            "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal "
+            "AND tgrelid IN ('public.feature_flags'::regclass, "
+            "'public.feature_flag_schedules'::regclass) ORDER BY 1, 2"
+        ).fetchall()
+    families = [
+        (t, n.rsplit("_", 1)[0] if n.startswith("flagsched_record") else n) for t, n in triggers
+    ]
+    assert families == [
+        ("feature_flag_schedules", "flagsched_note_schedule"),
+        ("feature_flags", "flagsched_record_delete"),
+        ("feature_flags", "flagsched_record_insert"),
+        ("feature_flags", "flagsched_record_truncate"),
+        ("feature_flags", "flagsched_record_update"),
+        ("feature_flags", "flagsched_record_update_moved"),
+    ]  # fmt: skip
+    listed = invoke("--config", production, "list", "--format", "json", url=empty_database_url)
+    assert listed.code == 0, listed.stderr
+    (old,) = json.loads(listed.stdout)
+    assert old["flag_key"] == "old" and old["updates"] == {"rollout_percentage": 5}
+    assert old["id"] == str(rows_before[1][0][0]["id"])  # the application's uuid, as text
+
+
+def _rows(url: str) -> list[Any]:
+    with psycopg.connect(url) as conn:
+        return [
+            conn.execute("SELECT to_jsonb(f) FROM feature_flags f ORDER BY id").fetchall(),
+            conn.execute("SELECT to_jsonb(s) FROM feature_flag_schedules s ORDER BY id").fetchall(),
+        ]
+
+
+def test_both_environments_apply_the_applications_rows_once_under_four_overlapping_ticks(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """The application writes its schedules its way, in both environments, while its other
+    table takes rows referencing the flags (FOR KEY SHARE); two ticks per environment run at
+    once. Every schedule applies exactly once, in its flag's order, in its own environment;
+    the other environment's flags are never touched; a change the flags table refuses fails
+    with its message in the application's error_message."""
+    production, staging = _upstream_deployments(empty_database_url, tmp_path)
+    keys = [f"flag-{n}" for n in range(12)]
+    for d in (production, staging):
+        for key in keys:
+            d.add_flag(key)
+    made: dict[str, list[str]] = {"production": [], "staging": []}
+    for scope, d in (("production", production), ("staging", staging)):
+        for step in range(1, 5):
+            for key in keys:
+                made[scope].append(
+                    _api_schedule(
+                        d,
+                        key,
+                        {"enabled": step % 2 == 1, "rolloutPercentage": step * 10},
+                        at=f"now() - interval '{10 - step} minutes'",
+                        scope=scope,
+                    )
+                )
+    refused = _api_schedule(
+        production, "flag-0", {"rolloutPercentage": 250}, at="now() - interval '1 minute'",
+        scope="production",
+    )  # fmt: skip
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:  # the application's
+        conn.execute(
+            "INSERT INTO feature_flag_user_overrides (flag_id, user_id, override_type) "
+            "SELECT id, 'u-' || flag_key, 'include' FROM feature_flags"
+        )
+    ticks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flagsched", "--config", d.config, "process",
+             "--batch-size", "5", "--max-batches", "100"],
+            env={**_base_env(), **_command_env(d.url, None)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for d in (production, staging, production, staging)
+    ]  # fmt: skip
+    outcomes = [t.communicate(timeout=180) for t in ticks]
+    # the refused change fails for good: the tick that met it exits 1
+    assert sorted(t.returncode for t in ticks) == [0, 0, 0, 1], outcomes
+    rows = production.sql(
+        "SELECT id::text, status, applied_at IS NOT NULL, error_message "
+        "FROM public.feature_flag_schedules"
+    )
+    by_id = {r[0]: r[1:] for r in rows}
+    for scope in ("production", "staging"):
+        assert all(by_id[i][:2] == ("applied", True) for i in made[scope]), scope
+    status, _, error = by_id[refused]
+    assert status == "failed" and error and "rollout_percentage" in error, by_id[refused]
+    for d in (production, staging):
+        for key in keys:
+            assert d.flag(key) == (False, 40), (d.scope, key)  # the last step won
+        named = d.sql(
+            "SELECT count(i), count(DISTINCT i) FROM flagsched.feature_flag_changes c, "
+            "unnest(c.schedule_ids) i WHERE c.environment = %(e)s",
+            {"e": d.scope},
+        )
+        assert named[0][0] == named[0][1] == len(made[str(d.scope)]), named
+
+
+def test_the_command_line_writes_the_applications_rows_its_way(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """`schedule`, `ramp` and a recurrence's occurrence write the application's row as its
+    API does (the flag's uuid, camelCase members, created_by the login); `cancel` sets its
+    cancelled_by and cancelled_at; ids are its uuids, for `show` and `retry` too; an id
+    that is no uuid is unknown, and a flag that does not exist is refused (the table refers
+    to flags that exist)."""
+    production, _ = _upstream_deployments(empty_database_url, tmp_path)
+    production.add_flag("checkout")
+    login = production.sql("SELECT session_user")[0][0]
+    added = production.run(
+        "schedule", "checkout", "--at", "2031-01-01T00:00:00Z", "--rollout", "30"
+    )
+    assert added.code == 0, added.stderr
+    schedule_id = added.stdout.strip()
+    row = production.sql(
+        "SELECT s.flag_id = f.id, s.updates, s.created_by, s.status "
+        "FROM public.feature_flag_schedules s JOIN public.feature_flags f ON f.id = s.flag_id "
+        "WHERE s.id = %(i)s AND f.environment = 'production'",
+        {"i": schedule_id},
+    )
+    assert row == [(True, {"rolloutPercentage": 30}, login, "pending")]
+    ramp = production.run(
+        "ramp", "checkout", "--steps", "50,100", "--every", "1h", "--start", "2031-02-01T00:00:00Z"
+    )
+    assert ramp.code == 0, ramp.stderr
+    shown = production.run("show", schedule_id, "--format", "json")
+    assert shown.code == 0 and json.loads(shown.stdout)["id"] == schedule_id, shown
+    cancelled = production.run("cancel", schedule_id)
+    assert cancelled.code == 0, cancelled.stderr
+    after = production.sql(
+        "SELECT status, cancelled_by, cancelled_at IS NOT NULL FROM public.feature_flag_schedules "
+        "WHERE id = %(i)s",
+        {"i": schedule_id},
+    )
+    assert after == [("cancelled", login, True)]
+    assert production.run("show", "not-a-uuid").code == 1
+    assert production.run("retry", "00000000-0000-0000-0000-000000000000").code == 1
+    missing = production.run("schedule", "ghost", "--at", "now", "--enable")
+    assert missing.code == 1 and "does not exist" in missing.stderr, missing
+    assert missing.stderr.count("\n") == 1
+    recurring = production.run("schedule", "checkout", "--cron", "* * * * *", "--enable")
+    assert recurring.code == 0, recurring.stderr
+    production.sql(
+        "UPDATE flagsched.feature_flag_recurrences SET next_at = now() - interval '1 minute'"
+    )
+    ticked = production.run("process")
+    assert ticked.code == 0, ticked.stderr
+    occurrence = production.sql(
+        "SELECT s.updates, s.created_by, x.recurrence_id IS NOT NULL "
+        "FROM public.feature_flag_schedules s "
+        "JOIN flagsched.feature_flag_schedule_state x ON x.id = s.id "
+        "WHERE x.recurrence_id IS NOT NULL"
+    )
+    assert occurrence == [({"enabled": True}, login, True)]
+
+
+def test_approvals_on_the_applications_schedules_table(
+    empty_database_url: str, tmp_path: Path, two_logins: None
+) -> None:
+    """Four eyes on the first application's schedules table: the login that inserted a row
+    (through flagsched, or the application's own INSERT) is its creator, noted by the
+    trigger on that table; it cannot approve it (the command, and the verdicts table's
+    check); another login's approval lets it apply; the [approval] policy holds a row the
+    application inserted."""
+    from tests.integration.test_least_privilege import url_for
+
+    production, _ = _upstream_deployments(empty_database_url, tmp_path)
+    policy = Path(production.config)
+    policy.write_text(policy.read_text() + '\n[approval]\nflags = ["pay-*"]\n')
+    logins = f"{ALICE}, {BOB}"
+    production.sql(
+        f"GRANT USAGE ON SCHEMA public, flagsched TO {logins}; "
+        f"GRANT SELECT ON public.feature_flags TO {logins}; "
+        f"GRANT SELECT, INSERT, UPDATE ON public.feature_flag_schedules TO {logins}; "
+        f"GRANT ALL ON ALL TABLES IN SCHEMA flagsched TO {logins}; "
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA flagsched TO {logins}"
+    )
+    alice, bob = (
+        Deployment(UPSTREAM_SCHEDULES, url_for(production.url, login), production.config,
+                   "production", "flagsched")
+        for login in (ALICE, BOB)
+    )  # fmt: skip
+    production.add_flag("new-checkout")
+    production.add_flag("pay-later")
+    made = alice.run("schedule", "new-checkout", "--at", "now", "--enable", "--approval")
+    assert made.code == 0, made.stderr
+    made_id = made.stdout.strip()
+    assert production.schedule(made_id)["created_by"] == ALICE
+    own = alice.run("approve", made_id)
+    assert own.code == 1 and "four eyes" in own.stdout, own
+    with (
+        psycopg.connect(alice.url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.CheckViolation, match="four eyes"),
+    ):
+        conn.execute(
+            "INSERT INTO flagsched.feature_flag_approvals (schedule_id, verdict, decided_by) "
+            "VALUES (%s, 'approved', 'x')",
+            (made_id,),
+        )
+    # the application's own row, by bob's login: the policy holds it
+    with psycopg.connect(bob.url, autocommit=True) as conn:
+        (paid,) = conn.execute(
+            "INSERT INTO public.feature_flag_schedules (flag_id, scheduled_at, updates) "
+            "SELECT id, now() - interval '1 minute', '{\"enabled\": true}' "
+            "FROM public.feature_flags WHERE flag_key = 'pay-later' "
+            "AND environment = 'production' RETURNING id::text"
+        ).fetchone()  # type: ignore[misc]
+    assert production.schedule(paid)["created_by"] == BOB
+    assert production.run("process").code == 0
+    assert production.flag("new-checkout")[0] is False
+    assert production.flag("pay-later")[0] is False
+    assert _json(production.run("status", "--format", "json"))["awaiting_approval"] == 2
+    assert bob.run("approve", made_id).code == 0
+    assert bob.run("approve", paid).code == 1  # bob inserted it
+    assert alice.run("approve", paid).code == 0
+    assert production.run("process").code == 0
+    assert production.flag("new-checkout")[0] is True
+    assert production.flag("pay-later")[0] is True

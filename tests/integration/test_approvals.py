@@ -23,7 +23,7 @@ from flagsched.model import Outcome, TickReport
 from flagsched.schema import make_engine
 from scripts import pgserver
 from tests.conftest import OWN_CONFIGS, Ran
-from tests.integration.test_least_privilege import OWN_DOCS, PASSWORD, docs_sql, url_for
+from tests.integration.test_least_privilege import PASSWORD, docs_sql, url_for
 
 Sql = Callable[..., list[Any]]
 ALICE, BOB = "test_alice", "test_bob"
@@ -71,7 +71,7 @@ def people(logins: None, sql: Sql, database_url: str) -> Iterator[dict[str, str]
     """The documented operator and approver grants in this test's database (those for your
     own flags table on shape 2); each person's URL."""
     if database_url in OWN_CONFIGS:
-        sql(docs_sql("own-grants-operator", OWN_DOCS))
+        sql(docs_sql("own-grants-operator"))
         sql(docs_sql("own-grants-approver"))
     else:
         sql(docs_sql("grants-operator"))

@@ -162,7 +162,7 @@ class FakeDatabase:
         self.refused, self.held, self.slow = set(refused), set(held), set(slow)
         self.savepoints = 0
         self.statements = 0
-        self.written: list[int] = []
+        self.written: list[int | str] = []
 
     @contextmanager
     def savepoint(self, conn: Any) -> Iterator[None]:
