@@ -73,6 +73,8 @@ def people(logins: None, sql: Sql, database_url: str) -> Iterator[dict[str, str]
     if database_url in OWN_CONFIGS:
         sql(docs_sql("own-grants-operator"))
         sql(docs_sql("own-grants-approver"))
+        if "[schedules]" in Path(OWN_CONFIGS[database_url]).read_text():  # shape 3
+            sql(docs_sql("app-grants"))
     else:
         sql(docs_sql("grants-operator"))
         sql(docs_sql("grants-approver"))

@@ -455,31 +455,57 @@ scope = { environment = "production" }
 """
 
 
-@pytest.fixture
-def own(roles: None, empty_database_url: str, tmp_path: Path) -> Iterator[OwnDeployment]:
-    """Shape 2 beside the first application's flags table, migrated by the superuser, with
-    EXECUTE revoked from PUBLIC on flagsched's functions (a hardened database): the
-    documented grants must suffice."""
+# Shape 3: the first application's schedules table too.
+APP_CONFIG = (
+    OWN_CONFIG
+    + """
+[schedules]
+table = "public.feature_flag_schedules"
+id = "id"
+flag_id = "flag_id"
+updates = "updates"
+updates_enabled = "enabled"
+updates_rollout = "rolloutPercentage"
+error = "error_message"
+created_by = "created_by"
+cancelled_by = "cancelled_by"
+cancelled_at = "cancelled_at"
+"""
+)
+
+
+@pytest.fixture(params=["own-flags", "app-schedules"])
+def own(
+    request: pytest.FixtureRequest, roles: None, empty_database_url: str, tmp_path: Path
+) -> Iterator[OwnDeployment]:
+    """Shape 2 beside the first application's flags table (and shape 3, on its schedules
+    table too), migrated by the superuser, with EXECUTE revoked from PUBLIC on flagsched's
+    functions (a hardened database): the documented grants must suffice."""
     config = tmp_path / "own.toml"
-    config.write_text(OWN_CONFIG)
+    config.write_text(OWN_CONFIG if request.param == "own-flags" else APP_CONFIG)
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute(UPSTREAM.read_text())
     migrated = invoke("--config", str(config), "migrate", url=empty_database_url)
     assert migrated.code == 0, migrated.stderr
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA flagsched FROM PUBLIC")
-    yield OwnDeployment(empty_database_url, str(config))
+    yield OwnDeployment(empty_database_url, str(config), request.param == "app-schedules")
 
 
 class OwnDeployment:
-    def __init__(self, url: str, config: str) -> None:
-        self.url, self.config = url, config
+    def __init__(self, url: str, config: str, app_schedules: bool = False) -> None:
+        self.url, self.config, self.app_schedules = url, config, app_schedules
 
     def grant(self, block: str) -> None:
-        """Run docs/deploy.md's shape-2 block of that role (to that role only)."""
+        """Run docs/deploy.md's shape-2 block of that role (to that role only), and on shape
+        3 the statements of its shape-3 block that grant to that role."""
         text = docs_sql(f"own-grants-{block}")
         assert set(re.findall(r"\bTO (\w+)", text)) == {f"flagsched_{block}"}
         self.sql(text)
+        if self.app_schedules:
+            for grant in docs_sql("app-grants").split(";"):
+                if f"flagsched_{block}" in grant:
+                    self.sql(grant)
 
     def sql(self, statement: str, params: Any = None) -> list[Any]:
         with psycopg.connect(self.url, autocommit=True) as conn:
@@ -499,16 +525,16 @@ class OwnDeployment:
         return None
 
     def add_schedule(self, key: str, updates: str, at: str = "now() - interval '1 minute'",
-                     status: str = "pending") -> int:  # fmt: skip
+                     status: str = "pending") -> int | str:  # fmt: skip
         (row,) = self.sql(
             "INSERT INTO flagsched.feature_flag_schedules "
             "(flag_key, scheduled_at, updates, status, environment) "
             f"VALUES (%(k)s, {at}, %(u)s, %(s)s, 'production') RETURNING id",
             {"k": key, "u": updates, "s": status},
         )
-        return int(row[0])
+        return row[0] if isinstance(row[0], int) else str(row[0])
 
-    def status(self, schedule_id: int) -> str:
+    def status(self, schedule_id: int | str) -> str:
         (row,) = self.sql(
             "SELECT status FROM flagsched.feature_flag_schedules WHERE id = %(i)s",
             {"i": schedule_id},
@@ -527,12 +553,16 @@ def test_process_on_your_flags_table_works_with_only_its_documented_grants(
             "INSERT INTO feature_flags (flag_key, environment) VALUES "
             "('checkout', 'production'), ('checkout', 'staging'), ('window', 'production')"
         )
+        if own.app_schedules:  # a schedule refers to a flag that exists: one it cannot apply
+            conn.execute("INSERT INTO feature_flags (flag_key) VALUES ('ghost')")
+        ghost = '{"rollout_percentage": 250}' if own.app_schedules else '{"enabled": true}'
         conn.execute(
             "INSERT INTO flagsched.feature_flag_schedules "
             "(flag_key, scheduled_at, updates, environment) VALUES "
             "('checkout', now() - interval '1 minute', "
             "'{\"enabled\": true, \"rollout_percentage\": 20}', 'production'), "
-            "('ghost', now() - interval '1 minute', '{\"enabled\": true}', 'production')"
+            "('ghost', now() - interval '1 minute', %(ghost)s, 'production')",
+            {"ghost": ghost},
         )
         conn.execute(
             "INSERT INTO flagsched.feature_flag_recurrences "
@@ -551,6 +581,7 @@ def test_process_on_your_flags_table_works_with_only_its_documented_grants(
         ).fetchall() == [
             ("checkout", "production", True, 20),
             ("checkout", "staging", False, 0),
+            *([("ghost", "production", False, 0)] if own.app_schedules else []),
             ("window", "production", True, 0),
         ]
         assert conn.execute(
@@ -620,7 +651,8 @@ def test_reader_on_your_flags_table_reads_and_changes_nothing(own: OwnDeployment
     assert tick.code == 3 and "permission denied" in tick.stderr, tick
     assert own.status(due) == "pending"
     for statement in (
-        "SELECT count(*) FROM public.feature_flags",
+        # on shape 3 the reader reads a schedule's flag through the view (docs/deploy.md)
+        *(() if own.app_schedules else ("SELECT count(*) FROM public.feature_flags",)),
         "UPDATE flagsched.feature_flag_schedules SET status = 'cancelled'",
         "DELETE FROM flagsched.feature_flag_changes",
     ):
@@ -635,6 +667,8 @@ def test_operator_on_your_flags_table_runs_its_commands_but_never_touches_flags(
         "INSERT INTO feature_flags (flag_key, environment) VALUES "
         "('a', 'production'), ('a', 'staging')"
     )
+    if own.app_schedules:  # a schedule refers to a flag that exists
+        own.sql("INSERT INTO feature_flags (flag_key, environment) VALUES ('other', 'production')")
     failed = own.add_schedule("a", '{"enabled": true}', status="failed")
     doomed = own.add_schedule("other", '{"enabled": true}')
     old = own.add_schedule("a", '{"rollout_percentage": 5}', at="now() - interval '9 days'")
@@ -649,7 +683,7 @@ def test_operator_on_your_flags_table_runs_its_commands_but_never_touches_flags(
         assert ran.code == 0, (args, ran.stdout, ran.stderr)
         return ran
 
-    new_id = int(run("schedule", "a", "--at", "now", "--rollout", "20").stdout.strip())
+    new_id = run("schedule", "a", "--at", "now", "--rollout", "20").stdout.strip()
     assert own.sql(
         "SELECT status, environment FROM flagsched.feature_flag_schedules WHERE id = %(i)s",
         {"i": new_id},
@@ -668,7 +702,7 @@ def test_operator_on_your_flags_table_runs_its_commands_but_never_touches_flags(
     ramp = run("ramp", "a", "--steps", "10,50", "--every", "1h", "--enable")
     (group,) = own.sql(
         "SELECT group_id FROM flagsched.feature_flag_schedules WHERE id = %(i)s",
-        {"i": int(ramp.stdout.split()[0])},
+        {"i": ramp.stdout.split()[0]},
     )[0]
     run("cancel", "--group", str(group))
     recurring = run(
@@ -689,7 +723,9 @@ def test_operator_on_your_flags_table_runs_its_commands_but_never_touches_flags(
     run("cancel", "--recurrence", recurring.stdout.strip())
     assert own.sql(
         "SELECT flag_key, environment, enabled, rollout_percentage FROM feature_flags ORDER BY 1, 2"
-    ) == [("a", "production", False, 0), ("a", "staging", False, 0)]
+    ) == [("a", "production", False, 0), ("a", "staging", False, 0)] + (
+        [("other", "production", False, 0)] if own.app_schedules else []
+    )
     for statement in (
         "UPDATE public.feature_flags SET enabled = true",
         "INSERT INTO public.feature_flags (flag_key) VALUES ('x')",

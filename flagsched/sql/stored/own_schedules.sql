@@ -133,8 +133,10 @@ ALTER VIEW {schedules} ALTER COLUMN updated_at SET DEFAULT now();
 -- did not change stays exactly as the application wrote it); its `error` follows
 -- `last_error`, and `cancelled_by`/`cancelled_at` are set when the row becomes cancelled.
 -- DELETE: both rows.
+-- SECURITY DEFINER: the view is the gate (a role's grants on its columns, as on flagsched's
+-- own schedules table); flagsched's roles need no privilege on the application's table.
 CREATE OR REPLACE FUNCTION {schedules_schema()}.flagsched_schedules_write_v1()
-RETURNS trigger LANGUAGE plpgsql SECURITY INVOKER AS $$
+RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     made {id_domain()};
     flag {flags}.{flags.id}%TYPE;
@@ -239,12 +241,13 @@ CREATE TRIGGER flagsched_schedules_write INSTEAD OF INSERT OR UPDATE OR DELETE
 -- The record of a tick's batch (queries.sql `record_app`; the trigger above writes one row
 -- at a time): each schedule's outcome into the application's row (the built-in columns it
 -- has, its `error`) and the state row, set-based, and the batch's notice (delivered at
--- commit).
+-- commit). SECURITY DEFINER, as the trigger above: what it writes is what the tick's
+-- grants on the view's columns allow it to write there.
 CREATE OR REPLACE FUNCTION {fn.record_app}(
     p_ids {id_domain()}[], p_status text[], p_applied_at timestamptz[],
     p_retry_count integer[], p_max_retries integer[], p_next_retry_at timestamptz[],
     p_last_error text[], p_updated_at timestamptz[], p_attempts jsonb[], p_notice text)
-RETURNS void LANGUAGE plpgsql SECURITY INVOKER AS $$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE {app_schedules} s
     SET status = v.status{record_app_set()}
