@@ -973,6 +973,15 @@ JOIN public.feature_flags f
   ON f.flag_key = 'flag-' || lpad((g %% %(flags)s)::text, 5, '0')
  AND f.environment = 'production'
 
+-- name: bench_upstream_open_indexes
+-- What an application may add to its schedules table (flagsched never adds an index to an
+-- application's table): the built-in tables' two partial indexes of open rows.
+CREATE INDEX upstream_schedules_pending_due ON public.feature_flag_schedules (scheduled_at, id)
+    WHERE status = 'pending';
+CREATE INDEX upstream_schedules_flag_open
+    ON public.feature_flag_schedules (flag_id, scheduled_at, id)
+    WHERE status IN ('pending', 'failed')
+
 -- name: bench_upstream_statuses
 SELECT status, count(*) FROM public.feature_flag_schedules GROUP BY 1
 
