@@ -8,6 +8,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -57,11 +58,18 @@ def main() -> int:
         env = {**os.environ, "FLAGSCHED_DATABASE_URL": url, "FLAGSCHED_LOG_FORMAT": "console"}
         engine = make_engine(url)
 
-        def flagsched(*args: str, login: str | None = None, config: Path | None = None) -> None:
+        def flagsched(
+            *args: str,
+            login: str | None = None,
+            config: Path | None = None,
+            database: str | None = None,
+        ) -> None:
             """The real CLI; `login`: as that database login (a person), `config`: with that
-            configuration file."""
+            configuration file, `database`: on that database (the application's)."""
             shown = f"FLAGSCHED_CONFIG={config} " if config else ""
             where = dict(env)
+            if database is not None:
+                where["FLAGSCHED_DATABASE_URL"] = server.url(database=database)
             if login is not None:
                 where["FLAGSCHED_DATABASE_URL"] = as_login(url, login)
                 shown = f"[{login}] {shown}"
@@ -208,6 +216,7 @@ def main() -> int:
         show("demo_flags")
         banner("The schedules now")
         show("demo_schedules")
+        _own_tables(admin, server, flagsched)
         engine.dispose()
         admin.dispose()
     finally:
@@ -216,6 +225,63 @@ def main() -> int:
         if AGENDA_PAGE.exists():
             print(f"The agenda page is at {AGENDA_PAGE.resolve()} (open it in a browser)")
     return 0
+
+
+UPSTREAM = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream-schema.sql"
+APP_CONFIG = """[flags]
+table = "public.feature_flags"
+id = "id"
+key = "flag_key"
+enabled = "enabled"
+rollout = "rollout_percentage"
+updated_at = "updated_at"
+scope = { environment = "production" }
+
+[schedules]
+table = "public.feature_flag_schedules"
+id = "id"
+flag_id = "flag_id"
+updates = "updates"
+updates_enabled = "enabled"
+updates_rollout = "rolloutPercentage"
+error = "error_message"
+created_by = "created_by"
+cancelled_by = "cancelled_by"
+cancelled_at = "cancelled_at"
+"""
+
+
+def _own_tables(admin: sa.Engine, server: pgserver.Postgresql, flagsched: Any) -> None:
+    """An application that has its own flags and schedules tables (the first application's,
+    tests/fixtures/upstream-schema.sql): flagsched runs on them as they are."""
+    banner(
+        "Your own tables: an application with flags and schedules tables of its own (uuid ids, "
+        "two environments, camelCase updates); its admin API wrote a schedule"
+    )
+    with admin.connect() as conn:
+        conn.execute(sa.text(statement("demo_app_database")))
+    app_url = server.url(database="demo_app")
+    with psycopg.connect(app_url, autocommit=True) as conn:
+        conn.execute(UPSTREAM.read_text())
+        conn.execute(statement("demo_app_seed"))
+    config = AGENDA_PAGE.parent / "app.toml"
+    config.write_text(APP_CONFIG)
+    print(config.read_text(), end="", flush=True)
+    flagsched("migrate", config=config, database="demo_app")
+    flagsched("schedule", "new-checkout", "--at", "now", "--rollout", "50", config=config,
+              database="demo_app")  # fmt: skip
+    flagsched("list", config=config, database="demo_app")
+    banner("A tick for production applies both, in order; staging's flag is not touched")
+    flagsched("process", config=config, database="demo_app")
+    app = make_engine(app_url)
+    with app.connect() as conn:
+        from flagsched.render import table
+
+        for name in ("demo_app_flags", "demo_app_schedules"):
+            result = conn.execute(sa.text(statement(name)))
+            print(table(list(result.keys()), [tuple(r) for r in result]), flush=True)
+    app.dispose()
+    flagsched("history", "new-checkout", config=config, database="demo_app")
 
 
 if __name__ == "__main__":

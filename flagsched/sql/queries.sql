@@ -1090,6 +1090,30 @@ VALUES ('dark-mode', now() - interval '2 hours', '{"rollout_percentage": 50}',
 -- name: demo_conflicted
 SELECT id FROM feature_flag_schedules WHERE last_error LIKE 'conflict:%'
 
+-- name: demo_app_database
+CREATE DATABASE demo_app
+
+-- name: demo_app_seed
+-- The first application's flags in its two environments, and a schedule its admin API
+-- wrote (a flag by its uuid, camelCase members), due a minute ago, in production.
+INSERT INTO feature_flags (flag_key, environment, description)
+VALUES ('new-checkout', 'production', 'the new checkout flow'),
+       ('new-checkout', 'staging', 'the new checkout flow');
+INSERT INTO feature_flag_schedules (flag_id, scheduled_at, updates, created_by)
+SELECT id, now() - interval '1 minute', '{"enabled": true, "rolloutPercentage": 25}',
+       'admin-api'
+FROM feature_flags WHERE flag_key = 'new-checkout' AND environment = 'production'
+
+-- name: demo_app_flags
+SELECT flag_key, environment, enabled, rollout_percentage FROM feature_flags
+ORDER BY flag_key, environment
+
+-- name: demo_app_schedules
+SELECT left(CAST(s.id AS text), 8) || '...' AS id, f.environment, s.status, s.updates,
+       s.created_by, s.cancelled_by, s.applied_at IS NOT NULL AS applied
+FROM feature_flag_schedules s JOIN feature_flags f ON f.id = s.flag_id
+ORDER BY s.created_at, s.id
+
 -- name: demo_flags
 SELECT key, enabled, rollout_percentage, updated_at FROM feature_flags ORDER BY key
 
