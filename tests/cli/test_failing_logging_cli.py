@@ -20,6 +20,7 @@ def backlog(add_flag: Any, add_schedule: Any) -> None:
         add_flag(f"f{i}")
         add_schedule(f"f{i}", {"enabled": True}, at="now() - interval '2 minutes'")
         add_schedule(f"f{i}", {"rollout_percentage": 50})
+    add_flag("ghost")  # its flag exists (an application's schedules table refers to it)
     add_schedule("ghost", {"enabled": True}, at="now() + interval '1 hour'")
 
 
