@@ -1241,16 +1241,8 @@ def agenda_vs_list(b: Bench) -> Case:
 
 OWN_TEMPLATE = "flagsched_bench_own"
 UPSTREAM_SCHEMA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream-schema.sql"
-OWN_CONFIG = """
-[flags]
-table = "public.feature_flags"
-id = "id"
-key = "flag_key"
-enabled = "enabled"
-rollout = "rollout_percentage"
-updated_at = "updated_at"
-scope = { environment = "production" }
-"""
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+OWN_CONFIG = (FIXTURES / "upstream-flags.toml").read_text()
 
 
 def _prepare_own_template(b: Bench, config: Path) -> None:
@@ -1347,22 +1339,7 @@ def own_flags_drain(b: Bench) -> Case:
 # -- 13. Drain on the first application's schedules table --------------------------------
 
 APP_TEMPLATE = "flagsched_bench_app"
-APP_CONFIG = (
-    OWN_CONFIG
-    + """
-[schedules]
-table = "public.feature_flag_schedules"
-id = "id"
-flag_id = "flag_id"
-updates = "updates"
-updates_enabled = "enabled"
-updates_rollout = "rolloutPercentage"
-error = "error_message"
-created_by = "created_by"
-cancelled_by = "cancelled_by"
-cancelled_at = "cancelled_at"
-"""
-)
+APP_CONFIG = OWN_CONFIG + (FIXTURES / "upstream-schedules.toml").read_text()
 
 
 def _prepare_app_template(b: Bench, config: Path) -> None:

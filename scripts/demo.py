@@ -228,27 +228,10 @@ def main() -> int:
 
 
 UPSTREAM = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream-schema.sql"
-APP_CONFIG = """[flags]
-table = "public.feature_flags"
-id = "id"
-key = "flag_key"
-enabled = "enabled"
-rollout = "rollout_percentage"
-updated_at = "updated_at"
-scope = { environment = "production" }
-
-[schedules]
-table = "public.feature_flag_schedules"
-id = "id"
-flag_id = "flag_id"
-updates = "updates"
-updates_enabled = "enabled"
-updates_rollout = "rolloutPercentage"
-error = "error_message"
-created_by = "created_by"
-cancelled_by = "cancelled_by"
-cancelled_at = "cancelled_at"
-"""
+APP_CONFIG = "".join(
+    (UPSTREAM.parent / name).read_text()
+    for name in ("upstream-flags.toml", "upstream-schedules.toml")
+)
 
 
 def _own_tables(admin: sa.Engine, server: pgserver.Postgresql, flagsched: Any) -> None:

@@ -173,21 +173,10 @@ CREATE TABLE public.app_schedules (
     updated_at timestamptz NOT NULL DEFAULT now()
 )
 """
-APP_CONFIG = (
-    OWN_CONFIG
-    + """
-[schedules]
-table = "public.app_schedules"
-id = "id"
-flag_id = "flag_id"
-updates = "updates"
-updates_enabled = "enabled"
-updates_rollout = "rolloutPercentage"
-error = "error_message"
-created_by = "created_by"
-cancelled_by = "cancelled_by"
-cancelled_at = "cancelled_at"
-"""
+APP_CONFIG = OWN_CONFIG + (
+    (Path(__file__).parent / "fixtures" / "upstream-schedules.toml")
+    .read_text()
+    .replace("public.feature_flag_schedules", "public.app_schedules")
 )
 
 

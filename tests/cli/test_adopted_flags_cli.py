@@ -49,16 +49,7 @@ class Shape:
 UPSTREAM_SHAPE = Shape(
     name="upstream",
     setup=UPSTREAM.read_text(),
-    config="""
-[flags]
-table = "public.feature_flags"
-id = "id"
-key = "flag_key"
-enabled = "enabled"
-rollout = "rollout_percentage"
-updated_at = "updated_at"
-scope = { environment = "SCOPE" }
-""",
+    config=UPSTREAM.with_name("upstream-flags.toml").read_text().replace('"production"', '"SCOPE"'),
     flags="public.feature_flags",
     key="flag_key",
     enabled="enabled",
@@ -131,20 +122,7 @@ enabled = "enabled"
 UPSTREAM_SCHEDULES = Shape(
     name="upstream-schedules",
     setup=UPSTREAM.read_text(),
-    config=UPSTREAM_SHAPE.config
-    + """
-[schedules]
-table = "public.feature_flag_schedules"
-id = "id"
-flag_id = "flag_id"
-updates = "updates"
-updates_enabled = "enabled"
-updates_rollout = "rolloutPercentage"
-error = "error_message"
-created_by = "created_by"
-cancelled_by = "cancelled_by"
-cancelled_at = "cancelled_at"
-""",
+    config=UPSTREAM_SHAPE.config + UPSTREAM.with_name("upstream-schedules.toml").read_text(),
     flags=UPSTREAM_SHAPE.flags,
     key=UPSTREAM_SHAPE.key,
     enabled=UPSTREAM_SHAPE.enabled,

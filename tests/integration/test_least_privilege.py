@@ -443,35 +443,11 @@ def test_plan_and_agenda_need_the_flags_the_operator_may_read(
     assert not (tmp_path / "no.html").exists()
 
 
-OWN_CONFIG = """
-[flags]
-table = "public.feature_flags"
-id = "id"
-key = "flag_key"
-enabled = "enabled"
-rollout = "rollout_percentage"
-updated_at = "updated_at"
-scope = { environment = "production" }
-"""
+OWN_CONFIG = UPSTREAM.with_name("upstream-flags.toml").read_text()
 
 
 # Shape 3: the first application's schedules table too.
-APP_CONFIG = (
-    OWN_CONFIG
-    + """
-[schedules]
-table = "public.feature_flag_schedules"
-id = "id"
-flag_id = "flag_id"
-updates = "updates"
-updates_enabled = "enabled"
-updates_rollout = "rolloutPercentage"
-error = "error_message"
-created_by = "created_by"
-cancelled_by = "cancelled_by"
-cancelled_at = "cancelled_at"
-"""
-)
+APP_CONFIG = OWN_CONFIG + UPSTREAM.with_name("upstream-schedules.toml").read_text()
 
 
 @pytest.fixture(params=["own-flags", "app-schedules"])
