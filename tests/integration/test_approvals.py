@@ -74,7 +74,12 @@ def people(logins: None, sql: Sql, database_url: str) -> Iterator[dict[str, str]
         sql(docs_sql("own-grants-operator"))
         sql(docs_sql("own-grants-approver"))
         if "[schedules]" in Path(OWN_CONFIGS[database_url]).read_text():  # shape 3
-            sql(docs_sql("app-grants"))
+            # the test's application table is public.app_schedules (tests/conftest.py)
+            sql(
+                docs_sql("app-grants").replace(
+                    "public.feature_flag_schedules", "public.app_schedules"
+                )
+            )
     else:
         sql(docs_sql("grants-operator"))
         sql(docs_sql("grants-approver"))
