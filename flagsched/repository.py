@@ -155,7 +155,10 @@ def _lookups(objects: Sequence[Required]) -> list[tuple[str, str, str, str]]:
             found.append(("relation", o.name, "", f"{kind} {o.name}"))
             found += [("column", o.name, c, f"column {o.name}.{c}") for c in o.columns]
         elif isinstance(o, Function):
-            found.append(("function", "", o.signature, f"function {o.signature}"))
+            # a type of flagsched's schema among its arguments (an application's schedule
+            # id): looked up first, as to_regprocedure fails on a type that does not exist
+            own = next((a.removesuffix("[]") for a in o.arguments if "." in a), "")
+            found.append(("function", own, o.signature, f"function {o.signature}"))
         else:
             found.append(("trigger", o.table, o.name, f"trigger {o.name} on {o.table}"))
     return found

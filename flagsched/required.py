@@ -205,10 +205,17 @@ def _app_schedules(tables: Tables) -> tuple[Required, ...]:
     trigger that notes each row inserted."""
     if tables.app_schedules is None:
         return ()
+    domain = tables.schedule_id_type
     return (
         Table(_relation(tables.state), ("id", "attempts", "created_snapshot")),
         Trigger(_relation(tables.app_schedules), SCHEDULE_TRIGGER),
-    )
+        Function(
+            f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column('record_app'))}",
+            (f"{domain}[]", "text[]", "timestamp with time zone[]", "integer[]", "integer[]",
+             "timestamp with time zone[]", "text[]", "timestamp with time zone[]", "jsonb[]",
+             "text"),
+        ),
+    )  # fmt: skip
 
 
 def _table(tables: Tables, logical: str) -> TableMap:

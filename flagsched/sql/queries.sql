@@ -200,7 +200,10 @@ SELECT current_setting('server_encoding'), ARRAY(
     SELECT r.n FROM r
     WHERE NOT CASE r.kind
         WHEN 'relation' THEN to_regclass(r.relation) IS NOT NULL
-        WHEN 'function' THEN to_regprocedure(r.name) IS NOT NULL
+        -- `relation`: a type of its arguments to look up first (to_regprocedure fails
+        -- on one that does not exist)
+        WHEN 'function' THEN CASE WHEN r.relation <> '' AND to_regtype(r.relation) IS NULL
+                                  THEN false ELSE to_regprocedure(r.name) IS NOT NULL END
         WHEN 'column' THEN (r.relation, r.name) IN (SELECT relation, name FROM columns)
         ELSE EXISTS (
             SELECT FROM pg_trigger t
