@@ -21,16 +21,17 @@ from tests.integration.conftest import FAILURE_TRIGGER
 Sql = Callable[..., list[Any]]
 
 AUDIT = """
-CREATE TABLE test_flag_audit (n bigserial PRIMARY KEY, key text, rollout integer);
-CREATE TABLE test_applied_log (schedule_id bigint);
+CREATE TABLE public.test_flag_audit (n bigserial PRIMARY KEY, key text, rollout integer);
+CREATE TABLE public.test_applied_log (schedule_id bigint);
 CREATE FUNCTION test_audit_flag() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO test_flag_audit (key, rollout) VALUES (NEW.key, NEW.rollout_percentage);
+BEGIN INSERT INTO public.test_flag_audit (key, rollout)
+    VALUES (NEW.key, NEW.rollout_percentage);
 RETURN NEW; END $$;
 CREATE TRIGGER test_audit_flag AFTER UPDATE ON feature_flags
     FOR EACH ROW EXECUTE FUNCTION test_audit_flag();
 CREATE FUNCTION test_log_applied() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN IF NEW.status = 'applied' AND OLD.status <> 'applied' THEN
-    INSERT INTO test_applied_log VALUES (NEW.id); END IF;
+    INSERT INTO public.test_applied_log VALUES (NEW.id); END IF;
 RETURN NEW; END $$;
 -- on the table that holds the rows (an application's, behind flagsched's view, on shape 3)
 DO $do$ BEGIN EXECUTE format(
