@@ -15,6 +15,7 @@ from flagsched.db import Database
 from flagsched.db import begin as db_begin
 from flagsched.errors import ConfigError, UnsupportedDatabase
 from flagsched.schema import begin, connect
+from flagsched.sql import Tables
 from flagsched.tables import SCHEDULE_OPTIONAL, Configuration, check
 
 if TYPE_CHECKING:
@@ -96,7 +97,12 @@ def adopt(database: Database, configuration: Configuration) -> list[str]:
     tables = configuration.tables()
     with db_begin(database) as conn:
         repository.take_migration_lock(conn)
-        refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
+        # the schedules relation first: its message names the difference that matters
+        refused = _another_schedules_mapping(
+            configuration, tables, repository.schedules_relation(conn, tables)
+        )
+        if refused is None:
+            refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
         if refused is not None:
             raise ConfigError(refused)
         facts: dict[str, str] = {}
@@ -139,6 +145,41 @@ def _serves_another(
             f"of another mapping of its columns or another release ({', '.join(other)}): "
             "deployments of one flags table map the same columns; to change the mapping, "
             "drop those triggers first (docs/own-tables.md)"
+        )
+    return None
+
+
+def _another_schedules_mapping(
+    configuration: Configuration, tables: Tables, found: tuple[str, str | None] | None
+) -> str | None:
+    """Why flagsched's schema cannot take this configuration's schedules (None: it can).
+    One schema keeps one schedules relation: flagsched's own table (no `[schedules]`) or its
+    view over one application's schedules table, of one mapping (`stored.mapping_digest`):
+    another deployment's would read and write through what this one rendered."""
+    from flagsched.sql import stored
+
+    if found is None:
+        return None
+    kind, noted = found
+    where = f"{configuration.where}: schema = {configuration.schema!r}"
+    if tables.app_schedules is None:
+        if kind == "r":
+            return None
+        return (
+            f"{where} serves an application's schedules table ([schedules]): a deployment "
+            "without [schedules] needs a schema of its own"
+        )
+    if kind != "v":
+        return (
+            f"{where} holds flagsched's own schedules table (a deployment without "
+            "[schedules]): with [schedules], give flagsched a schema of its own"
+        )
+    if noted != f"flagsched mapping {stored.mapping_digest(tables)}":
+        return (
+            f"{where} serves an application's schedules table with another mapping ([flags], "
+            "[schedules], the members of updates or the scope's columns differ): deployments "
+            "sharing a schema map the same tables the same way; to change the mapping, drop "
+            "flagsched's view first (docs/own-tables.md)"
         )
     return None
 

@@ -264,6 +264,14 @@ def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str] | None = None) ->
     return made
 
 
+def schedules_relation(conn: Conn, tables: Tables) -> tuple[str, str | None] | None:
+    """(relkind, the mapping noted on it) of flagsched's schedules relation (None: none)."""
+    row = conn.execute(
+        statement("schedules_relation"), {"relation": _relation(tables.schedules)}
+    ).fetchone()
+    return None if row is None else (str(row[0]), row[1])
+
+
 def note_unseen_schedules(conn: Conn) -> None:
     """On an application's schedules table, a state row for each open row that has none
     (inserted while flagsched's trigger was not there or not firing, e.g. a restore with

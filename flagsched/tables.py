@@ -162,7 +162,8 @@ def _adopted_tables(configuration: Configuration) -> Tables:
     unscoped = replace(mapping, scope=tuple((column, "") for column, _ in mapping.scope))
     routines = stored.adopted_routines(unscoped, own)
     if app_schedules is not None:  # rendered by `flagsched migrate` (own_schedules.sql)
-        routines = replace(routines, columns=(*routines.columns, ("record_app", stored.RECORD_APP)))
+        named = f"{stored.RECORD_APP}_{stored.mapping_digest(unscoped)}"
+        routines = replace(routines, columns=(*routines.columns, ("record_app", named)))
     return replace(mapping, fn=routines)
 
 

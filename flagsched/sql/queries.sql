@@ -250,6 +250,12 @@ WHERE i.indrelid = CAST(%(oid)s AS oid) AND i.indisunique AND i.indisvalid
   AND i.indpred IS NULL AND i.indexprs IS NULL AND k.n <= i.indnkeyatts
 GROUP BY i.indexrelid
 
+-- name: schedules_relation
+-- What flagsched's schedules relation in its schema is (r: its own table, v: its view over an
+-- application's schedules table), and the mapping noted on it.
+SELECT c.relkind::text AS kind, obj_description(c.oid, 'pg_class') AS mapping
+FROM pg_class c WHERE c.oid = to_regclass(%(relation)s)
+
 -- name: routine_missing
 SELECT to_regprocedure(%(signature)s) IS NULL
 

@@ -314,6 +314,7 @@ def _app_schedules_computed(
 
     return {
         "id_domain": lambda args: tables.schedule_id_type,
+        "mapping_comment": lambda args: _literal(f"flagsched mapping {mapping_digest(tables)}"),
         "id_base_type": lambda args: facts.get("id_base_type", "bigint"),
         "member_enabled": lambda args: members()[0],
         "member_rollout": lambda args: members()[1],
@@ -563,8 +564,30 @@ def triggers(tables: Tables) -> list[Trigger]:
 
 
 # The record's write on an application's schedules table (queries.sql `record_app`), in
-# flagsched's schema (stored/own_schedules.sql).
+# flagsched's schema (stored/own_schedules.sql), named `<this>_<mapping_digest>`.
 RECORD_APP = "flagsched_schedules_record_v1"
+
+
+def mapping_digest(tables: Tables) -> str:
+    """What flagsched's view over an application's schedules table is rendered from, as the
+    configuration says it (the tables, their configured columns, the members of `updates`,
+    the scope's columns; not the scope's values, nor what the catalog says): one schema
+    serves one such mapping. `flagsched migrate` notes it on the view, and the record's
+    function carries it in its name, so a deployment of another mapping finds it missing."""
+    app = tables.app_schedules
+    assert app is not None
+    flags = tables.flags
+    return _digest(
+        repr(
+            (
+                (flags.schema, flags.name, flags.columns, flags.absent),
+                (app.schema, app.name, app.columns),
+                tables.members,
+                tuple(column for column, _ in tables.scope),
+            )
+        )
+    )
+
 
 # The one trigger flagsched puts on an application's schedules table (shape 3): it notes each
 # row inserted (stored/own_schedules.sql, flagsched_schedule_noted_v1).

@@ -1377,3 +1377,44 @@ def test_approvals_on_the_applications_schedules_table(
     assert production.run("process").code == 0
     assert production.flag("new-checkout")[0] is True
     assert production.flag("pay-later")[0] is True
+
+
+def test_one_schema_serves_one_mapping_of_the_applications_schedules(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Deployments sharing flagsched's schema map the application's tables the same way: a
+    configuration with other member names, another schedules table, or no [schedules] is
+    refused by `migrate` (exit 2, one line, nothing changed), and its other commands refuse
+    to run (exit 3: what they would call is not there), never reading or writing through
+    the view another deployment's configuration rendered."""
+    production, _ = _upstream_deployments(empty_database_url, tmp_path)
+    production.add_flag("f")
+    app_row = _api_schedule(
+        production, "f", {"rolloutPercentage": 42}, at="now() + interval '1 hour'",
+        scope="production",
+    )  # fmt: skip
+    text = Path(production.config).read_text()
+    production.sql(
+        "CREATE TABLE public.other_schedules (LIKE public.feature_flag_schedules INCLUDING ALL)"
+    )
+    others = {
+        "members": text.replace('"rolloutPercentage"', '"rollout"'),
+        "table": text.replace('"public.feature_flag_schedules"', '"public.other_schedules"'),
+        "no-schedules": text.split("[schedules]")[0],
+    }
+    for name, other in others.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(other)
+        refused = invoke("--config", str(path), "migrate", url=empty_database_url)
+        assert refused.code == 2, (name, refused)
+        assert refused.stderr.count("\n") == 1 and "schema = 'flagsched'" in refused.stderr
+        if name != "no-schedules":
+            ran = invoke("--config", str(path), "list", url=empty_database_url)
+            assert ran.code == 3 and "run `flagsched migrate`" in ran.stderr, (name, ran)
+    assert production.run("migrate", "--check").code == 0
+    (row,) = production.sql(
+        "SELECT updates FROM public.feature_flag_schedules WHERE id = %(i)s", {"i": app_row}
+    )
+    assert row == ({"rolloutPercentage": 42},)
+    listed = _json(production.run("list", "--format", "json"))
+    assert [r["updates"] for r in listed] == [{"rollout_percentage": 42}]

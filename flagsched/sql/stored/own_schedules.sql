@@ -114,6 +114,10 @@ FROM {app_schedules} s
 JOIN {state} x ON x.id = s.{app_schedules.id}
 CROSS JOIN LATERAL {schedules_schema()}.flagsched_flag_of_v1(s.{flag_ref()}) f;
 
+-- The mapping it was rendered from (stored.py `mapping_digest`): `flagsched migrate` with
+-- another refuses, rather than rewrite the view another deployment reads.
+COMMENT ON VIEW {schedules} IS {mapping_comment()};
+
 -- What an INSERT that names none of them gets, as the built-in table's defaults.
 ALTER VIEW {schedules} ALTER COLUMN status SET DEFAULT 'pending';
 ALTER VIEW {schedules} ALTER COLUMN retry_count SET DEFAULT 0;
