@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
@@ -115,6 +116,11 @@ def adopt(database: Database, configuration: Configuration) -> list[str]:
             id_column = found.column(configuration.schedules.id)
             assert id_column is not None
             facts["id_base_type"] = id_column.shown_type
+            # the text columns flagsched writes, cut to a varchar's length (stored.py `fit`)
+            for column in found.columns:
+                length = re.fullmatch(r"character varying\((\d+)\)", column.shown_type)
+                if length:
+                    facts[f"length:{column.name}"] = length.group(1)
             absent = tuple(c for c in SCHEDULE_OPTIONAL if found.column(c) is None)
             tables = replace(tables, app_schedules=replace(tables.app_schedules, absent=absent))
         return repository.adopt(conn, tables, facts)

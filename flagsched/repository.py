@@ -525,15 +525,15 @@ def cancel_running_statement(conn: Conn) -> None:
 
 def record(
     conn: Conn, results: Sequence[Result], *, now: datetime, notice: str | None = None
-) -> None:
+) -> list[tuple[ScheduleId, str]]:
     """Write every applied / retry / failed outcome of a batch, and its attempt, in one
     UPDATE (applied ids travel as one array: the common case carries little); `notice`,
     when given, is NOTIFYed in the same statement (delivered at commit)."""
     applied = [r.schedule for r in results if r.outcome is Outcome.APPLIED]
     failed = [r for r in results if r.outcome in (Outcome.RETRY, Outcome.FAILED)]
     if not applied and not failed:
-        return
-    conn.execute(
+        return []
+    ran = conn.execute(
         statement("record_app" if current().app_schedules is not None else "record"),
         {
             "applied": [c.id for c in applied],
@@ -549,6 +549,8 @@ def record(
             "notice": notice,
         },
     )
+    # on an application's schedules table: the rows its table refused to take
+    return [(schedule_id(i), str(m)) for i, m in ran.fetchall()] if ran.description else []
 
 
 def list_failed(

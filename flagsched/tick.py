@@ -172,7 +172,13 @@ def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag)
             verdict, error = verdicts.get(index, (None, None))
             results.append(_result(change.schedule, verdict, error, fail))
     applied = [r.schedule.flag_key for r in results if r.outcome is Outcome.APPLIED]
-    repository.record(conn, results, now=now, notice=change_notice(applied))
+    refused = repository.record(conn, results, now=now, notice=change_notice(applied))
+    for schedule_id, message in refused:
+        # an application's schedules table refused the outcome (its CHECK or trigger): the
+        # others' stand; this row stays as that table has it, and comes round again
+        get_logger().error(
+            "schedule_record_refused", schedule_id=schedule_id, error=clip(message, MAX_TEXT)
+        )
     return results
 
 

@@ -402,13 +402,20 @@ WITH v AS (
 SELECT pg_notify({NOTIFY_CHANNEL}, %(notice)s::text) WHERE %(notice)s::text IS NOT NULL
 
 -- name: record_app
--- stored/own_schedules.sql: both rows of each schedule, set-based, and the notice.
+-- stored/own_schedules.sql: both rows of each schedule, set-based, and the notice; returns
+-- the rows the application's table refused to take (logged by the tick).
 {record_new}
-SELECT {fn.record_app}(
-    array_agg(n.id), array_agg(n.status), array_agg(n.applied_at), array_agg(n.retry_count),
-    array_agg(n.max_retries), array_agg(n.next_retry_at), array_agg(n.last_error),
-    array_agg(n.updated_at), array_agg(n.attempts), %(notice)s::text)
-FROM new AS n
+SELECT r.refused, r.message
+FROM (SELECT array_agg(n.id) AS ids, array_agg(n.status) AS status,
+             array_agg(n.applied_at) AS applied_at, array_agg(n.retry_count) AS retry_count,
+             array_agg(n.max_retries) AS max_retries,
+             array_agg(n.next_retry_at) AS next_retry_at,
+             array_agg(n.last_error) AS last_error, array_agg(n.updated_at) AS updated_at,
+             array_agg(n.attempts) AS attempts
+      FROM new AS n) AS a
+CROSS JOIN LATERAL {fn.record_app}(
+    a.ids, a.status, a.applied_at, a.retry_count, a.max_retries, a.next_retry_at,
+    a.last_error, a.updated_at, a.attempts, %(notice)s::text) AS r
 
 -- name: backlog
 -- Index scans only (idx_schedules_pending_due, idx_schedules_next_retry_at): it runs at

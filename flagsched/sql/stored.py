@@ -236,6 +236,12 @@ def _app_schedules_computed(
         )
         return f"{flag_table}.{_quoted(flags.column('id'))}%TYPE"
 
+    def fit(column: str, expression: str) -> str:
+        """`expression` cut to what a `varchar(n)` column of the application's table holds
+        (`facts`: `length:<column>`), so a long message never makes its table refuse the row."""
+        limit = facts.get(f"length:{column}")
+        return f"left({expression}, {int(limit)})" if limit else expression
+
     def insert_columns(args: list[str]) -> str:
         names = [col("flag_id") if by_flag_id() else col("flag_key")]
         names += ["scheduled_at", "status", col("updates")]
@@ -252,31 +258,33 @@ def _app_schedules_computed(
             f"{members()[0]}, {members()[1]})",
         ]
         values += [
-            f"coalesce(NEW.{_quoted(c)}, {d})" if d != "NULL" else f"NEW.{_quoted(c)}"
+            f"coalesce(NEW.{_quoted(c)}, {d})" if d != "NULL" else fit(c, f"NEW.{_quoted(c)}")
             for c, _, d in present
         ]
-        if "created_by" in dict(app.columns):
-            values.append("session_user")
-        if "error" in dict(app.columns):
-            values.append("NEW.last_error")
+        columns = dict(app.columns)
+        if "created_by" in columns:
+            values.append(fit(columns["created_by"], "session_user"))
+        if "error" in columns:
+            values.append(fit(columns["error"], "NEW.last_error"))
         return ", ".join(values)
 
     def app_set(args: list[str]) -> str:
         sets = [
             f"{_quoted(c)} = CASE WHEN NEW.{_quoted(c)} IS DISTINCT FROM OLD.{_quoted(c)} "
-            f"THEN NEW.{_quoted(c)} ELSE s.{_quoted(c)} END"
+            f"THEN {fit(c, f'NEW.{_quoted(c)}')} ELSE s.{_quoted(c)} END"
             for c, _, _ in present
         ]
         columns = dict(app.columns)
         if "error" in columns:
             sets.append(
                 f"{col('error')} = CASE WHEN NEW.last_error IS DISTINCT FROM OLD.last_error "
-                f"THEN NEW.last_error ELSE s.{col('error')} END"
+                f"THEN {fit(columns['error'], 'NEW.last_error')} ELSE s.{col('error')} END"
             )
         becomes_cancelled = "NEW.status = 'cancelled' AND OLD.status IS DISTINCT FROM 'cancelled'"
         if "cancelled_by" in columns:
             sets.append(
-                f"{col('cancelled_by')} = CASE WHEN {becomes_cancelled} THEN session_user "
+                f"{col('cancelled_by')} = CASE WHEN {becomes_cancelled} THEN "
+                f"{fit(columns['cancelled_by'], 'session_user')} "
                 f"ELSE s.{col('cancelled_by')} END"
             )
         if "cancelled_at" in columns:
@@ -287,9 +295,13 @@ def _app_schedules_computed(
         return "".join(f",\n                {one}" for one in sets)
 
     def record_app_set(args: list[str]) -> str:
-        sets = [f"{_quoted(c)} = v.{_quoted(c)}" for c, _, _ in present if c != "created_at"]
+        sets = [
+            f"{_quoted(c)} = {fit(c, f'v.{_quoted(c)}')}"
+            for c, _, _ in present
+            if c != "created_at"
+        ]
         if "error" in dict(app.columns):
-            sets.append(f"{col('error')} = v.last_error")
+            sets.append(f"{col('error')} = {fit(dict(app.columns)['error'], 'v.last_error')}")
         return "".join(f",\n        {one}" for one in sets)
 
     def members() -> tuple[str, str]:

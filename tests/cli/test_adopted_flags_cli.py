@@ -1418,3 +1418,45 @@ def test_one_schema_serves_one_mapping_of_the_applications_schedules(
     assert row == ({"rolloutPercentage": 42},)
     listed = _json(production.run("list", "--format", "json"))
     assert [r["updates"] for r in listed] == [{"rollout_percentage": 42}]
+
+
+def test_a_row_the_applications_table_refuses_never_stops_the_others(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """The application's schedules table may refuse what a tick writes (its CHECK, its
+    trigger): the others' outcomes stand, the refused row keeps what the table has (and is
+    logged), and the next tick goes on. A message longer than a varchar `error` column is
+    cut to fit it."""
+    production = _deploy(UPSTREAM_SCHEDULES, empty_database_url, tmp_path)
+    production.sql(
+        "ALTER TABLE feature_flag_schedules ALTER COLUMN error_message TYPE varchar(20); "
+        "ALTER TABLE feature_flag_schedules ADD CONSTRAINT counted "
+        "CHECK (retry_count <= max_retries) NOT VALID"
+    )
+    assert production.run("migrate").code == 0  # it renders for the table as it is now
+    for key in ("a", "b", "c"):
+        production.add_flag(key)
+    first = _api_schedule(production, "a", {"enabled": True}, at="now() - interval '2 minutes'",
+                          scope="production")  # fmt: skip
+    refused = production.sql(
+        "INSERT INTO public.feature_flag_schedules (flag_id, scheduled_at, updates, max_retries) "
+        "SELECT id, now() - interval '1 minute', '{\"enabled\": \"bogus\"}', 0 "
+        "FROM public.feature_flags WHERE flag_key = 'b' RETURNING id::text"
+    )[0][0]
+    long_failure = _api_schedule(production, "c", {"rolloutPercentage": 250},
+                                 at="now() - interval '1 minute'", scope="production")  # fmt: skip
+    ran = production.run("process")
+    assert ran.code == 1, ran.stderr  # two failed for good; nothing could not run
+    assert "schedule_record_refused" in ran.stderr and refused in ran.stderr
+    rows = dict(
+        (r[0], r[1:])
+        for r in production.sql(
+            "SELECT id::text, status, error_message FROM public.feature_flag_schedules"
+        )
+    )
+    assert rows[first] == ("applied", None)
+    assert rows[refused][0] == "pending"  # the table refused its outcome
+    status, error = rows[long_failure]
+    assert status == "failed" and error is not None and len(error) == 20
+    again = production.run("process")
+    assert again.code in (0, 1) and "database error" not in again.stderr, again.stderr

@@ -246,20 +246,52 @@ CREATE TRIGGER flagsched_schedules_write INSTEAD OF INSERT OR UPDATE OR DELETE
 -- at a time): each schedule's outcome into the application's row (the built-in columns it
 -- has, its `error`) and the state row, set-based, and the batch's notice (delivered at
 -- commit). SECURITY DEFINER, as the trigger above: what it writes is what the tick's
--- grants on the view's columns allow it to write there.
+-- grants on the view's columns allow it to write there. Returns the rows the application's
+-- table refused (their outcome is kept in the state row only).
 CREATE OR REPLACE FUNCTION {fn.record_app}(
     p_ids {id_domain()}[], p_status text[], p_applied_at timestamptz[],
     p_retry_count integer[], p_max_retries integer[], p_next_retry_at timestamptz[],
     p_last_error text[], p_updated_at timestamptz[], p_attempts jsonb[], p_notice text)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+RETURNS TABLE (refused {id_domain()}, message text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    i integer;
 BEGIN
-    UPDATE {app_schedules} s
-    SET status = v.status{record_app_set()}
-    FROM unnest(p_ids, p_status, p_applied_at, p_retry_count, p_max_retries,
-                p_next_retry_at, p_last_error, p_updated_at)
-         AS v(id, status, applied_at, retry_count, max_retries, next_retry_at, last_error,
-              updated_at)
-    WHERE s.{app_schedules.id} = v.id;
+    BEGIN
+        UPDATE {app_schedules} s
+        SET status = v.status{record_app_set()}
+        FROM unnest(p_ids, p_status, p_applied_at, p_retry_count, p_max_retries,
+                    p_next_retry_at, p_last_error, p_updated_at)
+             AS v(id, status, applied_at, retry_count, max_retries, next_retry_at, last_error,
+                  updated_at)
+        WHERE s.{app_schedules.id} = v.id;
+    EXCEPTION
+        WHEN query_canceled THEN
+            RAISE;  -- a statement timeout or a cancel ends the statement
+        WHEN OTHERS THEN
+            -- the application's table refused a row (its CHECK, its trigger, a length):
+            -- each row on its own, so one row never stops the others' outcomes; a row
+            -- refused stays as the application's table has it (returned, for the log)
+            FOR i IN 1 .. coalesce(cardinality(p_ids), 0) LOOP
+                BEGIN
+                    UPDATE {app_schedules} s
+                    SET status = v.status{record_app_set()}
+                    FROM (SELECT p_ids[i], p_status[i], p_applied_at[i], p_retry_count[i],
+                                 p_max_retries[i], p_next_retry_at[i], p_last_error[i],
+                                 p_updated_at[i])
+                         AS v(id, status, applied_at, retry_count, max_retries, next_retry_at,
+                              last_error, updated_at)
+                    WHERE s.{app_schedules.id} = v.id;
+                EXCEPTION
+                    WHEN query_canceled THEN
+                        RAISE;
+                    WHEN OTHERS THEN
+                        refused := p_ids[i];
+                        message := SQLERRM || ' (SQLSTATE ' || SQLSTATE || ')';
+                        RETURN NEXT;
+                END;
+            END LOOP;
+    END;
     UPDATE {state} x
     SET attempts = v.attempts, retry_count = v.retry_count, max_retries = v.max_retries,
         next_retry_at = v.next_retry_at, last_error = v.last_error,
