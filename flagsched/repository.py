@@ -549,8 +549,10 @@ def record(
             "notice": notice,
         },
     )
+    if current().app_schedules is None:
+        return []
     # on an application's schedules table: the rows its table refused to take
-    return [(schedule_id(i), str(m)) for i, m in ran.fetchall()] if ran.description else []
+    return [(schedule_id(i), str(m)) for i, m in ran.fetchall()]
 
 
 def list_failed(
