@@ -99,7 +99,7 @@ class Database:
         # shown as they are, a flag key that happens to contain the password included. Only
         # the client library's own text is withheld if it quotes the password.
         client_side = getattr(exc, "sqlstate", None) is None
-        reason = one_line(str(exc), url_secrets(self.url) if client_side else ())
+        reason = one_line(_without_long_context(exc), url_secrets(self.url) if client_side else ())
         if connecting or connection_lost(exc, conn):
             return DatabaseUnavailable(
                 f"could not connect to {describe_database(self.url)}: {reason}"
@@ -113,6 +113,23 @@ class Database:
             yield
         except psycopg.Error as exc:
             raise self.error(exc, conn=conn) from None
+
+
+# A server error's CONTEXT (where in a function it arose) is kept up to this many characters
+# at its start and at its end (the function and line): inside a stored function it quotes
+# the whole statement (10,000 characters for the claim).
+CONTEXT_SHOWN = 200
+
+
+def _without_long_context(exc: BaseException) -> str:
+    """The driver's text of `exc`, a long CONTEXT cut in its middle."""
+    text = str(exc)
+    diag = getattr(exc, "diag", None)
+    context = getattr(diag, "context", None)
+    if not context or len(context) <= 2 * CONTEXT_SHOWN:
+        return text
+    cut = f"{context[:CONTEXT_SHOWN]} ... {context[-CONTEXT_SHOWN:]}"
+    return text.replace(context, cut, 1)
 
 
 def _json_loads(data: bytes | str) -> Any:

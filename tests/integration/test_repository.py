@@ -220,3 +220,20 @@ def test_a_savepoint_undoes_only_its_own_writes(
 def database_url(shaped_database_url: str) -> str:
     """Every test here on the built-in tables and on your own flags table (issue 18)."""
     return shaped_database_url
+
+
+def test_a_server_errors_context_is_cut_never_the_whole_statement(database_url: str) -> None:
+    """An error inside a stored function quotes the whole statement in its CONTEXT (10,000
+    characters for the claim): the one line an operator reads keeps its start only."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION test_long() RETURNS integer LANGUAGE plpgsql AS $$ BEGIN "
+            f"RETURN (SELECT 1 / 0 WHERE '{'x' * 5000}' <> ''); END $$"
+        )
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute("SELECT test_long()")
+    message = str(Database(database_url).error(caught.value))
+    assert "division by zero" in message and "test_long" in message
+    assert len(message) < 1000 and "\n" not in message
