@@ -180,7 +180,7 @@ def _another_schedules_mapping(
             f"{where} holds flagsched's own schedules table (a deployment without "
             "[schedules]): with [schedules], give flagsched a schema of its own"
         )
-    if noted != f"flagsched mapping {stored.mapping_digest(tables)}":
+    if noted != stored.mapping_note(tables):
         return (
             f"{where} serves an application's schedules table with another mapping ([flags], "
             "[schedules], the members of updates or the scope's columns differ): deployments "

@@ -34,9 +34,9 @@ from flagsched.model import (
     id_order,
     schedule_id,
 )
-from flagsched.required import REQUIRED, Function, Required, Table, required
+from flagsched.required import REQUIRED, Function, Required, Table, relation, required
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
-from flagsched.sql import TableMap, Tables, current, statement, stored
+from flagsched.sql import Tables, current, statement, stored
 
 if TYPE_CHECKING:  # the configuration's module: only `migrate` reads the catalog
     from flagsched.rows import (
@@ -250,10 +250,8 @@ def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str] | None = None) ->
     for trigger in stored.triggers(tables):
         table = tables.table(trigger.table)
         assert table is not None, trigger.table
-        relation = _relation(table)
-        if _scalar(
-            conn, statement("trigger_missing"), {"relation": relation, "name": trigger.name}
-        ):
+        on = relation(table)
+        if _scalar(conn, statement("trigger_missing"), {"relation": on, "name": trigger.name}):
             conn.execute(trigger.create)
             made.append(f"trigger {trigger.name}")
     if tables.app_schedules is not None:
@@ -267,7 +265,7 @@ def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str] | None = None) ->
 def schedules_relation(conn: Conn, tables: Tables) -> tuple[str, str | None] | None:
     """(relkind, the mapping noted on it) of flagsched's schedules relation (None: none)."""
     row = conn.execute(
-        statement("schedules_relation"), {"relation": _relation(tables.schedules)}
+        statement("schedules_relation"), {"relation": relation(tables.schedules)}
     ).fetchone()
     return None if row is None else (str(row[0]), row[1])
 
@@ -278,18 +276,6 @@ def note_unseen_schedules(conn: Conn) -> None:
     triggers disabled), so the view (and the tick) sees it. A no-op on other shapes."""
     if current().app_schedules is not None:
         conn.execute(statement("note_unseen_schedules"))
-
-
-def _relation(table: TableMap) -> str:
-    """A table's name as to_regclass reads it (each part quoted)."""
-    return ".".join(
-        '"' + part.replace('"', '""') + '"' for part in (table.schema, table.name) if part
-    )
-
-
-def _flags_relation(tables: Tables) -> str:
-    """The flags table's name as to_regclass reads it."""
-    return _relation(tables.flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +294,7 @@ def triggers_in_schema(conn: Conn, tables: Tables) -> list[RecordTrigger]:
         conn,
         class_row(RecordTrigger),
         statement("record_triggers_in_schema"),
-        {"schema": tables.fn.schema, "relation": _flags_relation(tables)},
+        {"schema": tables.fn.schema, "relation": relation(tables.flags)},
     )
 
 
@@ -527,14 +513,17 @@ def record(
     conn: Conn, results: Sequence[Result], *, now: datetime, notice: str | None = None
 ) -> list[tuple[ScheduleId, str]]:
     """Write every applied / retry / failed outcome of a batch, and its attempt, in one
-    UPDATE (applied ids travel as one array: the common case carries little); `notice`,
-    when given, is NOTIFYed in the same statement (delivered at commit)."""
+    statement (applied ids travel as one array: the common case carries little); `notice`,
+    when given, is NOTIFYed in the same statement (delivered at commit). Returns what an
+    application's schedules table refused to take (id, why); flagsched's own table takes
+    every row."""
     applied = [r.schedule for r in results if r.outcome is Outcome.APPLIED]
     failed = [r for r in results if r.outcome in (Outcome.RETRY, Outcome.FAILED)]
     if not applied and not failed:
         return []
+    on_app_table = current().app_schedules is not None
     ran = conn.execute(
-        statement("record_app" if current().app_schedules is not None else "record"),
+        statement("record_app" if on_app_table else "record"),
         {
             "applied": [c.id for c in applied],
             "applied_made": [c.attempts_made for c in applied],
@@ -549,10 +538,7 @@ def record(
             "notice": notice,
         },
     )
-    if current().app_schedules is None:
-        return []
-    # on an application's schedules table: the rows its table refused to take
-    return [(schedule_id(i), str(m)) for i, m in ran.fetchall()]
+    return [(schedule_id(i), str(m)) for i, m in ran.fetchall()] if on_app_table else []
 
 
 def list_failed(

@@ -140,7 +140,7 @@ REQUIRED: tuple[Required, ...] = (
 )
 
 
-def _relation(table: TableMap) -> str:
+def relation(table: TableMap) -> str:
     """A table as `to_regclass` reads it: quoted, schema-qualified when configured."""
     name = _quoted(table.name)
     return f"{_quoted(table.schema)}.{name}" if table.schema else name
@@ -172,12 +172,12 @@ def required(tables: Tables) -> tuple[Required, ...]:
             own[t.name] = Table(t.name, (before.columns if before else ()) + t.columns)
     seq = own["feature_flag_schedule_group_seq"]
     return (
-        Table(_relation(flags), flag_columns),
-        Table(_relation(tables.schedules), own["feature_flag_schedules"].columns + scope),
-        Table(_relation(TableMap(seq.name, schema=tables.schedules.schema))),
-        Table(_relation(tables.changes), own["feature_flag_changes"].columns + scope),
-        Table(_relation(tables.recurrences), own["feature_flag_recurrences"].columns + scope),
-        Table(_relation(tables.approvals), own["feature_flag_approvals"].columns),
+        Table(relation(flags), flag_columns),
+        Table(relation(tables.schedules), own["feature_flag_schedules"].columns + scope),
+        Table(relation(TableMap(seq.name, schema=tables.schedules.schema))),
+        Table(relation(tables.changes), own["feature_flag_changes"].columns + scope),
+        Table(relation(tables.recurrences), own["feature_flag_recurrences"].columns + scope),
+        Table(relation(tables.approvals), own["feature_flag_approvals"].columns),
         *(
             Function(
                 f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column(routine))}",
@@ -187,11 +187,11 @@ def required(tables: Tables) -> tuple[Required, ...]:
         ),
         *_app_schedules(tables),
         *(
-            Trigger(_relation(flags), f"flagsched_record_{event}")
+            Trigger(relation(flags), f"flagsched_record_{event}")
             for event in ("insert", "update", "delete", "truncate")
         ),
         *(
-            Trigger(_relation(_table(tables, t)), family)
+            Trigger(relation(_table(tables, t)), family)
             for t, family in APPROVAL_TRIGGERS
             # over an application's schedules table (a view) its own trigger notes the
             # creator (`_app_schedules`)
@@ -207,8 +207,8 @@ def _app_schedules(tables: Tables) -> tuple[Required, ...]:
         return ()
     domain = tables.schedule_id_type
     return (
-        Table(_relation(tables.state), ("id", "attempts", "created_snapshot")),
-        Trigger(_relation(tables.app_schedules), SCHEDULE_TRIGGER),
+        Table(relation(tables.state), ("id", "attempts", "created_snapshot")),
+        Trigger(relation(tables.app_schedules), SCHEDULE_TRIGGER),
         Function(
             f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column('record_app'))}",
             (f"{domain}[]", "text[]", "timestamp with time zone[]", "integer[]", "integer[]",

@@ -37,6 +37,7 @@ from flagsched.model import (
     Verdict,
     change_notice,
     clip,
+    id_order,
 )
 
 if TYPE_CHECKING:
@@ -682,7 +683,7 @@ def preview(database: Database, options: TickOptions) -> list[Preview]:
                 plan.append(Preview.of(c, f"fail for good: {checks[c.id][1]}"))
             else:
                 plan.append(Preview.of(c, f"apply: {u.words()}"))
-    plan.sort(key=lambda p: (p.flag_key, p.scheduled_at, p.id or 0))
+    plan.sort(key=lambda p: (p.flag_key, p.scheduled_at, id_order(p.id or 0)))
     return occurring + plan
 
 

@@ -326,7 +326,7 @@ def _app_schedules_computed(
 
     return {
         "id_domain": lambda args: tables.schedule_id_type,
-        "mapping_comment": lambda args: _literal(f"flagsched mapping {mapping_digest(tables)}"),
+        "mapping_comment": lambda args: _literal(mapping_note(tables)),
         "id_base_type": lambda args: facts.get("id_base_type", "bigint"),
         "member_enabled": lambda args: members()[0],
         "member_rollout": lambda args: members()[1],
@@ -578,6 +578,12 @@ def triggers(tables: Tables) -> list[Trigger]:
 # The record's write on an application's schedules table (queries.sql `record_app`), in
 # flagsched's schema (stored/own_schedules.sql), named `<this>_<mapping_digest>`.
 RECORD_APP = "flagsched_schedules_record_v1"
+
+
+def mapping_note(tables: Tables) -> str:
+    """What `flagsched migrate` notes on its view over an application's schedules table
+    (COMMENT ON VIEW), and compares with the configuration's."""
+    return f"flagsched mapping {mapping_digest(tables)}"
 
 
 def mapping_digest(tables: Tables) -> str:
