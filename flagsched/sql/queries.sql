@@ -282,6 +282,15 @@ ON CONFLICT (id) DO NOTHING
 -- `flagsched migrate`: the rows the table held before.
 {note_schedules(true)}
 
+-- name: own_objects_note
+-- What `flagsched migrate` noted on the ramp groups' sequence in flagsched's schema (issue
+-- 18): the digest of the text of flagsched's own objects it last ran there (stored.py
+-- `objects_note`); NULL when none. A catalog read: it locks no table.
+SELECT obj_description(to_regclass({group_seq()}), 'pg_class')
+
+-- name: note_own_objects
+COMMENT ON SEQUENCE {group_seq_relation()} IS {note}
+
 -- name: record_triggers_in_schema
 -- Triggers whose functions live in flagsched's schema %(schema)s, on whichever table, and
 -- whether that table is this configuration's flags table (%(relation)s).
