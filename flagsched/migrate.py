@@ -18,7 +18,7 @@ from flagsched.db import begin as db_begin
 from flagsched.errors import ConfigError, CouldNotRun, LockNotGranted, UnsupportedDatabase
 from flagsched.schema import begin, connect
 from flagsched.sql import Tables
-from flagsched.tables import SCHEDULE_OPTIONAL, Configuration, check
+from flagsched.tables import SCHEDULE_OPTIONAL, Configuration, QualifiedName, check
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -153,10 +153,13 @@ def _refused_or_mapped(conn: Conn, configuration: Configuration) -> tuple[Tables
     the catalog completes it (the columns an application's schedules table lacks) and the
     facts flagsched's own objects are rendered with. Catalog reads only."""
     tables = configuration.tables()
-    # the schedules relation first: its message names the difference that matters
-    refused = _another_schedules_mapping(
-        configuration, tables, repository.schedules_relation(conn, tables)
-    )
+    # the scope's columns first, then the schedules relation: each message names the
+    # difference that matters, and what to do about it
+    refused = _another_scope(conn, configuration, tables)
+    if refused is None:
+        refused = _another_schedules_mapping(
+            configuration, tables, repository.schedules_relation(conn, tables)
+        )
     if refused is None:
         refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
     if refused is not None:
@@ -179,6 +182,48 @@ def _refused_or_mapped(conn: Conn, configuration: Configuration) -> tuple[Tables
         absent = tuple(c for c in SCHEDULE_OPTIONAL if found.column(c) is None)
         tables = replace(tables, app_schedules=replace(tables.app_schedules, absent=absent))
     return tables, facts
+
+
+# Where the operator reads what to do when a scope's columns change.
+SCOPE_COLUMNS_DOC = 'docs/own-tables.md, "Changing a scope\'s columns"'
+
+
+def _another_scope(conn: Conn, configuration: Configuration, tables: Tables) -> str | None:
+    """Why flagsched's schema cannot take this configuration's scope (None: it can). The
+    scope's columns are columns of flagsched's own tables (its schedules table on shape 2,
+    its history and recurrences tables), each row holding the scope it belongs to; and on
+    shape 3 the columns a schedule's flag is returned with (`flagsched_flag_of_v1`, whose
+    result CREATE OR REPLACE cannot change). They stay those the schema was first migrated
+    with: `migrate` never guesses which scope the rows already there belong to."""
+    scope = [column for column, _ in tables.scope]
+    where = f"{configuration.where}: schema = {configuration.schema!r}"
+    own = [tables.changes, tables.recurrences]
+    if tables.app_schedules is None:
+        own.insert(0, tables.schedules)
+    lacking: list[str] = []
+    for table in own:
+        found = repository.catalog_table(conn, QualifiedName(table.schema, table.name))
+        if found is not None:
+            lacking += [c for c in scope if found.column(c) is None and c not in lacking]
+    if lacking:
+        return (
+            f"{where} holds flagsched's tables without the scope's column(s) "
+            f"{', '.join(lacking)} (made for another scope): a schema keeps the scope's "
+            f"columns it was first migrated with; to scope by other columns, see "
+            f"{SCOPE_COLUMNS_DOC}"
+        )
+    if tables.app_schedules is None:
+        return None
+    returned = repository.flag_of_columns(conn, tables)
+    if returned is not None and returned[1:] != scope:
+        shown = ", ".join(returned[1:]) or "none"
+        return (
+            f"{where} holds flagsched's view over an application's schedules table made for "
+            f"another scope (its columns: {shown}; this configuration's: "
+            f"{', '.join(scope) or 'none'}): a schema keeps the scope's columns it was first "
+            f"migrated with; to scope by other columns, see {SCOPE_COLUMNS_DOC}"
+        )
+    return None
 
 
 def _serves_another(
@@ -250,6 +295,7 @@ def adopted_missing(database: Database, configuration: Configuration) -> list[st
     from flagsched.required import required
 
     with db_begin(database) as conn:
+        _refused_or_mapped(conn, configuration)  # what `migrate` would refuse: exit 2
         return repository.missing_objects(conn, required(configuration.tables()))
 
 

@@ -365,6 +365,25 @@ def schedules_relation(conn: Conn, tables: Tables) -> tuple[str, str | None] | N
     return None if row is None else (str(row[0]), row[1])
 
 
+def flag_of_columns(conn: Conn, tables: Tables) -> list[str] | None:
+    """On an application's schedules table (shape 3): the columns flagsched's function giving
+    a schedule's flag returns for this mapping's reference to flags (its key, then the
+    scope's columns, as the schema was migrated), None when there is none."""
+    app = tables.app_schedules
+    assert app is not None
+    by_id = dict(app.columns).get("flag_id") is not None
+    found = _scalar(
+        conn,
+        statement("flag_of_columns"),
+        {
+            "schema": tables.schedules.schema or "public",
+            "flags": relation(tables.flags),
+            "id": tables.flags.column("id") if by_id else None,
+        },
+    )
+    return None if found is None else [str(c) for c in found]
+
+
 def note_unseen_schedules(conn: Conn) -> None:
     """On an application's schedules table, a state row for each open row that has none
     (inserted while flagsched's trigger was not there or not firing, e.g. a restore with
