@@ -192,9 +192,10 @@ def _another_scope(conn: Conn, configuration: Configuration, tables: Tables) -> 
     """Why flagsched's schema cannot take this configuration's scope (None: it can). The
     scope's columns are columns of flagsched's own tables (its schedules table on shape 2,
     its history and recurrences tables), each row holding the scope it belongs to; and on
-    shape 3 the columns a schedule's flag is returned with (`flagsched_flag_of_v1`, whose
-    result CREATE OR REPLACE cannot change). They stay those the schema was first migrated
-    with: `migrate` never guesses which scope the rows already there belong to."""
+    shape 3 the columns a schedule's flag is returned with (the flag-of function of
+    stored/own_schedules.sql, which flagsched's view calls: CREATE OR REPLACE cannot change
+    what it returns). They stay those the schema was first migrated with: `migrate` never
+    guesses which scope the rows already there belong to."""
     scope = [column for column, _ in tables.scope]
     where = f"{configuration.where}: schema = {configuration.schema!r}"
     own = [tables.changes, tables.recurrences]
