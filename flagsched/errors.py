@@ -60,3 +60,11 @@ class StatementFailed(FlagschedError):
     def busy(self) -> bool:
         """Only a lock not granted in time: anything else is not worth trying again."""
         return self.sqlstate == LOCK_NOT_AVAILABLE
+
+
+class LockNotGranted(CouldNotRun):
+    """A lock was not granted within the lock timeout: another transaction holds it."""
+
+    def __init__(self, message: str | None = None, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what  # what was to be locked, for a message

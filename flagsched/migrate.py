@@ -5,19 +5,20 @@ from __future__ import annotations
 import importlib.util
 import re
 import threading
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
-from flagsched import repository
-from flagsched.db import Database
+from flagsched import policy, repository
+from flagsched.db import Conn, Database
 from flagsched.db import begin as db_begin
-from flagsched.errors import ConfigError, UnsupportedDatabase
+from flagsched.errors import ConfigError, CouldNotRun, LockNotGranted, UnsupportedDatabase
 from flagsched.schema import begin, connect
 from flagsched.sql import Tables
-from flagsched.tables import SCHEDULE_OPTIONAL, Configuration, check
+from flagsched.tables import SCHEDULE_OPTIONAL, Configuration, QualifiedName, check
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -92,38 +93,138 @@ def check_configuration(database: Database, configuration: Configuration) -> lis
 
 
 def adopt(database: Database, configuration: Configuration) -> list[str]:
-    """Create flagsched's schema, tables, stored objects and record triggers beside an
-    application's tables (issue 18), what is missing of them, in one transaction under the
-    migration lock: idempotent, and safe when several run at once. Returns what it made."""
-    tables = configuration.tables()
+    """Create flagsched's schema, tables, stored objects and triggers beside an application's
+    tables (issue 18), what is missing of them: idempotent, and safe when several run at
+    once. Returns what it made.
+
+    First, from the catalog alone (no lock on any table), whether there is anything to do:
+    every deploy runs `migrate`, and one that has nothing to do returns at once, even while
+    the application holds its tables locked. Otherwise in one transaction under the
+    migration lock, in which every lock on a table is waited for at most
+    `policy.lock_attempts`' wait (a lock request waiting in a table's queue holds the
+    application's writes behind it): a lock not granted rolls it all back, and it is tried
+    again after a pause, within FLAGSCHED_LOCK_TIMEOUT in all; then it fails (exit 3),
+    having changed nothing."""
+    from flagsched.sql.stored import SCHEDULE_TRIGGER
+
     with db_begin(database) as conn:
-        repository.take_migration_lock(conn)
-        # the schedules relation first: its message names the difference that matters
+        tables, facts = _refused_or_mapped(conn, configuration)
+        if not repository.adopt_needed(conn, tables, facts):
+            return []
+    wait, pauses = policy.lock_attempts(database.lock_timeout)
+    busy: LockNotGranted | None = None
+    for pause in pauses:
+        time.sleep(pause)
+        try:
+            with db_begin(database) as conn:
+                repository.take_migration_lock(conn)
+                tables, facts = _refused_or_mapped(conn, configuration)
+                repository.set_lock_timeout(conn, wait)
+                made = repository.adopt(conn, tables, facts)
+        except LockNotGranted as exc:
+            busy = exc
+            continue
+        if f"trigger {SCHEDULE_TRIGGER}" in made:
+            _note_inserted_meanwhile(database, tables)
+        return made
+    assert busy is not None
+    raise CouldNotRun(
+        f"{busy.what} stayed locked by other transactions: `flagsched migrate` tried "
+        f"{len(pauses)} times in {database.lock_timeout:g} s (FLAGSCHED_LOCK_TIMEOUT), waiting "
+        f"at most {wait:g} s each time, and changed nothing; run it again"
+    )
+
+
+def _note_inserted_meanwhile(database: Database, tables: Tables) -> None:
+    """The rows the application inserted while flagsched's trigger on its schedules table was
+    being added: noted now, or, when the table stays locked, by the next tick (the open ones:
+    `note_unseen_schedules`)."""
+    try:
+        with db_begin(database) as conn:
+            repository.note_every_schedule(conn, tables)
+    except LockNotGranted as exc:
+        from flagsched import logs
+
+        logs.get_logger().warning("migrate_note_deferred", table=exc.what, error=exc.message)
+
+
+def _refused_or_mapped(conn: Conn, configuration: Configuration) -> tuple[Tables, dict[str, str]]:
+    """Why flagsched's schema cannot take `configuration` (ConfigError), else its mapping as
+    the catalog completes it (the columns an application's schedules table lacks) and the
+    facts flagsched's own objects are rendered with. Catalog reads only."""
+    tables = configuration.tables()
+    # the scope's columns first, then the schedules relation: each message names the
+    # difference that matters, and what to do about it
+    refused = _another_scope(conn, configuration, tables)
+    if refused is None:
         refused = _another_schedules_mapping(
             configuration, tables, repository.schedules_relation(conn, tables)
         )
-        if refused is None:
-            refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
-        if refused is not None:
-            raise ConfigError(refused)
-        facts: dict[str, str] = {}
-        if configuration.schedules is not None and tables.app_schedules is not None:
-            # the view over the application's schedules table reads the built-in columns
-            # it has, and keeps the others in flagsched's state table; the domain of its id
-            # is its id's type (both as the catalog says now: migrate checked it first)
-            found = repository.catalog_table(conn, configuration.schedules.table)
-            assert found is not None
-            id_column = found.column(configuration.schedules.id)
-            assert id_column is not None
-            facts["id_base_type"] = id_column.shown_type
-            # the text columns flagsched writes, cut to a varchar's length (stored.py `fit`)
-            for column in found.columns:
-                length = re.fullmatch(r"character varying\((\d+)\)", column.shown_type)
-                if length:
-                    facts[f"length:{column.name}"] = length.group(1)
-            absent = tuple(c for c in SCHEDULE_OPTIONAL if found.column(c) is None)
-            tables = replace(tables, app_schedules=replace(tables.app_schedules, absent=absent))
-        return repository.adopt(conn, tables, facts)
+    if refused is None:
+        refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
+    if refused is not None:
+        raise ConfigError(refused)
+    facts: dict[str, str] = {}
+    if configuration.schedules is not None and tables.app_schedules is not None:
+        # the view over the application's schedules table reads the built-in columns it
+        # has, and keeps the others in flagsched's state table; the domain of its id is its
+        # id's type (both as the catalog says now: migrate checked it first)
+        found = repository.catalog_table(conn, configuration.schedules.table)
+        assert found is not None
+        id_column = found.column(configuration.schedules.id)
+        assert id_column is not None
+        facts["id_base_type"] = id_column.shown_type
+        # the text columns flagsched writes, cut to a varchar's length (stored.py `fit`)
+        for column in found.columns:
+            length = re.fullmatch(r"character varying\((\d+)\)", column.shown_type)
+            if length:
+                facts[f"length:{column.name}"] = length.group(1)
+        absent = tuple(c for c in SCHEDULE_OPTIONAL if found.column(c) is None)
+        tables = replace(tables, app_schedules=replace(tables.app_schedules, absent=absent))
+    return tables, facts
+
+
+# Where the operator reads what to do when a scope's columns change.
+SCOPE_COLUMNS_DOC = 'docs/own-tables.md, "Changing a scope\'s columns"'
+
+
+def _another_scope(conn: Conn, configuration: Configuration, tables: Tables) -> str | None:
+    """Why flagsched's schema cannot take this configuration's scope (None: it can). The
+    scope's columns are columns of flagsched's own tables (its schedules table on shape 2,
+    its history and recurrences tables), each row holding the scope it belongs to; and on
+    shape 3 the columns a schedule's flag is returned with (the flag-of function of
+    stored/own_schedules.sql, which flagsched's view calls: CREATE OR REPLACE cannot change
+    what it returns). They stay those the schema was first migrated with: `migrate` never
+    guesses which scope the rows already there belong to."""
+    scope = [column for column, _ in tables.scope]
+    where = f"{configuration.where}: schema = {configuration.schema!r}"
+    own = [tables.changes, tables.recurrences]
+    if tables.app_schedules is None:
+        own.insert(0, tables.schedules)
+    lacking: list[str] = []
+    for table in own:
+        found = repository.catalog_table(conn, QualifiedName(table.schema, table.name))
+        if found is not None:
+            lacking += [c for c in scope if found.column(c) is None and c not in lacking]
+    if lacking:
+        return (
+            f"{where} holds flagsched's tables without the scope's column(s) "
+            f"{', '.join(lacking)} (made for another scope): a schema keeps the scope's "
+            f"columns it was first migrated with; to scope by other columns, see "
+            f"{SCOPE_COLUMNS_DOC}"
+        )
+    if tables.app_schedules is None:
+        return None
+    returned = repository.flag_of_columns(conn, tables)
+    if returned is not None and returned[1:] != scope:
+        shown = ", ".join(returned[1:]) or "none"
+        return (
+            f"{where} holds flagsched's view over an application's schedules table made for "
+            f"another scope (its columns: {shown}; this configuration's: "
+            f"{', '.join(scope) or 'none'}): a schema keeps the scope's columns it was first "
+            f"migrated with; to scope by other columns, see {SCOPE_COLUMNS_DOC}"
+        )
+    return None
 
 
 def _serves_another(
@@ -195,6 +296,7 @@ def adopted_missing(database: Database, configuration: Configuration) -> list[st
     from flagsched.required import required
 
     with db_begin(database) as conn:
+        _refused_or_mapped(conn, configuration)  # what `migrate` would refuse: exit 2
         return repository.missing_objects(conn, required(configuration.tables()))
 
 

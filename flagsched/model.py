@@ -259,13 +259,14 @@ class Verdict(StrEnum):
     the tick's fallback's)."""
 
     MISSING = "missing"  # the flag does not exist: failed for good
-    BUSY = "busy"  # another session holds the flag: waited for in a statement of its own
+    BUSY = "busy"  # another session holds the flag: waited for before the next claim
     EXPIRED = "expired"  # too late: failed for good, flag untouched
     CONFLICT = "conflict"  # someone else changed the flag since: failed for good
     ERROR = "error"  # the write failed: a retry, or failed for good when none is left
     FLAG_FAILED = "flag_failed"  # the flag's write failed on its own (the tick decides)
     HELD_BACK = "held_back"  # behind an earlier change of its flag that will be retried
     NOT_ATTEMPTED = "not_attempted"  # the tick stopped, or its flag's statement failed first
+    DEFERRED = "deferred"  # its flag is held: left out of the batch, due again (tick.py)
 
 
 @dataclass(frozen=True, slots=True)

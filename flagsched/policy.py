@@ -69,3 +69,24 @@ def countable(retry_count: int) -> bool:
 def retries_after_failure(retry_count: int, max_retries: int) -> bool:
     """Would a transient failure now be retried (rather than be final)?"""
     return countable(retry_count) and retry_count + 1 <= max_retries
+
+
+# `flagsched migrate` beside an application's tables: how long one attempt waits at most in
+# the queue of a table's lock (the application's writes queue behind it meanwhile), and the
+# longest pause between two attempts.
+LOCK_ATTEMPT_SECONDS = 0.2
+LOCK_PAUSE_MAX_SECONDS = 1.0
+
+
+def lock_attempts(budget: float) -> tuple[float, list[float]]:
+    """How `flagsched migrate` tries to take a lock on an application's table within
+    `budget` seconds (FLAGSCHED_LOCK_TIMEOUT): each attempt's wait (0.2 s, or the budget
+    when smaller), and the pause before each attempt (the first 0; then doubling from the
+    wait up to a second), as many as fit in the budget, at least one."""
+    wait = min(LOCK_ATTEMPT_SECONDS, budget)
+    pauses, spent, pause = [0.0], wait, wait
+    while spent + pause + wait <= budget + 1e-9:
+        pauses.append(pause)
+        spent += pause + wait
+        pause = min(pause * 2, LOCK_PAUSE_MAX_SECONDS)
+    return wait, pauses

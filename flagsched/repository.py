@@ -4,6 +4,7 @@ the tick passes the database's `now` in."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -16,7 +17,13 @@ from psycopg.rows import RowFactory, class_row, kwargs_row
 from psycopg.types.datetime import IntervalLoader, TimestamptzLoader
 
 from flagsched.db import Conn, one_line
-from flagsched.errors import DatabaseError, SchemaNotCurrent, StatementFailed, UnsupportedDatabase
+from flagsched.errors import (
+    DatabaseError,
+    LockNotGranted,
+    SchemaNotCurrent,
+    StatementFailed,
+    UnsupportedDatabase,
+)
 from flagsched.model import (
     AwaitingBacklog,
     Backlog,
@@ -34,7 +41,16 @@ from flagsched.model import (
     id_order,
     schedule_id,
 )
-from flagsched.required import REQUIRED, Function, Required, Table, relation, required
+from flagsched.required import (
+    REQUIRED,
+    Function,
+    Required,
+    Table,
+    Trigger,
+    made_by_own_objects,
+    relation,
+    required,
+)
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
 from flagsched.sql import Tables, current, statement, stored
 
@@ -233,33 +249,112 @@ def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:
     )
 
 
-def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str] | None = None) -> list[str]:
-    """Create what flagsched keeps beside an application's tables (issue 18): its schema and
-    own tables (IF NOT EXISTS), the stored objects of this mapping that are missing (their
-    names carry a digest of their text: present means identical), and the triggers that are
-    missing (by name): the record triggers on the flags table, four eyes' on flagsched's own
-    tables (also on tables an earlier release made without them). Returns what it created,
-    for the log. The caller holds the migration lock; never alters an application table but
-    for the record triggers."""
+def adopt_needed(conn: Conn, tables: Tables, facts: Mapping[str, str]) -> bool:
+    """Whether `adopt` has anything to do: reads the catalog only, so it takes no lock on any
+    table (every deploy runs `migrate`; one that has nothing to do never queues behind the
+    application's locks)."""
+    return _own_objects_stale(conn, tables, facts) or bool(
+        missing_objects(
+            conn,
+            (
+                *required(tables),
+                *(Trigger(_on(tables, t), t.name) for t in stored.triggers(tables)),
+            ),
+        )
+    )
+
+
+def _on(tables: Tables, trigger: stored.Trigger) -> str:
+    """The relation a trigger of `stored.triggers` is on."""
+    table = tables.table(trigger.table)
+    assert table is not None, trigger.table
+    return relation(table)
+
+
+def _own_objects_stale(conn: Conn, tables: Tables, facts: Mapping[str, str]) -> bool:
+    """Whether flagsched's own schema, tables, view and the functions made with them
+    (stored/own_tables.sql or own_schedules.sql) are not as this release renders them for
+    this mapping: the text `flagsched migrate` last ran there is not the one it would run
+    now (the note on the ramp groups' sequence, `stored.objects_note`), or one of them is
+    missing. Catalog only."""
+    if _scalar(conn, statement("own_objects_note"), {}) != stored.objects_note(tables, facts):
+        return True
+    return bool(missing_objects(conn, made_by_own_objects(tables)))
+
+
+def set_lock_timeout(conn: Conn, seconds: float) -> None:
+    """How long each later statement of this transaction waits for a lock."""
+    ms = max(1, math.ceil(seconds * 1000))
+    conn.execute(statement("set_lock_timeout", literals={"lock_timeout_ms": ms}))
+
+
+@contextmanager
+def _locking(what: str) -> Iterator[None]:
+    """A lock not granted within the lock timeout inside, as LockNotGranted naming `what`."""
+    try:
+        yield
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LockNotGranted(reason(exc), what) from exc
+
+
+def adopt(conn: Conn, tables: Tables, facts: Mapping[str, str]) -> list[str]:
+    """Create what flagsched keeps beside an application's tables (issue 18) that is missing:
+    its schema, own tables, view and the functions made with them when they are not as this
+    release renders them (`_own_objects_stale`), the stored objects of this mapping that are
+    missing (their names carry a digest of their text: present means identical), and the
+    triggers that are missing (by name): four eyes' on flagsched's own tables (also on
+    tables an earlier release made without them), then the record triggers on the flags
+    table and, over an application's schedules table, the one on it. Returns what it
+    created, for the log. The caller holds the migration lock; never alters an application
+    table but for those triggers, added last, so that their locks are held only while they
+    are added until the caller commits. A lock not granted in time is LockNotGranted (the
+    caller rolls back and tries again)."""
     made: list[str] = []
-    conn.execute(stored.own_tables(tables, facts))
-    for signature, create in stored.creates(tables, stored.ADOPTED_ROUTINES):
-        if _scalar(conn, statement("routine_missing"), {"signature": signature}):
-            conn.execute(create)
-            made.append(f"function {signature}")
-    for trigger in stored.triggers(tables):
-        table = tables.table(trigger.table)
-        assert table is not None, trigger.table
-        on = relation(table)
-        if _scalar(conn, statement("trigger_missing"), {"relation": on, "name": trigger.name}):
+    read = [relation(tables.flags)]
+    if tables.app_schedules is not None:
+        read.append(relation(tables.app_schedules))
+    missing = [
+        t
+        for t in stored.triggers(tables)
+        if _scalar(conn, statement("trigger_missing"), {"relation": _on(tables, t), "name": t.name})
+    ]
+    on_application = [t for t in missing if t.table in ("flags", "app_schedules")]
+    # what reads the application's tables (a SQL function's body, the view) waits only for
+    # a lock that conflicts with reading them (ACCESS EXCLUSIVE)
+    with _locking(
+        f"the tables flagsched's objects read ({', '.join(read)}) or one of flagsched's own"
+    ):
+        if _own_objects_stale(conn, tables, facts):
+            conn.execute(stored.own_tables(tables, facts))
+            note = stored.objects_note(tables, facts)
+            conn.execute(statement("note_own_objects", literals={"note": note}), {})
+            made.append(note)
+        for signature, create in stored.creates(tables, stored.ADOPTED_ROUTINES):
+            if _scalar(conn, statement("routine_missing"), {"signature": signature}):
+                conn.execute(create)
+                made.append(f"function {signature}")
+        for trigger in (t for t in missing if t not in on_application):
             conn.execute(trigger.create)
             made.append(f"trigger {trigger.name}")
-    if tables.app_schedules is not None:
-        # rows the application's table held before (and any the trigger did not see): a
-        # state row each, without a creator or a snapshot (their conflict window starts
-        # at their created_at)
-        conn.execute(statement("note_every_schedule"))
+        if any(t.table == "app_schedules" for t in on_application):
+            # the rows the application's table holds, read before any lock its writers
+            # wait for is taken (`flagsched migrate` notes again, after commit, those
+            # inserted meanwhile)
+            note_every_schedule(conn, tables)
+    # last: from here to the caller's commit, the application's writers wait
+    for trigger in on_application:
+        with _locking(f"the table {_on(tables, trigger)}"):
+            conn.execute(trigger.create)
+        made.append(f"trigger {trigger.name}")
     return made
+
+
+def note_every_schedule(conn: Conn, tables: Tables) -> None:
+    """On an application's schedules table (`tables.app_schedules`), a state row for each of
+    its rows that has none (`flagsched migrate`: those it held before flagsched's trigger)."""
+    assert tables.app_schedules is not None
+    with _locking(f"the table {relation(tables.app_schedules)}"):
+        conn.execute(statement("note_every_schedule", tables=tables))
 
 
 def schedules_relation(conn: Conn, tables: Tables) -> tuple[str, str | None] | None:
@@ -268,6 +363,25 @@ def schedules_relation(conn: Conn, tables: Tables) -> tuple[str, str | None] | N
         statement("schedules_relation"), {"relation": relation(tables.schedules)}
     ).fetchone()
     return None if row is None else (str(row[0]), row[1])
+
+
+def flag_of_columns(conn: Conn, tables: Tables) -> list[str] | None:
+    """On an application's schedules table (shape 3): the columns flagsched's function giving
+    a schedule's flag returns for this mapping's reference to flags (its key, then the
+    scope's columns, as the schema was migrated), None when there is none."""
+    app = tables.app_schedules
+    assert app is not None
+    by_id = dict(app.columns).get("flag_id") is not None
+    found = _scalar(
+        conn,
+        statement("flag_of_columns"),
+        {
+            "schema": tables.schedules.schema or "public",
+            "flags": relation(tables.flags),
+            "id": tables.flags.column("id") if by_id else None,
+        },
+    )
+    return None if found is None else [str(c) for c in found]
 
 
 def note_unseen_schedules(conn: Conn) -> None:

@@ -200,6 +200,17 @@ def required(tables: Tables) -> tuple[Required, ...]:
     )
 
 
+def made_by_own_objects(tables: Tables) -> tuple[Required, ...]:
+    """What of `required(tables)` flagsched's own objects (stored/own_tables.sql, or
+    own_schedules.sql) make: its tables and, over an application's schedules table, the view,
+    the state table and the record's function (`flagsched migrate` runs that text again when
+    one of them is missing)."""
+    own = tuple(
+        o for o in required(tables) if isinstance(o, Table) and o.name != relation(tables.flags)
+    )
+    return own + tuple(o for o in _app_schedules(tables) if isinstance(o, Function))
+
+
 def _app_schedules(tables: Tables) -> tuple[Required, ...]:
     """On an application's schedules table (shape 3): flagsched's state table and the
     trigger that notes each row inserted."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from flagsched import approval, materialise, policy, repository
 from flagsched.approval import ApprovalPolicy
 from flagsched.db import Conn, Database, connection, transaction
-from flagsched.errors import DatabaseError, StatementFailed
+from flagsched.errors import LOCK_NOT_AVAILABLE, DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
 from flagsched.model import (
     MAX_TEXT,
@@ -102,12 +102,19 @@ def run(
             repository.note_unseen_schedules(conn)  # an application's rows no trigger noted
         with stop.hooked(lambda: repository.cancel_running_statement(conn)):
             _materialise(database, conn, stop)  # before the claim, its own transactions
-            for _ in range(options.max_batches):
-                if stop.requested:
+            held_flags = HeldFlags()
+            batches = 0
+            while not stop.requested:
+                if batches < options.max_batches:
+                    limit = options.batch_size
+                elif held_flags.deferred:  # one more, for the changes left to the flags held
+                    limit = min(options.batch_size, held_flags.count())
+                else:
                     break
+                batches += 1
                 try:
                     with transaction(database, conn):
-                        results = _batch(conn, options, rng, stop)
+                        results = _batch(conn, options, rng, stop, held_flags, limit=limit)
                 except DatabaseError:
                     if stop.requested:  # our own cancel: the batch rolled back, stays due
                         break
@@ -116,8 +123,14 @@ def run(
                 with together():  # after commit: no line claims a rolled-back outcome
                     for result in new:
                         _log_result(log, result)
-                if not any(r.outcome is not Outcome.HELD_BACK for r in results):
+                moved = any(r.outcome is not Outcome.HELD_BACK for r in results)
+                if not moved and not held_flags.deferred:
                     break  # nothing due, or nothing that can move now
+            if held_flags.deferred:  # the tick was stopped before it waited for them
+                left = held_flags.left("the tick was stopped")
+                with together():
+                    for result in report.add(left, batch=False):
+                        _log_result(log, result)
             if not stop.requested:
                 try:
                     held = _held_back(database, conn, options)
@@ -146,16 +159,87 @@ def run(
     return report
 
 
-def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag) -> list[Result]:
-    """Claim, decide, write, record: one batch, in the caller's transaction."""
-    now, claimed = repository.claim(
-        conn, limit=options.batch_size, max_lateness_seconds=options.max_lateness
-    )
+@dataclass
+class HeldFlags:
+    """The flags another transaction held when a batch of this tick came to write them.
+
+    A tick never waits for a flag while it holds schedules: an application's transaction
+    that holds a flag and then writes that flag's schedules (updating them, or deleting the
+    flag: its ON DELETE CASCADE) would wait for the tick's claim while the tick waited for
+    its flag, a deadlock PostgreSQL ends by failing one of them. So a flag found held is left
+    out of its batch (its changes not attempted, nothing recorded: still due, no retry spent)
+    and waited for at the start of the next batch, before its claim, in the order the
+    application takes them: the flag, then its schedules (after the last batch, one more
+    batch takes as many schedules as were left). Each flag is waited for once a tick; still
+    held then (FLAGSCHED_LOCK_TIMEOUT), its first change is a retry, as after any lock
+    timeout."""
+
+    deferred: dict[str, list[Claimed]] = field(default_factory=dict)  # to wait for next
+    waited: dict[str, StatementFailed | None] = field(default_factory=dict)  # None: granted
+
+    def count(self) -> int:
+        """How many claimed schedules were left for the flags to wait for."""
+        return sum(len(schedules) for schedules in self.deferred.values())
+
+    def defer(self, key: str, schedules: Sequence[Claimed]) -> None:
+        self.deferred.setdefault(key, []).extend(schedules)
+
+    def wait(self, conn: Conn, stop: StopFlag) -> None:
+        """Before a batch's claim: wait for each flag left out of the last batch (in key
+        order, each in a savepoint of its own, up to lock_timeout); a flag granted stays
+        locked until the batch commits."""
+        for key in sorted(self.deferred):
+            if stop.requested:
+                return
+            try:
+                with repository.savepoint(conn):
+                    repository.lock_flags(conn, [key], wait=True)
+                self.waited[key] = None
+            except StatementFailed as exc:
+                self.waited[key] = exc
+        self.deferred.clear()
+
+    def still_held(self, key: str) -> StatementFailed | None:
+        """Why a flag waited for this tick cannot be written now (None: not waited for yet,
+        so it is deferred)."""
+        if key not in self.waited:
+            return None
+        return self.waited[key] or StatementFailed(
+            "its flag is held by another transaction (SQLSTATE 55P03)", LOCK_NOT_AVAILABLE
+        )
+
+    def left(self, why: str) -> list[Result]:
+        """The changes of the flags not waited for, as left (held back, still due)."""
+        left = [
+            Result(s, Outcome.HELD_BACK, error=f"its flag is held; not waited for: {why}")
+            for schedules in self.deferred.values()
+            for s in schedules
+        ]
+        self.deferred.clear()
+        return left
+
+
+def _batch(
+    conn: Conn,
+    options: TickOptions,
+    rng: random.Random,
+    stop: StopFlag,
+    held: HeldFlags,
+    *,
+    limit: int,
+) -> list[Result]:
+    """Wait for the flags the last batch left, then claim, decide, write, record: one
+    batch, in the caller's transaction. The changes of a flag found held are not in the
+    results (`HeldFlags`)."""
+    held.wait(conn, stop)
+    if stop.requested:
+        return []
+    now, claimed = repository.claim(conn, limit=limit, max_lateness_seconds=options.max_lateness)
     if now is None:
         return []
     fail = _Failures(now, options, rng)
     results, steps = _plan(claimed, fail, rollout_column=repository.flags_have("rollout"))
-    waiting, steps = _approvals(conn, steps, options)
+    waiting, steps = _approvals(conn, steps, options, held=held)
     results = _held_behind(results, waiting) + waiting
     repository.mark_awaiting(
         conn,
@@ -168,9 +252,11 @@ def _batch(conn: Conn, options: TickOptions, rng: random.Random, stop: StopFlag)
     )
     changes = [Change(s, u, fail.would_retry(s)) for key in sorted(steps) for s, u in steps[key]]
     if changes:
-        verdicts = _write(conn, changes, stop, options.max_lateness)
+        verdicts = _write(conn, changes, stop, options.max_lateness, held)
         for index, change in enumerate(changes):
             verdict, error = verdicts.get(index, (None, None))
+            if verdict is Verdict.DEFERRED:
+                continue  # its flag is held: waited for before the next claim
             results.append(_result(change.schedule, verdict, error, fail))
     applied = [r.schedule.flag_key for r in results if r.outcome is Outcome.APPLIED]
     refused = repository.record(conn, results, now=now, notice=change_notice(applied))
@@ -247,32 +333,41 @@ NO_ROLLOUT_COLUMN = (
 
 
 def _approvals(
-    conn: Conn, steps: dict[str, list[Step]], options: TickOptions, *, lock: bool = True
+    conn: Conn,
+    steps: dict[str, list[Step]],
+    options: TickOptions,
+    *,
+    held: HeldFlags | None = None,
 ) -> tuple[list[Result], dict[str, list[Step]]]:
     """Four eyes, before the write: each flag whose changes may need approval is locked as
     the write locks it and read, and its changes judged in order (`approval`, pure) against
     the state the earlier ones leave. The first that needs an approval it has not got is
     not attempted and awaits it (no retry spent); the flag's later changes are held back.
-    A flag another session holds is waited for (lock_timeout); still held, its changes
-    are held back. Returns those results, and the steps that go on to the write. Without
-    `lock` (--dry-run) the flags are read as they are, locking nothing."""
+    A flag another session holds is left for the next batch, which waits for it before its
+    claim (`held`); still held then, its changes are held back. Returns those results, and
+    the steps that go on to the write. Without `held` (--dry-run) the flags are read as they
+    are, locking nothing."""
     policy_ = options.approval
     judged = {key: s for key, s in steps.items() if _may_need_approval(policy_, key, s)}
     if not judged:
         return [], steps
     found: dict[str, FlagRow] = {}
-    held: dict[str, str] = {}
-    if approval.depends_on_state(policy_) and not lock:
+    busy: dict[str, str] = {}
+    deferred: set[str] = set()
+    if approval.depends_on_state(policy_) and held is None:
         found = {f.key: f for f in repository.flags_now(conn, keys=sorted(judged))}
-    elif approval.depends_on_state(policy_):
+    elif approval.depends_on_state(policy_) and held is not None:
         found = repository.lock_flags(conn, sorted(judged), wait=False)
-        for key in sorted(judged):
-            if key not in found:  # held by another session, or missing
-                try:
-                    with repository.savepoint(conn):
-                        found |= repository.lock_flags(conn, [key], wait=True)
-                except StatementFailed as exc:
-                    held[key] = f"its flag is held ({exc.message})"
+        others = [key for key in sorted(judged) if key not in found]
+        if others:  # held by another session, or missing (judged without a state)
+            existing = {f.key for f in repository.flags_now(conn, keys=others)}
+            for key in (k for k in others if k in existing):
+                if (exc := held.still_held(key)) is not None:
+                    busy[key] = f"its flag is held ({exc.message})"
+                else:
+                    deferred.add(key)
+                    held.defer(key, [s for s, _ in steps[key]])
+    judged = {key: s for key, s in judged.items() if key not in deferred}
     states = {
         key: approval.FlagState(row.enabled, row.rollout_percentage) for key, row in found.items()
     }
@@ -286,7 +381,7 @@ def _approvals(
         first = {
             key: found_first
             for key, flag_steps in judged.items()
-            if key not in held
+            if key not in busy
             and (found_first := _first_awaiting(policy_, key, states.get(key), flag_steps, expired))
         }
         waiting_ids = {judged[key][index][0].id for key, (index, _) in first.items()} - checked
@@ -303,8 +398,10 @@ def _approvals(
     decided: list[Result] = []
     kept: dict[str, list[Step]] = {}
     for key, flag_steps in steps.items():
-        if key in held:
-            decided += [Result(s, Outcome.HELD_BACK, error=held[key]) for s, _ in flag_steps]
+        if key in deferred:
+            continue
+        if key in busy:
+            decided += [Result(s, Outcome.HELD_BACK, error=busy[key]) for s, _ in flag_steps]
             continue
         if key not in first:
             kept[key] = flag_steps
@@ -395,16 +492,22 @@ _FLAG_UNAVAILABLE = frozenset({"55P03", "57014"})
 
 
 def _write(
-    conn: Conn, changes: list[Change], stop: StopFlag, max_lateness: float | None
+    conn: Conn,
+    changes: list[Change],
+    stop: StopFlag,
+    max_lateness: float | None,
+    held: HeldFlags,
 ) -> Verdicts:
     """One mechanism, one fallback. The mechanism: one statement, in a savepoint, locks the
     flags (skipping those other sessions hold: busy), decides every change and writes the
     rest set-based; when that write fails it writes each half of the flags again, down to
     the flags that fail on their own (flag_failed), all in that one statement. The
-    fallback (`_write_flag`), one flag at a time in a savepoint of its own that waits for
-    the flag: the busy flags, the failed flags with more than one change, and every flag
-    when the statement itself failed (a timeout or a cancel). Subtransactions grow with the
-    failing flags, never with the batch size."""
+    fallback (`_write_flag`), one flag at a time in a savepoint of its own: the failed flags
+    with more than one change, and every flag when the statement itself failed (a timeout
+    or a cancel). A flag another session holds is never waited for here, with the batch's
+    schedules locked (`HeldFlags`): its changes are deferred (or, waited for already, as
+    after a lock timeout). Subtransactions grow with the failing flags, never with the
+    batch size."""
     try:
         with repository.savepoint(conn):
             verdicts = repository.apply(
@@ -419,16 +522,36 @@ def _write(
         verdicts, later = {}, {c.schedule.flag_key for c in changes}
     for key in sorted(later):
         indexes = [i for i, c in enumerate(changes) if c.schedule.flag_key == key]
+        if any(verdicts.get(i, (None, None))[0] is Verdict.BUSY for i in indexes):
+            stopped = stop.requested  # they stay as they are, due for the next tick
+            verdicts.update(
+                _not_attempted(indexes, "the tick was stopped")
+                if stopped
+                else _busy(changes, indexes, held)
+            )
+            continue
         failure = _flag_failure({i: verdicts[i] for i in indexes if i in verdicts})
         for i in indexes:
-            verdicts.pop(i, None)  # decided again, now that the flag is waited for
+            verdicts.pop(i, None)  # decided again, flag by flag
         if failure is not None and len(indexes) == 1:  # nothing behind it: no second try
             verdicts.update(_after_failure(changes, indexes, failure, one_by_one=False))
             continue
         verdicts.update(
-            _write_flag(conn, changes, indexes, stop, max_lateness, whole=failure is None)
+            _write_flag(conn, changes, indexes, stop, max_lateness, held, whole=failure is None)
         )
     return verdicts
+
+
+def _busy(changes: list[Change], indexes: list[int], held: HeldFlags) -> Verdicts:
+    """A flag's changes (`indexes`, in order) when another session holds the flag: deferred
+    to the next batch, which waits for the flag before its claim; waited for already this
+    tick, as after a lock timeout (the first a retry, the rest held back)."""
+    key = changes[indexes[0]].schedule.flag_key
+    failure = held.still_held(key)
+    if failure is not None:
+        return _after_failure(changes, indexes, failure, one_by_one=False)
+    held.defer(key, [changes[i].schedule for i in indexes])
+    return {i: (Verdict.DEFERRED, None) for i in indexes}
 
 
 def _write_flag(
@@ -437,17 +560,21 @@ def _write_flag(
     indexes: list[int],
     stop: StopFlag,
     max_lateness: float | None,
+    held: HeldFlags,
     *,
     whole: bool = True,
 ) -> Verdicts:
-    """One flag's changes in one statement that waits for the flag (`whole`). When that
-    fails (or the flag's write already failed: not `whole`), its changes go one by one, in
-    order, each in a savepoint, and what a failure holds back is decided by
-    `_after_failure` (the one place)."""
+    """One flag's changes in one statement (`whole`). When that fails (or the flag's write
+    already failed: not `whole`), its changes go one by one, in order, each in a savepoint,
+    and what a failure holds back is decided by `_after_failure` (the one place). The flag
+    is not waited for: found held (its lock was let go with a statement that failed), the
+    changes left are `_busy`."""
     if stop.requested:  # they stay as they are, due for the next tick
         return _not_attempted(indexes, "the tick was stopped")
     if whole:
         found, failure = _apply_some(conn, changes, indexes, max_lateness)
+        if _is_busy(found):
+            return _busy(changes, indexes, held)
         if failure is None:
             return found
         if stop.requested:
@@ -459,6 +586,8 @@ def _write_flag(
         if stop.requested:
             return verdicts | _not_attempted(indexes[n:], "the tick was stopped")
         found, failure = _apply_some(conn, changes, [i], max_lateness)
+        if _is_busy(found):
+            return verdicts | _busy(changes, indexes[n:], held)
         if failure is None:
             verdicts |= found
             continue
@@ -471,15 +600,19 @@ def _write_flag(
     return verdicts
 
 
+def _is_busy(verdicts: Verdicts) -> bool:
+    return any(verdict is Verdict.BUSY for verdict, _ in verdicts.values())
+
+
 def _apply_some(
     conn: Conn, changes: list[Change], indexes: list[int], max_lateness: float | None
 ) -> tuple[Verdicts, StatementFailed | None]:
-    """Some of one flag's changes in one statement and a savepoint, waiting for the flag:
-    their verdicts, or why the flag's write failed."""
+    """Some of one flag's changes in one statement and a savepoint, skipping the flag when
+    another session holds it (busy): their verdicts, or why the flag's write failed."""
     try:
         with repository.savepoint(conn):
             found = repository.apply(
-                conn, [changes[i] for i in indexes], wait=True, max_lateness_seconds=max_lateness
+                conn, [changes[i] for i in indexes], wait=False, max_lateness_seconds=max_lateness
             )
     except StatementFailed as exc:
         return {}, exc
@@ -531,7 +664,7 @@ def _result(
             return Result(schedule, Outcome.APPLIED)
         case Verdict.HELD_BACK:
             return Result(schedule, Outcome.HELD_BACK)
-        case Verdict.BUSY | Verdict.NOT_ATTEMPTED:  # left as it is, no retry spent
+        case Verdict.BUSY | Verdict.NOT_ATTEMPTED | Verdict.DEFERRED:  # left, no retry spent
             return Result(schedule, Outcome.HELD_BACK, error=error or "its flag is held")
         case Verdict.MISSING:
             return fail(schedule, f"flag {schedule.flag_key!r} does not exist", permanent=True)
@@ -667,7 +800,7 @@ def preview(database: Database, options: TickOptions) -> list[Preview]:
                     _Failures(now, options, random.Random(0)),
                     rollout_column=repository.flags_have("rollout"),
                 )
-                waiting, steps = _approvals(conn, steps, options, lock=False)
+                waiting, steps = _approvals(conn, steps, options)
                 decided = _held_behind(decided, waiting) + waiting
     shown = {c.id for c in claimed}
     held_back = [Result(h, Outcome.HELD_BACK) for h in held if h.id not in shown]

@@ -219,6 +219,13 @@ def _group_seq(tables: Tables, alias: str) -> str:
     return _lit(name)
 
 
+def _group_seq_relation(tables: Tables, alias: str) -> str:
+    """The ramp groups' sequence as a statement names it (flagsched's schema, quoted)."""
+    schema = tables.schedules.schema if tables.adopted else None
+    name = "feature_flag_schedule_group_seq"
+    return ".".join(_ident(part) for part in ((schema,) if schema else ()) + (name,))
+
+
 def _schedule_id_type(tables: Tables, alias: str) -> str:
     """The type of a schedule id (`Tables.schedule_id_type`), for a cast."""
     return tables.schedule_id_type.replace("%", "%%")
@@ -256,6 +263,7 @@ _COMPUTED = {
     "scope_values": _scope_values,
     "flag_rollout": _flag_rollout,
     "group_seq": _group_seq,
+    "group_seq_relation": _group_seq_relation,
     "schedule_id_type": _schedule_id_type,
     "recurrence_unique": _recurrence_unique,
 }

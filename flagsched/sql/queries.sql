@@ -282,6 +282,32 @@ ON CONFLICT (id) DO NOTHING
 -- `flagsched migrate`: the rows the table held before.
 {note_schedules(true)}
 
+-- name: own_objects_note
+-- What `flagsched migrate` noted on the ramp groups' sequence in flagsched's schema (issue
+-- 18): the digest of the text of flagsched's own objects it last ran there (stored.py
+-- `objects_note`); NULL when none. A catalog read: it locks no table.
+SELECT obj_description(to_regclass({group_seq()}), 'pg_class')
+
+-- name: note_own_objects
+COMMENT ON SEQUENCE {group_seq_relation()} IS {note}
+
+-- name: flag_of_columns
+-- Shape 3: the columns flagsched's function giving a schedule's flag returns in schema
+-- %(schema)s (stored/own_schedules.sql `flagsched_flag_of_v1`: the key, then the scope's
+-- columns), of the one taking the type flags are referred to by (the id column %(id)s of
+-- %(flags)s, or a key: text); NULL when there is none. Catalog only.
+SELECT ARRAY(
+    SELECT CAST(a.name AS text)
+    FROM unnest(p.proargnames, p.proargmodes) WITH ORDINALITY AS a(name, mode, n)
+    WHERE a.mode = 't' ORDER BY a.n)
+FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = %(schema)s AND p.proname = 'flagsched_flag_of_v1' AND p.pronargs = 1
+  AND p.proargtypes[0] = coalesce(
+      (SELECT a.atttypid FROM pg_attribute a
+       WHERE a.attrelid = to_regclass(%(flags)s) AND a.attname = %(id)s AND a.attnum > 0),
+      CAST('text' AS regtype))
+
 -- name: record_triggers_in_schema
 -- Triggers whose functions live in flagsched's schema %(schema)s, on whichever table, and
 -- whether that table is this configuration's flags table (%(relation)s).

@@ -463,6 +463,15 @@ def own_tables(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     return render("own_tables", tables)
 
 
+def objects_note(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
+    """What `flagsched migrate` notes in flagsched's schema once it has run `own_tables`
+    (on its ramp groups' sequence, queries.sql `note_own_objects`): a digest of that text, so
+    that a later migrate finds in the catalog alone, without a lock on any table, whether
+    there is anything to do (a no-op migrate on every deploy never queues behind the
+    application's locks)."""
+    return f"flagsched objects {_digest(own_tables(tables, facts))}"
+
+
 # flagsched's triggers beside an application's tables: (table, family, timing, event,
 # transition tables, condition, function). Named `<family>_<digest of the function's name>`,
 # so the required-objects check (by family) finds them and a second migrate finds them by

@@ -143,7 +143,7 @@ def test_the_write_isolates_one_refused_flag_among_many(
     with connection(database) as conn, transaction(database, conn):
         _, claimed = repository.claim(conn, limit=1000)
         changes = _changes(claimed)
-        verdicts = tick._write(conn, changes, tick.StopFlag(), None)
+        verdicts = tick._write(conn, changes, tick.StopFlag(), None, tick.HeldFlags())
     refused = {changes[i].schedule.flag_key: v for i, (v, _) in verdicts.items()}
     assert set(refused) == {"f041"}  # the first refused (a retry), the second held back
     assert sorted(v for v, _ in verdicts.values()) == [Verdict.ERROR, Verdict.NOT_ATTEMPTED]

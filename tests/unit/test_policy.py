@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flagsched.policy import GiveUp, Retry, after_failure, backoff, counted
+from flagsched.policy import GiveUp, Retry, after_failure, backoff, counted, lock_attempts
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 NO_CAP = 10.0**9
@@ -149,3 +149,23 @@ def test_a_retry_that_cannot_be_counted_is_final(retry_count: int, max_retries: 
     assert isinstance(decision, Retry) == (0 <= retry_count < max_retries)
     assert -(2**31) <= counted(retry_count) <= 2**31 - 1  # what the column can hold
     assert counted(retry_count) == min(retry_count + 1, 2**31 - 1)
+
+
+def test_migrate_tries_a_busy_table_in_short_waits_within_the_lock_timeout() -> None:
+    """`flagsched migrate` waits in an application table's lock queue 0.2 s at a time (its
+    writes queue behind the request meanwhile), pausing 0.2, 0.4, 0.8, then 1 s between
+    tries, as many as fit in FLAGSCHED_LOCK_TIMEOUT; at least one try, never longer than
+    the timeout itself."""
+    assert lock_attempts(5) == (0.2, [0.0, 0.2, 0.4, 0.8, 1.0, 1.0])
+    assert lock_attempts(3) == (0.2, [0.0, 0.2, 0.4, 0.8])
+    assert lock_attempts(1) == (0.2, [0.0, 0.2])
+    assert lock_attempts(0.2) == (0.2, [0.0])
+    assert lock_attempts(0.05) == (0.05, [0.0])
+    assert len(lock_attempts(60)[1]) == 52
+
+
+@given(st.floats(min_value=0.001, max_value=86400))
+def test_migrate_tries_fit_in_the_lock_timeout(budget: float) -> None:
+    wait, pauses = lock_attempts(budget)
+    assert pauses[0] == 0 and all(0 < p <= 1 for p in pauses[1:])
+    assert wait <= 0.2 and wait * len(pauses) + sum(pauses) <= budget + 1e-6

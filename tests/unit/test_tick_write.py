@@ -214,14 +214,14 @@ def _batch(flags: int, per_flag: int = 1, stop: bool = True) -> list[Change]:
 def test_a_batch_that_writes_costs_one_savepoint(fake: Any) -> None:
     db = fake()
     changes = _batch(1000)
-    assert tick._write(None, changes, tick.StopFlag(), None) == {}  # type: ignore[arg-type]
+    assert tick._write(None, changes, tick.StopFlag(), None, tick.HeldFlags()) == {}  # type: ignore[arg-type]
     assert db.savepoints == 1 and len(db.written) == 1000
 
 
 def test_a_refused_flag_with_one_change_costs_no_second_statement(fake: Any) -> None:
     db = fake(refused={"flag-0617", "flag-0618"})
     changes = _batch(1000)
-    verdicts = tick._write(None, changes, tick.StopFlag(), None)  # type: ignore[arg-type]
+    verdicts = tick._write(None, changes, tick.StopFlag(), None, tick.HeldFlags())  # type: ignore[arg-type]
     assert verdicts == {
         617: (Verdict.ERROR, "refused flag-0617 (SQLSTATE P0001)"),
         618: (Verdict.ERROR, "refused flag-0618 (SQLSTATE P0001)"),
@@ -233,14 +233,14 @@ def test_a_refused_flag_with_one_change_costs_no_second_statement(fake: Any) -> 
 def test_a_failing_flags_changes_go_one_by_one_with_the_hold_back_rule(fake: Any) -> None:
     db = fake(refused={"flag-0001"})
     changes = _batch(3, per_flag=3, stop=False)  # final failures: the next one is tried
-    verdicts = tick._write(None, changes, tick.StopFlag(), None)  # type: ignore[arg-type]
+    verdicts = tick._write(None, changes, tick.StopFlag(), None, tick.HeldFlags())  # type: ignore[arg-type]
     assert sorted(verdicts) == [3, 4, 5]  # each tried alone, each refused
     assert sorted(db.written) == [1, 2, 3, 7, 8, 9]
     assert db.savepoints == 1 + 3  # the batch, then the failing flag's changes one by one
     assert {v for v, _ in verdicts.values()} == {Verdict.ERROR}
     fake(refused={"flag-0001"})
     changes = _batch(3, per_flag=3, stop=True)  # retried: the later ones are held back
-    verdicts = tick._write(None, changes, tick.StopFlag(), None)  # type: ignore[arg-type]
+    verdicts = tick._write(None, changes, tick.StopFlag(), None, tick.HeldFlags())  # type: ignore[arg-type]
     assert [verdicts[i][0] for i in (3, 4, 5)] == [
         Verdict.ERROR,
         Verdict.NOT_ATTEMPTED,
@@ -251,18 +251,36 @@ def test_a_failing_flags_changes_go_one_by_one_with_the_hold_back_rule(fake: Any
 def test_a_timed_out_statement_goes_flag_by_flag(fake: Any) -> None:
     db = fake(slow={"flag-0001"})
     changes = _batch(3, per_flag=2)
-    verdicts = tick._write(None, changes, tick.StopFlag(), None)  # type: ignore[arg-type]
+    verdicts = tick._write(None, changes, tick.StopFlag(), None, tick.HeldFlags())  # type: ignore[arg-type]
     assert [verdicts[i][0] for i in (2, 3)] == [Verdict.ERROR, Verdict.NOT_ATTEMPTED]
     assert sorted(verdicts) == [2, 3] and sorted(db.written) == [1, 2, 5, 6]
-    assert db.savepoints == 1 + 3  # the batch, then each flag once, waiting for it
+    assert db.savepoints == 1 + 3  # the batch, then each flag once
 
 
-def test_busy_flags_take_the_same_fallback_waiting_for_their_lock(fake: Any) -> None:
+def test_a_busy_flag_is_left_for_the_next_batch_never_waited_for_with_the_claim_held(
+    fake: Any,
+) -> None:
+    """A flag another session holds is not waited for while the batch's schedules are
+    locked (a deadlock with an application that holds the flag and then writes its
+    schedules): its changes are deferred, untouched, and the flag noted to be waited for
+    before the next batch's claim. Waited for already this tick, its first change is a
+    retry as after a lock timeout, the next held back."""
     db = fake(held={"flag-0002"})
     changes = _batch(4, per_flag=2)
-    assert tick._write(None, changes, tick.StopFlag(), None) == {}  # type: ignore[arg-type]
-    assert sorted(db.written) == list(range(1, 9))
-    assert db.savepoints == 2  # the batch, then the busy flag waited for
+    held = tick.HeldFlags()
+    verdicts = tick._write(None, changes, tick.StopFlag(), None, held)  # type: ignore[arg-type]
+    assert verdicts == {4: (Verdict.DEFERRED, None), 5: (Verdict.DEFERRED, None)}
+    assert sorted(db.written) == [1, 2, 3, 4, 7, 8]
+    assert (db.statements, db.savepoints) == (1, 1)  # no statement waits for the flag
+    assert {k: [s.id for s in v] for k, v in held.deferred.items()} == {"flag-0002": [5, 6]}
+
+    held = tick.HeldFlags(waited={"flag-0002": StatementFailed("lock timeout", "55P03")})
+    verdicts = tick._write(None, changes, tick.StopFlag(), None, held)  # type: ignore[arg-type]
+    assert verdicts == {
+        4: (Verdict.ERROR, "lock timeout"),
+        5: (Verdict.NOT_ATTEMPTED, "not attempted: schedule 5 of this flag failed first"),
+    }
+    assert held.deferred == {}
 
 
 def test_a_stop_leaves_the_rest_not_attempted(fake: Any) -> None:
@@ -270,5 +288,5 @@ def test_a_stop_leaves_the_rest_not_attempted(fake: Any) -> None:
     stop = tick.StopFlag()
     stop.request(15)
     changes = _batch(2)
-    verdicts = tick._write(None, changes, stop, None)  # type: ignore[arg-type]
+    verdicts = tick._write(None, changes, stop, None, tick.HeldFlags())  # type: ignore[arg-type]
     assert {v for v, _ in verdicts.values()} == {Verdict.NOT_ATTEMPTED}
