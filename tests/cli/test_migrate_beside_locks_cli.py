@@ -84,7 +84,7 @@ def test_migrate_with_nothing_to_do_returns_at_once_whatever_the_application_hol
     with holding(d.url, table, how):
         code, stderr, took = _migrate(d, lock_timeout=10)
         assert code == 0, stderr
-        assert took < 2, took
+        assert took < 5, took  # half the lock timeout: it never queued
         assert json.loads(stderr.splitlines()[-1])["created"] == 0
         assert d.run("migrate", "--check").code == 0
 
@@ -172,8 +172,8 @@ def test_migrate_that_must_add_a_trigger_to_a_busy_table_gives_up_cleanly_then_s
     assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert f'the table "public"."{table}" stayed locked by other transactions' in stderr
     assert "tried 4 times in 3 s" in stderr and "changed nothing" in stderr
-    assert 1.5 < took < 6, took
-    assert probe.writes > 20 and probe.longest < 1.0, (probe.writes, probe.longest)
+    assert 1.5 < took < 10, took
+    assert probe.writes > 20 and probe.longest < 2.0, (probe.writes, probe.longest)
     assert not _has_trigger(d, table, trigger)
     assert d.run("migrate", "--check").code == 1
 
@@ -218,7 +218,7 @@ def test_migrate_that_must_rebuild_its_view_behind_an_exclusive_lock_gives_up_cl
     assert code == 3, stderr
     assert stderr.count("\n") == 1 and "stayed locked by other transactions" in stderr, stderr
     assert '"public"."feature_flag_schedules"' in stderr and "changed nothing" in stderr
-    assert took < 4, took
+    assert took < 8, took
     code, stderr, _ = _migrate(d, lock_timeout=1)
     assert code == 0, stderr
     assert json.loads(stderr.splitlines()[-1])["created"] == 1  # the objects, noted

@@ -186,7 +186,7 @@ def test_a_batch_holding_a_flags_schedules_never_waits_for_the_flag(
         app.join()  # the batch committed: the application's statement went on
     finally:
         app.close()
-    assert took < 0.5, took
+    assert took < 2, took
     assert {changes[i].schedule.flag_key: v for i, (v, _) in verdicts.items()} == {
         "x": Verdict.DEFERRED
     }
@@ -231,7 +231,7 @@ def test_a_tick_waits_for_a_held_flag_before_its_claim_and_nobody_deadlocks(
         app.close()
     ran = result["ran"]
     assert app.error is None, app.error
-    assert app.took < 0.5, app.took  # the tick held none of x's schedules
+    assert app.took < 0.9, app.took  # below deadlock_timeout: the tick held none of x's schedules
     assert ran.code == 0, ran.stderr
     assert "deadlock" not in ran.stderr
     events = _events(ran)
