@@ -162,6 +162,8 @@ def _refused_or_mapped(conn: Conn, configuration: Configuration) -> tuple[Tables
         )
     if refused is None:
         refused = _serves_another(configuration, repository.triggers_in_schema(conn, tables))
+    if refused is None:
+        refused = _another_schema(configuration, repository.served_elsewhere(conn, tables))
     if refused is not None:
         raise ConfigError(refused)
     facts: dict[str, str] = {}
@@ -254,6 +256,22 @@ def _serves_another(
             "drop those triggers first (docs/own-tables.md)"
         )
     return None
+
+
+def _another_schema(
+    configuration: Configuration, found: repository.ServedElsewhere | None
+) -> str | None:
+    """Why this configuration's schema cannot serve its tables (None: it can): another
+    flagsched schema serves them already. A second schema would put a second family of
+    triggers on them (every change of a flag recorded twice; on a schedules table the
+    trigger noting its rows is one, so the second schema's state would never be noted)."""
+    if found is None:
+        return None
+    return (
+        f"{configuration.where}: the table {found.relation} is served by flagsched's schema "
+        f"{found.schema!r} already: deployments of one application's tables share one schema "
+        f"(schema = {found.schema!r})"
+    )
 
 
 def _another_schedules_mapping(

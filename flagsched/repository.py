@@ -412,6 +412,30 @@ def triggers_in_schema(conn: Conn, tables: Tables) -> list[RecordTrigger]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ServedElsewhere:
+    """An application's table whose flagsched triggers belong to another flagsched schema."""
+
+    relation: str
+    schema: str
+
+
+def served_elsewhere(conn: Conn, tables: Tables) -> ServedElsewhere | None:
+    """The first of the configuration's application tables (flags, schedules) that carries
+    flagsched's triggers of another schema than `tables.fn.schema` (None: none does)."""
+    found = _rows(
+        conn,
+        class_row(ServedElsewhere),
+        statement("flagsched_triggers_of_other_schemas"),
+        {
+            "schema": tables.fn.schema,
+            "flags": relation(tables.flags),
+            "schedules": None if tables.app_schedules is None else relation(tables.app_schedules),
+        },
+    )
+    return found[0] if found else None
+
+
 def take_migration_lock(conn: Conn) -> None:
     """Serialise concurrent `flagsched migrate` runs until this transaction ends."""
     conn.execute(statement("migration_lock"), {"key": MIGRATION_LOCK_KEY})

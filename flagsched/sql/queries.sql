@@ -321,6 +321,22 @@ JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = %(schema)s AND NOT t.tgisinternal
 ORDER BY 1, 2
 
+-- name: flagsched_triggers_of_other_schemas
+-- flagsched's triggers (named flagsched_...) on the application's tables %(flags)s and
+-- %(schedules)s (NULL: none) whose functions live in another schema than %(schema)s: that
+-- schema serves the table already.
+SELECT CAST(tn.nspname || '.' || c.relname AS text) AS relation,
+       CAST(n.nspname AS text) AS schema
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace tn ON tn.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = t.tgfoid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE t.tgrelid IN (to_regclass(%(flags)s), to_regclass(%(schedules)s))
+  AND n.nspname <> %(schema)s AND t.tgname LIKE 'flagsched%%' AND NOT t.tgisinternal
+ORDER BY 1, 2
+LIMIT 1
+
 -- name: migration_lock
 SELECT pg_advisory_xact_lock(%(key)s)
 

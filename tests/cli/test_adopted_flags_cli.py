@@ -1420,6 +1420,31 @@ def test_one_schema_serves_one_mapping_of_the_applications_schedules(
     assert [r["updates"] for r in listed] == [{"rollout_percentage": 42}]
 
 
+@pytest.mark.parametrize("shape", [UPSTREAM_SHAPE, UPSTREAM_SCHEDULES], ids=lambda s: s.name)
+def test_one_applications_tables_are_served_by_one_schema(
+    empty_database_url: str, tmp_path: Path, shape: Shape
+) -> None:
+    """Found by the adversarial pass: a second flagsched schema over the same application
+    tables put a second family of record triggers on the flags table (every change recorded
+    twice) and, on a schedules table, found flagsched's trigger there already and never
+    noted its rows. `migrate` and `migrate --check` with another schema refuse it (exit 2,
+    one line, naming the schema that serves them) and change nothing."""
+    d = _deploy(shape, empty_database_url, tmp_path)
+    other = tmp_path / "other-schema.toml"
+    other.write_text('schema = "other"\n' + Path(d.config).read_text())
+    triggers = "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal"
+    (count,) = d.sql(triggers)
+    for command in (["migrate"], ["migrate", "--check"]):
+        ran = invoke("--config", str(other), *command, url=empty_database_url)
+        assert ran.code == 2, (command, ran)
+        assert ran.stderr.count("\n") == 1 and "Traceback" not in ran.stderr, ran.stderr
+        assert "is served by flagsched's schema 'flagsched' already" in ran.stderr, ran.stderr
+        assert "public.feature_flag" in ran.stderr
+    assert d.sql(triggers) == [count]
+    assert d.sql("SELECT to_regnamespace('other') IS NULL") == [(True,)]
+    assert d.run("migrate").code == 0
+
+
 def test_a_row_the_applications_table_refuses_never_stops_the_others(
     empty_database_url: str, tmp_path: Path
 ) -> None:
