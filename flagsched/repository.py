@@ -211,9 +211,12 @@ def ensure_schema(conn: Conn) -> None:
     """Refuse to work on a database that lacks an object this release uses (on the tables
     of the current mapping). A schema that a later release migrated further is fine: only
     what is missing counts."""
-    objects = required(current())
+    tables = current()
+    objects = required(tables)
     missing = missing_objects(conn, objects)
     if not missing:
+        if tables.app_schedules is not None:
+            _ensure_own_mapping(conn, tables)
         return
     if all(f"table {o.name}" in missing for o in objects if isinstance(o, Table) and o.columns):
         raise SchemaNotCurrent("the database is not migrated: run `flagsched migrate`")
@@ -223,6 +226,21 @@ def ensure_schema(conn: Conn) -> None:
         f"the database schema lacks {shown}{f' and {more} more' if more > 0 else ''}, which "
         "this flagsched uses: run `flagsched migrate`"
     )
+
+
+def _ensure_own_mapping(conn: Conn, tables: Tables) -> None:
+    """On an application's schedules table: refuse to work through flagsched's view when
+    another mapping rendered it (the view dropped and migrated again with another file while
+    this deployment kept the old one): this mapping's functions are still there, but the
+    view would read and write the application's columns by the other mapping."""
+    found = schedules_relation(conn, tables)
+    if found is not None and found[1] != stored.mapping_note(tables):
+        raise SchemaNotCurrent(
+            f"flagsched's view {relation(tables.schedules)} was migrated with another mapping of "
+            "the application's tables: give this deployment the configuration that migrated "
+            "it, or run `flagsched migrate` with this one once the view is dropped "
+            "(docs/own-tables.md)"
+        )
 
 
 def catalog_table(conn: Conn, name: QualifiedName) -> CatalogTable | None:

@@ -1420,6 +1420,38 @@ def test_one_schema_serves_one_mapping_of_the_applications_schedules(
     assert [r["updates"] for r in listed] == [{"rollout_percentage": 42}]
 
 
+def test_a_deployment_keeping_the_old_mapping_refuses_to_run_after_the_view_is_remade(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Found by the adversarial pass. The mapping changed the documented way (the view
+    dropped, `migrate` with the new file) while another deployment kept the old file: its
+    functions are still there, so it passed its checks and read and wrote the application's
+    columns through a view rendered for other member names. Now its commands refuse to run
+    (exit 3, one line), changing nothing, and the new mapping's work."""
+    production, staging = _upstream_deployments(empty_database_url, tmp_path)
+    production.add_flag("f")
+    _api_schedule(production, "f", {"rollout": 42}, at="now() - interval '1 minute'",
+                  scope="production")  # fmt: skip
+    renamed = tmp_path / "renamed.toml"
+    renamed.write_text(
+        Path(production.config).read_text().replace('"rolloutPercentage"', '"rollout"')
+    )
+    production.sql("DROP VIEW flagsched.feature_flag_schedules CASCADE")
+    assert invoke("--config", str(renamed), "migrate", url=empty_database_url).code == 0
+    for d in (production, staging):
+        for command in (["list"], ["process"], ["status"]):
+            ran = d.run(*command)
+            assert ran.code == 3, (command, ran)
+            assert ran.stderr.count("\n") == 1, ran.stderr
+            assert "was migrated with another mapping" in ran.stderr, ran.stderr
+    (row,) = production.sql("SELECT status, updates FROM public.feature_flag_schedules")
+    assert row == ("pending", {"rollout": 42})
+    ran = invoke("--config", str(renamed), "process", url=empty_database_url)
+    assert ran.code == 0, ran.stderr
+    (row,) = production.sql("SELECT status FROM public.feature_flag_schedules")
+    assert row == ("applied",)
+
+
 @pytest.mark.parametrize("shape", [UPSTREAM_SHAPE, UPSTREAM_SCHEDULES], ids=lambda s: s.name)
 def test_one_applications_tables_are_served_by_one_schema(
     empty_database_url: str, tmp_path: Path, shape: Shape
