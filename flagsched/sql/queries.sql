@@ -313,7 +313,9 @@ SELECT * FROM {fn.claim}(%(limit)s, %(lock)s, CAST(%(scope)s AS jsonb),
                          make_interval(secs => %(lateness)s))
 
 -- name: held_back
-SELECT * FROM {fn.held_back}(%(limit)s, CAST(%(scope)s AS jsonb),
+-- stored/held_back_once.sql (migration 0010): in one pass over the open rows of the flags
+-- something holds back.
+SELECT * FROM {fn.held_back_once}(%(limit)s, CAST(%(scope)s AS jsonb),
                              make_interval(secs => %(lateness)s))
 
 -- name: lock_flags

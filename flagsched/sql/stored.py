@@ -29,6 +29,17 @@ from flagsched.sql import BUILT_IN_ROUTINES, TableMap, Tables, _compose
 # In dependency order: a template may call only those before it. Migration 0009 creates
 # these for the built-in tables (whose record triggers are 0006's).
 ROUTINES: tuple[str, ...] = ("kept_attempts", "check", "claim", "held_back", "apply")
+# Added by later revisions of the built-in tables, each under its own name: 0010's
+# held_back_once (flagsched_held_back_v3, stored/held_back_once.sql) reports what held_back
+# reports in one pass over the open rows.
+LATER_ROUTINES: tuple[str, ...] = ("held_back_once",)
+# Routines a later one replaced in this release's statements: still created (on your own
+# tables too), as the previous release calls them, and no longer required.
+SUPERSEDED: tuple[str, ...] = ("held_back",)
+# What this release calls (the required-objects check).
+CALLED: tuple[str, ...] = tuple(
+    routine for routine in (*ROUTINES, *LATER_ROUTINES) if routine not in SUPERSEDED
+)
 # An application's tables also get the record triggers' functions (issue 18), and four
 # eyes' (issue 20: migration 0008's triggers, which the built-in tables have from it). Each
 # routine's digest covers only the names of those before it: one added at the end leaves the
@@ -41,6 +52,7 @@ ADOPTED_ROUTINES: tuple[str, ...] = (
     "note_creator",
     "note_recurrence_creator",
     "check_approval",
+    *LATER_ROUTINES,
 )
 # The base names of the routines only adopted shapes have (suffixed with their digest).
 _ADOPTED_BASES: tuple[tuple[str, str], ...] = (
@@ -58,6 +70,7 @@ ARGUMENTS: dict[str, tuple[str, ...]] = {
     "check": ("bigint", "interval"),
     "claim": ("integer", "boolean", "jsonb", "interval"),
     "held_back": ("integer", "jsonb", "interval"),
+    "held_back_once": ("integer", "jsonb", "interval"),
     "apply": ("bigint[]", "text[]", "boolean[]", "integer[]", "interval", "boolean", "jsonb"),
     "record_moved": (),
     "record_change": (),
@@ -382,6 +395,7 @@ _BODY = "\x00body\x00"  # the templates' `$$` while names are composed
 _SCHEDULE_ID_TYPES: dict[str, tuple[str, ...]] = {
     "claim": ("RETURNS TABLE (now timestamptz, id bigint,",),
     "held_back": ("RETURNS TABLE (id bigint,",),
+    "held_back_once": ("RETURNS TABLE (id bigint,",),
     "check": ("p_id bigint,",),
     "apply": ("p_ids bigint[],",),
     "record_change": ("'{}'::bigint[]", "jsonb_array_elements_text(e.value)::bigint)"),
