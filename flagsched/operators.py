@@ -533,9 +533,10 @@ def _with_approvals(conn: Conn, rows: list[_Row], policy: ApprovalPolicy) -> lis
         for f in (repository.flags_now(conn, keys=keys) if keys else [])
     }
     judged = []
+    members = repository.members()
     for row in rows:
         try:
-            change = Updates.parse(row.updates)
+            change = Updates.parse(row.updates, members)
         except InvalidUpdates:  # it fails for good when due: no approval can matter
             needs = row.approval_asked
         else:
@@ -728,6 +729,7 @@ def outlook(
         until=end,
         start=begins,
         policy=policy,
+        members=repository.members(),
     )
     if flag_key is not None:
         ahead = [a for a in ahead if a.flag_key == flag_key] or [

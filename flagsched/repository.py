@@ -24,6 +24,7 @@ from flagsched.model import (
     Claimed,
     DueRecurrence,
     MadeSchedule,
+    Members,
     OnConflict,
     Outcome,
     Result,
@@ -314,6 +315,14 @@ def flags_have(column: str) -> bool:
     not."""
     logical = {"rollout": "rollout_percentage"}.get(column, column)
     return current().flags.has(logical)
+
+
+def members() -> Members:
+    """The members of `updates` on the current mapping: named as an application's schedules
+    table writes them (its configuration's `updates_enabled`, `updates_rollout`), and
+    whether the flags table takes a rollout."""
+    enabled, rollout = current().members
+    return Members(enabled, rollout, flags_have("rollout"))
 
 
 def claim(

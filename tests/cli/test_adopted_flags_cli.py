@@ -1247,7 +1247,7 @@ def test_both_environments_apply_the_applications_rows_once_under_four_overlappi
     for scope in ("production", "staging"):
         assert all(by_id[i][:2] == ("applied", True) for i in made[scope]), scope
     status, _, error = by_id[refused]
-    assert status == "failed" and error and "rollout_percentage" in error, by_id[refused]
+    assert status == "failed" and error and "rolloutPercentage" in error, by_id[refused]
     for d in (production, staging):
         for key in keys:
             assert d.flag(key) == (False, 40), (d.scope, key)  # the last step won
@@ -1520,3 +1520,95 @@ def test_a_deep_backlog_behind_each_flags_waiting_retry_is_reported_in_one_pass(
     assert production.sql(
         "SELECT status, count(*) FROM public.feature_flag_schedules GROUP BY 1 ORDER BY 1"
     ) == [("failed", 300), ("pending", 30000)]
+
+
+# An application's toggles without a rollout column, and its schedules table, whose
+# `changes` name the members `isOn` and `percent` (shape 3).
+TOGGLE_CHANGES = Shape(
+    name="toggle-changes",
+    setup="""
+CREATE TABLE toggles (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    on_off boolean NOT NULL DEFAULT false
+);
+CREATE TABLE toggle_changes (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    toggle_id bigint NOT NULL REFERENCES toggles (id),
+    scheduled_at timestamptz NOT NULL,
+    status text NOT NULL DEFAULT 'pending',
+    changes jsonb NOT NULL,
+    last_error text
+);
+""",
+    config="""
+[flags]
+table = "toggles"
+id = "id"
+key = "name"
+enabled = "on_off"
+
+[schedules]
+table = "toggle_changes"
+id = "id"
+flag_id = "toggle_id"
+updates = "changes"
+updates_enabled = "isOn"
+updates_rollout = "percent"
+""",
+    flags="toggles",
+    key="name",
+    enabled="on_off",
+    rollout=None,
+    updated_at=None,
+    scope_column=None,
+    new_flag="INSERT INTO toggles (name) VALUES ({key})",
+)
+
+
+def test_messages_name_the_members_of_updates_as_the_applications_table_writes_them(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """What the tick stores and logs, `--dry-run` and `plan` say about a member of `updates`
+    name it as the application's schedules table writes it (the configuration's
+    `updates_enabled` and `updates_rollout`), never by the built-in names flagsched reads it
+    under."""
+    d = _deploy(TOGGLE_CHANGES, empty_database_url, tmp_path)
+    d.add_flag("beta")
+    expected = {
+        '{"percent": 50}': "updates sets percent, but the flags table has no rollout column "
+        "(no `rollout` in [flags] of the configuration): only isOn can be scheduled",
+        '{"isOn": "yes"}': 'isOn must be true or false, got "yes"',
+        '{"isOn": true, "colour": "red"}': "updates has unknown key(s) colour; "
+        "allowed: isOn, percent",
+        '{"enabled": true}': "updates has unknown key(s) enabled (not a member this "
+        "application uses); allowed: isOn, percent",
+        "{}": "updates is empty; give isOn and/or percent",
+    }
+    ids = {
+        changes: d.sql(
+            "INSERT INTO toggle_changes (toggle_id, scheduled_at, changes) "
+            "SELECT id, now() - interval '1 minute', %(c)s FROM toggles RETURNING id::text",
+            {"c": changes},
+        )[0][0]
+        for changes in expected
+    }
+    by_id = {ids[c]: message for c, message in expected.items()}
+    plan = _json(d.run("plan", "--at", "2099-01-01T00:00:00Z", "--format", "json"))
+    assert {c["schedule_id"]: c["error"] for c in plan[0]["changes"]} == by_id
+    preview = d.run("process", "--dry-run")
+    assert preview.code == 0, preview.stderr
+    for message in expected.values():
+        assert f"fail for good: {message}" in preview.stdout, preview.stdout
+    ran = d.run("process")
+    assert ran.code == 1, ran.stderr
+    logged = {
+        e["schedule_id"]: e["error"]
+        for e in map(json.loads, ran.stderr.splitlines())
+        if e["event"] == "schedule_failed"
+    }
+    assert logged == by_id
+    stored = dict(d.sql("SELECT id::text, last_error FROM toggle_changes"))
+    assert stored == by_id
+    shown = _json(d.run("list", "--status", "failed", "--format", "json"))
+    assert {s["id"]: s["last_error"] for s in shown} == by_id
