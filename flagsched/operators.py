@@ -165,6 +165,8 @@ def _each_locked(database: Database, ids: list[ScheduleId], act: Any) -> list[Ha
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
+            # an application's rows no trigger noted, as the tick notes them first
+            repository.note_unseen_schedules(conn, ids)
         for schedule_id in dict.fromkeys(ids):
             with transaction(database, conn):
                 try:

@@ -271,12 +271,13 @@ def schedules_relation(conn: Conn, tables: Tables) -> tuple[str, str | None] | N
     return None if row is None else (str(row[0]), row[1])
 
 
-def note_unseen_schedules(conn: Conn) -> None:
+def note_unseen_schedules(conn: Conn, ids: Sequence[ScheduleId] = ()) -> None:
     """On an application's schedules table, a state row for each open row that has none
     (inserted while flagsched's trigger was not there or not firing, e.g. a restore with
-    triggers disabled), so the view (and the tick) sees it. A no-op on other shapes."""
+    triggers disabled), and for the rows of `ids` (as an operator gave them), so the view
+    (and what changes schedules through it) sees them. A no-op on other shapes."""
     if current().app_schedules is not None:
-        conn.execute(statement("note_unseen_schedules"))
+        conn.execute(statement("note_unseen_schedules"), {"ids": [str(i) for i in ids]})
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,14 +204,18 @@ def required(tables: Tables) -> tuple[Required, ...]:
 
 
 def _app_schedules(tables: Tables) -> tuple[Required, ...]:
-    """On an application's schedules table (shape 3): flagsched's state table and the
-    trigger that notes each row inserted."""
+    """On an application's schedules table (shape 3): flagsched's state table, the trigger
+    that notes each row inserted, and what shows and notes those it did not."""
     if tables.app_schedules is None:
         return ()
     domain = tables.schedule_id_type
+    schema = _quoted(tables.fn.schema or "public")
     return (
         Table(relation(tables.state), ("id", "attempts", "created_snapshot")),
         Trigger(relation(tables.app_schedules), SCHEDULE_TRIGGER),
+        # the rows no trigger noted: shown by the reads, noted by the tick and the writes
+        Table(relation(tables.schedules_all), ("id", "flag_key", "status")),
+        Function(f"{schema}.{_quoted(tables.fn.column('note_unseen'))}", ("text[]",)),
         Function(
             f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column('record_app'))}",
             (f"{domain}[]", "text[]", "timestamp with time zone[]", "integer[]", "integer[]",

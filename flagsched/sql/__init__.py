@@ -97,6 +97,10 @@ class Tables:
     # the same on every shape.
     app_schedules: TableMap | None = None
     state: TableMap = TableMap("feature_flag_schedule_state")
+    # What the operators' reads (`list`, `show`, `status`, ...) read schedules from:
+    # `schedules`, or beside an application's schedules table a view of flagsched's view and
+    # the application's rows no trigger noted yet (stored/unseen_schedules.sql).
+    schedules_all: TableMap = TableMap("feature_flag_schedules")
     # The members of `updates` that set enabled and the rollout, as the application spells
     # them (the view shows them under the built-in names).
     members: tuple[str, str] = ("enabled", "rollout_percentage")

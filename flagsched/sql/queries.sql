@@ -264,23 +264,20 @@ SELECT NOT EXISTS (
     SELECT FROM pg_trigger
     WHERE tgrelid = to_regclass(%(relation)s) AND tgname = %(name)s)
 
--- name: note_schedules
--- On an application's schedules table (shape 3): a state row for each row ({arg}: of
--- those) that has none, as stored/own_schedules.sql's trigger would have made it but
--- without a creator or a snapshot (its conflict window starts at its created_at).
-INSERT INTO {state} (id, created_xact, created_snapshot)
-SELECT s.{app_schedules.id}, NULL, NULL FROM {app_schedules} s
-WHERE ({arg})
-  AND NOT EXISTS (SELECT 1 FROM {state} x WHERE x.id = s.{app_schedules.id})
-ON CONFLICT (id) DO NOTHING
-
 -- name: note_unseen_schedules
--- Each tick: the open rows (the application's status index).
-{note_schedules(s.status IN ('pending', 'failed'))}
+-- On an application's schedules table, the rows no trigger noted (stored/
+-- unseen_schedules.sql): the open ones, and those of the ids an operator gave.
+SELECT {fn.note_unseen}(CAST(%(ids)s AS text[]))
 
 -- name: note_every_schedule
--- `flagsched migrate`: the rows the table held before.
-{note_schedules(true)}
+-- `flagsched migrate` on an application's schedules table (shape 3): a state row for each
+-- row the table held before (and any its trigger did not note), as stored/
+-- own_schedules.sql's trigger would have made it but without a creator or a snapshot (its
+-- conflict window starts at its created_at).
+INSERT INTO {state} (id, created_xact, created_snapshot)
+SELECT s.{app_schedules.id}, NULL, NULL FROM {app_schedules} s
+WHERE NOT EXISTS (SELECT 1 FROM {state} x WHERE x.id = s.{app_schedules.id})
+ON CONFLICT (id) DO NOTHING
 
 -- name: record_triggers_in_schema
 -- Triggers whose functions live in flagsched's schema %(schema)s, on whichever table, and
@@ -427,12 +424,12 @@ CROSS JOIN LATERAL {fn.record_app}(
 WITH pending AS (
     SELECT count(*) AS n,
            min(scheduled_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
-    FROM {schedules}
+    FROM {schedules_all}
     WHERE status = 'pending' AND scheduled_at <= %(now)s AND {scope_match()}
 ), retries AS (
     SELECT count(*) AS n,
            min(next_retry_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
-    FROM {schedules}
+    FROM {schedules_all}
     WHERE next_retry_at <= %(now)s AND {waiting} AND {scope_match()}
 )
 SELECT pending.n + retries.n AS due,
@@ -441,9 +438,9 @@ SELECT pending.n + retries.n AS due,
            - {clamped_time(LEAST(pending.oldest, retries.oldest))}
        ) AS oldest_due_age_seconds,
        LEAST(
-           (SELECT min(scheduled_at) FROM {schedules}
+           (SELECT min(scheduled_at) FROM {schedules_all}
             WHERE status = 'pending' AND scheduled_at > %(now)s AND {scope_match()}),
-           (SELECT min(next_retry_at) FROM {schedules}
+           (SELECT min(next_retry_at) FROM {schedules_all}
             WHERE next_retry_at > %(now)s AND {waiting} AND {scope_match()})
        ) AS next_due_at
 FROM pending, retries
@@ -458,11 +455,11 @@ SELECT count(*) AS n,
        EXTRACT(EPOCH FROM CAST(%(now)s AS timestamptz)
            - {clamped_time(min(awaiting_approval_since))}) AS oldest_age_seconds
 FROM (
-    SELECT awaiting_approval_since FROM {schedules}
+    SELECT awaiting_approval_since FROM {schedules_all}
     WHERE status = 'pending' AND scheduled_at <= %(now)s
       AND awaiting_approval_since IS NOT NULL AND {scope_match()}
     UNION ALL
-    SELECT awaiting_approval_since FROM {schedules}
+    SELECT awaiting_approval_since FROM {schedules_all}
     WHERE next_retry_at <= %(now)s AND {waiting} AND awaiting_approval_since IS NOT NULL
       AND {scope_match()}
 ) AS a
@@ -511,7 +508,7 @@ SELECT id, flag_key, scheduled_at,
        status, retry_count, max_retries,
        next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
        updated_at, NOT {waiting_row} AS permanent
-FROM {schedules}
+FROM {schedules_all}
 WHERE ({where}) AND {scope_match()}
 ORDER BY updated_at DESC, id DESC
 LIMIT %(limit)s
@@ -527,14 +524,14 @@ SELECT
   count(*) FILTER (WHERE status NOT IN ('pending', 'failed', 'applied', 'cancelled'))
     AS unknown,
   count(*) FILTER (WHERE {awaiting_approval}) AS awaiting_approval
-FROM {schedules}
+FROM {schedules_all}
 WHERE {scope_match()}
 
 -- name: existing_flags
 SELECT {flags.key} FROM {flags} WHERE {flags.key} = ANY(%(keys)s) AND {flag_in_scope()}
 
 -- name: list_schedules
-SELECT {schedule_fields} FROM {schedules}
+SELECT {schedule_fields} FROM {schedules_all}
 WHERE ({where}) AND {scope_match()}
 ORDER BY scheduled_at, id
 LIMIT %(limit)s
@@ -543,7 +540,7 @@ LIMIT %(limit)s
 SELECT {schedule_fields},
        CASE WHEN jsonb_typeof(attempts) = 'array' THEN attempts ELSE '[]' END
            AS attempts
-FROM {schedules} WHERE id = %(i)s AND {scope_match()}
+FROM {schedules_all} WHERE id = %(i)s AND {scope_match()}
 
 -- name: change_columns
 -- old NULL: the flag was made; new NULL: it was deleted. An application's nullable column
@@ -603,12 +600,12 @@ CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
 END AS conflict,
 -- four eyes: asked for, a tick found it awaiting, approved (idx_approvals_schedule)
 needs_approval, awaiting_approval_since IS NOT NULL AS awaiting,
-{approved({schedules})} AS approved
+{approved({schedules_all})} AS approved
 
 -- name: schedules_ahead
 -- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied
 -- history
-SELECT {ahead_fields} FROM {schedules}
+SELECT {ahead_fields} FROM {schedules_all}
 WHERE ({where}) AND {scope_match()}
 ORDER BY scheduled_at, id
 LIMIT %(limit)s

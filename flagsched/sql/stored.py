@@ -235,6 +235,13 @@ def _app_schedules_computed(
         kind = dict((c, t) for c, t, _ in _OPTIONAL_COLUMNS)[name]
         return f"CAST(s.{_quoted(name)} AS {kind})" if app.has(name) else f"x.{_quoted(name)}"
 
+    def unseen_column(args: list[str]) -> str:  # as view_column, before a state row exists
+        (name,) = args
+        kind, default = {c: (t, d) for c, t, d in _OPTIONAL_COLUMNS}[name]
+        return (
+            f"CAST(s.{_quoted(name)} AS {kind})" if app.has(name) else f"CAST({default} AS {kind})"
+        )
+
     def flag_of_match(args: list[str]) -> str:
         column = flags.column("id") if by_flag_id() else flags.column("key")
         return f"f.{_quoted(column)} = p_ref"
@@ -344,6 +351,7 @@ def _app_schedules_computed(
         "member_enabled": lambda args: members()[0],
         "member_rollout": lambda args: members()[1],
         "view_column": view_column,
+        "unseen_column": unseen_column,
         "view_scope_columns": view_scope_columns,
         "flag_of_match": flag_of_match,
         "flag_ref_type": flag_ref_type,
@@ -471,9 +479,12 @@ def creates(tables: Tables, routines: tuple[str, ...] = ROUTINES) -> list[tuple[
 def own_tables(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     """The DDL of flagsched's own schema and tables beside an application's (idempotent):
     on an application's schedules table too (`[schedules]`), the view over it and what
-    goes with it (stored/own_schedules.sql; `facts`: `id_base_type`, its id's type)."""
+    goes with it (stored/own_schedules.sql; `facts`: `id_base_type`, its id's type), and
+    what shows and notes the rows its trigger did not note (stored/unseen_schedules.sql)."""
     if tables.app_schedules is not None:
-        return render("own_schedules", tables, facts)
+        return ";\n".join(
+            render(name, tables, facts) for name in ("own_schedules", "unseen_schedules")
+        )
     return render("own_tables", tables)
 
 
@@ -592,6 +603,9 @@ def triggers(tables: Tables) -> list[Trigger]:
 # The record's write on an application's schedules table (queries.sql `record_app`), in
 # flagsched's schema (stored/own_schedules.sql), named `<this>_<mapping_digest>`.
 RECORD_APP = "flagsched_schedules_record_v1"
+# What notes the rows of an application's schedules table no trigger noted (queries.sql
+# `note_unseen_schedules`, stored/unseen_schedules.sql), in flagsched's schema.
+NOTE_UNSEEN = "flagsched_note_unseen_v1"
 
 
 def mapping_note(tables: Tables) -> str:

@@ -1612,3 +1612,75 @@ def test_messages_name_the_members_of_updates_as_the_applications_table_writes_t
     assert stored == by_id
     shown = _json(d.run("list", "--status", "failed", "--format", "json"))
     assert {s["id"]: s["last_error"] for s in shown} == by_id
+
+
+def test_rows_inserted_with_triggers_disabled_are_seen_before_a_tick_notes_them(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A restore (or any session with `session_replication_role = replica`) inserts rows
+    into the application's schedules table that flagsched's trigger never noted. `list`,
+    `show` and `status` show and count them at once, writing nothing (also in a read-only
+    transaction); `cancel` and `retry` note them first, as the tick does, then act."""
+    production = _deploy(UPSTREAM_SCHEDULES, empty_database_url, tmp_path)
+    for key in ("a", "b"):
+        production.add_flag(key)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:  # as a restore
+        conn.execute("SET session_replication_role = replica")
+        restored = conn.execute(
+            "INSERT INTO public.feature_flag_schedules "
+            "(flag_id, scheduled_at, updates, status, retry_count, applied_at) "
+            "SELECT f.id, now() + v.at, v.updates, v.status, v.tries, "
+            "CASE WHEN v.status = 'applied' THEN now() END "
+            "FROM (VALUES ('a', interval '-5 minutes', "
+            "'{\"rolloutPercentage\": 10}'::jsonb, 'pending', 0), "
+            "('a', interval '1 day', '{\"enabled\": true}', 'pending', 0), "
+            "('b', interval '-1 day', '{\"enabled\": true}', 'failed', 4), "
+            "('b', interval '-2 days', '{\"enabled\": false}', 'applied', 0)) "
+            "AS v(key, at, updates, status, tries) "
+            "JOIN public.feature_flags f ON f.flag_key = v.key "
+            "AND f.environment = 'production' RETURNING id::text"
+        ).fetchall()
+    due, later, failed, applied = (r[0] for r in restored)
+
+    def noted() -> set[str]:
+        rows = production.sql("SELECT id::text FROM flagsched.feature_flag_schedule_state")
+        return {r[0] for r in rows} & {due, later, failed, applied}
+
+    read_only = {"PGOPTIONS": "-c default_transaction_read_only=on"}
+    listed = _json(production.run("list", "--format", "json", env=read_only))
+    assert [(r["id"], r["updates"]) for r in listed] == [
+        (due, {"rollout_percentage": 10}),
+        (later, {"enabled": True}),
+    ]
+    gone = _json(production.run("list", "--status", "failed", "--format", "json", env=read_only))
+    assert [(r["id"], r["permanent"]) for r in gone] == [(failed, True)]
+    shown = _json(production.run("show", due, "--format", "json", env=read_only))
+    assert (shown["status"], shown["attempts"], shown["created_by"]) == ("pending", [], None)
+    status = _json(production.run("status", "--format", "json", env=read_only))
+    assert {k: status[k] for k in ("due", "scheduled", "failed", "applied")} == {
+        "due": 1,
+        "scheduled": 1,
+        "failed": 1,
+        "applied": 1,
+    }
+    assert production.run("status", "--max-lag", "60", env=read_only).code == 1  # 5 min due
+    assert noted() == set()  # reads wrote nothing
+    refused = production.run("cancel", later, env=read_only)  # nothing can be written there
+    assert refused.code == 3 and "read-only transaction" in refused.stderr, refused
+
+    cancelled = production.run("cancel", later, applied)
+    assert cancelled.code == 1, cancelled  # the applied one is refused, saying why
+    assert f"{later}: cancelled (was pending)" in cancelled.stdout
+    assert f"{applied}: refused: it is already applied" in cancelled.stdout
+    retried = production.run("retry", failed)
+    assert retried.code == 0, retried
+    assert noted() == {due, later, failed, applied}
+    ran = production.run("process")
+    assert ran.code == 0, ran.stderr
+    rows = dict(production.sql("SELECT id::text, status FROM public.feature_flag_schedules"))
+    assert [rows[i] for i in (due, later, failed, applied)] == [
+        "applied",
+        "cancelled",
+        "applied",
+        "applied",
+    ]
