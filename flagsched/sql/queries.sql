@@ -16,15 +16,20 @@
 -- name: waiting
 (status = 'failed' AND {waiting_row})
 
+-- name: counted_verdict
+-- Four eyes, the one rule of which verdicts `a` on schedule {arg} count: a rejection,
+-- whenever given (it vetoes); an approval given by another login than the schedule's
+-- creator after the row was inserted (a verdict left by a deleted row of the same id does
+-- not carry over to a row inserted later). The claim (flagsched/sql/stored/fragments.sql,
+-- claim_query) counts them the same way; `list`, `show`, `plan`, `agenda` and `approve`
+-- through this fragment.
+(a.verdict = 'rejected'
+ OR (a.decided_by IS DISTINCT FROM {arg}.created_by AND a.decided_at >= {arg}.created_at))
+
 -- name: approved
--- Four eyes: an approval of schedule {arg} counts when another login than its creator gave
--- it after the row was inserted (a verdict left by a deleted row of the same id does not
--- carry over) and nobody rejected it. The claim (flagsched/sql/stored/fragments.sql,
--- claim_query) counts it the same way.
+-- Four eyes: schedule {arg} is approved: an approval counts, and no rejection.
 (EXISTS (SELECT 1 FROM {approvals} a
-         WHERE a.schedule_id = {arg}.id AND a.verdict = 'approved'
-           AND a.decided_by IS DISTINCT FROM {arg}.created_by
-           AND a.decided_at >= {arg}.created_at)
+         WHERE a.schedule_id = {arg}.id AND a.verdict = 'approved' AND {counted_verdict({arg})})
  AND NOT EXISTS (SELECT 1 FROM {approvals} a
                  WHERE a.schedule_id = {arg}.id AND a.verdict = 'rejected'))
 
@@ -75,7 +80,8 @@ id, flag_key, scheduled_at, {shown_updates}, status, retry_count, max_retries,
 next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
 updated_at, (status = 'failed' AND NOT {waiting}) AS permanent,
 group_id, expires_at, on_conflict, recurrence_id, reviewed_at,
-needs_approval AS approval_asked, created_by, {awaiting_approval} AS awaiting_approval
+needs_approval AS approval_asked, created_by, {awaiting_approval} AS awaiting_approval,
+{approved({schedules_all})} AS approved
 
 -- ==================== filters the callers choose ========================================
 
@@ -663,11 +669,14 @@ SET status = 'pending', retry_count = 0, next_retry_at = NULL, updated_at = now(
 WHERE id = %(i)s
 
 -- name: approvals_of
--- The verdicts on these schedules, oldest first (idx_approvals_schedule).
-SELECT schedule_id, verdict, decided_by AS by, decided_at AS at,
-       left(note, {MAX_TEXT}) AS note
-FROM {approvals} WHERE schedule_id = ANY(CAST(%(ids)s AS {schedule_id_type()}[]))
-ORDER BY schedule_id, id
+-- The verdicts that count on these schedules (`counted_verdict`: not those a deleted row of
+-- the same id left), oldest first (idx_approvals_schedule).
+SELECT a.schedule_id, a.verdict, a.decided_by AS by, a.decided_at AS at,
+       left(a.note, {MAX_TEXT}) AS note
+FROM {approvals} a JOIN {schedules_all} s ON s.id = a.schedule_id
+WHERE a.schedule_id = ANY(CAST(%(ids)s AS {schedule_id_type()}[])) AND {scope_match(s)}
+  AND {counted_verdict(s)}
+ORDER BY a.schedule_id, a.id
 
 -- name: add_verdict
 -- Who and when are the database's (the trigger flagsched_check_approval_v1 sets
@@ -678,11 +687,12 @@ RETURNING decided_by, decided_at
 
 -- name: approval_subject
 -- What `approve` needs to know of a locked schedule: its creator, whether it needs
--- approval by itself, and an earlier approval.
+-- approval by itself, and an earlier approval that counts (`counted_verdict`).
 SELECT s.created_by, s.needs_approval, s.awaiting_approval_since IS NOT NULL AS awaiting,
        session_user AS me,
        (SELECT a.decided_by || ' at ' || CAST(a.decided_at AS text) FROM {approvals} a
-        WHERE a.schedule_id = s.id AND a.verdict = 'approved' ORDER BY a.id LIMIT 1)
+        WHERE a.schedule_id = s.id AND a.verdict = 'approved' AND {counted_verdict(s)}
+        ORDER BY a.id LIMIT 1)
            AS approved
 FROM {schedules} s WHERE s.id = %(i)s
 

@@ -1684,3 +1684,63 @@ def test_rows_inserted_with_triggers_disabled_are_seen_before_a_tick_notes_them(
         "applied",
         "applied",
     ]
+
+
+def test_a_verdict_a_deleted_row_left_is_not_shown_for_the_applications_new_row_of_its_id(
+    empty_database_url: str, tmp_path: Path, two_logins: None
+) -> None:
+    """The application deletes a row of its schedules table that alice approved and inserts
+    another with the same uuid: `list`, `show` and `plan` judge the new row's approval as
+    the claim does (not approved: the old verdict is neither listed nor counted), and alice
+    can approve it."""
+    from tests.integration.test_least_privilege import url_for
+
+    production, _ = _upstream_deployments(empty_database_url, tmp_path)
+    policy = Path(production.config)  # every change of it needs approval
+    policy.write_text(policy.read_text() + '\n[approval]\nflags = ["new-checkout"]\n')
+    logins = f"{ALICE}, {BOB}"
+    production.sql(
+        f"GRANT USAGE ON SCHEMA public, flagsched TO {logins}; "
+        f"GRANT SELECT ON public.feature_flags TO {logins}; "
+        f"GRANT SELECT, INSERT, UPDATE ON public.feature_flag_schedules TO {logins}; "
+        f"GRANT ALL ON ALL TABLES IN SCHEMA flagsched TO {logins}; "
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA flagsched TO {logins}"
+    )
+    alice, bob = (
+        Deployment(UPSTREAM_SCHEDULES, url_for(production.url, login), production.config,
+                   "production", "flagsched")
+        for login in (ALICE, BOB)
+    )  # fmt: skip
+    production.add_flag("new-checkout")
+    made = bob.run("schedule", "new-checkout", "--at", "now", "--enable")
+    assert made.code == 0, made.stderr
+    made_id = made.stdout.strip()
+    assert alice.run("approve", made_id).code == 0
+    # the application's own writes: the row goes, another takes its id
+    production.sql("DELETE FROM public.feature_flag_schedules WHERE id = %(i)s", {"i": made_id})
+    production.sql(
+        "INSERT INTO public.feature_flag_schedules (id, flag_id, scheduled_at, updates) "
+        "SELECT %(i)s, id, now(), '{\"rolloutPercentage\": 30}' FROM public.feature_flags "
+        "WHERE flag_key = 'new-checkout' AND environment = 'production'",
+        {"i": made_id},
+    )
+
+    def judged() -> tuple[Any, ...]:
+        (listed,) = _json(production.run("list", "--format", "json"))
+        shown = _json(production.run("show", made_id, "--format", "json"))
+        (plan,) = _json(production.run("plan", "--at", "2099-01-01T00:00:00Z", "--format", "json"))
+        return (
+            (listed["id"], listed["approved"], [a["by"] for a in listed["approvals"]]),
+            (shown["approved"], [a["by"] for a in shown["approvals"]]),
+            [c["outcome"] for c in plan["changes"]],
+        )
+
+    assert judged() == ((made_id, False, []), (False, []), ["held"])
+    assert "approved by" not in production.run("list").stdout
+    assert production.run("process").code == 0
+    assert production.flag("new-checkout") == (False, 0)  # the claim agrees: it awaits
+    again = alice.run("approve", made_id)
+    assert again.code == 0 and "approved by" in again.stdout, again
+    assert judged() == ((made_id, True, [ALICE]), (True, [ALICE]), ["applies"])
+    assert production.run("process").code == 0
+    assert production.flag("new-checkout") == (False, 30)
