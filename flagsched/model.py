@@ -45,6 +45,30 @@ ALLOWED_KEYS = ("enabled", "rollout_percentage")
 
 
 @dataclass(frozen=True, slots=True)
+class Members:
+    """The members of `updates` on the tables flagsched runs on: how messages name them (the
+    built-in names, or on an application's schedules table (shape 3) the names it writes,
+    the configuration's `updates_enabled` and `updates_rollout`: flagsched reads them under
+    the built-in ones), and whether a rollout can be set (a flags table may have no rollout
+    column). Every message about a member is phrased with these, in `Updates.parse`."""
+
+    enabled: str = "enabled"
+    rollout: str = "rollout_percentage"
+    rollout_column: bool = True
+
+    def no_rollout_column(self) -> str:
+        """Why a change asking for a rollout fails on a flags table without one."""
+        return (
+            f"updates sets {self.rollout}, but the flags table has no rollout column "
+            f"(no `rollout` in [flags] of the configuration): only {self.enabled} can be "
+            "scheduled"
+        )
+
+
+BUILT_IN_MEMBERS = Members()
+
+
+@dataclass(frozen=True, slots=True)
 class Unreadable:
     """A stored JSON value the client could not read (e.g. nested thousands of levels deep):
     it stands in for the value, so one such row fails for good instead of stopping a tick."""
@@ -63,32 +87,40 @@ class Updates:
     rollout_percentage: int | None = None
 
     @classmethod
-    def parse(cls, value: object) -> Updates:
-        """Strict validation of a schedule's `updates`; no lax coercion ("yes", 12.5, "50")."""
+    def parse(cls, value: object, members: Members = BUILT_IN_MEMBERS) -> Updates:
+        """Strict validation of a schedule's `updates` (read under the built-in member
+        names); no lax coercion ("yes", 12.5, "50"). A rollout on a flags table without one
+        is refused too (it could never apply). Messages name the members as `members` has
+        them."""
         if isinstance(value, Unreadable):
             raise InvalidUpdates(f"updates could not be read: {value.reason}")
         if not isinstance(value, dict):
             raise InvalidUpdates(f"updates must be a JSON object, got {_json_type(value)}")
+        allowed = f"{members.enabled}, {members.rollout}"
         unknown = [k for k in value if k not in ALLOWED_KEYS]
         if unknown:
-            shown = ", ".join(clip(str(k), 40) for k in sorted(unknown[:1000])[:5])
+            # room for a built-in name the application's table does not use, as its view
+            # shows one: `rollout_percentage (not a member this application uses)`
+            shown = ", ".join(clip(str(k), 60) for k in sorted(unknown[:1000])[:5])
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-            raise InvalidUpdates(
-                f"updates has unknown key(s) {shown}{more}; allowed: enabled, rollout_percentage"
-            )
+            raise InvalidUpdates(f"updates has unknown key(s) {shown}{more}; allowed: {allowed}")
         if not value:
-            raise InvalidUpdates("updates is empty; give enabled and/or rollout_percentage")
+            raise InvalidUpdates(
+                f"updates is empty; give {members.enabled} and/or {members.rollout}"
+            )
         enabled = value.get("enabled")
         if "enabled" in value and not isinstance(enabled, bool):
-            raise InvalidUpdates(f"enabled must be true or false, got {_show(enabled)}")
+            raise InvalidUpdates(f"{members.enabled} must be true or false, got {_show(enabled)}")
         rollout = None
         if "rollout_percentage" in value:
             rollout = percentage(value["rollout_percentage"])
             if rollout is None:
                 raise InvalidUpdates(
-                    "rollout_percentage must be an integer 0..100, "
+                    f"{members.rollout} must be an integer 0..100, "
                     f"got {_show(value['rollout_percentage'])}"
                 )
+            if not members.rollout_column:
+                raise InvalidUpdates(members.no_rollout_column())
         return cls(enabled=enabled, rollout_percentage=rollout)
 
     def as_json(self) -> dict[str, Any]:

@@ -165,6 +165,8 @@ def _each_locked(database: Database, ids: list[ScheduleId], act: Any) -> list[Ha
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
+            # an application's rows no trigger noted, as the tick notes them first
+            repository.note_unseen_schedules(conn, ids)
         for schedule_id in dict.fromkeys(ids):
             with transaction(database, conn):
                 try:
@@ -533,9 +535,10 @@ def _with_approvals(conn: Conn, rows: list[_Row], policy: ApprovalPolicy) -> lis
         for f in (repository.flags_now(conn, keys=keys) if keys else [])
     }
     judged = []
+    members = repository.members()
     for row in rows:
         try:
-            change = Updates.parse(row.updates)
+            change = Updates.parse(row.updates, members)
         except InvalidUpdates:  # it fails for good when due: no approval can matter
             needs = row.approval_asked
         else:
@@ -728,6 +731,7 @@ def outlook(
         until=end,
         start=begins,
         policy=policy,
+        members=repository.members(),
     )
     if flag_key is not None:
         ahead = [a for a in ahead if a.flag_key == flag_key] or [

@@ -22,7 +22,9 @@ from enum import StrEnum
 from flagsched import approval, recurring
 from flagsched.approval import ApprovalPolicy
 from flagsched.model import (
+    BUILT_IN_MEMBERS,
     InvalidUpdates,
+    Members,
     ScheduleId,
     Updates,
     clip,
@@ -135,6 +137,8 @@ class _Item:
     recurrence_id: int | None
     group_id: int | None
     stored: object
+    change: Updates | None  # `stored` read as a change (None: it is not one)
+    invalid: str | None  # why it is not (its members named as the schedules table has them)
     expires_at: datetime | None
     late_from: datetime  # lateness counts from here (scheduled_at, or the last retry)
     defect: str | None
@@ -145,14 +149,18 @@ class _Item:
     approved: bool = False
 
 
-def _change(stored: object) -> tuple[Updates | None, str | None]:
+def _parsed(stored: object, members: Members) -> tuple[Updates | None, str | None]:
     try:
-        return Updates.parse(stored), None
+        return Updates.parse(stored, members), None
     except InvalidUpdates as exc:
         return None, clip(str(exc), _ERROR_TEXT)
 
 
-def _schedule_item(row: OpenSchedule) -> _Item:
+def _change(item: _Item) -> tuple[Updates | None, str | None]:
+    return item.change, item.invalid
+
+
+def _schedule_item(row: OpenSchedule, members: Members) -> _Item:
     late_from = max(row.scheduled_at, row.reviewed_at or row.scheduled_at)
     retrying = row.status == "failed" and row.waiting
     ready = row.next_retry_at if retrying else row.scheduled_at
@@ -160,6 +168,7 @@ def _schedule_item(row: OpenSchedule) -> _Item:
         # a retry timed after year 9999 cannot be timed: the next tick claims it and fails
         # it for good (it would otherwise hold its flag back for ever)
         ready = _EARLIEST
+    change, invalid = _parsed(row.updates, members)
     return _Item(
         order=(row.scheduled_at, 0, id_order(row.id)),
         ready_at=ready,
@@ -168,6 +177,8 @@ def _schedule_item(row: OpenSchedule) -> _Item:
         recurrence_id=row.recurrence_id,
         group_id=row.group_id,
         stored=row.updates,
+        change=change,
+        invalid=invalid,
         expires_at=row.expires_at,
         late_from=late_from,
         defect=row.defect,
@@ -265,8 +276,10 @@ def _recurrence_items(
     start: datetime | None = None,
     anchors: Iterable[datetime] = (),
     cap: int = MAX_OCCURRENCES,
+    members: Members = BUILT_IN_MEMBERS,
 ) -> list[_Item]:
     expires_after = r.expires_after
+    change, invalid = _parsed(r.updates, members)
     if expires_after is not None and not isinstance(expires_after, timedelta):
         return []  # an interval Python cannot hold moves any time out of PostgreSQL's range
     items = []
@@ -290,6 +303,8 @@ def _recurrence_items(
                 recurrence_id=r.id,
                 group_id=None,
                 stored=r.updates,
+                change=change,
+                invalid=invalid,
                 expires_at=expires_at,
                 late_from=at,
                 defect=None,
@@ -375,7 +390,7 @@ def _awaits(
     """Why the change, its turn come, waits for an approval it has not got (None: it does
     not), judged as the tick judges it: against the flag's state then. A change that fails
     for good anyway (invalid, a stored defect) is not judged."""
-    change, _ = _change(item.stored)
+    change, _ = _change(item)
     if item.approved or change is None or item.defect is not None:
         return None
     before = None if state is None else approval.FlagState(state.enabled, state.rollout_percentage)
@@ -412,7 +427,7 @@ def _judge(
     max_lateness: timedelta | None,
 ) -> tuple[Step, State | None]:
     """What the change does when its turn comes at `at`, and the flag's state after it."""
-    change, error = _change(item.stored)
+    change, error = _change(item)
     outcome = Outcome.APPLIES
     if item.defect is not None:
         outcome, error = Outcome.FAILS, clip(item.defect, _ERROR_TEXT)
@@ -430,7 +445,7 @@ def _judge(
 
 
 def _held(key: str, item: _Item, at: datetime, state: State | None, why: str | None = None) -> Step:
-    change, _ = _change(item.stored)
+    change, _ = _change(item)
     return _step(key, item, at, change, Outcome.HELD, why, state)
 
 
@@ -469,10 +484,12 @@ def project(
     until: datetime,
     start: datetime | None = None,
     policy: ApprovalPolicy | None = None,
+    members: Members = BUILT_IN_MEMBERS,
 ) -> list[FlagAhead]:
     """Every flag named by `flags`, a schedule or a recurrence, by key: its state now, at
     `until`, and the changes that come after `now` up to `until`. A change already due
-    comes right after now: the projection at `now` itself is the flags as they are."""
+    comes right after now: the projection at `now` itself is the flags as they are. Why a
+    change is invalid names the members of `updates` as `members` has them."""
     now, until = now.astimezone(UTC), until.astimezone(UTC)
     states = {f.key: State(f.enabled, f.rollout_percentage) for f in flags}
     queues: dict[str, list[_Item]] = {key: [] for key in states}
@@ -480,7 +497,7 @@ def project(
     for row in schedules:
         queue = queues.setdefault(row.flag_key, [])
         if ahead and (row.status == "pending" or (row.status == "failed" and row.waiting)):
-            queue.append(_schedule_item(row))
+            queue.append(_schedule_item(row, members))
     # the times of each flag's schedules: a recurrence's occurrences that are not all listed
     # keep the latest before each of them, so the state each schedule meets stays right
     anchors = {
@@ -500,6 +517,7 @@ def project(
                     start=begin,
                     anchors=anchors.get(r.flag_key, ()),
                     cap=cap,
+                    members=members,
                 )
             )
     return [

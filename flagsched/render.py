@@ -235,13 +235,14 @@ def _with_verdicts(row: ScheduleRow) -> dict[str, Any]:
 
 
 def _approval_state(row: ScheduleRow) -> str:
-    """A table's word on a schedule's approval."""
+    """A table's word on a schedule's approval: the claim's (`row.approved`, and the
+    verdicts that count)."""
     approved = [a for a in row.approvals if a.verdict == "approved"]
     rejected = [a for a in row.approvals if a.verdict == "rejected"]
+    if row.approved and approved:
+        return f"approved by {approved[0].by}"
     if rejected:
         return f"rejected by {rejected[-1].by}"
-    if approved:
-        return f"approved by {approved[0].by}"
     if row.awaiting_approval:
         return "awaiting approval"
     return "needs approval" if row.needs_approval else "-"

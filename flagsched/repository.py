@@ -31,6 +31,7 @@ from flagsched.model import (
     Claimed,
     DueRecurrence,
     MadeSchedule,
+    Members,
     OnConflict,
     Outcome,
     Result,
@@ -402,12 +403,13 @@ def flag_of_columns(conn: Conn, tables: Tables) -> list[str] | None:
     return None if found is None else [str(c) for c in found]
 
 
-def note_unseen_schedules(conn: Conn) -> None:
+def note_unseen_schedules(conn: Conn, ids: Sequence[ScheduleId] = ()) -> None:
     """On an application's schedules table, a state row for each open row that has none
     (inserted while flagsched's trigger was not there or not firing, e.g. a restore with
-    triggers disabled), so the view (and the tick) sees it. A no-op on other shapes."""
+    triggers disabled), and for the rows of `ids` (as an operator gave them), so the view
+    (and what changes schedules through it) sees them. A no-op on other shapes."""
     if current().app_schedules is not None:
-        conn.execute(statement("note_unseen_schedules"))
+        conn.execute(statement("note_unseen_schedules"), {"ids": [str(i) for i in ids]})
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +472,14 @@ def flags_have(column: str) -> bool:
     not."""
     logical = {"rollout": "rollout_percentage"}.get(column, column)
     return current().flags.has(logical)
+
+
+def members() -> Members:
+    """The members of `updates` on the current mapping: named as an application's schedules
+    table writes them (its configuration's `updates_enabled`, `updates_rollout`), and
+    whether the flags table takes a rollout."""
+    enabled, rollout = current().members
+    return Members(enabled, rollout, flags_have("rollout"))
 
 
 def claim(

@@ -17,8 +17,9 @@ from flagsched.sql.stored import (
     ADOPTED_ROUTINES,
     APPROVAL_TRIGGERS,
     ARGUMENTS,
-    ROUTINES,
+    CALLED,
     SCHEDULE_TRIGGER,
+    SUPERSEDED,
     arguments,
 )
 
@@ -122,8 +123,9 @@ REQUIRED: tuple[Required, ...] = (
     ),
     # Migration 0009, from the templates of flagsched/sql/stored/ (0006's and 0007's
     # predecessors stay for the previous release, unused here): the claim and the report
-    # know approvals.
-    *(Function(BUILT_IN.fn.column(routine), ARGUMENTS[routine]) for routine in ROUTINES),
+    # know approvals. The report is 0010's (flagsched_held_back_v3, one pass); 0009's
+    # flagsched_held_back_v2 stays for the previous release.
+    *(Function(BUILT_IN.fn.column(routine), ARGUMENTS[routine]) for routine in CALLED),
     # The record's triggers by family: `flagsched_record_update` is met by any trigger of
     # that name or named `flagsched_record_update_...` (this release's _v2 and _moved). A
     # later release that changes the record replaces its trigger (two would record each
@@ -184,6 +186,7 @@ def required(tables: Tables) -> tuple[Required, ...]:
                 arguments(routine, tables),
             )
             for routine in ADOPTED_ROUTINES
+            if routine not in SUPERSEDED  # created for the previous release, not called
         ),
         *_app_schedules(tables),
         *(
@@ -212,14 +215,18 @@ def made_by_own_objects(tables: Tables) -> tuple[Required, ...]:
 
 
 def _app_schedules(tables: Tables) -> tuple[Required, ...]:
-    """On an application's schedules table (shape 3): flagsched's state table and the
-    trigger that notes each row inserted."""
+    """On an application's schedules table (shape 3): flagsched's state table, the trigger
+    that notes each row inserted, and what shows and notes those it did not."""
     if tables.app_schedules is None:
         return ()
     domain = tables.schedule_id_type
+    schema = _quoted(tables.fn.schema or "public")
     return (
         Table(relation(tables.state), ("id", "attempts", "created_snapshot")),
         Trigger(relation(tables.app_schedules), SCHEDULE_TRIGGER),
+        # the rows no trigger noted: shown by the reads, noted by the tick and the writes
+        Table(relation(tables.schedules_all), ("id", "flag_key", "status")),
+        Function(f"{schema}.{_quoted(tables.fn.column('note_unseen'))}", ("text[]",)),
         Function(
             f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column('record_app'))}",
             (f"{domain}[]", "text[]", "timestamp with time zone[]", "integer[]", "integer[]",

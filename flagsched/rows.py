@@ -43,6 +43,7 @@ class ScheduleRow(FailedRow):
     approval_asked: bool  # scheduled with --approval (or made by a recurrence that was)
     created_by: str | None  # the login that inserted it (NULL: inserted before approvals)
     awaiting_approval: bool  # open, due, and a tick found it waiting for an approval
+    approved: bool  # as the claim judges it (queries.sql `approved`: verdicts that count)
     # Judged by the command (the policy against the flag as it is now), and the verdicts.
     needs_approval: bool = False
     approvals: tuple[ApprovalRow, ...] = ()

@@ -150,6 +150,10 @@ def _adopted_tables(configuration: Configuration) -> Tables:
         flags=TableMap(flags.table.name, tuple(flag_columns), flags.table.schema, tuple(absent)),
         # flagsched's own schedules table, or its view over the application's (shape 3)
         schedules=TableMap(BUILT_IN.schedules.name, schema=own),
+        schedules_all=TableMap(
+            f"{BUILT_IN.schedules.name}_all" if app_schedules else BUILT_IN.schedules.name,
+            schema=own,
+        ),
         changes=TableMap(BUILT_IN.changes.name, schema=own),
         recurrences=TableMap(BUILT_IN.recurrences.name, schema=own),
         approvals=TableMap(BUILT_IN.approvals.name, schema=own),
@@ -161,9 +165,17 @@ def _adopted_tables(configuration: Configuration) -> Tables:
     # the stored objects' names depend on the scope's columns, never on its values
     unscoped = replace(mapping, scope=tuple((column, "") for column, _ in mapping.scope))
     routines = stored.adopted_routines(unscoped, own)
-    if app_schedules is not None:  # rendered by `flagsched migrate` (own_schedules.sql)
+    if app_schedules is not None:  # rendered by `flagsched migrate` (own_schedules.sql,
+        # unseen_schedules.sql)
         named = f"{stored.RECORD_APP}_{stored.mapping_digest(unscoped)}"
-        routines = replace(routines, columns=(*routines.columns, ("record_app", named)))
+        routines = replace(
+            routines,
+            columns=(
+                *routines.columns,
+                ("record_app", named),
+                ("note_unseen", stored.NOTE_UNSEEN),
+            ),
+        )
     return replace(mapping, fn=routines)
 
 

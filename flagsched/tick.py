@@ -25,10 +25,12 @@ from flagsched.db import Conn, Database, connection, transaction
 from flagsched.errors import LOCK_NOT_AVAILABLE, DatabaseError, StatementFailed
 from flagsched.logs import get_logger, together
 from flagsched.model import (
+    BUILT_IN_MEMBERS,
     MAX_TEXT,
     Change,
     Claimed,
     InvalidUpdates,
+    Members,
     Outcome,
     Result,
     ScheduleId,
@@ -238,7 +240,7 @@ def _batch(
     if now is None:
         return []
     fail = _Failures(now, options, rng)
-    results, steps = _plan(claimed, fail, rollout_column=repository.flags_have("rollout"))
+    results, steps = _plan(claimed, fail, repository.members())
     waiting, steps = _approvals(conn, steps, options, held=held)
     results = _held_behind(results, waiting) + waiting
     repository.mark_awaiting(
@@ -299,11 +301,11 @@ class _Failures:
 
 
 def _plan(
-    claimed: Sequence[Claimed], fail: _Failures, *, rollout_column: bool = True
+    claimed: Sequence[Claimed], fail: _Failures, members: Members = BUILT_IN_MEMBERS
 ) -> tuple[list[Result], dict[str, list[Step]]]:
     """Pure: held-back and invalid schedules are decided here; the rest are steps per flag.
-    Without `rollout_column` (a flags table that has none), a change asking for a rollout
-    fails for good: it could never apply."""
+    An invalid change (`Updates.parse` with the mapping's `members`: also a rollout on a
+    flags table without one, which could never apply) fails for good."""
     decided: list[Result] = []
     steps: dict[str, list[Step]] = {}
     for flag_key, group in groupby(claimed, key=lambda c: c.flag_key):
@@ -315,21 +317,12 @@ def _plan(
                 decided.append(Result(schedule, Outcome.HELD_BACK))
                 continue
             try:
-                updates = Updates.parse(schedule.updates)
+                updates = Updates.parse(schedule.updates, members)
             except InvalidUpdates as exc:
                 decided.append(fail(schedule, str(exc), permanent=True))
                 continue
-            if updates.rollout_percentage is not None and not rollout_column:
-                decided.append(fail(schedule, NO_ROLLOUT_COLUMN, permanent=True))
-                continue
             steps.setdefault(flag_key, []).append((schedule, updates))
     return decided, steps
-
-
-NO_ROLLOUT_COLUMN = (
-    "updates sets rollout_percentage, but the flags table has no rollout column "
-    "(no `rollout` in [flags] of the configuration): only enabled can be scheduled"
-)
 
 
 def _approvals(
@@ -796,9 +789,7 @@ def preview(database: Database, options: TickOptions) -> list[Preview]:
             )
             if now is not None:
                 decided, steps = _plan(
-                    claimed,
-                    _Failures(now, options, random.Random(0)),
-                    rollout_column=repository.flags_have("rollout"),
+                    claimed, _Failures(now, options, random.Random(0)), repository.members()
                 )
                 waiting, steps = _approvals(conn, steps, options)
                 decided = _held_behind(decided, waiting) + waiting
@@ -835,7 +826,7 @@ def _occurrences(now: datetime, due: Sequence[RecurrenceRow]) -> list[Preview]:
         occurrence = recurring.due(row.cron, row.timezone, since, now)
         if occurrence.fire_at is not None:
             try:
-                change = Updates.parse(row.updates).words()
+                change = Updates.parse(row.updates, repository.members()).words()
             except InvalidUpdates as exc:
                 change = f"updates that will fail for good: {exc}"
             would = f"materialise recurrence {row.id} into a schedule to apply: {change}"

@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.resources import files
 
@@ -60,14 +60,15 @@ class TableMap:
 
 
 # The stored objects (flagsched/sql/stored/*.sql) by logical name, as the built-in tables
-# have them: created by migration 0009 from the templates. A later release that changes a
-# template ships a new file and a new name here (`_v3` -> `_v4`), keeping the old.
+# have them: created by migration 0009 (and 0010) from the templates. A later release that
+# changes a template ships a new file and a new name here (`_v3` -> `_v4`), keeping the old.
 BUILT_IN_ROUTINES: tuple[tuple[str, str], ...] = (
     ("kept_attempts", "flagsched_kept_attempts_v3"),
     ("check", "flagsched_check_v3"),
     ("claim", "flagsched_claim_v3"),
     ("held_back", "flagsched_held_back_v2"),
     ("apply", "flagsched_apply_v5"),
+    ("held_back_once", "flagsched_held_back_v3"),  # migration 0010
 )
 
 
@@ -96,6 +97,10 @@ class Tables:
     # the same on every shape.
     app_schedules: TableMap | None = None
     state: TableMap = TableMap("feature_flag_schedule_state")
+    # What the operators' reads (`list`, `show`, `status`, ...) read schedules from:
+    # `schedules`, or beside an application's schedules table a view of flagsched's view and
+    # the application's rows no trigger noted yet (stored/unseen_schedules.sql).
+    schedules_all: TableMap = TableMap("feature_flag_schedules")
     # The members of `updates` that set enabled and the rollout, as the application spells
     # them (the view shows them under the built-in names).
     members: tuple[str, str] = ("enabled", "rollout_percentage")
@@ -106,8 +111,10 @@ class Tables:
 
     @property
     def adopted(self) -> bool:
-        """Runs on an application's tables (flagsched's own in `schedules.schema`)."""
-        return self != BUILT_IN
+        """Runs on an application's tables (flagsched's own in `schedules.schema`). The
+        stored objects' names do not count: a revision renders the built-in tables' objects
+        under the names it fixes (0009's are five of `BUILT_IN_ROUTINES`)."""
+        return replace(self, fn=BUILT_IN.fn) != BUILT_IN
 
     @property
     def schedule_id_type(self) -> str:

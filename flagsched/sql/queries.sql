@@ -16,15 +16,20 @@
 -- name: waiting
 (status = 'failed' AND {waiting_row})
 
+-- name: counted_verdict
+-- Four eyes, the one rule of which verdicts `a` on schedule {arg} count: a rejection,
+-- whenever given (it vetoes); an approval given by another login than the schedule's
+-- creator after the row was inserted (a verdict left by a deleted row of the same id does
+-- not carry over to a row inserted later). The claim (flagsched/sql/stored/fragments.sql,
+-- claim_query) counts them the same way; `list`, `show`, `plan`, `agenda` and `approve`
+-- through this fragment.
+(a.verdict = 'rejected'
+ OR (a.decided_by IS DISTINCT FROM {arg}.created_by AND a.decided_at >= {arg}.created_at))
+
 -- name: approved
--- Four eyes: an approval of schedule {arg} counts when another login than its creator gave
--- it after the row was inserted (a verdict left by a deleted row of the same id does not
--- carry over) and nobody rejected it. The claim (flagsched/sql/stored/fragments.sql,
--- claim_query) counts it the same way.
+-- Four eyes: schedule {arg} is approved: an approval counts, and no rejection.
 (EXISTS (SELECT 1 FROM {approvals} a
-         WHERE a.schedule_id = {arg}.id AND a.verdict = 'approved'
-           AND a.decided_by IS DISTINCT FROM {arg}.created_by
-           AND a.decided_at >= {arg}.created_at)
+         WHERE a.schedule_id = {arg}.id AND a.verdict = 'approved' AND {counted_verdict({arg})})
  AND NOT EXISTS (SELECT 1 FROM {approvals} a
                  WHERE a.schedule_id = {arg}.id AND a.verdict = 'rejected'))
 
@@ -75,7 +80,8 @@ id, flag_key, scheduled_at, {shown_updates}, status, retry_count, max_retries,
 next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
 updated_at, (status = 'failed' AND NOT {waiting}) AS permanent,
 group_id, expires_at, on_conflict, recurrence_id, reviewed_at,
-needs_approval AS approval_asked, created_by, {awaiting_approval} AS awaiting_approval
+needs_approval AS approval_asked, created_by, {awaiting_approval} AS awaiting_approval,
+{approved({schedules_all})} AS approved
 
 -- ==================== filters the callers choose ========================================
 
@@ -264,23 +270,20 @@ SELECT NOT EXISTS (
     SELECT FROM pg_trigger
     WHERE tgrelid = to_regclass(%(relation)s) AND tgname = %(name)s)
 
--- name: note_schedules
--- On an application's schedules table (shape 3): a state row for each row ({arg}: of
--- those) that has none, as stored/own_schedules.sql's trigger would have made it but
--- without a creator or a snapshot (its conflict window starts at its created_at).
-INSERT INTO {state} (id, created_xact, created_snapshot)
-SELECT s.{app_schedules.id}, NULL, NULL FROM {app_schedules} s
-WHERE ({arg})
-  AND NOT EXISTS (SELECT 1 FROM {state} x WHERE x.id = s.{app_schedules.id})
-ON CONFLICT (id) DO NOTHING
-
 -- name: note_unseen_schedules
--- Each tick: the open rows (the application's status index).
-{note_schedules(s.status IN ('pending', 'failed'))}
+-- On an application's schedules table, the rows no trigger noted (stored/
+-- unseen_schedules.sql): the open ones, and those of the ids an operator gave.
+SELECT {fn.note_unseen}(CAST(%(ids)s AS text[]))
 
 -- name: note_every_schedule
--- `flagsched migrate`: the rows the table held before.
-{note_schedules(true)}
+-- `flagsched migrate` on an application's schedules table (shape 3): a state row for each
+-- row the table held before (and any its trigger did not note), as stored/
+-- own_schedules.sql's trigger would have made it but without a creator or a snapshot (its
+-- conflict window starts at its created_at).
+INSERT INTO {state} (id, created_xact, created_snapshot)
+SELECT s.{app_schedules.id}, NULL, NULL FROM {app_schedules} s
+WHERE NOT EXISTS (SELECT 1 FROM {state} x WHERE x.id = s.{app_schedules.id})
+ON CONFLICT (id) DO NOTHING
 
 -- name: own_objects_note
 -- What `flagsched migrate` noted on the ramp groups' sequence in flagsched's schema (issue
@@ -355,7 +358,9 @@ SELECT * FROM {fn.claim}(%(limit)s, %(lock)s, CAST(%(scope)s AS jsonb),
                          make_interval(secs => %(lateness)s))
 
 -- name: held_back
-SELECT * FROM {fn.held_back}(%(limit)s, CAST(%(scope)s AS jsonb),
+-- stored/held_back_once.sql (migration 0010): in one pass over the open rows of the flags
+-- something holds back.
+SELECT * FROM {fn.held_back_once}(%(limit)s, CAST(%(scope)s AS jsonb),
                              make_interval(secs => %(lateness)s))
 
 -- name: lock_flags
@@ -467,12 +472,12 @@ CROSS JOIN LATERAL {fn.record_app}(
 WITH pending AS (
     SELECT count(*) AS n,
            min(scheduled_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
-    FROM {schedules}
+    FROM {schedules_all}
     WHERE status = 'pending' AND scheduled_at <= %(now)s AND {scope_match()}
 ), retries AS (
     SELECT count(*) AS n,
            min(next_retry_at) FILTER (WHERE awaiting_approval_since IS NULL) AS oldest
-    FROM {schedules}
+    FROM {schedules_all}
     WHERE next_retry_at <= %(now)s AND {waiting} AND {scope_match()}
 )
 SELECT pending.n + retries.n AS due,
@@ -481,9 +486,9 @@ SELECT pending.n + retries.n AS due,
            - {clamped_time(LEAST(pending.oldest, retries.oldest))}
        ) AS oldest_due_age_seconds,
        LEAST(
-           (SELECT min(scheduled_at) FROM {schedules}
+           (SELECT min(scheduled_at) FROM {schedules_all}
             WHERE status = 'pending' AND scheduled_at > %(now)s AND {scope_match()}),
-           (SELECT min(next_retry_at) FROM {schedules}
+           (SELECT min(next_retry_at) FROM {schedules_all}
             WHERE next_retry_at > %(now)s AND {waiting} AND {scope_match()})
        ) AS next_due_at
 FROM pending, retries
@@ -498,11 +503,11 @@ SELECT count(*) AS n,
        EXTRACT(EPOCH FROM CAST(%(now)s AS timestamptz)
            - {clamped_time(min(awaiting_approval_since))}) AS oldest_age_seconds
 FROM (
-    SELECT awaiting_approval_since FROM {schedules}
+    SELECT awaiting_approval_since FROM {schedules_all}
     WHERE status = 'pending' AND scheduled_at <= %(now)s
       AND awaiting_approval_since IS NOT NULL AND {scope_match()}
     UNION ALL
-    SELECT awaiting_approval_since FROM {schedules}
+    SELECT awaiting_approval_since FROM {schedules_all}
     WHERE next_retry_at <= %(now)s AND {waiting} AND awaiting_approval_since IS NOT NULL
       AND {scope_match()}
 ) AS a
@@ -551,7 +556,7 @@ SELECT id, flag_key, scheduled_at,
        status, retry_count, max_retries,
        next_retry_at, left(last_error, {MAX_TEXT}) AS last_error, applied_at, created_at,
        updated_at, NOT {waiting_row} AS permanent
-FROM {schedules}
+FROM {schedules_all}
 WHERE ({where}) AND {scope_match()}
 ORDER BY updated_at DESC, id DESC
 LIMIT %(limit)s
@@ -567,14 +572,14 @@ SELECT
   count(*) FILTER (WHERE status NOT IN ('pending', 'failed', 'applied', 'cancelled'))
     AS unknown,
   count(*) FILTER (WHERE {awaiting_approval}) AS awaiting_approval
-FROM {schedules}
+FROM {schedules_all}
 WHERE {scope_match()}
 
 -- name: existing_flags
 SELECT {flags.key} FROM {flags} WHERE {flags.key} = ANY(%(keys)s) AND {flag_in_scope()}
 
 -- name: list_schedules
-SELECT {schedule_fields} FROM {schedules}
+SELECT {schedule_fields} FROM {schedules_all}
 WHERE ({where}) AND {scope_match()}
 ORDER BY scheduled_at, id
 LIMIT %(limit)s
@@ -583,7 +588,7 @@ LIMIT %(limit)s
 SELECT {schedule_fields},
        CASE WHEN jsonb_typeof(attempts) = 'array' THEN attempts ELSE '[]' END
            AS attempts
-FROM {schedules} WHERE id = %(i)s AND {scope_match()}
+FROM {schedules_all} WHERE id = %(i)s AND {scope_match()}
 
 -- name: change_columns
 -- old NULL: the flag was made; new NULL: it was deleted. An application's nullable column
@@ -643,12 +648,12 @@ CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
 END AS conflict,
 -- four eyes: asked for, a tick found it awaiting, approved (idx_approvals_schedule)
 needs_approval, awaiting_approval_since IS NOT NULL AS awaiting,
-{approved({schedules})} AS approved
+{approved({schedules_all})} AS approved
 
 -- name: schedules_ahead
 -- a range of idx_schedules_open (idx_schedules_flag_open with a flag), never the applied
 -- history
-SELECT {ahead_fields} FROM {schedules}
+SELECT {ahead_fields} FROM {schedules_all}
 WHERE ({where}) AND {scope_match()}
 ORDER BY scheduled_at, id
 LIMIT %(limit)s
@@ -706,11 +711,14 @@ SET status = 'pending', retry_count = 0, next_retry_at = NULL, updated_at = now(
 WHERE id = %(i)s
 
 -- name: approvals_of
--- The verdicts on these schedules, oldest first (idx_approvals_schedule).
-SELECT schedule_id, verdict, decided_by AS by, decided_at AS at,
-       left(note, {MAX_TEXT}) AS note
-FROM {approvals} WHERE schedule_id = ANY(CAST(%(ids)s AS {schedule_id_type()}[]))
-ORDER BY schedule_id, id
+-- The verdicts that count on these schedules (`counted_verdict`: not those a deleted row of
+-- the same id left), oldest first (idx_approvals_schedule).
+SELECT a.schedule_id, a.verdict, a.decided_by AS by, a.decided_at AS at,
+       left(a.note, {MAX_TEXT}) AS note
+FROM {approvals} a JOIN {schedules_all} s ON s.id = a.schedule_id
+WHERE a.schedule_id = ANY(CAST(%(ids)s AS {schedule_id_type()}[])) AND {scope_match(s)}
+  AND {counted_verdict(s)}
+ORDER BY a.schedule_id, a.id
 
 -- name: add_verdict
 -- Who and when are the database's (the trigger flagsched_check_approval_v1 sets
@@ -721,11 +729,12 @@ RETURNING decided_by, decided_at
 
 -- name: approval_subject
 -- What `approve` needs to know of a locked schedule: its creator, whether it needs
--- approval by itself, and an earlier approval.
+-- approval by itself, and an earlier approval that counts (`counted_verdict`).
 SELECT s.created_by, s.needs_approval, s.awaiting_approval_since IS NOT NULL AS awaiting,
        session_user AS me,
        (SELECT a.decided_by || ' at ' || CAST(a.decided_at AS text) FROM {approvals} a
-        WHERE a.schedule_id = s.id AND a.verdict = 'approved' ORDER BY a.id LIMIT 1)
+        WHERE a.schedule_id = s.id AND a.verdict = 'approved' AND {counted_verdict(s)}
+        ORDER BY a.id LIMIT 1)
            AS approved
 FROM {schedules} s WHERE s.id = %(i)s
 

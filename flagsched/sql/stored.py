@@ -29,6 +29,17 @@ from flagsched.sql import BUILT_IN_ROUTINES, TableMap, Tables, _compose
 # In dependency order: a template may call only those before it. Migration 0009 creates
 # these for the built-in tables (whose record triggers are 0006's).
 ROUTINES: tuple[str, ...] = ("kept_attempts", "check", "claim", "held_back", "apply")
+# Added by later revisions of the built-in tables, each under its own name: 0010's
+# held_back_once (flagsched_held_back_v3, stored/held_back_once.sql) reports what held_back
+# reports in one pass over the open rows.
+LATER_ROUTINES: tuple[str, ...] = ("held_back_once",)
+# Routines a later one replaced in this release's statements: still created (on your own
+# tables too), as the previous release calls them, and no longer required.
+SUPERSEDED: tuple[str, ...] = ("held_back",)
+# What this release calls (the required-objects check).
+CALLED: tuple[str, ...] = tuple(
+    routine for routine in (*ROUTINES, *LATER_ROUTINES) if routine not in SUPERSEDED
+)
 # An application's tables also get the record triggers' functions (issue 18), and four
 # eyes' (issue 20: migration 0008's triggers, which the built-in tables have from it). Each
 # routine's digest covers only the names of those before it: one added at the end leaves the
@@ -41,6 +52,7 @@ ADOPTED_ROUTINES: tuple[str, ...] = (
     "note_creator",
     "note_recurrence_creator",
     "check_approval",
+    *LATER_ROUTINES,
 )
 # The base names of the routines only adopted shapes have (suffixed with their digest).
 _ADOPTED_BASES: tuple[tuple[str, str], ...] = (
@@ -58,6 +70,7 @@ ARGUMENTS: dict[str, tuple[str, ...]] = {
     "check": ("bigint", "interval"),
     "claim": ("integer", "boolean", "jsonb", "interval"),
     "held_back": ("integer", "jsonb", "interval"),
+    "held_back_once": ("integer", "jsonb", "interval"),
     "apply": ("bigint[]", "text[]", "boolean[]", "integer[]", "interval", "boolean", "jsonb"),
     "record_moved": (),
     "record_change": (),
@@ -222,6 +235,13 @@ def _app_schedules_computed(
         kind = dict((c, t) for c, t, _ in _OPTIONAL_COLUMNS)[name]
         return f"CAST(s.{_quoted(name)} AS {kind})" if app.has(name) else f"x.{_quoted(name)}"
 
+    def unseen_column(args: list[str]) -> str:  # as view_column, before a state row exists
+        (name,) = args
+        kind, default = {c: (t, d) for c, t, d in _OPTIONAL_COLUMNS}[name]
+        return (
+            f"CAST(s.{_quoted(name)} AS {kind})" if app.has(name) else f"CAST({default} AS {kind})"
+        )
+
     def flag_of_match(args: list[str]) -> str:
         column = flags.column("id") if by_flag_id() else flags.column("key")
         return f"f.{_quoted(column)} = p_ref"
@@ -331,6 +351,7 @@ def _app_schedules_computed(
         "member_enabled": lambda args: members()[0],
         "member_rollout": lambda args: members()[1],
         "view_column": view_column,
+        "unseen_column": unseen_column,
         "view_scope_columns": view_scope_columns,
         "flag_of_match": flag_of_match,
         "flag_ref_type": flag_ref_type,
@@ -382,6 +403,7 @@ _BODY = "\x00body\x00"  # the templates' `$$` while names are composed
 _SCHEDULE_ID_TYPES: dict[str, tuple[str, ...]] = {
     "claim": ("RETURNS TABLE (now timestamptz, id bigint,",),
     "held_back": ("RETURNS TABLE (id bigint,",),
+    "held_back_once": ("RETURNS TABLE (id bigint,",),
     "check": ("p_id bigint,",),
     "apply": ("p_ids bigint[],",),
     "record_change": ("'{}'::bigint[]", "jsonb_array_elements_text(e.value)::bigint)"),
@@ -457,9 +479,12 @@ def creates(tables: Tables, routines: tuple[str, ...] = ROUTINES) -> list[tuple[
 def own_tables(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     """The DDL of flagsched's own schema and tables beside an application's (idempotent):
     on an application's schedules table too (`[schedules]`), the view over it and what
-    goes with it (stored/own_schedules.sql; `facts`: `id_base_type`, its id's type)."""
+    goes with it (stored/own_schedules.sql; `facts`: `id_base_type`, its id's type), and
+    what shows and notes the rows its trigger did not note (stored/unseen_schedules.sql)."""
     if tables.app_schedules is not None:
-        return render("own_schedules", tables, facts)
+        return ";\n".join(
+            render(name, tables, facts) for name in ("own_schedules", "unseen_schedules")
+        )
     return render("own_tables", tables)
 
 
@@ -587,6 +612,9 @@ def triggers(tables: Tables) -> list[Trigger]:
 # The record's write on an application's schedules table (queries.sql `record_app`), in
 # flagsched's schema (stored/own_schedules.sql), named `<this>_<mapping_digest>`.
 RECORD_APP = "flagsched_schedules_record_v1"
+# What notes the rows of an application's schedules table no trigger noted (queries.sql
+# `note_unseen_schedules`, stored/unseen_schedules.sql), in flagsched's schema.
+NOTE_UNSEEN = "flagsched_note_unseen_v1"
 
 
 def mapping_note(tables: Tables) -> str:

@@ -310,7 +310,9 @@ def test_migrate_adds_only_its_schema_and_the_record_triggers_and_is_idempotent(
         "flagsched_record_update",
         "flagsched_record_update_moved",
     ]
-    assert functions == (11,)  # the two deployments share one set of stored objects
+    # the two deployments share one set of stored objects (held_back_v2 and _v3: the
+    # previous release calls the first)
+    assert functions == (12,)
     assert _four_eyes_triggers(empty_database_url, "flagsched") == FOUR_EYES_TRIGGERS
 
 
@@ -842,7 +844,7 @@ def test_migrates_of_several_deployments_at_once_all_succeed(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.feature_flags'::regclass "
             "AND NOT tgisinternal"
         ).fetchone()
-    assert (functions, triggers) == ((11,), (5,))
+    assert (functions, triggers) == ((12,), (5,))
 
 
 ALICE, BOB = "test_own_alice", "test_own_bob"
@@ -1245,7 +1247,7 @@ def test_both_environments_apply_the_applications_rows_once_under_four_overlappi
     for scope in ("production", "staging"):
         assert all(by_id[i][:2] == ("applied", True) for i in made[scope]), scope
     status, _, error = by_id[refused]
-    assert status == "failed" and error and "rollout_percentage" in error, by_id[refused]
+    assert status == "failed" and error and "rolloutPercentage" in error, by_id[refused]
     for d in (production, staging):
         for key in keys:
             assert d.flag(key) == (False, 40), (d.scope, key)  # the last step won
@@ -1517,3 +1519,285 @@ def test_a_row_the_applications_table_refuses_never_stops_the_others(
     assert status == "failed" and error is not None and len(error) == 20
     again = production.run("process")
     assert again.code in (0, 1) and "database error" not in again.stderr, again.stderr
+
+
+def _held_back_report(d: Deployment, routine: str, *, timeout: str) -> int:
+    """How many rows the stored report `routine` (by its logical name) of this deployment's
+    mapping returns at the default batch size, within `timeout`."""
+    from flagsched import tables
+
+    mapping = tables.load(d.config).tables()
+    name = pgsql.Identifier(str(mapping.fn.schema), mapping.fn.column(routine))
+    with psycopg.connect(d.url) as conn:
+        conn.execute(pgsql.SQL("SET statement_timeout = {}").format(pgsql.Literal(timeout)))
+        (count,) = conn.execute(
+            pgsql.SQL("SELECT count(*) FROM {}(100, %(s)s, NULL)").format(name),
+            {"s": mapping.scope_parameter()},
+        ).fetchone() or (0,)
+    return int(count)
+
+
+def test_a_deep_backlog_behind_each_flags_waiting_retry_is_reported_in_one_pass(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """300 flags of the application's schedules table (an index on flag_id, none of open
+    rows), each with a retry waiting for an hour and 100 due changes behind it. The report
+    of held-back schedules (0009's) probed the flag's rows once per due row: here 1.8 s, and
+    with 5 applied rows a flag 6.8 s, with 20 past the 30 s statement timeout (every tick
+    exit 3). In one pass (0010's) it reads each open row once: 0.1 s. The tick reports a
+    batch's worth held back and applies nothing."""
+    production, _ = _upstream_deployments(empty_database_url, tmp_path)
+    production.sql(
+        "INSERT INTO public.feature_flags (flag_key, environment) "
+        "SELECT 'flag-' || g, e FROM generate_series(1, 300) g, "
+        "unnest(ARRAY['production', 'staging']) e"
+    )
+    production.sql(  # stored before the retries that hold them back
+        "INSERT INTO public.feature_flag_schedules (flag_id, scheduled_at, updates) "
+        "SELECT f.id, now() - interval '1 day' + g * interval '1 second', "
+        "'{\"rolloutPercentage\": 50}' "
+        "FROM public.feature_flags f, generate_series(1, 100) g "
+        "WHERE f.environment = 'production'"
+    )
+    production.sql(
+        "INSERT INTO public.feature_flag_schedules "
+        "(flag_id, scheduled_at, updates, status, retry_count, next_retry_at) "
+        "SELECT f.id, now() - interval '2 days', '{\"enabled\": true}', 'failed', 1, "
+        "now() + interval '1 hour' FROM public.feature_flags f "
+        "WHERE f.environment = 'production'"
+    )
+    production.sql("ANALYZE")
+    assert _held_back_report(production, "held_back_once", timeout="1s") == 100
+    ran = production.run("process")
+    assert ran.code == 0, ran.stderr
+    (finished,) = [
+        e for e in map(json.loads, ran.stderr.splitlines()) if e["event"] == "tick_finished"
+    ]
+    assert (finished["applied"], finished["held_back"]) == (0, 100)
+    assert production.sql(
+        "SELECT status, count(*) FROM public.feature_flag_schedules GROUP BY 1 ORDER BY 1"
+    ) == [("failed", 300), ("pending", 30000)]
+
+
+# An application's toggles without a rollout column, and its schedules table, whose
+# `changes` name the members `isOn` and `percent` (shape 3).
+TOGGLE_CHANGES = Shape(
+    name="toggle-changes",
+    setup="""
+CREATE TABLE toggles (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    on_off boolean NOT NULL DEFAULT false
+);
+CREATE TABLE toggle_changes (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    toggle_id bigint NOT NULL REFERENCES toggles (id),
+    scheduled_at timestamptz NOT NULL,
+    status text NOT NULL DEFAULT 'pending',
+    changes jsonb NOT NULL,
+    last_error text
+);
+""",
+    config="""
+[flags]
+table = "toggles"
+id = "id"
+key = "name"
+enabled = "on_off"
+
+[schedules]
+table = "toggle_changes"
+id = "id"
+flag_id = "toggle_id"
+updates = "changes"
+updates_enabled = "isOn"
+updates_rollout = "percent"
+""",
+    flags="toggles",
+    key="name",
+    enabled="on_off",
+    rollout=None,
+    updated_at=None,
+    scope_column=None,
+    new_flag="INSERT INTO toggles (name) VALUES ({key})",
+)
+
+
+def test_messages_name_the_members_of_updates_as_the_applications_table_writes_them(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """What the tick stores and logs, `--dry-run` and `plan` say about a member of `updates`
+    name it as the application's schedules table writes it (the configuration's
+    `updates_enabled` and `updates_rollout`), never by the built-in names flagsched reads it
+    under."""
+    d = _deploy(TOGGLE_CHANGES, empty_database_url, tmp_path)
+    d.add_flag("beta")
+    expected = {
+        '{"percent": 50}': "updates sets percent, but the flags table has no rollout column "
+        "(no `rollout` in [flags] of the configuration): only isOn can be scheduled",
+        '{"isOn": "yes"}': 'isOn must be true or false, got "yes"',
+        '{"isOn": true, "colour": "red"}': "updates has unknown key(s) colour; "
+        "allowed: isOn, percent",
+        '{"enabled": true}': "updates has unknown key(s) enabled (not a member this "
+        "application uses); allowed: isOn, percent",
+        "{}": "updates is empty; give isOn and/or percent",
+    }
+    ids = {
+        changes: d.sql(
+            "INSERT INTO toggle_changes (toggle_id, scheduled_at, changes) "
+            "SELECT id, now() - interval '1 minute', %(c)s FROM toggles RETURNING id::text",
+            {"c": changes},
+        )[0][0]
+        for changes in expected
+    }
+    by_id = {ids[c]: message for c, message in expected.items()}
+    plan = _json(d.run("plan", "--at", "2099-01-01T00:00:00Z", "--format", "json"))
+    assert {c["schedule_id"]: c["error"] for c in plan[0]["changes"]} == by_id
+    preview = d.run("process", "--dry-run")
+    assert preview.code == 0, preview.stderr
+    for message in expected.values():
+        assert f"fail for good: {message}" in preview.stdout, preview.stdout
+    ran = d.run("process")
+    assert ran.code == 1, ran.stderr
+    logged = {
+        e["schedule_id"]: e["error"]
+        for e in map(json.loads, ran.stderr.splitlines())
+        if e["event"] == "schedule_failed"
+    }
+    assert logged == by_id
+    stored = dict(d.sql("SELECT id::text, last_error FROM toggle_changes"))
+    assert stored == by_id
+    shown = _json(d.run("list", "--status", "failed", "--format", "json"))
+    assert {s["id"]: s["last_error"] for s in shown} == by_id
+
+
+def test_rows_inserted_with_triggers_disabled_are_seen_before_a_tick_notes_them(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A restore (or any session with `session_replication_role = replica`) inserts rows
+    into the application's schedules table that flagsched's trigger never noted. `list`,
+    `show` and `status` show and count them at once, writing nothing (also in a read-only
+    transaction); `cancel` and `retry` note them first, as the tick does, then act."""
+    production = _deploy(UPSTREAM_SCHEDULES, empty_database_url, tmp_path)
+    for key in ("a", "b"):
+        production.add_flag(key)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:  # as a restore
+        conn.execute("SET session_replication_role = replica")
+        restored = conn.execute(
+            "INSERT INTO public.feature_flag_schedules "
+            "(flag_id, scheduled_at, updates, status, retry_count, applied_at) "
+            "SELECT f.id, now() + v.at, v.updates, v.status, v.tries, "
+            "CASE WHEN v.status = 'applied' THEN now() END "
+            "FROM (VALUES ('a', interval '-5 minutes', "
+            "'{\"rolloutPercentage\": 10}'::jsonb, 'pending', 0), "
+            "('a', interval '1 day', '{\"enabled\": true}', 'pending', 0), "
+            "('b', interval '-1 day', '{\"enabled\": true}', 'failed', 4), "
+            "('b', interval '-2 days', '{\"enabled\": false}', 'applied', 0)) "
+            "AS v(key, at, updates, status, tries) "
+            "JOIN public.feature_flags f ON f.flag_key = v.key "
+            "AND f.environment = 'production' RETURNING id::text"
+        ).fetchall()
+    due, later, failed, applied = (r[0] for r in restored)
+
+    def noted() -> set[str]:
+        rows = production.sql("SELECT id::text FROM flagsched.feature_flag_schedule_state")
+        return {r[0] for r in rows} & {due, later, failed, applied}
+
+    read_only = {"PGOPTIONS": "-c default_transaction_read_only=on"}
+    listed = _json(production.run("list", "--format", "json", env=read_only))
+    assert [(r["id"], r["updates"]) for r in listed] == [
+        (due, {"rollout_percentage": 10}),
+        (later, {"enabled": True}),
+    ]
+    gone = _json(production.run("list", "--status", "failed", "--format", "json", env=read_only))
+    assert [(r["id"], r["permanent"]) for r in gone] == [(failed, True)]
+    shown = _json(production.run("show", due, "--format", "json", env=read_only))
+    assert (shown["status"], shown["attempts"], shown["created_by"]) == ("pending", [], None)
+    status = _json(production.run("status", "--format", "json", env=read_only))
+    assert {k: status[k] for k in ("due", "scheduled", "failed", "applied")} == {
+        "due": 1,
+        "scheduled": 1,
+        "failed": 1,
+        "applied": 1,
+    }
+    assert production.run("status", "--max-lag", "60", env=read_only).code == 1  # 5 min due
+    assert noted() == set()  # reads wrote nothing
+    refused = production.run("cancel", later, env=read_only)  # nothing can be written there
+    assert refused.code == 3 and "read-only transaction" in refused.stderr, refused
+
+    cancelled = production.run("cancel", later, applied)
+    assert cancelled.code == 1, cancelled  # the applied one is refused, saying why
+    assert f"{later}: cancelled (was pending)" in cancelled.stdout
+    assert f"{applied}: refused: it is already applied" in cancelled.stdout
+    retried = production.run("retry", failed)
+    assert retried.code == 0, retried
+    assert noted() == {due, later, failed, applied}
+    ran = production.run("process")
+    assert ran.code == 0, ran.stderr
+    rows = dict(production.sql("SELECT id::text, status FROM public.feature_flag_schedules"))
+    assert [rows[i] for i in (due, later, failed, applied)] == [
+        "applied",
+        "cancelled",
+        "applied",
+        "applied",
+    ]
+
+
+def test_a_verdict_a_deleted_row_left_is_not_shown_for_the_applications_new_row_of_its_id(
+    empty_database_url: str, tmp_path: Path, two_logins: None
+) -> None:
+    """The application deletes a row of its schedules table that alice approved and inserts
+    another with the same uuid: `list`, `show` and `plan` judge the new row's approval as
+    the claim does (not approved: the old verdict is neither listed nor counted), and alice
+    can approve it."""
+    from tests.integration.test_least_privilege import url_for
+
+    production, _ = _upstream_deployments(empty_database_url, tmp_path)
+    policy = Path(production.config)  # every change of it needs approval
+    policy.write_text(policy.read_text() + '\n[approval]\nflags = ["new-checkout"]\n')
+    logins = f"{ALICE}, {BOB}"
+    production.sql(
+        f"GRANT USAGE ON SCHEMA public, flagsched TO {logins}; "
+        f"GRANT SELECT ON public.feature_flags TO {logins}; "
+        f"GRANT SELECT, INSERT, UPDATE ON public.feature_flag_schedules TO {logins}; "
+        f"GRANT ALL ON ALL TABLES IN SCHEMA flagsched TO {logins}; "
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA flagsched TO {logins}"
+    )
+    alice, bob = (
+        Deployment(UPSTREAM_SCHEDULES, url_for(production.url, login), production.config,
+                   "production", "flagsched")
+        for login in (ALICE, BOB)
+    )  # fmt: skip
+    production.add_flag("new-checkout")
+    made = bob.run("schedule", "new-checkout", "--at", "now", "--enable")
+    assert made.code == 0, made.stderr
+    made_id = made.stdout.strip()
+    assert alice.run("approve", made_id).code == 0
+    # the application's own writes: the row goes, another takes its id
+    production.sql("DELETE FROM public.feature_flag_schedules WHERE id = %(i)s", {"i": made_id})
+    production.sql(
+        "INSERT INTO public.feature_flag_schedules (id, flag_id, scheduled_at, updates) "
+        "SELECT %(i)s, id, now(), '{\"rolloutPercentage\": 30}' FROM public.feature_flags "
+        "WHERE flag_key = 'new-checkout' AND environment = 'production'",
+        {"i": made_id},
+    )
+
+    def judged() -> tuple[Any, ...]:
+        (listed,) = _json(production.run("list", "--format", "json"))
+        shown = _json(production.run("show", made_id, "--format", "json"))
+        (plan,) = _json(production.run("plan", "--at", "2099-01-01T00:00:00Z", "--format", "json"))
+        return (
+            (listed["id"], listed["approved"], [a["by"] for a in listed["approvals"]]),
+            (shown["approved"], [a["by"] for a in shown["approvals"]]),
+            [c["outcome"] for c in plan["changes"]],
+        )
+
+    assert judged() == ((made_id, False, []), (False, []), ["held"])
+    assert "approved by" not in production.run("list").stdout
+    assert production.run("process").code == 0
+    assert production.flag("new-checkout") == (False, 0)  # the claim agrees: it awaits
+    again = alice.run("approve", made_id)
+    assert again.code == 0 and "approved by" in again.stdout, again
+    assert judged() == ((made_id, True, [ALICE]), (True, [ALICE]), ["applies"])
+    assert production.run("process").code == 0
+    assert production.flag("new-checkout") == (False, 30)

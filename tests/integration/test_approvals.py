@@ -856,3 +856,58 @@ def test_a_rejection_stands_even_if_the_row_is_made_pending_again(
     assert report.count(Outcome.APPLIED) == 0
     assert report.count(Outcome.AWAITING_APPROVAL) == 1
     assert flag("search") == (False, 0)
+
+
+def test_a_verdict_a_deleted_row_left_is_not_shown_as_the_verdict_of_its_ids_new_row(
+    people: dict[str, str],
+    flagsched: Callable[..., Ran],
+    tick: Callable[..., TickReport],
+    sql: Sql,
+    add_flag: Callable[..., None],
+    flag: Callable[[str], tuple[bool, int]],
+) -> None:
+    """Found by the adversarial pass: after an application deleted an approved row and
+    inserted another with the same id, `list` and `show` said `approved by` the old row's
+    approver, and `approve` refused the new row as `already approved`, while the claim
+    (rightly) held it awaiting approval. They judge it by the claim's one rule now, as
+    `plan` does: the old verdict is neither listed nor counted."""
+    add_flag("f4")
+    old = new_id(
+        flagsched("schedule", "f4", "--at", "now", "--enable", "--approval", url=people[BOB])
+    )
+    assert flagsched("approve", str(old), url=people[ALICE]).code == 0
+    shown = json.loads(flagsched("show", str(old), "--format", "json").stdout)
+    assert (shown["approved"], [a["by"] for a in shown["approvals"]]) == (True, [ALICE])
+    sql("DELETE FROM feature_flag_schedules WHERE id = :i", i=old)  # not by prune
+    sql(
+        "INSERT INTO feature_flag_schedules (id, flag_key, scheduled_at, updates, "
+        "needs_approval) OVERRIDING SYSTEM VALUE "
+        "VALUES (:i, 'f4', now(), '{\"enabled\": true}', true)",
+        i=old,
+    )
+
+    def judged() -> tuple[Any, ...]:
+        (listed,) = json.loads(flagsched("list", "--format", "json").stdout)
+        shown = json.loads(flagsched("show", str(old), "--format", "json").stdout)
+        plan = json.loads(
+            flagsched("plan", "--at", "2099-01-01T00:00:00Z", "--format", "json").stdout
+        )
+        (change,) = plan[0]["changes"]
+        return (
+            (listed["approved"], [a["by"] for a in listed["approvals"]]),
+            (shown["approved"], [a["by"] for a in shown["approvals"]]),
+            change["outcome"],
+        )
+
+    assert judged() == ((False, []), (False, []), "held")
+    assert "approved by" not in flagsched("list").stdout
+    assert "no approvals" in flagsched("show", str(old)).stdout
+    assert tick().count(Outcome.AWAITING_APPROVAL) == 1  # the claim agrees
+    assert flag("f4") == (False, 0)
+
+    again = flagsched("approve", str(old), url=people[ALICE])
+    assert again.code == 0, again  # was: refused: already approved by test_alice at ...
+    assert again.stdout.strip() == f"{old}: approved by {ALICE}; it applies at the next tick"
+    assert judged()[:2] == ((True, [ALICE]), (True, [ALICE]))  # the new approval only
+    assert tick().count(Outcome.APPLIED) == 1
+    assert flag("f4") == (True, 0)

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from flagsched import tick
 from flagsched.db import Database
 from flagsched.model import Outcome, TickReport
+from flagsched.sql import current
 
 Sql = Callable[..., list[Any]]
 Tick = Callable[..., TickReport]
@@ -210,7 +211,8 @@ def test_numbers_json_parsers_refuse_are_validated_not_fatal(
     for sid in ids:
         row = schedule(sid)
         assert row["status"] == "failed" and row["next_retry_at"] is None
-        assert "rollout_percentage must be an integer 0..100" in row["last_error"]
+        # named as the schedules table writes it (shape 3: the configuration's member)
+        assert f"{current().members[1]} must be an integer 0..100" in row["last_error"]
     assert flag("real") == (False, 10)
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from flagsched.model import MAX_TEXT, InvalidUpdates, Updates, clip
+from flagsched.model import MAX_TEXT, InvalidUpdates, Members, Updates, clip
 
 
 @pytest.mark.parametrize(
@@ -61,6 +61,30 @@ def test_invalid_updates_have_a_readable_reason(value: Any, message: str) -> Non
         Updates.parse(value)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+APP = Members(enabled="isOn", rollout="rolloutPercentage")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"enabled": "yes"}, 'isOn must be true or false, got "yes"'),
+        ({"rollout_percentage": 250}, "rolloutPercentage must be an integer 0..100, got 250"),
+        ({}, "updates is empty; give isOn and/or rolloutPercentage"),
+        ({"colour": "red"}, "updates has unknown key(s) colour; allowed: isOn, rolloutPercentage"),
+    ],
+)
+def test_messages_name_the_members_as_the_schedules_table_writes_them(
+    value: Any, message: str
+) -> None:
+    """On an application's schedules table `updates` is read under the built-in names, and
+    every message names its members as that application writes them."""
+    with pytest.raises(InvalidUpdates) as caught:
+        Updates.parse(value, APP)
+    assert str(caught.value) == message
+    assert APP.no_rollout_column().startswith("updates sets rolloutPercentage, but the flags")
+    assert APP.no_rollout_column().endswith("only isOn can be scheduled")
 
 
 json_values = st.recursive(
