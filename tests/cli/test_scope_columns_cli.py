@@ -121,7 +121,7 @@ def test_every_path_to_the_views_function_of_another_scope_is_a_one_line_refusal
     )
     said = "made for another scope (its columns: environment; this configuration's: "
     _refused(regional.run("migrate"), said + "environment, region)")
-    d.sql("DROP VIEW flagsched.feature_flag_schedules")
+    d.sql("DROP VIEW flagsched.feature_flag_schedules CASCADE")
     _refused(regional.run("migrate"), said + "environment, region)")
     # the scope's columns reordered are another scope too
     reordered = tmp_path / "reordered.toml"
