@@ -61,6 +61,16 @@ class StatementFailed(FlagschedError):
         """Only a lock not granted in time: anything else is not worth trying again."""
         return self.sqlstate == LOCK_NOT_AVAILABLE
 
+    @property
+    def transient(self) -> bool:
+        """Another transaction was in the way (a lock not granted in time, a statement
+        timeout, a deadlock or a serialization failure): the same statement may succeed at
+        the next tick, nothing about the row is wrong."""
+        return self.sqlstate in _TRANSIENT
+
+
+_TRANSIENT = frozenset({LOCK_NOT_AVAILABLE, "57014", "40P01", "40001"})
+
 
 class LockNotGranted(CouldNotRun):
     """A lock was not granted within the lock timeout: another transaction holds it."""

@@ -2,7 +2,8 @@
 occurrence not after the database's now; missed ones collapse), then move its next_at past
 now. Exactly once however many ticks overlap: recurrences are locked SKIP LOCKED, and the
 unique index on (recurrence_id, scheduled_at) refuses a second schedule for an occurrence.
-Nothing here may stop the tick: a recurrence that cannot be read stops on its own."""
+Nothing here may stop the tick: a recurrence that cannot be read stops on its own, one that
+another transaction is in the way of stays due for the next tick."""
 
 from __future__ import annotations
 
@@ -80,13 +81,25 @@ def _batch(conn: Conn, now: Any, due: list[DueRecurrence], stopped: Callable[[],
             except StatementFailed as exc:
                 if stopped():  # our own cancel, not the row: never stop it for that
                     raise DatabaseError(exc.message) from exc
-                repository.materialise(conn, [], [(rec_id, None)])
-                log.warning(
-                    "recurrence_stopped",
-                    recurrence_id=rec_id,
-                    flag_key=clip(keys[rec_id]),
-                    error=exc.message,
-                )
+                if exc.transient:
+                    # Another transaction was in the way (an application holding the flag
+                    # its schedules table refers to: the foreign key check waits for it):
+                    # nothing about the recurrence is wrong, so it stays due, as it is, for
+                    # the next tick (missed occurrences collapse into the latest).
+                    log.warning(
+                        "recurrence_deferred",
+                        recurrence_id=rec_id,
+                        flag_key=clip(keys[rec_id]),
+                        error=exc.message,
+                    )
+                else:
+                    repository.materialise(conn, [], [(rec_id, None)])
+                    log.warning(
+                        "recurrence_stopped",
+                        recurrence_id=rec_id,
+                        flag_key=clip(keys[rec_id]),
+                        error=exc.message,
+                    )
             del nexts[rec_id]
         repository.materialise(conn, [], list(nexts.items()))
     for schedule in made:

@@ -1537,6 +1537,49 @@ def _held_back_report(d: Deployment, routine: str, *, timeout: str) -> int:
     return int(count)
 
 
+def test_a_recurrence_whose_flag_the_application_holds_is_made_at_the_next_tick(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Found by the adversarial pass (critical): an occurrence inserted into the
+    application's schedules table waits for its foreign key's check on the flag, which an
+    application transaction held FOR UPDATE past FLAGSCHED_LOCK_TIMEOUT: the tick stopped
+    the recurrence for good (next_at NULL), losing it and every later occurrence. Now the
+    recurrence stays due as it is (`recurrence_deferred`), the tick exits 0, and the next
+    tick, the flag free, makes the occurrence and applies it."""
+    production = _deploy(UPSTREAM_SCHEDULES, empty_database_url, tmp_path)
+    production.add_flag("held")
+    assert production.run("schedule", "held", "--cron", "* * * * *", "--enable").code == 0
+    production.sql(
+        "UPDATE flagsched.feature_flag_recurrences SET next_at = now() - interval '1 minute'"
+    )
+    fast = {"FLAGSCHED_LOCK_TIMEOUT": "0.3"}
+    with psycopg.connect(production.url) as app:
+        app.execute(
+            "SELECT 1 FROM public.feature_flags WHERE flag_key = 'held' "
+            "AND environment = 'production' FOR UPDATE"
+        )
+        ran = production.run("process", env=fast)
+    assert ran.code == 0, ran.stderr
+    events = [json.loads(line) for line in ran.stderr.splitlines()]
+    assert [e["event"] for e in events if e["event"].startswith("recurrence_")] == [
+        "recurrence_deferred"
+    ], ran.stderr
+    assert production.sql("SELECT next_at < now() FROM flagsched.feature_flag_recurrences") == [
+        (True,)
+    ]
+    assert production.sql("SELECT count(*) FROM public.feature_flag_schedules") == [(0,)]
+    ran = production.run("process", env=fast)
+    assert ran.code == 0, ran.stderr
+    assert production.sql("SELECT status FROM public.feature_flag_schedules") == [("applied",)]
+    assert production.sql(
+        "SELECT enabled FROM public.feature_flags WHERE flag_key = 'held' "
+        "AND environment = 'production'"
+    ) == [(True,)]
+    assert production.sql("SELECT next_at > now() FROM flagsched.feature_flag_recurrences") == [
+        (True,)
+    ]
+
+
 def test_a_deep_backlog_behind_each_flags_waiting_retry_is_reported_in_one_pass(
     empty_database_url: str, tmp_path: Path
 ) -> None:
