@@ -290,6 +290,15 @@ def _approve_act(note: str | None) -> Callable[[Any, LockedSchedule], Handled]:
         if refused is not None:
             return refused
         subject = repository.approval_subject(conn, row.id)
+        if subject.rejected is not None:
+            # the claim never applies a schedule with a rejection: an approval would not
+            # make it apply (set back to pending by hand, or an id the application re-used)
+            return Handled(
+                row.id,
+                False,
+                f"refused: rejected by {subject.rejected}, which vetoes it: schedule the "
+                "change again",
+            )
         release = subject.awaiting and subject.created_by != subject.me
         if subject.approved is not None and not release:
             return Handled(row.id, False, f"refused: already approved by {subject.approved}")

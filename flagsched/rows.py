@@ -73,6 +73,7 @@ class ApprovalSubject:
     awaiting: bool
     me: str  # this session's login
     approved: str | None  # "who at when" of an earlier approval
+    rejected: str | None  # "who at when" of a rejection (it vetoes whenever given)
 
 
 @dataclass(frozen=True, slots=True)

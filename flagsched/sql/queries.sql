@@ -729,13 +729,17 @@ RETURNING decided_by, decided_at
 
 -- name: approval_subject
 -- What `approve` needs to know of a locked schedule: its creator, whether it needs
--- approval by itself, and an earlier approval that counts (`counted_verdict`).
+-- approval by itself, and an earlier approval and rejection that count (`counted_verdict`).
 SELECT s.created_by, s.needs_approval, s.awaiting_approval_since IS NOT NULL AS awaiting,
        session_user AS me,
        (SELECT a.decided_by || ' at ' || CAST(a.decided_at AS text) FROM {approvals} a
         WHERE a.schedule_id = s.id AND a.verdict = 'approved' AND {counted_verdict(s)}
         ORDER BY a.id LIMIT 1)
-           AS approved
+           AS approved,
+       (SELECT a.decided_by || ' at ' || CAST(a.decided_at AS text) FROM {approvals} a
+        WHERE a.schedule_id = s.id AND a.verdict = 'rejected' AND {counted_verdict(s)}
+        ORDER BY a.id LIMIT 1)
+           AS rejected
 FROM {schedules} s WHERE s.id = %(i)s
 
 -- name: clear_awaiting

@@ -843,7 +843,8 @@ def test_a_rejection_stands_even_if_the_row_is_made_pending_again(
     flag: Callable[[str], tuple[bool, int]],
 ) -> None:
     """Found by the adversarial pass: approved by bob, rejected by another login, then set
-    back to pending by someone with UPDATE on the table: it applied. A rejection vetoes."""
+    back to pending by someone with UPDATE on the table: it applied. A rejection vetoes.
+    And `approve` says so (exit 1) rather than `it applies when due` (a later pass)."""
     add_flag("search")
     made = new_id(
         flagsched("schedule", "search", "--at", "now", "--rollout", "90", "--approval",
@@ -852,6 +853,12 @@ def test_a_rejection_stands_even_if_the_row_is_made_pending_again(
     assert flagsched("approve", str(made), url=people[BOB]).code == 0
     assert flagsched("reject", str(made), "--note", "no", url=people[BOB]).code == 0
     sql("UPDATE feature_flag_schedules SET status = 'pending' WHERE id = :i", i=made)
+    again = flagsched("approve", str(made), url=people[BOB])
+    assert again.code == 1, again
+    assert (
+        f"rejected by {BOB}" in again.stdout + again.stderr
+        and "vetoes" in again.stdout + again.stderr
+    )
     report = tick()
     assert report.count(Outcome.APPLIED) == 0
     assert report.count(Outcome.AWAITING_APPROVAL) == 1
