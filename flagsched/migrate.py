@@ -299,6 +299,8 @@ def _another_schedules_mapping(
             f"{where} holds flagsched's own schedules table (a deployment without "
             "[schedules]): with [schedules], give flagsched a schema of its own"
         )
+    if noted is None:
+        return f"{configuration.where}: {repository.unnoted_view(tables)}"
     if noted != stored.mapping_note(tables):
         return (
             f"{where} serves an application's schedules table with another mapping ([flags], "

@@ -213,11 +213,11 @@ def ensure_schema(conn: Conn) -> None:
     of the current mapping). A schema that a later release migrated further is fine: only
     what is missing counts."""
     tables = current()
+    if tables.app_schedules is not None:  # first: migrate would refuse this file
+        _ensure_own_mapping(conn, tables)
     objects = required(tables)
     missing = missing_objects(conn, objects)
     if not missing:
-        if tables.app_schedules is not None:
-            _ensure_own_mapping(conn, tables)
         return
     if all(f"table {o.name}" in missing for o in objects if isinstance(o, Table) and o.columns):
         raise SchemaNotCurrent("the database is not migrated: run `flagsched migrate`")
@@ -229,13 +229,25 @@ def ensure_schema(conn: Conn) -> None:
     )
 
 
+def unnoted_view(tables: Tables) -> str:
+    """What to do when flagsched's view over an application's schedules table has lost the
+    note of the mapping it was made for (its COMMENT: a restore without comments)."""
+    return (
+        f"flagsched's view {relation(tables.schedules)} has no note of the mapping it was made "
+        "for (restored without comments?): drop it (DROP VIEW ... CASCADE) and run "
+        "`flagsched migrate`, which makes it again"
+    )
+
+
 def _ensure_own_mapping(conn: Conn, tables: Tables) -> None:
     """On an application's schedules table: refuse to work through flagsched's view when
     another mapping rendered it (the view dropped and migrated again with another file while
     this deployment kept the old one): this mapping's functions are still there, but the
     view would read and write the application's columns by the other mapping."""
     found = schedules_relation(conn, tables)
-    if found is not None and found[1] != stored.mapping_note(tables):
+    if found is not None and found[0] == "v" and found[1] is None:
+        raise SchemaNotCurrent(unnoted_view(tables))
+    if found is not None and found[0] == "v" and found[1] != stored.mapping_note(tables):
         raise SchemaNotCurrent(
             f"flagsched's view {relation(tables.schedules)} was migrated with another mapping of "
             "the application's tables: give this deployment the configuration that migrated "

@@ -1454,6 +1454,33 @@ def test_a_deployment_keeping_the_old_mapping_refuses_to_run_after_the_view_is_r
     assert row == ("applied",)
 
 
+def test_a_view_that_lost_its_mapping_note_says_so_and_how_to_mend_it(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Found by the adversarial pass: a restore without comments (pg_dump --no-comments)
+    loses the note of the mapping on flagsched's view; every command then blamed the
+    configuration ("another mapping"). Now they say the note is gone and what to do, and
+    doing it (drop the view, migrate) mends it, the application's rows kept."""
+    production = _deploy(UPSTREAM_SCHEDULES, empty_database_url, tmp_path)
+    production.add_flag("f")
+    _api_schedule(production, "f", {"enabled": True}, at="now() - interval '1 minute'",
+                  scope="production")  # fmt: skip
+    production.sql("COMMENT ON VIEW flagsched.feature_flag_schedules IS NULL")
+    for command, code in (
+        (["list"], 3),
+        (["process"], 3),
+        (["migrate"], 2),
+        (["migrate", "--check"], 2),
+    ):
+        ran = production.run(*command)
+        assert ran.code == code, (command, ran)
+        assert ran.stderr.count("\n") == 1 and "has no note of the mapping" in ran.stderr, ran
+    production.sql("DROP VIEW flagsched.feature_flag_schedules CASCADE")
+    assert production.run("migrate").code == 0
+    assert production.run("process").code == 0
+    assert production.sql("SELECT status FROM public.feature_flag_schedules") == [("applied",)]
+
+
 @pytest.mark.parametrize("shape", [UPSTREAM_SHAPE, UPSTREAM_SCHEDULES], ids=lambda s: s.name)
 def test_one_applications_tables_are_served_by_one_schema(
     empty_database_url: str, tmp_path: Path, shape: Shape
