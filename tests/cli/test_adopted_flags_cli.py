@@ -1317,19 +1317,17 @@ def test_the_command_line_writes_the_applications_rows_its_way(
     assert occurrence == [({"enabled": True}, login, True)]
 
 
-def test_approvals_on_the_applications_schedules_table(
-    empty_database_url: str, tmp_path: Path, two_logins: None
-) -> None:
-    """Four eyes on the first application's schedules table: the login that inserted a row
-    (through flagsched, or the application's own INSERT) is its creator, noted by the
-    trigger on that table; it cannot approve it (the command, and the verdicts table's
-    check); another login's approval lets it apply; the [approval] policy holds a row the
-    application inserted."""
+def _two_logins(
+    url: str, tmp_path: Path, policy_flags: str
+) -> tuple[Deployment, Deployment, Deployment]:
+    """The first application's tables, its production deployment with an [approval] policy
+    for the flags `policy_flags` names, and two logins (alice, bob) with the grants an
+    operator and an approver need there."""
     from tests.integration.test_least_privilege import url_for
 
-    production, _ = _upstream_deployments(empty_database_url, tmp_path)
+    production, _ = _upstream_deployments(url, tmp_path)
     policy = Path(production.config)
-    policy.write_text(policy.read_text() + '\n[approval]\nflags = ["pay-*"]\n')
+    policy.write_text(policy.read_text() + f'\n[approval]\nflags = ["{policy_flags}"]\n')
     logins = f"{ALICE}, {BOB}"
     production.sql(
         f"GRANT USAGE ON SCHEMA public, flagsched TO {logins}; "
@@ -1343,6 +1341,18 @@ def test_approvals_on_the_applications_schedules_table(
                    "production", "flagsched")
         for login in (ALICE, BOB)
     )  # fmt: skip
+    return production, alice, bob
+
+
+def test_approvals_on_the_applications_schedules_table(
+    empty_database_url: str, tmp_path: Path, two_logins: None
+) -> None:
+    """Four eyes on the first application's schedules table: the login that inserted a row
+    (through flagsched, or the application's own INSERT) is its creator, noted by the
+    trigger on that table; it cannot approve it (the command, and the verdicts table's
+    check); another login's approval lets it apply; the [approval] policy holds a row the
+    application inserted."""
+    production, alice, bob = _two_logins(empty_database_url, tmp_path, "pay-*")
     production.add_flag("new-checkout")
     production.add_flag("pay-later")
     made = alice.run("schedule", "new-checkout", "--at", "now", "--enable", "--approval")
@@ -1820,24 +1830,7 @@ def test_a_verdict_a_deleted_row_left_is_not_shown_for_the_applications_new_row_
     another with the same uuid: `list`, `show` and `plan` judge the new row's approval as
     the claim does (not approved: the old verdict is neither listed nor counted), and alice
     can approve it."""
-    from tests.integration.test_least_privilege import url_for
-
-    production, _ = _upstream_deployments(empty_database_url, tmp_path)
-    policy = Path(production.config)  # every change of it needs approval
-    policy.write_text(policy.read_text() + '\n[approval]\nflags = ["new-checkout"]\n')
-    logins = f"{ALICE}, {BOB}"
-    production.sql(
-        f"GRANT USAGE ON SCHEMA public, flagsched TO {logins}; "
-        f"GRANT SELECT ON public.feature_flags TO {logins}; "
-        f"GRANT SELECT, INSERT, UPDATE ON public.feature_flag_schedules TO {logins}; "
-        f"GRANT ALL ON ALL TABLES IN SCHEMA flagsched TO {logins}; "
-        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA flagsched TO {logins}"
-    )
-    alice, bob = (
-        Deployment(UPSTREAM_SCHEDULES, url_for(production.url, login), production.config,
-                   "production", "flagsched")
-        for login in (ALICE, BOB)
-    )  # fmt: skip
+    production, alice, bob = _two_logins(empty_database_url, tmp_path, "new-checkout")
     production.add_flag("new-checkout")
     made = bob.run("schedule", "new-checkout", "--at", "now", "--enable")
     assert made.code == 0, made.stderr
