@@ -1245,39 +1245,30 @@ FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 OWN_CONFIG = (FIXTURES / "upstream-flags.toml").read_text()
 
 
+def _upstream_template(b: Bench, name: str, config: Path) -> None:
+    """Database `name`: the first application's tables exactly (flags of two environments,
+    uuid ids, the tables referencing flags), its flags, flagsched migrated onto them with
+    `config` (for production)."""
+    b.cluster.admin(f"CREATE DATABASE {name}")
+    url = b.cluster.url_for(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(UPSTREAM_SCHEMA.read_text())
+        conn.execute(statement("bench_upstream_flags"), {"flags": DRAIN_FLAGS})
+    migrated = run(
+        flagsched_command("--config", str(config), "migrate"), environment(url), b.log(name)
+    )
+    assert migrated.code == 0, migrated.log_lines()[-3:]
+
+
 def _prepare_own_template(b: Bench, config: Path) -> None:
     """The first application's flags table (uuid ids, the flags of two environments, a
     zone-less updated_at, the overrides table referencing flags), flagsched migrated beside
     it for production, and the same 30,000 due schedules as case 1's in flagsched's own
     schedules table, all of production."""
-    b.cluster.admin(f"CREATE DATABASE {OWN_TEMPLATE}")
-    url = b.cluster.url_for(OWN_TEMPLATE)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(UPSTREAM_SCHEMA.read_text())
-        conn.execute(
-            "INSERT INTO feature_flags (flag_key, environment) "
-            "SELECT 'flag-' || lpad(g::text, 5, '0'), e FROM generate_series(0, %(flags)s - 1) g, "
-            "unnest(ARRAY['production', 'staging']) e",
-            {"flags": DRAIN_FLAGS},
-        )
-    migrated = run(
-        flagsched_command("--config", str(config), "migrate"),
-        environment(url),
-        b.log("own-migrate"),
-    )
-    assert migrated.code == 0, migrated.log_lines()[-3:]
+    _upstream_template(b, OWN_TEMPLATE, config)
     b.cluster.sql(
         OWN_TEMPLATE,
-        """
-        INSERT INTO flagsched.feature_flag_schedules
-            (flag_key, scheduled_at, updates, status, environment)
-        SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'),
-               '2020-01-01T00:00:00Z'::timestamptz + g * interval '1 millisecond',
-               jsonb_build_object('enabled', (g / %(flags)s) %% 2 = 0,
-                                  'rollout_percentage', least(g / %(flags)s + 1, 100)),
-               'pending', 'production'
-        FROM generate_series(0, %(count)s - 1) AS g
-        """,
+        statement("bench_own_schedules"),
         {"flags": DRAIN_FLAGS, "count": DRAIN_SCHEDULES},
     )
     b.cluster.vacuum(OWN_TEMPLATE)
@@ -1346,17 +1337,7 @@ def _prepare_app_template(b: Bench, config: Path) -> None:
     """The first application's tables exactly (flags of two environments, its schedules
     table with uuid ids and foreign keys), flagsched migrated onto them for production, and
     case 1's 30,000 due schedules written by the application into its own schedules table."""
-    b.cluster.admin(f"CREATE DATABASE {APP_TEMPLATE}")
-    url = b.cluster.url_for(APP_TEMPLATE)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(UPSTREAM_SCHEMA.read_text())
-        conn.execute(statement("bench_upstream_flags"), {"flags": DRAIN_FLAGS})
-    migrated = run(
-        flagsched_command("--config", str(config), "migrate"),
-        environment(url),
-        b.log("app-migrate"),
-    )
-    assert migrated.code == 0, migrated.log_lines()[-3:]
+    _upstream_template(b, APP_TEMPLATE, config)
     b.cluster.sql(
         APP_TEMPLATE,
         statement("bench_upstream_schedules"),

@@ -1031,6 +1031,18 @@ INSERT INTO public.feature_flags (flag_key, environment)
 SELECT 'flag-' || lpad(g::text, 5, '0'), e
 FROM generate_series(0, %(flags)s - 1) g, unnest(ARRAY['production', 'staging']) e
 
+-- name: bench_own_schedules
+-- bench_seed_schedules' backlog in flagsched's own schedules table beside the first
+-- application's flags table (shape 2), of production's scope.
+INSERT INTO flagsched.feature_flag_schedules
+    (flag_key, scheduled_at, updates, status, environment)
+SELECT 'flag-' || lpad((g %% %(flags)s)::text, 5, '0'),
+       '2020-01-01T00:00:00Z'::timestamptz + g * interval '1 millisecond',
+       jsonb_build_object('enabled', (g / %(flags)s) %% 2 = 0,
+                          'rollout_percentage', least(g / %(flags)s + 1, 100)),
+       'pending', 'production'
+FROM generate_series(0, %(count)s - 1) AS g
+
 -- name: bench_upstream_schedules
 -- bench_seed_schedules' backlog as the first application's admin API writes it: into its
 -- own schedules table, a flag by its uuid, camelCase members, production's flags.
