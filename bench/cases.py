@@ -1274,36 +1274,44 @@ def _prepare_own_template(b: Bench, config: Path) -> None:
     b.cluster.vacuum(OWN_TEMPLATE)
 
 
+def _drains_beside_built_in(
+    b: Bench, config: Path, templates: dict[str, str], statuses: str, label: str, runs: int
+) -> tuple[dict[str, list[float]], list[str]]:
+    """`runs` drains of case 1's backlog on the built-in tables and, with `config`, on a fresh
+    copy of each of `templates` (kind -> template database), interleaved AB / BA: the times
+    by kind ("built-in" and the templates' kinds), and what went wrong (not every schedule
+    applied, counted by the named statement `statuses`, or an exit other than 0)."""
+    kinds = ["built-in", *templates]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    problems: list[str] = []
+    for i in range(runs):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+            if kind == "built-in":
+                ran, db = _drain_once(b, "flagsched", f"{label}-drain-{kind}-{i}")
+                found = b.cluster.statuses(db)
+            else:
+                db = b.cluster.clone(templates[kind])
+                b.cluster.quiesce()
+                argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
+                ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"{kind}-drain-{i}"))
+                found = dict(b.cluster.rows(db, statement(statuses)))
+            b.cluster.drop(db)
+            if ran.code != 0 or found != {"applied": DRAIN_SCHEDULES}:
+                problems.append(f"{kind} run {i}: exit {ran.code}, {found}")
+            times[kind].append(ran.seconds)
+            progress(f"{label}-table drain {kind} run {i + 1}/{runs}: {ran.seconds:.2f} s")
+    return times, problems
+
+
 def own_flags_drain(b: Bench) -> Case:
     case = Case("12. Drain on your own flags table")
     config = b.workdir / "own.toml"
     config.write_text(OWN_CONFIG)
     _prepare_own_template(b, config)
     runs = b.runs(7)
-    kinds = ["built-in", "own"]
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    problems: list[str] = []
-    for i in range(runs):
-        for kind in kinds if i % 2 == 0 else kinds[::-1]:
-            if kind == "built-in":
-                ran, db = _drain_once(b, "flagsched", f"own-drain-{kind}-{i}")
-                statuses = b.cluster.statuses(db)
-            else:
-                db = b.cluster.clone(OWN_TEMPLATE)
-                b.cluster.quiesce()
-                argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
-                ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"own-drain-{i}"))
-                statuses = dict(
-                    b.cluster.rows(
-                        db,
-                        "SELECT status, count(*) FROM flagsched.feature_flag_schedules GROUP BY 1",
-                    )
-                )
-            b.cluster.drop(db)
-            if ran.code != 0 or statuses != {"applied": DRAIN_SCHEDULES}:
-                problems.append(f"{kind} run {i}: exit {ran.code}, {statuses}")
-            times[kind].append(ran.seconds)
-            progress(f"own-table drain {kind} run {i + 1}/{runs}: {ran.seconds:.2f} s")
+    times, problems = _drains_beside_built_in(
+        b, config, {"own": OWN_TEMPLATE}, "bench_own_statuses", "own", runs
+    )
     built_in, own = _median(times["built-in"]), _median(times["own"])
     case.figures += [
         Figure("built-in tables drain, median", f"{built_in:.2f} s"),
@@ -1358,25 +1366,10 @@ def app_schedules_drain(b: Bench) -> Case:
     config.write_text(APP_CONFIG)
     _prepare_app_template(b, config)
     runs = b.runs(7)
-    kinds = ["built-in", "app", "indexed"]
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    problems: list[str] = []
-    for i in range(runs):
-        for kind in kinds if i % 2 == 0 else kinds[::-1]:
-            if kind == "built-in":
-                ran, db = _drain_once(b, "flagsched", f"app-drain-{kind}-{i}")
-                statuses = b.cluster.statuses(db)
-            else:
-                db = b.cluster.clone(APP_TEMPLATE if kind == "app" else APP_INDEXED)
-                b.cluster.quiesce()
-                argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
-                ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"{kind}-drain-{i}"))
-                statuses = dict(b.cluster.rows(db, statement("bench_upstream_statuses")))
-            b.cluster.drop(db)
-            if ran.code != 0 or statuses != {"applied": DRAIN_SCHEDULES}:
-                problems.append(f"{kind} run {i}: exit {ran.code}, {statuses}")
-            times[kind].append(ran.seconds)
-            progress(f"app-table drain {kind} run {i + 1}/{runs}: {ran.seconds:.2f} s")
+    times, problems = _drains_beside_built_in(
+        b, config, {"app": APP_TEMPLATE, "indexed": APP_INDEXED}, "bench_upstream_statuses",
+        "app", runs,
+    )  # fmt: skip
     built_in, app = _median(times["built-in"]), _median(times["app"])
     indexed = _median(times["indexed"])
     case.figures += [

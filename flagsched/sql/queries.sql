@@ -1065,6 +1065,9 @@ CREATE INDEX upstream_schedules_flag_open
     ON public.feature_flag_schedules (flag_id, scheduled_at, id)
     WHERE status IN ('pending', 'failed')
 
+-- name: bench_own_statuses
+SELECT status, count(*) FROM flagsched.feature_flag_schedules GROUP BY 1
+
 -- name: bench_upstream_statuses
 SELECT status, count(*) FROM public.feature_flag_schedules GROUP BY 1
 
