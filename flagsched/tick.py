@@ -784,8 +784,8 @@ def preview(database: Database, options: TickOptions) -> list[Preview]:
                 conn, limit=options.batch_size, max_lateness_seconds=options.max_lateness
             )
             existing = repository.existing_flags(conn, sorted({c.flag_key for c in claimed}))
-            checks = repository.safety_checks(
-                conn, [c.id for c in claimed], max_lateness_seconds=options.max_lateness
+            checks, broken = _dry_checks(
+                conn, [c.id for c in claimed if c.defect is None], options.max_lateness
             )
             if now is not None:
                 decided, steps = _plan(
@@ -805,10 +805,35 @@ def preview(database: Database, options: TickOptions) -> list[Preview]:
                 plan.append(Preview.of(c, f"fail for good: flag {key!r} does not exist"))
             elif c.id in checks:
                 plan.append(Preview.of(c, f"fail for good: {checks[c.id][1]}"))
+            elif c.id in broken:
+                plan.append(Preview.of(c, f"fail (its safety check failed: {broken[c.id]})"))
             else:
                 plan.append(Preview.of(c, f"apply: {u.words()}"))
     plan.sort(key=lambda p: (p.flag_key, p.scheduled_at, id_order(p.id or 0)))
     return occurring + plan
+
+
+def _dry_checks(
+    conn: Conn, ids: list[ScheduleId], max_lateness: float | None
+) -> tuple[dict[ScheduleId, tuple[Verdict, str]], dict[ScheduleId, str]]:
+    """--dry-run's safety checks of the claimed schedules (those without a defect: the tick
+    fails those unattempted): the verdicts, and the schedules whose check the database
+    refuses (a stored time at the edge of its range), with why. The write would fail such a
+    change alone, so the plan shows it, and the other checks, rather than stop."""
+    try:
+        with repository.savepoint(conn):
+            return repository.safety_checks(conn, ids, max_lateness_seconds=max_lateness), {}
+    except StatementFailed:
+        pass
+    checks: dict[ScheduleId, tuple[Verdict, str]] = {}
+    broken: dict[ScheduleId, str] = {}
+    for one in ids:
+        try:
+            with repository.savepoint(conn):
+                checks |= repository.safety_checks(conn, [one], max_lateness_seconds=max_lateness)
+        except StatementFailed as exc:
+            broken[one] = exc.message
+    return checks, broken
 
 
 def _occurrences(now: datetime, due: Sequence[RecurrenceRow]) -> list[Preview]:
