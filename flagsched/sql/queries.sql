@@ -1065,6 +1065,23 @@ CREATE INDEX upstream_schedules_flag_open
     ON public.feature_flag_schedules (flag_id, scheduled_at, id)
     WHERE status IN ('pending', 'failed')
 
+-- name: bench_upstream_deep_backlog
+-- A deep held-back backlog as the first application's admin API writes it: on each of
+-- %(flags)s production flags, %(applied)s applied schedules, then one whose retry waits an
+-- hour, then %(due)s due ones behind it (held back: the flag's order).
+INSERT INTO public.feature_flag_schedules
+    (flag_id, scheduled_at, updates, status, applied_at, retry_count, next_retry_at,
+     last_error, created_by)
+SELECT f.id, now() - interval '10 days' + g * interval '1 second', '{"enabled": true}',
+       CASE WHEN g <= %(applied)s THEN 'applied'
+            WHEN g = %(applied)s + 1 THEN 'failed' ELSE 'pending' END,
+       CASE WHEN g <= %(applied)s THEN now() END,
+       CASE WHEN g = %(applied)s + 1 THEN 1 ELSE 0 END,
+       CASE WHEN g = %(applied)s + 1 THEN now() + interval '1 hour' END,
+       CASE WHEN g = %(applied)s + 1 THEN 'refused' END, 'admin-api'
+FROM public.feature_flags f, generate_series(1, %(applied)s + 1 + %(due)s) AS g
+WHERE f.environment = 'production' AND f.flag_key <= 'flag-' || lpad((%(flags)s - 1)::text, 5, '0')
+
 -- name: bench_own_statuses
 SELECT status, count(*) FROM flagsched.feature_flag_schedules GROUP BY 1
 

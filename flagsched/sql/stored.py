@@ -94,8 +94,9 @@ def template(name: str) -> str:
 
 
 @cache
-def _fragments() -> dict[str, str]:
-    parts = _NAME.split(template("fragments"))
+def _fragments(source: str = "fragments") -> dict[str, str]:
+    """The fragments of `stored/<source>.sql` by name, their comment lines left out."""
+    parts = _NAME.split(template(source))
     return {
         name: "\n".join(
             line for line in body.strip().splitlines() if not line.startswith("-- ")
@@ -375,8 +376,13 @@ def _literal(value: str) -> str:
     return psql.Literal(value).as_string(None)
 
 
-def _expand(text: str, tables: Tables, facts: Mapping[str, str] | None = None) -> str:
-    fragments, computed = _fragments(), _computed(tables, facts)
+def _expand(
+    text: str,
+    tables: Tables,
+    facts: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> str:
+    fragments, computed = {**_fragments(), **(overrides or {})}, _computed(tables, facts)
 
     def one(m: re.Match[str]) -> str:
         name, argument = m.group(1), m.group(2).strip()
@@ -424,6 +430,20 @@ _APP_SCHEDULES_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
+# On an application's schedules table the claim first maps the flags held by a schedule that
+# cannot move (stored/claim_guard.sql: the frozen probes of a flag's earlier open schedules
+# read the flag's whole history there, once per due row): computed once per claim, into a
+# variable the guarded probes read.
+_APP_SCHEDULES_CLAIM_START = (
+    "#variable_conflict use_column\nBEGIN\n",
+    "#variable_conflict use_column\nDECLARE\n    v_blockers jsonb;\nBEGIN\n"
+    "    v_blockers := ({blockers_map()});\n",
+)
+_APP_SCHEDULES_FRAGMENTS: dict[str, str] = {
+    "claim": "claim_guard",
+}
+
+
 def _template_for(name: str, tables: Tables) -> str:
     text = template(name)
     if tables.app_schedules is None:
@@ -433,6 +453,8 @@ def _template_for(name: str, tables: Tables) -> str:
     ]
     if name in _APP_SCHEDULES_SETTINGS:
         replacements.append(_APP_SCHEDULES_SETTINGS[name])
+    if name in _APP_SCHEDULES_FRAGMENTS:
+        replacements.append(_APP_SCHEDULES_CLAIM_START)
     for spelled, instead in replacements:
         if text.count(spelled) != 1:
             raise ValueError(f"stored/{name}.sql: {spelled!r} is not there exactly once")
@@ -445,7 +467,12 @@ def render(name: str, tables: Tables, facts: Mapping[str, str] | None = None) ->
     names as `tables.fn` has them). A function body is quoted with `$$` unless a configured
     name holds `$$`: then with a tag the text does not hold (`$flagsched$`, ...)."""
     source = _template_for(name, tables).replace("$$", _BODY)
-    text = _compose(_expand(source, tables, facts), tables)
+    overrides = (
+        _fragments(_APP_SCHEDULES_FRAGMENTS[name])
+        if tables.app_schedules is not None and name in _APP_SCHEDULES_FRAGMENTS
+        else None
+    )
+    text = _compose(_expand(source, tables, facts, overrides), tables)
     rendered = text.as_string(None)
     tag, n = "$$", 0
     while tag in rendered:
@@ -480,10 +507,12 @@ def own_tables(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     """The DDL of flagsched's own schema and tables beside an application's (idempotent):
     on an application's schedules table too (`[schedules]`), the view over it and what
     goes with it (stored/own_schedules.sql; `facts`: `id_base_type`, its id's type), and
-    what shows and notes the rows its trigger did not note (stored/unseen_schedules.sql)."""
+    what shows and notes the rows its trigger did not note (stored/unseen_schedules.sql), and
+    the state table's indexes the claim's guard reads (stored/state_indexes.sql)."""
     if tables.app_schedules is not None:
         return ";\n".join(
-            render(name, tables, facts) for name in ("own_schedules", "unseen_schedules")
+            render(name, tables, facts)
+            for name in ("own_schedules", "unseen_schedules", "state_indexes")
         )
     return render("own_tables", tables)
 
