@@ -10,7 +10,10 @@
 -- approval) to the first such schedule (`v_blockers`, computed once per claim on the
 -- application's `next_retry_at` index and flagsched's own state indexes), and a due row
 -- behind its flag's entry is held back without the probe. The probe still decides every
--- other row, so what is claimed is exactly what the frozen claim claims.
+-- other row, so what is claimed is exactly what the frozen claim claims. The map is read in
+-- the statement before the claim's (its own snapshot): a schedule that stopped holding its
+-- flag meanwhile (a retry an operator made due, a cancel) can only keep a row out of this
+-- claim, never let one in; the next claim sees it.
 
 -- name: blockers_map
 -- flag key -> [epoch of scheduled_at, id as text] of its first open schedule (of this scope)
