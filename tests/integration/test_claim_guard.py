@@ -11,13 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example
 from psycopg import sql as pgsql
 
 from flagsched import sql as statements
 from flagsched.sql import TableMap, stored
-from tests.integration.test_held_back import Row, Sql, _flags, _seed
+from tests.integration.test_held_back import Row, Sql, _seed, over_rows
 
 FROZEN = "flagsched_claim_frozen_for_test"
 
@@ -60,16 +59,7 @@ def _claims(database_url: str, limit: int, lateness: float | None) -> tuple[Any,
     return found[0], found[1]
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    flags=_flags,
-    limit=st.sampled_from([1, 2, 1000]),
-    lateness=st.sampled_from([None, 60.0, 86400.0]),
-)
+@over_rows
 @example(flags=[[("waiting", -5), ("due", -3), ("retry", -1)]], limit=1000, lateness=None)
 @example(flags=[[("due", -5), ("waiting", -3), ("due", -1)]], limit=1000, lateness=None)
 @example(flags=[[("awaiting", -3), ("due", -3), ("due", -3)]], limit=2, lateness=None)

@@ -127,16 +127,22 @@ def _report(database_url: str, routine: str, limit: int, lateness: float | None)
         ).fetchall()
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    flags=_flags,
-    limit=st.sampled_from([2, 1000]),
-    lateness=st.sampled_from([None, 60.0, 86400.0]),
-)
+# The cases of a property test over `_seed`'s rows: the rows, a batch's limit, a lateness.
+def over_rows(test: Callable[..., None]) -> Callable[..., None]:
+    return settings(
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )(
+        given(
+            flags=_flags,
+            limit=st.sampled_from([1, 2, 1000]),
+            lateness=st.sampled_from([None, 60.0, 86400.0]),
+        )(test)
+    )
+
+
+@over_rows
 @example(flags=[[("waiting", -5), ("due", -3), ("retry", -1)]], limit=1000, lateness=None)
 @example(flags=[[("due", -3), ("awaiting", -3), ("due", -3)]], limit=1000, lateness=None)
 @example(flags=[[("future", 2), ("late_retry", 3)]], limit=1000, lateness=None)
