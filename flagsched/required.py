@@ -123,8 +123,10 @@ REQUIRED: tuple[Required, ...] = (
     ),
     # Migration 0009, from the templates of flagsched/sql/stored/ (0006's and 0007's
     # predecessors stay for the previous release, unused here): the claim and the report
-    # know approvals. The report is 0010's (flagsched_held_back_v3, one pass); 0009's
-    # flagsched_held_back_v2 stays for the previous release.
+    # know approvals. The report is 0010's (flagsched_held_back_v3, one pass); the check and
+    # the write are 0011's (flagsched_check_v4, flagsched_apply_v6: a window that never
+    # starts before PostgreSQL's time); 0009's flagsched_held_back_v2, flagsched_check_v3
+    # and flagsched_apply_v5 stay for the previous release.
     *(Function(BUILT_IN.fn.column(routine), ARGUMENTS[routine]) for routine in CALLED),
     # The record's triggers by family: `flagsched_record_update` is met by any trigger of
     # that name or named `flagsched_record_update_...` (this release's _v2 and _moved). A

@@ -60,8 +60,9 @@ class TableMap:
 
 
 # The stored objects (flagsched/sql/stored/*.sql) by logical name, as the built-in tables
-# have them: created by migration 0009 (and 0010) from the templates. A later release that
-# changes a template ships a new file and a new name here (`_v3` -> `_v4`), keeping the old.
+# have them: created by migration 0009 (and 0010, 0011) from the templates. A later release
+# that changes a template ships a new file (or a derivation of a frozen one,
+# `stored.DERIVED`) and a new name here (`_v3` -> `_v4`), keeping the old.
 BUILT_IN_ROUTINES: tuple[tuple[str, str], ...] = (
     ("kept_attempts", "flagsched_kept_attempts_v3"),
     ("check", "flagsched_check_v3"),
@@ -69,6 +70,8 @@ BUILT_IN_ROUTINES: tuple[tuple[str, str], ...] = (
     ("held_back", "flagsched_held_back_v2"),
     ("apply", "flagsched_apply_v5"),
     ("held_back_once", "flagsched_held_back_v3"),  # migration 0010
+    ("check_clamped", "flagsched_check_v4"),  # migration 0011
+    ("apply_clamped", "flagsched_apply_v6"),  # migration 0011
 )
 
 

@@ -386,9 +386,9 @@ UPDATE {schedules} SET awaiting_approval_since = %(now)s
 WHERE id = ANY(CAST(%(ids)s AS {schedule_id_type()}[])) AND awaiting_approval_since IS NULL
 
 -- name: apply
--- stored/apply.sql: lock, decide, write set-based; a failed write fails the statement (the
--- tick's one fallback takes over).
-SELECT item, outcome, message FROM {fn.apply}(
+-- stored/apply.sql (migration 0011's, calling its check): lock, decide, write set-based; a
+-- failed write fails the statement (the tick's one fallback takes over).
+SELECT item, outcome, message FROM {fn.apply_clamped}(
     CAST(%(ids)b AS {schedule_id_type()}[]), CAST(%(keys)b AS text[]),
     CAST(%(enabled)b AS boolean[]), CAST(%(rollout)b AS integer[]),
     make_interval(secs => %(lateness)s), %(wait)s, CAST(%(scope)s AS jsonb))
@@ -396,7 +396,7 @@ SELECT item, outcome, message FROM {fn.apply}(
 -- name: safety_checks
 SELECT i.id, k.outcome, k.message
 FROM unnest(CAST(%(ids)b AS {schedule_id_type()}[])) AS i(id)
-CROSS JOIN LATERAL {fn.check}(i.id, make_interval(secs => %(lateness)s)) k
+CROSS JOIN LATERAL {fn.check_clamped}(i.id, make_interval(secs => %(lateness)s)) k
 
 -- name: record_new
 -- Each schedule's outcome: its new values, computed once (`new`), then written by `record`
@@ -643,7 +643,7 @@ CASE WHEN NOT {readable_time(scheduled_at)} THEN {unreadable_time(scheduled_at)}
 END AS defect,
 -- a conflict that has already happened (the tick will fail it with `conflict:`)
 CASE WHEN status IN ('pending', 'failed') AND on_conflict = 'fail' THEN
-    (SELECT left(k.message, {MAX_TEXT}) FROM {fn.check}(id, CAST(NULL AS interval)) k
+    (SELECT left(k.message, {MAX_TEXT}) FROM {fn.check_clamped}(id, CAST(NULL AS interval)) k
      WHERE k.outcome = 'conflict')
 END AS conflict,
 -- four eyes: asked for, a tick found it awaiting, approved (idx_approvals_schedule)

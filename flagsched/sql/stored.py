@@ -31,11 +31,13 @@ from flagsched.sql import BUILT_IN_ROUTINES, TableMap, Tables, _compose
 ROUTINES: tuple[str, ...] = ("kept_attempts", "check", "claim", "held_back", "apply")
 # Added by later revisions of the built-in tables, each under its own name: 0010's
 # held_back_once (flagsched_held_back_v3, stored/held_back_once.sql) reports what held_back
-# reports in one pass over the open rows.
-LATER_ROUTINES: tuple[str, ...] = ("held_back_once",)
+# reports in one pass over the open rows; 0011's check_clamped and apply_clamped
+# (flagsched_check_v4, flagsched_apply_v6, `DERIVED`) are check and apply whose window
+# never starts before PostgreSQL's earliest time.
+LATER_ROUTINES: tuple[str, ...] = ("held_back_once", "check_clamped", "apply_clamped")
 # Routines a later one replaced in this release's statements: still created (on your own
 # tables too), as the previous release calls them, and no longer required.
-SUPERSEDED: tuple[str, ...] = ("held_back",)
+SUPERSEDED: tuple[str, ...] = ("held_back", "check", "apply")
 # What this release calls (the required-objects check).
 CALLED: tuple[str, ...] = tuple(
     routine for routine in (*ROUTINES, *LATER_ROUTINES) if routine not in SUPERSEDED
@@ -72,6 +74,16 @@ ARGUMENTS: dict[str, tuple[str, ...]] = {
     "held_back": ("integer", "jsonb", "interval"),
     "held_back_once": ("integer", "jsonb", "interval"),
     "apply": ("bigint[]", "text[]", "boolean[]", "integer[]", "interval", "boolean", "jsonb"),
+    "check_clamped": ("bigint", "interval"),
+    "apply_clamped": (
+        "bigint[]",
+        "text[]",
+        "boolean[]",
+        "integer[]",
+        "interval",
+        "boolean",
+        "jsonb",
+    ),
     "record_moved": (),
     "record_change": (),
     "record_truncate": (),
@@ -462,11 +474,56 @@ def _template_for(name: str, tables: Tables) -> str:
     return text
 
 
+# Routines derived from a frozen template by exact substitutions (each spelling must occur
+# exactly once), rather than a copy of it: (template, ((spelled, instead), ...)).
+# check_clamped (migration 0011): for a schedule judged by its snapshot, 0009's check also
+# looks at the hour before its window's start, which is out of PostgreSQL's range when that
+# start (a created_at) is in its first hour (4714-11-24 BC): the check, and the write that
+# calls it, failed with "timestamp out of range". There the hour reaches back to the
+# beginning of time; everywhere else it is the same expression. apply_clamped is 0009's
+# apply calling check_clamped.
+DERIVED: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "check_clamped": (
+        "check",
+        (
+            ("CREATE FUNCTION {fn.check}(", "CREATE FUNCTION {fn.check_clamped}("),
+            (
+                "AND c.written_at > {window_start()} - interval '1 hour'",
+                "AND c.written_at > CASE"
+                " WHEN {window_start()} >= TIMESTAMPTZ '4714-11-24 01:00:00+00 BC'"
+                " THEN {window_start()} - interval '1 hour'"
+                " ELSE TIMESTAMPTZ '-infinity' END",
+            ),
+        ),
+    ),
+    "apply_clamped": (
+        "apply",
+        (
+            ("CREATE FUNCTION {fn.apply}(", "CREATE FUNCTION {fn.apply_clamped}("),
+            ("LEFT JOIN LATERAL {fn.check}(", "LEFT JOIN LATERAL {fn.check_clamped}("),
+        ),
+    ),
+}
+
+
+def _source(name: str, tables: Tables) -> str:
+    """The template of routine `name` for `tables`: its file's, or a derived one's."""
+    if name not in DERIVED:
+        return _template_for(name, tables)
+    base, substitutions = DERIVED[name]
+    text = _template_for(base, tables)
+    for spelled, instead in substitutions:
+        if text.count(spelled) != 1:
+            raise ValueError(f"stored/{base}.sql: {spelled!r} is not there exactly once")
+        text = text.replace(spelled, instead)
+    return text
+
+
 def render(name: str, tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     """The CREATE statement of routine `name` for `tables` (its own and the other routines'
     names as `tables.fn` has them). A function body is quoted with `$$` unless a configured
     name holds `$$`: then with a tag the text does not hold (`$flagsched$`, ...)."""
-    source = _template_for(name, tables).replace("$$", _BODY)
+    source = _source(name, tables).replace("$$", _BODY)
     overrides = (
         _fragments(_APP_SCHEDULES_FRAGMENTS[name])
         if tables.app_schedules is not None and name in _APP_SCHEDULES_FRAGMENTS

@@ -310,9 +310,9 @@ def test_migrate_adds_only_its_schema_and_the_record_triggers_and_is_idempotent(
         "flagsched_record_update",
         "flagsched_record_update_moved",
     ]
-    # the two deployments share one set of stored objects (held_back_v2 and _v3: the
-    # previous release calls the first)
-    assert functions == (12,)
+    # the two deployments share one set of stored objects (held_back_v2 and _v3, check_v3
+    # and _v4, apply_v5 and _v6: the previous release calls the first of each)
+    assert functions == (14,)
     assert _four_eyes_triggers(empty_database_url, "flagsched") == FOUR_EYES_TRIGGERS
 
 
@@ -375,6 +375,43 @@ def test_migrate_adds_four_eyes_to_the_tables_an_earlier_release_made(
     assert d.run("migrate", "--check").code == 0
     assert d.schedule(kept)["status"] == "pending"  # the rows an earlier release left stay
     assert d.run("list").code == 0
+
+
+@pytest.mark.parametrize("shape", [UPSTREAM_SHAPE, UPSTREAM_SCHEDULES], ids=lambda s: s.name)
+def test_migrate_adds_the_clamped_check_beside_the_previous_releases(
+    empty_database_url: str, tmp_path: Path, shape: Shape
+) -> None:
+    """A deployment the previous release migrated has its check and write (0009's text) but
+    not this release's (`check_clamped`, `apply_clamped`: 0011's on the built-in tables):
+    the tick refuses the schema (exit 3, naming them), and `migrate` adds the two, beside
+    the previous release's, which stay; then a schedule created in PostgreSQL's first hour
+    applies."""
+    d = _deploy(shape, empty_database_url, tmp_path)
+    d.add_flag("new-checkout")
+    sid = d.add_schedule("new-checkout", {"enabled": True})
+    d.sql(
+        f"UPDATE {d.own}.feature_flag_schedules SET created_at = "
+        "'4714-11-24 00:30:00+00 BC' WHERE id = %(i)s",
+        {"i": sid},
+    )
+    found = "SELECT proname FROM pg_proc WHERE pronamespace = 'flagsched'::regnamespace "
+    newest = d.sql(found + "AND proname ~ '^flagsched_(check_v4|apply_v6)_'")
+    assert len(newest) == 2
+    for (function,) in newest:  # the previous release's schema
+        d.sql(f"DROP FUNCTION flagsched.{function}")
+    refused = d.run("process")
+    assert refused.code == 3, refused
+    assert "flagsched_check_v4_" in refused.stderr and "flagsched_apply_v6_" in refused.stderr
+    assert d.run("migrate", "--check").code == 1
+
+    migrated = d.run("migrate")
+    assert migrated.code == 0, migrated.stderr
+    assert json.loads(migrated.stderr.splitlines()[-1])["created"] == 2
+    assert d.sql(found + "AND proname ~ '^flagsched_(check_v4|apply_v6)_'") == newest
+    assert len(d.sql(found + "AND proname ~ '^flagsched_(check_v3|apply_v5)_'")) == 2
+    ran = d.run("process")
+    assert ran.code == 0, ran.stderr
+    assert d.schedule(sid)["status"] == "applied" and d.flag("new-checkout")[0] is True
 
 
 def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
@@ -844,7 +881,7 @@ def test_migrates_of_several_deployments_at_once_all_succeed(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.feature_flags'::regclass "
             "AND NOT tgisinternal"
         ).fetchone()
-    assert (functions, triggers) == ((12,), (5,))
+    assert (functions, triggers) == ((14,), (5,))
 
 
 ALICE, BOB = "test_own_alice", "test_own_bob"

@@ -197,6 +197,44 @@ def test_the_cli_refuses_a_time_it_could_not_read_back(flagsched: Callable[..., 
     assert "Traceback" not in ran.stderr
 
 
+# A created_at in PostgreSQL's first hour (4714-11-24 BC), on a row inserted as any other
+# (with its created_snapshot): 0009's safety check put its window's start an hour earlier,
+# before PostgreSQL's time ("timestamp out of range"), and the tick's write failed the row,
+# retry after retry, though nothing else stops it. Migration 0011's check starts that window
+# at the beginning of time instead.
+@pytest.mark.parametrize("created_at", ["4714-11-24 00:30:00+00 BC", "4714-11-24 00:00:00+00 BC"])
+@pytest.mark.parametrize("another_writer", [False, True])
+def test_a_created_at_in_postgresqls_first_hour_is_checked_and_applied(
+    database_url: str,
+    add_flag: Any,
+    flag: Any,
+    sql: Sql,
+    created_at: str,
+    another_writer: bool,
+) -> None:
+    add_flag("a", rollout=7)
+    (sid,) = insert(database_url, [row('{"enabled": true}', created_at=created_at)])
+    if another_writer:  # after it was created: a conflict, as for any other row
+        sql("UPDATE feature_flags SET rollout_percentage = 8 WHERE key = 'a'")
+    plan = command(database_url, "process", "--dry-run")
+    assert plan.code == 0, plan.stderr
+    ran = command(database_url, "process")
+    ((status, timed, error),) = sql(  # (Python holds no BC time: not the whole row)
+        "SELECT status, next_retry_at IS NOT NULL, last_error FROM feature_flag_schedules "
+        "WHERE id = :i",
+        i=sid,
+    )
+    if another_writer:
+        assert (status, timed) == ("failed", False), error
+        assert error.startswith("conflict: flag 'a' was changed by"), error
+        assert ran.code == 1 and flag("a") == (False, 8)
+        assert "fail for good: conflict: flag 'a' was changed by" in plan.stdout, plan.stdout
+    else:
+        assert (status, error) == ("applied", None)
+        assert ran.code == 0 and flag("a") == (True, 7)
+        assert "apply: on" in plan.stdout, plan.stdout
+
+
 @pytest.mark.parametrize("levels", [990, 1010, 1023, 3000])
 def test_deep_nesting_fails_its_row_not_the_tick(
     database_url: str, add_flag: Any, add_schedule: Any, schedule: Any, levels: int
@@ -459,6 +497,18 @@ def hostile_database(database_url: str, failing: Callable[..., None]) -> str:
     ],
     batch_size="1",
 )  # fmt: skip
+# And a valid row created in PostgreSQL's first hour: 0009's check overflowed in the tick's
+# write too, which retried it with "timestamp out of range" until it failed for good.
+@example(
+    rows=[
+        {"flag_key": "h1", "scheduled_at": -60, "updates": '{"enabled": true}',
+         "status": "pending", "retry_count": 0, "max_retries": 3, "next_retry_at": None,
+         "created_at": "4714-11-24 00:30:00+00 BC", "expires_at": None, "reviewed_at": None,
+         "attempts": "[]", "on_conflict": on_conflict}
+        for on_conflict in ("apply", "fail")
+    ],
+    batch_size="100",
+)  # fmt: skip
 def test_no_row_stops_the_queue(
     hostile_database: str, rows: list[dict[str, Any]], batch_size: str
 ) -> None:
@@ -537,6 +587,65 @@ def test_no_row_stops_the_queue(
         for k in ("due", "scheduled", "waiting_retry", "failed", "applied", "cancelled", "unknown")
     )
     assert counted == len(hostile) + len(valid)  # every row is reported somewhere
+
+
+_first_hour = st.sampled_from(
+    ["4714-11-24 00:00:00+00 BC", "4714-11-24 00:30:00+00 BC", "4714-11-24 01:00:00+00 BC"]
+)
+
+
+def _check(url: str, version: str, sid: int) -> list[tuple[str, str]] | str:
+    """What flagsched_check_<version> says of schedule `sid`, or the error it raises."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            rows = conn.execute(
+                f"SELECT outcome, message FROM flagsched_check_{version}(%(i)s, NULL)",
+                {"i": sid},
+            ).fetchall()
+        except psycopg.DataError as exc:
+            return str(exc)
+    return [(str(o), str(m)) for o, m in rows]
+
+
+@pytest.mark.built_in_only("the previous release's check exists for the built-in tables only")
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    created_at=_times | _first_hour,
+    reviewed_at=st.none() | _times | _first_hour,
+    written_at=st.lists(_times | _first_hour, min_size=1, max_size=3),
+)
+def test_the_clamped_check_decides_as_the_previous_one_wherever_that_one_could(
+    database_url: str, created_at: Any, reviewed_at: Any, written_at: list[Any]
+) -> None:
+    """Migration 0011's check (flagsched_check_v4) says what 0009's (flagsched_check_v3)
+    says of any schedule, and where 0009's fails (its window's start in PostgreSQL's first
+    hour) it still decides. The foreign changes are written by a transaction open while the
+    schedule was inserted, so the hour before the window's start (the clamped part) counts."""
+    url = database_url
+    with psycopg.connect(url, autocommit=True) as conn:  # a cleaned database per example
+        conn.execute("DELETE FROM feature_flag_schedules")
+        conn.execute("TRUNCATE feature_flag_changes")
+    with psycopg.connect(url) as writer:  # open before the schedule's INSERT, commits after
+        writer.execute("SELECT pg_current_xact_id()")
+        (sid,) = insert(
+            url, [row('{"enabled": true}', created_at=created_at, reviewed_at=reviewed_at)]
+        )
+        for when in written_at:
+            writer.execute(
+                "INSERT INTO feature_flag_changes (flag_key, actor, old_enabled, new_enabled, "
+                f"written_at) VALUES ('a', 'app', false, true, {_time_sql('written_at', when)})",
+                {"written_at": when},
+            )
+    before, after = _check(url, "v3", sid), _check(url, "v4", sid)
+    assert not isinstance(after, str), after
+    if isinstance(before, str):
+        assert "timestamp out of range" in before
+    else:
+        assert after == before
 
 
 def test_a_real_process_survives_hostile_rows(

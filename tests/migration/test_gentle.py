@@ -53,7 +53,7 @@ def test_each_revision_commits_in_its_own_transaction(empty_database_url: str) -
     assert migrate.upgrade(make_engine(empty_database_url)) == ("0001", migrate.head())
     log = _log(empty_database_url)
     assert [v for v, _ in log] == [
-        "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010"
+        "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010", "0011"
     ]  # fmt: skip
     assert len({txid for _, txid in log}) == len(log)
 
@@ -126,7 +126,7 @@ def test_migrates_racing_revision_by_revision_apply_each_revision_once(
     results = [p.communicate(timeout=120) for p in processes]
     assert [p.returncode for p in processes] == [0, 0, 0], results
     assert [v for v, _ in _log(empty_database_url)] == [
-        "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010"
+        "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010", "0011"
     ]  # fmt: skip
     assert migrate.current(make_engine(empty_database_url)) == migrate.head()
 
@@ -136,13 +136,13 @@ CONCURRENT_REVISION = '''
 """An index built CONCURRENTLY (a test revision).
 
 Revision ID: 0099
-Revises: 0010
+Revises: 0011
 """
 
 from alembic import op
 
 revision = "0099"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
@@ -192,9 +192,9 @@ def test_a_revision_may_build_an_index_concurrently(
         bouncer: pgbouncer_script.PgBouncer = request.getfixturevalue("pgbouncer")
         url = bouncer.url(database_url)
     engine = make_engine(url)
-    assert migrate.upgrade(engine) == ("0010", "0099")
+    assert migrate.upgrade(engine) == ("0011", "0099")
     assert _index(database_url) == [(True, "built concurrently")]
-    assert migrate.downgrade(engine, "0010") == ("0099", "0010")
+    assert migrate.downgrade(engine, "0011") == ("0099", "0011")
     assert _index(database_url) == []
 
 
@@ -206,7 +206,7 @@ def test_migrate_sql_commits_around_a_concurrent_index(
     at = next(i for i, line in enumerate(lines) if "CREATE INDEX CONCURRENTLY" in line)
     assert (lines[at - 1], lines[at + 1]) == ("COMMIT;", "BEGIN;")  # outside a transaction
     # One per revision, and one more: 0099 commits before its concurrent index and begins after.
-    assert lines.count("BEGIN;") == lines.count("COMMIT;") == 12
+    assert lines.count("BEGIN;") == lines.count("COMMIT;") == 13
 
 
 def test_an_application_updating_flags_while_0006_runs_never_deadlocks(

@@ -333,3 +333,79 @@ def test_revision_six_keeps_the_old_functions_and_downgrades_to_five(
     ) == [(False, True), (True, False)]
     migrate.upgrade(engine)
     assert migrate.current(engine) == HEAD
+
+
+def test_revision_eleven_adds_the_clamped_check_beside_the_previous_releases(
+    empty_database_url: str,
+) -> None:
+    """0011 adds flagsched_check_v4 and flagsched_apply_v6 beside 0009's check_v3 and
+    apply_v5, which the previous release calls and which work as before, side by side with
+    them; v4 checks a schedule created in PostgreSQL's first hour, where v3 overflows, and
+    otherwise decides as v3 does. Downgrading to 0010 drops only 0011's."""
+    engine = make_engine(empty_database_url)
+    migrate.upgrade(engine, "0010")
+
+    def run(statement: str, **params: Any) -> list[Any]:
+        with engine.begin() as conn:
+            result = conn.execute(sa.text(statement), params)
+            return list(result) if result.returns_rows else []
+
+    def exists(signature: str) -> bool:
+        return bool(run("SELECT to_regprocedure(:s) IS NOT NULL", s=signature)[0][0])
+
+    def schedule(key: str, created_at: str = "now()") -> int:
+        return int(
+            run(
+                "INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, created_at) "
+                f"VALUES (:k, now() - interval '1 minute', '{{\"enabled\": true}}', {created_at}) "
+                "RETURNING id",
+                k=key,
+            )[0][0]
+        )
+
+    def apply(version: str, sid: int, key: str) -> list[Any]:
+        return run(
+            f"SELECT * FROM flagsched_apply_{version}(ARRAY[CAST(:i AS bigint)], ARRAY[:k], "
+            "ARRAY[true], ARRAY[CAST(NULL AS integer)], interval '1 hour', true, '{}')",
+            i=sid,
+            k=key,
+        )
+
+    check_v4 = "flagsched_check_v4(bigint, interval)"
+    apply_v6 = (
+        "flagsched_apply_v6(bigint[], text[], boolean[], integer[], interval, boolean, jsonb)"
+    )
+    previous = (
+        "flagsched_check_v3(bigint, interval)",
+        "flagsched_apply_v5(bigint[], text[], boolean[], integer[], interval, boolean, jsonb)",
+    )
+    run("INSERT INTO feature_flags (key) VALUES ('a'), ('b'), ('c'), ('d')")
+    old_row = schedule("a")
+    first_hour = schedule("b", "TIMESTAMPTZ '4714-11-24 00:30:00+00 BC'")
+    conflicted = schedule("c")
+    run("UPDATE feature_flags SET rollout_percentage = 5 WHERE key = 'c'")  # another writer
+    assert not exists(check_v4) and not exists(apply_v6)
+    migrate.upgrade(engine)
+    assert all(exists(f) for f in (check_v4, apply_v6, *previous))
+    # The previous release's write and check, as before.
+    assert apply("v5", old_row, "a") == []
+    with pytest.raises(sa.exc.DataError, match="timestamp out of range"):
+        run("SELECT * FROM flagsched_check_v3(:i, interval '1 hour')", i=first_hour)
+    # This release's, beside them.
+    assert run("SELECT * FROM flagsched_check_v4(:i, interval '1 hour')", i=first_hour) == []
+    assert apply("v6", first_hour, "b") == []
+    for version in ("v3", "v4"):
+        ((outcome, message),) = run(
+            f"SELECT * FROM flagsched_check_{version}(:i, interval '1 hour')", i=conflicted
+        )
+        assert outcome == "conflict" and message.startswith("conflict: flag 'c' was changed")
+    assert [r[1] for r in apply("v5", conflicted, "c")] == ["conflict"]
+    assert [r[1] for r in apply("v6", conflicted, "c")] == ["conflict"]
+    assert run("SELECT key, enabled FROM feature_flags ORDER BY key") == [
+        ("a", True), ("b", True), ("c", False), ("d", False)
+    ]  # fmt: skip
+    assert migrate.downgrade(engine, "0010") == (HEAD, "0010")
+    assert not exists(check_v4) and not exists(apply_v6)
+    assert all(exists(f) for f in previous)
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == HEAD

@@ -102,8 +102,14 @@ def test_a_later_release_that_replaces_the_history_trigger_serves_this_release(
             "column feature_flag_schedules.reviewed_at",
         ),
         (
-            "DROP FUNCTION flagsched_check_v3(bigint, interval)",
-            "function flagsched_check_v3(bigint, interval)",
+            "DROP FUNCTION flagsched_check_v4(bigint, interval)",
+            "function flagsched_check_v4(bigint, interval)",
+        ),
+        (
+            "DROP FUNCTION flagsched_apply_v6(bigint[], text[], boolean[], integer[], interval, "
+            "boolean, jsonb)",
+            "function flagsched_apply_v6(bigint[], text[], boolean[], integer[], interval, "
+            "boolean, jsonb)",
         ),
         (  # the same name with another signature is not the function this release calls
             "DROP FUNCTION flagsched_claim_v3(integer, boolean, jsonb, interval); "
@@ -146,14 +152,28 @@ def test_a_missing_table_stands_for_its_columns(database_url: str, sql: Sql) -> 
         assert repository.missing_objects(conn) == ["table feature_flag_recurrences"]
 
 
+@pytest.mark.parametrize(
+    ("revision", "named"),
+    [
+        ("0004", ["table feature_flag_recurrences", "column feature_flag_schedules.recurrence_id"]),
+        # the previous release's: the check and the write this one calls are 0011's
+        (
+            "0010",
+            [
+                "function flagsched_check_v4(bigint, interval)",
+                "function flagsched_apply_v6(bigint[], text[], boolean[], integer[], interval, "
+                "boolean, jsonb)",
+            ],
+        ),
+    ],
+)
 def test_a_schema_an_earlier_release_left_is_exit_3_until_migrated(
-    empty_database_url: str, flagsched: Callable[..., Ran]
+    empty_database_url: str, flagsched: Callable[..., Ran], revision: str, named: list[str]
 ) -> None:
-    migrate.upgrade(make_engine(empty_database_url), "0004")
+    migrate.upgrade(make_engine(empty_database_url), revision)
     ran = flagsched("process", url=empty_database_url)
     assert ran.code == 3
-    assert "table feature_flag_recurrences" in ran.stderr
-    assert "column feature_flag_schedules.recurrence_id" in ran.stderr
+    assert all(name in ran.stderr for name in named), ran.stderr
     assert "run `flagsched migrate`" in ran.stderr
     assert flagsched("migrate", url=empty_database_url).code == 0
     assert flagsched("process", url=empty_database_url).code == 0
