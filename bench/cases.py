@@ -1406,14 +1406,47 @@ def app_schedules_drain(b: Bench) -> Case:
     return case
 
 
-# -- 14. A deep held-back backlog on the first application's schedules table ------------
+# -- 14. Deep backlogs on the first application's schedules table ------------------------
 
 DEEP_TEMPLATE = "flagsched_bench_deep"
 DEEP_FLAGS, DEEP_APPLIED, DEEP_DUE = 300, 20, 100
 
 
+RESTORED_TEMPLATE = "flagsched_bench_restored"
+RESTORED = 2 * DRAIN_SCHEDULES
+
+
+def _restored_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
+    """The first tick after a restore left `RESTORED` due rows no trigger noted: its times
+    (a fresh copy each run) and what went wrong (an exit other than 0, a batch not applied)."""
+    _upstream_template(b, RESTORED_TEMPLATE, config)
+    b.cluster.sql(RESTORED_TEMPLATE, statement("bench_upstream_noting_off"))
+    b.cluster.sql(
+        RESTORED_TEMPLATE,
+        statement("bench_upstream_schedules"),
+        {"flags": DRAIN_FLAGS, "count": RESTORED},
+    )
+    b.cluster.sql(RESTORED_TEMPLATE, statement("bench_upstream_noting_on"))
+    b.cluster.vacuum(RESTORED_TEMPLATE)
+    argv = flagsched_command("--config", str(config), "process", "--batch-size", "100")
+    times: list[float] = []
+    problems: list[str] = []
+    for i in range(b.runs(5)):
+        db = b.cluster.clone(RESTORED_TEMPLATE)
+        b.cluster.quiesce()
+        ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"restored-{i}"))
+        b.cluster.drop(db)
+        finished = _json_events(ran, "tick_finished")
+        applied = finished[-1]["applied"] if finished else None
+        if ran.code != 0 or applied != 100:
+            problems.append(f"restore run {i}: exit {ran.code}, applied {applied}")
+        times.append(ran.seconds)
+        progress(f"restore's first tick run {i + 1}: {ran.seconds:.2f} s")
+    return times, problems
+
+
 def deep_backlog(b: Bench) -> Case:
-    case = Case("14. A deep held-back backlog on the first application's schedules table")
+    case = Case("14. Deep backlogs on the first application's schedules table")
     config = b.workdir / "app.toml"
     config.write_text(APP_CONFIG)
     _upstream_template(b, DEEP_TEMPLATE, config)
@@ -1435,9 +1468,13 @@ def deep_backlog(b: Bench) -> Case:
         times.append(ran.seconds)
         progress(f"deep backlog tick run {i + 1}: {ran.seconds:.2f} s")
     tick = _median(times)
+    restored, restore_problems = _restored_tick(b, config)
+    problems += restore_problems
+    first = _median(restored)
     case.figures += [
         Figure("one tick, median", f"{tick:.2f} s", "<= 3 s", tick <= 3.0),
-        Figure("every tick exits 0, nothing applied", "yes" if not problems else "NO", "yes",
+        Figure("a restore's first tick, median", f"{first:.2f} s", "<= 3 s", first <= 3.0),
+        Figure("every tick exits 0 as expected", "yes" if not problems else "NO", "yes",
                not problems),
     ]  # fmt: skip
     case.details += [
@@ -1449,6 +1486,15 @@ def deep_backlog(b: Bench) -> Case:
         "is a tenth of the default statement timeout (30 s), which the claim before the "
         "map of flags held by a schedule that cannot move (stored/claim_guard.sql) passed: "
         "every tick exited 3. Runs: " + ", ".join(f"{t:.2f} s" for t in times) + ".",
+        "",
+        f"A restore: the first application's tables with {RESTORED:,} due schedules (case 1's "
+        f"backlog, twice over) inserted while flagsched's trigger on its schedules table was "
+        "off (as a restore with triggers disabled leaves them), none noted, the database "
+        "vacuumed and analyzed (flagsched's state table empty); the first "
+        "`flagsched process --batch-size 100` on a fresh copy each run notes them all, then "
+        "applies a batch. The previous release's noting (`flagsched_note_unseen_v1`) read "
+        "the state table it was filling once per row there: that tick passed the statement "
+        "timeout. Runs: " + ", ".join(f"{t:.2f} s" for t in restored) + ".",
     ]
     case.details += [""] + [f"- problem: {p}" for p in problems]
     return case

@@ -228,7 +228,7 @@ def _app_schedules(tables: Tables) -> tuple[Required, ...]:
         Trigger(relation(tables.app_schedules), SCHEDULE_TRIGGER),
         # the rows no trigger noted: shown by the reads, noted by the tick and the writes
         Table(relation(tables.schedules_all), ("id", "flag_key", "status")),
-        Function(f"{schema}.{_quoted(tables.fn.column('note_unseen'))}", ("text[]",)),
+        Function(f"{schema}.{_quoted(tables.fn.column('note_unseen_once'))}", ("text[]",)),
         Function(
             f"{_quoted(tables.fn.schema or 'public')}.{_quoted(tables.fn.column('record_app'))}",
             (f"{domain}[]", "text[]", "timestamp with time zone[]", "integer[]", "integer[]",

@@ -166,7 +166,7 @@ def _adopted_tables(configuration: Configuration) -> Tables:
     unscoped = replace(mapping, scope=tuple((column, "") for column, _ in mapping.scope))
     routines = stored.adopted_routines(unscoped, own)
     if app_schedules is not None:  # rendered by `flagsched migrate` (own_schedules.sql,
-        # unseen_schedules.sql)
+        # unseen_schedules.sql, unseen_once.sql)
         named = f"{stored.RECORD_APP}_{stored.mapping_digest(unscoped)}"
         routines = replace(
             routines,
@@ -174,6 +174,7 @@ def _adopted_tables(configuration: Configuration) -> Tables:
                 *routines.columns,
                 ("record_app", named),
                 ("note_unseen", stored.NOTE_UNSEEN),
+                ("note_unseen_once", stored.NOTE_UNSEEN_ONCE),
             ),
         )
     return replace(mapping, fn=routines)

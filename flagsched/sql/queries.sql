@@ -272,8 +272,8 @@ SELECT NOT EXISTS (
 
 -- name: note_unseen_schedules
 -- On an application's schedules table, the rows no trigger noted (stored/
--- unseen_schedules.sql): the open ones, and those of the ids an operator gave.
-SELECT {fn.note_unseen}(CAST(%(ids)s AS text[]))
+-- unseen_once.sql): the open ones, and those of the ids an operator gave.
+SELECT {fn.note_unseen_once}(CAST(%(ids)s AS text[]))
 
 -- name: note_every_schedule
 -- `flagsched migrate` on an application's schedules table (shape 3): a state row for each
@@ -1081,6 +1081,14 @@ SELECT f.id, now() - interval '10 days' + g * interval '1 second', '{"enabled": 
        CASE WHEN g = %(applied)s + 1 THEN 'refused' END, 'admin-api'
 FROM public.feature_flags f, generate_series(1, %(applied)s + 1 + %(due)s) AS g
 WHERE f.environment = 'production' AND f.flag_key <= 'flag-' || lpad((%(flags)s - 1)::text, 5, '0')
+
+-- name: bench_upstream_noting_off
+-- A restore's way of writing the first application's schedules: flagsched's trigger on its
+-- table off while the rows are inserted, so none of them is noted (on again after).
+ALTER TABLE public.feature_flag_schedules DISABLE TRIGGER flagsched_note_schedule
+
+-- name: bench_upstream_noting_on
+ALTER TABLE public.feature_flag_schedules ENABLE TRIGGER flagsched_note_schedule
 
 -- name: bench_own_statuses
 SELECT status, count(*) FROM flagsched.feature_flag_schedules GROUP BY 1

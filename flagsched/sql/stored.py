@@ -564,12 +564,13 @@ def own_tables(tables: Tables, facts: Mapping[str, str] | None = None) -> str:
     """The DDL of flagsched's own schema and tables beside an application's (idempotent):
     on an application's schedules table too (`[schedules]`), the view over it and what
     goes with it (stored/own_schedules.sql; `facts`: `id_base_type`, its id's type), and
-    what shows and notes the rows its trigger did not note (stored/unseen_schedules.sql), and
-    the state table's indexes the claim's guard reads (stored/state_indexes.sql)."""
+    what shows and notes the rows its trigger did not note (stored/unseen_schedules.sql, and
+    stored/unseen_once.sql, what this release calls), and the state table's indexes the
+    claim's guard reads (stored/state_indexes.sql)."""
     if tables.app_schedules is not None:
         return ";\n".join(
             render(name, tables, facts)
-            for name in ("own_schedules", "unseen_schedules", "state_indexes")
+            for name in ("own_schedules", "unseen_schedules", "unseen_once", "state_indexes")
         )
     return render("own_tables", tables)
 
@@ -701,6 +702,9 @@ RECORD_APP = "flagsched_schedules_record_v1"
 # What notes the rows of an application's schedules table no trigger noted (queries.sql
 # `note_unseen_schedules`, stored/unseen_schedules.sql), in flagsched's schema.
 NOTE_UNSEEN = "flagsched_note_unseen_v1"
+# What this release calls instead (stored/unseen_once.sql): the same in two statements, so
+# that a restore's many rows are noted in one pass; v1 stays for the previous release.
+NOTE_UNSEEN_ONCE = "flagsched_note_unseen_v2"
 
 
 def mapping_note(tables: Tables) -> str:
