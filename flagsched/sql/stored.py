@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib.resources import files
@@ -467,6 +467,12 @@ def _template_for(name: str, tables: Tables) -> str:
         replacements.append(_APP_SCHEDULES_SETTINGS[name])
     if name in _APP_SCHEDULES_FRAGMENTS:
         replacements.append(_APP_SCHEDULES_CLAIM_START)
+    return _substituted(text, name, replacements)
+
+
+def _substituted(text: str, name: str, replacements: Sequence[tuple[str, str]]) -> str:
+    """`text` of stored/<name>.sql with each (spelled, instead): a frozen spelling that is not
+    there exactly once is an error, never a silent miss."""
     for spelled, instead in replacements:
         if text.count(spelled) != 1:
             raise ValueError(f"stored/{name}.sql: {spelled!r} is not there exactly once")
@@ -511,12 +517,7 @@ def _source(name: str, tables: Tables) -> str:
     if name not in DERIVED:
         return _template_for(name, tables)
     base, substitutions = DERIVED[name]
-    text = _template_for(base, tables)
-    for spelled, instead in substitutions:
-        if text.count(spelled) != 1:
-            raise ValueError(f"stored/{base}.sql: {spelled!r} is not there exactly once")
-        text = text.replace(spelled, instead)
-    return text
+    return _substituted(_template_for(base, tables), base, substitutions)
 
 
 def render(name: str, tables: Tables, facts: Mapping[str, str] | None = None) -> str:
