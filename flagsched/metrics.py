@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.exposition import generate_latest, pushadd_to_gateway
+from prometheus_client.exposition import (
+    basic_auth_handler,
+    default_handler,
+    generate_latest,
+    pushadd_to_gateway,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from flagsched.logs import get_logger
 from flagsched.model import Outcome, TickReport
 from flagsched.render import write_atomically
-from flagsched.urls import one_line
+from flagsched.urls import credentials, one_line
 
 LAST_SUCCESS = "flagsched_last_success_timestamp_seconds"
 JOB = "flagsched"
@@ -116,9 +122,23 @@ def publish(
         registry = registry_for(report, now=now, last_success=carried)
         write_atomically(metrics_file, generate_latest(registry))
     if pushgateway:
+        # user info in the URL is sent as basic auth (urllib would read it as part of the host)
+        gateway, login = credentials(pushgateway)
         pushadd_to_gateway(
-            pushgateway,
+            gateway,
             job=JOB,
             registry=registry_for(report, now=now, last_success=None),
             timeout=10,
+            handler=default_handler if login is None else _basic_auth(*login),
         )
+
+
+def _basic_auth(user: str, password: str) -> Callable[..., Callable[[], None]]:
+    """prometheus_client's handler that sends `user` and `password` as basic auth."""
+
+    def handler(
+        url: str, method: str, timeout: float | None, headers: list[tuple[str, str]], data: bytes
+    ) -> Callable[[], None]:
+        return basic_auth_handler(url, method, timeout, headers, data, user, password)
+
+    return handler

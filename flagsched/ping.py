@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from flagsched.urls import credentials
+
 BUDGET_SECONDS = 5.0
 SCHEMES = ("http", "https")
 
@@ -70,14 +72,14 @@ class _Request:
         self._thread.start()
 
     def _send(self) -> None:
-        parts = urlsplit(self._raw)
+        bare, login = credentials(self._raw)
+        parts = urlsplit(bare)
         headers = {"User-Agent": "flagsched"}
-        host = parts.netloc.rpartition("@")[2]
-        if parts.username is not None:  # urllib does not send URL userinfo itself
-            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        if login is not None:
+            pair = ":".join(login)
             headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
         path = parts.path.rstrip("/") + "/" + self.suffix
-        target = urlunsplit((parts.scheme, host, path, parts.query, ""))
+        target = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
         try:
             request = urllib.request.Request(target, headers=headers, method="GET")
             with urllib.request.urlopen(request, timeout=self._timeout) as response:

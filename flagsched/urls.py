@@ -43,6 +43,18 @@ def _split(url: str) -> tuple[str | None, str | None, str | None, str]:
     return scheme or None, user, password if colon else None, rest[end + 1 :]
 
 
+def credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """`url` without its user info, and the (user, password) it held, percent-decoded (None
+    when it held none): an HTTP client sends them as basic auth, since urllib sends no URL
+    user info itself. The user info is read as `describe_url` reads it (up to the last `@`
+    before the host)."""
+    scheme, user, password, rest = _split(url)
+    bare = f"{scheme}://{rest}" if scheme else rest
+    if user is None:
+        return bare, None
+    return bare, (unquote(user), unquote(password or ""))
+
+
 def describe_url(url: str) -> str:
     """`scheme://host:port/path` of `url`: without user, password, query or fragment (they
     may hold credentials or tokens). For messages about HTTP endpoints."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -66,10 +68,12 @@ def test_an_unwritable_metrics_file_is_a_warning_not_a_failure(
 
 class _Gateway(BaseHTTPRequestHandler):
     received: ClassVar[list[tuple[str, str, str]]] = []
+    authorization: ClassVar[list[str | None]] = []
 
     def _handle(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
         self.received.append((self.command, self.path, body))
+        self.authorization.append(self.headers.get("Authorization"))
         self.send_response(200)
         self.end_headers()
 
@@ -81,7 +85,7 @@ class _Gateway(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def gateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
-    _Gateway.received = []
+    _Gateway.received, _Gateway.authorization = [], []
     server = HTTPServer(("127.0.0.1", 0), _Gateway)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -136,3 +140,20 @@ def test_a_corrupt_metrics_file_is_replaced_with_one_warning(
 def database_url(shaped_database_url: str) -> str:
     """Every test here on the built-in tables and on your own flags table (issue 18)."""
     return shaped_database_url
+
+
+def test_pushgateway_credentials_in_its_url_are_sent_as_basic_auth(
+    flagsched: Callable[..., Ran], gateway: tuple[str, list[tuple[str, str, str]]]
+) -> None:
+    """A Pushgateway behind basic auth: user info in --pushgateway's URL (percent-encoded or
+    not) is sent as the Authorization header, the request goes to the host after it."""
+    url, received = gateway
+    with_login = url.replace("http://", "http://ops%40team:s3cr%2Ft@")
+    ran = flagsched("process", "--pushgateway", with_login)
+    assert ran.code == 0, ran.stderr
+    assert "metrics_publish_failed" not in ran.stderr and "s3cr" not in ran.stderr
+    assert received[0][:2] == ("POST", "/metrics/job/flagsched")
+    assert _Gateway.authorization == ["Basic " + base64.b64encode(b"ops@team:s3cr/t").decode()]
+
+    assert flagsched("process", "--pushgateway", url).code == 0
+    assert _Gateway.authorization[1] is None  # no user info, no header

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from flagsched.urls import (
+    credentials,
     database_url_problem,
     describe_database,
     describe_url,
@@ -95,3 +96,17 @@ def test_no_password_reaches_a_description(password: str, encode: bool) -> None:
     )
     if password not in fixed and written not in fixed:
         assert password not in shown and written not in shown
+
+
+@given(password=_passwords, encode=st.booleans())
+@example(password="p/w?x#y@z", encode=False)
+def test_credentials_split_the_login_from_the_endpoint(password: str, encode: bool) -> None:
+    """What an HTTP client sends as basic auth is the password as meant (percent-decoded when
+    written encoded), and the URL it contacts holds no part of it: the host after the last
+    `@`, as `describe_url` shows it."""
+    written = quote(password, safe="") if encode else password
+    url = f"https://ops:{written}@gw.example:9091/base"
+    bare, login = credentials(url)
+    assert bare == "https://gw.example:9091/base" == describe_url(url) + ""
+    assert login == ("ops", password if encode else unquote(password))
+    assert credentials("https://gw.example:9091/") == ("https://gw.example:9091/", None)
