@@ -320,6 +320,16 @@ def adopted_missing(database: Database, configuration: Configuration) -> list[st
         return repository.missing_objects(conn, required(configuration.tables()))
 
 
+def built_in_missing(database: Database) -> list[str]:
+    """What of the objects this release uses is missing from the built-in tables (`--check`
+    at the latest revision: something dropped by hand, which no revision re-creates)."""
+    from flagsched.required import required
+    from flagsched.sql import BUILT_IN
+
+    with db_begin(database) as conn:
+        return repository.missing_objects(conn, required(BUILT_IN))
+
+
 def current(engine: Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
     with begin(engine) as conn:

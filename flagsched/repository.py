@@ -225,7 +225,8 @@ def ensure_schema(conn: Conn) -> None:
     more = len(missing) - _SHOWN_MISSING
     raise SchemaNotCurrent(
         f"the database schema lacks {shown}{f' and {more} more' if more > 0 else ''}, which "
-        "this flagsched uses: run `flagsched migrate`"
+        "this flagsched uses: run `flagsched migrate` (`flagsched migrate --check` first says "
+        "whether the configuration does not match the tables or it was dropped by hand)"
     )
 
 
@@ -250,9 +251,10 @@ def _ensure_own_mapping(conn: Conn, tables: Tables) -> None:
     if found is not None and found[0] == "v" and found[1] != stored.mapping_note(tables):
         raise SchemaNotCurrent(
             f"flagsched's view {relation(tables.schedules)} was migrated with another mapping of "
-            "the application's tables: give this deployment the configuration that migrated "
-            "it, or run `flagsched migrate` with this one once the view is dropped "
-            "(docs/own-tables.md)"
+            "the application's tables (a column, a member of updates or a scope column differs "
+            "from this configuration's): give this deployment the configuration that migrated "
+            "it; `flagsched migrate --check` with this one names what does not match the "
+            "tables (docs/own-tables.md)"
         )
 
 

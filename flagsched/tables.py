@@ -6,9 +6,10 @@ reads them)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from typing import Any
@@ -82,12 +83,10 @@ class Configuration:
         return f"configuration {self.source}" if self.source else "the configuration"
 
     def not_available(self, command: str | None = None) -> str | None:
-        """Why this release cannot run `command` with this configuration yet (None: it
-        can). On an application's flags with flagsched's own schedules table (no
-        `[schedules]`) every command runs, approvals (four eyes, `[approval]`) included;
-        every command on an application's schedules table is refused before touching the
-        database (`migrate` checks the configuration first): nothing half-built may touch
-        an application's tables."""
+        """Why this release cannot run `command` with this configuration (None: it can).
+        Every command runs on every shape (built-in tables, an application's flags, its
+        flags and schedules), approvals included; only flagsched's own schema moved
+        elsewhere without `[flags]` is refused, before touching the database."""
         if self.flags is None:
             if self.schema != DEFAULT_SCHEMA:
                 return (
@@ -210,12 +209,12 @@ def parse(text: str, *, source: str | None = None) -> Configuration:
 
 def from_document(document: Mapping[str, Any], *, source: str | None = None) -> Configuration:
     """The configuration from a parsed TOML document (what `tomllib` returns)."""
-    top = _Section(document, "", f"configuration {source}" if source else "the configuration")
+    where = f"configuration {source}" if source else "the configuration"
+    top = _Section(document, "", where, ("schema", "flags", "schedules", "approval"))
     schema = top.get("schema", _name, DEFAULT_SCHEMA)
-    flags_doc = top.section("flags")
-    schedules_doc = top.section("schedules")
-    approval_doc = top.section("approval")
-    top.no_other_keys()
+    flags_doc = top.section("flags", FlagsTable)
+    schedules_doc = top.section("schedules", SchedulesTable)
+    approval_doc = top.section("approval", ApprovalPolicy)
     flags = _flags(flags_doc) if flags_doc is not None else None
     schedules = _schedules(schedules_doc) if schedules_doc is not None else None
     if schedules is not None and flags is None:
@@ -234,7 +233,6 @@ def _flags(s: _Section) -> FlagsTable:
         updated_at=s.get("updated_at", _name, None),
         scope=s.get("scope", _scope, ()),
     )
-    s.no_other_keys()
     return result
 
 
@@ -255,7 +253,6 @@ def _schedules(s: _Section) -> SchedulesTable:
         cancelled_by=s.get("cancelled_by", _name, None),
         cancelled_at=s.get("cancelled_at", _name, None),
     )
-    s.no_other_keys()
     if result.updates_enabled == result.updates_rollout:
         raise s.problem("updates_rollout", "must differ from updates_enabled")
     return result
@@ -267,22 +264,27 @@ def _approval(s: _Section) -> ApprovalPolicy:
         rollout_increase_over=s.get("rollout_increase_over", _percent, None),
         enabling=s.get("enabling", _boolean, False),
     )
-    s.no_other_keys()
     return result
 
 
 class _Section:
-    """One table of the document: values taken by key, the rest refused as unknown."""
+    """One table of the document: values taken by key. A key outside `known` is refused
+    first, before any value is read: a misspelt required key is named as unknown, not
+    reported as the required one missing."""
 
-    def __init__(self, values: Mapping[str, Any], path: str, where: str) -> None:
+    def __init__(
+        self, values: Mapping[str, Any], path: str, where: str, known: Iterable[str]
+    ) -> None:
         self.values, self.path, self.where = values, path, where
-        self.seen: set[str] = set()
+        allowed = set(known)
+        for key in values:
+            if key not in allowed:
+                raise self.problem(key, "unknown key")
 
     def problem(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.where}: {self.path}{key}: {message}")
 
     def get(self, key: str, convert: Callable[[Any], Any], default: Any) -> Any:
-        self.seen.add(key)
         if key not in self.values:
             return default
         try:
@@ -295,19 +297,15 @@ class _Section:
             raise self.problem(key, "missing (required in this section)")
         return self.get(key, convert, None)
 
-    def section(self, key: str) -> _Section | None:
-        self.seen.add(key)
+    def section(self, key: str, read_into: type) -> _Section | None:
+        """The table `[key]`, whose keys are the fields of the dataclass it is read into."""
         if key not in self.values:
             return None
         value = self.values[key]
         if not isinstance(value, dict):
             raise self.problem(key, f"must be a table ([{key}]), got {_kind(value)}")
-        return _Section(value, f"{self.path}{key}.", self.where)
-
-    def no_other_keys(self) -> None:
-        for key in self.values:
-            if key not in self.seen:
-                raise self.problem(key, "unknown key")
+        known = (f.name for f in dataclasses.fields(read_into))
+        return _Section(value, f"{self.path}{key}.", self.where, known)
 
 
 def _kind(value: object) -> str:

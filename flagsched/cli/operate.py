@@ -40,14 +40,6 @@ def migrate(app: App, sql: bool, check: bool) -> int:
             say(f"flagsched: error: {problem}")
         if problems:
             return EXIT_USAGE
-        if refused and not check:
-            raise ConfigError(refused)
-        if refused:
-            click.echo(
-                f"{configuration.where} matches the database; running on your own schedules "
-                "table is not available in this release yet (`flagsched migrate` refuses it)"
-            )
-            return EXIT_OK
         if check:
             missing = migrations.adopted_missing(database, configuration)
             if missing:
@@ -76,6 +68,15 @@ def migrate(app: App, sql: bool, check: bool) -> int:
     if check:
         found, latest = migrations.current(engine), migrations.head()
         if found == latest:
+            missing = migrations.built_in_missing(database)
+            if missing:  # dropped by hand: `migrate` has nothing left to run
+                click.echo(
+                    f"schema is at the latest revision ({latest}) but lacks "
+                    f"{', '.join(missing[:5])}, which no revision re-creates: it was changed "
+                    'outside flagsched; restore it (docs/operations.md: "An object flagsched '
+                    'uses is missing")'
+                )
+                return EXIT_FAILED
             click.echo(f"schema is at the latest revision ({latest})")
             return EXIT_OK
         click.echo(

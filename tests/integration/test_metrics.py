@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer

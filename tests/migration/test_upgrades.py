@@ -144,6 +144,11 @@ def test_a_schema_lacking_a_needed_object_is_exit_3_naming_it(
         assert named in ran.stderr and "run `flagsched migrate`" in ran.stderr
         assert ran.stderr.count("\n") == 1 and "internal error" not in ran.stderr
     assert sql("SELECT enabled FROM feature_flags")[0] == (False,)
+    # migrate has no revision left to run: --check says it was changed by hand, exit 1
+    checked = flagsched("migrate", "--check")
+    assert checked.code == 1, checked
+    assert "at the latest revision" in checked.stdout and named in checked.stdout
+    assert "outside flagsched" in checked.stdout
 
 
 def test_a_missing_table_stands_for_its_columns(database_url: str, sql: Sql) -> None:

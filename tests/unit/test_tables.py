@@ -190,6 +190,9 @@ FLAGS = '[flags]\ntable = "t"\nid = "id"\nkey = "k"\nenabled = "e"\n'
             "flags.kye: unknown key",
         ),
         ("[approval]\nenabled = true", "approval.enabled: unknown key"),
+        # a misspelt required key is named as unknown, not as the required one missing
+        ("[flags]\ntable = 't'\nid='id'\nkye='k'\nenabled='e'", "flags.kye: unknown key"),
+        (FLAGS + "[schedules]\ntable='s'\nid='i'\nupdates='u'\nflag_idd='f'", "flag_idd: unknown"),
         ("[flags]\ntable = 't'\nid = 'id'\nkey = 'k'", "flags.enabled: missing"),
         ("[schedules]\ntable='s'\nid='id'\nflag_key='k'\nupdates='u'", "[schedules] needs [flags]"),
         ("flags = 1", "flags: must be a table ([flags]), got an integer"),
