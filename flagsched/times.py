@@ -15,8 +15,8 @@ EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
 MAX_DURATION = timedelta(days=36500)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(?:(\d{1,9})([smhd]))+")
-_PART = re.compile(r"(\d{1,9})([smhd])")
+_DURATION = re.compile(r"(?:(\d{1,30})([smhd]))+")  # too long: refused by MAX_DURATION
+_PART = re.compile(r"(\d{1,30})([smhd])")
 
 
 class InvalidTime(ValueError):
@@ -121,7 +121,10 @@ def parse_time(text: str, zone: tzinfo | None = None) -> datetime | None:
     except OverflowError:
         utc = None
     if utc is None or not EARLIEST <= utc <= LATEST:
-        raise InvalidTime(f"{text!r} is out of range (years 1..9999 in UTC)")
+        raise InvalidTime(
+            f"{text!r} is out of range ({EARLIEST.date().isoformat()} to "
+            f"{LATEST.date().isoformat()} in UTC)"
+        )
     return value
 
 

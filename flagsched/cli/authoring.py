@@ -15,6 +15,7 @@ from flagsched.cli.params import (
     ON_CONFLICT,
     STEPS,
     TIME,
+    Integer,
     Now,
     check_reach,
     instant,
@@ -84,9 +85,9 @@ def _warn_missing_flag(flag_key: str, what: str = "the schedule fails") -> None:
 @click.option("--enable", is_flag=True, help="Turn the flag on.")
 @click.option("--disable", is_flag=True, help="Turn the flag off.")
 @click.option(
-    "--rollout", type=click.IntRange(0, 100), metavar="N", help="Set rollout_percentage (0..100)."
+    "--rollout", type=Integer(0, 100), metavar="N", help="Set rollout_percentage (0..100)."
 )
-@click.option("--max-retries", type=click.IntRange(0, 10), help="Retries after a failure [3].")
+@click.option("--max-retries", type=Integer(0, 10), help="Retries after a failure [3].")
 @EXPIRES
 @ON_CONFLICT
 @APPROVAL

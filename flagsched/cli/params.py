@@ -30,8 +30,15 @@ class FiniteFloat(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
-COUNT = click.IntRange(1, PG_INT_MAX)  # limits and counts: what PostgreSQL's integers hold
-GROUP_ID = click.IntRange(1, BIGINT_MAX)  # a ramp's group and a recurrence: flagsched's
+class Integer(click.IntRange):
+    """An IntRange whose refusal of a non-number says "not a valid integer" (click's says
+    "integer range", which reads as if a range were asked for)."""
+
+    name = "integer"
+
+
+COUNT = Integer(1, PG_INT_MAX)  # limits and counts: what PostgreSQL's integers hold
+GROUP_ID = Integer(1, BIGINT_MAX)  # a ramp's group and a recurrence: flagsched's
 
 
 class ScheduleIdType(click.ParamType):  # type: ignore[type-arg]

@@ -15,7 +15,7 @@ import click
 
 from flagsched import logs
 from flagsched.cli.app import EXIT_COULD_NOT_RUN, EXIT_FAILED, EXIT_OK, App, pass_app, redacted
-from flagsched.cli.params import COUNT
+from flagsched.cli.params import COUNT, Integer
 from flagsched.errors import FlagschedError
 
 
@@ -80,7 +80,7 @@ def _ping_url(value: str | None) -> str | None:
 
 
 @click.command()
-@click.option("--batch-size", type=click.IntRange(1, 1000), help="Schedules per batch [100].")
+@click.option("--batch-size", type=Integer(1, 1000), help="Schedules per batch [100].")
 @click.option(
     "--max-batches",
     type=COUNT,

@@ -124,6 +124,11 @@ def test_usage_errors_are_exit_2() -> None:
     assert invoke("process", "--max-batches", "0").code == 2
     assert invoke("no-such-command").code == 2
     assert invoke("migrate", "--sql", "--check").code == 2
+    # a word where a number belongs is "not a valid integer" (click's IntRange said
+    # "integer range", as if a range were asked for)
+    for argv in (["process", "--batch-size", "lots"], ["list", "--limit", "nan"]):
+        ran = invoke(*argv)
+        assert ran.code == 2 and "is not a valid integer." in ran.stderr, ran.stderr
 
 
 def test_help_needs_no_settings() -> None:

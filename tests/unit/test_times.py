@@ -60,6 +60,12 @@ def test_unreadable_or_out_of_range_times_are_refused(text: str) -> None:
         parse_time(text)
 
 
+def test_an_out_of_range_time_names_the_bounds_it_missed() -> None:
+    """9999-12-31 is a year 9999 date: the message gives the exact bounds, not the years."""
+    with pytest.raises(InvalidTime, match=r"out of range \(0001-01-02 to 9999-12-30 in UTC\)"):
+        parse_time("9999-12-31T00:00Z")
+
+
 @pytest.mark.parametrize("name", ["Mars/Olympus", "", "../etc/passwd", "/etc/localtime", " UTC"])
 def test_unknown_zones_are_refused(name: str) -> None:
     with pytest.raises(InvalidTime, match="IANA"):
@@ -88,6 +94,13 @@ def test_durations(text: str, seconds: int) -> None:
 def test_bad_durations_are_refused(text: str) -> None:
     with pytest.raises(InvalidTime):
         parse_duration(text)
+
+
+def test_a_duration_too_long_is_refused_as_too_long() -> None:
+    """Many digits are a duration still: the message says it is too long, not malformed."""
+    for text in ("1000000000d", "99999999999999999999s"):
+        with pytest.raises(InvalidTime, match="longer than 36500 days"):
+            parse_duration(text)
 
 
 @given(st.integers(min_value=1, max_value=36500 * 86400))
