@@ -18,6 +18,7 @@ from flagsched.sql.stored import (
     APPROVAL_TRIGGERS,
     ARGUMENTS,
     CALLED,
+    PREVIOUS_ONLY,
     SCHEDULE_TRIGGER,
     SUPERSEDED,
     arguments,
@@ -188,7 +189,8 @@ def required(tables: Tables) -> tuple[Required, ...]:
                 arguments(routine, tables),
             )
             for routine in ADOPTED_ROUTINES
-            if routine not in SUPERSEDED  # created for the previous release, not called
+            # created for the previous release, not called
+            if routine not in SUPERSEDED and routine not in PREVIOUS_ONLY
         ),
         *_app_schedules(tables),
         *(

@@ -38,6 +38,11 @@ LATER_ROUTINES: tuple[str, ...] = ("held_back_once", "check_clamped", "apply_cla
 # Routines a later one replaced in this release's statements: still created (on your own
 # tables too), as the previous release calls them, and no longer required.
 SUPERSEDED: tuple[str, ...] = ("held_back", "check", "apply")
+# Routines only your own tables keep for the previous release, created last (their names
+# computed as it computed them) and never called or required: `claim_unguarded` is the claim
+# without the guard (stored/claim_guard.sql) an application's schedules table's claim has
+# since, under the name the previous release calls (on every other shape it is the claim).
+PREVIOUS_ONLY: tuple[str, ...] = ("claim_unguarded",)
 # What this release calls (the required-objects check).
 CALLED: tuple[str, ...] = tuple(
     routine for routine in (*ROUTINES, *LATER_ROUTINES) if routine not in SUPERSEDED
@@ -55,6 +60,7 @@ ADOPTED_ROUTINES: tuple[str, ...] = (
     "note_recurrence_creator",
     "check_approval",
     *LATER_ROUTINES,
+    *PREVIOUS_ONLY,
 )
 # The base names of the routines only adopted shapes have (suffixed with their digest).
 _ADOPTED_BASES: tuple[tuple[str, str], ...] = (
@@ -64,6 +70,7 @@ _ADOPTED_BASES: tuple[tuple[str, str], ...] = (
     ("note_creator", "flagsched_note_creator_v1"),
     ("note_recurrence_creator", "flagsched_note_recurrence_creator_v1"),
     ("check_approval", "flagsched_check_approval_v1"),
+    ("claim_unguarded", "flagsched_claim_v3"),
 )
 
 # Each routine's argument types, as `to_regprocedure` reads them (the required-objects check).
@@ -71,6 +78,7 @@ ARGUMENTS: dict[str, tuple[str, ...]] = {
     "kept_attempts": ("jsonb",),
     "check": ("bigint", "interval"),
     "claim": ("integer", "boolean", "jsonb", "interval"),
+    "claim_unguarded": ("integer", "boolean", "jsonb", "interval"),
     "held_back": ("integer", "jsonb", "interval"),
     "held_back_once": ("integer", "jsonb", "interval"),
     "apply": ("bigint[]", "text[]", "boolean[]", "integer[]", "interval", "boolean", "jsonb"),
@@ -456,7 +464,9 @@ _APP_SCHEDULES_FRAGMENTS: dict[str, str] = {
 }
 
 
-def _template_for(name: str, tables: Tables) -> str:
+def _template_for(name: str, tables: Tables, routine: str | None = None) -> str:
+    """stored/<name>.sql as rendered for `tables`, for `routine` (a routine derived from it:
+    only the claim itself is guarded)."""
     text = template(name)
     if tables.app_schedules is None:
         return text
@@ -465,7 +475,7 @@ def _template_for(name: str, tables: Tables) -> str:
     ]
     if name in _APP_SCHEDULES_SETTINGS:
         replacements.append(_APP_SCHEDULES_SETTINGS[name])
-    if name in _APP_SCHEDULES_FRAGMENTS:
+    if (routine or name) in _APP_SCHEDULES_FRAGMENTS:
         replacements.append(_APP_SCHEDULES_CLAIM_START)
     return _substituted(text, name, replacements)
 
@@ -509,6 +519,10 @@ DERIVED: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
             ("LEFT JOIN LATERAL {fn.check}(", "LEFT JOIN LATERAL {fn.check_clamped}("),
         ),
     ),
+    "claim_unguarded": (
+        "claim",
+        (("CREATE FUNCTION {fn.claim}(", "CREATE FUNCTION {fn.claim_unguarded}("),),
+    ),
 }
 
 
@@ -517,7 +531,7 @@ def _source(name: str, tables: Tables) -> str:
     if name not in DERIVED:
         return _template_for(name, tables)
     base, substitutions = DERIVED[name]
-    return _substituted(_template_for(base, tables), base, substitutions)
+    return _substituted(_template_for(base, tables, name), base, substitutions)
 
 
 def render(name: str, tables: Tables, facts: Mapping[str, str] | None = None) -> str:

@@ -414,6 +414,41 @@ def test_migrate_adds_the_clamped_check_beside_the_previous_releases(
     assert d.schedule(sid)["status"] == "applied" and d.flag("new-checkout")[0] is True
 
 
+# The previous release's claim on the first application's schedules table, as that release
+# (5555982) names it for tests/fixtures/upstream-*.toml: a fact of a shipped release, like
+# tests/migration/shipped.sha256 (this release's claim there is guarded: another text, name).
+PREVIOUS_CLAIM = "flagsched_claim_v3_c546c1d3"
+
+
+def test_a_database_this_release_migrated_first_keeps_the_previous_releases_claim(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Rolling the code back after a migrate works on an application's schedules table
+    migrated first by this release: the previous release's claim is there under the name it
+    calls (not required, not called here), and it claims what this release's claims."""
+    d = _deploy(UPSTREAM_SCHEDULES, empty_database_url, tmp_path)
+    for key in ("a", "b"):
+        d.add_flag(key)
+        d.add_schedule(key, {"enabled": True})
+        d.add_schedule(key, {"enabled": False})
+    claims = d.sql(
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'flagsched'::regnamespace "
+        "AND proname ~ '^flagsched_claim_v3_' ORDER BY proname = %(old)s",
+        {"old": PREVIOUS_CLAIM},
+    )
+    assert [c[0] == PREVIOUS_CLAIM for c in claims] == [False, True], claims
+
+    def claimed(function: str) -> list[Any]:
+        return d.sql(
+            f"SELECT id, flag_key, blocked FROM flagsched.{function}"
+            "(10, false, '{\"environment\": \"production\"}', interval '1 hour') ORDER BY id"
+        )
+
+    now, previous = claimed(claims[0][0]), claimed(PREVIOUS_CLAIM)
+    assert len(now) == 4 and now == previous
+    assert d.run("migrate", "--check").code == 0
+
+
 def test_a_due_schedule_applies_and_is_recorded(deployment: Deployment) -> None:
     d = deployment
     d.add_flag("new-checkout")
