@@ -36,6 +36,10 @@ class SchemaNotCurrent(CouldNotRun):
     """The database schema is not at the latest revision: run `flagsched migrate`."""
 
 
+class NotPermitted(CouldNotRun):
+    """The login lacks a privilege every tick needs: re-run the grants after each migrate."""
+
+
 class UnsupportedDatabase(CouldNotRun):
     """flagsched cannot work with this database as it is (its encoding, or a schema revision
     this version does not know); nothing was changed."""

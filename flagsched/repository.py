@@ -20,6 +20,7 @@ from flagsched.db import Conn, one_line
 from flagsched.errors import (
     DatabaseError,
     LockNotGranted,
+    NotPermitted,
     SchemaNotCurrent,
     StatementFailed,
     UnsupportedDatabase,
@@ -51,6 +52,7 @@ from flagsched.required import (
     made_by_own_objects,
     relation,
     required,
+    tick_calls,
 )
 from flagsched.sql import UPDATES_MAX_BYTES as UPDATES_MAX_BYTES
 from flagsched.sql import Tables, current, statement, stored
@@ -228,6 +230,29 @@ def ensure_schema(conn: Conn) -> None:
         "this flagsched uses: run `flagsched migrate` (`flagsched migrate --check` first says "
         "whether the configuration does not match the tables or it was dropped by hand)"
     )
+
+
+def ensure_tick_permitted(conn: Conn) -> None:
+    """Refuse to tick as a login that may not execute what every tick calls or update the
+    flags it writes (exit 3, before anything is claimed): a grant missing after an upgrade's
+    migrate would fail each schedule's write in turn and spend its retries. Decided by the
+    catalog (`has_function_privilege`), never by an error's wording; a row-level security
+    policy refusing one row stays that row's failure."""
+    tables = current()
+    functions = [f.signature for f in tick_calls(tables)]
+    lacking: list[str] = _scalar(
+        conn,
+        statement("lacking_privileges"),
+        {"functions": functions, "tables": [relation(tables.flags)]},
+    )
+    if lacking:
+        shown = ", ".join(lacking[:_SHOWN_MISSING])
+        more = len(lacking) - _SHOWN_MISSING
+        raise NotPermitted(
+            f"this login ({_scalar(conn, statement('login'))}) lacks {shown}"
+            f"{f' and {more} more' if more > 0 else ''}, which every tick needs: run the "
+            "grants again after each migrate (docs/deploy.md); nothing was claimed"
+        )
 
 
 def unnoted_view(tables: Tables) -> str:

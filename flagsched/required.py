@@ -244,3 +244,17 @@ def _table(tables: Tables, logical: str) -> TableMap:
     found = tables.table(logical)
     assert found is not None, logical
     return found
+
+
+def tick_calls(tables: Tables) -> tuple[Function, ...]:
+    """The routines every tick calls on `tables` (its login needs EXECUTE on each, nested
+    calls included), as `required` names them: this release's claim, check, write, report
+    and kept attempts, and on an application's schedules table the record of its rows and
+    the noting of those no trigger noted. Not the record triggers' functions: a trigger's
+    function is not the firing login's to execute."""
+    routines = (*CALLED, *(("record_app", "note_unseen_once") if tables.app_schedules else ()))
+    names = [tables.fn.column(r) for r in routines]
+    if tables.fn.schema is not None:
+        names = [f"{_quoted(tables.fn.schema)}.{_quoted(name)}" for name in names]
+    wanted = set(names)
+    return tuple(o for o in required(tables) if isinstance(o, Function) and o.name in wanted)

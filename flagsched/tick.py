@@ -101,6 +101,7 @@ def run(
     with connection(database) as conn:
         with transaction(database, conn):
             repository.ensure_schema(conn)
+            repository.ensure_tick_permitted(conn)
             repository.note_unseen_schedules(conn)  # an application's rows no trigger noted
         with stop.hooked(lambda: repository.cancel_running_statement(conn)):
             _materialise(database, conn, stop)  # before the claim, its own transactions

@@ -262,6 +262,27 @@ GROUP BY i.indexrelid
 SELECT c.relkind::text AS kind, obj_description(c.oid, 'pg_class') AS mapping
 FROM pg_class c WHERE c.oid = to_regclass(%(relation)s)
 
+-- name: lacking_privileges
+-- What the tick's login may not do of what every tick does (catalog lookups only): EXECUTE
+-- on each routine it calls, UPDATE on some column of each table it writes. A grant missing
+-- (an upgrade's migrate not followed by the grants) would otherwise fail each schedule's
+-- write in turn and spend its retries; an object that is missing is ensure_schema's to name.
+SELECT ARRAY(
+    SELECT 'EXECUTE on function ' || f.signature
+    FROM unnest(CAST(%(functions)s AS text[])) WITH ORDINALITY AS f(signature, n)
+    WHERE to_regprocedure(f.signature) IS NOT NULL
+      AND NOT has_function_privilege(to_regprocedure(f.signature), 'EXECUTE')
+    UNION ALL
+    SELECT 'UPDATE on table ' || t.relation
+    FROM unnest(CAST(%(tables)s AS text[])) AS t(relation)
+    WHERE to_regclass(t.relation) IS NOT NULL
+      AND NOT has_any_column_privilege(to_regclass(t.relation), 'UPDATE')
+)
+
+-- name: login
+-- The role privileges are checked for (lacking_privileges), for a message.
+SELECT CAST(current_user AS text)
+
 -- name: routine_missing
 SELECT to_regprocedure(%(signature)s) IS NULL
 

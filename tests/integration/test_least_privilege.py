@@ -168,6 +168,57 @@ def test_process_applies_due_schedules_with_only_its_grants(
     assert health.code == 0, health.stderr
 
 
+@pytest.mark.parametrize(
+    ("revoke", "named"),
+    [
+        # an upgrade's migrate not followed by the grants: its new write is not granted
+        (
+            "REVOKE EXECUTE ON FUNCTION flagsched_apply_v6(bigint[], text[], boolean[], "
+            "integer[], interval, boolean, jsonb) FROM flagsched_process",
+            "EXECUTE on function flagsched_apply_v6(",
+        ),
+        (
+            "REVOKE UPDATE (enabled, rollout_percentage, updated_at) ON feature_flags "
+            "FROM flagsched_process",
+            'UPDATE on table "feature_flags"',
+        ),
+    ],
+)
+def test_a_tick_lacking_a_grant_it_needs_claims_nothing_and_spends_no_retry(
+    flagsched: Callable[..., Ran],
+    database_url: str,
+    grant: Callable[[str], None],
+    sql: Sql,
+    add_flag: Any,
+    add_schedule: Any,
+    revoke: str,
+    named: str,
+) -> None:
+    """Found by the adversary: the claim was granted, the write not; each schedule's write
+    was refused in turn and spent its retry (max_retries 0: failed for good). A privilege
+    the tick lacks is the deployment's fault, not the row's: exit 3 naming it, nothing
+    claimed, the schedules as they were."""
+    sql("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA public FROM PUBLIC")
+    grant("process")
+    sql(revoke)
+    add_flag("checkout")
+    due = add_schedule("checkout", {"enabled": True})
+    sql("UPDATE feature_flag_schedules SET max_retries = 0 WHERE id = :i", i=due)
+    worker = url_for(database_url, "flagsched_worker")
+
+    ran = flagsched("process", url=worker)
+
+    assert ran.code == 3, ran.stderr
+    line = ran.stderr.strip().splitlines()[-1]
+    assert named in line and "this login (flagsched_worker) lacks" in line, line
+    assert "run the grants again after each migrate" in line and PASSWORD not in ran.stderr
+    assert state(sql, due) == ("pending", 0, False)
+    assert sql("SELECT enabled FROM feature_flags WHERE key = 'checkout'")[0][0] is False
+    grant("process")  # the grants again: the same tick applies it
+    assert flagsched("process", url=worker).code == 0
+    assert state(sql, due)[0] == "applied"
+
+
 def test_an_application_role_with_no_grant_on_the_history_still_writes_flags(
     roles: None, database_url: str, sql: Sql, add_flag: Any
 ) -> None:
@@ -257,8 +308,8 @@ def test_reader_runs_status_and_list_failed_but_changes_nothing(
         assert flagsched(*command, url=reader).code == 0, command
 
     tick = flagsched("process", url=reader)
-    assert tick.code == 3  # could not run: the claim needs UPDATE
-    assert "permission denied" in tick.stderr
+    assert tick.code == 3  # could not run: a tick updates flags, the reader may not
+    assert "this login (test_reader) lacks UPDATE on table" in tick.stderr
     assert state(sql, due)[0] == "pending"
     attempt = as_login("test_reader")
     assert attempt("UPDATE feature_flag_schedules SET status = 'cancelled'") == DENIED
@@ -624,7 +675,7 @@ def test_reader_on_your_flags_table_reads_and_changes_nothing(own: OwnDeployment
         assert ran.code == 0, (command, ran.stderr)
 
     tick = own.run("test_reader", "process")
-    assert tick.code == 3 and "permission denied" in tick.stderr, tick
+    assert tick.code == 3 and "this login (test_reader) lacks" in tick.stderr, tick
     assert own.status(due) == "pending"
     for statement in (
         # on shape 3 the reader reads a schedule's flag through the view (docs/deploy.md)
