@@ -474,19 +474,24 @@ def test_plan_and_agenda_need_the_flags_the_operator_may_read(
     add_flag: Any,
     add_schedule: Any,
     tmp_path: Path,
+    sql: Sql,
 ) -> None:
+    sql("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA public FROM PUBLIC")  # the grants suffice
     grant("operator")
     grant("reader")
     add_flag("a")
     later = add_schedule("a", {"enabled": True}, at="now() + interval '1 hour'")
     oncall = url_for(database_url, "flagsched_oncall")
+    due = add_schedule("a", {"rollout_percentage": 5}, at="now() - interval '1 minute'")
+    preview = flagsched("process", "--dry-run", url=oncall)
+    assert preview.code == 0 and str(due) in preview.stdout, preview
     plan = flagsched("plan", "--at", "2100-01-01T00:00:00Z", "--format", "json", url=oncall)
     assert plan.code == 0, plan.stderr
-    assert json.loads(plan.stdout)[0]["changes"][0]["schedule_id"] == later
+    assert [c["schedule_id"] for c in json.loads(plan.stdout)[0]["changes"]] == [due, later]
     page = tmp_path / "agenda.html"
     agenda = flagsched("agenda", "--html", str(page), "--format", "json", url=oncall)
     assert agenda.code == 0, agenda.stderr
-    assert [e["schedule_id"] for e in json.loads(agenda.stdout)] == [later]
+    assert [e["schedule_id"] for e in json.loads(agenda.stdout)] == [due, later]
     # The reader may not read the flags (docs/deploy.md): one line, exit 3, no page.
     refused = flagsched("agenda", "--html", str(tmp_path / "no.html"), url=url_for(
         database_url, "test_reader"))  # fmt: skip
