@@ -971,11 +971,16 @@ def prune_batch(
     """Delete up to `limit` old applied/cancelled schedules (not those in `skip`); rows a
     tick holds are skipped. Returns the counts per status, and the ids an application's
     foreign key still references (kept: deleting them fails, and would roll the whole batch
-    back, so that prune never got past them)."""
-    rows = conn.execute(
-        statement("prunable_batch"),
-        {"seconds": older_than_seconds, "limit": limit, "skip": list(skip)},
-    ).fetchall()
+    back, so that prune never got past them). On an application's schedules table the old
+    rows no trigger noted (a restore's history) go once the noted ones have: noted first,
+    up to `limit` a batch."""
+    params = {"seconds": older_than_seconds, "limit": limit, "skip": list(skip)}
+    rows = conn.execute(statement("prunable_batch"), params).fetchall()
+    if not rows and current().app_schedules is not None:
+        unseen = conn.execute(statement("unseen_prunable"), params).fetchall()
+        if unseen:
+            conn.execute(statement("note_unseen_schedules"), {"ids": [r[0] for r in unseen]})
+            rows = conn.execute(statement("prunable_batch"), params).fetchall()
     counts: dict[str, int] = {}
     referenced: list[ScheduleId] = []
     if not rows:

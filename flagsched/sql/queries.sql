@@ -815,8 +815,20 @@ SELECT count(*) FROM {changes} c WHERE {prunable_change} AND {scope_match(c)}
 OR (status = 'cancelled' AND updated_at < now() - make_interval(secs => %(seconds)s))
 
 -- name: count_prunable
-SELECT status, count(*) FROM {schedules} WHERE ({prunable}) AND {scope_match()}
+-- (on an application's schedules table, its rows no trigger noted too: `prune` notes them)
+SELECT status, count(*) FROM {schedules_all} WHERE ({prunable}) AND {scope_match()}
 GROUP BY status
+
+-- name: unseen_prunable
+-- On an application's schedules table: old applied and cancelled rows no trigger noted (a
+-- restore's history; the tick notes open rows only), up to %(limit)s, which `prune` notes
+-- once it has deleted the noted ones (so the view's noted rows it reads here are only
+-- those it keeps): the rows flagsched's view does not have (the operator reads no state
+-- table).
+SELECT CAST(id AS text) FROM {schedules_all}
+WHERE ({prunable}) AND {scope_match()}
+  AND NOT EXISTS (SELECT 1 FROM {schedules} n WHERE n.id = {schedules_all}.id)
+LIMIT %(limit)s
 
 -- name: prunable_batch
 -- Rows a tick holds are skipped; rows an application's foreign key keeps are passed over.

@@ -1895,6 +1895,47 @@ def test_rows_inserted_with_triggers_disabled_are_seen_before_a_tick_notes_them(
     ]
 
 
+def test_prune_deletes_old_rows_a_restore_left_unnoted(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Found by the adversary: the tick notes only open rows, so the applied and cancelled
+    history a restore (triggers off) left had no state row, and `prune` never deleted it
+    while `status` counted it. `prune --dry-run` counts it; `prune` notes and deletes it, in
+    batches, leaving the recent row, the open one and the other environment's."""
+    d = _deploy(UPSTREAM_SCHEDULES, empty_database_url, tmp_path)
+    d.add_flag("a")
+    d.add_flag("a", scope="staging")
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:  # as a restore
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "INSERT INTO public.feature_flag_schedules "
+            "(flag_id, scheduled_at, updates, status, applied_at, updated_at) "
+            "SELECT f.id, now() - v.age, '{\"enabled\": true}', v.status, "
+            "CASE WHEN v.status = 'applied' THEN now() - v.age END, now() - v.age "
+            "FROM generate_series(1, 7) g, (VALUES (interval '80 days', 'applied'), "
+            "(interval '85 days', 'cancelled'), (interval '1 day', 'applied'), "
+            "(interval '90 days', 'pending')) AS v(age, status), public.feature_flags f "
+            "WHERE f.flag_key = 'a'"
+        )
+    counts = "SELECT f.environment, s.status, count(*) FROM public.feature_flag_schedules s "
+    counts += "JOIN public.feature_flags f ON f.id = s.flag_id GROUP BY 1, 2 ORDER BY 1, 2"
+    before = d.sql(counts)
+    dry = d.run("prune", "--older-than", "30", "--dry-run")
+    assert dry.code == 0, dry.stderr
+    assert "7 applied" in dry.stdout and "7 cancelled" in dry.stdout, dry.stdout
+    assert d.sql(counts) == before
+
+    pruned = d.run("prune", "--older-than", "30")
+    assert pruned.code == 0, pruned.stderr
+    assert d.sql(counts) == [
+        ("production", "applied", 7),  # a day old
+        ("production", "pending", 7),
+        ("staging", "applied", 14),  # another deployment's
+        ("staging", "cancelled", 7),
+        ("staging", "pending", 7),
+    ]
+
+
 def test_a_verdict_a_deleted_row_left_is_not_shown_for_the_applications_new_row_of_its_id(
     empty_database_url: str, tmp_path: Path, two_logins: None
 ) -> None:
