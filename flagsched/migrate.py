@@ -320,6 +320,19 @@ def adopted_missing(database: Database, configuration: Configuration) -> list[st
         return repository.missing_objects(conn, required(configuration.tables()))
 
 
+def open_rows_unindexed(database: Database, configuration: Configuration) -> str | None:
+    """The application's schedules table when it has no index of its open rows by flag
+    (`migrate` warns: docs/own-tables.md, "Known limit"), else None."""
+    tables = configuration.tables()
+    with db_begin(database) as conn:
+        if repository.open_rows_indexed(conn, tables):
+            return None
+    from flagsched.required import relation
+
+    assert tables.app_schedules is not None
+    return relation(tables.app_schedules)
+
+
 def built_in_missing(database: Database) -> list[str]:
     """What of the objects this release uses is missing from the built-in tables (`--check`
     at the latest revision: something dropped by hand, which no revision re-creates)."""

@@ -232,6 +232,19 @@ def ensure_schema(conn: Conn) -> None:
     )
 
 
+def open_rows_indexed(conn: Conn, tables: Tables) -> bool:
+    """An application's schedules table has an index of its open rows by flag (a partial
+    index led by its flag reference); True on other shapes, which have flagsched's own."""
+    app = tables.app_schedules
+    if app is None:
+        return True
+    mapped = dict(app.columns)
+    column = mapped.get("flag_id") or mapped["flag_key"]
+    return bool(
+        _scalar(conn, statement("open_rows_indexed"), {"relation": relation(app), "column": column})
+    )
+
+
 def ensure_tick_permitted(conn: Conn) -> None:
     """Refuse to tick as a login that may not execute what every tick calls or update the
     flags it writes (exit 3, before anything is claimed): a grant missing after an upgrade's
@@ -278,8 +291,9 @@ def _ensure_own_mapping(conn: Conn, tables: Tables) -> None:
             f"flagsched's view {relation(tables.schedules)} was migrated with another mapping of "
             "the application's tables (a column, a member of updates or a scope column differs "
             "from this configuration's): give this deployment the configuration that migrated "
-            "it; `flagsched migrate --check` with this one names what does not match the "
-            "tables (docs/own-tables.md)"
+            "it (`flagsched migrate --check` with this one names what does not match the "
+            "tables), or run `flagsched migrate` with this one once the view is dropped "
+            "(docs/own-tables.md)"
         )
 
 

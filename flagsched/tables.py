@@ -369,6 +369,55 @@ def _member(value: object) -> str:
     return member
 
 
+# The columns of flagsched's own schedules, history and recurrences tables (and `key`, the
+# column of the function that gives a schedule's flag), beside which a scope's columns are
+# added under their own names: a scope column of one of these names cannot be (a test holds
+# this list to flagsched.schema's tables).
+OWN_COLUMNS = frozenset(
+    [
+        "actor",
+        "applied_at",
+        "attempts",
+        "awaiting_approval_since",
+        "cancelled_at",
+        "changed_at",
+        "created_at",
+        "created_by",
+        "created_snapshot",
+        "created_xact",
+        "cron",
+        "expires_after",
+        "expires_at",
+        "flag_key",
+        "group_id",
+        "id",
+        "key",
+        "last_error",
+        "max_retries",
+        "needs_approval",
+        "new_enabled",
+        "new_rollout_percentage",
+        "next_at",
+        "next_retry_at",
+        "old_enabled",
+        "old_flag_key",
+        "old_rollout_percentage",
+        "on_conflict",
+        "recurrence_id",
+        "retry_count",
+        "reviewed_at",
+        "schedule_ids",
+        "scheduled_at",
+        "status",
+        "timezone",
+        "updated_at",
+        "updates",
+        "written_at",
+        "xact",
+    ]
+)
+
+
 def _scope(value: object) -> tuple[tuple[str, ScopeValue], ...]:
     if not isinstance(value, dict):
         raise ValueError(f"must be a table of column = value, got {_kind(value)}")
@@ -386,6 +435,12 @@ def _scope(value: object) -> tuple[tuple[str, ScopeValue], ...]:
             )
         if isinstance(wanted, str) and "\x00" in wanted:  # no PostgreSQL text holds one
             raise ValueError(f"{column}: must not hold a NUL character")
+        if name in OWN_COLUMNS:
+            raise ValueError(
+                f"column {column!r}: flagsched's own tables have a column of that name, beside "
+                "which they keep the scope's columns (a scope column cannot be named "
+                f"{', '.join(sorted(OWN_COLUMNS)[:3])}, ...: see docs/own-tables.md)"
+            )
         pairs.append((name, wanted))
     return tuple(pairs)
 

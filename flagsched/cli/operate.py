@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,6 +12,10 @@ from flagsched.cli.app import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, pass_app, s
 from flagsched.cli.params import GROUP_ID, MAX_PRUNE_DAYS, SCHEDULE_ID, FiniteFloat
 from flagsched.errors import ConfigError
 from flagsched.model import ScheduleId
+
+if TYPE_CHECKING:
+    from flagsched.db import Database
+    from flagsched.tables import Configuration
 
 
 @click.command()
@@ -49,8 +53,10 @@ def migrate(app: App, sql: bool, check: bool) -> int:
                 )
                 return EXIT_FAILED
             click.echo(f"{configuration.where} matches the database; flagsched is in place")
+            _advise_open_rows_index(database, configuration)
             return EXIT_OK
         made = migrations.adopt(database, configuration)
+        _advise_open_rows_index(database, configuration)
         logs.get_logger().info("migrate_finished", adopted=True, created=len(made))
         return EXIT_OK
     if refused:
@@ -86,6 +92,20 @@ def migrate(app: App, sql: bool, check: bool) -> int:
     before, after = migrations.upgrade(engine)
     log.info("migrate_finished", from_revision=before, to_revision=after, changed=before != after)
     return EXIT_OK
+
+
+def _advise_open_rows_index(database: Database, configuration: Configuration) -> None:
+    """Advice once `migrate` (or its check) has passed, not a problem: the exit code stays."""
+    from flagsched import migrate as migrations
+
+    unindexed = migrations.open_rows_unindexed(database, configuration)
+    if unindexed is not None:
+        logs.get_logger().warning(
+            "schedules_table_without_open_rows_index",
+            table=unindexed,
+            advice="a deep due backlog on few flags can make each claim read every due row; "
+            "see docs/own-tables.md, 'Known limit', for the two indexes to add",
+        )
 
 
 def _report_each(results: list[Any]) -> int:

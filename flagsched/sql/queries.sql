@@ -283,6 +283,16 @@ SELECT ARRAY(
 -- The role privileges are checked for (lacking_privileges), for a message.
 SELECT CAST(current_user AS text)
 
+-- name: open_rows_indexed
+-- Has an application's schedules table an index of its open rows by flag: a valid partial
+-- index whose first column is the flag reference? Without one a deep due backlog on few
+-- flags makes each claim read every due row (docs/own-tables.md, "Known limit").
+SELECT EXISTS (
+    SELECT FROM pg_index i
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = to_regclass(%(relation)s) AND i.indisvalid AND i.indpred IS NOT NULL
+      AND a.attname = %(column)s)
+
 -- name: routine_missing
 SELECT to_regprocedure(%(signature)s) IS NULL
 

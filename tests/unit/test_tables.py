@@ -206,6 +206,9 @@ FLAGS = '[flags]\ntable = "t"\nid = "id"\nkey = "k"\nenabled = "e"\n'
         (FLAGS + "scope = { env = 1.5 }", "env: must be a string, an integer or a boolean"),
         (FLAGS + "scope = 'production'", "flags.scope: must be a table of column = value"),
         (FLAGS + 'scope = { env = "prod\\u0000" }', "flags.scope: env: must not hold a NUL"),
+        # flagsched's own tables keep the scope's columns beside theirs, by the same names
+        (FLAGS + 'scope = { new_enabled = "x" }', "column 'new_enabled': flagsched's own"),
+        (FLAGS + 'scope = { key = "x" }', "column 'key': flagsched's own tables"),
         (FLAGS + "[schedules]\ntable='s'\nid='id'\nupdates='u'", "schedules.flag_id: give exactly"),
         (
             FLAGS + "[schedules]\ntable='s'\nid='i'\nupdates='u'\nflag_id='f'\nflag_key='k'",
@@ -527,3 +530,17 @@ def test_flagsched_needs_a_schema_of_its_own() -> None:
     ]
     elsewhere = CatalogTable(flags.shown, flags.kind, flags.columns, flags.unique, "app")
     assert check(config, elsewhere, None) == []
+
+
+def test_the_names_a_scope_column_cannot_take_are_flagscheds_own_tables_columns() -> None:
+    """OWN_COLUMNS (the rule of `scope`) holds every column of the tables the scope's
+    columns are added to, as flagsched.schema describes them."""
+    from flagsched.schema import metadata
+    from flagsched.tables import OWN_COLUMNS
+
+    described = {
+        column.name
+        for table in ("feature_flag_schedules", "feature_flag_changes", "feature_flag_recurrences")
+        for column in metadata.tables[table].columns
+    }
+    assert described | {"key"} == OWN_COLUMNS
