@@ -269,7 +269,7 @@ FROM pg_class c WHERE c.oid = to_regclass(%(relation)s)
 -- write in turn and spend its retries; an object that is missing is ensure_schema's to name.
 SELECT ARRAY(
     SELECT 'EXECUTE on function ' || f.signature
-    FROM unnest(CAST(%(functions)s AS text[])) WITH ORDINALITY AS f(signature, n)
+    FROM unnest(CAST(%(functions)s AS text[])) AS f(signature)
     WHERE to_regprocedure(f.signature) IS NOT NULL
       AND NOT has_function_privilege(to_regprocedure(f.signature), 'EXECUTE')
     UNION ALL
