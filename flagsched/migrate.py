@@ -311,12 +311,15 @@ def _another_schedules_mapping(
     return None
 
 
-def adopted_missing(database: Database, configuration: Configuration) -> list[str]:
-    """What of flagsched's objects beside an application's tables is missing (`--check`)."""
+def missing(database: Database, configuration: Configuration) -> list[str]:
+    """What of the objects this release uses on `configuration`'s tables is missing
+    (`--check`): beside an application's tables, after what `migrate` would refuse (exit
+    2); on the built-in tables at the latest revision, what was dropped by hand."""
     from flagsched.required import required
 
     with db_begin(database) as conn:
-        _refused_or_mapped(conn, configuration)  # what `migrate` would refuse: exit 2
+        if configuration.flags is not None:
+            _refused_or_mapped(conn, configuration)
         return repository.missing_objects(conn, required(configuration.tables()))
 
 
@@ -331,16 +334,6 @@ def open_rows_unindexed(database: Database, configuration: Configuration) -> str
 
     assert tables.app_schedules is not None
     return relation(tables.app_schedules)
-
-
-def built_in_missing(database: Database) -> list[str]:
-    """What of the objects this release uses is missing from the built-in tables (`--check`
-    at the latest revision: something dropped by hand, which no revision re-creates)."""
-    from flagsched.required import required
-    from flagsched.sql import BUILT_IN
-
-    with db_begin(database) as conn:
-        return repository.missing_objects(conn, required(BUILT_IN))
 
 
 def current(engine: Engine) -> str | None:

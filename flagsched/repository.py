@@ -210,6 +210,12 @@ def missing_objects(conn: Conn, objects: Sequence[Required] = REQUIRED) -> list[
 _SHOWN_MISSING = 5  # a message names at most this many, then says how many more
 
 
+def _shown(names: Sequence[str]) -> str:
+    """`names` for a message: the first `_SHOWN_MISSING`, then how many more."""
+    more = len(names) - _SHOWN_MISSING
+    return ", ".join(names[:_SHOWN_MISSING]) + (f" and {more} more" if more > 0 else "")
+
+
 def ensure_schema(conn: Conn) -> None:
     """Refuse to work on a database that lacks an object this release uses (on the tables
     of the current mapping). A schema that a later release migrated further is fine: only
@@ -223,10 +229,8 @@ def ensure_schema(conn: Conn) -> None:
         return
     if all(f"table {o.name}" in missing for o in objects if isinstance(o, Table) and o.columns):
         raise SchemaNotCurrent("the database is not migrated: run `flagsched migrate`")
-    shown = ", ".join(missing[:_SHOWN_MISSING])
-    more = len(missing) - _SHOWN_MISSING
     raise SchemaNotCurrent(
-        f"the database schema lacks {shown}{f' and {more} more' if more > 0 else ''}, which "
+        f"the database schema lacks {_shown(missing)}, which "
         "this flagsched uses: run `flagsched migrate` (`flagsched migrate --check` first says "
         "whether the configuration does not match the tables or it was dropped by hand)"
     )
@@ -259,11 +263,9 @@ def ensure_tick_permitted(conn: Conn) -> None:
         {"functions": functions, "tables": [relation(tables.flags)]},
     )
     if lacking:
-        shown = ", ".join(lacking[:_SHOWN_MISSING])
-        more = len(lacking) - _SHOWN_MISSING
         raise NotPermitted(
-            f"this login ({_scalar(conn, statement('login'))}) lacks {shown}"
-            f"{f' and {more} more' if more > 0 else ''}, which every tick needs: run the "
+            f"this login ({_scalar(conn, statement('login'))}) lacks {_shown(lacking)}, "
+            "which every tick needs: run the "
             "grants again after each migrate (docs/deploy.md); nothing was claimed"
         )
 

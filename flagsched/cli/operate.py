@@ -45,7 +45,7 @@ def migrate(app: App, sql: bool, check: bool) -> int:
         if problems:
             return EXIT_USAGE
         if check:
-            missing = migrations.adopted_missing(database, configuration)
+            missing = migrations.missing(database, configuration)
             if missing:
                 click.echo(
                     f"{configuration.where} matches the database; flagsched's schema lacks "
@@ -74,7 +74,7 @@ def migrate(app: App, sql: bool, check: bool) -> int:
     if check:
         found, latest = migrations.current(engine), migrations.head()
         if found == latest:
-            missing = migrations.built_in_missing(database)
+            missing = migrations.missing(database, configuration)
             if missing:  # dropped by hand: `migrate` has nothing left to run
                 click.echo(
                     f"schema is at the latest revision ({latest}) but lacks "
