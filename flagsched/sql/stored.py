@@ -377,6 +377,12 @@ def _app_schedules_computed(
         "flag_of_match": flag_of_match,
         "flag_ref_type": flag_ref_type,
         "flag_ref": lambda args: col("flag_id") if by_flag_id() else col("flag_key"),
+        "flag_ref_literal": lambda args: _literal(
+            app.column("flag_id") if by_flag_id() else app.column("flag_key")
+        ),
+        "app_schedules_literal": lambda args: _literal(
+            f"{_quoted(app.schema)}.{_quoted(app.name)}" if app.schema else _quoted(app.name)
+        ),
         "flag_of_scope_columns": flag_of_scope_columns,
         "flag_of_scope_values": flag_of_scope_values,
         "new_in_scope": new_in_scope,
@@ -450,14 +456,16 @@ _APP_SCHEDULES_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
-# On an application's schedules table the claim first maps the flags held by a schedule that
-# cannot move (stored/claim_guard.sql: the frozen probes of a flag's earlier open schedules
-# read the flag's whole history there, once per due row): computed once per claim, into a
-# variable the guarded probes read.
+# On an application's schedules table the claim first reads whether that table has an index
+# led by its flag reference (stored/claim_guard.sql: the frozen probes of a flag's earlier
+# open schedules read the flag's whole history through one, the whole table without one).
+# With one, it maps the flags held by a schedule that cannot move, once per claim, into a
+# variable the guarded probes read; without one the claim's statement maps every flag.
 _APP_SCHEDULES_CLAIM_START = (
     "#variable_conflict use_column\nBEGIN\n",
-    "#variable_conflict use_column\nDECLARE\n    v_blockers jsonb;\nBEGIN\n"
-    "    v_blockers := ({blockers_map()});\n",
+    "#variable_conflict use_column\nDECLARE\n    v_blockers jsonb;\n    v_map boolean;\n"
+    "BEGIN\n    v_map := ({probes_unindexed()});\n"
+    "    IF NOT v_map THEN\n        v_blockers := ({blockers_map()});\n    END IF;\n",
 )
 _APP_SCHEDULES_FRAGMENTS: dict[str, str] = {
     "claim": "claim_guard",

@@ -1,7 +1,10 @@
-"""The claim on an application's schedules table (issue 18, shape 3) maps first the flags held
-by a schedule that cannot move (stored/claim_guard.sql), so a due row behind one is held back
-without reading its flag's rows again: it claims exactly what the frozen claim (the same
-template without the map) claims, row for row, on the same rows as test_held_back's report."""
+"""The claim on an application's schedules table (issue 18, shape 3, stored/claim_guard.sql):
+where that table has an index led by its flag reference and one led by scheduled_at it maps
+first the flags held by a schedule that cannot move, so a due row behind one is held back
+without reading its flag's rows again; where it lacks either, its statement maps every flag's
+first open schedule and no probe decides a candidate. Either way it claims exactly what the
+frozen claim (the same template without the maps) claims, row for row, on the same rows as
+test_held_back's report."""
 
 from __future__ import annotations
 
@@ -26,8 +29,19 @@ def database_url(shaped_database_url: str) -> str:
     return shaped_database_url
 
 
-@pytest.fixture
-def frozen_claim(database_url: str) -> Iterator[str]:
+# The application's indexes the claim reads by: none (the tests' shape 3), or the two the first
+# application has (the flag reference's and scheduled_at's).
+INDEXES = {
+    "no index": (),
+    "two indexes": (
+        "CREATE INDEX app_flag ON public.app_schedules (flag_id)",
+        "CREATE INDEX app_at ON public.app_schedules (scheduled_at)",
+    ),
+}
+
+
+@pytest.fixture(params=list(INDEXES))
+def frozen_claim(request: pytest.FixtureRequest, database_url: str) -> Iterator[str]:
     """The claim as the frozen template has it (no map), beside the deployment's own."""
     tables = statements.current()
     names = tuple((k, FROZEN if k == "claim" else v) for k, v in tables.fn.columns)
@@ -35,10 +49,13 @@ def frozen_claim(database_url: str) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stored, "_APP_SCHEDULES_FRAGMENTS", {})
         text = stored.render("claim", frozen)
-    assert "v_blockers" not in text
+    assert "v_blockers" not in text and "v_map" not in text
     assert "v_blockers" in stored.render("claim", tables)
+    assert "v_map" in stored.render("claim", tables)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(text.encode())
+        for index in INDEXES[request.param]:
+            conn.execute(index.encode())
     yield FROZEN
 
 
@@ -77,3 +94,29 @@ def test_the_guarded_claim_claims_what_the_frozen_claim_claims(
     _seed(sql, flags)
     guarded, frozen = _claims(database_url, limit, lateness)
     assert guarded == frozen
+
+
+@pytest.mark.parametrize("shaped_database_url", ["app-schedules"], indirect=True)
+def test_the_guarded_claim_orders_the_ends_of_time_and_ties_as_the_frozen_claim(
+    database_url: str, sql: Sql, frozen_claim: str
+) -> None:
+    """Rows at -infinity and +infinity, and rows of one flag at one instant (their ids decide):
+    the map's epochs order them as the probe's timestamps do."""
+    sql("INSERT INTO feature_flags (key) VALUES ('a'), ('b'), ('c')")
+    sql("""INSERT INTO feature_flag_schedules (flag_key, scheduled_at, updates, status,
+                                               retry_count, next_retry_at)
+           VALUES ('a', '-infinity', '{"enabled": true}', 'pending', 0, NULL),
+                  ('a', '-infinity', '{"enabled": false}', 'pending', 0, NULL),
+                  ('a', now() - interval '1 minute', '{"enabled": true}', 'pending', 0, NULL),
+                  ('b', '-infinity', '{"enabled": true}', 'failed', 1, now() + interval '1 hour'),
+                  ('b', '-infinity', '{"enabled": true}', 'pending', 0, NULL),
+                  ('b', now() - interval '1 minute', '{"enabled": true}', 'failed', 1, now()),
+                  ('c', now() - interval '1 minute', '{"enabled": true}', 'failed', 1, 'infinity'),
+                  ('c', now() - interval '1 minute', '{"enabled": true}', 'pending', 0, NULL),
+                  ('c', 'infinity', '{"enabled": true}', 'failed', 1, now())""")
+    for limit in (1, 2, 3, 1000):
+        guarded, frozen = _claims(database_url, limit, None)
+        assert guarded == frozen
+    # a's three in order; b's behind its first (a retry to come, first of the two at
+    # -infinity by id); c's untimed retry and the two due behind it
+    assert [row[2] for row in _claims(database_url, 1000, None)[0]] == ["a"] * 3 + ["c"] * 3
