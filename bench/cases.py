@@ -1415,6 +1415,69 @@ DEEP_FLAGS, DEEP_APPLIED, DEEP_DUE = 300, 20, 100
 RESTORED_TEMPLATE = "flagsched_bench_restored"
 RESTORED = 2 * DRAIN_SCHEDULES
 
+RUNS_TEMPLATE = "flagsched_bench_runs"
+RUNS_FLAGS, RUNS_APPLIED, RUNS_DUE = 200, 150, 150
+
+
+def _runs_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
+    """One tick of three batches on a deep due backlog of few flags, each flag's schedules in
+    one run of time (the first application's tables, its indexes): times, what went wrong."""
+    _upstream_template(b, RUNS_TEMPLATE, config)
+    b.cluster.sql(
+        RUNS_TEMPLATE,
+        statement("bench_upstream_runs"),
+        {"flags": RUNS_FLAGS, "applied": RUNS_APPLIED, "due": RUNS_DUE},
+    )
+    b.cluster.vacuum(RUNS_TEMPLATE)
+    argv = flagsched_command(
+        "--config", str(config), "process", "--batch-size", "100", "--max-batches", "3"
+    )
+    times: list[float] = []
+    problems: list[str] = []
+    for i in range(b.runs(5)):
+        db = b.cluster.clone(RUNS_TEMPLATE)
+        b.cluster.quiesce()
+        ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"runs-{i}"))
+        b.cluster.drop(db)
+        finished = _json_events(ran, "tick_finished")
+        applied = finished[-1]["applied"] if finished else None
+        if ran.code != 0 or applied != 300:
+            problems.append(f"runs of few flags run {i}: exit {ran.code}, applied {applied}")
+        times.append(ran.seconds)
+        progress(f"runs of few flags tick run {i + 1}: {ran.seconds:.2f} s")
+    return times, problems
+
+
+UNINDEXED_TEMPLATE = "flagsched_bench_unindexed"
+UNINDEXED_FLAGS, UNINDEXED_DUE = 1_000, 10_000
+
+
+def _unindexed_drain(b: Bench, config: Path) -> tuple[list[float], list[str]]:
+    """A drain on the first application's tables without its indexes on `flag_id` and
+    `scheduled_at`: its times (a fresh copy each run) and what went wrong."""
+    _upstream_template(b, UNINDEXED_TEMPLATE, config)
+    b.cluster.sql(UNINDEXED_TEMPLATE, statement("bench_upstream_drop_claim_indexes"))
+    b.cluster.sql(
+        UNINDEXED_TEMPLATE,
+        statement("bench_upstream_schedules"),
+        {"flags": UNINDEXED_FLAGS, "count": UNINDEXED_DUE},
+    )
+    b.cluster.vacuum(UNINDEXED_TEMPLATE)
+    argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
+    times: list[float] = []
+    problems: list[str] = []
+    for i in range(b.runs(3)):
+        db = b.cluster.clone(UNINDEXED_TEMPLATE)
+        b.cluster.quiesce()
+        ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"unindexed-{i}"))
+        found = dict(b.cluster.rows(db, statement("bench_upstream_statuses")))
+        b.cluster.drop(db)
+        if ran.code != 0 or found != {"applied": UNINDEXED_DUE}:
+            problems.append(f"unindexed run {i}: exit {ran.code}, {found}")
+        times.append(ran.seconds)
+        progress(f"drain without the two indexes run {i + 1}: {ran.seconds:.2f} s")
+    return times, problems
+
 
 def _restored_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     """The first tick after a restore left `RESTORED` due rows no trigger noted: its times
@@ -1471,9 +1534,19 @@ def deep_backlog(b: Bench) -> Case:
     restored, restore_problems = _restored_tick(b, config)
     problems += restore_problems
     first = _median(restored)
+    runs_times, runs_problems = _runs_tick(b, config)
+    problems += runs_problems
+    few = _median(runs_times)
+    unindexed, unindexed_problems = _unindexed_drain(b, config)
+    problems += unindexed_problems
+    bare = _median(unindexed)
     case.figures += [
         Figure("one tick, median", f"{tick:.2f} s", "<= 3 s", tick <= 3.0),
         Figure("a restore's first tick, median", f"{first:.2f} s", "<= 3 s", first <= 3.0),
+        Figure("a tick of 3 batches, due runs of few flags, median", f"{few:.2f} s", "<= 3 s",
+               few <= 3.0),
+        Figure("a drain without its flag_id and scheduled_at indexes, median", f"{bare:.2f} s"),
+        Figure("that drain, per claim of 100", f"{bare / (UNINDEXED_DUE / 100):.3f} s"),
         Figure("every tick exits 0 as expected", "yes" if not problems else "NO", "yes",
                not problems),
     ]  # fmt: skip
@@ -1495,6 +1568,29 @@ def deep_backlog(b: Bench) -> Case:
         "applies a batch. The previous release's noting (`flagsched_note_unseen_v1`) read "
         "the state table it was filling once per row there: that tick passed the statement "
         "timeout. Runs: " + ", ".join(f"{t:.2f} s" for t in restored) + ".",
+        "",
+        f"Runs of few flags: the first application's tables (its indexes), on each of "
+        f"{RUNS_FLAGS} production flags {RUNS_APPLIED} applied schedules then {RUNS_DUE} due "
+        "ones, each flag's in one run of time, the flags one after another (in "
+        "scheduled_at order 149 held-back rows follow each flag's first); one "
+        "`flagsched process --batch-size 100 --max-batches 3` on a fresh copy each run. The "
+        "claim sees that the newest due rows are of few flags and maps each flag's first "
+        "open schedules in one pass (stored/claim_guard.sql `few_leaders`): the probes "
+        "walked every held-back row behind each flag's first, past the statement timeout "
+        "(every tick exit 3, found by the adversarial pass of 2026-12-07). Runs: "
+        + ", ".join(f"{t:.2f} s" for t in runs_times)
+        + ".",
+        "",
+        f"Without the indexes: the first application's tables without `idx_schedules_flag_id` "
+        f"and `idx_schedules_scheduled_at`, {UNINDEXED_DUE:,} due schedules over "
+        f"{UNINDEXED_FLAGS:,} production flags written as case 13 writes them; "
+        f"`flagsched process {' '.join(DRAIN_ARGS)}` on a fresh copy each run. There the "
+        "claim reads each flag's first open schedules in one pass over the open rows "
+        "(stored/claim_guard.sql `firsts_map`), where a probe of the table per due row made "
+        "each claim read the table once per due row. No target: a figure to compare with "
+        "case 13 (the same schedules table with its indexes). Runs: "
+        + ", ".join(f"{t:.2f} s" for t in unindexed)
+        + ".",
     ]
     case.details += [""] + [f"- problem: {p}" for p in problems]
     return case

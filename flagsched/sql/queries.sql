@@ -1125,6 +1125,25 @@ SELECT f.id, now() - interval '10 days' + g * interval '1 second', '{"enabled": 
 FROM public.feature_flags f, generate_series(1, %(applied)s + 1 + %(due)s) AS g
 WHERE f.environment = 'production' AND f.flag_key <= 'flag-' || lpad((%(flags)s - 1)::text, 5, '0')
 
+-- name: bench_upstream_runs
+-- A deep due backlog on few flags, each flag's schedules in one run of time as an
+-- application's ramp writes them: on each of %(flags)s production flags %(applied)s applied
+-- schedules, then %(due)s due ones, the flags one after another.
+INSERT INTO public.feature_flag_schedules
+    (flag_id, scheduled_at, updates, status, applied_at, created_by)
+SELECT f.id, now() - interval '10 days' + (f.n * (%(applied)s + %(due)s) + g) * interval '1 second',
+       '{"enabled": true}', CASE WHEN g < %(applied)s THEN 'applied' ELSE 'pending' END,
+       CASE WHEN g < %(applied)s THEN now() END, 'admin-api'
+FROM (SELECT id, row_number() OVER (ORDER BY flag_key) AS n FROM public.feature_flags
+      WHERE environment = 'production'
+        AND flag_key <= 'flag-' || lpad((%(flags)s - 1)::text, 5, '0')) f,
+     generate_series(0, %(applied)s + %(due)s - 1) AS g
+
+-- name: bench_upstream_drop_claim_indexes
+-- The first application's schedules table without the two indexes the claim's probes need
+-- (stored/claim_guard.sql: then the claim maps each flag's first open schedule instead).
+DROP INDEX public.idx_schedules_flag_id, public.idx_schedules_scheduled_at
+
 -- name: bench_upstream_noting_off
 -- A restore's way of writing the first application's schedules: flagsched's trigger on its
 -- table off while the rows are inserted, so none of them is noted (on again after).

@@ -465,6 +465,7 @@ _APP_SCHEDULES_CLAIM_START = (
     "#variable_conflict use_column\nBEGIN\n",
     "#variable_conflict use_column\nDECLARE\n    v_blockers jsonb;\n    v_map boolean;\n"
     "BEGIN\n    v_map := ({probes_unindexed()});\n"
+    "    IF NOT v_map THEN\n        v_map := ({few_leaders()});\n    END IF;\n"
     "    IF NOT v_map THEN\n        v_blockers := ({blockers_map()});\n    END IF;\n",
 )
 _APP_SCHEDULES_FRAGMENTS: dict[str, str] = {

@@ -1,8 +1,9 @@
 """The claim on an application's schedules table (issue 18, shape 3, stored/claim_guard.sql):
-where that table has an index led by its flag reference and one led by scheduled_at it maps
-first the flags held by a schedule that cannot move, so a due row behind one is held back
-without reading its flag's rows again; where it lacks either, its statement maps every flag's
-first open schedule and no probe decides a candidate. Either way it claims exactly what the
+where that table has an index led by its flag reference and one led by scheduled_at, and the
+first due rows are of many flags, it maps first the flags held by a schedule that cannot
+move, so a due row behind one is held back without reading its flag's rows again; where it
+lacks either index, or few flags lead, its statement maps every flag's first open schedule
+and no probe decides a candidate. Either way it claims exactly what the
 frozen claim (the same template without the maps) claims, row for row, on the same rows as
 test_held_back's report."""
 
@@ -82,6 +83,9 @@ def _claims(database_url: str, limit: int, lateness: float | None) -> tuple[Any,
 @example(flags=[[("awaiting", -3), ("due", -3), ("due", -3)]], limit=2, lateness=None)
 @example(flags=[[("future", 2), ("late_retry", 3)]], limit=1000, lateness=None)
 @example(flags=[[("dead", -5), ("expired", -4), ("due", -1)]], limit=1000, lateness=60.0)
+# four due pending rows of one flag first in line, a batch of two: few leaders, the map
+@example(flags=[[("due", -5), ("due", -4), ("due", -3), ("due", -2), ("retry", -1)]], limit=2,
+         lateness=None)  # fmt: skip
 @pytest.mark.parametrize("shaped_database_url", ["app-schedules"], indirect=True)
 def test_the_guarded_claim_claims_what_the_frozen_claim_claims(
     database_url: str,

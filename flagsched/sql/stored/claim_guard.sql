@@ -1,33 +1,38 @@
--- The shape-3 claim's guard (issue 18): fragments that replace, in the claim rendered for an
--- application's schedules table only (stored.py `_APP_SCHEDULES_FRAGMENTS`), the frozen
+-- The shape-3 claim's guard (issue 18): fragments that replace, in the claim rendered for
+-- an application's schedules table only (stored.py `_APP_SCHEDULES_FRAGMENTS`), the frozen
 -- `earlier_open`, `earlier_open_not_due` and `earlier_open_head` of stored/fragments.sql.
 -- There the per-row probe of a flag's earlier open schedules reads the application's table,
 -- where flagsched adds no index. The claim decides first, from the catalog, how it reads
 -- (`v_map`):
--- - The table has an index led by its flag reference and one led by scheduled_at (the
---   first application's `idx_schedules_flag_id` and `idx_schedules_scheduled_at`): the
---   claim walks the due rows in order and stops at its limit, and the probe reads the
---   flag's rows through the index (its history too: no partial index of open rows exists
---   there), so a flag with many due schedules behind one that cannot move read its rows
---   once for each of them: 100 due behind a waiting retry on each of 300 flags took the
---   claim past the statement timeout. So the claim first maps each flag that has an open
---   schedule which cannot move now (a retry waiting for its time, a schedule awaiting
---   approval) to the first such schedule (`v_blockers`, computed once per claim on the
---   application's `next_retry_at` index and flagsched's own state indexes), and a due row
---   behind its flag's entry is held back without the probe. The probe still decides every
---   other row. The map is read in the statement before the claim's (its own snapshot): a
---   schedule that stopped holding its flag meanwhile (a retry an operator made due, a
---   cancel) can only keep a row out of this claim, never let one in; the next claim sees it.
--- - It lacks either: the claim probes every due row before it sorts them, each probe
---   reading the whole table (without the first index) or the flag's rows (3,000 due on
---   300 flags, no index: 0.7 s a claim, and 30,000 would pass the statement timeout). So
---   no probe decides a candidate: the claim's statement maps each flag to its first open
---   schedule and its first that is not due (`firsts_map`, an InitPlan of the claim's own
---   statement: the snapshot the probe it replaces reads; computed only when a row asks,
---   once for each place that asks: two or three reads of the open rows a claim). The
---   probe of `blocked` runs only for a claimed row behind its flag's first open schedule.
+-- - The table has an index led by its flag reference and one led by scheduled_at (the first
+--   application's `idx_schedules_flag_id` and `idx_schedules_scheduled_at`), and the first
+--   due rows are of many flags: the claim walks the due rows in order and stops at its
+--   limit, and the probe reads the flag's rows through the index (its history too: no
+--   partial index of open rows exists there), so a flag with many due schedules behind one
+--   that cannot move read its rows once for each of them: 100 due behind a waiting retry on
+--   each of 300 flags took the claim past the statement timeout. So the claim first maps
+--   each flag that has an open schedule which cannot move now (a retry waiting for its
+--   time, a schedule awaiting approval) to the first such schedule (`v_blockers`, computed
+--   once per claim on the application's `next_retry_at` index and flagsched's own state
+--   indexes), and a due row behind its flag's entry is held back without the probe. The
+--   probe still decides every other row. The map is read in the statement before the
+--   claim's (its own snapshot): a schedule that stopped holding its flag meanwhile (a retry
+--   an operator made due, a cancel) can only keep a row out of this claim, never let one
+--   in; the next claim sees it.
+-- - It lacks either, or the first due rows are of few flags (`few_leaders`): the claim
+--   would probe every due row before it sorts them, each probe reading the whole table
+--   (without the first index) or the flag's rows (3,000 due on 300 flags, no index: 0.7 s a
+--   claim, and 30,000 would pass the statement timeout); or, with both, walk and probe the
+--   due rows held back behind the first of each flag until it found a batch's worth of
+--   flags (30,000 due and 30,000 applied on 200 flags, each flag's in a run: past the
+--   statement timeout). So no probe decides a candidate: the claim's statement maps each
+--   flag to its first open schedule and its first that is not due (`firsts_map`, an
+--   InitPlan of the claim's own statement: the snapshot the probe it replaces reads;
+--   computed only when a row asks, once for each place that asks: two or three reads of the
+--   open rows a claim). The probe of `blocked` runs only for a claimed row behind its
+--   flag's first open schedule.
 -- Either way what is claimed is exactly what the frozen claim claims
--- (tests/integration/test_claim_guard.py, with and without the two indexes).
+-- (tests/integration/test_claim_guard.py: with and without the two indexes, few leaders).
 
 -- name: probes_unindexed
 -- the application's schedules table lacks a valid index led by its flag reference, or one
@@ -42,6 +47,18 @@ NOT (EXISTS (SELECT FROM pg_catalog.pg_index i
                  JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
                  WHERE i.indrelid = to_regclass({app_schedules_literal()}) AND i.indisvalid
                    AND a.attname = 'scheduled_at'))
+
+-- name: few_leaders
+-- the last 2 x p_limit due pending rows (of this scope, the newest first: in the
+-- scheduled_at index they come before the applied history, which is older) are of fewer
+-- than p_limit flags: the due rows are runs of few flags, and the probes would walk every
+-- row held back behind each flag's first before they found a batch's worth of flags, so
+-- the claim maps instead (fewer due rows than that: the walk is short, probes)
+(SELECT count(*) = 2 * p_limit AND count(DISTINCT d.flag_key) < p_limit
+        FROM (SELECT e.flag_key FROM {schedules} e
+              WHERE e.status = 'pending' AND e.scheduled_at <= now() AND {scope_of(e)}
+              ORDER BY e.scheduled_at DESC
+              LIMIT 2 * p_limit) d)
 
 -- name: firsts_map
 -- flag key -> {"f": [epoch of scheduled_at, id as text] of its first open schedule (of this
