@@ -103,8 +103,8 @@ def _advise_open_rows_index(database: Database, configuration: Configuration) ->
         logs.get_logger().warning(
             "schedules_table_without_open_rows_index",
             table=unindexed,
-            advice="a deep due backlog on few flags can make each claim read every due row; "
-            "see docs/own-tables.md, 'Known limit', for the two indexes to add",
+            advice="a drain reads each flag's history and walks past applied rows; "
+            "see docs/own-tables.md, 'Cost', for the two indexes that make it cheaper",
         )
 
 
