@@ -1418,6 +1418,42 @@ RESTORED = 2 * DRAIN_SCHEDULES
 RUNS_TEMPLATE = "flagsched_bench_runs"
 RUNS_FLAGS, RUNS_APPLIED, RUNS_DUE = 200, 150, 150
 
+UNINDEXED_TEMPLATE = "flagsched_bench_unindexed"
+UNINDEXED_FLAGS, UNINDEXED_DUE = 1_000, 10_000
+
+Judge = Callable[[Ran, str], str | None]  # a run and its copy's database -> what went wrong
+
+
+def _on_fresh_copies(
+    b: Bench, template: str, argv: list[str], runs: int, label: str, judge: Judge
+) -> tuple[list[float], list[str]]:
+    """`argv` on a fresh copy of `template` each of `runs` runs: the times, and what `judge`
+    found wrong in each (before the copy is dropped)."""
+    times: list[float] = []
+    problems: list[str] = []
+    for i in range(b.runs(runs)):
+        db = b.cluster.clone(template)
+        b.cluster.quiesce()
+        ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"{label}-{i}"))
+        problem = judge(ran, db)
+        b.cluster.drop(db)
+        if problem is not None:
+            problems.append(f"{label} run {i}: {problem}")
+        times.append(ran.seconds)
+        progress(f"{label} run {i + 1}: {ran.seconds:.2f} s")
+    return times, problems
+
+
+def _applied_in_tick(count: int) -> Judge:
+    """A tick that exits 0 having applied `count` schedules."""
+
+    def judge(ran: Ran, db: str) -> str | None:
+        finished = _json_events(ran, "tick_finished")
+        applied = finished[-1]["applied"] if finished else None
+        return None if ran.code == 0 and applied == count else f"exit {ran.code}, applied {applied}"
+
+    return judge
+
 
 def _runs_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     """One tick of three batches on a deep due backlog of few flags, each flag's schedules in
@@ -1432,24 +1468,7 @@ def _runs_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     argv = flagsched_command(
         "--config", str(config), "process", "--batch-size", "100", "--max-batches", "3"
     )
-    times: list[float] = []
-    problems: list[str] = []
-    for i in range(b.runs(5)):
-        db = b.cluster.clone(RUNS_TEMPLATE)
-        b.cluster.quiesce()
-        ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"runs-{i}"))
-        b.cluster.drop(db)
-        finished = _json_events(ran, "tick_finished")
-        applied = finished[-1]["applied"] if finished else None
-        if ran.code != 0 or applied != 300:
-            problems.append(f"runs of few flags run {i}: exit {ran.code}, applied {applied}")
-        times.append(ran.seconds)
-        progress(f"runs of few flags tick run {i + 1}: {ran.seconds:.2f} s")
-    return times, problems
-
-
-UNINDEXED_TEMPLATE = "flagsched_bench_unindexed"
-UNINDEXED_FLAGS, UNINDEXED_DUE = 1_000, 10_000
+    return _on_fresh_copies(b, RUNS_TEMPLATE, argv, 5, "runs of few flags", _applied_in_tick(300))
 
 
 def _unindexed_drain(b: Bench, config: Path) -> tuple[list[float], list[str]]:
@@ -1464,19 +1483,16 @@ def _unindexed_drain(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     )
     b.cluster.vacuum(UNINDEXED_TEMPLATE)
     argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
-    times: list[float] = []
-    problems: list[str] = []
-    for i in range(b.runs(3)):
-        db = b.cluster.clone(UNINDEXED_TEMPLATE)
-        b.cluster.quiesce()
-        ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"unindexed-{i}"))
+
+    def drained(ran: Ran, db: str) -> str | None:
         found = dict(b.cluster.rows(db, statement("bench_upstream_statuses")))
-        b.cluster.drop(db)
-        if ran.code != 0 or found != {"applied": UNINDEXED_DUE}:
-            problems.append(f"unindexed run {i}: exit {ran.code}, {found}")
-        times.append(ran.seconds)
-        progress(f"drain without the two indexes run {i + 1}: {ran.seconds:.2f} s")
-    return times, problems
+        return (
+            None
+            if ran.code == 0 and found == {"applied": UNINDEXED_DUE}
+            else (f"exit {ran.code}, {found}")
+        )
+
+    return _on_fresh_copies(b, UNINDEXED_TEMPLATE, argv, 3, "drain without the indexes", drained)
 
 
 def _restored_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
@@ -1492,20 +1508,9 @@ def _restored_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     b.cluster.sql(RESTORED_TEMPLATE, statement("bench_upstream_noting_on"))
     b.cluster.vacuum(RESTORED_TEMPLATE)
     argv = flagsched_command("--config", str(config), "process", "--batch-size", "100")
-    times: list[float] = []
-    problems: list[str] = []
-    for i in range(b.runs(5)):
-        db = b.cluster.clone(RESTORED_TEMPLATE)
-        b.cluster.quiesce()
-        ran = run(argv, environment(b.cluster.url_for(db)), b.log(f"restored-{i}"))
-        b.cluster.drop(db)
-        finished = _json_events(ran, "tick_finished")
-        applied = finished[-1]["applied"] if finished else None
-        if ran.code != 0 or applied != 100:
-            problems.append(f"restore run {i}: exit {ran.code}, applied {applied}")
-        times.append(ran.seconds)
-        progress(f"restore's first tick run {i + 1}: {ran.seconds:.2f} s")
-    return times, problems
+    return _on_fresh_copies(
+        b, RESTORED_TEMPLATE, argv, 5, "restore's first tick", _applied_in_tick(100)
+    )
 
 
 def deep_backlog(b: Bench) -> Case:
