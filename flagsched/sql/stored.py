@@ -456,17 +456,13 @@ _APP_SCHEDULES_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
-# On an application's schedules table the claim first reads whether that table has an index
-# led by its flag reference (stored/claim_guard.sql: the frozen probes of a flag's earlier
-# open schedules read the flag's whole history through one, the whole table without one).
-# With one, it maps the flags held by a schedule that cannot move, once per claim, into a
-# variable the guarded probes read; without one the claim's statement maps every flag.
+# On an application's schedules table the claim first decides how it reads (stored/
+# claim_guard.sql `claim_start`): with probes of each due row's flag (and a map of the flags
+# held by a schedule that cannot move, into a variable the guarded probes read) where that
+# table's indexes let the probes stop at the batch, else with one pass over its open rows.
 _APP_SCHEDULES_CLAIM_START = (
     "#variable_conflict use_column\nBEGIN\n",
-    "#variable_conflict use_column\nDECLARE\n    v_blockers jsonb;\n    v_map boolean;\n"
-    "BEGIN\n    v_map := ({probes_unindexed()});\n"
-    "    IF NOT v_map THEN\n        v_map := ({few_leaders()});\n    END IF;\n"
-    "    IF NOT v_map THEN\n        v_blockers := ({blockers_map()});\n    END IF;\n",
+    "#variable_conflict use_column\n{claim_start()}\n",
 )
 _APP_SCHEDULES_FRAGMENTS: dict[str, str] = {
     "claim": "claim_guard",

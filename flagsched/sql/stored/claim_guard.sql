@@ -34,6 +34,21 @@
 -- Either way what is claimed is exactly what the frozen claim claims
 -- (tests/integration/test_claim_guard.py: with and without the two indexes, few leaders).
 
+-- name: claim_start
+-- the claim's declarations and first steps (stored.py `_APP_SCHEDULES_CLAIM_START`): how it
+-- reads (`v_map`), and with the probes, the map of flags held by a schedule that cannot move
+DECLARE
+    v_blockers jsonb;
+    v_map boolean;
+BEGIN
+    v_map := ({probes_unindexed()});
+    IF NOT v_map THEN
+        v_map := ({few_leaders()});
+    END IF;
+    IF NOT v_map THEN
+        v_blockers := ({blockers_map()});
+    END IF;
+
 -- name: probes_unindexed
 -- the application's schedules table lacks a valid index led by its flag reference, or one
 -- led by scheduled_at: then the frozen claim probes every due row, and each probe reads the
