@@ -464,6 +464,31 @@ _APP_SCHEDULES_CLAIM_START = (
     "#variable_conflict use_column\nBEGIN\n",
     "#variable_conflict use_column\n{claim_start()}\n",
 )
+_APP_SCHEDULES_CLAIM_BRANCH = (
+    "    IF p_lock THEN\n",
+    "    IF v_map THEN\n        {mapped_claim()}\n    ELSIF p_lock THEN\n",
+)
+# stored/claim_guard.sql `mapped_claim`'s statement: stored/fragments.sql's claim_query with
+# the one-pass fragments in place of the probes (spelling, instead, times it occurs)
+_MAPPED_PROBES = (
+    ("{earlier_open(s)}", "{mapped_earlier_open(s)}", 2),
+    ("{earlier_open_not_due(s)}", "{mapped_earlier_open_not_due(s)}", 2),
+    ("{earlier_open_head(c)}", "{mapped_earlier_open_head(c)}", 1),
+)
+
+
+@cache
+def _app_schedules_fragments(source: str) -> dict[str, str]:
+    """The fragments of stored/<source>.sql and, for the claim's one-pass statement,
+    `mapped_claim_query` (the frozen claim_query with `_MAPPED_PROBES`)."""
+    text = _fragments()["claim_query"]
+    for spelled, instead, times in _MAPPED_PROBES:
+        if text.count(spelled) != times:
+            raise ValueError(f"stored/fragments.sql claim_query: {spelled!r} not {times} times")
+        text = text.replace(spelled, instead)
+    return {**_fragments(source), "mapped_claim_query": text}
+
+
 _APP_SCHEDULES_FRAGMENTS: dict[str, str] = {
     "claim": "claim_guard",
 }
@@ -481,7 +506,7 @@ def _template_for(name: str, tables: Tables, routine: str | None = None) -> str:
     if name in _APP_SCHEDULES_SETTINGS:
         replacements.append(_APP_SCHEDULES_SETTINGS[name])
     if (routine or name) in _APP_SCHEDULES_FRAGMENTS:
-        replacements.append(_APP_SCHEDULES_CLAIM_START)
+        replacements += [_APP_SCHEDULES_CLAIM_START, _APP_SCHEDULES_CLAIM_BRANCH]
     return _substituted(text, name, replacements)
 
 
@@ -545,7 +570,7 @@ def render(name: str, tables: Tables, facts: Mapping[str, str] | None = None) ->
     name holds `$$`: then with a tag the text does not hold (`$flagsched$`, ...)."""
     source = _source(name, tables).replace("$$", _BODY)
     overrides = (
-        _fragments(_APP_SCHEDULES_FRAGMENTS[name])
+        _app_schedules_fragments(_APP_SCHEDULES_FRAGMENTS[name])
         if tables.app_schedules is not None and name in _APP_SCHEDULES_FRAGMENTS
         else None
     )
