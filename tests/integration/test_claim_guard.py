@@ -1,11 +1,11 @@
 """The claim on an application's schedules table (issue 18, shape 3, stored/claim_guard.sql):
 where that table has an index led by its flag reference and one led by scheduled_at, and the
-first due rows are of many flags, it maps first the flags held by a schedule that cannot
+newest due rows are of many flags, it maps first the flags held by a schedule that cannot
 move, so a due row behind one is held back without reading its flag's rows again; where it
-lacks either index, or few flags lead, its statement maps every flag's first open schedule
-and no probe decides a candidate. Either way it claims exactly what the
-frozen claim (the same template without the maps) claims, row for row, on the same rows as
-test_held_back's report."""
+lacks either index, or the newest due rows are of few flags, a statement of its own maps
+every flag's first open schedule and no probe decides a candidate. Either way it claims
+exactly what the frozen claim (the same template without the maps) claims, row for row, on
+the same rows as test_held_back's report."""
 
 from __future__ import annotations
 

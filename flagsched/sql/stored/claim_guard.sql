@@ -1,12 +1,11 @@
 -- The shape-3 claim's guard (issue 18): fragments that replace, in the claim rendered for
 -- an application's schedules table only (stored.py `_APP_SCHEDULES_FRAGMENTS`), the frozen
--- `earlier_open` and `earlier_open_not_due` of stored/fragments.sql (and, where it reads
--- by one pass, `earlier_open_head` too).
--- There the per-row probe of a flag's earlier open schedules reads the application's table,
--- where flagsched adds no index. The claim decides first, from the catalog, how it reads
--- (`v_map`):
+-- `earlier_open` and `earlier_open_not_due` of stored/fragments.sql (and, in its one-pass
+-- statement, `earlier_open_head` too). There the per-row probe of a flag's earlier open
+-- schedules reads the application's table, where flagsched adds no index. The claim decides
+-- first, from the catalog and its newest due rows, how it reads (`v_map`):
 -- - The table has an index led by its flag reference and one led by scheduled_at (the first
---   application's `idx_schedules_flag_id` and `idx_schedules_scheduled_at`), and the first
+--   application's `idx_schedules_flag_id` and `idx_schedules_scheduled_at`), and the newest
 --   due rows are of many flags: the claim walks the due rows in order and stops at its
 --   limit, and the probe reads the flag's rows through the index (its history too: no
 --   partial index of open rows exists there), so a flag with many due schedules behind one
@@ -20,7 +19,7 @@
 --   claim's (its own snapshot): a schedule that stopped holding its flag meanwhile (a retry
 --   an operator made due, a cancel) can only keep a row out of this claim, never let one
 --   in; the next claim sees it.
--- - It lacks either, or the first due rows are of few flags (`few_leaders`): the claim
+-- - It lacks either, or the newest due rows are of few flags (`few_leaders`): the claim
 --   would probe every due row before it sorts them, each probe reading the whole table
 --   (without the first index) or the flag's rows (3,000 due on 300 flags, no index: 0.7 s a
 --   claim, and 30,000 would pass the statement timeout); or, with both, walk and probe the
