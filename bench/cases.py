@@ -1260,18 +1260,28 @@ def _upstream_template(b: Bench, name: str, config: Path) -> None:
     assert migrated.code == 0, migrated.log_lines()[-3:]
 
 
+def _seeded_upstream(
+    b: Bench, name: str, config: Path, *steps: tuple[str, dict[str, Any] | None]
+) -> None:
+    """`_upstream_template` `name`, then each named statement of `steps` with its
+    parameters, in order, and the database vacuumed and analyzed."""
+    _upstream_template(b, name, config)
+    for step, params in steps:
+        b.cluster.sql(name, statement(step), params)
+    b.cluster.vacuum(name)
+
+
 def _prepare_own_template(b: Bench, config: Path) -> None:
     """The first application's flags table (uuid ids, the flags of two environments, a
     zone-less updated_at, the overrides table referencing flags), flagsched migrated beside
     it for production, and the same 30,000 due schedules as case 1's in flagsched's own
     schedules table, all of production."""
-    _upstream_template(b, OWN_TEMPLATE, config)
-    b.cluster.sql(
+    _seeded_upstream(
+        b,
         OWN_TEMPLATE,
-        statement("bench_own_schedules"),
-        {"flags": DRAIN_FLAGS, "count": DRAIN_SCHEDULES},
+        config,
+        ("bench_own_schedules", {"flags": DRAIN_FLAGS, "count": DRAIN_SCHEDULES}),
     )
-    b.cluster.vacuum(OWN_TEMPLATE)
 
 
 def _drains_beside_built_in(
@@ -1345,13 +1355,12 @@ def _prepare_app_template(b: Bench, config: Path) -> None:
     """The first application's tables exactly (flags of two environments, its schedules
     table with uuid ids and foreign keys), flagsched migrated onto them for production, and
     case 1's 30,000 due schedules written by the application into its own schedules table."""
-    _upstream_template(b, APP_TEMPLATE, config)
-    b.cluster.sql(
+    _seeded_upstream(
+        b,
         APP_TEMPLATE,
-        statement("bench_upstream_schedules"),
-        {"flags": DRAIN_FLAGS, "count": DRAIN_SCHEDULES},
+        config,
+        ("bench_upstream_schedules", {"flags": DRAIN_FLAGS, "count": DRAIN_SCHEDULES}),
     )
-    b.cluster.vacuum(APP_TEMPLATE)
     b.cluster.admin(f"CREATE DATABASE {APP_INDEXED} TEMPLATE {APP_TEMPLATE}")
     b.cluster.sql(APP_INDEXED, statement("bench_upstream_open_indexes"))
     b.cluster.vacuum(APP_INDEXED)
@@ -1458,13 +1467,12 @@ def _applied_in_tick(count: int) -> Judge:
 def _runs_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     """One tick of three batches on a deep due backlog of few flags, each flag's schedules in
     one run of time (the first application's tables, its indexes): times, what went wrong."""
-    _upstream_template(b, RUNS_TEMPLATE, config)
-    b.cluster.sql(
+    _seeded_upstream(
+        b,
         RUNS_TEMPLATE,
-        statement("bench_upstream_runs"),
-        {"flags": RUNS_FLAGS, "applied": RUNS_APPLIED, "due": RUNS_DUE},
+        config,
+        ("bench_upstream_runs", {"flags": RUNS_FLAGS, "applied": RUNS_APPLIED, "due": RUNS_DUE}),
     )
-    b.cluster.vacuum(RUNS_TEMPLATE)
     argv = flagsched_command(
         "--config", str(config), "process", "--batch-size", "100", "--max-batches", "3"
     )
@@ -1474,14 +1482,13 @@ def _runs_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
 def _unindexed_drain(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     """A drain on the first application's tables without its indexes on `flag_id` and
     `scheduled_at`: its times (a fresh copy each run) and what went wrong."""
-    _upstream_template(b, UNINDEXED_TEMPLATE, config)
-    b.cluster.sql(UNINDEXED_TEMPLATE, statement("bench_upstream_drop_claim_indexes"))
-    b.cluster.sql(
+    _seeded_upstream(
+        b,
         UNINDEXED_TEMPLATE,
-        statement("bench_upstream_schedules"),
-        {"flags": UNINDEXED_FLAGS, "count": UNINDEXED_DUE},
+        config,
+        ("bench_upstream_drop_claim_indexes", None),
+        ("bench_upstream_schedules", {"flags": UNINDEXED_FLAGS, "count": UNINDEXED_DUE}),
     )
-    b.cluster.vacuum(UNINDEXED_TEMPLATE)
     argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
 
     def drained(ran: Ran, db: str) -> str | None:
@@ -1498,15 +1505,14 @@ def _unindexed_drain(b: Bench, config: Path) -> tuple[list[float], list[str]]:
 def _restored_tick(b: Bench, config: Path) -> tuple[list[float], list[str]]:
     """The first tick after a restore left `RESTORED` due rows no trigger noted: its times
     (a fresh copy each run) and what went wrong (an exit other than 0, a batch not applied)."""
-    _upstream_template(b, RESTORED_TEMPLATE, config)
-    b.cluster.sql(RESTORED_TEMPLATE, statement("bench_upstream_noting_off"))
-    b.cluster.sql(
+    _seeded_upstream(
+        b,
         RESTORED_TEMPLATE,
-        statement("bench_upstream_schedules"),
-        {"flags": DRAIN_FLAGS, "count": RESTORED},
+        config,
+        ("bench_upstream_noting_off", None),
+        ("bench_upstream_schedules", {"flags": DRAIN_FLAGS, "count": RESTORED}),
+        ("bench_upstream_noting_on", None),
     )
-    b.cluster.sql(RESTORED_TEMPLATE, statement("bench_upstream_noting_on"))
-    b.cluster.vacuum(RESTORED_TEMPLATE)
     argv = flagsched_command("--config", str(config), "process", "--batch-size", "100")
     return _on_fresh_copies(
         b, RESTORED_TEMPLATE, argv, 5, "restore's first tick", _applied_in_tick(100)
@@ -1517,13 +1523,15 @@ def deep_backlog(b: Bench) -> Case:
     case = Case("14. Deep backlogs on the first application's schedules table")
     config = b.workdir / "app.toml"
     config.write_text(APP_CONFIG)
-    _upstream_template(b, DEEP_TEMPLATE, config)
-    b.cluster.sql(
+    _seeded_upstream(
+        b,
         DEEP_TEMPLATE,
-        statement("bench_upstream_deep_backlog"),
-        {"flags": DEEP_FLAGS, "applied": DEEP_APPLIED, "due": DEEP_DUE},
+        config,
+        (
+            "bench_upstream_deep_backlog",
+            {"flags": DEEP_FLAGS, "applied": DEEP_APPLIED, "due": DEEP_DUE},
+        ),
     )
-    b.cluster.vacuum(DEEP_TEMPLATE)
     argv = flagsched_command("--config", str(config), "process", *DRAIN_ARGS)
     times: list[float] = []
     problems: list[str] = []
