@@ -544,7 +544,9 @@ def claim(
     then (scheduled_at, id), with that now() (None when nothing was claimed). A schedule
     awaiting approval is not due until it is past its lateness (`max_lateness_seconds`, or
     its expires_at). Without `lock`, the same rows read in a read-only transaction, locking
-    none (a preview)."""
+    none (a preview). With `lock`, a claimed row behind an earlier open schedule of its flag
+    that is not claimed, read again in a statement after the claim's (queries.sql
+    `earlier_open_outside`: one made open while the claim ran), is `blocked` too."""
     if not lock:
         read_only(conn)
     rows = _rows(
@@ -559,7 +561,16 @@ def claim(
         },
         lenient=False,
     )
-    return (rows[0][0] if rows else None), [claimed for _, claimed in rows]
+    claimed = [claimed for _, claimed in rows]
+    if lock and claimed:
+        late = {
+            schedule_id(i)
+            for (i,) in conn.execute(
+                statement("earlier_open_outside"), {"ids": [c.id for c in claimed]}
+            )
+        }
+        claimed = [replace(c, blocked=True) if c.id in late else c for c in claimed]
+    return (rows[0][0] if rows else None), claimed
 
 
 def held_back(

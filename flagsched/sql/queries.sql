@@ -714,6 +714,22 @@ SELECT id, flag_key, scheduled_at, status, retry_count, max_retries, next_retry_
        {waiting} AS waiting
 FROM {schedules} WHERE id = %(i)s AND {scope_match()} FOR UPDATE
 
+-- name: earlier_open_outside
+-- Of the schedules `ids` a tick has just claimed, those behind an earlier open schedule of
+-- their flag that is not among them, read in a snapshot newer than the claim's: the claim's
+-- own snapshot misses a schedule made open while it ran. `flagsched retry` of an earlier
+-- one locks the later open ones (lock_later_open) and releases them at its commit; a claim
+-- whose snapshot predates that commit could lock a later one right after it and take it as
+-- first of its flag, and the older change then landed on top of the newer. Held back, like
+-- the claim's own `blocked` rows (the same rule, stored/fragments.sql `earlier_open_head`).
+SELECT s.id FROM {schedules} s
+WHERE s.id = ANY(CAST(%(ids)s AS {schedule_id_type()}[]))
+  AND EXISTS (SELECT 1 FROM {schedules} e
+              WHERE e.flag_key = s.flag_key AND {scope_match(e)}
+                AND (e.scheduled_at, e.id) < (s.scheduled_at, s.id)
+                AND e.id <> ALL(CAST(%(ids)s AS {schedule_id_type()}[]))
+                AND {open_schedule})  -- its columns: e's, the innermost
+
 -- name: lock_later_open
 -- The open schedules after this one of its flag, in (scheduled_at, id) order: their row
 -- locks are waited for (a tick holding them commits first).

@@ -15,6 +15,8 @@ from sqlalchemy.engine import Engine
 
 from flagsched import operators
 from flagsched.db import Database
+from flagsched.model import Outcome
+from flagsched.sql import statement as real_statement
 
 Sql = Callable[..., list[Any]]
 
@@ -155,6 +157,48 @@ def test_retry_counts_a_later_schedule_a_running_tick_has_claimed(
     assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=s1)[0][0] == "failed"
     run_tick()  # the old value never lands on top of the newer one
     assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 20
+
+
+def test_a_schedule_made_open_while_the_claim_ran_holds_the_later_one_back(
+    database: Database,
+    add_flag: Any,
+    add_schedule: Any,
+    sql: Sql,
+    run_tick: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`flagsched retry s1` committed after the claim's snapshot was taken but before the
+    claim locked s2 (the retry had locked s2 itself, and released it at commit): the claim
+    takes s2 as first of its flag, and s2 then s1 landed, the older change on top (an
+    adversarial pass saw it in about 1 round in 40). The interleaving is made exact here: s1
+    becomes pending (what the retry writes) right after the claim's statement, before the
+    tick's next one. The tick holds s2 back; the next applies s1, then s2."""
+    add_flag("x")
+    s1 = add_schedule(
+        "x", {"rollout_percentage": 10}, status="failed", retry_count=4, at="now() - interval '2 h'"
+    )
+    s2 = add_schedule("x", {"rollout_percentage": 20}, at="now() - interval '1 hour'")
+    retried: list[str] = []
+
+    def statement(name: str, **slots: Any) -> str:
+        if name == "earlier_open_outside" and not retried:
+            retried.append(name)
+            sql("UPDATE feature_flag_schedules SET status = 'pending', retry_count = 0 "
+                "WHERE id = :i", i=s1)  # fmt: skip
+        return real_statement(name, **slots)
+
+    monkeypatch.setattr("flagsched.repository.statement", statement)
+    first = run_tick()
+    assert retried, "the tick never asked again after its claim"
+    assert (first.count(Outcome.APPLIED), first.count(Outcome.HELD_BACK)) == (0, 1)
+    assert sql("SELECT status FROM feature_flag_schedules WHERE id = :i", i=s2)[0][0] == "pending"
+    second = run_tick()
+    assert second.count(Outcome.APPLIED) == 2
+    assert sql("SELECT rollout_percentage FROM feature_flags")[0][0] == 20
+    order = sql(
+        "SELECT id FROM feature_flag_schedules WHERE status = 'applied' ORDER BY applied_at, id"
+    )
+    assert [r[0] for r in order] == [s1, s2]
 
 
 def test_a_connection_ended_by_the_server_is_could_not_connect_and_names_no_url(
