@@ -54,14 +54,10 @@ BEGIN
 -- led by scheduled_at: then the frozen claim probes every due row, and each probe reads the
 -- whole table (without the first) or the flag's rows (without the second: the probes run
 -- before the sort, for every due row)
-NOT (EXISTS (SELECT FROM pg_catalog.pg_index i
-                 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                 WHERE i.indrelid = to_regclass({app_schedules_literal()}) AND i.indisvalid
-                   AND a.attname = {flag_ref_literal()})
-         AND EXISTS (SELECT FROM pg_catalog.pg_index i
-                 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                 WHERE i.indrelid = to_regclass({app_schedules_literal()}) AND i.indisvalid
-                   AND a.attname = 'scheduled_at'))
+NOT (SELECT count(DISTINCT a.attname) = 2 FROM pg_catalog.pg_index i
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+         WHERE i.indrelid = to_regclass({app_schedules_literal()}) AND i.indisvalid
+           AND a.attname IN ({flag_ref_literal()}, 'scheduled_at'))
 
 -- name: few_leaders
 -- the newest 200 due pending rows (of this scope; newest first: in the scheduled_at index
@@ -84,13 +80,13 @@ NOT (EXISTS (SELECT FROM pg_catalog.pg_index i
         FROM (SELECT f.flag_key,
                      jsonb_build_object('f', (array_agg(f.entry ORDER BY f.scheduled_at, f.id))[1],
                                         'w', (array_agg(f.entry) FILTER (WHERE f.waits))[1]) AS firsts
-              FROM (SELECT DISTINCT ON (e.flag_key, coalesce(NOT ({due()}), false))
+              FROM (SELECT DISTINCT ON (e.flag_key, waits)
                            e.flag_key, coalesce(NOT ({due()}), false) AS waits, e.scheduled_at, e.id,
                            jsonb_build_array(CAST(extract(epoch FROM e.scheduled_at) AS text), CAST(e.id AS text)) AS entry
                     FROM {schedules} e
                     WHERE e.status IN ('pending', 'failed') AND {open(e)} AND {scope_of(e)}
                       AND e.flag_key IS NOT NULL AND e.scheduled_at IS NOT NULL
-                    ORDER BY e.flag_key, coalesce(NOT ({due()}), false), e.scheduled_at, e.id) f
+                    ORDER BY e.flag_key, waits, e.scheduled_at, e.id) f
               GROUP BY f.flag_key) d)
 
 -- name: after_first
